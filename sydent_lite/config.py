@@ -1,0 +1,294 @@
+"""Configuration: a YAML file mapped onto typed dataclasses.
+
+The key names are a public contract (operators keep their files across upgrades). Loading is
+strict: an unknown key or a value of the wrong type stops start-up with a message that names
+the key, because a silently ignored typo in an identity server's config is a security bug
+waiting to happen (think `verify_tls: flase`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the offending key."""
+
+
+# Addresses an outbound request must never reach unless allow-listed: loopback, private,
+# link-local, CGNAT, multicast, reserved and documentation ranges (IPv4 and IPv6).
+DEFAULT_IP_BLOCKLIST = [
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.0.2.0/24",
+    "192.88.99.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "255.255.255.255/32",
+    "::/128",
+    "::1/128",
+    "::ffff:0:0/96",
+    "64:ff9b::/96",
+    "100::/64",
+    "2001::/23",
+    "2001:db8::/32",
+    "fc00::/7",
+    "fe80::/10",
+    "ff00::/8",
+]
+
+
+@dataclass
+class ListenConfig:
+    host: str = "127.0.0.1"
+    port: int = 8090
+    # Homeservers only ever call https://<id_server>/...; serve TLS directly when both are set.
+    tls_certificate: str | None = None
+    tls_private_key: str | None = None
+
+
+@dataclass
+class DatabaseConfig:
+    # sqlite:///relative/path, sqlite:////absolute/path or postgresql+asyncpg://user@host/db
+    url: str = "sqlite:///data/sydent_lite.db"
+
+
+@dataclass
+class SmtpConfig:
+    host: str = "localhost"
+    port: int = 25
+    security: str = "none"  # none | starttls | tls
+    username: str = ""
+    password: str = ""
+    timeout_seconds: float = 30.0
+
+
+@dataclass
+class EmailConfig:
+    transport: str = "maildir"  # smtp | maildir
+    maildir: str = "data/outbox"
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    # None: "Identity Server <noreply@{server host}>"
+    from_: str | None = None
+    templates_dir: str | None = None
+    default_brand: str = "default"
+    # Subject of the validation mail, available to templates as `subject`.
+    validation_subject: str = "Confirm your email address for Matrix"
+
+
+@dataclass
+class FederationConfig:
+    verify_tls: bool = True
+    # Extra CA certificates (PEM) to trust besides the system store, e.g. a private CA.
+    ca_file: str | None = None
+    ip_allowlist: list[str] = field(default_factory=list)
+    ip_blocklist: list[str] = field(default_factory=lambda: list(DEFAULT_IP_BLOCKLIST))
+    timeout_seconds: float = 10.0
+    max_response_bytes: int = 1024 * 1024
+
+
+@dataclass
+class RateLimitConfig:
+    enabled: bool = True
+    # requestToken: sustained rate and burst, per client IP and per target address.
+    request_token_per_ip_per_minute: float = 30.0
+    request_token_per_ip_burst: int = 20
+    request_token_per_address_per_hour: float = 10.0
+    request_token_per_address_burst: int = 5
+
+
+@dataclass
+class SessionConfig:
+    # A validation session expires this long after its last modification (spec: 24 hours).
+    lifetime_seconds: int = 24 * 60 * 60
+    # Length of the emailed validation token.
+    email_token_length: int = 32
+
+
+@dataclass
+class Config:
+    server_name: str | None = None
+    public_baseurl: str | None = None
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    signing_key_path: str = "data/signing.key"
+    email: EmailConfig = field(default_factory=EmailConfig)
+    terms_path: str | None = None
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
+    sessions: SessionConfig = field(default_factory=SessionConfig)
+    log_level: str = "INFO"
+
+    # Derived values, filled in by finalise(); not settable from YAML.
+    @property
+    def effective_server_name(self) -> str:
+        assert self.server_name is not None
+        return self.server_name
+
+    @property
+    def base_url(self) -> str:
+        assert self.public_baseurl is not None
+        return self.public_baseurl.rstrip("/")
+
+    @property
+    def email_from(self) -> str:
+        assert self.email.from_ is not None
+        return self.email.from_
+
+
+# YAML key -> dataclass attribute, where the YAML name is a Python keyword.
+_RENAMED = {"from": "from_"}
+_ATTR_TO_KEY = {v: k for k, v in _RENAMED.items()}
+
+
+def _type_name(tp: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    if tp in names:
+        return names[tp]
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return "a list"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return str(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string")
+        return value
+    raise ConfigError(f"config key '{key}' has an unsupported type")  # pragma: no cover
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for raw_key, value in data.items():
+        if not isinstance(raw_key, str):
+            raise ConfigError(f"config key '{prefix}{raw_key}' is not a string")
+        attr = _RENAMED.get(raw_key, raw_key)
+        if attr not in fields or raw_key in _ATTR_TO_KEY:
+            raise ConfigError(f"unknown config key '{prefix}{raw_key}'")
+        tp = hints[attr]
+        optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+        if value is None and not optional:
+            # An empty YAML value for a section means "all defaults".
+            if dataclasses.is_dataclass(tp):
+                continue
+            raise ConfigError(f"config key '{prefix}{raw_key}' must be {_type_name(tp)}, not empty")
+        kwargs[attr] = _coerce(value, tp, prefix + raw_key)
+    return cls(**kwargs)
+
+
+def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)} (got {value!r})")
+
+
+def finalise(config: Config) -> Config:
+    """Check cross-field rules and fill in values derived from others."""
+    _choice(config.email.transport, ("smtp", "maildir"), "email.transport")
+    _choice(config.email.smtp.security, ("none", "starttls", "tls"), "email.smtp.security")
+    _choice(config.log_level.upper(), ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level")
+    if not (0 < config.listen.port < 65536):
+        raise ConfigError("config key 'listen.port' must be between 1 and 65535")
+    if bool(config.listen.tls_certificate) != bool(config.listen.tls_private_key):
+        raise ConfigError("config keys 'listen.tls_certificate' and 'listen.tls_private_key' go together")
+    url = config.database.url
+    if not (url.startswith("sqlite") or url.startswith("postgresql")):
+        raise ConfigError("config key 'database.url' must be a sqlite:/// or postgresql:// URL")
+    for key in ("ip_allowlist", "ip_blocklist"):
+        for i, net in enumerate(getattr(config.federation, key)):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ConfigError(f"config key 'federation.{key}[{i}]' is not an IP network: {net!r}")
+    if config.sessions.email_token_length < 8 or config.sessions.email_token_length > 255:
+        raise ConfigError("config key 'sessions.email_token_length' must be between 8 and 255")
+
+    scheme = "https" if config.listen.tls_certificate else "http"
+    host = config.listen.host
+    display_host = f"[{host}]" if ":" in host else host
+    if config.server_name is None:
+        # Homeservers sign unbind requests for the identity server's host[:port].
+        config.server_name = f"{display_host}:{config.listen.port}"
+    if config.public_baseurl is None:
+        config.public_baseurl = f"{scheme}://{display_host}:{config.listen.port}"
+    if config.email.from_ is None:
+        domain = config.server_name.rsplit(":", 1)[0] if not config.server_name.endswith("]") else config.server_name
+        try:
+            ipaddress.ip_address(domain.strip("[]"))
+            domain = "localhost"  # an IP literal makes a poor mail domain
+        except ValueError:
+            pass
+        config.email.from_ = f"Identity Server <noreply@{domain}>"
+    return config
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load a YAML config file, or the embedded defaults when path is None."""
+    if path is None:
+        return finalise(Config())
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must contain a mapping at the top level")
+    return finalise(_build(Config, data))
+
+
+def config_from_dict(data: dict) -> Config:
+    return finalise(_build(Config, data))

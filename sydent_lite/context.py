@@ -1,0 +1,78 @@
+"""Wiring: build every service from the config once, at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from sydent_lite.config import Config
+from sydent_lite.delivery.email import make_email_sender
+from sydent_lite.federation.client import FederationClient
+from sydent_lite.services.accounts import AccountService
+from sydent_lite.services.associations import AssociationService
+from sydent_lite.services.hashing import load_pepper
+from sydent_lite.services.ratelimit import RateLimiter
+from sydent_lite.services.sessions import SessionService
+from sydent_lite.services.terms import Terms, TermsService
+from sydent_lite.signing import ServerSigner, load_or_create_signing_key
+from sydent_lite.storage.accounts import AccountStore
+from sydent_lite.storage.associations import AssociationStore
+from sydent_lite.storage.database import create_engine, migrate
+from sydent_lite.storage.sessions import SessionStore
+from sydent_lite.storage.state import ServerStateStore
+from sydent_lite.templating import TemplateStore
+
+
+@dataclass
+class AppContext:
+    config: Config
+    engine: AsyncEngine
+    signer: ServerSigner
+    templates: TemplateStore
+    federation: FederationClient
+    accounts: AccountService
+    terms: TermsService
+    sessions: SessionService
+    associations: AssociationService
+
+    async def aclose(self) -> None:
+        await self.federation.aclose()
+        await self.engine.dispose()
+
+
+def load_static_parts(config: Config) -> tuple[ServerSigner, Terms, TemplateStore]:
+    """Everything that can fail on a bad file, checked before the server binds its port."""
+    signer = ServerSigner(config.effective_server_name, load_or_create_signing_key(config.signing_key_path))
+    terms = Terms.load(config.terms_path)
+    templates_dir = Path(config.email.templates_dir) if config.email.templates_dir else None
+    templates = TemplateStore(templates_dir, config.email.default_brand)
+    return signer, terms, templates
+
+
+async def build_context(config: Config) -> AppContext:
+    signer, terms, templates = load_static_parts(config)
+    engine = create_engine(config.database.url)
+    await migrate(engine)
+    association_store = AssociationStore(engine)
+    account_store = AccountStore(engine)
+    pepper = await load_pepper(ServerStateStore(engine), association_store)
+    federation = FederationClient(config.federation)
+    return AppContext(
+        config=config,
+        engine=engine,
+        signer=signer,
+        templates=templates,
+        federation=federation,
+        accounts=AccountService(account_store, federation),
+        terms=TermsService(terms, account_store),
+        sessions=SessionService(
+            config,
+            SessionStore(engine),
+            templates,
+            make_email_sender(config.email, config.email_from),
+            RateLimiter(config.rate_limits.enabled),
+        ),
+        associations=AssociationService(association_store, signer, pepper),
+    )

@@ -1,0 +1,43 @@
+"""All HTTP routes. Each module lists its endpoints; v1 and v2 share one handler."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from sydent_lite.context import AppContext
+
+V1_PREFIX = "/_matrix/identity/api/v1"
+V2_PREFIX = "/_matrix/identity/v2"
+
+Handler = Callable[[Request, AppContext, bool], Awaitable[Response]]
+
+
+def _bound(handler: Handler, v2: bool) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        return await handler(request, request.app.state.ctx, v2)
+
+    endpoint.__name__ = f"{handler.__name__}_{'v2' if v2 else 'v1'}"
+    return endpoint
+
+
+def versioned(path: str, handler: Handler, methods: list[str], *, v1: bool = True, v2: bool = True) -> list[Route]:
+    """Routes for `path` under the v2 and/or v1 prefix; the handler learns which one via `v2`."""
+    routes = []
+    if v2:
+        routes.append(Route(V2_PREFIX + path, _bound(handler, True), methods=methods))
+    if v1:
+        routes.append(Route(V1_PREFIX + path, _bound(handler, False), methods=methods))
+    return routes
+
+
+def all_routes() -> list[Route]:
+    from sydent_lite.http.routes import account, email, lookup, pubkey, status, terms, threepid
+
+    routes: list[Route] = []
+    for module in (status, account, terms, email, threepid, lookup, pubkey):
+        routes.extend(module.routes())
+    return routes

@@ -1,0 +1,111 @@
+"""Email validation sessions: requestToken and submitToken (JSON and the human-facing page)."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from sydent_lite.context import AppContext
+from sydent_lite.errors import MatrixError
+from sydent_lite.http.auth import require_user
+from sydent_lite.http.request import get_int, get_opaque_id, get_str, query_params, read_body, require_fields
+from sydent_lite.http.routes import versioned
+
+PAGE_TEMPLATE = "verify_response_template.html"
+
+
+def client_ip(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+async def request_token(request: Request, ctx: AppContext, v2: bool) -> Response:
+    if v2:
+        await require_user(request, ctx)
+    body = await read_body(request)
+    require_fields(body, "client_secret", "email", "send_attempt")
+    client_secret = get_opaque_id(body, "client_secret")
+    send_attempt = get_int(body, "send_attempt")
+    email = get_str(body, "email", max_length=512)
+    next_link = get_str(body, "next_link", required=False)
+    brand = get_str(body, "brand", required=False, max_length=64)
+    assert email is not None
+    sid = await ctx.sessions.request_email_token(
+        client_secret=client_secret,
+        email=email,
+        send_attempt=send_attempt,
+        next_link=next_link,
+        brand=brand,
+        client_ip=client_ip(request),
+    )
+    return JSONResponse({"sid": sid})
+
+
+async def submit_token_json(request: Request, ctx: AppContext, v2: bool) -> Response:
+    if v2:
+        await require_user(request, ctx)
+    body = await read_body(request)
+    require_fields(body, "sid", "client_secret", "token")
+    sid = get_opaque_id(body, "sid")
+    client_secret = get_opaque_id(body, "client_secret")
+    token = get_str(body, "token", max_length=255)
+    assert token is not None
+    await ctx.sessions.submit_token(sid, client_secret, token)
+    return JSONResponse({"success": True})
+
+
+def _is_followable(link: str | None) -> bool:
+    if not link:
+        return False
+    try:
+        parts = urlsplit(link)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+async def submit_token_page(request: Request, ctx: AppContext, v2: bool) -> Response:
+    """The page behind the emailed link: needs no token (the person has only their mail)."""
+    params = query_params(request)
+    brand = params.get("brand")
+
+    def page(message: str, status: int) -> Response:
+        return HTMLResponse(ctx.templates.render_page(PAGE_TEMPLATE, brand, message), status_code=status)
+
+    try:
+        require_fields(params, "sid", "client_secret", "token")
+        sid = get_opaque_id(params, "sid")
+        client_secret = get_opaque_id(params, "client_secret")
+        token = get_str(params, "token", max_length=255)
+        assert token is not None
+        session = await ctx.sessions.submit_token(sid, client_secret, token)
+    except MatrixError as e:
+        if brand is None and e.errcode != "M_MISSING_PARAMS":
+            stored = await ctx.sessions.get_session(params.get("sid", ""))
+            brand = stored.brand if stored else None
+        messages = {
+            "M_NO_VALID_SESSION": "This validation link is not valid: no such session was found.",
+            "M_SESSION_EXPIRED": "This validation link has expired. Please ask for a new one from your Matrix client.",
+            "M_TOKEN_INCORRECT": "This validation link is not valid: the code is incorrect.",
+        }
+        return page(messages.get(e.errcode, "This validation link is incomplete or malformed."), e.status)
+    if brand is None:
+        brand = session.brand
+    if _is_followable(session.next_link):
+        return RedirectResponse(session.next_link, status_code=302)  # type: ignore[arg-type]
+    return page("Verification successful! Please return to your Matrix client to continue.", 200)
+
+
+async def submit_token(request: Request, ctx: AppContext, v2: bool) -> Response:
+    if request.method == "GET":
+        return await submit_token_page(request, ctx, v2)
+    return await submit_token_json(request, ctx, v2)
+
+
+def routes() -> list[Route]:
+    return [
+        *versioned("/validate/email/requestToken", request_token, ["POST"]),
+        *versioned("/validate/email/submitToken", submit_token, ["GET", "POST"]),
+    ]

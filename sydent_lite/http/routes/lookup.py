@@ -1,0 +1,69 @@
+"""Lookups: v2 hashed lookup and its hash details; v1 single and bulk lookups."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sydent_lite.context import AppContext
+from sydent_lite.errors import MatrixError, invalid_param
+from sydent_lite.http.auth import require_user
+from sydent_lite.http.request import get_str, query_params, read_body, require_fields
+from sydent_lite.http.routes import versioned
+from sydent_lite.services.associations import MAX_LOOKUP_ADDRESSES
+
+
+def _stored_form(medium: str, address: str) -> str:
+    # Email addresses are stored case-folded; v1 callers may not have folded theirs.
+    return address.casefold() if medium == "email" else address
+
+
+async def hash_details(request: Request, ctx: AppContext, v2: bool) -> Response:
+    await require_user(request, ctx)
+    return JSONResponse({"lookup_pepper": ctx.associations.pepper, "algorithms": ["none", "sha256"]})
+
+
+async def lookup_v2(request: Request, ctx: AppContext, v2: bool) -> Response:
+    await require_user(request, ctx)
+    body = await read_body(request, allow_form=False)
+    require_fields(body, "algorithm", "pepper", "addresses")
+    algorithm = get_str(body, "algorithm", max_length=64)
+    pepper = get_str(body, "pepper", max_length=256)
+    addresses = body["addresses"]
+    if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+        raise invalid_param("'addresses' must be a list of strings")
+    assert algorithm is not None and pepper is not None
+    mappings = await ctx.associations.hashed_lookup(algorithm, pepper, addresses)
+    return JSONResponse({"mappings": mappings})
+
+
+async def lookup_v1(request: Request, ctx: AppContext, v2: bool) -> Response:
+    params = query_params(request)
+    require_fields(params, "medium", "address")
+    medium, address = params["medium"], params["address"]
+    signed = await ctx.associations.signed_association(medium, _stored_form(medium, address))
+    return JSONResponse(signed or {})
+
+
+async def bulk_lookup(request: Request, ctx: AppContext, v2: bool) -> Response:
+    body = await read_body(request, allow_form=False)
+    require_fields(body, "threepids")
+    threepids = body["threepids"]
+    if not isinstance(threepids, list) or not all(
+        isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in threepids
+    ):
+        raise invalid_param("'threepids' must be a list of [medium, address] pairs")
+    if len(threepids) > MAX_LOOKUP_ADDRESSES:
+        raise MatrixError(400, "M_TOO_LARGE", f"At most {MAX_LOOKUP_ADDRESSES} threepids per lookup")
+    pairs = [(m, a, _stored_form(m, a)) for m, a in threepids]
+    return JSONResponse({"threepids": await ctx.associations.bulk_lookup(pairs)})
+
+
+def routes() -> list[Route]:
+    return [
+        *versioned("/hash_details", hash_details, ["GET"], v1=False),
+        *versioned("/lookup", lookup_v2, ["POST"], v1=False),
+        *versioned("/lookup", lookup_v1, ["GET"], v2=False),
+        *versioned("/bulk_lookup", bulk_lookup, ["POST"], v2=False),
+    ]

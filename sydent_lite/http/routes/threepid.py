@@ -1,0 +1,72 @@
+"""3PID sessions to associations: getValidated3pid, bind, unbind."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sydent_lite.context import AppContext
+from sydent_lite.errors import MatrixError, invalid_param
+from sydent_lite.http.auth import require_user
+from sydent_lite.http.request import get_opaque_id, get_str, query_params, read_body, require_fields
+from sydent_lite.http.routes import versioned
+from sydent_lite.threepids import is_valid_user_id
+
+
+async def get_validated_3pid(request: Request, ctx: AppContext, v2: bool) -> Response:
+    if v2:
+        await require_user(request, ctx)
+    params = query_params(request)
+    require_fields(params, "sid", "client_secret")
+    session = await ctx.sessions.validated_session(get_opaque_id(params, "sid"), get_opaque_id(params, "client_secret"))
+    return JSONResponse({"medium": session.medium, "address": session.address, "validated_at": session.validated_at})
+
+
+async def bind(request: Request, ctx: AppContext, v2: bool) -> Response:
+    user_id = await require_user(request, ctx) if v2 else None
+    body = await read_body(request)
+    require_fields(body, "sid", "client_secret", "mxid")
+    sid = get_opaque_id(body, "sid")
+    client_secret = get_opaque_id(body, "client_secret")
+    mxid = get_str(body, "mxid", max_length=255)
+    if not is_valid_user_id(mxid):
+        raise invalid_param("'mxid' is not a valid Matrix user ID")
+    assert mxid is not None
+    if user_id is not None and mxid != user_id:
+        raise MatrixError(403, "M_UNAUTHORIZED", "This user is prohibited from binding to the mxid")
+    session = await ctx.sessions.validated_session(sid, client_secret)
+    return JSONResponse(await ctx.associations.bind(session, mxid))
+
+
+async def unbind(request: Request, ctx: AppContext, v2: bool) -> Response:
+    body = await read_body(request)
+    require_fields(body, "mxid", "threepid")
+    mxid = get_str(body, "mxid", max_length=255)
+    threepid = body["threepid"]
+    if not isinstance(threepid, dict):
+        raise invalid_param("'threepid' must be an object with 'medium' and 'address'")
+    require_fields(threepid, "medium", "address")
+    medium = get_str(threepid, "medium", max_length=16)
+    address = get_str(threepid, "address", max_length=512)
+    assert mxid is not None and medium is not None and address is not None
+    if body.get("sid") is None and body.get("client_secret") is None:
+        # Homeserver-signed (X-Matrix) unbind is not built yet; 501 is what Synapse reads as
+        # "this identity server does not support unbind" rather than a failure.
+        raise MatrixError(501, "M_UNRECOGNIZED", "Unbinding by homeserver signature is not supported yet; use sid and client_secret")
+    require_fields(body, "sid", "client_secret")
+    session = await ctx.sessions.validated_session(get_opaque_id(body, "sid"), get_opaque_id(body, "client_secret"))
+    if medium == "email":
+        address = address.casefold()
+    if (session.medium, session.address) != (medium, address):
+        raise MatrixError(403, "M_FORBIDDEN", "This session was not for the 3PID being unbound")
+    await ctx.associations.unbind(medium, address, mxid)
+    return JSONResponse({})
+
+
+def routes() -> list[Route]:
+    return [
+        *versioned("/3pid/getValidated3pid", get_validated_3pid, ["GET"]),
+        *versioned("/3pid/bind", bind, ["POST"]),
+        *versioned("/3pid/unbind", unbind, ["POST"]),
+    ]

@@ -1,0 +1,45 @@
+"""Identity-server accounts: OpenID token exchange, bearer-token authentication, logout."""
+
+from __future__ import annotations
+
+import logging
+
+from sydent_lite.errors import MatrixError, invalid_param, unauthorized
+from sydent_lite.federation.openid import OpenIdError, exchange_openid_token
+from sydent_lite.federation.resolver import parse_server_name
+from sydent_lite.federation.client import FederationClient
+from sydent_lite.secrets_util import hash_secret, now_ms, random_string
+from sydent_lite.storage.accounts import AccountStore
+
+logger = logging.getLogger(__name__)
+
+TOKEN_LENGTH = 64
+
+
+class AccountService:
+    def __init__(self, store: AccountStore, federation: FederationClient) -> None:
+        self._store = store
+        self._federation = federation
+
+    async def register(self, matrix_server_name: str, openid_token: str) -> str:
+        try:
+            parse_server_name(matrix_server_name)
+        except ValueError:
+            raise invalid_param("matrix_server_name is not a valid server name") from None
+        try:
+            user_id = await exchange_openid_token(self._federation, matrix_server_name, openid_token)
+        except OpenIdError as e:
+            logger.info("OpenID exchange with %s failed: %s", matrix_server_name, e)
+            raise unauthorized(f"Could not verify the OpenID token: {e}") from None
+        token = random_string(TOKEN_LENGTH)
+        await self._store.add_token(hash_secret(token), user_id, now_ms())
+        logger.info("registered an identity-server token for a user of %s", matrix_server_name)
+        return token
+
+    async def user_for_token(self, token: str) -> str | None:
+        # Looked up by SHA-256 hash in an index: the comparison never touches the raw token.
+        return await self._store.user_for_token(hash_secret(token))
+
+    async def logout(self, token: str) -> None:
+        if not await self._store.delete_token(hash_secret(token)):
+            raise MatrixError(401, "M_UNKNOWN_TOKEN", "Unrecognised access token")

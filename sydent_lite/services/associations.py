@@ -1,0 +1,92 @@
+"""Associations: bind, unbind and every kind of lookup (spec "Association lookup", v1 lookups)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+
+from sydent_lite.errors import MatrixError, invalid_param
+from sydent_lite.secrets_util import now_ms
+from sydent_lite.services.hashing import lookup_hash
+from sydent_lite.signing import ServerSigner
+from sydent_lite.storage.associations import AssociationStore, StoredAssociation
+from sydent_lite.storage.sessions import ValidationSession
+
+logger = logging.getLogger(__name__)
+
+# As Sydent: an association is asserted valid for a hundred years from binding.
+ASSOCIATION_LIFETIME_MS = 100 * 365 * 24 * 60 * 60 * 1000
+MAX_LOOKUP_ADDRESSES = 10_000
+
+
+class AssociationService:
+    def __init__(self, store: AssociationStore, signer: ServerSigner, pepper: str) -> None:
+        self._store = store
+        self._signer = signer
+        self.pepper = pepper
+
+    async def bind(self, session: ValidationSession, mxid: str) -> dict:
+        ts = now_ms()
+        signed = self._signer.sign(
+            {
+                "medium": session.medium,
+                "address": session.address,
+                "mxid": mxid,
+                "ts": ts,
+                "not_before": ts,
+                "not_after": ts + ASSOCIATION_LIFETIME_MS,
+            }
+        )
+        await self._store.upsert(
+            StoredAssociation(
+                medium=session.medium,
+                address=session.address,
+                lookup_hash=lookup_hash(session.address, session.medium, self.pepper),
+                mxid=mxid,
+                ts=ts,
+                not_before=ts,
+                not_after=ts + ASSOCIATION_LIFETIME_MS,
+                signed_json=json.dumps(signed),
+            )
+        )
+        logger.info("bound a %s address to a user of %s", session.medium, mxid.split(":", 1)[-1])
+        return signed
+
+    async def unbind(self, medium: str, address: str, mxid: str) -> bool:
+        removed = await self._store.delete(medium, address, mxid)
+        if removed:
+            logger.info("unbound a %s address", medium)
+        return removed
+
+    async def signed_association(self, medium: str, address: str) -> dict | None:
+        stored = await self._store.get(medium, address)
+        return json.loads(stored.signed_json) if stored else None
+
+    async def bulk_lookup(self, pairs: Sequence[tuple[str, str, str]]) -> list[list[str]]:
+        """pairs: (medium, address as given, normalised address) -> [[medium, address as given, mxid]]."""
+        found = await self._store.mxids_by_threepid([(m, norm) for m, _, norm in pairs])
+        out = []
+        for medium, given, norm in pairs:
+            mxid = found.get((medium, norm))
+            if mxid is not None:
+                out.append([medium, given, mxid])
+        return out
+
+    async def hashed_lookup(self, algorithm: str, pepper: str, addresses: list[str]) -> dict[str, str]:
+        if algorithm not in ("sha256", "none"):
+            raise invalid_param(f"Unsupported algorithm {algorithm!r}; see /hash_details")
+        if pepper != self.pepper:
+            raise MatrixError(400, "M_INVALID_PEPPER", "Unknown or invalid pepper - has it been rotated?")
+        if len(addresses) > MAX_LOOKUP_ADDRESSES:
+            raise MatrixError(400, "M_TOO_LARGE", f"At most {MAX_LOOKUP_ADDRESSES} addresses per lookup")
+        if algorithm == "sha256":
+            return await self._store.mxids_by_hash(addresses)
+        # "none": "<address> <medium>" in clear; hash it ourselves and use the same index.
+        by_hash: dict[str, str] = {}
+        for query in addresses:
+            address, sep, medium = query.rpartition(" ")
+            if sep and address:
+                by_hash[lookup_hash(address, medium, self.pepper)] = query
+        found = await self._store.mxids_by_hash(list(by_hash))
+        return {by_hash[h]: mxid for h, mxid in found.items()}

@@ -1,0 +1,65 @@
+"""Our long-term ed25519 signing key: loading, creating and signing JSON with it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import signedjson.key
+import signedjson.sign
+from unpaddedbase64 import encode_base64
+
+logger = logging.getLogger(__name__)
+
+
+class SigningKeyError(Exception):
+    pass
+
+
+def _reject_floats(value: Any, path: str = "") -> None:
+    # canonicaljson 2.x encodes floats; the spec's canonical JSON forbids them.
+    if isinstance(value, float):
+        raise ValueError(f"floats cannot be signed (at {path or 'top level'})")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _reject_floats(v, f"{path}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _reject_floats(v, f"{path}[{i}]")
+
+
+class ServerSigner:
+    """Signs JSON objects as `server_name` with the key `ed25519:<version>`."""
+
+    def __init__(self, server_name: str, key: Any) -> None:
+        self.server_name = server_name
+        self.key = key
+        self.key_id = f"{key.alg}:{key.version}"
+        self.public_key_base64 = encode_base64(key.verify_key.encode())
+
+    def sign(self, obj: dict[str, Any]) -> dict[str, Any]:
+        _reject_floats(obj)
+        return signedjson.sign.sign_json(dict(obj), self.server_name, self.key)
+
+
+def load_or_create_signing_key(path: str | Path) -> Any:
+    """Read a key file in Synapse/Sydent format ("ed25519 <version> <seed>"), creating it if absent."""
+    path = Path(path)
+    if path.exists():
+        try:
+            keys = signedjson.key.read_signing_keys(path.read_text().splitlines())
+        except Exception:
+            raise SigningKeyError(f"signing key file {path} is not in 'ed25519 <version> <base64 seed>' format") from None
+        if not keys:
+            raise SigningKeyError(f"signing key file {path} holds no key")
+        return keys[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = signedjson.key.generate_signing_key("0")
+    # Written with 0600 from the start: the seed is the server's identity.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        signedjson.key.write_signing_keys(f, [key])
+    logger.info("created a new signing key at %s", path)
+    return key

@@ -1,0 +1,108 @@
+"""3PID -> Matrix ID associations: one row per 3PID, with the signed JSON as bind returned it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from sydent_lite.storage.dialect import insert_for
+from sydent_lite.storage.tables import associations as assoc
+
+# Keeps each IN (...) list well under SQLite's and asyncpg's bound-parameter limits.
+_IN_CHUNK = 500
+
+
+@dataclass
+class StoredAssociation:
+    medium: str
+    address: str
+    lookup_hash: str
+    mxid: str
+    ts: int
+    not_before: int
+    not_after: int
+    signed_json: str
+
+
+def _chunks(items: Sequence, size: int = _IN_CHUNK) -> Iterable[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class AssociationStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def upsert(self, a: StoredAssociation) -> None:
+        """Insert, or replace the association of that 3PID in one statement (no lost race)."""
+        values = a.__dict__.copy()
+        async with self._engine.begin() as conn:
+            stmt = insert_for(conn, assoc).values(**values)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["medium", "address"],
+                set_={k: v for k, v in values.items() if k not in ("medium", "address")},
+            )
+            await conn.execute(stmt)
+
+    async def delete(self, medium: str, address: str, mxid: str) -> bool:
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                delete(assoc).where(assoc.c.medium == medium, assoc.c.address == address, assoc.c.mxid == mxid)
+            )
+        return result.rowcount > 0
+
+    async def get(self, medium: str, address: str) -> StoredAssociation | None:
+        cols = [assoc.c[k] for k in StoredAssociation.__dataclass_fields__]
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(select(*cols).where(assoc.c.medium == medium, assoc.c.address == address))
+            ).mappings().first()
+        return StoredAssociation(**row) if row else None
+
+    async def mxids_by_hash(self, hashes: Sequence[str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        async with self._engine.connect() as conn:
+            for chunk in _chunks(list(set(hashes))):
+                rows = await conn.execute(
+                    select(assoc.c.lookup_hash, assoc.c.mxid).where(assoc.c.lookup_hash.in_(chunk))
+                )
+                out.update({h: m for h, m in rows})
+        return out
+
+    async def mxids_by_threepid(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        out: dict[tuple[str, str], str] = {}
+        async with self._engine.connect() as conn:
+            for chunk in _chunks(list(set(pairs))):
+                rows = await conn.execute(
+                    select(assoc.c.medium, assoc.c.address, assoc.c.mxid).where(
+                        tuple_(assoc.c.medium, assoc.c.address).in_(chunk)
+                    )
+                )
+                out.update({(m, a): x for m, a, x in rows})
+        return out
+
+    async def iter_threepids(self, batch: int = 1000) -> AsyncIterator[list[tuple[int, str, str]]]:
+        """(id, medium, address) in batches, for recomputing lookup hashes."""
+        last_id = 0
+        while True:
+            async with self._engine.connect() as conn:
+                rows = list(
+                    await conn.execute(
+                        select(assoc.c.id, assoc.c.medium, assoc.c.address)
+                        .where(assoc.c.id > last_id)
+                        .order_by(assoc.c.id)
+                        .limit(batch)
+                    )
+                )
+            if not rows:
+                return
+            last_id = rows[-1][0]
+            yield [(r[0], r[1], r[2]) for r in rows]
+
+    async def set_hashes(self, id_to_hash: dict[int, str]) -> None:
+        async with self._engine.begin() as conn:
+            for row_id, h in id_to_hash.items():
+                await conn.execute(update(assoc).where(assoc.c.id == row_id).values(lookup_hash=h))

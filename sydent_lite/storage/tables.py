@@ -1,0 +1,68 @@
+"""The database schema (SQLAlchemy Core). Alembic migrations in migrations/ create it."""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, MetaData, String, Table, Text, UniqueConstraint
+
+metadata = MetaData()
+
+# Identity-server access tokens (from /account/register), stored as SHA-256 hashes.
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("user_id", String(255), nullable=False, index=True),
+    Column("created_ts", BigInteger, nullable=False),
+)
+
+accepted_terms = Table(
+    "accepted_terms",
+    metadata,
+    Column("user_id", String(255), primary_key=True),
+    Column("url", String(1024), primary_key=True),
+)
+
+validation_sessions = Table(
+    "validation_sessions",
+    metadata,
+    Column("sid", String(64), primary_key=True),
+    Column("medium", String(16), nullable=False),
+    Column("address", String(512), nullable=False),
+    Column("client_secret_hash", String(64), nullable=False),
+    Column("token", String(255), nullable=False),
+    Column("send_attempt", BigInteger, nullable=False),
+    Column("next_link", Text, nullable=True),
+    Column("brand", String(64), nullable=True),
+    Column("created_ts", BigInteger, nullable=False),
+    Column("mtime", BigInteger, nullable=False),
+    Column("validated", Boolean, nullable=False, default=False),
+    Column("validated_at", BigInteger, nullable=True),
+    Index("ix_validation_sessions_key", "medium", "address", "client_secret_hash"),
+)
+
+# One row per 3PID: binding a bound address replaces the row. `signed_json` is the signed
+# association exactly as /bind returned it, so v1 /lookup can return the very same object.
+associations = Table(
+    "associations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("medium", String(16), nullable=False),
+    Column("address", String(512), nullable=False),
+    Column("lookup_hash", String(64), nullable=False),
+    Column("mxid", String(255), nullable=False),
+    Column("ts", BigInteger, nullable=False),
+    Column("not_before", BigInteger, nullable=False),
+    Column("not_after", BigInteger, nullable=False),
+    Column("signed_json", Text, nullable=False),
+    UniqueConstraint("medium", "address", name="uq_associations_threepid"),
+    Index("ix_associations_lookup_hash", "lookup_hash"),
+    Index("ix_associations_mxid", "mxid"),
+)
+
+# Small named values shared by every worker (the lookup pepper, ...).
+server_state = Table(
+    "server_state",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
