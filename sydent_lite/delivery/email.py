@@ -1,0 +1,112 @@
+"""Delivering rendered validation mail: SMTP for real use, a Maildir for the embedded defaults.
+
+The message arrives fully rendered (headers included, CRLF line endings) and is sent verbatim:
+what the operator's template produced is exactly what the recipient gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mailbox
+import os
+from abc import ABC, abstractmethod
+from email.utils import parseaddr
+from pathlib import Path
+
+import aiosmtplib
+
+from sydent_lite.config import ConfigError, EmailConfig, SmtpConfig
+
+logger = logging.getLogger(__name__)
+
+
+class EmailSendError(Exception):
+    """The message could not be handed over. The text never holds credentials or the token."""
+
+
+def _domain(address: str) -> str:
+    # Logs name the recipient's domain only: the full address is personal data.
+    return address.rpartition("@")[2] or "?"
+
+
+class EmailSender(ABC):
+    @abstractmethod
+    async def send(self, to_addr: str, message: bytes) -> None:
+        """Deliver `message` (a complete RFC 5322 message) to `to_addr`, or raise EmailSendError."""
+
+
+class SmtpEmailSender(EmailSender):
+    def __init__(self, smtp: SmtpConfig, from_header: str) -> None:
+        self._smtp = smtp
+        # The envelope sender (MAIL FROM) is the bare address of the From header.
+        self._envelope_from = parseaddr(from_header)[1]
+        if "@" not in self._envelope_from:
+            raise ConfigError(f"config key 'email.from' has no usable email address: {from_header!r}")
+
+    async def send(self, to_addr: str, message: bytes) -> None:
+        cfg = self._smtp
+        where = f"{cfg.host}:{cfg.port}"
+        client = aiosmtplib.SMTP(
+            hostname=cfg.host,
+            port=cfg.port,
+            timeout=cfg.timeout_seconds,
+            use_tls=cfg.security == "tls",
+            # "none" means plaintext: no opportunistic STARTTLS that could fail on a local relay.
+            start_tls=cfg.security == "starttls",
+            username=cfg.username or None,
+            password=cfg.password or None,
+        )
+        try:
+            async with client:
+                if client.is_ehlo_or_helo_needed:
+                    await client.ehlo()
+                options: list[str] = []
+                # Declare what the message needs so a strict server neither refuses nor mangles it.
+                if not (to_addr.isascii() and self._envelope_from.isascii()):
+                    options.append("SMTPUTF8")
+                if not message.isascii() and client.supports_extension("8bitmime"):
+                    options.append("BODY=8BITMIME")
+                await client.sendmail(self._envelope_from, [to_addr], message, mail_options=options)
+        except aiosmtplib.SMTPAuthenticationError as e:
+            raise EmailSendError(f"SMTP server {where} refused the login ({e.code})") from None
+        except aiosmtplib.SMTPRecipientsRefused as e:
+            codes = ", ".join(str(r.code) for r in e.recipients)
+            raise EmailSendError(f"SMTP server {where} refused the recipient ({codes})") from None
+        except aiosmtplib.SMTPResponseException as e:
+            # Server texts can echo addresses; the code and the stage are enough to act on.
+            raise EmailSendError(f"SMTP server {where} refused the message ({e.code}, {type(e).__name__})") from None
+        except (aiosmtplib.SMTPException, OSError, ValueError) as e:
+            # Connection refused/reset, timeouts (TimeoutError is an OSError), TLS failures,
+            # STARTTLS or SMTPUTF8 not offered, an address aiosmtplib cannot send.
+            raise EmailSendError(f"cannot send mail through {where}: {type(e).__name__}: {e}") from None
+        logger.info("sent validation mail to a recipient at %s via SMTP", _domain(to_addr))
+
+
+class MaildirEmailSender(EmailSender):
+    """Files each message into a local Maildir instead of sending it (no SMTP server needed)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._path = Path(path)
+
+    def _write(self, message: bytes) -> None:
+        # Create the parents too (data/outbox in a fresh data/), and the Maildir's subfolders
+        # even when the folder itself already exists (mailbox only creates them for a new one).
+        for sub in ("tmp", "new", "cur"):
+            (self._path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        mailbox.Maildir(os.fspath(self._path), create=True).add(message)
+
+    async def send(self, to_addr: str, message: bytes) -> None:
+        try:
+            await asyncio.to_thread(self._write, message)
+        except OSError as e:
+            raise EmailSendError(f"cannot write to maildir {self._path}: {e.strerror}") from None
+        logger.info("stored validation mail for a recipient at %s in the maildir", _domain(to_addr))
+
+
+def make_email_sender(config: EmailConfig, from_header: str) -> EmailSender:
+    if config.transport == "smtp":
+        return SmtpEmailSender(config.smtp, from_header)
+    if config.transport == "maildir":
+        return MaildirEmailSender(config.maildir)
+    raise ConfigError(f"config key 'email.transport' must be smtp or maildir (got {config.transport!r})")

@@ -1,0 +1,164 @@
+"""Email and HTML page templates, in Sydent's folder layout.
+
+`<templates_dir>/<brand>/verification_template.eml.j2` is a Jinja2 template rendering a whole
+RFC 5322 message (headers included); `<templates_dir>/<brand>/verify_response_template.html` is
+a Python %-format string with `%(message)s`. Keeping Sydent's layout and variable names lets an
+operator point `email.templates_dir` at an existing Sydent template folder.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import secrets
+from email.header import Header
+from email.utils import formataddr, formatdate, make_msgid, parseaddr
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, FileSystemLoader, TemplateError, Undefined
+
+from sydent_lite import resources
+from sydent_lite.config import ConfigError
+
+EMAIL_TEMPLATE = "verification_template.eml.j2"
+PAGE_TEMPLATE = "verify_response_template.html"
+
+# A brand comes from the client (requestToken `brand`, submitToken `?brand=`), so it is only
+# ever used as a single plain folder name: no separators, no dot-files, no "..".
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Anything that could end a header line, for the email parser or for a mail client that splits
+# on Unicode line breaks: ASCII control characters (TAB aside) and U+0085/U+2028/U+2029.
+_HEADER_BREAKERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+# Only these are line breaks in a rendered message (str.splitlines() knows more, e.g. U+2028,
+# which must stay inside its line).
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def is_safe_name(name: str) -> bool:
+    return bool(_SAFE_NAME.fullmatch(name)) and not name.startswith(".") and ".." not in name
+
+
+def _check_header_value(field: str, value: str) -> None:
+    if _HEADER_BREAKERS.search(value):
+        raise ValueError(f"the {field} header value contains a line break or control character")
+
+
+def _encode_header(value: str) -> str:
+    """RFC 2047-encode a non-ASCII header value; ASCII stays readable (and is folded if long)."""
+    charset = "us-ascii" if value.isascii() else "utf-8"
+    return Header(value, charset).encode()
+
+
+def _from_header(from_: str) -> str:
+    # A non-ASCII display name must be RFC 2047-encoded; an ASCII From is used as configured.
+    if from_.isascii():
+        return from_
+    name, addr = parseaddr(from_)
+    return formataddr((name, addr), charset="utf-8") if addr else from_
+
+
+def _msgid_domain(from_: str) -> str:
+    domain = parseaddr(from_)[1].rpartition("@")[2].strip("<>")
+    try:
+        # make_msgid would otherwise call socket.getfqdn(), which can block on DNS.
+        return domain.encode("idna").decode("ascii") if domain else "localhost"
+    except UnicodeError:
+        return "localhost"
+
+
+class TemplateStore:
+    """Finds, compiles (once) and renders the templates of every brand."""
+
+    def __init__(self, templates_dir: Path | None, default_brand: str) -> None:
+        self.root = (templates_dir if templates_dir is not None else resources.templates_dir()).resolve()
+        if not self.root.is_dir():
+            raise ConfigError(f"config key 'email.templates_dir': {self.root} is not a folder")
+        if not is_safe_name(default_brand):
+            raise ConfigError(f"config key 'email.default_brand' is not a plain folder name: {default_brand!r}")
+        self.default_brand = default_brand
+        # auto_reload off: templates are read and compiled once, then served from Jinja's cache.
+        # Autoescape on, as in Sydent, so Sydent templates that rely on it stay safe; undefined
+        # variables render empty so Sydent templates using variables we lack still work.
+        self._env = Environment(
+            loader=FileSystemLoader(str(self.root)),
+            autoescape=True,
+            auto_reload=False,
+            undefined=Undefined,
+            keep_trailing_newline=True,
+        )
+        self._pages: dict[tuple[str, str], str] = {}
+        # Fail at start-up, not on the first request, on a missing or broken default template.
+        for name in (EMAIL_TEMPLATE, PAGE_TEMPLATE):
+            if not self._has(default_brand, name):
+                raise ConfigError(f"template {self.root / default_brand / name} is missing")
+        try:
+            self._env.get_template(f"{default_brand}/{EMAIL_TEMPLATE}")
+        except TemplateError as e:
+            raise ConfigError(f"template {self.root / default_brand / EMAIL_TEMPLATE} is broken: {e}") from None
+        try:
+            self._page(default_brand, PAGE_TEMPLATE) % {"message": ""}
+        except (KeyError, ValueError, TypeError) as e:
+            raise ConfigError(
+                f"template {self.root / default_brand / PAGE_TEMPLATE} is not a valid %-format string "
+                f"with %(message)s (write a literal % as %%): {e!r}"
+            ) from None
+
+    def _has(self, brand: str, template_name: str) -> bool:
+        return (self.root / brand / template_name).is_file()
+
+    def resolve_brand(self, brand: str | None, template_name: str | None = None) -> str:
+        """`brand` if it is a safe folder name with that template (or, without a template name,
+        an existing folder); otherwise the default brand."""
+        if not brand or not is_safe_name(brand) or (template_name and not is_safe_name(template_name)):
+            return self.default_brand
+        folder = self.root / brand
+        exists = folder.joinpath(template_name).is_file() if template_name else folder.is_dir()
+        return brand if exists else self.default_brand
+
+    def render_email(
+        self,
+        template_name: str,
+        brand: str | None,
+        *,
+        to: str,
+        from_: str,
+        subject: str,
+        variables: dict[str, Any],
+    ) -> bytes:
+        """The complete message as UTF-8 bytes with CRLF line endings, ready to send verbatim."""
+        if not is_safe_name(template_name):
+            raise ValueError(f"bad template name {template_name!r}")
+        _check_header_value("To", to)
+        _check_header_value("From", from_)
+        _check_header_value("Subject", subject)
+        brand = self.resolve_brand(brand, template_name)
+        # Ours are applied last: a caller's variable must not replace a checked header value.
+        context: dict[str, Any] = {
+            **variables,
+            "to": to,
+            "from": _from_header(from_),
+            "subject": subject,
+            "subject_header_value": _encode_header(subject),
+            "date": formatdate(usegmt=True),
+            "messageid": make_msgid(domain=_msgid_domain(from_)),
+            # Random per message so no user-supplied text can contain (and so break) it.
+            "multipart_boundary": secrets.token_hex(16),
+        }
+        text = self._env.get_template(f"{brand}/{template_name}").render(context)
+        return _LINE_BREAK.sub("\r\n", text).encode("utf-8")
+
+    def _page(self, brand: str, template_name: str) -> str:
+        key = (brand, template_name)
+        page = self._pages.get(key)
+        if page is None:
+            page = (self.root / brand / template_name).read_text(encoding="utf-8")
+            self._pages[key] = page  # bounded: only files that exist get here
+        return page
+
+    def render_page(self, template_name: str, brand: str | None, message: str) -> str:
+        """The page with `message` (HTML-escaped) in place of `%(message)s`."""
+        if not is_safe_name(template_name):
+            raise ValueError(f"bad template name {template_name!r}")
+        brand = self.resolve_brand(brand, template_name)
+        return self._page(brand, template_name) % {"message": html.escape(message, quote=True)}

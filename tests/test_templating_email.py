@@ -1,0 +1,386 @@
+"""Templates (email and page) and mail delivery (SMTP against a real aiosmtpd server, Maildir)."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import mailbox
+import socket
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from sydent_lite.config import ConfigError, EmailConfig, SmtpConfig
+from sydent_lite.delivery.email import (
+    EmailSendError,
+    MaildirEmailSender,
+    SmtpEmailSender,
+    make_email_sender,
+)
+from sydent_lite.resources import migrations_dir, templates_dir
+from sydent_lite.templating import EMAIL_TEMPLATE, PAGE_TEMPLATE, TemplateStore
+
+FROM = "Identity Server <noreply@id.example.test>"
+LINK = "https://id.example.test/_matrix/identity/v2/validate/email/submitToken?token=tok&client_secret=cs&sid=s1"
+HOSTILE = '<script>alert("x")</script>&<img src=x onerror=alert(1)>'
+
+
+def render(store: TemplateStore, brand: str | None = None, **overrides: Any) -> bytes:
+    kwargs: dict[str, Any] = dict(to="alice@example.test", from_=FROM, subject="Confirm your email address")
+    variables = {"token": "tok123", "link": LINK, "server_name": "id.example.test", "ipaddress": "192.0.2.1"}
+    variables.update(overrides.pop("variables", {}))
+    kwargs.update(overrides)
+    return store.render_email(EMAIL_TEMPLATE, brand, variables=variables, **kwargs)
+
+
+def parse(raw: bytes) -> EmailMessage:
+    return email.message_from_bytes(raw, policy=email.policy.default)  # type: ignore[return-value]
+
+
+def parts(msg: EmailMessage) -> tuple[str, str]:
+    plain = msg.get_body(preferencelist=("plain",))
+    rich = msg.get_body(preferencelist=("html",))
+    assert plain is not None and rich is not None
+    return plain.get_content(), rich.get_content()
+
+
+@pytest.fixture(scope="module")
+def store() -> TemplateStore:
+    return TemplateStore(None, "default")
+
+
+# --- resources ----------------------------------------------------------------------------------
+
+
+def test_resources_point_at_the_data_folders() -> None:
+    assert (templates_dir() / "default" / EMAIL_TEMPLATE).is_file()
+    assert (templates_dir() / "default" / PAGE_TEMPLATE).is_file()
+    assert (migrations_dir() / "env.py").is_file()
+
+
+# --- the default email template -----------------------------------------------------------------
+
+
+def test_default_template_renders_a_valid_multipart_message(store: TemplateStore) -> None:
+    raw = render(store)
+    # CRLF everywhere, no bare LF or CR: SMTP sends it as is.
+    assert b"\n" not in raw.replace(b"\r\n", b"")
+    assert b"\r" not in raw.replace(b"\r\n", b"")
+    msg = parse(raw)
+    assert msg.get_content_type() == "multipart/alternative"
+    assert msg["To"] == "alice@example.test"
+    assert msg["From"] == FROM
+    assert msg["Subject"] == "Confirm your email address"
+    assert msg["Message-ID"].endswith("@id.example.test>")
+    assert msg["Date"].datetime is not None
+    assert msg["MIME-Version"] == "1.0"
+    plain, rich = parts(msg)
+    assert LINK in plain and "tok123" in plain and "id.example.test" in plain
+    assert LINK.replace("&", "&amp;") in rich and "tok123" in rich
+    assert "<img" not in rich and "<script" not in rich.lower()  # no remote images, no scripts
+    assert not msg.defects
+    for part in msg.walk():
+        assert not part.defects
+
+
+def test_hostile_values_are_escaped_in_html_and_headers_parse(store: TemplateStore) -> None:
+    long_value = "x" * 2000
+    subject = "Bestätigen Sie Ihre E-Mail-Adresse ✉ " + "lang " * 40
+    raw = render(
+        store,
+        to="üser@exämple.test",
+        from_="Sérvice d'identité <noreply@id.example.test>",
+        subject=subject,
+        variables={"token": HOSTILE, "server_name": HOSTILE + "é" + long_value, "link": LINK + "&x=" + HOSTILE},
+    )
+    msg = parse(raw)
+    assert msg["Subject"] == subject
+    assert msg["To"] == "üser@exämple.test"
+    assert msg["From"].addresses[0].display_name == "Sérvice d'identité"
+    assert msg["From"].addresses[0].addr_spec == "noreply@id.example.test"
+    # Non-ASCII header values are RFC 2047-encoded (the raw To stays UTF-8: SMTPUTF8).
+    header_block = raw.split(b"\r\n\r\n", 1)[0]
+    assert "Bestätigen".encode() not in header_block
+    plain, rich = parts(msg)
+    assert HOSTILE in plain  # text/plain is not HTML: shown as typed
+    assert "<script" not in rich.lower() and "<img" not in rich
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in rich
+    assert long_value in rich and "é" in rich
+
+
+def test_header_injection_is_rejected(store: TemplateStore) -> None:
+    for field in ("to", "from_", "subject"):
+        for bad in ("a@b.test\r\nBcc: evil@x.test", "a@b.test\nX: y", "a@b.test\rX: y", "a\u2028b", "a\x00b"):
+            with pytest.raises(ValueError):
+                render(store, **{field: bad})
+
+
+def test_variables_cannot_override_checked_headers(store: TemplateStore) -> None:
+    msg = parse(render(store, variables={"to": "evil@x.test\r\nBcc: evil@x.test", "subject_header_value": "x"}))
+    assert msg["To"] == "alice@example.test"
+    assert msg["Bcc"] is None
+    assert msg["Subject"] == "Confirm your email address"
+
+
+def test_each_message_gets_a_fresh_boundary_and_message_id(store: TemplateStore) -> None:
+    a, b = parse(render(store)), parse(render(store))
+    assert a.get_boundary() != b.get_boundary()
+    assert a["Message-ID"] != b["Message-ID"]
+
+
+# --- brands -------------------------------------------------------------------------------------
+
+
+def write_brand(root: Path, brand: str, marker: str, page: bool = True) -> None:
+    folder = root / brand
+    folder.mkdir(parents=True)
+    (folder / EMAIL_TEMPLATE).write_text(
+        "From: {{ from|safe }}\nTo: {{ to|safe }}\nSubject: {{ subject_header_value|safe }}\n"
+        "Content-Type: text/plain; charset=UTF-8\n\n"
+        f"{marker} {{{{ link|safe }}}} {{{{ token|safe }}}} {{{{ sydent_only_variable }}}}\n",
+        encoding="utf-8",
+    )
+    if page:
+        (folder / PAGE_TEMPLATE).write_text(f"<p>{marker} 100%% %(message)s</p>", encoding="utf-8")
+
+
+@pytest.fixture
+def custom_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "templates"
+    write_brand(root, "default", "DEFAULT-BRAND")
+    write_brand(root, "acme", "ACME-BRAND")
+    write_brand(root, "mailonly", "MAILONLY-BRAND", page=False)
+    # A folder outside the templates dir that a traversal would reach.
+    write_brand(tmp_path, "x", "ESCAPED")
+    write_brand(root, ".hidden", "HIDDEN")
+    return root
+
+
+def test_custom_templates_dir_and_brand(custom_dir: Path) -> None:
+    store = TemplateStore(custom_dir, "default")
+    assert b"ACME-BRAND " + LINK.encode() + b" tok123" in render(store, "acme")
+    assert b"DEFAULT-BRAND" in render(store, None)
+    assert store.render_page(PAGE_TEMPLATE, "acme", "<ok>") == "<p>ACME-BRAND 100% &lt;ok&gt;</p>"
+    # A brand with only the mail template gets the default page.
+    assert b"MAILONLY-BRAND" in render(store, "mailonly")
+    assert "DEFAULT-BRAND" in store.render_page(PAGE_TEMPLATE, "mailonly", "m")
+
+
+@pytest.mark.parametrize("brand", ["unknown", "../x", "..", ".hidden", "acme/../../x", "/etc", "ac me", "a" * 300, ""])
+def test_unknown_or_malicious_brand_falls_back_to_default(custom_dir: Path, brand: str) -> None:
+    store = TemplateStore(custom_dir, "default")
+    assert store.resolve_brand(brand, EMAIL_TEMPLATE) == "default"
+    assert store.resolve_brand(brand) == "default"
+    raw = render(store, brand)
+    assert b"DEFAULT-BRAND" in raw and b"ESCAPED" not in raw and b"HIDDEN" not in raw
+    assert "DEFAULT-BRAND" in store.render_page(PAGE_TEMPLATE, brand, "m")
+
+
+def test_page_escapes_the_message(store: TemplateStore) -> None:
+    page = store.render_page(PAGE_TEMPLATE, None, HOSTILE)
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert 'name="viewport"' in page and "<html lang=" in page
+
+
+def test_bad_template_folders_fail_at_start_up(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        TemplateStore(tmp_path / "missing", "default")
+    with pytest.raises(ConfigError):
+        TemplateStore(tmp_path, "default")  # no default brand
+    write_brand(tmp_path, "default", "D")
+    with pytest.raises(ConfigError):
+        TemplateStore(tmp_path, "../default")
+    (tmp_path / "default" / PAGE_TEMPLATE).write_text("<p style='width: 100%'>%(message)s</p>")
+    with pytest.raises(ConfigError, match="%%"):
+        TemplateStore(tmp_path, "default")
+
+
+# --- SMTP delivery ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Recorder:
+    def __init__(self, refuse_at: str | None = None) -> None:
+        self.refuse_at = refuse_at
+        self.received: list[tuple[str, list[str], bytes]] = []
+        self.mail_options: list[str] = []
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):  # noqa: N802
+        if self.refuse_at == "MAIL":
+            return "550 5.7.1 sender refused"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+        if self.refuse_at == "RCPT":
+            return f"550 5.1.1 <{address}> unknown"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        if self.refuse_at == "DATA":
+            return "550 5.7.1 content refused"
+        content = envelope.original_content if envelope.original_content is not None else envelope.content
+        self.received.append((envelope.mail_from, list(envelope.rcpt_tos), bytes(content)))
+        self.mail_options = list(envelope.mail_options)
+        return "250 Message accepted"
+
+
+def start_server(handler: Recorder, **kwargs: Any) -> Controller:
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port(), **kwargs)
+    controller.start()
+    return controller
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[tuple[Recorder, int]]:
+    handler = Recorder()
+    controller = start_server(handler)
+    yield handler, controller.port
+    controller.stop()
+
+
+def smtp_config(port: int, **kwargs: Any) -> SmtpConfig:
+    return SmtpConfig(host="127.0.0.1", port=port, timeout_seconds=5.0, **kwargs)
+
+
+def lf(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n")
+
+
+async def test_smtp_sends_the_rendered_bytes_verbatim(store: TemplateStore, smtp_server: tuple[Recorder, int]) -> None:
+    handler, port = smtp_server
+    raw = render(store, variables={"token": HOSTILE, "server_name": "ïd.example.test"})
+    sender = make_email_sender(EmailConfig(transport="smtp", smtp=smtp_config(port)), FROM)
+    assert isinstance(sender, SmtpEmailSender)
+    await sender.send("alice@example.test", raw)
+    assert len(handler.received) == 1
+    mail_from, rcpt_tos, content = handler.received[0]
+    assert mail_from == "noreply@id.example.test"
+    assert rcpt_tos == ["alice@example.test"]
+    assert lf(content).rstrip(b"\n") == lf(raw).rstrip(b"\n")
+
+
+async def test_smtp_international_recipient_and_8bit_body(
+    store: TemplateStore, smtp_server: tuple[Recorder, int]
+) -> None:
+    handler, port = smtp_server
+    raw = render(store, to="üser@exämple.test", variables={"server_name": "ïd.example.test"})
+    await SmtpEmailSender(smtp_config(port), FROM).send("üser@exämple.test", raw)
+    _, rcpt_tos, content = handler.received[0]
+    assert rcpt_tos == ["üser@exämple.test"]
+    assert "SMTPUTF8" in handler.mail_options and "BODY=8BITMIME" in handler.mail_options
+    assert lf(content).rstrip(b"\n") == lf(raw).rstrip(b"\n")
+
+
+async def test_longest_real_values_stay_within_the_line_limit(
+    store: TemplateStore, smtp_server: tuple[Recorder, int]
+) -> None:
+    # Token and client_secret may each be 255 characters: every line must still fit the 998
+    # octets of RFC 5322, or SMTP servers (aiosmtpd included) refuse the message.
+    handler, port = smtp_server
+    link = (
+        "https://identity.some-long-subdomain.example.test:8443/_matrix/identity/v2/validate/email/submitToken?"
+        + "token=" + "T" * 255 + "&client_secret=" + "c" * 255 + "&sid=" + "s" * 24
+    )
+    raw = render(store, variables={"token": "T" * 255, "link": link})
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    await SmtpEmailSender(smtp_config(port), FROM).send("alice@example.test", raw)
+    assert link in parts(parse(handler.received[0][2]))[0]
+
+
+@pytest.mark.parametrize("stage", ["MAIL", "RCPT", "DATA"])
+async def test_smtp_refusal_raises_email_send_error(store: TemplateStore, stage: str) -> None:
+    handler = Recorder(refuse_at=stage)
+    controller = start_server(handler)
+    try:
+        sender = SmtpEmailSender(smtp_config(controller.port), FROM)
+        with pytest.raises(EmailSendError) as info:
+            await sender.send("alice@example.test", render(store))
+        assert "550" in str(info.value)
+        assert "alice" not in str(info.value)  # the server's text (echoing the address) is left out
+    finally:
+        controller.stop()
+    assert handler.received == []
+
+
+async def test_nothing_listening_raises_email_send_error(store: TemplateStore) -> None:
+    sender = SmtpEmailSender(smtp_config(free_port()), FROM)
+    with pytest.raises(EmailSendError):
+        await sender.send("alice@example.test", render(store))
+
+
+async def test_starttls_not_offered_and_tls_against_plaintext_fail(
+    store: TemplateStore, smtp_server: tuple[Recorder, int]
+) -> None:
+    handler, port = smtp_server
+    for security in ("starttls", "tls"):
+        sender = SmtpEmailSender(smtp_config(port, security=security), FROM)
+        with pytest.raises(EmailSendError):
+            await sender.send("alice@example.test", render(store))
+    assert handler.received == []
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+@pytest.mark.filterwarnings("ignore:Session.login_data is deprecated")
+async def test_smtp_login(store: TemplateStore) -> None:
+    def authenticator(server, session, envelope, mechanism, auth_data):  # type: ignore[no-untyped-def]
+        ok = isinstance(auth_data, LoginPassword) and auth_data.login == b"mailer" and auth_data.password == b"s3cret"
+        # handled=False: aiosmtpd answers 535 itself (with True it would stay silent).
+        return AuthResult(success=ok, handled=False)
+
+    handler = Recorder()
+    controller = start_server(handler, authenticator=authenticator, auth_required=True, auth_require_tls=False)
+    try:
+        good = SmtpEmailSender(smtp_config(controller.port, username="mailer", password="s3cret"), FROM)
+        await good.send("alice@example.test", render(store))
+        assert len(handler.received) == 1
+        bad = SmtpEmailSender(smtp_config(controller.port, username="mailer", password="wrong-pw"), FROM)
+        with pytest.raises(EmailSendError) as info:
+            await bad.send("alice@example.test", render(store))
+        assert "535" in str(info.value) and "wrong-pw" not in str(info.value)
+        anonymous = SmtpEmailSender(smtp_config(controller.port), FROM)
+        with pytest.raises(EmailSendError):
+            await anonymous.send("alice@example.test", render(store))
+    finally:
+        controller.stop()
+    assert len(handler.received) == 1
+
+
+def test_unusable_from_address_is_a_config_error() -> None:
+    with pytest.raises(ConfigError):
+        SmtpEmailSender(SmtpConfig(), "Identity Server")
+
+
+# --- Maildir ------------------------------------------------------------------------------------
+
+
+async def test_maildir_stores_one_readable_message(store: TemplateStore, tmp_path: Path) -> None:
+    path = tmp_path / "data" / "outbox"  # parents do not exist yet
+    sender = make_email_sender(EmailConfig(transport="maildir", maildir=str(path)), FROM)
+    assert isinstance(sender, MaildirEmailSender)
+    raw = render(store)
+    await sender.send("alice@example.test", raw)
+    box = mailbox.Maildir(path, create=False)
+    keys = box.keys()
+    assert len(keys) == 1
+    assert lf(box.get_bytes(keys[0])) == lf(raw)
+    msg = parse(box.get_bytes(keys[0]))
+    assert LINK in parts(msg)[0]
+
+
+async def test_maildir_write_failure_raises_email_send_error(store: TemplateStore, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(EmailSendError):
+        await MaildirEmailSender(blocker / "outbox").send("alice@example.test", render(store))
