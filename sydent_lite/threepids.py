@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import re
 
+import email_validator
 from email_validator import EmailNotValidError, validate_email
 
 from sydent_lite.errors import MatrixError
 
 MAX_ADDRESS_LENGTH = 512
+
+# Operators run on internal domains (.local, localhost, .test): check syntax, not where the
+# domain sits. Emptying this list is email-validator's documented way to allow them.
+email_validator.SPECIAL_USE_DOMAIN_NAMES[:] = []
 
 # Spec appendix "User Identifiers": @localpart:server_name, at most 255 bytes. Historical
 # localparts may hold any printable ASCII but ':'; the server name is checked loosely here.

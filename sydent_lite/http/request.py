@@ -48,9 +48,23 @@ async def read_body(request: Request, *, allow_form: bool = True, allow_empty: b
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise MatrixError(400, "M_NOT_JSON", "Request body is not valid JSON") from None
+    except RecursionError:
+        raise MatrixError(400, "M_BAD_JSON", "Request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise MatrixError(400, "M_BAD_JSON", "Request body must be a JSON object")
     return body
+
+
+def is_storable(value: str) -> bool:
+    """False for strings no database may be handed: NUL characters (PostgreSQL refuses them)
+    and lone surrogates (not encodable as UTF-8)."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def require_fields(source: dict[str, Any], *names: str) -> None:
@@ -69,6 +83,8 @@ def get_str(source: dict[str, Any], name: str, *, required: bool = True, max_len
         raise invalid_param(f"'{name}' must be a string")
     if len(value) > max_length:
         raise invalid_param(f"'{name}' is too long")
+    if not is_storable(value):
+        raise invalid_param(f"'{name}' contains characters that are not allowed")
     return value
 
 

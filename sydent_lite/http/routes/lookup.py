@@ -9,7 +9,7 @@ from starlette.routing import Route
 from sydent_lite.context import AppContext
 from sydent_lite.errors import MatrixError, invalid_param
 from sydent_lite.http.auth import require_user
-from sydent_lite.http.request import get_str, query_params, read_body, require_fields
+from sydent_lite.http.request import get_str, is_storable, query_params, read_body, require_fields
 from sydent_lite.http.routes import versioned
 from sydent_lite.services.associations import MAX_LOOKUP_ADDRESSES
 
@@ -34,6 +34,10 @@ async def lookup_v2(request: Request, ctx: AppContext, v2: bool) -> Response:
     if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
         raise invalid_param("'addresses' must be a list of strings")
     assert algorithm is not None and pepper is not None
+    if len(addresses) > MAX_LOOKUP_ADDRESSES:
+        raise MatrixError(400, "M_TOO_LARGE", f"At most {MAX_LOOKUP_ADDRESSES} addresses per lookup")
+    # A string no database can hold cannot match a stored one either.
+    addresses = [a for a in addresses if is_storable(a)]
     mappings = await ctx.associations.hashed_lookup(algorithm, pepper, addresses)
     return JSONResponse({"mappings": mappings})
 
@@ -41,7 +45,8 @@ async def lookup_v2(request: Request, ctx: AppContext, v2: bool) -> Response:
 async def lookup_v1(request: Request, ctx: AppContext, v2: bool) -> Response:
     params = query_params(request)
     require_fields(params, "medium", "address")
-    medium, address = params["medium"], params["address"]
+    medium, address = get_str(params, "medium", max_length=16), get_str(params, "address", max_length=512)
+    assert medium is not None and address is not None
     signed = await ctx.associations.signed_association(medium, _stored_form(medium, address))
     return JSONResponse(signed or {})
 
@@ -56,7 +61,7 @@ async def bulk_lookup(request: Request, ctx: AppContext, v2: bool) -> Response:
         raise invalid_param("'threepids' must be a list of [medium, address] pairs")
     if len(threepids) > MAX_LOOKUP_ADDRESSES:
         raise MatrixError(400, "M_TOO_LARGE", f"At most {MAX_LOOKUP_ADDRESSES} threepids per lookup")
-    pairs = [(m, a, _stored_form(m, a)) for m, a in threepids]
+    pairs = [(m, a, _stored_form(m, a)) for m, a in threepids if is_storable(m) and is_storable(a)]
     return JSONResponse({"threepids": await ctx.associations.bulk_lookup(pairs)})
 
 

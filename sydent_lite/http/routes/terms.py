@@ -24,8 +24,6 @@ async def accept_terms(request: Request, ctx: AppContext, v2: bool) -> Response:
     urls = body.get("user_accepts")
     if urls is None:
         raise missing_params("user_accepts")
-    if isinstance(urls, str):
-        urls = [urls]
     if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls) or len(urls) > 1000:
         raise invalid_param("'user_accepts' must be a list of URLs")
     await ctx.terms.accept(user_id, urls)

@@ -55,7 +55,14 @@ async def unbind(request: Request, ctx: AppContext, v2: bool) -> Response:
         # "this identity server does not support unbind" rather than a failure.
         raise MatrixError(501, "M_UNRECOGNIZED", "Unbinding by homeserver signature is not supported yet; use sid and client_secret")
     require_fields(body, "sid", "client_secret")
-    session = await ctx.sessions.validated_session(get_opaque_id(body, "sid"), get_opaque_id(body, "client_secret"))
+    try:
+        session = await ctx.sessions.validated_session(get_opaque_id(body, "sid"), get_opaque_id(body, "client_secret"))
+    except MatrixError as e:
+        if e.status >= 500 or e.errcode in ("M_MISSING_PARAMS", "M_INVALID_PARAM"):
+            raise
+        # The session is this request's credential: any fault in it is a 403 (spec), which
+        # homeservers pass on to the user rather than reading as "unbind not supported".
+        raise MatrixError(403, "M_FORBIDDEN", f"Cannot unbind with this session: {e.error}") from None
     if medium == "email":
         address = address.casefold()
     if (session.medium, session.address) != (medium, address):
