@@ -1,0 +1,120 @@
+"""CLI commands and storage behaviour that the HTTP tests cannot see directly."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import signedjson.key
+import signedjson.sign
+from sqlalchemy import select, update
+
+from sydent_lite.config import config_from_dict
+from sydent_lite.services.hashing import HASHED_WITH_KEY, PEPPER_KEY, load_pepper, lookup_hash
+from sydent_lite.signing import ServerSigner, load_or_create_signing_key
+from sydent_lite.storage.associations import AssociationStore, StoredAssociation
+from sydent_lite.storage.database import create_engine, migrate
+from sydent_lite.storage.state import ServerStateStore
+from sydent_lite.storage.tables import associations
+
+
+@pytest.fixture
+def database_url(db_factory) -> str:  # type: ignore[no-untyped-def]
+    """A fresh database of the current backend (SQLite file or scratch PostgreSQL database)."""
+    return db_factory.create().url
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sydent_lite", *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_spec_sha256_test_vectors() -> None:
+    # identity-service-api.md, "sha256": pepper "matrixrocks".
+    assert lookup_hash("alice@example.com", "email", "matrixrocks") == "4kenr7N9drpCJ4AfalmlGQVsOn3o2RHjkADUpXJWZUc"
+    assert lookup_hash("bob@example.com", "email", "matrixrocks") == "LJwSazmv46n0hlMlsb_iYxI0_HXEqy_yj6Jm636cdT8"
+    assert lookup_hash("18005552067", "msisdn", "matrixrocks") == "nlo35_T5fzSGZzJApqu8lgIudJvmOQtDaHtr-I4rU7I"
+
+
+def test_signing_key_is_created_once_and_read_in_sydent_format(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "signing.key"
+    key = load_or_create_signing_key(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    line = path.read_text().strip()
+    assert line.startswith("ed25519 0 ")
+    again = load_or_create_signing_key(path)
+    assert again.encode() == key.encode()
+
+    # A key written by Sydent/Synapse (same one-line format, other version) is used as is.
+    other = signedjson.key.generate_signing_key("a_Xyz")
+    sydent_file = tmp_path / "sydent.key"
+    with sydent_file.open("w") as f:
+        signedjson.key.write_signing_keys(f, [other])
+    signer = ServerSigner("id.test", load_or_create_signing_key(sydent_file))
+    assert signer.key_id == "ed25519:a_Xyz"
+    signed = signer.sign({"mxid": "@a:hs.test", "ts": 1})
+    signedjson.sign.verify_signed_json(signed, "id.test", signedjson.key.get_verify_key(other))
+
+
+def test_signing_refuses_floats() -> None:
+    signer = ServerSigner("id.test", signedjson.key.generate_signing_key("0"))
+    try:
+        signer.sign({"ts": 1.5})
+    except ValueError as e:
+        assert "floats" in str(e)
+    else:
+        raise AssertionError("a float was signed")
+
+
+def test_migrate_and_create_token(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f'database: {{url: "sqlite:///{tmp_path}/db.sqlite"}}\n')
+    proc = run_cli("migrate", "--config", str(config), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "up to date" in proc.stdout
+    proc = run_cli("create-token", "--config", str(config), "--user-id", "@alice:hs.test", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    token = proc.stdout.strip()
+    assert len(token) == 64 and token.isalnum()
+    assert token not in proc.stderr  # the secret only goes to stdout
+    proc = run_cli("create-token", "--config", str(config), "--user-id", "alice", cwd=tmp_path)
+    assert proc.returncode == 2 and "not a Matrix user ID" in proc.stderr
+
+
+def _association(medium: str, address: str, pepper: str, mxid: str = "@a:hs.test") -> StoredAssociation:
+    return StoredAssociation(
+        medium=medium, address=address, lookup_hash=lookup_hash(address, medium, pepper), mxid=mxid,
+        ts=1, not_before=1, not_after=2, signed_json="{}",
+    )
+
+
+def test_pepper_is_kept_and_hashes_recomputed_when_it_changes(database_url: str) -> None:
+    async def scenario() -> None:
+        engine = create_engine(database_url)
+        try:
+            await migrate(engine)
+            await migrate(engine)  # idempotent
+            state, store = ServerStateStore(engine), AssociationStore(engine)
+            pepper = await load_pepper(state, store)
+            assert pepper == await load_pepper(state, store)  # kept
+            addresses = [f"user{i}@example.test" for i in range(1205)]  # more than one batch
+            for a in addresses:
+                await store.upsert(_association("email", a, pepper))
+            # Rebinding replaces the row: still one association per 3PID.
+            await store.upsert(_association("email", addresses[0], pepper, mxid="@b:hs.test"))
+            assert (await store.get("email", addresses[0])).mxid == "@b:hs.test"
+
+            await state.set(PEPPER_KEY, "a-new-pepper")
+            assert await load_pepper(state, store) == "a-new-pepper"
+            assert await state.get(HASHED_WITH_KEY) == "a-new-pepper"
+            new_hashes = [lookup_hash(a, "email", "a-new-pepper") for a in addresses]
+            found = await store.mxids_by_hash(new_hashes)
+            assert len(found) == len(addresses)
+            assert found[new_hashes[0]] == "@b:hs.test"
+            assert await store.mxids_by_hash([lookup_hash(addresses[1], "email", pepper)]) == {}
+        finally:
+            await engine.dispose()
+
+    asyncio.run(scenario())

@@ -1,0 +1,105 @@
+"""Configuration: strict keys and types, defaults, and the CLI refusing a bad file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sydent_lite.config import ConfigError, config_from_dict, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_embedded_defaults() -> None:
+    config = load_config(None)
+    assert config.listen.host == "127.0.0.1" and config.listen.port == 8090
+    assert config.database.url == "sqlite:///data/sydent_lite.db"
+    assert config.signing_key_path == "data/signing.key"
+    assert config.email.transport == "maildir" and config.email.maildir == "data/outbox"
+    assert config.server_name == "127.0.0.1:8090"
+    assert config.public_baseurl == "http://127.0.0.1:8090"
+    assert config.email_from == "Identity Server <noreply@localhost>"
+    assert "10.0.0.0/8" in config.federation.ip_blocklist and "127.0.0.0/8" in config.federation.ip_blocklist
+
+
+def test_example_config_loads_and_documents_every_key() -> None:
+    config = load_config(REPO / "config.example.yaml")
+    assert config.server_name == "id.example.org"
+    assert config.public_baseurl == "https://id.example.org"
+    text = (REPO / "config.example.yaml").read_text()
+    # Every settable key of every section appears in the example.
+    import dataclasses
+
+    def keys(obj: object, prefix: str = "") -> list[str]:
+        out = []
+        for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+            name = "from" if f.name == "from_" else f.name
+            value = getattr(obj, f.name)
+            out.append(name)
+            if dataclasses.is_dataclass(value):
+                out.extend(keys(value))
+        return out
+
+    for key in keys(config):
+        assert f"{key}:" in text, f"config.example.yaml does not document '{key}'"
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"listen": {"prot": 1}}, "unknown config key 'listen.prot'"),
+        ({"nonsense": 1}, "unknown config key 'nonsense'"),
+        ({"email": {"smtp": {"hots": "x"}}}, "unknown config key 'email.smtp.hots'"),
+        ({"email": {"from_": "x"}}, "unknown config key 'email.from_'"),
+        ({"listen": {"port": "8090"}}, "'listen.port' must be an integer"),
+        ({"listen": {"port": True}}, "'listen.port' must be an integer"),
+        ({"listen": {"port": 70000}}, "'listen.port' must be between"),
+        ({"federation": {"verify_tls": "flase"}}, "'federation.verify_tls' must be true or false"),
+        ({"federation": {"ip_allowlist": "127.0.0.1"}}, "'federation.ip_allowlist' must be a list"),
+        ({"federation": {"ip_blocklist": ["not-a-net"]}}, "'federation.ip_blocklist[0]' is not an IP network"),
+        ({"email": {"transport": "carrier-pigeon"}}, "'email.transport' must be one of smtp, maildir"),
+        ({"email": {"smtp": {"security": "ssl"}}}, "'email.smtp.security' must be one of none, starttls, tls"),
+        ({"database": {"url": "mysql://x"}}, "'database.url'"),
+        ({"database": 5}, "'database' must be a mapping"),
+        ({"server_name": 5}, "'server_name' must be a string"),
+        ({"listen": {"tls_certificate": "/x.pem"}}, "go together"),
+        ({"rate_limits": {"enabled": None}}, "'rate_limits.enabled' must be true or false, not empty"),
+    ],
+)
+def test_bad_config_names_the_key(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data)
+    assert message in str(e.value)
+
+
+def test_from_key_and_empty_sections() -> None:
+    config = config_from_dict({"email": {"from": "Me <me@id.test>"}, "federation": None, "server_name": "id.test"})
+    assert config.email_from == "Me <me@id.test>"
+    assert config.federation.verify_tls is True
+    assert config.server_name == "id.test"
+
+
+def test_cli_refuses_bad_config_before_starting(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("listen:\n  port: 8090\n  hostt: 0.0.0.0\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sydent_lite", "serve", "--config", str(path)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "unknown config key 'listen.hostt'" in proc.stderr
+    assert "listening on" not in proc.stdout + proc.stderr
+
+
+def test_cli_refuses_unreadable_and_non_mapping_files(tmp_path: Path) -> None:
+    for content, message in (("- a\n- b\n", "must contain a mapping"), ("a: [\n", "not valid YAML")):
+        path = tmp_path / "c.yaml"
+        path.write_text(content)
+        with pytest.raises(ConfigError) as e:
+            load_config(path)
+        assert message in str(e.value)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
