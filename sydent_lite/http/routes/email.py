@@ -13,6 +13,7 @@ from sydent_lite.errors import MatrixError
 from sydent_lite.http.auth import require_user
 from sydent_lite.http.request import get_int, get_opaque_id, get_str, query_params, read_body, require_fields
 from sydent_lite.http.routes import versioned
+from sydent_lite.secrets_util import OPAQUE_ID_RE
 
 PAGE_TEMPLATE = "verify_response_template.html"
 
@@ -82,8 +83,9 @@ async def submit_token_page(request: Request, ctx: AppContext, v2: bool) -> Resp
         assert token is not None
         session = await ctx.sessions.submit_token(sid, client_secret, token)
     except MatrixError as e:
-        if brand is None and e.errcode != "M_MISSING_PARAMS":
-            stored = await ctx.sessions.get_session(params.get("sid", ""))
+        sid_param = params.get("sid", "")
+        if brand is None and OPAQUE_ID_RE.match(sid_param):
+            stored = await ctx.sessions.get_session(sid_param)
             brand = stored.brand if stored else None
         messages = {
             "M_NO_VALID_SESSION": "This validation link is not valid: no such session was found.",

@@ -1,0 +1,83 @@
+"""Serving HTTPS directly (homeservers only call https://), and requestToken rate limits."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import httpx
+import trustme
+
+from support.server import new_secret, unique_email
+
+V2 = "/_matrix/identity/v2"
+V1 = "/_matrix/identity/api/v1"
+
+
+def test_serves_https_when_given_a_certificate(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "id.test")
+    cert_path, key_path, ca_path = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    for blob in cert.cert_chain_pems[1:]:
+        blob.write_to_path(str(cert_path), append=True)
+    cert.private_key_pem.write_to_path(str(key_path))
+    ca.cert_pem.write_to_path(str(ca_path))
+
+    server = make_server(extra_config={"listen": {"tls_certificate": str(cert_path), "tls_private_key": str(key_path)}})
+    assert f"listening on https://127.0.0.1:{server.port}" in server.output()
+    context = ssl.create_default_context(cafile=str(ca_path))
+    with httpx.Client(base_url=f"https://127.0.0.1:{server.port}", verify=context) as client:
+        resp = client.get(f"{V2}")
+        assert resp.status_code == 200 and resp.json() == {}
+        assert client.get("/_matrix/identity/versions").json()["versions"]
+    # Plain HTTP on the TLS port is not served.
+    try:
+        plain = httpx.get(f"http://127.0.0.1:{server.port}{V2}", timeout=5)
+        assert plain.status_code >= 400
+    except httpx.HTTPError:
+        pass
+
+
+def test_request_token_is_rate_limited_per_address(make_server, smtp) -> None:  # type: ignore[no-untyped-def]
+    server = make_server(
+        extra_config={
+            "rate_limits": {
+                "enabled": True,
+                "request_token_per_address_burst": 2,
+                "request_token_per_address_per_hour": 1.0,
+                "request_token_per_ip_burst": 100,
+            }
+        }
+    )
+    address = unique_email("limited")
+    with server.new_client() as client:
+        statuses = []
+        for attempt in range(1, 4):
+            # A new client secret each time: each request really sends a mail.
+            body = {"client_secret": new_secret(), "email": address, "send_attempt": attempt}
+            statuses.append(client.post(f"{V1}/validate/email/requestToken", json=body))
+        assert [r.status_code for r in statuses] == [200, 200, 429], [r.text for r in statuses]
+        limited = statuses[2].json()
+        assert limited["errcode"] == "M_LIMIT_EXCEEDED"
+        assert isinstance(limited["retry_after_ms"], int) and limited["retry_after_ms"] > 0
+        # A retry of an existing session (same secret, same attempt) sends nothing and is not limited.
+        first = {"client_secret": new_secret(), "email": unique_email("other"), "send_attempt": 1}
+        sid = client.post(f"{V1}/validate/email/requestToken", json=first).json()["sid"]
+        for _ in range(5):
+            assert client.post(f"{V1}/validate/email/requestToken", json=first).json() == {"sid": sid}
+
+
+def test_request_token_is_rate_limited_per_client_ip(make_server, smtp) -> None:  # type: ignore[no-untyped-def]
+    server = make_server(
+        extra_config={"rate_limits": {"enabled": True, "request_token_per_ip_burst": 3, "request_token_per_ip_per_minute": 1.0}}
+    )
+    with server.new_client() as client:
+        codes = [
+            client.post(
+                f"{V1}/validate/email/requestToken",
+                json={"client_secret": new_secret(), "email": unique_email(f"ip{i}"), "send_attempt": 1},
+            ).status_code
+            for i in range(5)
+        ]
+    assert codes == [200, 200, 200, 429, 429]
