@@ -248,7 +248,7 @@ def finalise(config: Config) -> Config:
             try:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
-                raise ConfigError(f"config key 'federation.{key}[{i}]' is not an IP network: {net!r}")
+                raise ConfigError(f"config key 'federation.{key}[{i}]' is not an IP network: {net!r}") from None
     if config.sessions.email_token_length < 8 or config.sessions.email_token_length > 255:
         raise ConfigError("config key 'sessions.email_token_length' must be between 8 and 255")
 

@@ -118,3 +118,34 @@ def test_pepper_is_kept_and_hashes_recomputed_when_it_changes(database_url: str)
             await engine.dispose()
 
     asyncio.run(scenario())
+
+
+def test_expired_sessions_are_cleaned_up_after_a_grace_period(database_url: str, tmp_path: Path) -> None:
+    from sydent_lite.context import build_context
+    from sydent_lite.secrets_util import now_ms
+    from sydent_lite.storage.sessions import ValidationSession
+
+    config = config_from_dict(
+        {"database": {"url": database_url}, "signing_key_path": str(tmp_path / "k"), "sessions": {"lifetime_seconds": 100}}
+    )
+
+    def session(sid: str, age_ms: int) -> ValidationSession:
+        t = now_ms() - age_ms
+        return ValidationSession(sid=sid, medium="email", address=f"{sid}@x.test", client_secret_hash="h", token="t",
+                                 send_attempt=1, next_link=None, brand=None, created_ts=t, mtime=t, validated=False,
+                                 validated_at=None)
+
+    async def scenario() -> None:
+        ctx = await build_context(config)
+        try:
+            store = ctx.sessions._store
+            await store.create(session("fresh", 0))
+            await store.create(session("expired", 150_000))  # expired, still within the grace period
+            await store.create(session("ancient", 250_000))  # expired for more than a lifetime
+            assert await ctx.sessions.delete_expired() == 1
+            assert await store.get("ancient") is None
+            assert await store.get("expired") is not None and await store.get("fresh") is not None
+        finally:
+            await ctx.aclose()
+
+    asyncio.run(scenario())

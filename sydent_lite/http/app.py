@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -48,6 +50,20 @@ class CorsMiddleware:
         await self.app(scope, receive, send_with_cors)
 
 
+CLEANUP_INTERVAL_SECONDS = 600
+
+
+async def _periodic_cleanup(ctx: AppContext) -> None:
+    while True:
+        await asyncio.sleep(CLEANUP_INTERVAL_SECONDS)
+        try:
+            removed = await ctx.sessions.delete_expired()
+            if removed:
+                logger.info("removed %d expired validation sessions", removed)
+        except Exception:
+            logger.exception("expired-session clean-up failed; will retry")
+
+
 async def _matrix_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, MatrixError)
     return JSONResponse(exc.to_json(), status_code=exc.status)
@@ -72,9 +88,13 @@ def create_app(config: Config, context_factory: Callable[[Config], object] = bui
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         ctx: AppContext = await context_factory(config)  # type: ignore[misc]
         app.state.ctx = ctx
+        cleanup = asyncio.create_task(_periodic_cleanup(ctx))
         try:
             yield
         finally:
+            cleanup.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await cleanup
             await ctx.aclose()
 
     app = Starlette(

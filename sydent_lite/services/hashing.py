@@ -19,7 +19,7 @@ HASHED_WITH_KEY = "lookup_hashes_pepper"
 
 
 def lookup_hash(address: str, medium: str, pepper: str) -> str:
-    digest = hashlib.sha256(f"{address} {medium} {pepper}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{address} {medium} {pepper}".encode()).digest()
     return encode_base64(digest, urlsafe=True)
 
 

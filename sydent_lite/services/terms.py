@@ -23,7 +23,7 @@ class Terms:
         self.all_urls = frozenset().union(*self.policy_urls) if self.policy_urls else frozenset()
 
     @classmethod
-    def load(cls, path: str | None) -> "Terms":
+    def load(cls, path: str | None) -> Terms:
         if path is None:
             return cls({})
         try:

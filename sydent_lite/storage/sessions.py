@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sydent_lite.storage.tables import validation_sessions as vs
@@ -66,8 +66,6 @@ class SessionStore:
             )
 
     async def delete_expired(self, before_mtime: int) -> int:
-        from sqlalchemy import delete
-
         async with self._engine.begin() as conn:
             result = await conn.execute(delete(vs).where(vs.c.mtime < before_mtime))
         return result.rowcount
