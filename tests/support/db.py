@@ -1,0 +1,176 @@
+"""Databases for the servers under test: a SQLite file, or a fresh PostgreSQL database.
+
+PostgreSQL: the admin connection comes from `SYDENT_LITE_TEST_POSTGRES` (default
+`postgresql://postgres@127.0.0.1:5432/test`); each server gets its own database
+`sydent_lite_t_<random>`, dropped afterwards. `SYDENT_LITE_TEST_POSTGRES=off` skips the
+PostgreSQL tests. If PostgreSQL cannot be reached they are skipped, except when `CI` is set:
+then they fail, because CI must run them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import urllib.parse
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Coroutine
+
+import pytest
+
+DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+POSTGRES_ENV = "SYDENT_LITE_TEST_POSTGRES"
+
+BACKENDS = ("sqlite", "postgres")
+
+
+def postgres_admin_url() -> str | None:
+    """The admin URL, or None when the PostgreSQL tests are switched off."""
+    value = os.environ.get(POSTGRES_ENV, DEFAULT_POSTGRES).strip()
+    if value.lower() == "off":
+        return None
+    return value
+
+
+def postgres_disabled() -> bool:
+    return postgres_admin_url() is None
+
+
+def _run(coro: Coroutine[Any, Any, Any]) -> Any:
+    # Always on a thread of our own: safe whether or not the caller has a running event loop.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def _asyncpg_url(url: str) -> str:
+    # asyncpg wants postgresql:// or postgres://
+    for prefix in ("postgresql+asyncpg://", "postgres+asyncpg://"):
+        if url.startswith(prefix):
+            return "postgresql://" + url[len(prefix) :]
+    return url
+
+
+def _with_database(url: str, dbname: str, scheme: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((scheme, parts.netloc, "/" + dbname, parts.query, parts.fragment))
+
+
+_reachability: dict[str, str | None] = {}
+
+
+def postgres_problem(admin_url: str) -> str | None:
+    """None when PostgreSQL answers at `admin_url`, else why not (cached)."""
+    if admin_url not in _reachability:
+
+        async def probe() -> None:
+            import asyncpg
+
+            conn = await asyncpg.connect(_asyncpg_url(admin_url), timeout=5)
+            try:
+                await conn.fetchval("SELECT 1")
+            finally:
+                await conn.close()
+
+        try:
+            _run(probe())
+            _reachability[admin_url] = None
+        except Exception as e:  # noqa: BLE001 - any failure means "not usable"
+            _reachability[admin_url] = f"{type(e).__name__}: {e}"
+    return _reachability[admin_url]
+
+
+def require_postgres() -> str:
+    """The admin URL; skips (or, under CI, fails) the calling test when PostgreSQL is unusable."""
+    admin = postgres_admin_url()
+    if admin is None:
+        pytest.skip(f"PostgreSQL tests switched off ({POSTGRES_ENV}=off)")
+    problem = postgres_problem(admin)
+    if problem is not None:
+        message = f"PostgreSQL at {admin} is not reachable: {problem}"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI is set: the PostgreSQL tests must run)", pytrace=False)
+        pytest.skip(message)
+    return admin
+
+
+@dataclass
+class ScratchDatabase:
+    backend: str
+    url: str  # what goes into the server's `database.url`
+    name: str  # file path (sqlite) or database name (postgres)
+    admin_url: str | None = None
+
+    def drop(self) -> None:
+        if self.backend == "sqlite":
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(self.name + suffix).unlink(missing_ok=True)
+            return
+        assert self.admin_url is not None
+        admin_url = self.admin_url
+        name = self.name
+
+        async def drop() -> None:
+            import asyncpg
+
+            conn = await asyncpg.connect(_asyncpg_url(admin_url), timeout=10)
+            try:
+                try:
+                    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                except asyncpg.PostgresSyntaxError:  # PostgreSQL < 13
+                    await conn.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+                    )
+                    await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            finally:
+                await conn.close()
+
+        _run(drop())
+
+
+class DatabaseFactory:
+    """Creates databases of one backend and drops them all in `cleanup()`."""
+
+    def __init__(self, backend: str, tmpdir: Path) -> None:
+        assert backend in BACKENDS, backend
+        self.backend = backend
+        self.tmpdir = tmpdir
+        self.created: list[ScratchDatabase] = []
+        self.admin_url = require_postgres() if backend == "postgres" else None
+
+    def create(self) -> ScratchDatabase:
+        suffix = uuid.uuid4().hex[:12]
+        if self.backend == "sqlite":
+            path = self.tmpdir / f"sydent_lite_{suffix}.sqlite"
+            db = ScratchDatabase("sqlite", f"sqlite:///{path.resolve()}", str(path.resolve()))
+        else:
+            assert self.admin_url is not None
+            name = f"sydent_lite_t_{suffix}"
+            admin_url = self.admin_url
+
+            async def create() -> None:
+                import asyncpg
+
+                conn = await asyncpg.connect(_asyncpg_url(admin_url), timeout=10)
+                try:
+                    await conn.execute(f'CREATE DATABASE "{name}"')
+                finally:
+                    await conn.close()
+
+            _run(create())
+            url = _with_database(admin_url, name, "postgresql+asyncpg")
+            db = ScratchDatabase("postgres", url, name, admin_url)
+        self.created.append(db)
+        return db
+
+    def cleanup(self) -> None:
+        errors = []
+        while self.created:
+            db = self.created.pop()
+            try:
+                db.drop()
+            except Exception as e:  # noqa: BLE001 - keep dropping the others
+                errors.append(f"{db.name}: {e}")
+        if errors:
+            raise RuntimeError("could not drop test databases: " + "; ".join(errors))

@@ -1,0 +1,255 @@
+"""A homeserver stand-in, served over HTTPS by uvicorn in a background thread.
+
+- Its certificate is issued for the IP 127.0.0.1 by a private trustme CA (`ca_path`), which the
+  identity server under test trusts through `federation.ca_file`.
+- `server_name` is `127.0.0.1:<port>`; it has its own ed25519 signing key.
+- `GET /_matrix/federation/v1/openid/userinfo?access_token=T` answers `{"sub": tokens[T]}`
+  (a localpart given to `openid_token` becomes `@localpart:<server_name>`; a full `@user:server`
+  ID, or any string with raw=True, is answered as given), else 401 M_UNKNOWN_TOKEN.
+- `GET /_matrix/key/v2/server[/<key_id>]` publishes the signing key, signed.
+- `set_handler(method, path, fn)` adds or overrides an endpoint (for federation tests).
+- Every request is recorded in `requests`.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import signedjson.key
+import signedjson.sign
+import trustme
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from unpaddedbase64 import encode_base64
+
+OPENID_USERINFO_PATH = "/_matrix/federation/v1/openid/userinfo"
+KEY_SERVER_PATH = "/_matrix/key/v2/server"
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: bytes
+    time: float = field(default_factory=time.time)
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+    def query_value(self, name: str) -> str | None:
+        values = self.query.get(name)
+        return values[0] if values else None
+
+
+# A handler gets the recorded request and returns (status, JSON-able body) or a Response.
+Handler = Callable[[RecordedRequest], "tuple[int, Any] | Response"]
+
+
+class HomeserverStandIn:
+    def __init__(self, workdir: Path, ca: trustme.CA | None = None, key_version: str = "hs1") -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.ca = ca or trustme.CA()
+        self.ca_path = workdir / "homeserver-ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_path))
+        self.cert_path = workdir / "homeserver-cert-and-key.pem"
+        self.ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(self.cert_path))
+        self.signing_key = signedjson.key.generate_signing_key(key_version)
+        self.key_id = f"{self.signing_key.alg}:{self.signing_key.version}"
+        self.tokens: dict[str, str] = {}
+        self.requests: list[RecordedRequest] = []
+        self._handlers: dict[tuple[str, str], Handler] = {}
+        self._lock = threading.Lock()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.port: int | None = None
+        self._app = Starlette(
+            routes=[
+                Route(
+                    "/{path:path}",
+                    self._endpoint,
+                    methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"],
+                )
+            ]
+        )
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self, timeout: float = 15.0) -> "HomeserverStandIn":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self._app,
+            ssl_certfile=str(self.cert_path),
+            ssl_keyfile=str(self.cert_path),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="homeserver-stand-in", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the homeserver stand-in did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            assert self._thread is not None
+            self._thread.join(timeout=10)
+            self._server = None
+            self._thread = None
+
+    @property
+    def server_name(self) -> str:
+        assert self.port is not None, "not started"
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"https://{self.server_name}"
+
+    # --- users and OpenID -------------------------------------------------------------------
+
+    def user_id(self, localpart: str) -> str:
+        return f"@{localpart}:{self.server_name}"
+
+    def add_openid_token(self, localpart_or_user_id: str, token: str | None = None, raw: bool = False) -> str:
+        """Make `token` (random by default) valid for userinfo; returns the token.
+
+        The userinfo `sub` is `@<localpart>:<server_name>` for a localpart, or the value as
+        given when it starts with `@` or `raw` is set (to answer nonsense on purpose).
+        """
+        token = token or "openid_" + uuid.uuid4().hex
+        sub = localpart_or_user_id
+        if not raw and not sub.startswith("@"):
+            sub = self.user_id(sub)
+        self.tokens[token] = sub
+        return token
+
+    def openid_token(self, localpart_or_user_id: str, raw: bool = False) -> dict[str, Any]:
+        """A fresh OpenID token object, as `/openid/request_token` would answer it."""
+        return {
+            "access_token": self.add_openid_token(localpart_or_user_id, raw=raw),
+            "token_type": "Bearer",
+            "matrix_server_name": self.server_name,
+            "expires_in": 3600,
+        }
+
+    # --- recording and custom handlers ----------------------------------------------------------
+
+    def set_handler(self, method: str, path: str, handler: Handler | None) -> None:
+        """Serve `method path` with `handler` (None removes it again)."""
+        if handler is None:
+            self._handlers.pop((method.upper(), path), None)
+        else:
+            self._handlers[(method.upper(), path)] = handler
+
+    def requests_to(self, path: str, method: str | None = None) -> list[RecordedRequest]:
+        with self._lock:
+            return [r for r in self.requests if r.path == path and (method is None or r.method == method)]
+
+    def clear_requests(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    # --- signing ----------------------------------------------------------------------------
+
+    @property
+    def verify_key_base64(self) -> str:
+        return encode_base64(self.signing_key.verify_key.encode())
+
+    def sign_json(self, obj: dict[str, Any]) -> dict[str, Any]:
+        return signedjson.sign.sign_json(dict(obj), self.server_name, self.signing_key)
+
+    def server_keys(self) -> dict[str, Any]:
+        return self.sign_json(
+            {
+                "server_name": self.server_name,
+                "valid_until_ts": int(time.time() * 1000) + 24 * 3600 * 1000,
+                "verify_keys": {self.key_id: {"key": self.verify_key_base64}},
+                "old_verify_keys": {},
+            }
+        )
+
+    def x_matrix_authorization(
+        self,
+        method: str,
+        uri: str,
+        destination: str,
+        content: Any = None,
+        destination_field: str = "destination_is",
+    ) -> str:
+        """An `Authorization: X-Matrix ...` header value signed by this homeserver.
+
+        Synapse signs `{method, uri, origin, destination_is, content}`; the spec's field is
+        `destination` (pass destination_field="destination").
+        """
+        obj: dict[str, Any] = {"method": method, "uri": uri, "origin": self.server_name, destination_field: destination}
+        if content is not None:
+            obj["content"] = content
+        signed = self.sign_json(obj)
+        sig = signed["signatures"][self.server_name][self.key_id]
+        return (
+            f'X-Matrix origin="{self.server_name}",key="{self.key_id}",sig="{sig}",'
+            f'destination="{destination}"'
+        )
+
+    # --- the ASGI endpoint ----------------------------------------------------------------
+
+    async def _endpoint(self, request: Request) -> Response:
+        body = await request.body()
+        record = RecordedRequest(
+            method=request.method,
+            path=request.url.path,
+            query=urllib.parse.parse_qs(request.url.query, keep_blank_values=True),
+            headers={k.lower(): v for k, v in request.headers.items()},
+            body=body,
+        )
+        with self._lock:
+            self.requests.append(record)
+
+        handler = self._handlers.get((record.method, record.path))
+        if handler is not None:
+            result = handler(record)
+            if isinstance(result, Response):
+                return result
+            status, payload = result
+            return JSONResponse(payload, status_code=status)
+
+        if record.path == OPENID_USERINFO_PATH and record.method == "GET":
+            sub = self.tokens.get(record.query_value("access_token") or "")
+            if sub is None:
+                return JSONResponse(
+                    {"errcode": "M_UNKNOWN_TOKEN", "error": "Access Token unknown or expired"}, status_code=401
+                )
+            return JSONResponse({"sub": sub})
+
+        if record.method == "GET" and (
+            record.path == KEY_SERVER_PATH or record.path.startswith(KEY_SERVER_PATH + "/")
+        ):
+            return JSONResponse(self.server_keys())
+
+        return JSONResponse({"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}, status_code=404)
