@@ -195,6 +195,17 @@ def test_smtp_refusing_is_email_send_error(api: IdentityApi, user: User) -> None
     assert api.smtp.wait_for(email).sid == resp.json()["sid"]
 
 
+def test_retry_with_same_attempt_after_a_failed_send_sends_the_mail(api: IdentityApi) -> None:
+    email = unique_email("retrysame")
+    secret = new_secret()
+    api.smtp.refuse()
+    assert_error(api.request_email_token(email, secret, 1, v1=True), 400, "M_EMAIL_SEND_ERROR")
+    api.smtp.accept()
+    resp = api.request_email_token(email, secret, 1, v1=True)  # the very same request again
+    assert resp.status_code == 200, resp.text
+    assert api.smtp.wait_for(email).sid == resp.json()["sid"]
+
+
 def test_smtp_down_is_email_send_error(api: IdentityApi) -> None:
     email = unique_email("down")
     api.smtp.down()
@@ -501,3 +512,20 @@ def test_brand_query_parameter_picks_the_page(make_server, api_for, custom_templ
     other = api.start_email_session(unique_email("pagedefault"), v1=True)
     page = assert_html(api.client.get(link_for(server, other)), 200)
     assert "CUSTOM-DEFAULT-PAGE: " in page
+
+
+@pytest.mark.parametrize("where", ["query", "body"])
+def test_brand_from_query_string_or_body(make_server, api_for, custom_templates: Path, where: str) -> None:
+    # Sydent clients put `brand` in the query string; others in the JSON body. Either works.
+    server = make_server(templates_dir=custom_templates, terms_path=None)
+    api = api_for(server)
+    email = unique_email("brand" + where)
+    body = {"email": email, "client_secret": new_secret(), "send_attempt": 1}
+    params = {}
+    if where == "query":
+        params["brand"] = "fixedbrand"
+    else:
+        body["brand"] = "fixedbrand"
+    resp = api.client.post(f"{V1}/validate/email/requestToken", params=params, json=body)
+    assert resp.status_code == 200, resp.text
+    assert "X-Fixed-Brand: yes" in api.smtp.wait_for(email).normalised()

@@ -31,7 +31,10 @@ async def request_token(request: Request, ctx: AppContext, v2: bool) -> Response
     send_attempt = get_int(body, "send_attempt")
     email = get_str(body, "email", max_length=512)
     next_link = get_str(body, "next_link", required=False)
-    brand = get_str(body, "brand", required=False, max_length=64)
+    # Sydent reads `brand` from the query string; clients also put it in the body.
+    brand = get_str(body, "brand", required=False, max_length=64) or get_str(
+        query_params(request), "brand", required=False, max_length=64
+    )
     assert email is not None
     sid = await ctx.sessions.request_email_token(
         client_secret=client_secret,
