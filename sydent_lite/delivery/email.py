@@ -94,7 +94,9 @@ class MaildirEmailSender(EmailSender):
         # even when the folder itself already exists (mailbox only creates them for a new one).
         for sub in ("tmp", "new", "cur"):
             (self._path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-        mailbox.Maildir(os.fspath(self._path), create=True).add(message)
+        # Maildir files use local (LF) line endings; CRLF is SMTP's wire form, and mail readers
+        # (and a newcomer's grep) would see the stray carriage returns.
+        mailbox.Maildir(os.fspath(self._path), create=True).add(message.replace(b"\r\n", b"\n"))
 
     async def send(self, to_addr: str, message: bytes) -> None:
         try:
