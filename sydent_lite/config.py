@@ -91,6 +91,11 @@ class EmailConfig:
     default_brand: str = "default"
     # Subject of the validation mail, available to templates as `subject`.
     validation_subject: str = "Confirm your email address for Matrix"
+    # Subjects of invitation mails; %(name)s takes any store-invite field (as Sydent).
+    invite_subject: str = "%(sender_display_name)s has invited you to chat"
+    invite_subject_space: str = "%(sender_display_name)s has invited you to a space"
+    # Where invite mails send people to join (templates: web_client_location).
+    web_client_location: str = "https://app.element.io"
 
 
 @dataclass
@@ -123,6 +128,15 @@ class SessionConfig:
 
 
 @dataclass
+class InviteConfig:
+    # Stored invitations (and their ephemeral keys) older than this are deleted.
+    expiry_seconds: int = 90 * 24 * 60 * 60
+    # onbind callbacks: first retry after this, doubling up to the maximum, until delivered.
+    onbind_retry_initial_seconds: float = 5.0
+    onbind_retry_max_seconds: float = 3600.0
+
+
+@dataclass
 class Config:
     server_name: str | None = None
     public_baseurl: str | None = None
@@ -134,6 +148,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
     sessions: SessionConfig = field(default_factory=SessionConfig)
+    invites: InviteConfig = field(default_factory=InviteConfig)
     log_level: str = "INFO"
 
     # Derived values, filled in by finalise(); not settable from YAML.
@@ -249,6 +264,10 @@ def finalise(config: Config) -> Config:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 raise ConfigError(f"config key 'federation.{key}[{i}]' is not an IP network: {net!r}") from None
+    if config.invites.onbind_retry_initial_seconds <= 0 or config.invites.onbind_retry_max_seconds <= 0:
+        raise ConfigError("config keys 'invites.onbind_retry_*_seconds' must be positive")
+    if config.invites.expiry_seconds <= 0:
+        raise ConfigError("config key 'invites.expiry_seconds' must be positive")
     if config.sessions.email_token_length < 8 or config.sessions.email_token_length > 255:
         raise ConfigError("config key 'sessions.email_token_length' must be between 8 and 255")
 

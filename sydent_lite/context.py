@@ -13,6 +13,8 @@ from sydent_lite.federation.client import FederationClient
 from sydent_lite.services.accounts import AccountService
 from sydent_lite.services.associations import AssociationService
 from sydent_lite.services.hashing import load_pepper
+from sydent_lite.services.invites import InviteService, check_subject_format
+from sydent_lite.services.onbind import OnbindDelivery
 from sydent_lite.services.ratelimit import RateLimiter
 from sydent_lite.services.sessions import SessionService
 from sydent_lite.services.terms import Terms, TermsService
@@ -20,6 +22,7 @@ from sydent_lite.signing import ServerSigner, load_or_create_signing_key
 from sydent_lite.storage.accounts import AccountStore
 from sydent_lite.storage.associations import AssociationStore
 from sydent_lite.storage.database import create_engine, migrate
+from sydent_lite.storage.invites import InviteStore
 from sydent_lite.storage.sessions import SessionStore
 from sydent_lite.storage.state import ServerStateStore
 from sydent_lite.templating import TemplateStore
@@ -36,6 +39,8 @@ class AppContext:
     terms: TermsService
     sessions: SessionService
     associations: AssociationService
+    invites: InviteService
+    onbind: OnbindDelivery
 
     async def aclose(self) -> None:
         await self.federation.aclose()
@@ -46,6 +51,8 @@ def load_static_parts(config: Config) -> tuple[ServerSigner, Terms, TemplateStor
     """Everything that can fail on a bad file, checked before the server binds its port."""
     signer = ServerSigner(config.effective_server_name, load_or_create_signing_key(config.signing_key_path))
     terms = Terms.load(config.terms_path)
+    check_subject_format(config.email.invite_subject, "email.invite_subject")
+    check_subject_format(config.email.invite_subject_space, "email.invite_subject_space")
     templates_dir = Path(config.email.templates_dir) if config.email.templates_dir else None
     templates = TemplateStore(templates_dir, config.email.default_brand)
     return signer, terms, templates
@@ -59,6 +66,15 @@ async def build_context(config: Config) -> AppContext:
     account_store = AccountStore(engine)
     pepper = await load_pepper(ServerStateStore(engine), association_store)
     federation = FederationClient(config.federation)
+    email_sender = make_email_sender(config.email, config.email_from)
+    invite_store = InviteStore(engine)
+    invites = InviteService(config, invite_store, association_store, signer, templates, email_sender)
+    onbind = OnbindDelivery(config.invites, invite_store, federation, config.federation.timeout_seconds)
+
+    async def after_bind(signed_association: dict) -> None:
+        if await invites.queue_onbind(signed_association) is not None:
+            onbind.notify()
+
     return AppContext(
         config=config,
         engine=engine,
@@ -67,12 +83,8 @@ async def build_context(config: Config) -> AppContext:
         federation=federation,
         accounts=AccountService(account_store, federation),
         terms=TermsService(terms, account_store),
-        sessions=SessionService(
-            config,
-            SessionStore(engine),
-            templates,
-            make_email_sender(config.email, config.email_from),
-            RateLimiter(config.rate_limits.enabled),
-        ),
-        associations=AssociationService(association_store, signer, pepper),
+        sessions=SessionService(config, SessionStore(engine), templates, email_sender, RateLimiter(config.rate_limits.enabled)),
+        associations=AssociationService(association_store, signer, pepper, after_bind),
+        invites=invites,
+        onbind=onbind,
     )

@@ -23,6 +23,7 @@ from sydent_lite.config import ConfigError
 
 EMAIL_TEMPLATE = "verification_template.eml.j2"
 PAGE_TEMPLATE = "verify_response_template.html"
+INVITE_TEMPLATE = "invite_template.eml.j2"
 
 # A brand comes from the client (requestToken `brand`, submitToken `?brand=`), so it is only
 # ever used as a single plain folder name: no separators, no dot-files, no "..".
@@ -89,13 +90,14 @@ class TemplateStore:
         )
         self._pages: dict[tuple[str, str], str] = {}
         # Fail at start-up, not on the first request, on a missing or broken default template.
-        for name in (EMAIL_TEMPLATE, PAGE_TEMPLATE):
+        for name in (EMAIL_TEMPLATE, PAGE_TEMPLATE, INVITE_TEMPLATE):
             if not self._has(default_brand, name):
                 raise ConfigError(f"template {self.root / default_brand / name} is missing")
-        try:
-            self._env.get_template(f"{default_brand}/{EMAIL_TEMPLATE}")
-        except TemplateError as e:
-            raise ConfigError(f"template {self.root / default_brand / EMAIL_TEMPLATE} is broken: {e}") from None
+        for name in (EMAIL_TEMPLATE, INVITE_TEMPLATE):
+            try:
+                self._env.get_template(f"{default_brand}/{name}")
+            except TemplateError as e:
+                raise ConfigError(f"template {self.root / default_brand / name} is broken: {e}") from None
         try:
             self._page(default_brand, PAGE_TEMPLATE) % {"message": ""}
         except (KeyError, ValueError, TypeError) as e:

@@ -60,6 +60,9 @@ async def _periodic_cleanup(ctx: AppContext) -> None:
             removed = await ctx.sessions.delete_expired()
             if removed:
                 logger.info("removed %d expired validation sessions", removed)
+            invites, callbacks = await ctx.invites.expire()
+            if invites or callbacks:
+                logger.info("expired %d invitations and %d undelivered onbind callbacks", invites, callbacks)
         except Exception:
             logger.exception("expired-session clean-up failed; will retry")
 
@@ -88,13 +91,16 @@ def create_app(config: Config, context_factory: Callable[[Config], object] = bui
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         ctx: AppContext = await context_factory(config)  # type: ignore[misc]
         app.state.ctx = ctx
-        cleanup = asyncio.create_task(_periodic_cleanup(ctx))
+        # Pending callbacks live in the database: a restarted server picks them up here.
+        tasks = [asyncio.create_task(_periodic_cleanup(ctx)), asyncio.create_task(ctx.onbind.run())]
         try:
             yield
         finally:
-            cleanup.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await cleanup
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await ctx.aclose()
 
     app = Starlette(

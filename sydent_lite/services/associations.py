@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from sydent_lite.errors import MatrixError, invalid_param
 from sydent_lite.secrets_util import now_ms
@@ -21,10 +21,18 @@ MAX_LOOKUP_ADDRESSES = 10_000
 
 
 class AssociationService:
-    def __init__(self, store: AssociationStore, signer: ServerSigner, pepper: str) -> None:
+    def __init__(
+        self,
+        store: AssociationStore,
+        signer: ServerSigner,
+        pepper: str,
+        after_bind: Callable[[dict], Awaitable[None]] | None = None,
+    ) -> None:
         self._store = store
         self._signer = signer
         self.pepper = pepper
+        # Told of every new association (queues onbind callbacks for pending invites).
+        self._after_bind = after_bind
 
     async def bind(self, session: ValidationSession, mxid: str) -> dict:
         ts = now_ms()
@@ -51,6 +59,8 @@ class AssociationService:
             )
         )
         logger.info("bound a %s address to a user of %s", session.medium, mxid.split(":", 1)[-1])
+        if self._after_bind is not None:
+            await self._after_bind(signed)
         return signed
 
     async def unbind(self, medium: str, address: str, mxid: str) -> bool:

@@ -66,3 +66,38 @@ server_state = Table(
     Column("name", String(64), primary_key=True),
     Column("value", Text, nullable=False),
 )
+
+# Invitations to 3PIDs not yet bound (store-invite), with their ephemeral signing keys.
+invites = Table(
+    "invites",
+    metadata,
+    Column("token", String(255), primary_key=True),
+    Column("medium", String(16), nullable=False),
+    Column("address", String(512), nullable=False),
+    Column("room_id", String(255), nullable=False),
+    Column("sender", String(255), nullable=False),
+    Column("ephemeral_public_key", String(64), nullable=False),
+    Column("ephemeral_private_key", String(64), nullable=False),
+    Column("created_ts", BigInteger, nullable=False),
+    # Set when the invite is queued in an onbind callback, and when that callback succeeded.
+    Column("callback_id", Integer, nullable=True),
+    Column("delivered_ts", BigInteger, nullable=True),
+    Index("ix_invites_threepid", "medium", "address"),
+    Index("ix_invites_ephemeral_public_key", "ephemeral_public_key"),
+    Index("ix_invites_callback_id", "callback_id"),
+)
+
+# onbind callbacks waiting for the invitee's homeserver to answer 2xx. A worker claims one by
+# moving claimed_until into the future with a conditional UPDATE, so two never send the same.
+onbind_callbacks = Table(
+    "onbind_callbacks",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("destination", String(255), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_ts", BigInteger, nullable=False),
+    Column("claimed_until", BigInteger, nullable=False),
+    Column("created_ts", BigInteger, nullable=False),
+    Index("ix_onbind_callbacks_next_attempt_ts", "next_attempt_ts"),
+)

@@ -26,8 +26,9 @@ async def pubkey_isvalid(request: Request, ctx: AppContext, v2: bool) -> Respons
 
 
 async def ephemeral_isvalid(request: Request, ctx: AppContext, v2: bool) -> Response:
-    get_str(query_params(request), "public_key")
-    return JSONResponse({"valid": False})  # no ephemeral keys are issued before invitations exist
+    public_key = get_str(query_params(request), "public_key", max_length=128)
+    assert public_key is not None
+    return JSONResponse({"valid": await ctx.invites.ephemeral_key_is_valid(public_key)})
 
 
 def routes() -> list[Route]:

@@ -1,0 +1,63 @@
+"""Invitations: store-invite and ephemeral signing (sign-ed25519)."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sydent_lite.context import AppContext
+from sydent_lite.errors import invalid_param
+from sydent_lite.http.auth import require_user
+from sydent_lite.http.request import get_str, query_params, read_body, require_fields
+from sydent_lite.http.routes import versioned
+from sydent_lite.threepids import is_valid_user_id
+
+REQUIRED = ("medium", "address", "room_id", "sender")
+MAX_FIELDS = 50
+
+
+async def store_invite(request: Request, ctx: AppContext, v2: bool) -> Response:
+    if v2:
+        await require_user(request, ctx)
+    body = await read_body(request)
+    require_fields(body, *REQUIRED)
+    if len(body) > MAX_FIELDS:
+        raise invalid_param("Too many fields")
+    # Every string field reaches the invite template; other JSON values are dropped.
+    fields = {}
+    for name in body:
+        if isinstance(name, str) and len(name) <= 64 and isinstance(body[name], str):
+            value = get_str(body, name, max_length=2048)
+            assert value is not None
+            fields[name] = value
+    for name in REQUIRED:
+        if name not in fields:
+            raise invalid_param(f"'{name}' must be a string")
+    if not fields["room_id"].startswith("!") or len(fields["room_id"]) > 255:
+        raise invalid_param("'room_id' is not a room ID")
+    if not is_valid_user_id(fields["sender"]):
+        raise invalid_param("'sender' is not a Matrix user ID")
+    brand = fields.pop("brand", None) or get_str(query_params(request), "brand", required=False, max_length=64)
+    return JSONResponse(await ctx.invites.store_invite(fields, brand))
+
+
+async def sign_ed25519(request: Request, ctx: AppContext, v2: bool) -> Response:
+    if v2:
+        await require_user(request, ctx)
+    body = await read_body(request)
+    require_fields(body, "mxid", "token", *(() if v2 else ("private_key",)))
+    mxid = get_str(body, "mxid", max_length=255)
+    token = get_str(body, "token", max_length=255)
+    private_key = get_str(body, "private_key", required=False, max_length=128)
+    if not is_valid_user_id(mxid):
+        raise invalid_param("'mxid' is not a valid Matrix user ID")
+    assert mxid is not None and token is not None
+    return JSONResponse(await ctx.invites.sign_ed25519(mxid, token, private_key))
+
+
+def routes() -> list[Route]:
+    return [
+        *versioned("/store-invite", store_invite, ["POST"]),
+        *versioned("/sign-ed25519", sign_ed25519, ["POST"]),
+    ]

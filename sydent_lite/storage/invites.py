@@ -1,0 +1,136 @@
+"""Stored invitations and the onbind callbacks that deliver them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from sydent_lite.storage.tables import invites, onbind_callbacks
+
+
+@dataclass
+class StoredInvite:
+    token: str
+    medium: str
+    address: str
+    room_id: str
+    sender: str
+    ephemeral_public_key: str
+    ephemeral_private_key: str
+    created_ts: int
+    callback_id: int | None = None
+    delivered_ts: int | None = None
+
+
+@dataclass
+class PendingCallback:
+    id: int
+    destination: str
+    body: str
+    attempts: int
+
+
+class InviteStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def add(self, invite: StoredInvite) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(invites.insert().values(**invite.__dict__))
+
+    async def get(self, token: str) -> StoredInvite | None:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(select(invites).where(invites.c.token == token))).mappings().first()
+        return StoredInvite(**row) if row else None
+
+    async def ephemeral_key_exists(self, public_key: str, not_before_ts: int) -> bool:
+        query = select(invites.c.token).where(
+            invites.c.ephemeral_public_key == public_key, invites.c.created_ts >= not_before_ts
+        )
+        async with self._engine.connect() as conn:
+            return (await conn.execute(query.limit(1))).first() is not None
+
+    async def queue_callback(
+        self, medium: str, address: str, destination: str, build_body, now: int  # type: ignore[no-untyped-def]
+    ) -> int | None:
+        """Put this 3PID's unqueued invites into one new callback, atomically.
+
+        `build_body(list[StoredInvite]) -> str` makes the (signed) JSON body. Returns the
+        callback id, or None when there was nothing to send.
+        """
+        async with self._engine.begin() as conn:
+            rows = (
+                await conn.execute(
+                    select(invites)
+                    .where(invites.c.medium == medium, invites.c.address == address, invites.c.callback_id.is_(None))
+                    .order_by(invites.c.created_ts)
+                )
+            ).mappings().all()
+            if not rows:
+                return None
+            pending = [StoredInvite(**r) for r in rows]
+            result = await conn.execute(
+                onbind_callbacks.insert().values(
+                    destination=destination,
+                    body=build_body(pending),
+                    attempts=0,
+                    next_attempt_ts=now,
+                    claimed_until=0,
+                    created_ts=now,
+                )
+            )
+            callback_id = result.inserted_primary_key[0]
+            # Only rows still unqueued: a concurrent bind cannot queue the same invite twice.
+            await conn.execute(
+                update(invites)
+                .where(invites.c.token.in_([p.token for p in pending]), invites.c.callback_id.is_(None))
+                .values(callback_id=callback_id)
+            )
+        return callback_id
+
+    async def due_callbacks(self, now: int, limit: int = 20) -> list[PendingCallback]:
+        query = (
+            select(onbind_callbacks.c.id, onbind_callbacks.c.destination, onbind_callbacks.c.body, onbind_callbacks.c.attempts)
+            .where(onbind_callbacks.c.next_attempt_ts <= now, onbind_callbacks.c.claimed_until < now)
+            .order_by(onbind_callbacks.c.next_attempt_ts)
+            .limit(limit)
+        )
+        async with self._engine.connect() as conn:
+            return [PendingCallback(*row) for row in await conn.execute(query)]
+
+    async def next_due_ts(self) -> int | None:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(select(onbind_callbacks.c.next_attempt_ts).order_by(onbind_callbacks.c.next_attempt_ts).limit(1))).first()
+        return row[0] if row else None
+
+    async def claim(self, callback_id: int, now: int, lease_until: int) -> bool:
+        """Take the callback for this worker until lease_until; False if another worker has it."""
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(onbind_callbacks)
+                .where(onbind_callbacks.c.id == callback_id, onbind_callbacks.c.claimed_until < now)
+                .values(claimed_until=lease_until)
+            )
+        return result.rowcount == 1
+
+    async def mark_delivered(self, callback_id: int, now: int) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(update(invites).where(invites.c.callback_id == callback_id).values(delivered_ts=now))
+            await conn.execute(delete(onbind_callbacks).where(onbind_callbacks.c.id == callback_id))
+
+    async def reschedule(self, callback_id: int, attempts: int, next_attempt_ts: int) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(onbind_callbacks)
+                .where(onbind_callbacks.c.id == callback_id)
+                .values(attempts=attempts, next_attempt_ts=next_attempt_ts, claimed_until=0)
+            )
+
+    async def delete_older_than(self, ts: int) -> tuple[int, int]:
+        """Expire invites (and never-delivered callbacks) created before ts."""
+        async with self._engine.begin() as conn:
+            inv = await conn.execute(delete(invites).where(invites.c.created_ts < ts))
+            cbs = await conn.execute(delete(onbind_callbacks).where(onbind_callbacks.c.created_ts < ts))
+        return inv.rowcount, cbs.rowcount
