@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sydent_lite.config import Config
 from sydent_lite.delivery.email import make_email_sender
 from sydent_lite.federation.client import FederationClient
+from sydent_lite.federation.xmatrix import ServerKeyStore
 from sydent_lite.services.accounts import AccountService
 from sydent_lite.services.associations import AssociationService
 from sydent_lite.services.hashing import load_pepper
@@ -35,6 +36,7 @@ class AppContext:
     signer: ServerSigner
     templates: TemplateStore
     federation: FederationClient
+    server_keys: ServerKeyStore
     accounts: AccountService
     terms: TermsService
     sessions: SessionService
@@ -81,6 +83,7 @@ async def build_context(config: Config) -> AppContext:
         signer=signer,
         templates=templates,
         federation=federation,
+        server_keys=ServerKeyStore(federation),
         accounts=AccountService(account_store, federation),
         terms=TermsService(terms, account_store),
         sessions=SessionService(config, SessionStore(engine), templates, email_sender, RateLimiter(config.rate_limits.enabled)),

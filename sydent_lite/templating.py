@@ -16,7 +16,7 @@ from email.utils import formataddr, formatdate, make_msgid, parseaddr
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, FileSystemLoader, TemplateError, Undefined
+from jinja2 import Environment, FileSystemLoader, PrefixLoader, TemplateError, Undefined
 
 from sydent_lite import resources
 from sydent_lite.config import ConfigError
@@ -81,8 +81,11 @@ class TemplateStore:
         # auto_reload off: templates are read and compiled once, then served from Jinja's cache.
         # Autoescape on, as in Sydent, so Sydent templates that rely on it stay safe; undefined
         # variables render empty so Sydent templates using variables we lack still work.
+        # A template the operator's folder lacks (say, a Sydent folder from before invites had
+        # a template) comes from the packaged default brand rather than failing.
+        self._packaged = (resources.templates_dir() / "default").resolve()
         self._env = Environment(
-            loader=FileSystemLoader(str(self.root)),
+            loader=PrefixLoader({"custom": FileSystemLoader(str(self.root)), "packaged": FileSystemLoader(str(self._packaged))}),
             autoescape=True,
             auto_reload=False,
             undefined=Undefined,
@@ -90,14 +93,17 @@ class TemplateStore:
         )
         self._pages: dict[tuple[str, str], str] = {}
         # Fail at start-up, not on the first request, on a missing or broken default template.
+        if not (self.root / default_brand).is_dir():
+            # A typo in default_brand or templates_dir, not a folder that lacks a file.
+            raise ConfigError(f"template folder {self.root / default_brand} (email.default_brand) is missing")
         for name in (EMAIL_TEMPLATE, PAGE_TEMPLATE, INVITE_TEMPLATE):
-            if not self._has(default_brand, name):
+            if not self._path(default_brand, name).is_file():
                 raise ConfigError(f"template {self.root / default_brand / name} is missing")
         for name in (EMAIL_TEMPLATE, INVITE_TEMPLATE):
             try:
-                self._env.get_template(f"{default_brand}/{name}")
+                self._env.get_template(self._jinja_name(default_brand, name))
             except TemplateError as e:
-                raise ConfigError(f"template {self.root / default_brand / name} is broken: {e}") from None
+                raise ConfigError(f"template {self._path(default_brand, name)} is broken: {e}") from None
         try:
             self._page(default_brand, PAGE_TEMPLATE) % {"message": ""}
         except (KeyError, ValueError, TypeError) as e:
@@ -108,6 +114,16 @@ class TemplateStore:
 
     def _has(self, brand: str, template_name: str) -> bool:
         return (self.root / brand / template_name).is_file()
+
+    def _path(self, brand: str, template_name: str) -> Path:
+        """The file for a resolved brand: its own, else the packaged default's."""
+        own = self.root / brand / template_name
+        return own if own.is_file() else self._packaged / template_name
+
+    def _jinja_name(self, brand: str, template_name: str) -> str:
+        if self._has(brand, template_name):
+            return f"custom/{brand}/{template_name}"
+        return f"packaged/{template_name}"
 
     def resolve_brand(self, brand: str | None, template_name: str | None = None) -> str:
         """`brand` if it is a safe folder name with that template (or, without a template name,
@@ -147,14 +163,14 @@ class TemplateStore:
             # Random per message so no user-supplied text can contain (and so break) it.
             "multipart_boundary": secrets.token_hex(16),
         }
-        text = self._env.get_template(f"{brand}/{template_name}").render(context)
+        text = self._env.get_template(self._jinja_name(brand, template_name)).render(context)
         return _LINE_BREAK.sub("\r\n", text).encode("utf-8")
 
     def _page(self, brand: str, template_name: str) -> str:
         key = (brand, template_name)
         page = self._pages.get(key)
         if page is None:
-            page = (self.root / brand / template_name).read_text(encoding="utf-8")
+            page = self._path(brand, template_name).read_text(encoding="utf-8")
             self._pages[key] = page  # bounded: only files that exist get here
         return page
 

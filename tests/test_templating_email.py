@@ -386,3 +386,18 @@ async def test_maildir_write_failure_raises_email_send_error(store: TemplateStor
     blocker.write_text("not a folder")
     with pytest.raises(EmailSendError):
         await MaildirEmailSender(blocker / "outbox").send("alice@example.test", render(store))
+
+
+def test_template_missing_from_a_custom_folder_comes_from_the_packaged_default(tmp_path: Path) -> None:
+    # An operator's Sydent folder with only the validation templates still sends invites.
+    write_brand(tmp_path, "default", "D")
+    store = TemplateStore(tmp_path, "default")
+    raw = store.render_email(
+        "invite_template.eml.j2", None, to="a@example.test", from_=FROM, subject="s",
+        variables={"token": "TOK123", "join_link": "https://x.test/j", "sender": "@s:hs.test",
+                   "sender_display_name": "S", "room_name": "R", "server_name": "id.test"},
+    )
+    assert b"TOK123" in raw and b"https://x.test/j" in raw
+    # ... while the folder's own templates are still used.
+    assert TemplateStore(tmp_path, "default").render_page(PAGE_TEMPLATE, None, "m") != \
+        TemplateStore(None, "default").render_page(PAGE_TEMPLATE, None, "m")

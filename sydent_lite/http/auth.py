@@ -6,6 +6,7 @@ from starlette.requests import Request
 
 from sydent_lite.context import AppContext
 from sydent_lite.errors import MatrixError, unauthorized
+from sydent_lite.federation.xmatrix import XMatrixError, verify_request
 
 
 def access_token(request: Request) -> str | None:
@@ -28,3 +29,21 @@ async def require_user(request: Request, ctx: AppContext, *, terms: bool = True)
     if terms and not await ctx.terms.has_accepted_all(user_id):
         raise MatrixError(403, "M_TERMS_NOT_SIGNED", "Please accept our updated terms of service before continuing")
     return user_id
+
+
+async def require_homeserver(request: Request, ctx: AppContext, body: object) -> str:
+    """The homeserver that signed this request (Authorization: X-Matrix ...), or 403."""
+    raw_path = request.scope.get("raw_path") or request.url.path.encode()
+    query = request.scope.get("query_string", b"")
+    uri = (raw_path + (b"?" + query if query else b"")).decode("latin-1")
+    try:
+        return await verify_request(
+            ctx.server_keys,
+            authorization=request.headers.get("authorization"),
+            method=request.method,
+            uri=uri,
+            content=body,
+            our_server_name=ctx.config.effective_server_name,
+        )
+    except XMatrixError as e:
+        raise MatrixError(403, "M_FORBIDDEN", f"Invalid homeserver signature: {e}") from None

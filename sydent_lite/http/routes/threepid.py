@@ -8,10 +8,10 @@ from starlette.routing import Route
 
 from sydent_lite.context import AppContext
 from sydent_lite.errors import MatrixError, invalid_param
-from sydent_lite.http.auth import require_user
+from sydent_lite.http.auth import require_homeserver, require_user
 from sydent_lite.http.request import get_opaque_id, get_str, query_params, read_body, require_fields
 from sydent_lite.http.routes import versioned
-from sydent_lite.threepids import is_valid_user_id
+from sydent_lite.threepids import is_valid_user_id, user_id_server
 
 
 async def get_validated_3pid(request: Request, ctx: AppContext, v2: bool) -> Response:
@@ -50,10 +50,15 @@ async def unbind(request: Request, ctx: AppContext, v2: bool) -> Response:
     medium = get_str(threepid, "medium", max_length=16)
     address = get_str(threepid, "address", max_length=512)
     assert mxid is not None and medium is not None and address is not None
+    if medium == "email":
+        address = address.casefold()
     if body.get("sid") is None and body.get("client_secret") is None:
-        # Homeserver-signed (X-Matrix) unbind is not built yet; 501 is what Synapse reads as
-        # "this identity server does not support unbind" rather than a failure.
-        raise MatrixError(501, "M_UNRECOGNIZED", "Unbinding by homeserver signature is not supported yet; use sid and client_secret")
+        # No session: the homeserver of `mxid` must have signed the request (X-Matrix).
+        origin = await require_homeserver(request, ctx, body)
+        if not is_valid_user_id(mxid) or user_id_server(mxid) != origin:
+            raise MatrixError(403, "M_FORBIDDEN", "The homeserver may only unbind its own users")
+        await ctx.associations.unbind(medium, address, mxid)
+        return JSONResponse({})
     require_fields(body, "sid", "client_secret")
     try:
         session = await ctx.sessions.validated_session(get_opaque_id(body, "sid"), get_opaque_id(body, "client_secret"))
@@ -63,8 +68,6 @@ async def unbind(request: Request, ctx: AppContext, v2: bool) -> Response:
         # The session is this request's credential: any fault in it is a 403 (spec), which
         # homeservers pass on to the user rather than reading as "unbind not supported".
         raise MatrixError(403, "M_FORBIDDEN", f"Cannot unbind with this session: {e.error}") from None
-    if medium == "email":
-        address = address.casefold()
     if (session.medium, session.address) != (medium, address):
         raise MatrixError(403, "M_FORBIDDEN", "This session was not for the 3PID being unbound")
     await ctx.associations.unbind(medium, address, mxid)
