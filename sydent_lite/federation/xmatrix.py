@@ -34,7 +34,11 @@ import signedjson.sign
 from canonicaljson import encode_canonical_json
 from unpaddedbase64 import decode_base64
 
-from sydent_lite.federation.client import FederationClient, FederationError, OutboundPolicyError
+from sydent_lite.federation.client import (
+    FederationClient,
+    FederationError,
+    OutboundPolicyError,
+)
 from sydent_lite.federation.resolver import parse_server_name
 
 logger = logging.getLogger(__name__)
@@ -342,7 +346,7 @@ def _decode_key(key_id: object, entry: object) -> nacl.signing.VerifyKey | None:
         return None
     try:
         return signedjson.key.decode_verify_key_bytes(key_id, decode_base64(encoded))
-    except Exception:  # bad base64, wrong length, ...
+    except (ValueError, TypeError):  # bad base64, wrong length, unsupported algorithm
         return None
 
 
@@ -374,7 +378,7 @@ async def verify_request(
 
     try:
         signature = decode_base64(auth.signature)
-    except Exception:
+    except ValueError:  # binascii.Error
         raise XMatrixError("Malformed request signature") from None
     if len(signature) != 64:
         raise XMatrixError("Malformed request signature")
@@ -392,7 +396,7 @@ async def verify_request(
             request["content"] = content
         try:
             message = encode_canonical_json(request)
-        except Exception:  # content that is not canonical JSON cannot have been signed
+        except (TypeError, ValueError, RecursionError):  # not JSON: cannot have been signed
             raise XMatrixError("The request body cannot be verified") from None
         try:
             verify_key.verify(message, signature)
