@@ -318,13 +318,15 @@ def test_unbind_with_unvalidated_session_is_forbidden(api: IdentityApi) -> None:
     assert api.v1_lookup("email", email).json() == assoc
 
 
-def test_unbind_without_session_is_not_implemented(api: IdentityApi) -> None:
+def test_unbind_without_session_or_signature_is_forbidden(api: IdentityApi) -> None:
+    # Without sid/client_secret the request must be homeserver-signed (X-Matrix); see
+    # tests/test_xmatrix_unbind.py. No header at all: 403.
     user = api.register()
     email = unique_email("hsunbind")
     _, assoc = api.bind_email(email, user)
     body = {"mxid": user.user_id, "threepid": {"medium": "email", "address": email}}
     for prefix in (V2, V1):
-        assert_error(api.client.post(f"{prefix}/3pid/unbind", json=body), 501, "M_UNRECOGNIZED")
+        assert_error(api.client.post(f"{prefix}/3pid/unbind", json=body), 403, "M_FORBIDDEN")
     assert api.v1_lookup("email", email).json() == assoc
 
 

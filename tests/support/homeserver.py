@@ -8,7 +8,10 @@
   ID, or any string with raw=True, is answered as given), else 401 M_UNKNOWN_TOKEN.
 - `GET /_matrix/key/v2/server[/<key_id>]` publishes the signing key, signed.
 - `set_handler(method, path, fn)` adds or overrides an endpoint (for federation tests).
-- Every request is recorded in `requests`.
+- `POST /_matrix/federation/v1/3pid/onbind` (as Synapse serves it) answers 200 `{}`; per
+  bound user it can answer something else instead (`set_onbind_status`, `fail_onbind`).
+  `onbind_requests(...)` / `wait_for_onbind(...)` find the callbacks received.
+- Every request is recorded in `requests`, with the status it was answered (`status`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from unpaddedbase64 import encode_base64
 
 OPENID_USERINFO_PATH = "/_matrix/federation/v1/openid/userinfo"
 KEY_SERVER_PATH = "/_matrix/key/v2/server"
+ONBIND_PATH = "/_matrix/federation/v1/3pid/onbind"
 
 
 @dataclass
@@ -45,6 +49,7 @@ class RecordedRequest:
     headers: dict[str, str]
     body: bytes
     time: float = field(default_factory=time.time)
+    status: int | None = None  # the status the stand-in answered (None while being handled)
 
     @property
     def json(self) -> Any:
@@ -53,6 +58,14 @@ class RecordedRequest:
     def query_value(self, name: str) -> str | None:
         values = self.query.get(name)
         return values[0] if values else None
+
+    @property
+    def json_or_none(self) -> Any:
+        """The JSON body, or None when the body is not JSON."""
+        try:
+            return self.json
+        except ValueError:
+            return None
 
 
 # A handler gets the recorded request and returns (status, JSON-able body) or a Response.
@@ -73,6 +86,10 @@ class HomeserverStandIn:
         self.tokens: dict[str, str] = {}
         self.requests: list[RecordedRequest] = []
         self._handlers: dict[tuple[str, str], Handler] = {}
+        # onbind answers per bound user (the body's `mxid`): a fixed status, or a queue of
+        # statuses answered first (then the fixed one, then 200).
+        self._onbind_status: dict[str, int] = {}
+        self._onbind_queue: dict[str, list[int]] = {}
         self._lock = threading.Lock()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -171,9 +188,81 @@ class HomeserverStandIn:
         with self._lock:
             return [r for r in self.requests if r.path == path and (method is None or r.method == method)]
 
+    def requests_since(self, since: float) -> list[RecordedRequest]:
+        """Every request received at or after `since` (a time.time() value)."""
+        with self._lock:
+            return [r for r in self.requests if r.time >= since]
+
     def clear_requests(self) -> None:
         with self._lock:
             self.requests.clear()
+
+    # --- onbind callbacks ---------------------------------------------------------------------
+
+    def set_onbind_status(self, mxid: str, status: int | None) -> None:
+        """Answer onbind callbacks for `mxid` with `status` (None: back to 200 `{}`)."""
+        with self._lock:
+            if status is None:
+                self._onbind_status.pop(mxid, None)
+            else:
+                self._onbind_status[mxid] = status
+
+    def fail_onbind(self, mxid: str, times: int, status: int = 503) -> None:
+        """Answer the next `times` onbind callbacks for `mxid` with `status`."""
+        with self._lock:
+            self._onbind_queue.setdefault(mxid, []).extend([status] * times)
+
+    def reset_onbind(self, mxid: str) -> None:
+        """onbind callbacks for `mxid` are answered 200 `{}` again (queued failures dropped)."""
+        with self._lock:
+            self._onbind_status.pop(mxid, None)
+            self._onbind_queue.pop(mxid, None)
+
+    def _onbind_answer(self, record: RecordedRequest) -> Response:
+        body = record.json_or_none
+        mxid = body.get("mxid") if isinstance(body, dict) else None
+        with self._lock:
+            queue = self._onbind_queue.get(mxid) if isinstance(mxid, str) else None
+            if queue:
+                status = queue.pop(0)
+            else:
+                status = self._onbind_status.get(mxid, 200) if isinstance(mxid, str) else 200
+        if 200 <= status < 300:
+            return JSONResponse({}, status_code=status)
+        return JSONResponse({"errcode": "M_UNKNOWN", "error": f"stand-in answers {status}"}, status_code=status)
+
+    def onbind_requests(self, mxid: str | None = None, address: str | None = None,
+                        since: float | None = None) -> list[RecordedRequest]:
+        """Requests to the onbind path (any method) whose body names `mxid` / `address`."""
+        out = []
+        for r in self.requests_to(ONBIND_PATH):
+            body = r.json_or_none
+            if not isinstance(body, dict):
+                body = {}
+            if mxid is not None and body.get("mxid") != mxid:
+                continue
+            if address is not None and body.get("address") != address:
+                continue
+            if since is not None and r.time < since:
+                continue
+            out.append(r)
+        return out
+
+    def wait_for_onbind(self, mxid: str, *, address: str | None = None, successful: bool = True,
+                        timeout: float = 20.0) -> RecordedRequest:
+        """The first onbind callback for `mxid` (that was answered 2xx, if `successful`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for r in self.onbind_requests(mxid, address):
+                if r.status is not None and (not successful or 200 <= r.status < 300):
+                    return r
+            if time.monotonic() > deadline:
+                seen = [(r.method, r.status) for r in self.onbind_requests(mxid, address)]
+                raise AssertionError(
+                    f"no {'successful ' if successful else ''}onbind callback for {mxid} within {timeout}s "
+                    f"(received for this user: {seen})"
+                )
+            time.sleep(0.05)
 
     # --- signing ----------------------------------------------------------------------------
 
@@ -231,6 +320,11 @@ class HomeserverStandIn:
         with self._lock:
             self.requests.append(record)
 
+        response = self._respond(record)
+        record.status = response.status_code
+        return response
+
+    def _respond(self, record: RecordedRequest) -> Response:
         handler = self._handlers.get((record.method, record.path))
         if handler is not None:
             result = handler(record)
@@ -238,6 +332,9 @@ class HomeserverStandIn:
                 return result
             status, payload = result
             return JSONResponse(payload, status_code=status)
+
+        if record.path == ONBIND_PATH and record.method == "POST":
+            return self._onbind_answer(record)
 
         if record.path == OPENID_USERINFO_PATH and record.method == "GET":
             sub = self.tokens.get(record.query_value("access_token") or "")

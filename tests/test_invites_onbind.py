@@ -1,0 +1,658 @@
+"""Invitations (store-invite, the invite mail, ephemeral keys, sign-ed25519) and onbind callbacks.
+
+Contract: docs/api-behaviour.md, "Invitations" and "onbind callbacks"; spec v2_store_invite.yaml,
+v2_invitation_signing.yaml, v2_pubkey.yaml (ephemeral), legacy-v1 store_invite.yaml and
+invitation_signing.yaml, server-server third_party_invite.yaml (onbind); and
+../shared/notes/homeserver-interop.md ("Third-party invites and onbind": POST, body shape, only
+the invites of the bound address).
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import pytest
+import signedjson.key
+import signedjson.sign
+from signedjson.sign import SignatureVerifyException
+from unpaddedbase64 import decode_base64, encode_base64
+
+from support.homeserver import ONBIND_PATH, HomeserverStandIn, RecordedRequest
+from support.server import REPO_ROOT, V1, V2, IdentityApi, SydentServer, User, unique_email
+from support.smtp import ReceivedMail
+
+TOKEN_RE = re.compile(r"[0-9a-zA-Z]{32}")
+STORE_INVITE_KEYS = {"token", "display_name", "public_keys", "public_key"}
+SIGN_KEYS = {"mxid", "sender", "token", "signatures"}
+
+HOSTILE_ROOM = '<script>alert("room")</script> & <b>Bold</b> Café ☕'
+HOSTILE_SENDER = "Zoë <img src=x onerror=alert(1)> 🎉 \"Ünïcødé\""
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def assert_error(resp: httpx.Response, status: int, errcode: str) -> dict[str, Any]:
+    assert resp.status_code == status, f"{resp.request.method} {resp.request.url}: {resp.status_code} {resp.text}"
+    assert resp.headers.get("content-type", "").startswith("application/json"), resp.headers
+    body = resp.json()
+    assert body.get("errcode") == errcode, body
+    return body
+
+
+def public_key(client: httpx.Client) -> str:
+    resp = client.get(f"{V2}/pubkey/ed25519:0")
+    assert resp.status_code == 200, resp.text
+    return resp.json()["public_key"]
+
+
+def verify_key_from(public_key_b64: str) -> Any:
+    return signedjson.key.decode_verify_key_bytes("ed25519:0", decode_base64(public_key_b64))
+
+
+def random_public_key() -> str:
+    return encode_base64(signedjson.key.generate_signing_key("0").verify_key.encode())
+
+
+def room_id(hs: HomeserverStandIn) -> str:
+    return f"!room{uuid.uuid4().hex[:10]}:{hs.server_name}"
+
+
+def invite_fields(hs: HomeserverStandIn, address: str, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "medium": "email",
+        "address": address,
+        "room_id": room_id(hs),
+        "sender": hs.user_id("inviter" + uuid.uuid4().hex[:8]),
+    }
+    body.update(extra)
+    return body
+
+
+def post_store_invite(api: IdentityApi, body: dict[str, Any], *, user: User | None = None, v1: bool = False,
+                      form: bool = False) -> httpx.Response:
+    path = f"{V1 if v1 else V2}/store-invite"
+    headers = user.headers if user is not None else {}
+    if form:
+        return api.client.post(path, data={k: str(v) for k, v in body.items()}, headers=headers)
+    return api.client.post(path, json=body, headers=headers)
+
+
+def store_invite(api: IdentityApi, body: dict[str, Any], *, user: User | None = None, v1: bool = False,
+                 form: bool = False) -> dict[str, Any]:
+    """store-invite, expecting success; returns the answer."""
+    resp = post_store_invite(api, body, user=user, v1=v1, form=form)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def ephemeral_key(answer: dict[str, Any]) -> str:
+    return answer["public_keys"][1]["public_key"]
+
+
+def assert_store_invite_answer(answer: dict[str, Any], server: SydentServer, client: httpx.Client,
+                               address: str) -> None:
+    assert set(answer) == STORE_INVITE_KEYS, answer
+    assert isinstance(answer["token"], str) and TOKEN_RE.fullmatch(answer["token"]), answer["token"]
+
+    # Redacted: never the address, its local part or its domain in full.
+    name = answer["display_name"]
+    local, _, domain = address.rpartition("@")
+    assert isinstance(name, str) and name, answer
+    for secret in (address, local, domain):
+        assert secret not in name, (secret, name)
+    assert name != address
+
+    ours = public_key(client)
+    assert answer["public_key"] == ours
+    keys = answer["public_keys"]
+    assert isinstance(keys, list) and len(keys) == 2, keys
+    assert keys[0] == {"public_key": ours, "key_validity_url": f"{server.base_url}{V2}/pubkey/isvalid"}, keys
+    assert set(keys[1]) == {"public_key", "key_validity_url"}, keys
+    assert keys[1]["key_validity_url"] == f"{server.base_url}{V2}/pubkey/ephemeral/isvalid", keys
+    ephemeral = keys[1]["public_key"]
+    assert ephemeral != ours
+    assert len(decode_base64(ephemeral)) == 32, ephemeral
+
+    # Both validity URLs answer valid for their key.
+    for entry in keys:
+        resp = client.get(entry["key_validity_url"], params={"public_key": entry["public_key"]})
+        assert resp.status_code == 200 and resp.json() == {"valid": True}, (entry, resp.text)
+
+
+def html_part(mail: ReceivedMail) -> str:
+    part = mail.message.get_body(preferencelist=("html",))
+    assert part is not None, f"mail has no text/html part:\n{mail.raw.decode('utf-8', 'replace')}"
+    return part.get_content()
+
+
+def ephemeral_is_valid(client: httpx.Client, key: str, prefix: str = V2) -> bool:
+    resp = client.get(f"{prefix}/pubkey/ephemeral/isvalid", params={"public_key": key})
+    assert resp.status_code == 200, resp.text
+    valid = resp.json()["valid"]
+    assert isinstance(valid, bool)
+    return valid
+
+
+def verify_our_signature(obj: dict[str, Any], server: SydentServer, our_key: str) -> None:
+    assert set(obj["signatures"]) == {server.server_name}, obj["signatures"]
+    assert set(obj["signatures"][server.server_name]) == {"ed25519:0"}, obj["signatures"]
+    signedjson.sign.verify_signed_json(obj, server.server_name, verify_key_from(our_key))  # raises if invalid
+
+
+def assert_onbind_body(req: RecordedRequest, server: SydentServer, our_key: str, *, address: str, mxid: str,
+                       invites: dict[str, dict[str, Any]]) -> None:
+    """`invites`: token -> the store-invite body it came from."""
+    assert req.method == "POST", req.method
+    assert req.path == ONBIND_PATH
+    body = req.json
+    assert isinstance(body, dict), req.body
+    assert body["medium"] == "email"
+    assert body["address"] == address
+    assert body["mxid"] == mxid
+    sent = body["invites"]
+    assert isinstance(sent, list)
+    assert sorted(inv["token"] for inv in sent) == sorted(invites), (sent, list(invites))
+    for inv in sent:
+        origin = invites[inv["token"]]
+        assert inv["sender"] == origin["sender"]
+        assert inv["room_id"] == origin["room_id"]
+        assert inv["mxid"] == mxid
+        assert inv["medium"] == "email"
+        assert inv["address"] == address
+        signed = inv["signed"]
+        assert set(signed) == {"mxid", "token", "signatures"}, signed
+        assert signed["mxid"] == mxid
+        assert signed["token"] == inv["token"]
+        verify_our_signature(signed, server, our_key)
+    # Our signature covers the whole body (invites included).
+    verify_our_signature(body, server, our_key)
+    # And it really covers it: tampering breaks it.
+    tampered = dict(body, mxid="@mallory:evil.example.test")
+    with pytest.raises(SignatureVerifyException):
+        signedjson.sign.verify_signed_json(tampered, server.server_name, verify_key_from(our_key))
+
+
+def assert_no_onbind(hs: HomeserverStandIn, mxid: str, since: float, wait: float) -> None:
+    time.sleep(wait)
+    extra = hs.onbind_requests(mxid, since=since)
+    assert not extra, [(r.method, r.status, r.json_or_none) for r in extra]
+
+
+INVITE_PROBE_TEMPLATE = (
+    "From: {{ from|safe }}\n"
+    "To: {{ to|safe }}\n"
+    "Subject: {{ subject_header_value|safe }}\n"
+    "Content-Type: text/plain; charset=UTF-8\n"
+    "\n"
+    "INVITE-TOKEN: {{ token|safe }}\n"
+    "EPHEMERAL-PRIVATE-KEY: {{ ephemeral_private_key|safe }}\n"
+)
+
+
+@pytest.fixture
+def probe_templates(tmp_path: Path) -> Path:
+    """The default templates, with an invite template that shows the token and ephemeral private key."""
+    root = tmp_path / "templates"
+    shutil.copytree(REPO_ROOT / "templates" / "default", root / "default")
+    (root / "default" / "invite_template.eml.j2").write_text(INVITE_PROBE_TEMPLATE, encoding="utf-8")
+    return root
+
+
+def probe_values(mail: ReceivedMail) -> tuple[str, str]:
+    """(token, ephemeral private key) from a mail rendered by INVITE_PROBE_TEMPLATE."""
+    text = mail.text
+    token = re.search(r"^INVITE-TOKEN: (\S+)\r?$", text, re.M)
+    private = re.search(r"^EPHEMERAL-PRIVATE-KEY: (\S+)\r?$", text, re.M)
+    assert token and private, text
+    return token.group(1), private.group(1)
+
+
+# --- store-invite: authentication and the answer ----------------------------------------------------
+
+
+def test_store_invite_v2_needs_token_and_terms(api: IdentityApi, homeserver: HomeserverStandIn) -> None:
+    address = unique_email("invauth")
+    body = invite_fields(homeserver, address)
+    assert_error(post_store_invite(api, body), 401, "M_UNAUTHORIZED")
+    bogus = User("@x:example.test", "not-a-token", "x")
+    assert_error(post_store_invite(api, body, user=bogus), 401, "M_UNAUTHORIZED")
+    newcomer = api.register(accept_terms=False)
+    assert_error(post_store_invite(api, body, user=newcomer), 403, "M_TERMS_NOT_SIGNED")
+    api.smtp.assert_no_mail(address)
+
+    api.accept_all_terms(newcomer)
+    store_invite(api, body, user=newcomer)
+    api.smtp.wait_for(address)
+
+
+def test_store_invite_v2_answer(api: IdentityApi, user: User, idserver: SydentServer,
+                                homeserver: HomeserverStandIn) -> None:
+    address = f"florence.{uuid.uuid4().hex[:10]}@bobsburgers{uuid.uuid4().hex[:6]}.example.test"
+    answer = store_invite(api, invite_fields(homeserver, address), user=user)
+    assert_store_invite_answer(answer, idserver, api.client, address)
+
+    # Each invitation gets its own token and ephemeral key.
+    again = store_invite(api, invite_fields(homeserver, address), user=user)
+    assert_store_invite_answer(again, idserver, api.client, address)
+    assert again["token"] != answer["token"]
+    assert ephemeral_key(again) != ephemeral_key(answer)
+
+
+@pytest.mark.parametrize("form", [False, True], ids=["json", "form"])
+def test_store_invite_v1(api: IdentityApi, idserver: SydentServer, homeserver: HomeserverStandIn, form: bool) -> None:
+    address = unique_email("invv1")
+    answer = store_invite(api, invite_fields(homeserver, address, room_name="Form room"), v1=True, form=form)
+    assert_store_invite_answer(answer, idserver, api.client, address)
+    mail = api.smtp.wait_for(address)
+    assert answer["token"] in mail.text
+    assert ephemeral_is_valid(api.client, ephemeral_key(answer), V1)
+
+
+def test_store_invite_address_is_case_folded(api: IdentityApi, user: User, homeserver: HomeserverStandIn) -> None:
+    address = unique_email("invcase")
+    shouted = address.upper()
+    answer = store_invite(api, invite_fields(homeserver, shouted), user=user)
+    assert TOKEN_RE.fullmatch(answer["token"])
+    mail = api.smtp.wait_for(address)
+    assert [r.casefold() for r in mail.rcpt_tos] == [address]
+
+
+# --- the invite mail ------------------------------------------------------------------------------------
+
+
+def test_invite_mail_escapes_and_keeps_non_ascii(api: IdentityApi, user: User, homeserver: HomeserverStandIn) -> None:
+    address = unique_email("invmail")
+    fields = invite_fields(homeserver, address, room_name=HOSTILE_ROOM, sender_display_name=HOSTILE_SENDER)
+    answer = store_invite(api, fields, user=user)
+    mail = api.smtp.wait_for(address)
+    msg = mail.message
+
+    assert mail.rcpt_tos == [address]
+    assert address in msg["To"]
+    assert msg["Subject"] == f"{HOSTILE_SENDER} has invited you to chat"
+    assert msg.is_multipart()
+
+    text = mail.text
+    page = html_part(mail)
+    # Text and HTML both carry the token, the room name and the sender.
+    assert answer["token"] in text and answer["token"] in page
+    assert HOSTILE_ROOM in text and HOSTILE_SENDER in text
+    # The HTML part shows the values escaped: no markup of ours gets through.
+    for raw in ("<script", "<img", "<b>Bold"):
+        assert raw not in page, (raw, page)
+    assert "&lt;script&gt;" in page and "&lt;img src=x onerror=alert(1)&gt;" in page, page
+    # ... and still all there once unescaped.
+    assert HOSTILE_ROOM in html.unescape(page) and HOSTILE_SENDER in html.unescape(page), page
+    # Non-ASCII survives in both parts.
+    for word in ("Café ☕", "Zoë", "🎉", "Ünïcødé"):
+        assert word in text and word in page, word
+
+
+def test_invite_mail_subjects(api: IdentityApi, user: User, homeserver: HomeserverStandIn) -> None:
+    space = unique_email("invspace")
+    store_invite(api, invite_fields(homeserver, space, sender_display_name="Space Bob", room_type="m.space",
+                                    room_name="The Space"), user=user)
+    assert api.smtp.wait_for(space).message["Subject"] == "Space Bob has invited you to a space"
+
+    room = unique_email("invroom")
+    store_invite(api, invite_fields(homeserver, room, sender_display_name="Room Bob", room_type="m.other"),
+                 user=user)
+    assert api.smtp.wait_for(room).message["Subject"] == "Room Bob has invited you to chat"
+
+    # Without a display name the sender's ID stands in.
+    anonymous = unique_email("invanon")
+    fields = invite_fields(homeserver, anonymous)
+    store_invite(api, fields, user=user)
+    mail = api.smtp.wait_for(anonymous)
+    assert mail.message["Subject"] == f"{fields['sender']} has invited you to chat"
+    assert fields["sender"] in mail.text
+
+
+def test_invite_subjects_from_config(make_server: Callable[..., SydentServer],
+                                     api_for: Callable[[SydentServer], IdentityApi],
+                                     homeserver: HomeserverStandIn) -> None:
+    server = make_server(extra_config={"email": {
+        "invite_subject": "Invitation from %(sender_display_name)s to %(room_name)s",
+        "invite_subject_space": "Space %(room_name)s via %(sender_display_name)s",
+    }})
+    api = api_for(server)
+    room = unique_email("cfgroom")
+    store_invite(api, invite_fields(homeserver, room, sender_display_name="Ann", room_name="Lobby"), v1=True)
+    assert api.smtp.wait_for(room).message["Subject"] == "Invitation from Ann to Lobby"
+    space = unique_email("cfgspace")
+    store_invite(api, invite_fields(homeserver, space, sender_display_name="Ann", room_name="Orbit",
+                                    room_type="m.space"), v1=True)
+    assert api.smtp.wait_for(space).message["Subject"] == "Space Orbit via Ann"
+
+
+def test_store_invite_extra_fields_are_fine(api: IdentityApi, user: User, homeserver: HomeserverStandIn) -> None:
+    address = unique_email("invextra")
+    fields = invite_fields(
+        homeserver, address,
+        room_alias="#somewhere:example.org", room_avatar_url="mxc://example.org/s0meM3dia",
+        room_join_rules="public", sender_avatar_url="mxc://example.org/an0th3r",
+        guest_access_token="guest-token", guest_user_id="@guest:example.org",
+        **{"org.example.custom": "custom value", "a_number": 5, "a_list": [1, 2], "an_object": {"k": "v"},
+           "a_bool": True, "a_null": None},
+    )
+    answer = store_invite(api, fields, user=user)
+    assert TOKEN_RE.fullmatch(answer["token"])
+    assert answer["token"] in api.smtp.wait_for(address).text
+
+
+# --- store-invite errors ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing", ["medium", "address", "room_id", "sender"])
+@pytest.mark.parametrize("v1", [False, True], ids=["v2", "v1"])
+def test_store_invite_missing_fields(api: IdentityApi, user: User, homeserver: HomeserverStandIn,
+                                     missing: str, v1: bool) -> None:
+    address = unique_email("invmissing")
+    body = invite_fields(homeserver, address)
+    del body[missing]
+    body_err = assert_error(post_store_invite(api, body, user=None if v1 else user, v1=v1), 400, "M_MISSING_PARAMS")
+    assert missing in body_err.get("error", ""), body_err
+    api.smtp.assert_no_mail(address, wait=0.2)
+
+
+def test_store_invite_msisdn_is_unrecognized(api: IdentityApi, user: User, homeserver: HomeserverStandIn) -> None:
+    body = invite_fields(homeserver, "447700900123", medium="msisdn")
+    assert_error(post_store_invite(api, body, user=user), 400, "M_UNRECOGNIZED")
+    assert_error(post_store_invite(api, body, v1=True), 400, "M_UNRECOGNIZED")
+
+
+@pytest.mark.parametrize("address", ["plainaddress", "user@@example.test", "@example.test", "user@",
+                                     "user@example.test\nBcc: victim@example.test"])
+def test_store_invite_bad_email(api: IdentityApi, user: User, homeserver: HomeserverStandIn, address: str) -> None:
+    assert_error(post_store_invite(api, invite_fields(homeserver, address), user=user), 400, "M_INVALID_EMAIL")
+    assert_error(post_store_invite(api, invite_fields(homeserver, address), v1=True), 400, "M_INVALID_EMAIL")
+    assert api.smtp.all_to("victim@example.test") == []
+
+
+def test_store_invite_for_a_bound_address(api: IdentityApi, user: User, homeserver: HomeserverStandIn) -> None:
+    address = unique_email("invbound")
+    owner = api.register()
+    api.bind_email(address, owner)
+    for candidate in (address, address.upper()):
+        for v1 in (False, True):
+            resp = post_store_invite(api, invite_fields(homeserver, candidate), user=None if v1 else user, v1=v1)
+            body = assert_error(resp, 400, "M_THREEPID_IN_USE")
+            assert body.get("mxid") == owner.user_id, body
+    api.smtp.assert_no_mail(address)
+
+
+def test_store_invite_smtp_failure(api: IdentityApi, user: User, homeserver: HomeserverStandIn) -> None:
+    address = unique_email("invsmtp")
+    api.smtp.refuse()
+    assert_error(post_store_invite(api, invite_fields(homeserver, address), user=user), 400, "M_EMAIL_SEND_ERROR")
+    api.smtp.down()
+    assert_error(post_store_invite(api, invite_fields(homeserver, address), v1=True), 400, "M_EMAIL_SEND_ERROR")
+    api.smtp.accept()
+    assert not api.smtp.pending(address)
+
+    # Nothing was stored: binding the address sends no onbind callback.
+    invitee = api.register()
+    since = time.time()
+    api.bind_email(address, invitee)
+    assert_no_onbind(homeserver, invitee.user_id, since, wait=2.0)
+
+
+# --- ephemeral keys and sign-ed25519 ----------------------------------------------------------------------
+
+
+def test_ephemeral_isvalid(api: IdentityApi, user: User, homeserver: HomeserverStandIn) -> None:
+    answer = store_invite(api, invite_fields(homeserver, unique_email("invkey")), user=user)
+    key = ephemeral_key(answer)
+    for prefix in (V2, V1):
+        assert ephemeral_is_valid(api.client, key, prefix) is True
+        assert ephemeral_is_valid(api.client, random_public_key(), prefix) is False
+        # Our long-term key is not an ephemeral key; a mangled key is not valid.
+        assert ephemeral_is_valid(api.client, public_key(api.client), prefix) is False
+        assert ephemeral_is_valid(api.client, key[:-2], prefix) is False
+
+
+def check_sign_answer(resp: httpx.Response, server: SydentServer, *, mxid: str, sender: str, token: str,
+                      ephemeral_public: str, our_key: str) -> None:
+    assert resp.status_code == 200, resp.text
+    signed = resp.json()
+    assert set(signed) == SIGN_KEYS, signed
+    assert signed["mxid"] == mxid and signed["sender"] == sender and signed["token"] == token, signed
+    assert set(signed["signatures"]) == {server.server_name}, signed
+    assert set(signed["signatures"][server.server_name]) == {"ed25519:0"}, signed
+    signedjson.sign.verify_signed_json(signed, server.server_name, verify_key_from(ephemeral_public))
+    # Signed with the ephemeral key, not our long-term one.
+    with pytest.raises(SignatureVerifyException):
+        signedjson.sign.verify_signed_json(signed, server.server_name, verify_key_from(our_key))
+
+
+def test_sign_ed25519(make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi],
+                      homeserver: HomeserverStandIn, probe_templates: Path) -> None:
+    server = make_server(templates_dir=probe_templates)
+    api = api_for(server)
+    our_key = public_key(api.client)
+    address = unique_email("invsign")
+    fields = invite_fields(homeserver, address)
+    answer = store_invite(api, fields, v1=True)
+    token, private_key = probe_values(api.smtp.wait_for(address))
+    assert token == answer["token"]
+    ephemeral_public = ephemeral_key(answer)
+    # The private key the mail carries belongs to the ephemeral public key.
+    seed = signedjson.key.decode_signing_key_base64("ed25519", "0", private_key)
+    assert encode_base64(seed.verify_key.encode()) == ephemeral_public
+
+    mxid = homeserver.user_id("accepter")
+    expected = {"mxid": mxid, "sender": fields["sender"], "token": token, "ephemeral_public": ephemeral_public,
+                "our_key": our_key}
+    body = {"mxid": mxid, "token": token, "private_key": private_key}
+
+    # v1: no authentication; JSON and form.
+    check_sign_answer(api.client.post(f"{V1}/sign-ed25519", json=body), server, **expected)
+    check_sign_answer(api.client.post(f"{V1}/sign-ed25519", data=body), server, **expected)
+
+    # v2: token needed; with and without the private key.
+    assert_error(api.client.post(f"{V2}/sign-ed25519", json=body), 401, "M_UNAUTHORIZED")
+    user = api.register()
+    check_sign_answer(api.client.post(f"{V2}/sign-ed25519", json=body, headers=user.headers), server, **expected)
+    no_key = {"mxid": mxid, "token": token}
+    check_sign_answer(api.client.post(f"{V2}/sign-ed25519", json=no_key, headers=user.headers), server, **expected)
+
+    # Unknown token.
+    unknown = dict(body, token="T" * 32)
+    assert_error(api.client.post(f"{V1}/sign-ed25519", json=unknown), 404, "M_UNRECOGNIZED")
+    assert_error(api.client.post(f"{V2}/sign-ed25519", json=unknown, headers=user.headers), 404, "M_UNRECOGNIZED")
+    assert_error(api.client.post(f"{V2}/sign-ed25519", json={"mxid": mxid, "token": "T" * 32},
+                                 headers=user.headers), 404, "M_UNRECOGNIZED")
+    # Bad private key.
+    for bad in ("not base64!", "AAAA"):
+        assert_error(api.client.post(f"{V2}/sign-ed25519", json=dict(body, private_key=bad), headers=user.headers),
+                     400, "M_INVALID_PARAM")
+    # Missing fields.
+    for missing in ("mxid", "token"):
+        partial = {k: v for k, v in body.items() if k != missing}
+        assert_error(api.client.post(f"{V2}/sign-ed25519", json=partial, headers=user.headers),
+                     400, "M_MISSING_PARAMS")
+
+
+def test_sign_ed25519_v2_on_the_shared_server(api: IdentityApi, user: User, idserver: SydentServer,
+                                              homeserver: HomeserverStandIn) -> None:
+    fields = invite_fields(homeserver, unique_email("invsign2"))
+    answer = store_invite(api, fields, user=user)
+    mxid = homeserver.user_id("joiner")
+    resp = api.client.post(f"{V2}/sign-ed25519", json={"mxid": mxid, "token": answer["token"]}, headers=user.headers)
+    check_sign_answer(resp, idserver, mxid=mxid, sender=fields["sender"], token=answer["token"],
+                      ephemeral_public=ephemeral_key(answer), our_key=public_key(api.client))
+    # Terms apply to v2 signing too.
+    newcomer = api.register(accept_terms=False)
+    resp = api.client.post(f"{V2}/sign-ed25519", json={"mxid": mxid, "token": answer["token"]},
+                           headers=newcomer.headers)
+    assert_error(resp, 403, "M_TERMS_NOT_SIGNED")
+
+
+def test_invites_expire(make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi],
+                        homeserver: HomeserverStandIn) -> None:
+    server = make_server(extra_config={"invites": {"expiry_seconds": 2}})
+    api = api_for(server)
+    user = api.register()
+    answer = store_invite(api, invite_fields(homeserver, unique_email("invexpire")), user=user)
+    key = ephemeral_key(answer)
+    assert ephemeral_is_valid(api.client, key) is True
+    time.sleep(3.0)
+    assert ephemeral_is_valid(api.client, key) is False
+    resp = api.client.post(f"{V2}/sign-ed25519", json={"mxid": user.user_id, "token": answer["token"]},
+                           headers=user.headers)
+    assert_error(resp, 404, "M_UNRECOGNIZED")
+
+
+# --- the whole flow: invite, bind, onbind ----------------------------------------------------------------------
+
+
+def test_invite_then_bind_sends_onbind(api: IdentityApi, user: User, idserver: SydentServer,
+                                       homeserver: HomeserverStandIn) -> None:
+    our_key = public_key(api.client)
+    address = unique_email("invitee")
+    other_address = unique_email("bystander")
+
+    # Two invitations for the address (two rooms, two senders), one for another address.
+    first = invite_fields(homeserver, address, room_name="First room", sender_display_name="Alice")
+    second = invite_fields(homeserver, address.upper(), room_name="Second room")  # case-folded
+    elsewhere = invite_fields(homeserver, other_address, room_name="Elsewhere")
+    a1 = store_invite(api, first, user=user)
+    a2 = store_invite(api, second, user=user)
+    b1 = store_invite(api, elsewhere, user=user)
+
+    # The invitee gets the mails, with the invitation codes.
+    mails = [api.smtp.wait_for(address), api.smtp.wait_for(address)]
+    for mail, answer in zip(mails, (a1, a2)):
+        assert mail.rcpt_tos == [address]
+        assert answer["token"] in mail.text
+    assert b1["token"] in api.smtp.wait_for(other_address).text
+
+    # The invitee joins the identity server and binds the address.
+    invitee = api.register()
+    assert homeserver.onbind_requests(invitee.user_id) == []
+    since = time.time()
+    api.bind_email(address, invitee)
+    req = homeserver.wait_for_onbind(invitee.user_id)
+    assert_onbind_body(req, idserver, our_key, address=address, mxid=invitee.user_id,
+                       invites={a1["token"]: first, a2["token"]: second})
+    assert b1["token"] not in req.body.decode()
+
+    # Delivered once; a later bind of the same address sends nothing again.
+    time.sleep(1.0)
+    assert len(homeserver.onbind_requests(invitee.user_id, since=since)) == 1
+    since = time.time()
+    api.bind_email(address, invitee)
+    assert_no_onbind(homeserver, invitee.user_id, since, wait=2.0)
+
+    # The other address, bound by someone else, gets only its own invitation.
+    bystander = api.register()
+    api.bind_email(other_address, bystander)
+    req = homeserver.wait_for_onbind(bystander.user_id)
+    assert_onbind_body(req, idserver, our_key, address=other_address, mxid=bystander.user_id,
+                       invites={b1["token"]: elsewhere})
+    for token in (a1["token"], a2["token"]):
+        assert token not in req.body.decode()
+
+
+def test_bind_without_invites_sends_no_onbind(api: IdentityApi, homeserver: HomeserverStandIn) -> None:
+    user = api.register()
+    since = time.time()
+    api.bind_email(unique_email("noinvite"), user)
+    assert_no_onbind(homeserver, user.user_id, since, wait=1.5)
+
+
+# --- durability --------------------------------------------------------------------------------------------
+
+FAST_RETRY = {"invites": {"onbind_retry_initial_seconds": 0.5, "onbind_retry_max_seconds": 1}}
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached within {timeout}s")
+        time.sleep(0.05)
+
+
+def test_onbind_is_retried_until_the_homeserver_accepts(
+    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi],
+    homeserver: HomeserverStandIn,
+) -> None:
+    server = make_server(extra_config=FAST_RETRY)
+    api = api_for(server)
+    our_key = public_key(api.client)
+    inviter = api.register()
+    address = unique_email("retry")
+    fields = invite_fields(homeserver, address)
+    answer = store_invite(api, fields, user=inviter)
+    assert answer["token"] in api.smtp.wait_for(address).text  # the invite mail
+    invitee = api.register()
+    homeserver.fail_onbind(invitee.user_id, times=3, status=503)
+    try:
+        api.bind_email(address, invitee)
+        success = homeserver.wait_for_onbind(invitee.user_id, timeout=20.0)
+        calls = homeserver.onbind_requests(invitee.user_id)
+        assert [c.status for c in calls[:3]] == [503, 503, 503], [(c.status, c.time) for c in calls]
+        assert calls[3] is success
+        # Backoff, not a tight loop: attempts are spaced by about the configured delays.
+        gaps = [b.time - a.time for a, b in zip(calls, calls[1:4])]
+        assert all(g >= 0.3 for g in gaps), gaps
+        # Every attempt carries the same invitation.
+        for call in calls[:4]:
+            assert_onbind_body(call, server, our_key, address=address, mxid=invitee.user_id,
+                               invites={answer["token"]: fields})
+        # Accepted: no further attempts (well past the maximum backoff).
+        time.sleep(3.0)
+        assert len(homeserver.onbind_requests(invitee.user_id)) == 4
+    finally:
+        homeserver.reset_onbind(invitee.user_id)
+
+
+def test_onbind_survives_a_restart(
+    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi],
+    homeserver: HomeserverStandIn,
+) -> None:
+    server = make_server(extra_config=FAST_RETRY)
+    api = api_for(server)
+    our_key = public_key(api.client)
+    inviter = api.register()
+    address = unique_email("restart")
+    fields = invite_fields(homeserver, address)
+    answer = store_invite(api, fields, user=inviter)
+    assert answer["token"] in api.smtp.wait_for(address).text  # the invite mail
+    invitee = api.register()
+    homeserver.set_onbind_status(invitee.user_id, 503)
+    try:
+        api.bind_email(address, invitee)
+        wait_until(lambda: any(c.status == 503 for c in homeserver.onbind_requests(invitee.user_id)),
+                   what="a first (refused) onbind attempt")
+        server.stop()
+        time.sleep(0.3)  # let any in-flight request land before counting
+        assert all(c.status == 503 for c in homeserver.onbind_requests(invitee.user_id))
+        homeserver.set_onbind_status(invitee.user_id, None)
+        stopped_at = time.time()
+        time.sleep(1.0)
+        assert homeserver.onbind_requests(invitee.user_id, since=stopped_at) == [], "calls while stopped"
+
+        server.start()
+        success = homeserver.wait_for_onbind(invitee.user_id, timeout=20.0)
+        assert success.time > stopped_at
+        assert_onbind_body(success, server, our_key, address=address, mxid=invitee.user_id,
+                           invites={answer["token"]: fields})
+        # Exactly once: nothing more after the homeserver accepted it, even across another restart.
+        time.sleep(3.0)
+        server.restart()
+        time.sleep(2.0)
+        delivered = [c for c in homeserver.onbind_requests(invitee.user_id) if c.status == 200]
+        assert delivered == [success], [(c.status, c.time) for c in homeserver.onbind_requests(invitee.user_id)]
+        assert homeserver.onbind_requests(invitee.user_id, since=success.time + 0.001) == []
+    finally:
+        homeserver.reset_onbind(invitee.user_id)
