@@ -206,7 +206,10 @@ class InviteService:
             ]
             return json.dumps(self._signer.sign(body))
 
-        return await self._store.queue_callback(medium, address, user_id_server(mxid), build_body, now_ms())
+        now = now_ms()
+        return await self._store.queue_callback(
+            medium, address, user_id_server(mxid), build_body, now, not_before_ts=now - self._expiry_ms
+        )
 
     async def expire(self) -> tuple[int, int]:
         return await self._store.delete_older_than(now_ms() - self._expiry_ms)

@@ -53,7 +53,7 @@ class InviteStore:
             return (await conn.execute(query.limit(1))).first() is not None
 
     async def queue_callback(
-        self, medium: str, address: str, destination: str, build_body, now: int  # type: ignore[no-untyped-def]
+        self, medium: str, address: str, destination: str, build_body, now: int, not_before_ts: int  # type: ignore[no-untyped-def]
     ) -> int | None:
         """Put this 3PID's unqueued invites into one new callback, atomically.
 
@@ -64,7 +64,12 @@ class InviteStore:
             rows = (
                 await conn.execute(
                     select(invites)
-                    .where(invites.c.medium == medium, invites.c.address == address, invites.c.callback_id.is_(None))
+                    .where(
+                        invites.c.medium == medium,
+                        invites.c.address == address,
+                        invites.c.callback_id.is_(None),
+                        invites.c.created_ts >= not_before_ts,  # expired, not yet cleaned up
+                    )
                     .order_by(invites.c.created_ts)
                 )
             ).mappings().all()
