@@ -128,6 +128,49 @@ class SessionConfig:
 
 
 @dataclass
+class TwilioConfig:
+    account_sid: str = ""
+    auth_token: str = ""
+    # Messages resource: POST {api_base_url}/2010-04-01/Accounts/{account_sid}/Messages.json
+    api_base_url: str = "https://api.twilio.com"
+
+
+@dataclass
+class OpenMarketConfig:
+    username: str = ""
+    password: str = ""
+    # Sydent's endpoint: POST {api_base_url}/sms/v4/mt
+    api_base_url: str = "https://smsc.openmarket.com"
+
+
+@dataclass
+class WebhookConfig:
+    # POST url with JSON {"to": msisdn, "text": ..., "originator": {"type", "text"} | null}
+    url: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SmsConfig:
+    # file: write each SMS into `outbox` (trying things out); twilio | openmarket | webhook.
+    provider: str = "file"
+    outbox: str = "data/sms_outbox"
+    # The code people type in: this many digits.
+    code_length: int = 6
+    # The SMS text; {token} is the code (as Sydent's bodyTemplate).
+    template: str = "Your code is {token}"
+    # Sender per country calling code ("44") or "default", as Sydent: "alpha:Matrix",
+    # "long:+447700900000" or "short:12345".
+    originators: dict[str, str] = field(default_factory=dict)
+    # ISO 3166-1 alpha-2 codes we never send to (400 M_DESTINATION_REJECTED).
+    refused_countries: list[str] = field(default_factory=list)
+    timeout_seconds: float = 15.0
+    twilio: TwilioConfig = field(default_factory=TwilioConfig)
+    openmarket: OpenMarketConfig = field(default_factory=OpenMarketConfig)
+    webhook: WebhookConfig = field(default_factory=WebhookConfig)
+
+
+@dataclass
 class InviteConfig:
     # Stored invitations (and their ephemeral keys) older than this are deleted.
     expiry_seconds: int = 90 * 24 * 60 * 60
@@ -149,6 +192,7 @@ class Config:
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
     sessions: SessionConfig = field(default_factory=SessionConfig)
     invites: InviteConfig = field(default_factory=InviteConfig)
+    sms: SmsConfig = field(default_factory=SmsConfig)
     log_level: str = "INFO"
 
     # Derived values, filled in by finalise(); not settable from YAML.
@@ -196,6 +240,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping")
         return _build(tp, value, key + ".")
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping")
+        return {
+            _coerce(str(k) if isinstance(k, int) else k, key_tp, f"{key}.{k}"): _coerce(v, value_tp, f"{key}.{k}")
+            for k, v in value.items()
+        }
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -264,6 +316,22 @@ def finalise(config: Config) -> Config:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 raise ConfigError(f"config key 'federation.{key}[{i}]' is not an IP network: {net!r}") from None
+    _choice(config.sms.provider, ("file", "twilio", "openmarket", "webhook"), "sms.provider")
+    if not (4 <= config.sms.code_length <= 12):
+        raise ConfigError("config key 'sms.code_length' must be between 4 and 12")
+    if "{token}" not in config.sms.template:
+        raise ConfigError("config key 'sms.template' must contain {token}")
+    for cc, spec in config.sms.originators.items():
+        kind, sep, text = spec.partition(":")
+        if not sep or kind not in ("alpha", "long", "short") or not text:
+            raise ConfigError(f"config key 'sms.originators.{cc}' must look like alpha:NAME, long:NUMBER or short:CODE")
+    config.sms.refused_countries = [c.upper() for c in config.sms.refused_countries]
+    if config.sms.provider == "twilio" and not (config.sms.twilio.account_sid and config.sms.twilio.auth_token):
+        raise ConfigError("sms.provider twilio needs 'sms.twilio.account_sid' and 'sms.twilio.auth_token'")
+    if config.sms.provider == "openmarket" and not (config.sms.openmarket.username and config.sms.openmarket.password):
+        raise ConfigError("sms.provider openmarket needs 'sms.openmarket.username' and 'sms.openmarket.password'")
+    if config.sms.provider == "webhook" and not config.sms.webhook.url:
+        raise ConfigError("sms.provider webhook needs 'sms.webhook.url'")
     if config.invites.onbind_retry_initial_seconds <= 0 or config.invites.onbind_retry_max_seconds <= 0:
         raise ConfigError("config keys 'invites.onbind_retry_*_seconds' must be positive")
     if config.invites.expiry_seconds <= 0:
