@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sydent_lite.config import Config
 from sydent_lite.delivery.email import make_email_sender
+from sydent_lite.delivery.sms import make_sms_provider
 from sydent_lite.federation.client import FederationClient
 from sydent_lite.federation.xmatrix import ServerKeyStore
 from sydent_lite.services.accounts import AccountService
@@ -45,6 +46,7 @@ class AppContext:
     onbind: OnbindDelivery
 
     async def aclose(self) -> None:
+        await self.sessions.aclose()
         await self.federation.aclose()
         await self.engine.dispose()
 
@@ -69,6 +71,7 @@ async def build_context(config: Config) -> AppContext:
     pepper = await load_pepper(ServerStateStore(engine), association_store)
     federation = FederationClient(config.federation)
     email_sender = make_email_sender(config.email, config.email_from)
+    sms_provider = make_sms_provider(config.sms)
     invite_store = InviteStore(engine)
     invites = InviteService(config, invite_store, association_store, signer, templates, email_sender)
     onbind = OnbindDelivery(config.invites, invite_store, federation, config.federation.timeout_seconds)
@@ -86,7 +89,9 @@ async def build_context(config: Config) -> AppContext:
         server_keys=ServerKeyStore(federation),
         accounts=AccountService(account_store, federation),
         terms=TermsService(terms, account_store),
-        sessions=SessionService(config, SessionStore(engine), templates, email_sender, RateLimiter(config.rate_limits.enabled)),
+        sessions=SessionService(
+            config, SessionStore(engine), templates, email_sender, sms_provider, RateLimiter(config.rate_limits.enabled)
+        ),
         associations=AssociationService(association_store, signer, pepper, after_bind),
         invites=invites,
         onbind=onbind,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import email_validator
+import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 
 from sydent_lite.errors import MatrixError
@@ -38,3 +40,39 @@ def is_valid_user_id(mxid: object) -> bool:
 
 def user_id_server(mxid: str) -> str:
     return mxid.split(":", 1)[1]
+
+
+@dataclass(frozen=True)
+class PhoneNumber:
+    msisdn: str  # E.164 digits without "+": the stored form (appendix "3PID Types")
+    intl_fmt: str
+    region: str | None  # ISO 3166-1 alpha-2 of the number itself
+    calling_code: int
+
+
+def parse_phone_number(country: str, phone_number: str) -> PhoneNumber:
+    """Parse a number as a person types it, in the context of `country`."""
+    invalid = MatrixError(400, "M_INVALID_ADDRESS", "The phone number is not valid")
+    if len(phone_number) > 64 or len(country) > 8:
+        raise invalid
+    try:
+        number = phonenumbers.parse(phone_number, country.upper() or None)
+    except phonenumbers.NumberParseException:
+        raise invalid from None
+    # "Possible", not "valid": numbers newer than the library's metadata must still work.
+    if not phonenumbers.is_possible_number(number):
+        raise invalid
+    e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return PhoneNumber(
+        msisdn=e164.lstrip("+"),
+        intl_fmt=phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.INTERNATIONAL),
+        # A number outside the metadata's known ranges has no region of its own: take the
+        # calling code's main one (44 -> GB), so refusing a country cannot be side-stepped.
+        region=phonenumbers.region_code_for_number(number) or _main_region(number.country_code),
+        calling_code=number.country_code,
+    )
+
+
+def _main_region(calling_code: int) -> str | None:
+    region = phonenumbers.region_code_for_country_code(calling_code)
+    return None if region == phonenumbers.UNKNOWN_REGION else region

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlencode
 
 from sydent_lite.config import Config
 from sydent_lite.delivery.email import EmailSender, EmailSendError
+from sydent_lite.delivery.sms import SmsProvider, SmsSendError, originator_for
 from sydent_lite.errors import MatrixError, no_valid_session, session_expired, session_not_validated
 from sydent_lite.secrets_util import hash_secret, now_ms, random_string, secrets_equal
 from sydent_lite.services.ratelimit import RateLimiter
 from sydent_lite.storage.sessions import SessionStore, ValidationSession
 from sydent_lite.templating import TemplateStore
-from sydent_lite.threepids import normalise_email
+from sydent_lite.threepids import PhoneNumber, normalise_email, parse_phone_number
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +34,14 @@ class SessionService:
         store: SessionStore,
         templates: TemplateStore,
         email_sender: EmailSender,
+        sms_provider: SmsProvider,
         rate_limiter: RateLimiter,
     ) -> None:
         self._config = config
         self._store = store
         self._templates = templates
         self._email = email_sender
+        self._sms = sms_provider
         self._limits = rate_limiter
         self._lifetime_ms = config.sessions.lifetime_seconds * 1000
 
@@ -57,24 +61,75 @@ class SessionService:
         client_ip: str,
     ) -> str:
         address = normalise_email(email)
+
+        async def send(sid: str, token: str) -> None:
+            await self._send_validation_mail(sid, address, token, client_secret, brand, client_ip)
+
+        token_factory = lambda: random_string(self._config.sessions.email_token_length)  # noqa: E731
+        return await self._request_token(
+            "email", address, client_secret, send_attempt, next_link, brand, client_ip, token_factory, send
+        )
+
+    async def request_msisdn_token(
+        self,
+        *,
+        client_secret: str,
+        country: str,
+        phone_number: str,
+        send_attempt: int,
+        next_link: str | None,
+        brand: str | None,
+        client_ip: str,
+    ) -> tuple[str, PhoneNumber]:
+        number = parse_phone_number(country, phone_number)
+        if number.region and number.region in self._config.sms.refused_countries:
+            raise MatrixError(400, "M_DESTINATION_REJECTED", "This server does not send SMS to that country")
+
+        async def send(sid: str, token: str) -> None:
+            text = self._config.sms.template.replace("{token}", token)
+            try:
+                await self._sms.send(number.msisdn, text, originator_for(self._config.sms, number.calling_code))
+            except SmsSendError as e:
+                logger.warning("validation SMS for session %s not sent: %s", sid, e)
+                raise MatrixError(400, "M_SEND_ERROR", "The validation SMS could not be sent") from None
+
+        digits = "0123456789"
+        token_factory = lambda: random_string(self._config.sms.code_length, digits)  # noqa: E731
+        sid = await self._request_token(
+            "msisdn", number.msisdn, client_secret, send_attempt, next_link, brand, client_ip, token_factory, send
+        )
+        return sid, number
+
+    async def _request_token(
+        self,
+        medium: str,
+        address: str,
+        client_secret: str,
+        send_attempt: int,
+        next_link: str | None,
+        brand: str | None,
+        client_ip: str,
+        token_factory: Callable[[], str],
+        send: Callable[[str, str], Awaitable[None]],
+    ) -> str:
         secret_hash = hash_secret(client_secret)
         now = now_ms()
-        existing = await self._store.find("email", address, secret_hash)
+        existing = await self._store.find(medium, address, secret_hash)
         if existing is not None and not self._expired(existing, now):
             if send_attempt <= existing.send_attempt:
-                return existing.sid  # a retry: same session, no new mail
+                return existing.sid  # a retry: same session, nothing sent again
             self._check_limits(address, client_ip)
-            await self._send_validation_mail(existing.sid, address, existing.token, client_secret, brand, client_ip)
+            await send(existing.sid, existing.token)
             await self._store.set_send_attempt(existing.sid, send_attempt, now, next_link, brand)
             return existing.sid
 
         self._check_limits(address, client_ip)
         session = ValidationSession(
             sid=random_string(SID_LENGTH),
-            medium="email",
+            medium=medium,
             address=address,
             client_secret_hash=secret_hash,
-            token=random_string(self._config.sessions.email_token_length),
+            token=token_factory(),
             send_attempt=send_attempt,
             next_link=next_link,
             brand=brand,
@@ -83,8 +138,8 @@ class SessionService:
             validated=False,
             validated_at=None,
         )
-        # Mail first: a session whose mail never left is of no use to anyone.
-        await self._send_validation_mail(session.sid, address, session.token, client_secret, brand, client_ip)
+        # Send first: a session whose message never left is of no use to anyone.
+        await send(session.sid, session.token)
         await self._store.create(session)
         return session.sid
 
@@ -132,9 +187,9 @@ class SessionService:
             return None
         return session
 
-    async def submit_token(self, sid: str, client_secret: str, token: str) -> ValidationSession:
+    async def submit_token(self, sid: str, client_secret: str, token: str, medium: str | None = None) -> ValidationSession:
         session = await self._store.get(sid)
-        if session is None:
+        if session is None or (medium is not None and session.medium != medium):
             raise no_valid_session()
         secret_ok = secrets_equal(session.client_secret_hash, hash_secret(client_secret))
         token_ok = secrets_equal(session.token, token)
@@ -149,6 +204,9 @@ class SessionService:
             await self._store.mark_validated(sid, now)
             session.validated, session.validated_at, session.mtime = True, now, now
         return session
+
+    async def aclose(self) -> None:
+        await self._sms.aclose()
 
     async def delete_expired(self) -> int:
         """Forget sessions expired for a whole further lifetime (until then they still answer

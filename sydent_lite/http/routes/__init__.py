@@ -35,9 +35,9 @@ def versioned(path: str, handler: Handler, methods: list[str], *, v1: bool = Tru
 
 
 def all_routes() -> list[Route]:
-    from sydent_lite.http.routes import account, email, invites, lookup, pubkey, status, terms, threepid
+    from sydent_lite.http.routes import account, invites, lookup, pubkey, status, terms, threepid, validation
 
     routes: list[Route] = []
-    for module in (status, account, terms, email, threepid, lookup, pubkey, invites):
+    for module in (status, account, terms, validation, threepid, lookup, pubkey, invites):
         routes.extend(module.routes())
     return routes

@@ -1,4 +1,5 @@
-"""Email validation sessions: requestToken and submitToken (JSON and the human-facing page)."""
+"""Validation sessions for email and phone numbers: requestToken, and submitToken (JSON and the
+human-facing page behind the emailed link); one handler per step, the medium from the path."""
 
 from __future__ import annotations
 
@@ -47,6 +48,34 @@ async def request_token(request: Request, ctx: AppContext, v2: bool) -> Response
     return JSONResponse({"sid": sid})
 
 
+async def request_msisdn_token(request: Request, ctx: AppContext, v2: bool) -> Response:
+    if v2:
+        await require_user(request, ctx)
+    body = await read_body(request)
+    require_fields(body, "client_secret", "country", "phone_number", "send_attempt")
+    client_secret = get_opaque_id(body, "client_secret")
+    send_attempt = get_int(body, "send_attempt")
+    country = get_str(body, "country", max_length=8)
+    phone_number = get_str(body, "phone_number", max_length=64)
+    next_link = get_str(body, "next_link", required=False)
+    brand = get_str(body, "brand", required=False, max_length=64)
+    assert country is not None and phone_number is not None
+    sid, number = await ctx.sessions.request_msisdn_token(
+        client_secret=client_secret,
+        country=country,
+        phone_number=phone_number,
+        send_attempt=send_attempt,
+        next_link=next_link,
+        brand=brand,
+        client_ip=client_ip(request),
+    )
+    return JSONResponse({"success": True, "sid": sid, "msisdn": number.msisdn, "intl_fmt": number.intl_fmt})
+
+
+def _medium(request: Request) -> str:
+    return "msisdn" if "/validate/msisdn/" in request.url.path else "email"
+
+
 async def submit_token_json(request: Request, ctx: AppContext, v2: bool) -> Response:
     if v2:
         await require_user(request, ctx)
@@ -56,7 +85,7 @@ async def submit_token_json(request: Request, ctx: AppContext, v2: bool) -> Resp
     client_secret = get_opaque_id(body, "client_secret")
     token = get_str(body, "token", max_length=255)
     assert token is not None
-    await ctx.sessions.submit_token(sid, client_secret, token)
+    await ctx.sessions.submit_token(sid, client_secret, token, _medium(request))
     return JSONResponse({"success": True})
 
 
@@ -84,7 +113,7 @@ async def submit_token_page(request: Request, ctx: AppContext, v2: bool) -> Resp
         client_secret = get_opaque_id(params, "client_secret")
         token = get_str(params, "token", max_length=255)
         assert token is not None
-        session = await ctx.sessions.submit_token(sid, client_secret, token)
+        session = await ctx.sessions.submit_token(sid, client_secret, token, _medium(request))
     except MatrixError as e:
         sid_param = params.get("sid", "")
         if brand is None and OPAQUE_ID_RE.match(sid_param):
@@ -113,4 +142,6 @@ def routes() -> list[Route]:
     return [
         *versioned("/validate/email/requestToken", request_token, ["POST"]),
         *versioned("/validate/email/submitToken", submit_token, ["GET", "POST"]),
+        *versioned("/validate/msisdn/requestToken", request_msisdn_token, ["POST"]),
+        *versioned("/validate/msisdn/submitToken", submit_token, ["GET", "POST"]),
     ]
