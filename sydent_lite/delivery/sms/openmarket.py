@@ -32,7 +32,7 @@ class OpenMarketSmsProvider(HttpSmsProvider):
                  client: httpx.AsyncClient | None = None) -> None:
         super().__init__(timeout_seconds, client)
         self._url = f"{config.api_base_url.rstrip('/')}/sms/v4/mt"
-        creds = base64.b64encode(f"{config.username}:{config.password}".encode("utf-8")).decode("ascii")
+        creds = base64.b64encode(f"{config.username}:{config.password}".encode()).decode("ascii")
         self._authorization = "Basic " + creds
 
     async def send(self, msisdn: str, text: str, originator: Originator | None) -> None:
