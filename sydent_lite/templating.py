@@ -24,6 +24,7 @@ from sydent_lite.config import ConfigError
 EMAIL_TEMPLATE = "verification_template.eml.j2"
 PAGE_TEMPLATE = "verify_response_template.html"
 INVITE_TEMPLATE = "invite_template.eml.j2"
+LANDING_TEMPLATE = "landing_page.html.j2"
 
 # A brand comes from the client (requestToken `brand`, submitToken `?brand=`), so it is only
 # ever used as a single plain folder name: no separators, no dot-files, no "..".
@@ -173,6 +174,13 @@ class TemplateStore:
             page = self._path(brand, template_name).read_text(encoding="utf-8")
             self._pages[key] = page  # bounded: only files that exist get here
         return page
+
+    def render_html(self, template_name: str, brand: str | None, variables: dict[str, Any]) -> str:
+        """A Jinja2 HTML page (autoescaped), e.g. the landing page."""
+        if not is_safe_name(template_name):
+            raise ValueError(f"bad template name {template_name!r}")
+        brand = self.resolve_brand(brand, template_name)
+        return self._env.get_template(self._jinja_name(brand, template_name)).render(variables)
 
     def render_page(self, template_name: str, brand: str | None, message: str) -> str:
         """The page with `message` (HTML-escaped) in place of `%(message)s`."""

@@ -31,6 +31,7 @@ OPTIONAL_FIELDS = (
 )
 # Values put into the join link are cut short: SMTP refuses lines over 998 octets.
 _LINK_FIELD_MAX = 64
+_LINK_MAX = 900
 
 
 class _Fields(dict):
@@ -123,11 +124,15 @@ class InviteService:
         )
         # The query Element's invite page reads (as Sydent builds it).
         params = {"email": address, "signurl": sign_url}
+        location = self._config.email.web_client_location.rstrip("/")
+        base = f"{location}/#/room/{quote(fields['room_id'], safe='')}"
+        with_extras = dict(params)
         for key, field in (("room_name", "room_name"), ("inviter_name", "sender_display_name"), ("room_type", "room_type")):
             if fields.get(field):
-                params[key] = fields[field][:_LINK_FIELD_MAX]
-        location = self._config.email.web_client_location.rstrip("/")
-        return f"{location}/#/room/{quote(fields['room_id'], safe='')}?{urlencode(params)}"
+                with_extras[key] = fields[field][:_LINK_FIELD_MAX]
+        link = f"{base}?{urlencode(with_extras)}"
+        # The extras only decorate Element's page: drop them before the link outgrows a mail line.
+        return link if len(link) <= _LINK_MAX else f"{base}?{urlencode(params)}"
 
     async def _send_invite_mail(
         self, fields: dict[str, str], address: str, token: str, ephemeral_private: str, brand: str | None

@@ -46,6 +46,15 @@ class Terms:
             doc["version"] = str(doc["version"])
         return cls(docs)
 
+    def listing(self, preferred_lang: str = "en") -> list[dict[str, str]]:
+        """One entry per policy, in `preferred_lang` where it exists, for people to read."""
+        out = []
+        for doc in self._docs.values():
+            langs = doc["langs"]
+            info = langs.get(preferred_lang) or next(iter(langs.values()))
+            out.append({"name": info["name"], "url": info["url"], "version": doc["version"]})
+        return out
+
     def policies(self) -> dict[str, Any]:
         """The spec's GET /terms `policies` object."""
         out: dict[str, Any] = {}
