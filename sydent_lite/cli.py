@@ -23,10 +23,10 @@ def _setup_logging(config: Config) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def _cmd_serve(config: Config) -> int:
+def _cmd_serve(config: Config, workers: int = 1) -> int:
     from sydent_lite.server import serve
 
-    return serve(config)
+    return serve(config, workers=workers)
 
 
 def _cmd_migrate(config: Config) -> int:
@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", "-c", metavar="PATH", help="YAML config file (default: embedded defaults)")
+        if name == "serve":
+            p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (share one database)")
     p = sub.add_parser("create-token", help="print a new identity-server access token for a user (no homeserver needed)")
     p.add_argument("--config", "-c", metavar="PATH", help="YAML config file (default: embedded defaults)")
     p.add_argument("--user-id", required=True, help="the Matrix user ID the token belongs to")
@@ -96,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "create-token":
             return _cmd_create_token(config, args.user_id)
-        return {"serve": _cmd_serve, "migrate": _cmd_migrate}[args.command](config)
+        if args.command == "serve":
+            if args.workers < 1:
+                print("sydent-lite: --workers must be at least 1", file=sys.stderr)
+                return 2
+            return _cmd_serve(config, args.workers)
+        return _cmd_migrate(config)
     except (ConfigError, SigningKeyError) as e:
         print(f"sydent-lite: {e}", file=sys.stderr)
         return 2

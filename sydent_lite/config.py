@@ -62,6 +62,8 @@ class ListenConfig:
     # Homeservers only ever call https://<id_server>/...; serve TLS directly when both are set.
     tls_certificate: str | None = None
     tls_private_key: str | None = None
+    # Reverse proxies whose X-Forwarded-For we believe (IPs or networks); nobody else's.
+    trusted_proxies: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -117,6 +119,16 @@ class RateLimitConfig:
     request_token_per_ip_burst: int = 20
     request_token_per_address_per_hour: float = 10.0
     request_token_per_address_burst: int = 5
+    # store-invite, per client IP and per invited address.
+    store_invite_per_ip_per_minute: float = 30.0
+    store_invite_per_ip_burst: int = 20
+    store_invite_per_address_per_hour: float = 10.0
+    store_invite_per_address_burst: int = 5
+    # lookup / bulk_lookup, per access token (v2) or client IP (v1).
+    lookup_per_token_per_minute: float = 600.0
+    lookup_per_token_burst: int = 100
+    # Shared counters for many workers: Redis when set, else the database.
+    redis_url: str | None = None
 
 
 @dataclass
@@ -180,6 +192,15 @@ class InviteConfig:
 
 
 @dataclass
+class MetricsConfig:
+    # Prometheus metrics on their own listener (keep it private: it is not authenticated).
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9092
+    path: str = "/metrics"
+
+
+@dataclass
 class Config:
     server_name: str | None = None
     public_baseurl: str | None = None
@@ -193,6 +214,7 @@ class Config:
     sessions: SessionConfig = field(default_factory=SessionConfig)
     invites: InviteConfig = field(default_factory=InviteConfig)
     sms: SmsConfig = field(default_factory=SmsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log_level: str = "INFO"
 
     # Derived values, filled in by finalise(); not settable from YAML.
@@ -310,6 +332,13 @@ def finalise(config: Config) -> Config:
     url = config.database.url
     if not (url.startswith("sqlite") or url.startswith("postgresql")):
         raise ConfigError("config key 'database.url' must be a sqlite:/// or postgresql:// URL")
+    for i, net in enumerate(config.listen.trusted_proxies):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(f"config key 'listen.trusted_proxies[{i}]' is not an IP network: {net!r}") from None
+    if not (0 < config.metrics.port < 65536) or not config.metrics.path.startswith("/"):
+        raise ConfigError("config keys 'metrics.port' (1-65535) and 'metrics.path' (starting with /) are off")
     for key in ("ip_allowlist", "ip_blocklist"):
         for i, net in enumerate(getattr(config.federation, key)):
             try:
