@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from sydent_lite.storage.tables import invites, onbind_callbacks
+from sydent_lite.storage.tables import ephemeral_public_keys, invites, onbind_callbacks
 
 
 @dataclass
@@ -46,11 +46,16 @@ class InviteStore:
         return StoredInvite(**row) if row else None
 
     async def ephemeral_key_exists(self, public_key: str, not_before_ts: int) -> bool:
-        query = select(invites.c.token).where(
+        ours = select(invites.c.token).where(
             invites.c.ephemeral_public_key == public_key, invites.c.created_ts >= not_before_ts
         )
+        imported = select(ephemeral_public_keys.c.public_key).where(
+            ephemeral_public_keys.c.public_key == public_key, ephemeral_public_keys.c.created_ts >= not_before_ts
+        )
         async with self._engine.connect() as conn:
-            return (await conn.execute(query.limit(1))).first() is not None
+            if (await conn.execute(ours.limit(1))).first() is not None:
+                return True
+            return (await conn.execute(imported.limit(1))).first() is not None
 
     async def queue_callback(
         self, medium: str, address: str, destination: str, build_body, now: int, not_before_ts: int  # type: ignore[no-untyped-def]
@@ -134,8 +139,9 @@ class InviteStore:
             )
 
     async def delete_older_than(self, ts: int) -> tuple[int, int]:
-        """Expire invites (and never-delivered callbacks) created before ts."""
+        """Expire invites (and never-delivered callbacks, imported keys) created before ts."""
         async with self._engine.begin() as conn:
+            await conn.execute(delete(ephemeral_public_keys).where(ephemeral_public_keys.c.created_ts < ts))
             inv = await conn.execute(delete(invites).where(invites.c.created_ts < ts))
             cbs = await conn.execute(delete(onbind_callbacks).where(onbind_callbacks.c.created_ts < ts))
         return inv.rowcount, cbs.rowcount

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, MetaData, String, Table, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint
 
 metadata = MetaData()
 
@@ -100,4 +100,22 @@ onbind_callbacks = Table(
     Column("claimed_until", BigInteger, nullable=False),
     Column("created_ts", BigInteger, nullable=False),
     Index("ix_onbind_callbacks_next_attempt_ts", "next_attempt_ts"),
+)
+
+# Ephemeral public keys without an invite of ours (imported from Sydent): still valid for
+# /pubkey/ephemeral/isvalid until they expire like invites do.
+ephemeral_public_keys = Table(
+    "ephemeral_public_keys",
+    metadata,
+    Column("public_key", String(64), primary_key=True),
+    Column("created_ts", BigInteger, nullable=False),
+)
+
+# Token buckets shared by every worker (when no Redis is configured).
+rate_limit_buckets = Table(
+    "rate_limit_buckets",
+    metadata,
+    Column("key", String(255), primary_key=True),
+    Column("tokens", Float, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
 )
