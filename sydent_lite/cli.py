@@ -81,14 +81,85 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", metavar="PATH", help="YAML config file (default: embedded defaults)")
         if name == "serve":
             p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (share one database)")
-    p = sub.add_parser("create-token", help="print a new identity-server access token for a user (no homeserver needed)")
-    p.add_argument("--config", "-c", metavar="PATH", help="YAML config file (default: embedded defaults)")
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", "-c", metavar="PATH", help="YAML config file (default: embedded defaults)")
+        return p
+
+    def with_target(p: argparse.ArgumentParser) -> None:
+        with_config(p)
+        p.add_argument("--medium", choices=["email", "msisdn"], help="medium of --address")
+        p.add_argument("--address", help="the email address or phone number (digits or +international)")
+        p.add_argument("--mxid", help="a Matrix user ID: everything about that person")
+
+    p = with_config(sub.add_parser("create-token", help="print a new identity-server access token for a user (no homeserver needed)"))
     p.add_argument("--user-id", required=True, help="the Matrix user ID the token belongs to")
+    p = sub.add_parser("generate-config", help="print a documented config file to start from")
+    p.add_argument("--server-name", help="fill in server_name and public_baseurl")
+    keys = sub.add_parser("keys", help="the signing key").add_subparsers(dest="keys_command", required=True)
+    with_config(keys.add_parser("show", help="print the key id and public key"))
+    with_config(keys.add_parser("generate", help="create the signing key file (refuses to replace one)"))
+    assoc = sub.add_parser("associations", help="look at or delete what is stored about a person")
+    assoc_sub = assoc.add_subparsers(dest="associations_command", required=True)
+    with_target(assoc_sub.add_parser("show", help="print associations of an address or a Matrix ID"))
+    with_target(assoc_sub.add_parser("delete", help="delete everything stored about an address or a Matrix ID"))
+    p = with_config(sub.add_parser("bind", help="bind an address to a Matrix ID by hand (as Sydent's script)"))
+    p.add_argument("--medium", choices=["email", "msisdn"], required=True)
+    p.add_argument("--address", required=True)
+    p.add_argument("--mxid", required=True)
+    p = with_config(sub.add_parser("import-sydent", help="move a Sydent server's data (SQLite database) here"))
+    p.add_argument("sydent_db", metavar="PATH_TO_SYDENT_SQLITE_DB")
+    p.add_argument("--signing-key", metavar="FILE", help="Sydent's signing key file, so its signatures stay valid")
     return parser
+
+
+def _cmd_admin(args: argparse.Namespace, config: Config) -> int:
+    """The operator commands (lazy imports: `serve` should not pay for them)."""
+    from pathlib import Path
+
+    from sydent_lite.admin import operator
+    from sydent_lite.errors import MatrixError
+
+    try:
+        if args.command == "keys":
+            if args.keys_command == "show":
+                print(operator.show_key(config))
+            else:
+                print(operator.generate_key(config.signing_key_path))
+            return 0
+        if args.command == "bind":
+            print(operator.dumps(asyncio.run(operator.bind_by_hand(config, medium=args.medium, address=args.address, mxid=args.mxid))))
+            return 0
+        if args.command == "import-sydent":
+            from sydent_lite.admin.import_sydent import import_sydent
+
+            key = Path(args.signing_key) if args.signing_key else None
+            counts = asyncio.run(import_sydent(config, Path(args.sydent_db), key))
+            for name, count in counts.items():
+                print(f"{name}: {count}")
+            return 0
+        # associations show|delete
+        if (args.mxid is None) == (args.address is None) or (args.address is not None and args.medium is None):
+            print("sydent-lite: give either --mxid, or --medium with --address", file=sys.stderr)
+            return 2
+        target = {"medium": args.medium, "address": args.address, "mxid": args.mxid}
+        if args.associations_command == "show":
+            print(operator.dumps(asyncio.run(operator.show_associations(config, **target))))
+        else:
+            print(asyncio.run(operator.delete_person(config, **target)).report())
+        return 0
+    except (MatrixError, FileExistsError, FileNotFoundError) as e:
+        message = e.error if isinstance(e, MatrixError) else str(e)
+        print(f"sydent-lite: {message}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "generate-config":
+        from sydent_lite.admin.operator import generate_config
+
+        print(generate_config(args.server_name), end="")
+        return 0
     try:
         config = load_config(args.config)
     except ConfigError as e:
@@ -98,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "create-token":
             return _cmd_create_token(config, args.user_id)
+        if args.command in ("keys", "associations", "bind", "import-sydent"):
+            return _cmd_admin(args, config)
         if args.command == "serve":
             if args.workers < 1:
                 print("sydent-lite: --workers must be at least 1", file=sys.stderr)

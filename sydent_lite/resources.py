@@ -14,7 +14,7 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 def _data_dir(name: str) -> Path:
     bundled = _PACKAGE_DIR / "_bundled" / name
-    if bundled.is_dir():
+    if bundled.exists():
         return bundled
     return _PACKAGE_DIR.parent / name
 
@@ -27,3 +27,8 @@ def templates_dir() -> Path:
 def migrations_dir() -> Path:
     """The Alembic migrations folder (env.py, versions/)."""
     return _data_dir("migrations")
+
+
+def example_config() -> Path:
+    """The documented example configuration (config.example.yaml)."""
+    return _data_dir("config.example.yaml")

@@ -216,5 +216,8 @@ class InviteService:
             medium, address, user_id_server(mxid), build_body, now, not_before_ts=now - self._expiry_ms
         )
 
+    async def queue_onbind_quietly(self, signed_association: dict[str, Any]) -> None:
+        await self.queue_onbind(signed_association)
+
     async def expire(self) -> tuple[int, int]:
         return await self._store.delete_older_than(now_ms() - self._expiry_ms)

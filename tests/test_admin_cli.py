@@ -1,0 +1,102 @@
+"""Operator commands against a database the real server filled: keys, associations, bind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from support.server import IdentityApi, unique_email
+
+V1 = "/_matrix/identity/api/v1"
+
+
+def cli(server, *args: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    return subprocess.run(
+        [sys.executable, "-m", "sydent_lite", *args, "--config", str(server.config_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_generate_config_is_a_valid_config(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "sydent_lite", "generate-config", "--server-name", "id.test"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    data = yaml.safe_load(out)
+    assert data["server_name"] == "id.test" and data["public_baseurl"] == "https://id.test"
+    path = tmp_path / "c.yaml"
+    path.write_text(out)
+    from sydent_lite.config import load_config
+
+    assert load_config(path).server_name == "id.test"
+
+
+def test_keys_show_and_generate(make_server) -> None:  # type: ignore[no-untyped-def]
+    server = make_server()
+    with server.new_client() as client:
+        public_key = client.get("/_matrix/identity/v2/pubkey/ed25519:0").json()["public_key"]
+    shown = cli(server, "keys", "show")
+    assert shown.returncode == 0 and shown.stdout.strip() == f"ed25519:0 {public_key}"
+    refused = cli(server, "keys", "generate")
+    assert refused.returncode == 2 and "refusing" in refused.stderr
+    assert cli(server, "keys", "show").stdout == shown.stdout  # untouched
+
+
+def test_delete_everything_about_a_person(make_server, api_for, homeserver, smtp) -> None:  # type: ignore[no-untyped-def]
+    server = make_server(terms_path=None)
+    api: IdentityApi = api_for(server)
+    user = api.register()
+    first, second = unique_email("forgetme"), unique_email("forgetme2")
+    # An invitation to the address before it is bound (delivered at bind, still stored).
+    resp = api.client.post(f"{V1}/store-invite", json={"medium": "email", "address": first, "room_id": "!r:hs.test",
+                                                        "sender": "@s:hs.test"})
+    assert resp.status_code == 200, resp.text
+    api.smtp.wait_for(first)  # the invite mail, out of the way of the validation mail
+    _, assoc = api.bind_email(first, user)
+    api.bind_email(second, user)
+    other = api.register()
+    kept = unique_email("keepme")
+    api.bind_email(kept, other)
+    # A pending session for one of the person's addresses.
+    api.start_email_session(first, v1=True)
+
+    shown = cli(server, "associations", "show", "--mxid", user.user_id)
+    assert shown.returncode == 0, shown.stderr
+    assert {a["address"] for a in json.loads(shown.stdout)} == {first, second}
+
+    deleted = cli(server, "associations", "delete", "--mxid", user.user_id)
+    assert deleted.returncode == 0, deleted.stderr
+    assert "associations removed: 2" in deleted.stdout
+    assert f"email {first} -> {user.user_id}" in deleted.stdout
+    assert "access tokens removed: 1" in deleted.stdout
+    assert "pending invites removed: 1" in deleted.stdout
+    assert "validation sessions removed: 3" in deleted.stdout  # two binds and the pending one
+
+    # Gone from every lookup; the other person's binding and token are untouched.
+    assert api.v1_lookup("email", first).json() == {}
+    assert api.v1_lookup("email", second).json() == {}
+    assert api.lookup_email(other, first) is None
+    assert api.lookup_email(other, kept) == other.user_id
+    assert api.client.get("/_matrix/identity/v2/account", headers=user.headers).status_code == 401
+    assert assoc["mxid"] == user.user_id
+
+
+def test_delete_by_address_and_bind_by_hand(make_server, api_for) -> None:  # type: ignore[no-untyped-def]
+    server = make_server(terms_path=None)
+    api: IdentityApi = api_for(server)
+    address = unique_email("byhand")
+    bound = cli(server, "bind", "--medium", "email", "--address", address.upper(), "--mxid", "@hand:hs.test")
+    assert bound.returncode == 0, bound.stderr
+    signed = json.loads(bound.stdout)
+    assert signed["address"] == address and signed["mxid"] == "@hand:hs.test"
+    assert api.v1_lookup("email", address).json() == signed  # the running server sees it
+    bad = cli(server, "bind", "--medium", "email", "--address", address, "--mxid", "hand")
+    assert bad.returncode == 2 and "not a Matrix user ID" in bad.stderr
+
+    deleted = cli(server, "associations", "delete", "--medium", "email", "--address", address)
+    assert deleted.returncode == 0 and "associations removed: 1" in deleted.stdout
+    assert api.v1_lookup("email", address).json() == {}
+    usage = cli(server, "associations", "delete", "--address", address)
+    assert usage.returncode == 2
