@@ -23,10 +23,10 @@ def _setup_logging(config: Config) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def _cmd_serve(config: Config, workers: int = 1) -> int:
+def _cmd_serve(config: Config) -> int:
     from sydent_lite.server import serve
 
-    return serve(config, workers=workers)
+    return serve(config)
 
 
 def _cmd_migrate(config: Config) -> int:
@@ -79,8 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", "-c", metavar="PATH", help="YAML config file (default: embedded defaults)")
-        if name == "serve":
-            p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (share one database)")
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", metavar="PATH", help="YAML config file (default: embedded defaults)")
         return p
@@ -172,10 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("keys", "associations", "bind", "import-sydent"):
             return _cmd_admin(args, config)
         if args.command == "serve":
-            if args.workers < 1:
-                print("sydent-lite: --workers must be at least 1", file=sys.stderr)
-                return 2
-            return _cmd_serve(config, args.workers)
+            return _cmd_serve(config)
         return _cmd_migrate(config)
     except (ConfigError, SigningKeyError) as e:
         print(f"sydent-lite: {e}", file=sys.stderr)

@@ -127,8 +127,6 @@ class RateLimitConfig:
     # lookup / bulk_lookup, per access token (v2) or client IP (v1).
     lookup_per_token_per_minute: float = 600.0
     lookup_per_token_burst: int = 100
-    # Shared counters for many workers: Redis when set, else the database.
-    redis_url: str | None = None
 
 
 @dataclass
@@ -192,15 +190,6 @@ class InviteConfig:
 
 
 @dataclass
-class MetricsConfig:
-    # Prometheus metrics on their own listener (keep it private: it is not authenticated).
-    enabled: bool = False
-    host: str = "127.0.0.1"
-    port: int = 9092
-    path: str = "/metrics"
-
-
-@dataclass
 class Config:
     server_name: str | None = None
     public_baseurl: str | None = None
@@ -214,7 +203,6 @@ class Config:
     sessions: SessionConfig = field(default_factory=SessionConfig)
     invites: InviteConfig = field(default_factory=InviteConfig)
     sms: SmsConfig = field(default_factory=SmsConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log_level: str = "INFO"
 
     # Derived values, filled in by finalise(); not settable from YAML.
@@ -337,8 +325,6 @@ def finalise(config: Config) -> Config:
             ipaddress.ip_network(net, strict=False)
         except ValueError:
             raise ConfigError(f"config key 'listen.trusted_proxies[{i}]' is not an IP network: {net!r}") from None
-    if not (0 < config.metrics.port < 65536) or not config.metrics.path.startswith("/"):
-        raise ConfigError("config keys 'metrics.port' (1-65535) and 'metrics.path' (starting with /) are off")
     for key in ("ip_allowlist", "ip_blocklist"):
         for i, net in enumerate(getattr(config.federation, key)):
             try:

@@ -44,6 +44,7 @@ class AppContext:
     associations: AssociationService
     invites: InviteService
     onbind: OnbindDelivery
+    rate_limiter: RateLimiter
 
     async def aclose(self) -> None:
         await self.sessions.aclose()
@@ -75,6 +76,7 @@ async def build_context(config: Config) -> AppContext:
     invite_store = InviteStore(engine)
     invites = InviteService(config, invite_store, association_store, signer, templates, email_sender)
     onbind = OnbindDelivery(config.invites, invite_store, federation, config.federation.timeout_seconds)
+    rate_limiter = RateLimiter(config.rate_limits.enabled)
 
     async def after_bind(signed_association: dict) -> None:
         if await invites.queue_onbind(signed_association) is not None:
@@ -90,9 +92,10 @@ async def build_context(config: Config) -> AppContext:
         accounts=AccountService(account_store, federation),
         terms=TermsService(terms, account_store),
         sessions=SessionService(
-            config, SessionStore(engine), templates, email_sender, sms_provider, RateLimiter(config.rate_limits.enabled)
+            config, SessionStore(engine), templates, email_sender, sms_provider, rate_limiter
         ),
         associations=AssociationService(association_store, signer, pepper, after_bind),
         invites=invites,
         onbind=onbind,
+        rate_limiter=rate_limiter,
     )

@@ -27,7 +27,7 @@ class _Server(uvicorn.Server):
             print(f"sydent-lite listening on {self._announce}", flush=True)
 
 
-def serve(config: Config, workers: int = 1) -> int:
+def serve(config: Config) -> int:
     # Fail on a bad key, terms or templates file before binding the port.
     load_static_parts(config)
     listen = config.listen

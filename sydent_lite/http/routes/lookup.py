@@ -8,9 +8,11 @@ from starlette.routing import Route
 
 from sydent_lite.context import AppContext
 from sydent_lite.errors import MatrixError, invalid_param
-from sydent_lite.http.auth import require_user
+from sydent_lite.http.auth import access_token, require_user
 from sydent_lite.http.request import get_str, is_storable, query_params, read_body, require_fields
 from sydent_lite.http.routes import versioned
+from sydent_lite.http.routes.validation import client_ip
+from sydent_lite.secrets_util import hash_secret
 from sydent_lite.services.associations import MAX_LOOKUP_ADDRESSES
 
 
@@ -24,8 +26,15 @@ async def hash_details(request: Request, ctx: AppContext, v2: bool) -> Response:
     return JSONResponse({"lookup_pepper": ctx.associations.pepper, "algorithms": ["none", "sha256"]})
 
 
+def _limit_lookups(request: Request, ctx: AppContext, who: str) -> None:
+    rl = ctx.config.rate_limits
+    ctx.rate_limiter.check(f"lookup:{who}", rl.lookup_per_token_per_minute / 60, rl.lookup_per_token_burst)
+
+
 async def lookup_v2(request: Request, ctx: AppContext, v2: bool) -> Response:
     await require_user(request, ctx)
+    token = access_token(request)
+    _limit_lookups(request, ctx, f"token:{hash_secret(token or '')}")
     body = await read_body(request, allow_form=False)
     require_fields(body, "algorithm", "pepper", "addresses")
     algorithm = get_str(body, "algorithm", max_length=64)
@@ -43,6 +52,7 @@ async def lookup_v2(request: Request, ctx: AppContext, v2: bool) -> Response:
 
 
 async def lookup_v1(request: Request, ctx: AppContext, v2: bool) -> Response:
+    _limit_lookups(request, ctx, f"ip:{client_ip(request)}")
     params = query_params(request)
     require_fields(params, "medium", "address")
     medium, address = get_str(params, "medium", max_length=16), get_str(params, "address", max_length=512)
@@ -52,6 +62,7 @@ async def lookup_v1(request: Request, ctx: AppContext, v2: bool) -> Response:
 
 
 async def bulk_lookup(request: Request, ctx: AppContext, v2: bool) -> Response:
+    _limit_lookups(request, ctx, f"ip:{client_ip(request)}")
     body = await read_body(request, allow_form=False)
     require_fields(body, "threepids")
     threepids = body["threepids"]

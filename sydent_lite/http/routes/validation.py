@@ -12,6 +12,7 @@ from starlette.routing import Route
 from sydent_lite.context import AppContext
 from sydent_lite.errors import MatrixError
 from sydent_lite.http.auth import require_user
+from sydent_lite.http.client_ip import client_ip as forwarded_client_ip
 from sydent_lite.http.request import get_int, get_opaque_id, get_str, query_params, read_body, require_fields
 from sydent_lite.http.routes import versioned
 from sydent_lite.secrets_util import OPAQUE_ID_RE
@@ -20,7 +21,8 @@ PAGE_TEMPLATE = "verify_response_template.html"
 
 
 def client_ip(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+    ctx: AppContext = request.app.state.ctx
+    return forwarded_client_ip(request, ctx.config.listen.trusted_proxies)
 
 
 async def request_token(request: Request, ctx: AppContext, v2: bool) -> Response:
