@@ -1,0 +1,141 @@
+"""A person in a real browser: headless Chromium (Debian's chromium + chromium-driver, driven by
+selenium) opens the link from a mail our SMTP server really received, sees the result page,
+follows a next_link; screenshots go to test-artifacts/ (kept by CI, ignored by git)."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support.db import DatabaseFactory
+from support.server import SydentServer, new_secret, unique_email
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+V1 = "/_matrix/identity/api/v1"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        message = "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never download anything
+    from selenium import webdriver
+
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", f"--user-data-dir={profile}", "--window-size=1024,768"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, smtp_sink, homeserver) -> Iterator[SydentServer]:  # type: ignore[no-untyped-def]
+    # One backend is enough for what a browser sees.
+    factory = DatabaseFactory("sqlite", tmp_path_factory.mktemp("browser-db"))
+    srv = SydentServer(tmp_path_factory.mktemp("browser-server"), database_url=factory.create().url,
+                       smtp_port=smtp_sink.port, ca_file=homeserver.ca_path, name="sydent_lite (browser)")
+    srv.start()
+    yield srv
+    srv.stop()
+    factory.cleanup()
+
+
+@pytest.fixture(scope="module")
+def welcome_page() -> Iterator[str]:
+    """A tiny page on loopback for next_link to send people to."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            body = b"<!DOCTYPE html><title>Welcome</title><h1>Welcome back</h1>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/welcome"
+    httpd.shutdown()
+
+
+def _mailed_link(server: SydentServer, smtp_sink, next_link: str | None = None) -> str:  # type: ignore[no-untyped-def]
+    smtp_sink.accept()
+    address = unique_email("browser")
+    body = {"client_secret": new_secret(), "email": address, "send_attempt": 1}
+    if next_link:
+        body["next_link"] = next_link
+    resp = server.client.post(f"{V1}/validate/email/requestToken", json=body)
+    assert resp.status_code == 200, resp.text
+    return smtp_sink.wait_for(address).link
+
+
+def _shot(driver, name: str) -> None:  # type: ignore[no-untyped-def]
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert driver.save_screenshot(str(ARTIFACTS / name))
+
+
+def test_clicking_the_mailed_link_shows_success(browser, server, smtp_sink) -> None:  # type: ignore[no-untyped-def]
+    from selenium.webdriver.common.by import By
+
+    browser.get(_mailed_link(server, smtp_sink))
+    assert browser.find_element(By.TAG_NAME, "h1").text == "Address verification"
+    assert "Verification successful" in browser.find_element(By.CSS_SELECTOR, "[role=status]").text
+    _shot(browser, "validation-success.png")
+
+
+def test_next_link_is_followed(browser, server, smtp_sink, welcome_page: str) -> None:  # type: ignore[no-untyped-def]
+    from selenium.webdriver.common.by import By
+
+    browser.get(_mailed_link(server, smtp_sink, next_link=welcome_page))
+    assert browser.current_url == welcome_page
+    assert browser.find_element(By.TAG_NAME, "h1").text == "Welcome back"
+    _shot(browser, "next-link.png")
+
+
+def test_a_wrong_code_shows_a_clear_failure(browser, server, smtp_sink) -> None:  # type: ignore[no-untyped-def]
+    from selenium.webdriver.common.by import By
+
+    link = _mailed_link(server, smtp_sink).replace("token=", "token=x", 1)
+    browser.get(link)
+    status = browser.find_element(By.CSS_SELECTOR, "[role=status]").text
+    assert "not valid" in status and "incorrect" in status
+    _shot(browser, "validation-failed.png")
+
+
+def test_pages_fit_a_phone_screen(browser, server, smtp_sink) -> None:  # type: ignore[no-untyped-def]
+    browser.set_window_size(375, 812)
+    try:
+        for url, shot in ((_mailed_link(server, smtp_sink), "validation-success-mobile.png"),
+                          (server.base_url + "/", "landing-mobile.png")):
+            browser.get(url)
+            assert browser.execute_script(
+                "return document.documentElement.scrollWidth <= window.innerWidth"), f"{url} scrolls sideways"
+            assert browser.execute_script("return !!document.querySelector('meta[name=viewport]')")
+            _shot(browser, shot)
+    finally:
+        browser.set_window_size(1024, 768)
