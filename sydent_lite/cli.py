@@ -128,10 +128,14 @@ def _cmd_admin(args: argparse.Namespace, config: Config) -> int:
             print(operator.dumps(asyncio.run(operator.bind_by_hand(config, medium=args.medium, address=args.address, mxid=args.mxid))))
             return 0
         if args.command == "import-sydent":
-            from sydent_lite.admin.import_sydent import import_sydent
+            from sydent_lite.admin.import_sydent import SydentImportError, import_sydent
 
             key = Path(args.signing_key) if args.signing_key else None
-            counts = asyncio.run(import_sydent(config, Path(args.sydent_db), key))
+            try:
+                counts = asyncio.run(import_sydent(config, Path(args.sydent_db), key))
+            except SydentImportError as e:
+                print(f"sydent-lite: {e}", file=sys.stderr)
+                return 2
             for name, count in counts.items():
                 print(f"{name}: {count}")
             return 0

@@ -662,3 +662,10 @@ def test_onbind_survives_a_restart(
         assert homeserver.onbind_requests(invitee.user_id, since=success.time + 0.001) == []
     finally:
         homeserver.reset_onbind(invitee.user_id)
+
+
+def test_empty_ephemeral_key_is_never_valid(client: httpx.Client) -> None:
+    # Invites imported from Sydent store "" as their ephemeral key: "" must not match them.
+    for prefix in (V2, "/_matrix/identity/api/v1"):
+        resp = client.get(f"{prefix}/pubkey/ephemeral/isvalid", params={"public_key": ""})
+        assert resp.status_code == 200 and resp.json() == {"valid": False}

@@ -46,6 +46,8 @@ class InviteStore:
         return StoredInvite(**row) if row else None
 
     async def ephemeral_key_exists(self, public_key: str, not_before_ts: int) -> bool:
+        if not public_key:
+            return False  # invites imported from Sydent carry no ephemeral key of their own ("")
         ours = select(invites.c.token).where(
             invites.c.ephemeral_public_key == public_key, invites.c.created_ts >= not_before_ts
         )
@@ -73,6 +75,7 @@ class InviteStore:
                         invites.c.medium == medium,
                         invites.c.address == address,
                         invites.c.callback_id.is_(None),
+                        invites.c.delivered_ts.is_(None),  # e.g. imported from Sydent, already sent
                         invites.c.created_ts >= not_before_ts,  # expired, not yet cleaned up
                     )
                     .order_by(invites.c.created_ts)

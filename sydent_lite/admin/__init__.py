@@ -1,0 +1,1 @@
+"""Operator tools: the commands behind `sydent-lite keys|associations|bind|import-sydent`."""
