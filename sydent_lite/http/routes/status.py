@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
+from sqlalchemy import text
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -9,6 +13,8 @@ from starlette.routing import Route
 from sydent_lite.context import AppContext
 from sydent_lite.http.routes import versioned
 from sydent_lite.templating import LANDING_TEMPLATE
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_VERSIONS = ["r0.1.0", "r0.2.0", "r0.2.1", "r0.3.0"] + [f"v1.{i}" for i in range(1, 17)]
 
@@ -33,6 +39,21 @@ async def landing_page(request: Request) -> Response:
     return HTMLResponse(page)
 
 
+async def health(request: Request) -> Response:
+    """For load balancers: 200 while the database answers, 503 otherwise. No auth, cheap."""
+    ctx: AppContext = request.app.state.ctx
+    try:
+        async with asyncio.timeout(2):
+            async with ctx.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+    except Exception:
+        logger.warning("health check: the database did not answer")
+        return JSONResponse(
+            {"status": "unavailable", "errcode": "M_UNKNOWN", "error": "The database is not reachable"}, status_code=503
+        )
+    return JSONResponse({"status": "ok"})
+
+
 async def status(request: Request, ctx: AppContext, v2: bool) -> Response:
     return JSONResponse({})
 
@@ -40,6 +61,7 @@ async def status(request: Request, ctx: AppContext, v2: bool) -> Response:
 def routes() -> list[Route]:
     return [
         Route("/", landing_page, methods=["GET"]),
+        Route("/_sydent_lite/health", health, methods=["GET"]),
         Route("/_matrix/identity/versions", versions, methods=["GET"]),
         *versioned("", status, ["GET"]),
     ]
