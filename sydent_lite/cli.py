@@ -12,21 +12,31 @@ from sydent_lite.signing import SigningKeyError
 
 
 def _setup_logging(config: Config) -> None:
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """Levelled logs on stderr: `time LEVEL logger [request-id] message` ("-" outside requests).
+
+    JSON lines instead with `log_format: json` in the config (or the environment variable
+    SYDENT_LITE_LOG_FORMAT=json, which wins). Secrets and email addresses that slip
+    into a message at INFO and above are masked (sydent_lite.observability.logs).
+    """
+    import os
+
+    from sydent_lite.observability.logs import LOG_FORMATS, setup_logging
+
+    fmt = (os.environ.get("SYDENT_LITE_LOG_FORMAT") or config.log_format or "text").lower()
+    if fmt not in LOG_FORMATS:
+        print(f"sydent-lite: unknown log format {fmt!r} (text or json); using text", file=sys.stderr)
+        fmt = "text"
+    setup_logging(config.log_level, fmt, sys.stderr)
     # httpx logs every request URL at INFO, query strings (OpenID tokens) included.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def _cmd_serve(config: Config) -> int:
+def _cmd_serve(config: Config, workers: int) -> int:
     from sydent_lite.server import serve
 
-    return serve(config)
+    return serve(config, workers)
 
 
 def _cmd_migrate(config: Config) -> int:
@@ -70,6 +80,16 @@ def _cmd_create_token(config: Config, user_id: str) -> int:
     return 0
 
 
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError("must be between 1 and 256")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sydent-lite", description="A Matrix identity server.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", "-c", metavar="PATH", help="YAML config file (default: embedded defaults)")
+        if name == "serve":
+            p.add_argument(
+                "--workers", "-w", type=_positive_int, default=1, metavar="N",
+                help="worker processes sharing the port (state is in the database; use PostgreSQL for N > 1)",
+            )
+
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", metavar="PATH", help="YAML config file (default: embedded defaults)")
         return p
@@ -174,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("keys", "associations", "bind", "import-sydent"):
             return _cmd_admin(args, config)
         if args.command == "serve":
-            return _cmd_serve(config)
+            return _cmd_serve(config, args.workers)
         return _cmd_migrate(config)
     except (ConfigError, SigningKeyError) as e:
         print(f"sydent-lite: {e}", file=sys.stderr)

@@ -127,6 +127,17 @@ class RateLimitConfig:
     # lookup / bulk_lookup, per access token (v2) or client IP (v1).
     lookup_per_token_per_minute: float = 600.0
     lookup_per_token_burst: int = 100
+    # Where the buckets live, shared by every worker: Redis when set, else the database.
+    redis_url: str | None = None
+
+
+@dataclass
+class MetricsConfig:
+    # Prometheus metrics on a listener of their own, never on the public port.
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9092
+    path: str = "/metrics"
 
 
 @dataclass
@@ -203,7 +214,9 @@ class Config:
     sessions: SessionConfig = field(default_factory=SessionConfig)
     invites: InviteConfig = field(default_factory=InviteConfig)
     sms: SmsConfig = field(default_factory=SmsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log_level: str = "INFO"
+    log_format: str = "text"
 
     # Derived values, filled in by finalise(); not settable from YAML.
     @property
@@ -313,6 +326,17 @@ def finalise(config: Config) -> Config:
     _choice(config.email.transport, ("smtp", "maildir"), "email.transport")
     _choice(config.email.smtp.security, ("none", "starttls", "tls"), "email.smtp.security")
     _choice(config.log_level.upper(), ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level")
+    _choice(config.log_format.lower(), ("text", "json"), "log_format")
+    if config.metrics.enabled:
+        if not (0 < config.metrics.port < 65536):
+            raise ConfigError("config key 'metrics.port' must be between 1 and 65535")
+        if config.metrics.port == config.listen.port:
+            raise ConfigError("config key 'metrics.port' must differ from 'listen.port' (metrics are not public)")
+        if not config.metrics.path.startswith("/"):
+            raise ConfigError("config key 'metrics.path' must start with /")
+    redis_url = config.rate_limits.redis_url
+    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("config key 'rate_limits.redis_url' must be a redis://, rediss:// or unix:// URL")
     if not (0 < config.listen.port < 65536):
         raise ConfigError("config key 'listen.port' must be between 1 and 65535")
     if bool(config.listen.tls_certificate) != bool(config.listen.tls_private_key):

@@ -49,6 +49,7 @@ class AppContext:
     async def aclose(self) -> None:
         await self.sessions.aclose()
         await self.federation.aclose()
+        await self.rate_limiter.aclose()
         await self.engine.dispose()
 
 
@@ -76,7 +77,7 @@ async def build_context(config: Config) -> AppContext:
     invite_store = InviteStore(engine)
     invites = InviteService(config, invite_store, association_store, signer, templates, email_sender)
     onbind = OnbindDelivery(config.invites, invite_store, federation, config.federation.timeout_seconds)
-    rate_limiter = RateLimiter(config.rate_limits.enabled)
+    rate_limiter = RateLimiter.from_config(config.rate_limits, engine)
 
     async def after_bind(signed_association: dict) -> None:
         if await invites.queue_onbind(signed_association) is not None:

@@ -1,17 +1,37 @@
-"""Running the HTTP server with uvicorn."""
+"""Running the HTTP server with uvicorn: one process, or a supervisor and N worker processes.
+
+With `--workers N` (N > 1) the parent binds the socket, applies the migrations once, and starts
+N uvicorn workers that share the socket. Each worker builds its own application from
+`app_from_env` (the configuration travels in an environment variable as JSON). Workers share
+nothing but the database (and Redis, when configured): that is where every piece of state
+that matters lives. "listening on" is printed once, by the parent, when every worker serves.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
+import os
+import sys
+from typing import Any
 
 import uvicorn
+from uvicorn.supervisors.multiprocess import Multiprocess
 
-from sydent_lite.config import Config
+from sydent_lite.config import Config, config_from_dict
 from sydent_lite.context import load_static_parts
 from sydent_lite.http.app import create_app
 
 logger = logging.getLogger(__name__)
+
+# The worker processes' configuration (JSON, YAML key names), set by the parent.
+CONFIG_ENV = "SYDENT_LITE_WORKER_CONFIG"
+APP_FACTORY = "sydent_lite.server:app_from_env"
+
+# Attribute names that are not the YAML key (a Python keyword).
+_KEY_FOR_ATTR = {"from_": "from"}
 
 
 class _Server(uvicorn.Server):
@@ -27,25 +47,142 @@ class _Server(uvicorn.Server):
             print(f"sydent-lite listening on {self._announce}", flush=True)
 
 
-def serve(config: Config) -> int:
-    # Fail on a bad key, terms or templates file before binding the port.
-    load_static_parts(config)
+class _Supervisor(Multiprocess):
+    """uvicorn's worker supervisor, announcing once when every worker has started."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list, announce: str) -> None:  # type: ignore[type-arg]
+        super().__init__(config, sockets=sockets)  # uvicorn >= 0.30 (health-checked workers)
+        self._announce = announce
+        self.announced = False
+
+    @staticmethod
+    def _ready(process: Any) -> bool:
+        if not process.process.is_alive():
+            return False
+        is_ready = getattr(process, "is_ready", None)  # newer uvicorn: startup finished, not just alive
+        return bool(is_ready(timeout=1) if is_ready is not None else process.is_alive(timeout=1))
+
+    def keep_subprocess_alive(self) -> None:
+        waiting = not self.announced and not self.should_exit.is_set() and bool(self.processes)
+        if waiting and all(self._ready(p) for p in self.processes):
+            self.announced = True
+            print(f"sydent-lite listening on {self._announce} ({len(self.processes)} workers)", flush=True)
+        super().keep_subprocess_alive()
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The configuration as YAML-style data that `config_from_dict` reads back."""
+
+    def convert(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {_KEY_FOR_ATTR.get(f.name, f.name): convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        return value
+
+    return convert(config)
+
+
+def app_from_env() -> Any:
+    """The ASGI app of one worker process (uvicorn factory): config from CONFIG_ENV."""
+    raw = os.environ.get(CONFIG_ENV)
+    if not raw:
+        raise RuntimeError(f"{APP_FACTORY} runs in worker processes started by `sydent-lite serve --workers N`")
+    config = config_from_dict(json.loads(raw))
+    os.environ.pop(CONFIG_ENV, None)  # holds secrets; nothing this worker starts needs it
+    from sydent_lite.cli import _setup_logging  # the same logging as the parent's
+
+    _setup_logging(config)
+    return create_app(config)
+
+
+def _uvicorn_options(config: Config) -> dict[str, Any]:
+    listen = config.listen
+    return {
+        "host": listen.host,
+        "port": listen.port,
+        "ssl_certfile": listen.tls_certificate,
+        "ssl_keyfile": listen.tls_private_key,
+        "lifespan": "on",
+        "log_config": None,  # our logging setup, not uvicorn's
+        "access_log": False,  # access lines would carry ?access_token= query strings
+        "proxy_headers": False,  # X-Forwarded-For is ours to judge (listen.trusted_proxies)
+        "server_header": False,
+        "timeout_graceful_shutdown": 10,
+    }
+
+
+def _announcement(config: Config) -> str:
     listen = config.listen
     scheme = "https" if listen.tls_certificate else "http"
     host = f"[{listen.host}]" if ":" in listen.host else listen.host
-    uv_config = uvicorn.Config(
-        create_app(config),
-        host=listen.host,
-        port=listen.port,
-        ssl_certfile=listen.tls_certificate,
-        ssl_keyfile=listen.tls_private_key,
-        lifespan="on",
-        log_config=None,  # our logging setup, not uvicorn's
-        access_log=False,  # access lines would carry ?access_token= query strings
-        proxy_headers=False,
-        server_header=False,
-        timeout_graceful_shutdown=10,
-    )
-    server = _Server(uv_config, f"{scheme}://{host}:{listen.port}")
-    asyncio.run(server.serve())
-    return 0 if server.started else 1
+    return f"{scheme}://{host}:{listen.port}"
+
+
+def _migrate_once(config: Config) -> None:
+    """Apply migrations before the workers start, so they find the schema ready."""
+    from sydent_lite.storage.database import create_engine, migrate
+
+    async def run() -> None:
+        engine = create_engine(config.database.url)
+        try:
+            await migrate(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+
+
+def serve(config: Config, workers: int = 1) -> int:
+    # Fail on a bad key, terms or templates file before binding the port.
+    load_static_parts(config)
+    if workers <= 1:
+        uv_config = uvicorn.Config(create_app(config), **_uvicorn_options(config))
+        server = _Server(uv_config, _announcement(config))
+        asyncio.run(server.serve())
+        return 0 if server.started else 1
+    return _serve_workers(config, workers)
+
+
+def _serve_workers(config: Config, workers: int) -> int:
+    try:
+        _migrate_once(config)
+    except Exception as e:  # unreachable, refused, not migratable: say so and stop
+        logger.debug("database preparation failed", exc_info=True)
+        print(f"sydent-lite: cannot prepare the database: {e}", file=sys.stderr)
+        return 1
+    os.environ[CONFIG_ENV] = json.dumps(config_to_dict(config))
+    uv_config = uvicorn.Config(APP_FACTORY, factory=True, workers=workers, **_uvicorn_options(config))
+    try:
+        sock = uv_config.bind_socket()
+    except SystemExit:
+        return 1  # uvicorn logged why (address in use, ...)
+    metrics_dir = _prepare_metrics(workers)
+    supervisor = _Supervisor(uv_config, [sock], _announcement(config))
+    try:
+        supervisor.run()
+    except KeyboardInterrupt:  # pragma: no cover
+        pass
+    finally:
+        sock.close()
+        _cleanup_metrics(metrics_dir)
+    return 0 if supervisor.announced else 1
+
+
+def _prepare_metrics(workers: int) -> str | None:
+    """prometheus_client's shared directory for the workers (they inherit the environment)."""
+    try:
+        from sydent_lite.observability import prepare_multiprocess
+    except ImportError:  # pragma: no cover - built without metrics
+        return None
+    return prepare_multiprocess(workers)
+
+
+def _cleanup_metrics(path: str | None) -> None:
+    try:
+        from sydent_lite.observability import cleanup_multiprocess
+    except ImportError:  # pragma: no cover
+        return
+    cleanup_multiprocess(path)

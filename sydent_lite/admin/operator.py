@@ -132,7 +132,9 @@ async def delete_person(config: Config, *, medium: str | None, address: str | No
                 await conn.execute(delete(associations).where(associations.c.medium == m, associations.c.address == a))
                 callback_ids = [r[0] for r in await conn.execute(
                     select(invites.c.callback_id).where(invites.c.medium == m, invites.c.address == a,
-                                                        invites.c.callback_id.is_not(None)))]
+                                                        invites.c.callback_id.is_not(None),
+                                                        # a delivered invite's id may be reused (SQLite)
+                                                        invites.c.delivered_ts.is_(None)))]
                 if callback_ids:
                     result = await conn.execute(delete(onbind_callbacks).where(onbind_callbacks.c.id.in_(callback_ids)))
                     removed.callbacks += result.rowcount

@@ -1,10 +1,11 @@
-"""The ASGI application: routes, Matrix errors, CORS."""
+"""The ASGI application: routes, Matrix errors, CORS, request ids and request metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -12,19 +13,24 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sydent_lite.config import Config
 from sydent_lite.context import AppContext, build_context
 from sydent_lite.errors import MatrixError
 from sydent_lite.http.routes import all_routes
+from sydent_lite.observability import metrics
+from sydent_lite.observability.logs import REQUEST_ID, request_id_from_header
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("sydent_lite.access")
 
 CORS_HEADERS = [
     (b"access-control-allow-origin", b"*"),
     (b"access-control-allow-methods", b"GET, POST, PUT, DELETE, OPTIONS"),
     (b"access-control-allow-headers", b"Origin, X-Requested-With, Content-Type, Accept, Authorization"),
+    (b"access-control-expose-headers", b"X-Request-Id"),
 ]
 
 
@@ -48,6 +54,82 @@ class CorsMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_cors)
+
+
+# Load balancer probes: neither counted in the request metrics nor logged at INFO (a probe is
+# not client traffic, and a 503 there is the database's problem, reported by the probe itself).
+HEALTH_PATH = "/_sydent_lite/health"
+UNMATCHED_ROUTE = "unmatched"
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+class ObservabilityMiddleware:
+    """Per request: a request id (logs, X-Request-Id header), the request metrics, an access line.
+
+    Metrics and the access line name the matched route *template*
+    (`/_matrix/identity/v2/3pid/bind`) or "unmatched", never the raw path or query string, so
+    they carry no tokens or addresses and the number of series stays bounded.
+    """
+
+    def __init__(self, app: ASGIApp, routes: list[BaseRoute]) -> None:
+        self.app = app
+        self.routes = routes
+
+    def _route_template(self, scope: Scope) -> str:
+        # Starlette's router records the route it matched; requests that never reached it
+        # (OPTIONS answered by the CORS layer, slash redirects) are matched here.
+        path = getattr(scope.get("route"), "path", None)
+        if isinstance(path, str):
+            return path
+        for route in self.routes:
+            try:
+                match, _ = route.matches(scope)
+            except (KeyError, TypeError, ValueError, UnicodeError):  # a path no route can parse
+                continue
+            if match != Match.NONE:
+                return str(getattr(route, "path", UNMATCHED_ROUTE))
+        return UNMATCHED_ROUTE
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = None
+        for name, value in scope.get("headers", []):
+            if name == b"x-request-id":
+                incoming = value.decode("latin-1")
+                break
+        request_id = request_id_from_header(incoming)
+        reset_token = REQUEST_ID.set(request_id)
+        start = time.perf_counter()
+        status = 500  # unless a response starts: an exception escaped every handler
+
+        async def send_with_request_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message["headers"] = headers + [(b"x-request-id", request_id.encode("ascii"))]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_request_id)
+        finally:
+            elapsed = time.perf_counter() - start
+            try:
+                self._observe(scope, status, elapsed)
+            finally:
+                REQUEST_ID.reset(reset_token)
+
+    def _observe(self, scope: Scope, status: int, elapsed: float) -> None:
+        route = self._route_template(scope)
+        method = scope["method"] if scope["method"] in _KNOWN_METHODS else "other"
+        if route == HEALTH_PATH:
+            access_logger.debug("%s %s %d %.1fms", method, route, status, elapsed * 1000)
+            return
+        metrics.REQUESTS.labels(route=route, method=method, status=str(status)).inc()
+        metrics.REQUEST_DURATION.labels(route=route, method=method).observe(elapsed)
+        access_logger.info("%s %s %d %.1fms", method, route, status, elapsed * 1000)
 
 
 CLEANUP_INTERVAL_SECONDS = 600
@@ -86,11 +168,34 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"errcode": "M_UNKNOWN", "error": "Internal server error"}, status_code=500)
 
 
+def _metrics_server(config: Config, ctx: AppContext) -> metrics.MetricsServer | None:
+    """The Prometheus listener of `metrics.*` in the config, if enabled.
+
+    With several workers (prometheus_client multiprocess mode, see sydent_lite.observability)
+    every worker listens on the metrics port with SO_REUSEPORT and answers for all of them.
+    """
+    cfg = getattr(config, "metrics", None)
+    if cfg is None or not getattr(cfg, "enabled", False):
+        return None
+
+    async def before_scrape() -> None:
+        await metrics.refresh_onbind_pending(ctx.engine)
+
+    return metrics.MetricsServer(cfg.host, cfg.port, cfg.path, before_scrape=before_scrape)
+
+
 def create_app(config: Config, context_factory: Callable[[Config], object] = build_context) -> ASGIApp:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         ctx: AppContext = await context_factory(config)  # type: ignore[misc]
         app.state.ctx = ctx
+        metrics_server = _metrics_server(config, ctx)
+        if metrics_server is not None:
+            try:
+                await metrics_server.start()
+            except BaseException:
+                await ctx.aclose()
+                raise
         # Pending callbacks live in the database: a restarted server picks them up here.
         tasks = [asyncio.create_task(_periodic_cleanup(ctx)), asyncio.create_task(ctx.onbind.run())]
         try:
@@ -101,6 +206,8 @@ def create_app(config: Config, context_factory: Callable[[Config], object] = bui
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if metrics_server is not None:
+                await metrics_server.stop()
             await ctx.aclose()
 
     app = Starlette(
@@ -108,4 +215,5 @@ def create_app(config: Config, context_factory: Callable[[Config], object] = bui
         exception_handlers={MatrixError: _matrix_error, HTTPException: _http_error, Exception: _unexpected_error},
         lifespan=lifespan,
     )
-    return CorsMiddleware(app)
+    # Outermost, so that even OPTIONS answers and unhandled errors get a request id and count.
+    return ObservabilityMiddleware(CorsMiddleware(app), app.routes)

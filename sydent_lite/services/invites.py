@@ -14,6 +14,7 @@ from unpaddedbase64 import encode_base64
 from sydent_lite.config import Config, ConfigError
 from sydent_lite.delivery.email import EmailSender, EmailSendError
 from sydent_lite.errors import MatrixError, invalid_param
+from sydent_lite.observability import metrics
 from sydent_lite.secrets_util import now_ms, random_string
 from sydent_lite.signing import ServerSigner
 from sydent_lite.storage.associations import AssociationStore
@@ -170,8 +171,10 @@ class InviteService:
         try:
             await self._email.send(address, message)
         except EmailSendError as e:
+            metrics.EMAILS_FAILED.labels(kind="invite").inc()
             logger.warning("invitation mail not sent: %s", e)
             raise MatrixError(400, "M_EMAIL_SEND_ERROR", "The invitation email could not be sent") from None
+        metrics.EMAILS_SENT.labels(kind="invite").inc()
 
     async def ephemeral_key_is_valid(self, public_key: str) -> bool:
         return await self._store.ephemeral_key_exists(public_key, now_ms() - self._expiry_ms)

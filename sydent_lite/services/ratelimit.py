@@ -1,31 +1,191 @@
-"""Token-bucket rate limiting, in this process's memory (shared stores come with multi-worker support)."""
+"""Token-bucket rate limiting, shared by every worker.
+
+A bucket holds up to `burst` tokens and refills at `rate_per_second`; each request takes one
+token, or is answered 429 M_LIMIT_EXCEEDED with `retry_after_ms` (when the next token is due).
+
+The buckets live where every process sees them: in Redis when `rate_limits.redis_url` is set
+(one Lua script per check, atomic on the Redis server), else in the database
+(`rate_limit_buckets`, one transaction per check holding the bucket's row lock; see
+sydent_lite.storage.ratelimits). A process-local store remains for tools and tests that have
+neither.
+
+Bucket keys are hashed before they are stored: they carry email addresses and phone numbers,
+which have no business sitting in a rate-limit table or in Redis.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
 
 from sydent_lite.errors import MatrixError
 
+if TYPE_CHECKING:  # pragma: no cover
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from sydent_lite.config import RateLimitConfig
+
+logger = logging.getLogger(__name__)
+
 _MAX_KEYS = 100_000
+# Without a configuration to derive it from: buckets untouched this long are full again.
+_DEFAULT_HORIZON_MS = 24 * 60 * 60 * 1000
+
+
+class RateLimitStore(Protocol):
+    async def take(self, key: str, rate_per_second: float, burst: int) -> tuple[bool, float]:
+        """Refill the bucket, take a token if one is there; (taken, tokens left afterwards)."""
+
+    async def aclose(self) -> None: ...
+
+
+def refill(tokens: float, elapsed_ms: float, rate_per_second: float, burst: int) -> float:
+    return min(float(burst), tokens + max(0.0, elapsed_ms) * rate_per_second / 1000.0)
+
+
+def storage_key(key: str) -> str:
+    """`kind:sha256(key)`: bounded length, no addresses in clear, still readable by kind."""
+    kind = key.split(":", 1)[0][:32]
+    return f"{kind}:{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()}"
+
+
+def horizon_ms(limits: Iterable[tuple[float, int]]) -> int:
+    """The longest time an emptied bucket takes to refill: older buckets are as good as full."""
+    longest = 0.0
+    for rate_per_second, burst in limits:
+        if rate_per_second <= 0:
+            return _DEFAULT_HORIZON_MS * 7
+        longest = max(longest, burst / rate_per_second)
+    return max(int(longest * 1000) + 60_000, 60 * 60 * 1000)
+
+
+class MemoryRateLimitStore:
+    """This process's memory only: right for a single process, wrong for several."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill, ms)
+
+    async def take(self, key: str, rate_per_second: float, burst: int) -> tuple[bool, float]:
+        now = time.monotonic() * 1000
+        tokens, last = self._buckets.get(key, (float(burst), now))
+        tokens = refill(tokens, now - last, rate_per_second, burst)
+        taken = tokens >= 1.0
+        if taken:
+            tokens -= 1.0
+        if len(self._buckets) >= _MAX_KEYS and key not in self._buckets:
+            self._buckets.clear()  # bounded memory; a reset only ever lets requests through
+        self._buckets[key] = (tokens, now)
+        return taken, tokens
+
+    async def aclose(self) -> None:
+        return None
+
+
+# KEYS[1]: bucket; ARGV: rate per ms, burst, expiry (ms). Returns {taken (0/1), tokens left}.
+# The Redis server's clock is the one clock every worker on every host agrees on.
+_REDIS_TAKE = """
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1])
+local ts = tonumber(state[2])
+if tokens == nil or ts == nil then
+  tokens = burst
+  ts = now
+end
+local elapsed = now - ts
+if elapsed < 0 then elapsed = 0 end
+tokens = math.min(burst, tokens + elapsed * rate)
+local taken = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  taken = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(math.max(now, ts)))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {taken, tostring(tokens)}
+"""
+
+
+class RedisRateLimitStore:
+    """Buckets as Redis hashes, updated by one Lua script (atomic: no WATCH, no lost update).
+
+    When Redis cannot be reached the request is let through and the failure logged: a rate
+    limiter that takes the identity server down with it protects nobody.
+    """
+
+    PREFIX = "sydent_lite:ratelimit:"
+
+    def __init__(self, url: str, horizon_ms: int = _DEFAULT_HORIZON_MS) -> None:
+        import redis.asyncio as aioredis
+
+        self._redis = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._script = self._redis.register_script(_REDIS_TAKE)
+        self._horizon_ms = horizon_ms
+
+    async def take(self, key: str, rate_per_second: float, burst: int) -> tuple[bool, float]:
+        import redis.exceptions
+
+        try:
+            taken, tokens = await self._script(
+                keys=[self.PREFIX + key], args=[repr(rate_per_second / 1000.0), burst, self._horizon_ms]
+            )
+        except redis.exceptions.RedisError as e:
+            logger.error("rate-limit store (Redis) unavailable, request not limited: %s", e)
+            return True, float(burst)
+        return int(taken) == 1, float(tokens)
+
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
 
 
 class RateLimiter:
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, store: RateLimitStore | None = None) -> None:
         self.enabled = enabled
-        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill time)
+        self.store: RateLimitStore = store if store is not None else MemoryRateLimitStore()
 
-    def check(self, key: str, rate_per_second: float, burst: int) -> None:
+    @classmethod
+    def from_config(cls, config: RateLimitConfig, engine: AsyncEngine | None = None) -> RateLimiter:
+        """Redis when `redis_url` is set, else the database (else, with neither, this process)."""
+        if not config.enabled:
+            return cls(False)
+        horizon = horizon_ms(
+            [
+                (config.request_token_per_ip_per_minute / 60, config.request_token_per_ip_burst),
+                (config.request_token_per_address_per_hour / 3600, config.request_token_per_address_burst),
+                (config.store_invite_per_ip_per_minute / 60, config.store_invite_per_ip_burst),
+                (config.store_invite_per_address_per_hour / 3600, config.store_invite_per_address_burst),
+                (config.lookup_per_token_per_minute / 60, config.lookup_per_token_burst),
+            ]
+        )
+        redis_url = getattr(config, "redis_url", None)
+        if redis_url:
+            return cls(True, RedisRateLimitStore(redis_url, horizon))
+        if engine is not None:
+            from sydent_lite.storage.ratelimits import DatabaseRateLimitStore
+
+            return cls(True, DatabaseRateLimitStore(engine, horizon))
+        return cls(True)
+
+    async def check(self, key: str, rate_per_second: float, burst: int) -> None:
         """Take one token for `key` or raise 429 M_LIMIT_EXCEEDED with retry_after_ms."""
         if not self.enabled:
             return
-        now = time.monotonic()
-        tokens, last = self._buckets.get(key, (float(burst), now))
-        tokens = min(float(burst), tokens + (now - last) * rate_per_second)
-        if tokens < 1.0:
-            retry_ms = math.ceil((1.0 - tokens) / rate_per_second * 1000) if rate_per_second > 0 else 60_000
-            self._buckets[key] = (tokens, now)
-            raise MatrixError(429, "M_LIMIT_EXCEEDED", "Too many requests; try again later", retry_after_ms=retry_ms)
-        if len(self._buckets) >= _MAX_KEYS and key not in self._buckets:
-            self._buckets.clear()  # bounded memory; a reset only ever lets requests through
-        self._buckets[key] = (tokens - 1.0, now)
+        taken, tokens = await self.store.take(storage_key(key), rate_per_second, burst)
+        if taken:
+            return
+        retry_ms = max(1, math.ceil((1.0 - tokens) / rate_per_second * 1000)) if rate_per_second > 0 else 60_000
+        raise MatrixError(429, "M_LIMIT_EXCEEDED", "Too many requests; try again later", retry_after_ms=retry_ms)
+
+    async def aclose(self) -> None:
+        await self.store.aclose()

@@ -10,6 +10,7 @@ from sydent_lite.config import Config
 from sydent_lite.delivery.email import EmailSender, EmailSendError
 from sydent_lite.delivery.sms import SmsProvider, SmsSendError, originator_for
 from sydent_lite.errors import MatrixError, no_valid_session, session_expired, session_not_validated
+from sydent_lite.observability import metrics
 from sydent_lite.secrets_util import hash_secret, now_ms, random_string, secrets_equal
 from sydent_lite.services.ratelimit import RateLimiter
 from sydent_lite.storage.sessions import SessionStore, ValidationSession
@@ -90,8 +91,10 @@ class SessionService:
             try:
                 await self._sms.send(number.msisdn, text, originator_for(self._config.sms, number.calling_code))
             except SmsSendError as e:
+                metrics.SMS_FAILED.inc()
                 logger.warning("validation SMS for session %s not sent: %s", sid, e)
                 raise MatrixError(400, "M_SEND_ERROR", "The validation SMS could not be sent") from None
+            metrics.SMS_SENT.inc()
 
         digits = "0123456789"
         token_factory = lambda: random_string(self._config.sms.code_length, digits)  # noqa: E731
@@ -118,12 +121,12 @@ class SessionService:
         if existing is not None and not self._expired(existing, now):
             if send_attempt <= existing.send_attempt:
                 return existing.sid  # a retry: same session, nothing sent again
-            self._check_limits(address, client_ip)
+            await self._check_limits(address, client_ip)
             await send(existing.sid, existing.token)
             await self._store.set_send_attempt(existing.sid, send_attempt, now, next_link, brand)
             return existing.sid
 
-        self._check_limits(address, client_ip)
+        await self._check_limits(address, client_ip)
         session = ValidationSession(
             sid=random_string(SID_LENGTH),
             medium=medium,
@@ -143,10 +146,10 @@ class SessionService:
         await self._store.create(session)
         return session.sid
 
-    def _check_limits(self, address: str, client_ip: str) -> None:
+    async def _check_limits(self, address: str, client_ip: str) -> None:
         rl = self._config.rate_limits
-        self._limits.check(f"rt-ip:{client_ip}", rl.request_token_per_ip_per_minute / 60, rl.request_token_per_ip_burst)
-        self._limits.check(
+        await self._limits.check(f"rt-ip:{client_ip}", rl.request_token_per_ip_per_minute / 60, rl.request_token_per_ip_burst)
+        await self._limits.check(
             f"rt-addr:{address}", rl.request_token_per_address_per_hour / 3600, rl.request_token_per_address_burst
         )
 
@@ -174,8 +177,10 @@ class SessionService:
         try:
             await self._email.send(address, message)
         except EmailSendError as e:
+            metrics.EMAILS_FAILED.labels(kind="validation").inc()
             logger.warning("validation mail for session %s not sent: %s", sid, e)
             raise MatrixError(400, "M_EMAIL_SEND_ERROR", "The validation email could not be sent") from None
+        metrics.EMAILS_SENT.labels(kind="validation").inc()
 
     # --- submitToken and checks ---------------------------------------------------------
 

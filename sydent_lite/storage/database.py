@@ -7,7 +7,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -60,7 +60,18 @@ def _upgrade(connection: Connection) -> None:
     command.upgrade(_alembic_config(connection), "head")
 
 
+# pg_advisory_xact_lock key serialising migrations ("sydentlt" as a big-endian bigint).
+MIGRATION_LOCK_KEY = int.from_bytes(b"sydentlt", "big") - 2**63
+
+
 async def migrate(engine: AsyncEngine) -> None:
-    """Bring the schema up to date (idempotent)."""
+    """Bring the schema up to date (idempotent, safe to run from many processes at once).
+
+    On PostgreSQL the upgrade runs in one transaction holding an advisory lock: processes
+    starting together take turns, and the ones after the first find the schema up to date.
+    (Released at commit, or when the connection drops.) SQLite lets one writer in at a time.
+    """
     async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         await conn.run_sync(_upgrade)

@@ -67,40 +67,43 @@ class InviteStore:
         `build_body(list[StoredInvite]) -> str` makes the (signed) JSON body. Returns the
         callback id, or None when there was nothing to send.
         """
+        unqueued = (
+            invites.c.medium == medium,
+            invites.c.address == address,
+            invites.c.callback_id.is_(None),
+            invites.c.delivered_ts.is_(None),  # e.g. imported from Sydent, already sent
+            invites.c.created_ts >= not_before_ts,  # expired, not yet cleaned up
+        )
+        # Most binds have no invitation waiting: find that out without writing anything.
+        async with self._engine.connect() as conn:
+            if (await conn.execute(select(invites.c.token).where(*unqueued).limit(1))).first() is None:
+                return None
+        # Claim first, read second: concurrent binds of one address (in any process) each try
+        # to stamp the unqueued invites with their own callback id; the row locks (PostgreSQL)
+        # or the single writer (SQLite, whose transaction starts with the INSERT) let exactly
+        # one succeed, and the others find nothing left to send.
         async with self._engine.begin() as conn:
+            result = await conn.execute(
+                onbind_callbacks.insert().values(
+                    destination=destination, body="", attempts=0, next_attempt_ts=now, claimed_until=0, created_ts=now
+                )
+            )
+            callback_id = result.inserted_primary_key[0]
+            await conn.execute(update(invites).where(*unqueued).values(callback_id=callback_id))
             rows = (
                 await conn.execute(
                     select(invites)
-                    .where(
-                        invites.c.medium == medium,
-                        invites.c.address == address,
-                        invites.c.callback_id.is_(None),
-                        invites.c.delivered_ts.is_(None),  # e.g. imported from Sydent, already sent
-                        invites.c.created_ts >= not_before_ts,  # expired, not yet cleaned up
-                    )
+                    # SQLite reuses the id of a delivered (deleted) callback: its invites are
+                    # told apart by their delivered_ts.
+                    .where(invites.c.callback_id == callback_id, invites.c.delivered_ts.is_(None))
                     .order_by(invites.c.created_ts)
                 )
             ).mappings().all()
             if not rows:
+                await conn.execute(delete(onbind_callbacks).where(onbind_callbacks.c.id == callback_id))
                 return None
-            pending = [StoredInvite(**r) for r in rows]
-            result = await conn.execute(
-                onbind_callbacks.insert().values(
-                    destination=destination,
-                    body=build_body(pending),
-                    attempts=0,
-                    next_attempt_ts=now,
-                    claimed_until=0,
-                    created_ts=now,
-                )
-            )
-            callback_id = result.inserted_primary_key[0]
-            # Only rows still unqueued: a concurrent bind cannot queue the same invite twice.
-            await conn.execute(
-                update(invites)
-                .where(invites.c.token.in_([p.token for p in pending]), invites.c.callback_id.is_(None))
-                .values(callback_id=callback_id)
-            )
+            body = build_body([StoredInvite(**r) for r in rows])
+            await conn.execute(update(onbind_callbacks).where(onbind_callbacks.c.id == callback_id).values(body=body))
         return callback_id
 
     async def due_callbacks(self, now: int, limit: int = 20) -> list[PendingCallback]:
@@ -130,7 +133,11 @@ class InviteStore:
 
     async def mark_delivered(self, callback_id: int, now: int) -> None:
         async with self._engine.begin() as conn:
-            await conn.execute(update(invites).where(invites.c.callback_id == callback_id).values(delivered_ts=now))
+            await conn.execute(
+                update(invites)
+                .where(invites.c.callback_id == callback_id, invites.c.delivered_ts.is_(None))
+                .values(delivered_ts=now)
+            )
             await conn.execute(delete(onbind_callbacks).where(onbind_callbacks.c.id == callback_id))
 
     async def reschedule(self, callback_id: int, attempts: int, next_attempt_ts: int) -> None:

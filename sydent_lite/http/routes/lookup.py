@@ -9,9 +9,10 @@ from starlette.routing import Route
 from sydent_lite.context import AppContext
 from sydent_lite.errors import MatrixError, invalid_param
 from sydent_lite.http.auth import access_token, require_user
+from sydent_lite.http.client_ip import client_ip
 from sydent_lite.http.request import get_str, is_storable, query_params, read_body, require_fields
 from sydent_lite.http.routes import versioned
-from sydent_lite.http.routes.validation import client_ip
+from sydent_lite.observability import metrics
 from sydent_lite.secrets_util import hash_secret
 from sydent_lite.services.associations import MAX_LOOKUP_ADDRESSES
 
@@ -26,15 +27,20 @@ async def hash_details(request: Request, ctx: AppContext, v2: bool) -> Response:
     return JSONResponse({"lookup_pepper": ctx.associations.pepper, "algorithms": ["none", "sha256"]})
 
 
-def _limit_lookups(request: Request, ctx: AppContext, who: str) -> None:
+async def _limit_lookups(ctx: AppContext, who: str) -> None:
+    """Per access token (v2) or client IP (v1), shared by every worker."""
     rl = ctx.config.rate_limits
-    ctx.rate_limiter.check(f"lookup:{who}", rl.lookup_per_token_per_minute / 60, rl.lookup_per_token_burst)
+    await ctx.rate_limiter.check(f"lookup:{who}", rl.lookup_per_token_per_minute / 60, rl.lookup_per_token_burst)
+
+
+def _ip(request: Request, ctx: AppContext) -> str:
+    return client_ip(request, ctx.config.listen.trusted_proxies)
 
 
 async def lookup_v2(request: Request, ctx: AppContext, v2: bool) -> Response:
     await require_user(request, ctx)
     token = access_token(request)
-    _limit_lookups(request, ctx, f"token:{hash_secret(token or '')}")
+    await _limit_lookups(ctx, f"token:{hash_secret(token or '')}")
     body = await read_body(request, allow_form=False)
     require_fields(body, "algorithm", "pepper", "addresses")
     algorithm = get_str(body, "algorithm", max_length=64)
@@ -48,21 +54,23 @@ async def lookup_v2(request: Request, ctx: AppContext, v2: bool) -> Response:
     # A string no database can hold cannot match a stored one either.
     addresses = [a for a in addresses if is_storable(a)]
     mappings = await ctx.associations.hashed_lookup(algorithm, pepper, addresses)
+    metrics.LOOKUPS.labels(api="v2").inc(len(addresses))
     return JSONResponse({"mappings": mappings})
 
 
 async def lookup_v1(request: Request, ctx: AppContext, v2: bool) -> Response:
-    _limit_lookups(request, ctx, f"ip:{client_ip(request)}")
+    await _limit_lookups(ctx, f"ip:{_ip(request, ctx)}")
     params = query_params(request)
     require_fields(params, "medium", "address")
     medium, address = get_str(params, "medium", max_length=16), get_str(params, "address", max_length=512)
     assert medium is not None and address is not None
     signed = await ctx.associations.signed_association(medium, _stored_form(medium, address))
+    metrics.LOOKUPS.labels(api="v1").inc()
     return JSONResponse(signed or {})
 
 
 async def bulk_lookup(request: Request, ctx: AppContext, v2: bool) -> Response:
-    _limit_lookups(request, ctx, f"ip:{client_ip(request)}")
+    await _limit_lookups(ctx, f"ip:{_ip(request, ctx)}")
     body = await read_body(request, allow_form=False)
     require_fields(body, "threepids")
     threepids = body["threepids"]
@@ -73,7 +81,9 @@ async def bulk_lookup(request: Request, ctx: AppContext, v2: bool) -> Response:
     if len(threepids) > MAX_LOOKUP_ADDRESSES:
         raise MatrixError(400, "M_TOO_LARGE", f"At most {MAX_LOOKUP_ADDRESSES} threepids per lookup")
     pairs = [(m, a, _stored_form(m, a)) for m, a in threepids if is_storable(m) and is_storable(a)]
-    return JSONResponse({"threepids": await ctx.associations.bulk_lookup(pairs)})
+    found = await ctx.associations.bulk_lookup(pairs)
+    metrics.LOOKUPS.labels(api="v1_bulk").inc(len(pairs))
+    return JSONResponse({"threepids": found})
 
 
 def routes() -> list[Route]:

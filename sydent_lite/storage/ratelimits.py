@@ -1,0 +1,73 @@
+"""Rate-limit token buckets in the database (`rate_limit_buckets`), shared by every worker."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from sydent_lite.storage.dialect import insert_for
+from sydent_lite.storage.tables import rate_limit_buckets as buckets
+
+logger = logging.getLogger(__name__)
+
+# How often a process deletes buckets that have refilled completely (they equal no row).
+PRUNE_INTERVAL_MS = 10 * 60 * 1000
+
+
+def _refill(tokens: float, elapsed_ms: float, rate_per_second: float, burst: int) -> float:
+    return min(float(burst), tokens + max(0.0, elapsed_ms) * rate_per_second / 1000.0)
+
+
+class DatabaseRateLimitStore:
+    """Each check is one short transaction on the bucket's row.
+
+    PostgreSQL: INSERT ... ON CONFLICT DO NOTHING makes sure the row exists, then SELECT ...
+    FOR UPDATE holds it while the new level is written, so concurrent checks from any number
+    of processes queue on the row and none is lost. SQLite: the INSERT opens the write
+    transaction straight away (one writer at a time), so the read and the update that follow
+    cannot interleave with another writer's.
+    """
+
+    def __init__(self, engine: AsyncEngine, horizon_ms: int) -> None:
+        self._engine = engine
+        # Buckets untouched for this long have refilled completely: deleting them changes nothing.
+        self._horizon_ms = horizon_ms
+        self._last_prune_ms = 0
+
+    async def take(self, key: str, rate_per_second: float, burst: int) -> tuple[bool, float]:
+        now = int(time.time() * 1000)
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                insert_for(conn, buckets).values(key=key, tokens=float(burst), updated_ms=now).on_conflict_do_nothing()
+            )
+            query = select(buckets.c.tokens, buckets.c.updated_ms).where(buckets.c.key == key)
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update()
+            tokens, updated_ms = (await conn.execute(query)).one()
+            tokens = _refill(tokens, now - updated_ms, rate_per_second, burst)
+            taken = tokens >= 1.0
+            if taken:
+                tokens -= 1.0
+            # A host whose clock is behind another's never moves a bucket's time backwards.
+            await conn.execute(
+                update(buckets).where(buckets.c.key == key).values(tokens=tokens, updated_ms=max(now, updated_ms))
+            )
+        if now - self._last_prune_ms > PRUNE_INTERVAL_MS:
+            self._last_prune_ms = now
+            await self.prune(now)
+        return taken, tokens
+
+    async def prune(self, now: int) -> int:
+        try:
+            async with self._engine.begin() as conn:
+                result = await conn.execute(delete(buckets).where(buckets.c.updated_ms < now - self._horizon_ms))
+            return result.rowcount
+        except Exception:
+            logger.warning("could not prune old rate-limit buckets", exc_info=True)
+            return 0
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,378 @@
+"""Rate limits shared by every process, and X-Forwarded-For from trusted proxies only.
+
+Limits are token buckets kept where every worker sees them: the database (`rate_limit_buckets`)
+or Redis (`rate_limits.redis_url`). So a burst of 3 is 3 requests in all, however they are
+spread over processes, and the 4th is 429 M_LIMIT_EXCEEDED with `retry_after_ms` on any of
+them. Limited: requestToken per client IP and per address, store-invite per client IP and
+per invited address, lookups per access token (v2) or client IP (v1). The client IP is the
+peer's address, or X-Forwarded-For's when the peer is a configured proxy.
+
+The multi-process tests run on PostgreSQL (`DatabaseFactory("postgres")`) and Redis
+(127.0.0.1:6379 unless SYDENT_LITE_TEST_REDIS says otherwise; `off` skips them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.requests import Request
+from support.db import DatabaseFactory, ScratchDatabase, _asyncpg_url
+from support.homeserver import HomeserverStandIn
+from support.server import V1, IdentityApi, SydentServer, User, unique_email
+from support.smtp import SmtpSink
+
+from sydent_lite.errors import MatrixError
+from sydent_lite.http.client_ip import client_ip
+from sydent_lite.services.ratelimit import RateLimiter, RedisRateLimitStore, storage_key
+
+REDIS_ENV = "SYDENT_LITE_TEST_REDIS"
+DEFAULT_REDIS = "redis://127.0.0.1:6379"
+
+
+def _run(coro: Any) -> Any:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def redis_url(db: int) -> str:
+    """A Redis database of its own for a test, emptied first (skips when Redis is not there)."""
+    base = os.environ.get(REDIS_ENV, DEFAULT_REDIS).strip()
+    if base.lower() == "off":
+        pytest.skip(f"Redis tests switched off ({REDIS_ENV}=off)")
+    url = f"{base.rstrip('/')}/{db}"
+
+    async def flush() -> None:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(url, socket_connect_timeout=3)
+        try:
+            await client.flushdb()
+        finally:
+            await client.aclose()
+
+    try:
+        _run(flush())
+    except Exception as e:  # noqa: BLE001
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis at {url} is not reachable: {e} (CI is set: the Redis tests must run)", pytrace=False)
+        pytest.skip(f"Redis at {url} is not reachable: {e}")
+    return url
+
+
+def redis_keys(url: str) -> list[str]:
+    async def keys() -> list[str]:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(url)
+        try:
+            return [k.decode() for k in await client.keys("*")]
+        finally:
+            await client.aclose()
+
+    return _run(keys())
+
+
+def run_sql(db: ScratchDatabase, sql: str, *args: Any) -> list[Any]:
+    async def go() -> list[Any]:
+        import asyncpg
+
+        conn = await asyncpg.connect(_asyncpg_url(db.url), timeout=10)
+        try:
+            return list(await conn.fetch(sql, *args))
+        finally:
+            await conn.close()
+
+    return _run(go())
+
+
+# --- two processes on one database ---------------------------------------------------------------
+
+
+@pytest.fixture
+def pg(tmp_path: Path) -> Iterator[DatabaseFactory]:
+    factory = DatabaseFactory("postgres", tmp_path / "pg")
+    yield factory
+    factory.cleanup()
+
+
+Pair = tuple[SydentServer, SydentServer, ScratchDatabase]
+
+
+@pytest.fixture
+def pair_factory(pg: DatabaseFactory, smtp_sink: SmtpSink, homeserver: HomeserverStandIn, tmp_path: Path,
+                 request: pytest.FixtureRequest) -> Iterator[Callable[..., Pair]]:
+    """`pair(extra_config, extra_config_b=None)`: servers A and B on one fresh PostgreSQL
+    database, both started (B with its own config when given)."""
+    servers: list[SydentServer] = []
+    request.node.extra_sydent_servers = servers
+
+    def make(extra_config: dict[str, Any], extra_config_b: dict[str, Any] | None = None) -> Pair:
+        db = pg.create()
+        made = []
+        for label, extra in (("A", extra_config), ("B", extra_config_b or extra_config)):
+            server = SydentServer(tmp_path / f"{label}{len(servers)}", database_url=db.url, smtp_port=smtp_sink.port,
+                                  ca_file=homeserver.ca_path, extra_config=extra, name=f"sydent_lite {label}")
+            servers.append(server)
+            made.append(server)
+        made[0].start()  # creates the schema and the pepper
+        made[1].start()
+        return made[0], made[1], db
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+def limits(**values: Any) -> dict[str, Any]:
+    return {"rate_limits": {"enabled": True, **values}}
+
+
+def assert_limited(resp: httpx.Response) -> None:
+    assert resp.status_code == 429, resp.text
+    body = resp.json()
+    assert body["errcode"] == "M_LIMIT_EXCEEDED", body
+    assert isinstance(body["retry_after_ms"], int) and body["retry_after_ms"] > 0, body
+
+
+def v1_lookup(server: SydentServer, headers: dict[str, str] | None = None) -> httpx.Response:
+    with server.new_client() as c:
+        return c.get(f"{V1}/lookup", params={"medium": "email", "address": "nobody@example.test"}, headers=headers or {})
+
+
+def request_token(server: SydentServer, email: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    with server.new_client() as c:
+        return c.post(f"{V1}/validate/email/requestToken", headers=headers or {},
+                      json={"email": email, "client_secret": "s" + uuid.uuid4().hex, "send_attempt": 1})
+
+
+def test_limits_hold_across_processes_in_the_database(pair_factory, smtp: SmtpSink) -> None:  # type: ignore[no-untyped-def]
+    a, b, db = pair_factory(limits(lookup_per_token_burst=3, lookup_per_token_per_minute=1.0,
+                                   request_token_per_ip_burst=3, request_token_per_ip_per_minute=1.0))
+    # v1 lookup, per client IP: 3 in all over A and B, then 429 on either.
+    answers = [v1_lookup(s) for s in (a, b, a)]
+    assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
+    assert_limited(v1_lookup(b))
+    assert_limited(v1_lookup(a))
+    # requestToken, per client IP: the same.
+    codes = [request_token(s, unique_email("shared")).status_code for s in (b, a, b)]
+    assert codes == [200, 200, 200]
+    assert_limited(request_token(a, unique_email("shared")))
+    assert_limited(request_token(b, unique_email("shared")))
+    # The buckets live in the database, under hashed keys (no addresses in clear).
+    keys = [r["key"] for r in run_sql(db, "SELECT key FROM rate_limit_buckets")]
+    assert any(k.startswith("lookup:") for k in keys) and any(k.startswith("rt-ip:") for k in keys), keys
+    assert not any("@" in k or "127.0.0.1" in k for k in keys), keys
+
+
+def test_limits_hold_across_processes_in_redis(pair_factory, smtp: SmtpSink) -> None:  # type: ignore[no-untyped-def]
+    url = redis_url(11)
+    a, b, db = pair_factory(limits(redis_url=url, lookup_per_token_burst=3, lookup_per_token_per_minute=1.0,
+                                   request_token_per_address_burst=2, request_token_per_address_per_hour=1.0))
+    answers = [v1_lookup(s) for s in (b, a, b)]
+    assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
+    assert_limited(v1_lookup(a))
+    assert_limited(v1_lookup(b))
+    # requestToken per address (2 per hour): once on each, then 429 on either.
+    email = unique_email("redis")
+    assert [request_token(s, email).status_code for s in (a, b)] == [200, 200]
+    assert_limited(request_token(a, email))
+    assert_limited(request_token(b, email))
+    keys = redis_keys(url)
+    assert any(":lookup:" in k for k in keys) and any(":rt-addr:" in k for k in keys), keys
+    assert not any("@" in k for k in keys), keys
+    # Nothing in the database: Redis holds the buckets.
+    assert run_sql(db, "SELECT key FROM rate_limit_buckets") == []
+
+
+def store_invite(server: SydentServer, hs: HomeserverStandIn, address: str,
+                 headers: dict[str, str] | None = None) -> httpx.Response:
+    body = {"medium": "email", "address": address, "room_id": f"!r{uuid.uuid4().hex[:8]}:{hs.server_name}",
+            "sender": hs.user_id("inviter")}
+    with server.new_client() as c:
+        return c.post(f"{V1}/store-invite", json=body, headers=headers or {})
+
+
+def test_store_invite_limits_per_ip_and_per_address(pair_factory, smtp: SmtpSink, homeserver: HomeserverStandIn) -> None:  # type: ignore[no-untyped-def]
+    a, b, _ = pair_factory(limits(store_invite_per_address_burst=2, store_invite_per_address_per_hour=1.0,
+                                  store_invite_per_ip_burst=4, store_invite_per_ip_per_minute=1.0))
+    address = unique_email("invited")
+    assert store_invite(a, homeserver, address).status_code == 200
+    assert store_invite(b, homeserver, address.upper()).status_code == 200  # one address, however spelt
+    assert_limited(store_invite(a, homeserver, address))
+    # Another address still has its budget, until the per-IP budget (4, one spent on the 429) runs out.
+    assert store_invite(b, homeserver, unique_email("other")).status_code == 200
+    assert_limited(store_invite(a, homeserver, unique_email("third")))
+    assert_limited(store_invite(b, homeserver, unique_email("fourth")))
+
+
+def test_lookup_limits_per_token(pair_factory, smtp: SmtpSink, homeserver: HomeserverStandIn) -> None:  # type: ignore[no-untyped-def]
+    a, b, _ = pair_factory(limits(lookup_per_token_burst=2, lookup_per_token_per_minute=1.0))
+    api_a = IdentityApi(a, smtp, homeserver, a.new_client())
+    api_b = IdentityApi(b, smtp, homeserver, b.new_client())
+    try:
+        first, second = api_a.register(), api_b.register()
+        pepper = api_a.hash_details(first)["lookup_pepper"]  # hash_details is not a lookup
+
+        def lookup(api: IdentityApi, user: User) -> httpx.Response:
+            return api.lookup(user, ["abc"], pepper=pepper)
+
+        assert [lookup(api_a, first).status_code, lookup(api_b, first).status_code] == [200, 200]
+        assert_limited(lookup(api_b, first))
+        assert_limited(lookup(api_a, first))
+        # Another token (same client IP) has its own budget.
+        assert lookup(api_b, second).status_code == 200
+        # bulk_lookup (v1, per client IP) is limited too.
+        codes = []
+        for api in (api_a, api_b, api_a):
+            codes.append(api.client.post(f"{V1}/bulk_lookup", json={"threepids": [["email", "x@example.test"]]}).status_code)
+        assert codes == [200, 200, 429]
+    finally:
+        api_a.client.close()
+        api_b.client.close()
+
+
+def test_forwarded_for_only_from_trusted_proxies(pair_factory, smtp: SmtpSink) -> None:  # type: ignore[no-untyped-def]
+    # A trusts the proxy on 127.0.0.0/8 (where the test runs), B trusts only some other network.
+    base = limits(lookup_per_token_burst=2, lookup_per_token_per_minute=1.0)
+    a, b, _ = pair_factory({**base, "listen": {"trusted_proxies": ["127.0.0.0/8", "10.0.0.0/8"]}},
+                           {**base, "listen": {"trusted_proxies": ["192.0.2.0/24"]}})
+
+    def xff(value: str) -> dict[str, str]:
+        return {"X-Forwarded-For": value}
+
+    # Through the trusted proxy: each forwarded client has its own budget ...
+    assert [v1_lookup(a, xff("203.0.113.7")).status_code for _ in range(2)] == [200, 200]
+    assert_limited(v1_lookup(a, xff("203.0.113.7")))
+    assert v1_lookup(a, xff("203.0.113.8")).status_code == 200
+    # ... read right to left: entries the client wrote itself (left of it) mean nothing, and
+    # trusted proxies in the chain are skipped.
+    assert_limited(v1_lookup(a, xff("198.51.100.1, 203.0.113.7")))
+    assert_limited(v1_lookup(a, xff("203.0.113.7, 10.1.2.3")))
+    assert v1_lookup(a, xff("203.0.113.9, 10.1.2.3")).status_code == 200
+    # A malformed chain counts against the proxy's own address (the peer), not a made-up one.
+    assert [v1_lookup(a, xff("not-an-ip")).status_code for _ in range(2)] == [200, 200]
+    assert_limited(v1_lookup(a, xff("garbage")))
+    assert_limited(v1_lookup(a))  # the peer 127.0.0.1 itself: the same bucket
+    # B does not trust 127.0.0.1: the header is ignored, every request is the peer's.
+    # (Its bucket for 127.0.0.1 is the one A just emptied: one database, one budget.)
+    assert_limited(v1_lookup(b, xff("203.0.113.50")))
+    assert_limited(v1_lookup(b, xff("203.0.113.51")))
+
+
+# --- the pieces on their own -----------------------------------------------------------------------
+
+
+def make_request(peer: str | None, forwarded: list[str] | None = None) -> Request:
+    headers = [(b"x-forwarded-for", v.encode()) for v in forwarded or []]
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": headers, "query_string": b"",
+             "client": (peer, 1234) if peer is not None else None}
+    return Request(scope)
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "trusted", "expected"),
+    [
+        ("203.0.113.5", ["198.51.100.1"], [], "203.0.113.5"),  # no proxies configured
+        ("203.0.113.5", ["198.51.100.1"], ["10.0.0.0/8"], "203.0.113.5"),  # peer is no proxy of ours
+        ("10.0.0.2", ["198.51.100.1"], ["10.0.0.0/8"], "198.51.100.1"),
+        ("10.0.0.2", ["1.1.1.1, 198.51.100.1"], ["10.0.0.0/8"], "198.51.100.1"),  # right-most wins
+        ("10.0.0.2", ["198.51.100.1, 10.9.9.9"], ["10.0.0.0/8"], "198.51.100.1"),  # skip our proxies
+        ("10.0.0.2", ["198.51.100.1", "10.9.9.9"], ["10.0.0.0/8"], "198.51.100.1"),  # repeated headers
+        ("10.0.0.2", ["junk, 198.51.100.1"], ["10.0.0.0/8"], "198.51.100.1"),  # junk left of the client
+        ("10.0.0.2", ["198.51.100.1, junk"], ["10.0.0.0/8"], "10.0.0.2"),  # junk where our proxy wrote
+        ("10.0.0.2", ["198.51.100.1:4567"], ["10.0.0.0/8"], "10.0.0.2"),  # ports are not addresses
+        ("10.0.0.2", [], ["10.0.0.0/8"], "10.0.0.2"),
+        ("10.0.0.2", ["10.0.0.9"], ["10.0.0.0/8"], "10.0.0.9"),  # started at a proxy
+        ("::ffff:10.0.0.2", ["2001:db8::7"], ["10.0.0.0/8"], "2001:db8::7"),  # dual-stack peer
+        ("::1", ["2001:db8::7"], ["::1/128"], "2001:db8::7"),
+        (None, ["198.51.100.1"], ["10.0.0.0/8"], "unknown"),
+    ],
+)
+def test_client_ip(peer: str | None, forwarded: list[str], trusted: list[str], expected: str) -> None:
+    assert client_ip(make_request(peer, forwarded), trusted) == expected
+
+
+async def _concurrent_checks(limiter: RateLimiter, key: str, n: int, burst: int) -> list[int | None]:
+    async def one() -> int | None:
+        try:
+            await limiter.check(key, 0.001, burst)
+            return None
+        except MatrixError as e:
+            assert e.status == 429 and e.errcode == "M_LIMIT_EXCEEDED"
+            return e.to_json()["retry_after_ms"]
+
+    return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+@pytest.mark.postgres
+async def test_database_store_is_atomic_under_concurrency(pg: DatabaseFactory) -> None:
+    from sydent_lite.config import RateLimitConfig
+    from sydent_lite.storage.database import create_engine, migrate
+
+    db = pg.create()
+    engines = [create_engine(db.url), create_engine(db.url)]  # as two processes would have
+    try:
+        await migrate(engines[0])
+        limiters = [RateLimiter.from_config(RateLimitConfig(), e) for e in engines]
+        results = await asyncio.gather(*(_concurrent_checks(lim, "conc:key", 15, 5) for lim in limiters))
+        flat = [r for rs in results for r in rs]
+        assert flat.count(None) == 5, flat  # exactly the burst, no lost updates
+        assert all(r is not None and r > 0 for r in flat if r is not None)
+    finally:
+        for e in engines:
+            await e.dispose()
+
+
+async def test_sqlite_store(tmp_path: Path) -> None:
+    from sydent_lite.config import RateLimitConfig
+    from sydent_lite.storage.database import create_engine, migrate
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'rl.sqlite'}")
+    try:
+        await migrate(engine)
+        limiter = RateLimiter.from_config(RateLimitConfig(), engine)
+        results = await _concurrent_checks(limiter, "conc:key", 12, 4)
+        assert results.count(None) == 4, results
+        # Refill: 1000 per second makes a token due at once.
+        await limiter.check("fast:key", 1000.0, 1)
+        await asyncio.sleep(0.01)
+        await limiter.check("fast:key", 1000.0, 1)
+    finally:
+        await engine.dispose()
+
+
+async def test_redis_store_is_atomic_under_concurrency() -> None:
+    url = await asyncio.to_thread(redis_url, 12)
+    limiters = [RateLimiter(True, RedisRateLimitStore(url)) for _ in range(2)]
+    try:
+        results = await asyncio.gather(*(_concurrent_checks(lim, "conc:key", 15, 5) for lim in limiters))
+        flat = [r for rs in results for r in rs]
+        assert flat.count(None) == 5, flat
+        keys = await asyncio.to_thread(redis_keys, url)
+        assert keys == [RedisRateLimitStore.PREFIX + storage_key("conc:key")]
+    finally:
+        for lim in limiters:
+            await lim.aclose()
+
+
+async def test_redis_unreachable_lets_requests_through() -> None:
+    limiter = RateLimiter(True, RedisRateLimitStore("redis://127.0.0.1:1/0"))
+    try:
+        for _ in range(3):
+            await limiter.check("down:key", 0.001, 1)  # no exception: fail open, logged
+    finally:
+        await limiter.aclose()
+
+
+async def test_disabled_limiter_never_limits() -> None:
+    limiter = RateLimiter(False)
+    for _ in range(5):
+        await limiter.check("off:key", 0.001, 1)
