@@ -16,12 +16,14 @@ from sydent_lite.services.accounts import AccountService
 from sydent_lite.services.associations import AssociationService
 from sydent_lite.services.hashing import load_pepper
 from sydent_lite.services.invites import InviteService, check_subject_format
+from sydent_lite.services.lookup_index import LookupIndex
 from sydent_lite.services.onbind import OnbindDelivery
 from sydent_lite.services.ratelimit import RateLimiter
 from sydent_lite.services.sessions import SessionService
 from sydent_lite.services.terms import Terms, TermsService
 from sydent_lite.signing import ServerSigner, load_or_create_signing_key
 from sydent_lite.storage.accounts import AccountStore
+from sydent_lite.storage.association_changes import AssociationChangeStore
 from sydent_lite.storage.associations import AssociationStore
 from sydent_lite.storage.database import create_engine, migrate
 from sydent_lite.storage.invites import InviteStore
@@ -45,6 +47,7 @@ class AppContext:
     invites: InviteService
     onbind: OnbindDelivery
     rate_limiter: RateLimiter
+    lookup_index: LookupIndex
 
     async def aclose(self) -> None:
         await self.sessions.aclose()
@@ -71,6 +74,9 @@ async def build_context(config: Config) -> AppContext:
     association_store = AssociationStore(engine)
     account_store = AccountStore(engine)
     pepper = await load_pepper(ServerStateStore(engine), association_store)
+    # After load_pepper: a recomputation of the hashes would otherwise be replayed from the log.
+    lookup_index = LookupIndex(AssociationChangeStore(engine))
+    await lookup_index.load()
     federation = FederationClient(config.federation)
     email_sender = make_email_sender(config.email, config.email_from)
     sms_provider = make_sms_provider(config.sms)
@@ -95,8 +101,9 @@ async def build_context(config: Config) -> AppContext:
         sessions=SessionService(
             config, SessionStore(engine), templates, email_sender, sms_provider, rate_limiter
         ),
-        associations=AssociationService(association_store, signer, pepper, after_bind),
+        associations=AssociationService(association_store, signer, pepper, lookup_index, after_bind),
         invites=invites,
         onbind=onbind,
         rate_limiter=rate_limiter,
+        lookup_index=lookup_index,
     )

@@ -15,7 +15,9 @@ from sydent_lite.resources import example_config
 from sydent_lite.services.associations import AssociationService
 from sydent_lite.services.hashing import load_pepper
 from sydent_lite.services.invites import InviteService
+from sydent_lite.services.lookup_index import LookupIndex
 from sydent_lite.signing import ServerSigner, load_or_create_signing_key
+from sydent_lite.storage.association_changes import AssociationChangeStore
 from sydent_lite.storage.associations import AssociationStore
 from sydent_lite.storage.database import create_engine, migrate
 from sydent_lite.storage.invites import InviteStore
@@ -167,7 +169,9 @@ async def bind_by_hand(config: Config, *, medium: str, address: str, mxid: str) 
         # Pending invites for the address go out too: the running server's delivery loop
         # picks the queued callback up from the database.
         invites = InviteService(config, InviteStore(engine), store, signer, templates=None, email=None)  # type: ignore[arg-type]
-        return await AssociationService(store, signer, pepper, invites.queue_onbind_quietly).bind(session, mxid)
+        # No lookups here: the index stays empty (the running server sees the bind in its own).
+        index = LookupIndex(AssociationChangeStore(engine))
+        return await AssociationService(store, signer, pepper, index, invites.queue_onbind_quietly).bind(session, mxid)
 
     return await _with_engine(config, work)
 

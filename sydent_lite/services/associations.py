@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from sydent_lite.errors import MatrixError, invalid_param
 from sydent_lite.secrets_util import now_ms
 from sydent_lite.services.hashing import lookup_hash
+from sydent_lite.services.lookup_index import LookupIndex
 from sydent_lite.signing import ServerSigner
 from sydent_lite.storage.associations import AssociationStore, StoredAssociation
 from sydent_lite.storage.sessions import ValidationSession
@@ -26,9 +27,11 @@ class AssociationService:
         store: AssociationStore,
         signer: ServerSigner,
         pepper: str,
+        index: LookupIndex,
         after_bind: Callable[[dict], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
+        self._index = index
         self._signer = signer
         self.pepper = pepper
         # Told of every new association (queues onbind callbacks for pending invites).
@@ -75,10 +78,13 @@ class AssociationService:
 
     async def bulk_lookup(self, pairs: Sequence[tuple[str, str, str]]) -> list[list[str]]:
         """pairs: (medium, address as given, normalised address) -> [[medium, address as given, mxid]]."""
-        found = await self._store.mxids_by_threepid([(m, norm) for m, _, norm in pairs])
+        # The same hashes as the v2 lookup's, so the same in-memory index answers.
+        hashes = [lookup_hash(norm, medium, self.pepper) for medium, _, norm in pairs]
+        await self._index.catch_up()
+        found = self._index.mxids(hashes)
         out = []
-        for medium, given, norm in pairs:
-            mxid = found.get((medium, norm))
+        for (medium, given, _), h in zip(pairs, hashes, strict=True):
+            mxid = found.get(h)
             if mxid is not None:
                 out.append([medium, given, mxid])
         return out
@@ -90,13 +96,14 @@ class AssociationService:
             raise MatrixError(400, "M_INVALID_PEPPER", "Unknown or invalid pepper - has it been rotated?")
         if len(addresses) > MAX_LOOKUP_ADDRESSES:
             raise MatrixError(400, "M_TOO_LARGE", f"At most {MAX_LOOKUP_ADDRESSES} addresses per lookup")
+        await self._index.catch_up()
         if algorithm == "sha256":
-            return await self._store.mxids_by_hash(addresses)
+            return self._index.mxids(addresses)
         # "none": "<address> <medium>" in clear; hash it ourselves and use the same index.
         by_hash: dict[str, str] = {}
         for query in addresses:
             address, sep, medium = query.rpartition(" ")
             if sep and address:
                 by_hash[lookup_hash(address, medium, self.pepper)] = query
-        found = await self._store.mxids_by_hash(list(by_hash))
+        found = self._index.mxids(by_hash)
         return {by_hash[h]: mxid for h, mxid in found.items()}

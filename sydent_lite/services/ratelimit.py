@@ -15,6 +15,7 @@ which have no business sitting in a rate-limit table or in Redis.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -37,8 +38,8 @@ _DEFAULT_HORIZON_MS = 24 * 60 * 60 * 1000
 
 
 class RateLimitStore(Protocol):
-    async def take(self, key: str, rate_per_second: float, burst: int) -> tuple[bool, float]:
-        """Refill the bucket, take a token if one is there; (taken, tokens left afterwards)."""
+    async def take(self, key: str, rate_per_second: float, burst: int, want: int = 1) -> tuple[int, float]:
+        """Refill the bucket, take up to `want` whole tokens; (tokens taken, tokens left)."""
 
     async def aclose(self) -> None: ...
 
@@ -69,13 +70,12 @@ class MemoryRateLimitStore:
     def __init__(self) -> None:
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill, ms)
 
-    async def take(self, key: str, rate_per_second: float, burst: int) -> tuple[bool, float]:
+    async def take(self, key: str, rate_per_second: float, burst: int, want: int = 1) -> tuple[int, float]:
         now = time.monotonic() * 1000
         tokens, last = self._buckets.get(key, (float(burst), now))
         tokens = refill(tokens, now - last, rate_per_second, burst)
-        taken = tokens >= 1.0
-        if taken:
-            tokens -= 1.0
+        taken = min(want, int(tokens))
+        tokens -= taken
         if len(self._buckets) >= _MAX_KEYS and key not in self._buckets:
             self._buckets.clear()  # bounded memory; a reset only ever lets requests through
         self._buckets[key] = (tokens, now)
@@ -85,7 +85,7 @@ class MemoryRateLimitStore:
         return None
 
 
-# KEYS[1]: bucket; ARGV: rate per ms, burst, expiry (ms). Returns {taken (0/1), tokens left}.
+# KEYS[1]: bucket; ARGV: rate per ms, burst, expiry (ms), want. Returns {taken, tokens left}.
 # The Redis server's clock is the one clock every worker on every host agrees on.
 _REDIS_TAKE = """
 if redis.replicate_commands then pcall(redis.replicate_commands) end
@@ -103,11 +103,8 @@ end
 local elapsed = now - ts
 if elapsed < 0 then elapsed = 0 end
 tokens = math.min(burst, tokens + elapsed * rate)
-local taken = 0
-if tokens >= 1 then
-  tokens = tokens - 1
-  taken = 1
-end
+local taken = math.min(tonumber(ARGV[4]), math.floor(tokens))
+tokens = tokens - taken
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(math.max(now, ts)))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {taken, tostring(tokens)}
@@ -130,17 +127,17 @@ class RedisRateLimitStore:
         self._script = self._redis.register_script(_REDIS_TAKE)
         self._horizon_ms = horizon_ms
 
-    async def take(self, key: str, rate_per_second: float, burst: int) -> tuple[bool, float]:
+    async def take(self, key: str, rate_per_second: float, burst: int, want: int = 1) -> tuple[int, float]:
         import redis.exceptions
 
         try:
             taken, tokens = await self._script(
-                keys=[self.PREFIX + key], args=[repr(rate_per_second / 1000.0), burst, self._horizon_ms]
+                keys=[self.PREFIX + key], args=[repr(rate_per_second / 1000.0), burst, self._horizon_ms, want]
             )
         except redis.exceptions.RedisError as e:
             logger.error("rate-limit store (Redis) unavailable, request not limited: %s", e)
-            return True, float(burst)
-        return int(taken) == 1, float(tokens)
+            return 1, float(burst)
+        return int(taken), float(tokens)
 
     async def ping(self) -> None:
         await self._redis.ping()
@@ -149,10 +146,22 @@ class RedisRateLimitStore:
         await self._redis.aclose()
 
 
+# Leases: a process takes up to burst/LEASE_DIVISOR tokens from the shared bucket at once
+# (at most MAX_LEASE) and spends them locally for up to LEASE_SECONDS, so a busy key costs one
+# shared-store write per lease rather than per request. Small buckets (burst < 2 x divisor)
+# lease one token at a time: their limit holds exactly across workers.
+LEASE_DIVISOR = 20
+MAX_LEASE = 100
+LEASE_SECONDS = 1.0
+_MAX_LEASES = 10_000
+
+
 class RateLimiter:
     def __init__(self, enabled: bool, store: RateLimitStore | None = None) -> None:
         self.enabled = enabled
         self.store: RateLimitStore = store if store is not None else MemoryRateLimitStore()
+        self._leases: dict[str, tuple[int, float]] = {}  # key -> (tokens in hand, expiry)
+        self._taking: dict[str, asyncio.Future[None]] = {}  # key -> the store take under way
 
     @classmethod
     def from_config(cls, config: RateLimitConfig, engine: AsyncEngine | None = None) -> RateLimiter:
@@ -181,11 +190,38 @@ class RateLimiter:
         """Take one token for `key` or raise 429 M_LIMIT_EXCEEDED with retry_after_ms."""
         if not self.enabled:
             return
-        taken, tokens = await self.store.take(storage_key(key), rate_per_second, burst)
+        while True:
+            if self._spend_lease(key):
+                return
+            # One shared-store take per key at a time in this process: the requests that
+            # arrive meanwhile wait for its lease instead of each writing to the store.
+            pending = self._taking.get(key)
+            if pending is None:
+                break
+            await asyncio.shield(pending)
+        done = asyncio.get_running_loop().create_future()
+        self._taking[key] = done
+        try:
+            want = max(1, min(MAX_LEASE, burst // LEASE_DIVISOR))
+            taken, tokens = await self.store.take(storage_key(key), rate_per_second, burst, want)
+            if taken > 1:
+                if len(self._leases) >= _MAX_LEASES:
+                    self._leases.clear()  # bounded; dropping leases only makes the limit stricter
+                self._leases[key] = (taken - 1, time.monotonic() + LEASE_SECONDS)
+        finally:
+            del self._taking[key]
+            done.set_result(None)
         if taken:
             return
         retry_ms = max(1, math.ceil((1.0 - tokens) / rate_per_second * 1000)) if rate_per_second > 0 else 60_000
         raise MatrixError(429, "M_LIMIT_EXCEEDED", "Too many requests; try again later", retry_after_ms=retry_ms)
+
+    def _spend_lease(self, key: str) -> bool:
+        in_hand, expires = self._leases.get(key, (0, 0.0))
+        if in_hand > 0 and time.monotonic() < expires:
+            self._leases[key] = (in_hand - 1, expires)
+            return True
+        return False
 
     async def aclose(self) -> None:
         await self.store.aclose()

@@ -34,7 +34,9 @@ def async_database_url(url: str) -> str:
 def create_engine(url: str) -> AsyncEngine:
     async_url = async_database_url(url)
     if async_url.startswith("sqlite"):
-        engine = create_async_engine(async_url, connect_args={"timeout": 30})
+        # A pool big enough for the usual concurrency: a connection beyond pool_size is opened
+        # and closed per use, and an aiosqlite connection is a thread plus a file open.
+        engine = create_async_engine(async_url, connect_args={"timeout": 30}, pool_size=20, max_overflow=40)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -46,7 +48,7 @@ def create_engine(url: str) -> AsyncEngine:
             cur.close()
 
         return engine
-    return create_async_engine(async_url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    return create_async_engine(async_url, pool_size=20, max_overflow=20, pool_pre_ping=True)
 
 
 def _alembic_config(connection: Connection) -> AlembicConfig:

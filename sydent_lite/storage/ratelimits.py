@@ -37,7 +37,7 @@ class DatabaseRateLimitStore:
         self._horizon_ms = horizon_ms
         self._last_prune_ms = 0
 
-    async def take(self, key: str, rate_per_second: float, burst: int) -> tuple[bool, float]:
+    async def take(self, key: str, rate_per_second: float, burst: int, want: int = 1) -> tuple[int, float]:
         now = int(time.time() * 1000)
         async with self._engine.begin() as conn:
             await conn.execute(
@@ -48,9 +48,8 @@ class DatabaseRateLimitStore:
                 query = query.with_for_update()
             tokens, updated_ms = (await conn.execute(query)).one()
             tokens = _refill(tokens, now - updated_ms, rate_per_second, burst)
-            taken = tokens >= 1.0
-            if taken:
-                tokens -= 1.0
+            taken = min(want, int(tokens))
+            tokens -= taken
             # A host whose clock is behind another's never moves a bucket's time backwards.
             await conn.execute(
                 update(buckets).where(buckets.c.key == key).values(tokens=tokens, updated_ms=max(now, updated_ms))

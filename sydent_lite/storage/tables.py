@@ -59,6 +59,18 @@ associations = Table(
     Index("ix_associations_mxid", "mxid"),
 )
 
+# Appended by database triggers on every change to `associations` (migration 0004): what each
+# process's in-memory lookup index applies to stay current. mxid NULL: the hash maps to nothing.
+association_changes = Table(
+    "association_changes",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("lookup_hash", String(64), nullable=False),
+    Column("mxid", String(255), nullable=True),
+    Column("created_ms", BigInteger, nullable=False),
+    sqlite_autoincrement=True,
+)
+
 # Small named values shared by every worker (the lookup pepper, ...).
 server_state = Table(
     "server_state",
