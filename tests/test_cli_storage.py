@@ -149,3 +149,65 @@ def test_expired_sessions_are_cleaned_up_after_a_grace_period(database_url: str,
             await ctx.aclose()
 
     asyncio.run(scenario())
+
+
+def test_head_revision_is_alembics_head() -> None:
+    # `migrate` skips Alembic when the database is at head_revision(): it must be Alembic's head.
+    from alembic.config import Config as AlembicConfig
+    from alembic.script import ScriptDirectory
+
+    from sydent_lite.resources import migrations_dir
+    from sydent_lite.storage.database import head_revision
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    assert head_revision() == ScriptDirectory.from_config(cfg).get_current_head()
+
+
+def test_lookup_index_follows_every_kind_of_write(database_url: str) -> None:
+    """Binds through the store, hand-written SQL updates and deletes: the index sees them all."""
+    from sqlalchemy import delete, text
+
+    from sydent_lite.services.lookup_index import LookupIndex
+    from sydent_lite.storage.association_changes import AssociationChangeStore
+
+    def stored(address: str, mxid: str) -> StoredAssociation:
+        return StoredAssociation(medium="email", address=address, lookup_hash=lookup_hash(address, "email", "p"),
+                                 mxid=mxid, ts=1, not_before=1, not_after=2, signed_json="{}")
+
+    async def run() -> None:
+        engine = create_engine(database_url)
+        try:
+            await migrate(engine)
+            store = AssociationStore(engine)
+            await store.upsert(stored("before@example.test", "@a:hs.test"))
+            index = LookupIndex(AssociationChangeStore(engine))
+            await index.load()
+            h_before, h_after = lookup_hash("before@example.test", "email", "p"), lookup_hash("after@example.test", "email", "p")
+            assert index.mxids([h_before, h_after]) == {h_before: "@a:hs.test"}
+
+            await store.upsert(stored("after@example.test", "@b:hs.test"))  # a bind
+            await store.upsert(stored("before@example.test", "@c:hs.test"))  # rebound to someone else
+            await index.catch_up()
+            assert index.mxids([h_before, h_after]) == {h_before: "@c:hs.test", h_after: "@b:hs.test"}
+
+            async with engine.begin() as conn:  # an operator's hand-written SQL
+                await conn.execute(delete(associations).where(associations.c.address == "after@example.test"))
+                await conn.execute(text("UPDATE associations SET mxid = '@d:hs.test' WHERE address = 'before@example.test'"))
+            await index.catch_up()
+            assert index.mxids([h_before, h_after]) == {h_before: "@d:hs.test"}
+
+            # Pruned log: a fresh index still loads the table and follows new changes.
+            async with engine.begin() as conn:
+                await conn.execute(text("UPDATE association_changes SET created_ms = 0"))
+            assert await index.prune() > 0
+            fresh = LookupIndex(AssociationChangeStore(engine))
+            await fresh.load()
+            assert fresh.mxids([h_before]) == {h_before: "@d:hs.test"}
+            await store.upsert(stored("after@example.test", "@e:hs.test"))
+            await fresh.catch_up()
+            assert fresh.mxids([h_after]) == {h_after: "@e:hs.test"}
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())

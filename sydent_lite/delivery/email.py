@@ -7,6 +7,7 @@ what the operator's template produced is exactly what the recipient gets.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import mailbox
 import os
@@ -36,9 +37,26 @@ class EmailSender(ABC):
         """Deliver `message` (a complete RFC 5322 message) to `to_addr`, or raise EmailSendError."""
 
 
+def ehlo_name(server_name: str) -> str:
+    """Our name in EHLO: the server name's host ([address] for an IP literal, RFC 5321 4.1.3)."""
+    host = server_name
+    if host.startswith("["):
+        host = host[1 : host.index("]")]
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return f"[{host}]" if ":" not in host else f"[IPv6:{host}]"
+
+
 class SmtpEmailSender(EmailSender):
-    def __init__(self, smtp: SmtpConfig, from_header: str) -> None:
+    def __init__(self, smtp: SmtpConfig, from_header: str, local_hostname: str | None = None) -> None:
         self._smtp = smtp
+        # Given, not looked up: aiosmtplib would otherwise call socket.getfqdn() (a resolver
+        # round trip in a thread) for every message.
+        self._local_hostname = local_hostname
         # The envelope sender (MAIL FROM) is the bare address of the From header.
         self._envelope_from = parseaddr(from_header)[1]
         if "@" not in self._envelope_from:
@@ -50,6 +68,7 @@ class SmtpEmailSender(EmailSender):
         client = aiosmtplib.SMTP(
             hostname=cfg.host,
             port=cfg.port,
+            local_hostname=self._local_hostname,
             timeout=cfg.timeout_seconds,
             use_tls=cfg.security == "tls",
             # "none" means plaintext: no opportunistic STARTTLS that could fail on a local relay.
@@ -106,9 +125,9 @@ class MaildirEmailSender(EmailSender):
         logger.info("stored validation mail for a recipient at %s in the maildir", _domain(to_addr))
 
 
-def make_email_sender(config: EmailConfig, from_header: str) -> EmailSender:
+def make_email_sender(config: EmailConfig, from_header: str, server_name: str | None = None) -> EmailSender:
     if config.transport == "smtp":
-        return SmtpEmailSender(config.smtp, from_header)
+        return SmtpEmailSender(config.smtp, from_header, ehlo_name(server_name) if server_name else None)
     if config.transport == "maildir":
         return MaildirEmailSender(config.maildir)
     raise ConfigError(f"config key 'email.transport' must be smtp or maildir (got {config.transport!r})")

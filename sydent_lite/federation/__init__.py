@@ -1,6 +1,10 @@
 """Outbound server-to-server requests: name resolution, the SSRF-safe client, OpenID."""
 
-from sydent_lite.federation.client import FederationClient, FederationError, OutboundPolicyError
+from sydent_lite.federation.client import (
+    FederationClient,
+    FederationError,
+    OutboundPolicyError,
+)
 from sydent_lite.federation.openid import OpenIdError, exchange_openid_token
 from sydent_lite.federation.resolver import (
     ResolvedServer,

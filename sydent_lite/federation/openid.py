@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import re
 
-from sydent_lite.federation.client import FederationClient, FederationError, OutboundPolicyError
+from sydent_lite.federation.client import (
+    FederationClient,
+    FederationError,
+    OutboundPolicyError,
+)
 from sydent_lite.federation.resolver import parse_server_name
 
 USERINFO_PATH = "/_matrix/federation/v1/openid/userinfo"

@@ -6,7 +6,7 @@ import json
 from typing import Any
 from urllib.parse import parse_qsl
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from sydent_lite.errors import MatrixError, invalid_param, missing_params
 from sydent_lite.secrets_util import OPAQUE_ID_RE
@@ -20,11 +20,16 @@ async def _read_limited(request: Request) -> bytes:
         raise MatrixError(413, "M_TOO_LARGE", "Request body too large")
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise MatrixError(413, "M_TOO_LARGE", "Request body too large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise MatrixError(413, "M_TOO_LARGE", "Request body too large")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The client went away mid-body: nobody reads the answer, and it is not our error
+        # (no traceback in the log). 400 for the access line.
+        raise MatrixError(400, "M_UNKNOWN", "The client disconnected before sending its request") from None
     return b"".join(chunks)
 
 

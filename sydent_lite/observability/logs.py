@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import random
+import re
 import sys
 import time
 from contextvars import ContextVar

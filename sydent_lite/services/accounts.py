@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 from sydent_lite.errors import MatrixError, invalid_param, unauthorized
+from sydent_lite.federation.client import FederationClient
 from sydent_lite.federation.openid import OpenIdError, exchange_openid_token
 from sydent_lite.federation.resolver import parse_server_name
-from sydent_lite.federation.client import FederationClient
 from sydent_lite.secrets_util import hash_secret, now_ms, random_string
 from sydent_lite.storage.accounts import AccountStore
 

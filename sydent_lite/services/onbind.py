@@ -8,7 +8,11 @@ import json
 import logging
 
 from sydent_lite.config import InviteConfig
-from sydent_lite.federation.client import FederationClient, FederationError, OutboundPolicyError
+from sydent_lite.federation.client import (
+    FederationClient,
+    FederationError,
+    OutboundPolicyError,
+)
 from sydent_lite.secrets_util import now_ms
 from sydent_lite.storage.invites import InviteStore, PendingCallback
 

@@ -9,7 +9,12 @@ from urllib.parse import urlencode
 from sydent_lite.config import Config
 from sydent_lite.delivery.email import EmailSender, EmailSendError
 from sydent_lite.delivery.sms import SmsProvider, SmsSendError, originator_for
-from sydent_lite.errors import MatrixError, no_valid_session, session_expired, session_not_validated
+from sydent_lite.errors import (
+    MatrixError,
+    no_valid_session,
+    session_expired,
+    session_not_validated,
+)
 from sydent_lite.observability import metrics
 from sydent_lite.secrets_util import hash_secret, now_ms, random_string, secrets_equal
 from sydent_lite.services.ratelimit import RateLimiter

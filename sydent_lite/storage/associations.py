@@ -9,6 +9,7 @@ from functools import lru_cache
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from sydent_lite.storage.database import sqlite_reader
 from sydent_lite.storage.dialect import insert_for
 from sydent_lite.storage.tables import associations as assoc
 
@@ -42,9 +43,15 @@ def _chunks(items: Sequence, size: int = _IN_CHUNK) -> Iterable[Sequence]:
         yield items[i : i + size]
 
 
+_GET_SQL = (
+    f"SELECT {', '.join(StoredAssociation.__dataclass_fields__)} FROM {assoc.name} WHERE medium = ? AND address = ?"
+)
+
+
 class AssociationStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self._reader = sqlite_reader(engine)
 
     async def upsert(self, a: StoredAssociation) -> None:
         """Insert, or replace the association of that 3PID in one statement (no lost race)."""
@@ -65,6 +72,9 @@ class AssociationStore:
         return result.rowcount > 0
 
     async def get(self, medium: str, address: str) -> StoredAssociation | None:
+        if self._reader is not None:  # v1 lookup's hot path
+            row = self._reader.first(_GET_SQL, (medium, address))
+            return StoredAssociation(*row) if row else None
         cols = [assoc.c[k] for k in StoredAssociation.__dataclass_fields__]
         async with self._engine.connect() as conn:
             row = (

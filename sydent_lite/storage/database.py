@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import lru_cache
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from sydent_lite.resources import migrations_dir
+from sydent_lite.storage.inline_sqlite import inline_creator
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +36,44 @@ def async_database_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+class _SerialisedWritesEngine(AsyncEngine):
+    """SQLite: this process's write transactions take turns on an asyncio lock.
+
+    SQLite lets one writer in at a time; a second connection that tries is put to sleep by
+    the busy handler in growing steps (up to 100 ms each), which under concurrent writes turned
+    a 10 ms requestToken into seconds. Waiting on an asyncio lock instead costs nothing.
+    (Other processes still meet at SQLite's own lock: busy_timeout.) Reads are not serialised.
+    """
+
+    _locks: dict[asyncio.AbstractEventLoop, asyncio.Lock]
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[AsyncConnection]:  # type: ignore[override]
+        loop = asyncio.get_running_loop()
+        locks = self.__dict__.setdefault("_locks", {})
+        lock = locks.get(loop)
+        if lock is None:
+            lock = locks[loop] = asyncio.Lock()
+        async with lock, super().begin() as conn:
+            yield conn
+
+
+# How long a write waits for another process's write to finish (it blocks this process's loop
+# meanwhile: keep it short; several processes belong on PostgreSQL).
+SQLITE_BUSY_TIMEOUT_MS = 5000
+
+
 def create_engine(url: str) -> AsyncEngine:
     async_url = async_database_url(url)
     if async_url.startswith("sqlite"):
-        # A pool big enough for the usual concurrency: a connection beyond pool_size is opened
-        # and closed per use, and an aiosqlite connection is a thread plus a file open.
-        engine = create_async_engine(async_url, connect_args={"timeout": 30}, pool_size=20, max_overflow=40)
+        database = make_url(async_url).database
+        if database and database != ":memory:":
+            # Inline (see storage.inline_sqlite); a connection beyond pool_size is opened and
+            # closed per use, so the pool covers the usual concurrency.
+            creator = inline_creator(database, SQLITE_BUSY_TIMEOUT_MS / 1000)
+            engine = create_async_engine(async_url, async_creator=creator, pool_size=20, max_overflow=40)
+        else:
+            engine = create_async_engine(async_url)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -44,14 +81,16 @@ def create_engine(url: str) -> AsyncEngine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cur.close()
 
-        return engine
+        return _SerialisedWritesEngine(engine.sync_engine)
     return create_async_engine(async_url, pool_size=20, max_overflow=20, pool_pre_ping=True)
 
 
-def _alembic_config(connection: Connection) -> AlembicConfig:
+def _alembic_config(connection: Connection):  # type: ignore[no-untyped-def]
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.attributes["connection"] = connection
@@ -59,7 +98,37 @@ def _alembic_config(connection: Connection) -> AlembicConfig:
 
 
 def _upgrade(connection: Connection) -> None:
+    from alembic import command
+
     command.upgrade(_alembic_config(connection), "head")
+
+
+_REVISION = re.compile(r"^(down_)?revision\s*=\s*['\"]?([^'\"\s]*)['\"]?\s*$", re.M)
+
+
+@lru_cache(maxsize=1)
+def head_revision() -> str:
+    """The newest migration's revision id, read from the migration files (no Alembic import)."""
+    revisions, parents = set(), set()
+    for path in (migrations_dir() / "versions").glob("*.py"):
+        found = {bool(m.group(1)): m.group(2) for m in _REVISION.finditer(path.read_text(encoding="utf-8"))}
+        if False in found:
+            revisions.add(found[False])
+        if found.get(True) not in (None, "None"):
+            parents.add(found[True])
+    heads = revisions - parents
+    if len(heads) != 1:
+        raise RuntimeError(f"migrations must have exactly one head, found {sorted(heads)}")
+    return heads.pop()
+
+
+async def _schema_is_current(engine: AsyncEngine) -> bool:
+    try:
+        async with engine.connect() as conn:
+            current = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+    except Exception:  # no alembic_version table yet: a new database
+        return False
+    return current == head_revision()
 
 
 # pg_advisory_xact_lock key serialising migrations ("sydentlt" as a big-endian bigint).
@@ -73,7 +142,51 @@ async def migrate(engine: AsyncEngine) -> None:
     starting together take turns, and the ones after the first find the schema up to date.
     (Released at commit, or when the connection drops.) SQLite lets one writer in at a time.
     """
+    # Alembic (about 10 MiB once imported) is only loaded when there is something to do.
+    if await _schema_is_current(engine):
+        return
     async with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         await conn.run_sync(_upgrade)
+
+
+class SqliteReader:
+    """Small indexed reads on SQLite, run on the event loop's thread.
+
+    Through aiosqlite every query is several hand-offs to the connection's thread and back;
+    for a point lookup on an index (tens of microseconds inside SQLite) those hand-offs are
+    most of the cost. The hot paths (token check, v1 lookup, the lookup index's change poll)
+    read through this instead. Autocommit, so every query sees the latest commit (WAL:
+    readers never wait for writers).
+    """
+
+    def __init__(self, path: str) -> None:
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        self._conn.execute("PRAGMA query_only=1")
+
+    def all(self, sql: str, params: tuple = ()) -> list[tuple]:  # type: ignore[type-arg]
+        return self._conn.execute(sql, params).fetchall()
+
+    def first(self, sql: str, params: tuple = ()) -> tuple | None:  # type: ignore[type-arg]
+        return self._conn.execute(sql, params).fetchone()
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def sqlite_reader(engine: AsyncEngine) -> SqliteReader | None:
+    """The engine's SqliteReader (one per engine), or None on PostgreSQL and in-memory SQLite."""
+    sync = engine.sync_engine
+    if sync.dialect.name != "sqlite":
+        return None
+    reader = sync.__dict__.get("_sydent_reader")
+    if reader is None:
+        database = sync.url.database
+        if not database or database == ":memory:":
+            return None
+        reader = SqliteReader(database)
+        sync.__dict__["_sydent_reader"] = reader
+        event.listen(sync, "engine_disposed", lambda _engine: reader.close())
+    return reader

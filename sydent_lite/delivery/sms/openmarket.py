@@ -13,7 +13,13 @@ import logging
 import httpx
 
 from sydent_lite.config import OpenMarketConfig
-from sydent_lite.delivery.sms.base import HttpSmsProvider, Originator, json_or_none, masked, safe_code
+from sydent_lite.delivery.sms.base import (
+    HttpSmsProvider,
+    Originator,
+    json_or_none,
+    masked,
+    safe_code,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,16 @@ def versioned(path: str, handler: Handler, methods: list[str], *, v1: bool = Tru
 
 
 def all_routes() -> list[Route]:
-    from sydent_lite.http.routes import account, invites, lookup, pubkey, status, terms, threepid, validation
+    from sydent_lite.http.routes import (
+        account,
+        invites,
+        lookup,
+        pubkey,
+        status,
+        terms,
+        threepid,
+        validation,
+    )
 
     routes: list[Route] = []
     for module in (status, account, terms, validation, threepid, lookup, pubkey, invites):

@@ -10,7 +10,13 @@ from sydent_lite.context import AppContext
 from sydent_lite.errors import MatrixError, invalid_param
 from sydent_lite.http.auth import access_token, require_user
 from sydent_lite.http.client_ip import client_ip
-from sydent_lite.http.request import get_str, is_storable, query_params, read_body, require_fields
+from sydent_lite.http.request import (
+    get_str,
+    is_storable,
+    query_params,
+    read_body,
+    require_fields,
+)
 from sydent_lite.http.routes import versioned
 from sydent_lite.observability import metrics
 from sydent_lite.secrets_util import hash_secret

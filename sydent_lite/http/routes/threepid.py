@@ -9,7 +9,13 @@ from starlette.routing import Route
 from sydent_lite.context import AppContext
 from sydent_lite.errors import MatrixError, invalid_param
 from sydent_lite.http.auth import require_homeserver, require_user
-from sydent_lite.http.request import get_opaque_id, get_str, query_params, read_body, require_fields
+from sydent_lite.http.request import (
+    get_opaque_id,
+    get_str,
+    query_params,
+    read_body,
+    require_fields,
+)
 from sydent_lite.http.routes import versioned
 from sydent_lite.threepids import is_valid_user_id, user_id_server
 

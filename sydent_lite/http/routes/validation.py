@@ -13,7 +13,14 @@ from sydent_lite.context import AppContext
 from sydent_lite.errors import MatrixError
 from sydent_lite.http.auth import require_user
 from sydent_lite.http.client_ip import client_ip as forwarded_client_ip
-from sydent_lite.http.request import get_int, get_opaque_id, get_str, query_params, read_body, require_fields
+from sydent_lite.http.request import (
+    get_int,
+    get_opaque_id,
+    get_str,
+    query_params,
+    read_body,
+    require_fields,
+)
 from sydent_lite.http.routes import versioned
 from sydent_lite.secrets_util import OPAQUE_ID_RE
 
