@@ -75,7 +75,7 @@ async def build_context(config: Config) -> AppContext:
     account_store = AccountStore(engine)
     pepper = await load_pepper(ServerStateStore(engine), association_store)
     # After load_pepper: a recomputation of the hashes would otherwise be replayed from the log.
-    lookup_index = LookupIndex(AssociationChangeStore(engine))
+    lookup_index = LookupIndex(AssociationChangeStore(engine), association_store)
     await lookup_index.load()
     federation = FederationClient(config.federation)
     email_sender = make_email_sender(config.email, config.email_from, config.effective_server_name)

@@ -10,10 +10,14 @@ from pathlib import Path
 import pytest
 import signedjson.key
 import signedjson.sign
-from sqlalchemy import select, update
 
 from sydent_lite.config import config_from_dict
-from sydent_lite.services.hashing import HASHED_WITH_KEY, PEPPER_KEY, load_pepper, lookup_hash
+from sydent_lite.services.hashing import (
+    HASHED_WITH_KEY,
+    PEPPER_KEY,
+    load_pepper,
+    lookup_hash,
+)
 from sydent_lite.signing import ServerSigner, load_or_create_signing_key
 from sydent_lite.storage.associations import AssociationStore, StoredAssociation
 from sydent_lite.storage.database import create_engine, migrate
@@ -181,32 +185,49 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str) -> None:
             await migrate(engine)
             store = AssociationStore(engine)
             await store.upsert(stored("before@example.test", "@a:hs.test"))
-            index = LookupIndex(AssociationChangeStore(engine))
+            index = LookupIndex(AssociationChangeStore(engine), store)
             await index.load()
             h_before, h_after = lookup_hash("before@example.test", "email", "p"), lookup_hash("after@example.test", "email", "p")
-            assert index.mxids([h_before, h_after]) == {h_before: "@a:hs.test"}
+            assert await index.mxids([h_before, h_after]) == {h_before: "@a:hs.test"}
 
             await store.upsert(stored("after@example.test", "@b:hs.test"))  # a bind
             await store.upsert(stored("before@example.test", "@c:hs.test"))  # rebound to someone else
             await index.catch_up()
-            assert index.mxids([h_before, h_after]) == {h_before: "@c:hs.test", h_after: "@b:hs.test"}
+            assert await index.mxids([h_before, h_after]) == {h_before: "@c:hs.test", h_after: "@b:hs.test"}
 
             async with engine.begin() as conn:  # an operator's hand-written SQL
                 await conn.execute(delete(associations).where(associations.c.address == "after@example.test"))
                 await conn.execute(text("UPDATE associations SET mxid = '@d:hs.test' WHERE address = 'before@example.test'"))
             await index.catch_up()
-            assert index.mxids([h_before, h_after]) == {h_before: "@d:hs.test"}
+            assert await index.mxids([h_before, h_after]) == {h_before: "@d:hs.test"}
 
             # Pruned log: a fresh index still loads the table and follows new changes.
             async with engine.begin() as conn:
                 await conn.execute(text("UPDATE association_changes SET created_ms = 0"))
             assert await index.prune() > 0
-            fresh = LookupIndex(AssociationChangeStore(engine))
+            fresh = LookupIndex(AssociationChangeStore(engine), store)
             await fresh.load()
-            assert fresh.mxids([h_before]) == {h_before: "@d:hs.test"}
+            assert await fresh.mxids([h_before]) == {h_before: "@d:hs.test"}
             await store.upsert(stored("after@example.test", "@e:hs.test"))
             await fresh.catch_up()
-            assert fresh.mxids([h_after]) == {h_after: "@e:hs.test"}
+            assert await fresh.mxids([h_after]) == {h_after: "@e:hs.test"}
+
+            # Every hash under one 64-bit key: the full hashes still decide.
+            from sydent_lite.services import lookup_index
+
+            real_key = lookup_index._key
+            lookup_index._key = lambda _h: 1  # type: ignore[assignment]
+            try:
+                colliding = LookupIndex(AssociationChangeStore(engine), store)
+                await colliding.load()
+                unknown = lookup_hash("nobody@example.test", "email", "p")
+                assert await colliding.mxids([h_before, h_after, unknown]) == {h_before: "@d:hs.test", h_after: "@e:hs.test"}
+                async with engine.begin() as conn:
+                    await conn.execute(delete(associations).where(associations.c.address == "after@example.test"))
+                await colliding.catch_up()
+                assert await colliding.mxids([h_before, h_after, unknown]) == {h_before: "@d:hs.test"}
+            finally:
+                lookup_index._key = real_key
         finally:
             await engine.dispose()
 

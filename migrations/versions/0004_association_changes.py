@@ -1,9 +1,9 @@
 """A log of association changes, written by triggers, for each process's in-memory lookup index.
 
 Every INSERT, UPDATE and DELETE on `associations` (from a bind, an unbind, an import, an
-operator command or a hand-written SQL statement alike) appends "this lookup hash now maps to
-this mxid" or "... maps to nothing" here. Each server process keeps the hash -> mxid map in
-memory and applies the rows it has not seen yet before answering a lookup, so a bind made by
+operator command or a hand-written SQL statement alike) appends "association N now has this
+lookup hash" (present) or "... no longer has it" here. Each server process keeps the hash -> mxid map in
+memory (which hashes exist, and the rows that hold them) and applies the rows it has not seen yet before answering a lookup, so a bind made by
 any process is visible to every process's next lookup.
 
 Ids must be in commit order, or a reader could move past an id whose transaction commits
@@ -26,14 +26,14 @@ _SQLITE_NOW_MS = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
 
 _SQLITE_TRIGGERS = [
     f"""CREATE TRIGGER associations_log_insert AFTER INSERT ON associations BEGIN
-        INSERT INTO association_changes (lookup_hash, mxid, created_ms) VALUES (NEW.lookup_hash, NEW.mxid, {_SQLITE_NOW_MS});
+        INSERT INTO association_changes (lookup_hash, association_id, present, created_ms) VALUES (NEW.lookup_hash, NEW.id, TRUE, {_SQLITE_NOW_MS});
     END""",
     f"""CREATE TRIGGER associations_log_update AFTER UPDATE ON associations BEGIN
-        INSERT INTO association_changes (lookup_hash, mxid, created_ms) VALUES (OLD.lookup_hash, NULL, {_SQLITE_NOW_MS});
-        INSERT INTO association_changes (lookup_hash, mxid, created_ms) VALUES (NEW.lookup_hash, NEW.mxid, {_SQLITE_NOW_MS});
+        INSERT INTO association_changes (lookup_hash, association_id, present, created_ms) VALUES (OLD.lookup_hash, OLD.id, FALSE, {_SQLITE_NOW_MS});
+        INSERT INTO association_changes (lookup_hash, association_id, present, created_ms) VALUES (NEW.lookup_hash, NEW.id, TRUE, {_SQLITE_NOW_MS});
     END""",
     f"""CREATE TRIGGER associations_log_delete AFTER DELETE ON associations BEGIN
-        INSERT INTO association_changes (lookup_hash, mxid, created_ms) VALUES (OLD.lookup_hash, NULL, {_SQLITE_NOW_MS});
+        INSERT INTO association_changes (lookup_hash, association_id, present, created_ms) VALUES (OLD.lookup_hash, OLD.id, FALSE, {_SQLITE_NOW_MS});
     END""",
 ]
 
@@ -45,10 +45,10 @@ BEGIN
     -- Held until commit: ids are handed out in commit order.
     LOCK TABLE association_changes IN EXCLUSIVE MODE;
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        INSERT INTO association_changes (lookup_hash, mxid, created_ms) VALUES (OLD.lookup_hash, NULL, now_ms);
+        INSERT INTO association_changes (lookup_hash, association_id, present, created_ms) VALUES (OLD.lookup_hash, OLD.id, FALSE, now_ms);
     END IF;
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
-        INSERT INTO association_changes (lookup_hash, mxid, created_ms) VALUES (NEW.lookup_hash, NEW.mxid, now_ms);
+        INSERT INTO association_changes (lookup_hash, association_id, present, created_ms) VALUES (NEW.lookup_hash, NEW.id, TRUE, now_ms);
     END IF;
     RETURN NULL;
 END
@@ -67,7 +67,8 @@ def upgrade() -> None:
         # AUTOINCREMENT on SQLite: an id is never handed out twice, even after pruning.
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
         sa.Column("lookup_hash", sa.String(64), nullable=False),
-        sa.Column("mxid", sa.String(255), nullable=True),
+        sa.Column("association_id", sa.BigInteger, nullable=False),
+        sa.Column("present", sa.Boolean, nullable=False),
         sa.Column("created_ms", sa.BigInteger, nullable=False),
         sqlite_autoincrement=True,
     )

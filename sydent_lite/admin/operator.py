@@ -170,7 +170,7 @@ async def bind_by_hand(config: Config, *, medium: str, address: str, mxid: str) 
         # picks the queued callback up from the database.
         invites = InviteService(config, InviteStore(engine), store, signer, templates=None, email=None)  # type: ignore[arg-type]
         # No lookups here: the index stays empty (the running server sees the bind in its own).
-        index = LookupIndex(AssociationChangeStore(engine))
+        index = LookupIndex(AssociationChangeStore(engine), store)
         return await AssociationService(store, signer, pepper, index, invites.queue_onbind_quietly).bind(session, mxid)
 
     return await _with_engine(config, work)

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sydent_lite.config import Config
 from sydent_lite.context import AppContext, build_context
 from sydent_lite.errors import MatrixError
+from sydent_lite.http.router import ExactPathRouter
 from sydent_lite.http.routes import all_routes
 from sydent_lite.observability import metrics
 from sydent_lite.observability.logs import REQUEST_ID, request_id_from_header
@@ -217,9 +218,9 @@ def create_app(config: Config, context_factory: Callable[[Config], object] = bui
             await ctx.aclose()
 
     app = Starlette(
-        routes=all_routes(),
         exception_handlers={MatrixError: _matrix_error, HTTPException: _http_error, Exception: _unexpected_error},
         lifespan=lifespan,
     )
+    app.router = ExactPathRouter(all_routes(), lifespan=lifespan)  # before the first request builds the stack
     # Outermost, so that even OPTIONS answers and unhandled errors get a request id and count.
     return ObservabilityMiddleware(CorsMiddleware(app), app.routes)

@@ -39,6 +39,8 @@ def _is_trusted(ip: Address, networks: Sequence[Network]) -> bool:
 
 def client_ip(request: Request, trusted_proxies: Sequence[str]) -> str:
     peer = request.client.host if request.client else "unknown"
+    if not trusted_proxies:
+        return peer  # the common case, without parsing anything
     networks = _networks(tuple(trusted_proxies))
     peer_ip = _parse(peer)
     if peer_ip is None or not networks or not _is_trusted(peer_ip, networks):

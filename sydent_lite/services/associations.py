@@ -72,16 +72,17 @@ class AssociationService:
             logger.info("unbound a %s address", medium)
         return removed
 
-    async def signed_association(self, medium: str, address: str) -> dict | None:
+    async def signed_association_json(self, medium: str, address: str) -> str | None:
+        """The signed association exactly as stored (JSON text: v1 lookup sends it as is)."""
         stored = await self._store.get(medium, address)
-        return json.loads(stored.signed_json) if stored else None
+        return stored.signed_json if stored else None
 
     async def bulk_lookup(self, pairs: Sequence[tuple[str, str, str]]) -> list[list[str]]:
         """pairs: (medium, address as given, normalised address) -> [[medium, address as given, mxid]]."""
         # The same hashes as the v2 lookup's, so the same in-memory index answers.
         hashes = [lookup_hash(norm, medium, self.pepper) for medium, _, norm in pairs]
         await self._index.catch_up()
-        found = self._index.mxids(hashes)
+        found = await self._index.mxids(hashes)
         out = []
         for (medium, given, _), h in zip(pairs, hashes, strict=True):
             mxid = found.get(h)
@@ -98,12 +99,12 @@ class AssociationService:
             raise MatrixError(400, "M_TOO_LARGE", f"At most {MAX_LOOKUP_ADDRESSES} addresses per lookup")
         await self._index.catch_up()
         if algorithm == "sha256":
-            return self._index.mxids(addresses)
+            return await self._index.mxids(addresses)
         # "none": "<address> <medium>" in clear; hash it ourselves and use the same index.
         by_hash: dict[str, str] = {}
         for query in addresses:
             address, sep, medium = query.rpartition(" ")
             if sep and address:
                 by_hash[lookup_hash(address, medium, self.pepper)] = query
-        found = self._index.mxids(by_hash)
+        found = await self._index.mxids(by_hash)
         return {by_hash[h]: mxid for h, mxid in found.items()}

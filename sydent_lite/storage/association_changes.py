@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, literal, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sydent_lite.storage.database import sqlite_reader
@@ -26,43 +26,48 @@ class AssociationChangeStore:
         async with self._engine.connect() as conn:
             return (await conn.execute(select(func.max(changes.c.id)))).scalar() or 0
 
-    async def since(self, last_id: int, limit: int = 10_000) -> list[tuple[int, str, str | None]]:
-        """(id, lookup_hash, mxid or None) of the changes after last_id, oldest first."""
+    async def since(self, last_id: int, limit: int = 10_000) -> list[tuple[int, str, int, bool]]:
+        """(change id, lookup_hash, association id, present) after last_id, oldest first."""
         if self._reader is not None:  # before every lookup: the fast path
-            return self._reader.all(  # type: ignore[return-value]
-                "SELECT id, lookup_hash, mxid FROM association_changes WHERE id > ? ORDER BY id LIMIT ?", (last_id, limit)
-            )
+            return [
+                (r[0], r[1], r[2], bool(r[3]))
+                for r in self._reader.all(
+                    "SELECT id, lookup_hash, association_id, present FROM association_changes"
+                    " WHERE id > ? ORDER BY id LIMIT ?",
+                    (last_id, limit),
+                )
+            ]
         async with self._engine.connect() as conn:
             rows = await conn.execute(
-                select(changes.c.id, changes.c.lookup_hash, changes.c.mxid)
+                select(changes.c.id, changes.c.lookup_hash, changes.c.association_id, changes.c.present)
                 .where(changes.c.id > last_id)
                 .order_by(changes.c.id)
                 .limit(limit)
             )
-            return [(r[0], r[1], r[2]) for r in rows]
+            return [(r[0], r[1], r[2], bool(r[3])) for r in rows]
 
     async def pruned_through(self) -> int:
         async with self._engine.connect() as conn:
             row = (await conn.execute(select(server_state.c.value).where(server_state.c.name == PRUNED_THROUGH))).first()
         return int(row[0]) if row else 0
 
-    async def all_mappings(self, batch: int = 10_000) -> AsyncIterator[list[tuple[str, str]]]:
-        """Every (lookup_hash, mxid), in batches by id (no long-running read on a big table)."""
-        last_id = 0
+    async def all_hashes(self, batch: int = 10_000) -> AsyncIterator[list[tuple[int, str]]]:
+        """Every (association id, lookup_hash), in batches (no long read of a big table).
+
+        In lookup_hash order, so that the lookup_hash index covers the scan: reading the
+        table itself would pull every signed association through the page cache.
+        """
+        after: tuple[str, int] | None = None
         while True:
+            query = select(assoc.c.id, assoc.c.lookup_hash).order_by(assoc.c.lookup_hash, assoc.c.id).limit(batch)
+            if after is not None:
+                query = query.where(tuple_(assoc.c.lookup_hash, assoc.c.id) > tuple_(literal(after[0]), literal(after[1])))
             async with self._engine.connect() as conn:
-                rows = list(
-                    await conn.execute(
-                        select(assoc.c.id, assoc.c.lookup_hash, assoc.c.mxid)
-                        .where(assoc.c.id > last_id)
-                        .order_by(assoc.c.id)
-                        .limit(batch)
-                    )
-                )
+                rows = list(await conn.execute(query))
             if not rows:
                 return
-            last_id = rows[-1][0]
-            yield [(r[1], r[2]) for r in rows]
+            after = (rows[-1][1], rows[-1][0])
+            yield [(r[0], r[1]) for r in rows]
 
     async def prune(self, older_than_ms: int) -> int:
         """Delete changes made before older_than_ms; remember the last id deleted."""

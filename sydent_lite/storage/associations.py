@@ -82,6 +82,19 @@ class AssociationStore:
             ).mappings().first()
         return StoredAssociation(**row) if row else None
 
+    async def hashes_and_mxids(self, ids: Sequence[int]) -> list[tuple[int, str, str]]:
+        """(id, lookup_hash, mxid) of the rows with these ids (the lookup index's candidates)."""
+        out: list[tuple[int, str, str]] = []
+        for chunk in _chunks(list(ids)):
+            if self._reader is not None:
+                marks = ", ".join("?" * len(chunk))
+                out.extend(self._reader.all(f"SELECT id, lookup_hash, mxid FROM {assoc.name} WHERE id IN ({marks})", tuple(chunk)))
+                continue
+            async with self._engine.connect() as conn:
+                rows = await conn.execute(select(assoc.c.id, assoc.c.lookup_hash, assoc.c.mxid).where(assoc.c.id.in_(chunk)))
+                out.extend((r[0], r[1], r[2]) for r in rows)
+        return out
+
     async def mxids_by_hash(self, hashes: Sequence[str]) -> dict[str, str]:
         """lookup_hash -> mxid for those of `hashes` that are bound.
 

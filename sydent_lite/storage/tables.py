@@ -72,13 +72,15 @@ associations = Table(
 )
 
 # Appended by database triggers on every change to `associations` (migration 0004): what each
-# process's in-memory lookup index applies to stay current. mxid NULL: the hash maps to nothing.
+# process's in-memory lookup index applies to stay current. present: the row (association_id)
+# now has this lookup hash; not present: it no longer has it.
 association_changes = Table(
     "association_changes",
     metadata,
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
     Column("lookup_hash", String(64), nullable=False),
-    Column("mxid", String(255), nullable=True),
+    Column("association_id", BigInteger, nullable=False),
+    Column("present", Boolean, nullable=False),
     Column("created_ms", BigInteger, nullable=False),
     sqlite_autoincrement=True,
 )
