@@ -123,7 +123,7 @@ def lite_config(workdir: Path, port: int, smtp_port: int, database_url: str) -> 
             "lookup_per_token_per_minute": huge, "lookup_per_token_burst": huge,
         },
     }
-    path = workdir / "config.yaml"
+    path = workdir / f"config-{port}.yaml"  # one per server: several may share a workdir (database)
     path.write_text(json.dumps(config, indent=2))  # JSON is YAML
     return path
 
@@ -154,7 +154,7 @@ def prepare_lite(
         [*sydent_lite_cmd(), "create-token", "--user-id", BENCH_USER, "--config", str(config)],
         capture_output=True, text=True, check=True,
     ).stdout.strip()
-    log_path = workdir / "server.log"
+    log_path = workdir / f"server-{workers}w.log"
 
     def start() -> subprocess.Popen:
         cmd = [*sydent_lite_cmd(), "serve", "--config", str(config)]
@@ -384,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, of: " + ", ".join(WORKLOADS))
     p.add_argument("--postgres", metavar="URL", help="also run on PostgreSQL (databases bench_lite_* are created there)")
     p.add_argument("--pg-associations", type=int, default=1_000_000)
+    p.add_argument("--pg-sizes", default="", help="comma-separated association counts for PostgreSQL (default: --associations and --pg-associations)")
     p.add_argument("--pg-workloads", default="v2_lookup,v1_bulk_lookup")
     p.add_argument("--workers", type=int, default=2, help="workers for the PostgreSQL multi-worker run")
     p.add_argument("--skip-sqlite", action="store_true", help="only the PostgreSQL runs")
@@ -427,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             pg_names = [w for w in args.pg_workloads.split(",") if w]
             labels = []
             pg_ms: list[Measurement] = []
-            for n in (args.associations, args.pg_associations):
+            for n in [int(x) for x in args.pg_sizes.split(",")] if args.pg_sizes else (args.associations, args.pg_associations):
                 _, sydent_db = prepare_sydent(workdir / f"sydent-{n}", n, key_line, sink.port, venv_python)
                 url = create_pg_database(args.postgres, f"bench_lite_{n}")
                 servers = [prepare_lite(workdir / f"lite-pg-{n}", sydent_db, key_file, url, sink.port, 1, f"PostgreSQL {n:,}, 1 worker")]
