@@ -40,16 +40,9 @@ def _cmd_serve(config: Config, workers: int) -> int:
 
 
 def _cmd_migrate(config: Config) -> int:
-    from sydent_lite.storage.database import create_engine, migrate
+    from sydent_lite.storage.database import migrate_database
 
-    async def run() -> None:
-        engine = create_engine(config.database.url)
-        try:
-            await migrate(engine)
-        finally:
-            await engine.dispose()
-
-    asyncio.run(run())
+    asyncio.run(migrate_database(config.database.url))
     print("database schema is up to date")
     return 0
 

@@ -23,6 +23,7 @@ from uvicorn.supervisors.multiprocess import Multiprocess
 from sydent_lite.config import Config, config_from_dict
 from sydent_lite.context import load_static_parts
 from sydent_lite.http.app import create_app
+from sydent_lite.observability import cleanup_multiprocess, prepare_multiprocess
 
 logger = logging.getLogger(__name__)
 
@@ -124,16 +125,9 @@ def _announcement(config: Config) -> str:
 
 def _migrate_once(config: Config) -> None:
     """Apply migrations before the workers start, so they find the schema ready."""
-    from sydent_lite.storage.database import create_engine, migrate
+    from sydent_lite.storage.database import migrate_database
 
-    async def run() -> None:
-        engine = create_engine(config.database.url)
-        try:
-            await migrate(engine)
-        finally:
-            await engine.dispose()
-
-    asyncio.run(run())
+    asyncio.run(migrate_database(config.database.url))
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
@@ -178,7 +172,8 @@ def _serve_workers(config: Config, workers: int) -> int:
         sock = uv_config.bind_socket()
     except SystemExit:
         return 1  # uvicorn logged why (address in use, ...)
-    metrics_dir = _prepare_metrics(workers)
+    # prometheus_client's shared directory for the workers (they inherit the environment).
+    metrics_dir = prepare_multiprocess(workers)
     supervisor = _Supervisor(uv_config, [sock], _announcement(config))
     try:
         supervisor.run()
@@ -186,22 +181,5 @@ def _serve_workers(config: Config, workers: int) -> int:
         pass
     finally:
         sock.close()
-        _cleanup_metrics(metrics_dir)
+        cleanup_multiprocess(metrics_dir)
     return 0 if supervisor.announced else 1
-
-
-def _prepare_metrics(workers: int) -> str | None:
-    """prometheus_client's shared directory for the workers (they inherit the environment)."""
-    try:
-        from sydent_lite.observability import prepare_multiprocess
-    except ImportError:  # pragma: no cover - built without metrics
-        return None
-    return prepare_multiprocess(workers)
-
-
-def _cleanup_metrics(path: str | None) -> None:
-    try:
-        from sydent_lite.observability import cleanup_multiprocess
-    except ImportError:  # pragma: no cover
-        return
-    cleanup_multiprocess(path)

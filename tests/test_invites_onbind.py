@@ -22,11 +22,19 @@ import pytest
 import signedjson.key
 import signedjson.sign
 from signedjson.sign import SignatureVerifyException
-from unpaddedbase64 import decode_base64, encode_base64
-
 from support.homeserver import ONBIND_PATH, HomeserverStandIn, RecordedRequest
-from support.server import REPO_ROOT, V1, V2, IdentityApi, SydentServer, User, unique_email
+from support.server import (
+    REPO_ROOT,
+    V1,
+    V2,
+    IdentityApi,
+    SydentServer,
+    User,
+    unique_email,
+    wait_until,
+)
 from support.smtp import ReceivedMail
+from unpaddedbase64 import decode_base64, encode_base64
 
 TOKEN_RE = re.compile(r"[0-9a-zA-Z]{32}")
 STORE_INVITE_KEYS = {"token", "display_name", "public_keys", "public_key"}
@@ -578,14 +586,6 @@ def test_bind_without_invites_sends_no_onbind(api: IdentityApi, homeserver: Home
 # --- durability --------------------------------------------------------------------------------------------
 
 FAST_RETRY = {"invites": {"onbind_retry_initial_seconds": 0.5, "onbind_retry_max_seconds": 1}}
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout}s")
-        time.sleep(0.05)
 
 
 def test_onbind_is_retried_until_the_homeserver_accepts(

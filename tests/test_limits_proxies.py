@@ -14,7 +14,6 @@ The multi-process tests run on PostgreSQL (`DatabaseFactory("postgres")`) and Re
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 from starlette.requests import Request
-from support.db import DatabaseFactory, ScratchDatabase, _asyncpg_url
+from support.db import DatabaseFactory, ScratchDatabase, _run, run_sql
 from support.homeserver import HomeserverStandIn
 from support.server import V1, IdentityApi, SydentServer, User, unique_email
 from support.smtp import SmtpSink
@@ -35,11 +34,6 @@ from sydent_lite.services.ratelimit import RateLimiter, RedisRateLimitStore, sto
 
 REDIS_ENV = "SYDENT_LITE_TEST_REDIS"
 DEFAULT_REDIS = "redis://127.0.0.1:6379"
-
-
-def _run(coro: Any) -> Any:
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, coro).result()
 
 
 def redis_url(db: int) -> str:
@@ -78,19 +72,6 @@ def redis_keys(url: str) -> list[str]:
             await client.aclose()
 
     return _run(keys())
-
-
-def run_sql(db: ScratchDatabase, sql: str, *args: Any) -> list[Any]:
-    async def go() -> list[Any]:
-        import asyncpg
-
-        conn = await asyncpg.connect(_asyncpg_url(db.url), timeout=10)
-        try:
-            return list(await conn.fetch(sql, *args))
-        finally:
-            await conn.close()
-
-    return _run(go())
 
 
 # --- two processes on one database ---------------------------------------------------------------

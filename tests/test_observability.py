@@ -26,7 +26,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.server import V1, V2, IdentityApi, SydentServer, new_secret, unique_email
 from support.smtp import free_port
 
-from sydent_lite.config import Config
 from sydent_lite.observability import logs, metrics
 
 HEX16 = re.compile(r"[0-9a-f]{16}")
@@ -34,10 +33,6 @@ REQUEST_TOKEN_ROUTE = f"{V2}/validate/email/requestToken"
 SUBMIT_TOKEN_ROUTE = f"{V2}/validate/email/submitToken"
 BIND_ROUTE = f"{V2}/3pid/bind"
 
-needs_metrics_config = pytest.mark.skipif(
-    not hasattr(Config(), "metrics"),
-    reason="config has no 'metrics' section yet (MetricsConfig is added in sydent_lite/config.py)",
-)
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -84,7 +79,6 @@ def wired(module: str, name: str) -> bool:
 # --- end to end: metrics ------------------------------------------------------------------------
 
 
-@needs_metrics_config
 def test_metrics_listener_counts_requests_by_route_and_status(make_server, api_for) -> None:  # type: ignore[no-untyped-def]
     metrics_port = free_port()
     server = make_server(extra_config={"metrics": {"enabled": True, "host": "127.0.0.1", "port": metrics_port,
@@ -152,7 +146,6 @@ def test_metrics_listener_counts_requests_by_route_and_status(make_server, api_f
     assert api.client.get("/metrics").status_code == 404
 
 
-@needs_metrics_config
 def test_metrics_listener_stops_with_the_server(make_server) -> None:  # type: ignore[no-untyped-def]
     metrics_port = free_port()
     server = make_server(extra_config={"metrics": {"enabled": True, "host": "127.0.0.1", "port": metrics_port}})

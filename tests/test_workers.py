@@ -16,10 +16,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -31,16 +27,16 @@ import httpx
 import pytest
 import signedjson.key
 import signedjson.sign
-from support.db import DatabaseFactory, ScratchDatabase, _asyncpg_url
+from support.db import DatabaseFactory, ScratchDatabase, run_sql
 from support.homeserver import HomeserverStandIn
 from support.server import (
-    REPO_ROOT,
     V2,
     IdentityApi,
     SydentServer,
     User,
     now_ms,
     unique_email,
+    wait_until,
 )
 from support.smtp import SmtpSink
 from unpaddedbase64 import decode_base64
@@ -58,22 +54,6 @@ def pg(tmp_path: Path) -> Iterator[DatabaseFactory]:
     factory = DatabaseFactory("postgres", tmp_path / "pg")
     yield factory
     factory.cleanup()
-
-
-def run_sql(db: ScratchDatabase, sql: str, *args: Any) -> list[Any]:
-    """Run one statement on the test database; its rows (asyncpg Records)."""
-
-    async def go() -> list[Any]:
-        import asyncpg
-
-        conn = await asyncpg.connect(_asyncpg_url(db.url), timeout=10)
-        try:
-            return list(await conn.fetch(sql, *args))
-        finally:
-            await conn.close()
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, go()).result()
 
 
 class Cluster:
@@ -161,14 +141,6 @@ def store_invite(api: IdentityApi, user: User, address: str) -> dict[str, Any]:
     assert resp.status_code == 200, resp.text
     api.smtp.wait_for(address)  # the invitation mail
     return resp.json()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout}s")
-        time.sleep(0.05)
 
 
 # --- state shared through the database -------------------------------------------------------------
@@ -349,31 +321,11 @@ class WorkersServer(SydentServer):
 
     workers = 2
 
+    def serve_args(self) -> list[str]:
+        return ["--workers", str(self.workers)]
+
     def start(self, timeout: float = 60.0) -> WorkersServer:
-        assert self.proc is None, "already running"
-        self.write_config()
-        self._ready.clear()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sydent_lite", "serve", "--config", str(self.config_path),
-             "--workers", str(self.workers)],
-            cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-        )
-        self.starts += 1
-        self._readers = [
-            threading.Thread(target=self._pump, args=(self.proc.stdout, "out"), daemon=True),
-            threading.Thread(target=self._pump, args=(self.proc.stderr, "err"), daemon=True),
-        ]
-        for t in self._readers:
-            t.start()
-        deadline = time.monotonic() + timeout
-        while not self._ready.wait(0.05):
-            if self.proc.poll() is not None:
-                self._fail_start(f"exited with status {self.proc.returncode} before it was ready")
-            if time.monotonic() > deadline:
-                self._fail_start(f"did not print 'listening on' within {timeout:.0f}s")
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5):
-            pass
+        super().start(timeout)  # N workers take longer to start than one
         return self
 
 

@@ -178,8 +178,8 @@ def _metrics_server(config: Config, ctx: AppContext) -> metrics.MetricsServer | 
     With several workers (prometheus_client multiprocess mode, see sydent_lite.observability)
     every worker listens on the metrics port with SO_REUSEPORT and answers for all of them.
     """
-    cfg = getattr(config, "metrics", None)
-    if cfg is None or not getattr(cfg, "enabled", False):
+    cfg = config.metrics
+    if not cfg.enabled:
         return None
 
     async def before_scrape() -> None:

@@ -177,9 +177,8 @@ class RateLimiter:
                 (config.lookup_per_token_per_minute / 60, config.lookup_per_token_burst),
             ]
         )
-        redis_url = getattr(config, "redis_url", None)
-        if redis_url:
-            return cls(True, RedisRateLimitStore(redis_url, horizon))
+        if config.redis_url:
+            return cls(True, RedisRateLimitStore(config.redis_url, horizon))
         if engine is not None:
             from sydent_lite.storage.ratelimits import DatabaseRateLimitStore
 

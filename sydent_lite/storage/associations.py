@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -15,15 +14,6 @@ from sydent_lite.storage.tables import associations as assoc
 
 # Keeps each IN (...) list well under SQLite's and asyncpg's bound-parameter limits.
 _IN_CHUNK = 500
-
-
-@lru_cache(maxsize=64)
-def _by_hash_sql(n: int, paramstyle: str) -> str:
-    if paramstyle == "numeric_dollar":  # asyncpg: $1, $2, ...
-        marks = ", ".join(f"${i}" for i in range(1, n + 1))
-    else:  # sqlite: qmark
-        marks = ", ".join("?" * n)
-    return f"SELECT lookup_hash, mxid FROM {assoc.name} WHERE lookup_hash IN ({marks})"
 
 
 @dataclass
@@ -96,22 +86,12 @@ class AssociationStore:
         return out
 
     async def mxids_by_hash(self, hashes: Sequence[str]) -> dict[str, str]:
-        """lookup_hash -> mxid for those of `hashes` that are bound.
-
-        The hot path of every lookup: plain driver SQL with a placeholder list built once per
-        chunk size, because compiling an expanding IN of hundreds of values through
-        SQLAlchemy's Core costs more than the indexed query itself.
-        """
+        """lookup_hash -> mxid for the bound ones (lookups use the in-memory index instead)."""
         out: dict[str, str] = {}
-        unique = list(set(hashes))
-        if not unique:
-            return out
         async with self._engine.connect() as conn:
-            paramstyle = conn.dialect.paramstyle
-            for chunk in _chunks(unique):
-                sql = _by_hash_sql(len(chunk), paramstyle)
-                rows = await conn.exec_driver_sql(sql, tuple(chunk))
-                out.update(rows.all())
+            for chunk in _chunks(list(set(hashes))):
+                rows = await conn.execute(select(assoc.c.lookup_hash, assoc.c.mxid).where(assoc.c.lookup_hash.in_(chunk)))
+                out.update({h: m for h, m in rows})
         return out
 
     async def iter_threepids(self, batch: int = 1000) -> AsyncIterator[list[tuple[int, str, str]]]:

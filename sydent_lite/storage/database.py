@@ -151,6 +151,15 @@ async def migrate(engine: AsyncEngine) -> None:
         await conn.run_sync(_upgrade)
 
 
+async def migrate_database(url: str) -> None:
+    """`migrate` on a throwaway engine: for commands and the worker supervisor."""
+    engine = create_engine(url)
+    try:
+        await migrate(engine)
+    finally:
+        await engine.dispose()
+
+
 class SqliteReader:
     """Small indexed reads on SQLite, run on the event loop's thread.
 

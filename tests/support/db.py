@@ -52,6 +52,21 @@ def _asyncpg_url(url: str) -> str:
     return url
 
 
+def run_sql(db: "ScratchDatabase", sql: str, *args: Any) -> list[Any]:
+    """Rows of one statement on a scratch PostgreSQL database ($1-style parameters)."""
+
+    async def go() -> list[Any]:
+        import asyncpg
+
+        conn = await asyncpg.connect(_asyncpg_url(db.url), timeout=10)
+        try:
+            return list(await conn.fetch(sql, *args))
+        finally:
+            await conn.close()
+
+    return _run(go())
+
+
 def _with_database(url: str, dbname: str, scheme: str) -> str:
     parts = urllib.parse.urlsplit(url)
     return urllib.parse.urlunsplit((scheme, parts.netloc, "/" + dbname, parts.query, parts.fragment))

@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,13 +194,17 @@ class SydentServer:
                     self._ready.set()
         stream.close()
 
+    def serve_args(self) -> list[str]:
+        """Extra arguments of `sydent-lite serve` (subclasses: `--workers N`)."""
+        return []
+
     def start(self, timeout: float = 30.0) -> "SydentServer":
         assert self.proc is None, "already running"
         self.write_config()
         self._ready.clear()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sydent_lite", "serve", "--config", str(self.config_path)],
+            [sys.executable, "-m", "sydent_lite", "serve", "--config", str(self.config_path), *self.serve_args()],
             cwd=str(REPO_ROOT),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -446,3 +451,12 @@ class IdentityApi:
 
     def v1_lookup(self, medium: str, address: str) -> httpx.Response:
         return self.client.get(f"{V1}/lookup", params={"medium": medium, "address": address})
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll predicate until it holds (or fail saying what was awaited)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached within {timeout}s")
+        time.sleep(0.05)
