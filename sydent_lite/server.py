@@ -108,6 +108,7 @@ def _uvicorn_options(config: Config) -> dict[str, Any]:
         "ssl_certfile": listen.tls_certificate,
         "ssl_keyfile": listen.tls_private_key,
         "lifespan": "on",
+        "ws": "none",  # nothing here speaks websockets; "auto" imports an implementation (~10 MiB)
         "log_config": None,  # our logging setup, not uvicorn's
         "access_log": False,  # access lines would carry ?access_token= query strings
         "proxy_headers": False,  # X-Forwarded-For is ours to judge (listen.trusted_proxies)

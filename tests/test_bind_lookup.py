@@ -6,6 +6,7 @@ v2_lookup.yaml, v2_pubkey.yaml and the identity service prose (sha256 algorithm)
 
 from __future__ import annotations
 
+import json
 import random
 import string
 import time
@@ -79,6 +80,23 @@ def test_sha256_test_vectors_from_the_spec() -> None:
     assert sha256_address("alice@example.com", "email", "matrixrocks") == "4kenr7N9drpCJ4AfalmlGQVsOn3o2RHjkADUpXJWZUc"
     assert sha256_address("bob@example.com", "email", "matrixrocks") == "LJwSazmv46n0hlMlsb_iYxI0_HXEqy_yj6Jm636cdT8"
     assert sha256_address("18005552067", "msisdn", "matrixrocks") == "nlo35_T5fzSGZzJApqu8lgIudJvmOQtDaHtr-I4rU7I"
+
+
+def test_batch_hashing_matches_one_at_a_time() -> None:
+    """bulk_lookup's batched hashing and case folding (C-level tricks) give what the plain
+    per-address functions give, for awkward strings too: the separator inside an address,
+    non-ASCII, characters whose case folding changes their length."""
+    from sydent_lite.services.hashing import casefold_all, lookup_hash, lookup_hashes
+
+    assert lookup_hashes("email", ["alice@example.com", "bob@example.com"], "matrixrocks") == [
+        "4kenr7N9drpCJ4AfalmlGQVsOn3o2RHjkADUpXJWZUc", "LJwSazmv46n0hlMlsb_iYxI0_HXEqy_yj6Jm636cdT8"]
+    rng = random.Random(7)
+    alphabet = "abcXYZ@.+-_ \n\tßİΣςé\u00ad\U0001F600"
+    for _ in range(500):
+        addresses = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 14))) for _ in range(rng.randrange(0, 9))]
+        for medium in ("email", "msisdn", "x\ny"):
+            assert lookup_hashes(medium, addresses, "pep") == [lookup_hash(a, medium, "pep") for a in addresses], addresses
+        assert casefold_all(addresses) == [a.casefold() for a in addresses], addresses
 
 
 # --- full flow ---------------------------------------------------------------------------------------
@@ -227,6 +245,31 @@ def test_v1_bind_then_lookup_returns_the_same_object(api: IdentityApi, idserver:
 
     resp = api.v1_lookup("email", nobody)
     assert resp.status_code == 200 and resp.json() == {}, resp.text
+
+
+def test_bulk_lookup_keeps_order_duplicates_and_addresses_as_given(api: IdentityApi, user: User) -> None:
+    emails = [unique_email("bulk") for _ in range(3)]
+    for email in emails:
+        api.bind_email(email, user)
+    given = [emails[0].upper(), emails[1], emails[2].title()]
+    plain = [["email", given[0]], ["email", unique_email("nobody")], ["email", given[1]], ["msisdn", given[2]],
+             ["email", given[2]], ["email", given[1]]]
+    expected = [["email", given[0], user.user_id], ["email", given[1], user.user_id],
+                ["email", given[2], user.user_id], ["email", given[1], user.user_id]]
+    resp = api.client.post(f"{V1}/bulk_lookup", json={"threepids": plain})
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"threepids": expected}
+
+    # Strings no stored address can hold (NUL, a lone surrogate, a line break) match nothing and
+    # spoil nothing for the pairs around them.
+    hostile = [["email", "nul\u0000@example.test"], ["email", "\ud800@example.test"], ["email\n", given[0]],
+               ["email", f"{given[0]}\n{given[1]}"]]
+    body = json.dumps({"threepids": plain[:3] + hostile + plain[3:]})  # ASCII: the surrogate as \\ud800
+    resp = api.client.post(f"{V1}/bulk_lookup", content=body, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"threepids": expected}
+    resp = api.client.post(f"{V1}/bulk_lookup", json={"threepids": []})
+    assert resp.status_code == 200 and resp.json() == {"threepids": []}, resp.text
 
 
 def test_v1_lookup_missing_params(api: IdentityApi) -> None:

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -376,3 +376,73 @@ def test_prepare_and_clean_up_multiprocess(monkeypatch: pytest.MonkeyPatch) -> N
     assert path is not None and Path(path).is_dir() and os.environ[observability.MULTIPROC_ENV] == path
     observability.cleanup_multiprocess(path)
     assert not Path(path).exists() and observability.MULTIPROC_ENV not in os.environ
+
+
+@pytest.fixture
+def installed_logging() -> Iterator[None]:
+    """setup_logging() changes the root logger and the access lane: put both back afterwards."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logs._active_handler
+    yield
+    root.handlers[:], level, logs._active_handler = saved
+    root.setLevel(level)
+
+
+def _setup_logging_alone(level: str, fmt: str, stream: io.StringIO) -> logs.LogHandler:
+    """setup_logging(), and no other handler on the root (pytest adds its own during a test)."""
+    handler = logs.setup_logging(level, fmt, stream)
+    logging.getLogger().handlers[:] = [handler]
+    return handler
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_access_lines_through_the_fast_lane_look_like_records(fmt: str, installed_logging: None) -> None:
+    stream = io.StringIO()
+    handler = _setup_logging_alone("INFO", fmt, stream)
+    access = logging.getLogger("sydent_lite.access")
+    assert logs.access_lane(access) is handler
+
+    # The same text as the logging machinery makes of a record with these fields.
+    record = logging.LogRecord("sydent_lite.access", logging.INFO, __file__, 1, "GET /x 200 1.5ms", None, None)
+    record.request_id = "rid-1"
+    assert handler.line_formatter.format_line(record.created, "INFO", "sydent_lite.access", "rid-1", record.getMessage()) \
+        == handler.format(record)
+
+    handler.access("sydent_lite.access", "rid-2", "GET /y 404 0.1ms")  # no event loop: written at once
+    assert "GET /y 404 0.1ms" in stream.getvalue() and "rid-2" in stream.getvalue()
+
+
+def test_access_lines_keep_their_place_among_other_records(installed_logging: None) -> None:
+    stream = io.StringIO()
+    handler = _setup_logging_alone("INFO", "text", stream)
+
+    async def in_a_request() -> str:
+        handler.access("sydent_lite.access", "rid-1", "first")
+        handler.access("sydent_lite.access", "rid-2", "second")
+        pending = stream.getvalue()  # batched until the loop turns...
+        logging.getLogger("sydent_lite.other").warning("third")  # ...or another record comes
+        handler.access("sydent_lite.access", "rid-3", "fourth")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return pending
+
+    assert asyncio.run(in_a_request()) == ""
+    messages = [line.rsplit(" ", 1)[-1] for line in stream.getvalue().splitlines()]
+    assert messages == ["first", "second", "third", "fourth"], stream.getvalue()
+
+
+def test_no_fast_lane_when_logging_is_set_up_otherwise(installed_logging: None) -> None:
+    access = logging.getLogger("sydent_lite.access")
+    handler = _setup_logging_alone("INFO", "text", io.StringIO())
+    assert logs.access_lane(access) is handler
+    extra = logging.StreamHandler(io.StringIO())  # an operator's or a test's handler
+    logging.getLogger().addHandler(extra)
+    assert logs.access_lane(access) is None
+    logging.getLogger().removeHandler(extra)
+    access.setLevel(logging.WARNING)  # access lines switched off
+    try:
+        assert logs.access_lane(access) is None
+    finally:
+        access.setLevel(logging.NOTSET)
+    _setup_logging_alone("WARNING", "text", io.StringIO())
+    assert logs.access_lane(access) is None

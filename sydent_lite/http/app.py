@@ -4,26 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Match
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sydent_lite.config import Config
 from sydent_lite.context import AppContext, build_context
 from sydent_lite.errors import MatrixError
-from sydent_lite.http.router import ExactPathRouter
 from sydent_lite.http.routes import all_routes
 from sydent_lite.observability import metrics
-from sydent_lite.observability.logs import REQUEST_ID, request_id_from_header
+from sydent_lite.observability.logs import (
+    REQUEST_ID,
+    access_lane,
+    request_id_from_header,
+)
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("sydent_lite.access")
@@ -36,47 +42,49 @@ CORS_HEADERS = [
 ]
 
 
-class CorsMiddleware:
-    """Spec "Web browser clients": CORS headers on every response, and OPTIONS answered everywhere."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if scope["method"] == "OPTIONS":
-            await JSONResponse({})(scope, receive, send)  # CORS headers: see below
-            return
-
-        # The CORS headers of every other response are added by ObservabilityMiddleware, with
-        # the request id, in its one wrapper of `send` (one layer less per request).
-        await self.app(scope, receive, send)
-
-
 # Load balancer probes: neither counted in the request metrics nor logged at INFO (a probe is
 # not client traffic, and a 503 there is the database's problem, reported by the probe itself).
 HEALTH_PATH = "/_sydent_lite/health"
 UNMATCHED_ROUTE = "unmatched"
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+ACCESS_LOGGER_NAME = access_logger.name
 
 
-class ObservabilityMiddleware:
-    """Per request: a request id (logs, X-Request-Id header), the request metrics, an access line.
+def _is_plain_function(endpoint: object) -> bool:
+    # Starlette's own test for "wrap this in request_response" (not an ASGI app or endpoint class).
+    while isinstance(endpoint, functools.partial):
+        endpoint = endpoint.func
+    return inspect.isfunction(endpoint) or inspect.ismethod(endpoint)
+
+
+class FrontDoor:
+    """The outermost ASGI app. Per request: a request id (logs, X-Request-Id header), the CORS
+    headers, the request metrics and an access line.
+
+    Every identity-server path is static. A request for one of them, with one of its methods,
+    goes straight to the endpoint, with the application's error handlers around it; Starlette's
+    middleware, router and endpoint wrappers (seven layers, each wrapping `send` again) were a
+    third of the CPU of a small request. Everything else (OPTIONS aside: unknown paths, wrong
+    methods, trailing slashes) goes through the Starlette application, whose router answers
+    404, 405 and redirects as usual.
 
     Metrics and the access line name the matched route *template*
     (`/_matrix/identity/v2/3pid/bind`) or "unmatched", never the raw path or query string, so
     they carry no tokens or addresses and the number of series stays bounded.
     """
 
-    def __init__(self, app: ASGIApp, routes: list[BaseRoute]) -> None:
+    def __init__(self, app: Starlette) -> None:
         self.app = app
-        self.routes = routes
+        self.routes: list[BaseRoute] = app.routes
+        self._exact: dict[tuple[str, str], Route] = {}
+        for route in self.routes:
+            if isinstance(route, Route) and not route.param_convertors and _is_plain_function(route.endpoint):
+                for method in route.methods or ():
+                    self._exact.setdefault((route.path, method), route)
 
     def _route_template(self, scope: Scope) -> str:
         # Starlette's router records the route it matched; requests that never reached it
-        # (OPTIONS answered by the CORS layer, slash redirects) are matched here.
+        # (OPTIONS, slash redirects) are matched here.
         path = getattr(scope.get("route"), "path", None)
         if isinstance(path, str):
             return path
@@ -94,7 +102,7 @@ class ObservabilityMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = None
-        for name, value in scope.get("headers", []):
+        for name, value in scope["headers"]:
             if name == b"x-request-id":
                 incoming = value.decode("latin-1")
                 break
@@ -103,7 +111,7 @@ class ObservabilityMiddleware:
         start = time.perf_counter()
         status = 500  # unless a response starts: an exception escaped every handler
 
-        async def send_with_request_id(message: Message) -> None:
+        async def send_with_headers(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -111,22 +119,49 @@ class ObservabilityMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_request_id)
+            method = scope["method"]
+            if method == "OPTIONS":
+                # Spec "Web browser clients": OPTIONS is answered on every path (CORS preflight).
+                await JSONResponse({})(scope, receive, send_with_headers)
+                return
+            route = None if scope.get("root_path") else self._exact.get((scope["path"], method))
+            if route is None:
+                await self.app(scope, receive, send_with_headers)
+            else:
+                await self._call_endpoint(route, scope, receive, send_with_headers)
         finally:
             elapsed = time.perf_counter() - start
             try:
-                self._observe(scope, status, elapsed)
+                self._observe(scope, status, elapsed, request_id)
             finally:
                 REQUEST_ID.reset(reset_token)
 
-    def _observe(self, scope: Scope, status: int, elapsed: float) -> None:
+    async def _call_endpoint(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
+        """What Starlette's stack does for a matched route, without its layers."""
+        scope["app"] = self.app  # endpoints find the context at request.app.state
+        scope["route"] = route
+        request = Request(scope, receive, send)
+        try:
+            response = await route.endpoint(request)
+        except MatrixError as exc:
+            response = await _matrix_error(request, exc)
+        except HTTPException as exc:
+            response = await _http_error(request, exc)
+        except Exception as exc:
+            response = await _unexpected_error(request, exc)
+        await response(scope, receive, send)
+
+    def _observe(self, scope: Scope, status: int, elapsed: float, request_id: str) -> None:
         route = self._route_template(scope)
         method = scope["method"] if scope["method"] in _KNOWN_METHODS else "other"
         if route == HEALTH_PATH:
             access_logger.debug("%s %s %d %.1fms", method, route, status, elapsed * 1000)
             return
         metrics.observe_request(route, method, status, elapsed)
-        if access_logger.isEnabledFor(logging.INFO):
+        lane = access_lane(access_logger)
+        if lane is not None:
+            lane.access(ACCESS_LOGGER_NAME, request_id, f"{method} {route} {status} {elapsed * 1000:.1f}ms")
+        elif access_logger.isEnabledFor(logging.INFO):
             # Built only from the route template, method and status: nothing to redact.
             access_logger.info("%s %s %d %.1fms", method, route, status, elapsed * 1000, extra=_PRE_REDACTED)
 
@@ -223,10 +258,13 @@ def create_app(config: Config, context_factory: Callable[[Config], object] = bui
                 await metrics_server.stop()
             await ctx.aclose()
 
-    app = Starlette(
+    return FrontDoor(starlette_app(all_routes(), lifespan=lifespan))
+
+
+def starlette_app(routes: list[BaseRoute], lifespan: Callable[[Starlette], Any] | None = None) -> Starlette:
+    """Starlette with our routes and Matrix error handlers (wrap it in a FrontDoor to serve)."""
+    return Starlette(
+        routes=routes,
         exception_handlers={MatrixError: _matrix_error, HTTPException: _http_error, Exception: _unexpected_error},
         lifespan=lifespan,
     )
-    app.router = ExactPathRouter(all_routes(), lifespan=lifespan)  # before the first request builds the stack
-    # Outermost, so that even OPTIONS answers and unhandled errors get a request id and count.
-    return ObservabilityMiddleware(CorsMiddleware(app), app.routes)

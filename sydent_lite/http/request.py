@@ -120,4 +120,6 @@ def get_int(source: dict[str, Any], name: str) -> int:
 
 
 def query_params(request: Request) -> dict[str, Any]:
-    return dict(request.query_params)
+    # What dict(request.query_params) gives (the last of repeated names wins), without
+    # building Starlette's multidict first.
+    return dict(parse_qsl(request.scope["query_string"].decode("latin-1"), keep_blank_values=True))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from itertools import compress
+from operator import itemgetter
 
 from sydent_lite.errors import MatrixError, invalid_param
 from sydent_lite.secrets_util import now_ms
-from sydent_lite.services.hashing import lookup_hash
+from sydent_lite.services.hashing import casefold_all, lookup_hash, lookup_hashes
 from sydent_lite.services.lookup_index import LookupIndex
 from sydent_lite.signing import ServerSigner
 from sydent_lite.storage.associations import AssociationStore, StoredAssociation
@@ -77,18 +79,28 @@ class AssociationService:
         stored = await self._store.get(medium, address)
         return stored.signed_json if stored else None
 
-    async def bulk_lookup(self, pairs: Sequence[tuple[str, str, str]]) -> list[list[str]]:
-        """pairs: (medium, address as given, normalised address) -> [[medium, address as given, mxid]]."""
+    async def bulk_lookup(self, threepids: Sequence[Sequence[str]]) -> list[list[str]]:
+        """[medium, address as given] pairs -> [medium, address as given, mxid] of the bound ones."""
         # The same hashes as the v2 lookup's, so the same in-memory index answers.
-        hashes = [lookup_hash(norm, medium, self.pepper) for medium, _, norm in pairs]
+        media = set(map(itemgetter(0), threepids))
+        if len(media) == 1:  # the usual case: no per-pair work in Python at all
+            hashes = self._lookup_hashes(media.pop(), list(map(itemgetter(1), threepids)))
+        else:
+            hashes = [""] * len(threepids)
+            for medium in media:
+                positions = [i for i, pair in enumerate(threepids) if pair[0] == medium]
+                for i, h in zip(positions, self._lookup_hashes(medium, [threepids[i][1] for i in positions]), strict=True):
+                    hashes[i] = h
         await self._index.catch_up()
         found = await self._index.mxids(hashes)
-        out = []
-        for (medium, given, _), h in zip(pairs, hashes, strict=True):
-            mxid = found.get(h)
-            if mxid is not None:
-                out.append([medium, given, mxid])
-        return out
+        if not found:
+            return []
+        hits = compress(zip(threepids, hashes, strict=True), map(found.__contains__, hashes))
+        return [[m, a, found[h]] for (m, a), h in hits]
+
+    def _lookup_hashes(self, medium: str, addresses: list[str]) -> list[str]:
+        # Email addresses are stored case-folded; v1 callers may not have folded theirs.
+        return lookup_hashes(medium, casefold_all(addresses) if medium == "email" else addresses, self.pepper)
 
     async def hashed_lookup(self, algorithm: str, pepper: str, addresses: list[str]) -> dict[str, str]:
         if algorithm not in ("sha256", "none"):

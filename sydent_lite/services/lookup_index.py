@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from array import array
-from collections.abc import Iterable
+from collections.abc import Collection
+from itertools import compress, repeat
+from operator import is_not
 
 from sydent_lite.secrets_util import now_ms
 from sydent_lite.storage.association_changes import AssociationChangeStore
@@ -38,8 +40,9 @@ KEEP_CHANGES_MS = 60 * 60 * 1000
 _Ids = int | tuple[int, ...]
 
 
-def _key(lookup_hash: str) -> int:
-    return hash(lookup_hash)  # str hashes are cached by CPython and stable within the process
+# The dict key of a lookup hash: the string's own hash (cached by CPython, stable within the
+# process). The builtin itself rather than a function calling it: `map(_key, ...)` stays in C.
+_key = hash
 
 
 class LookupIndex:
@@ -123,16 +126,14 @@ class LookupIndex:
             finally:
                 self._polls_done = self._polls_started
 
-    async def mxids(self, hashes: Iterable[str]) -> dict[str, str]:
+    async def mxids(self, hashes: Collection[str]) -> dict[str, str]:
         """lookup hash -> mxid for the bound ones among `hashes` (call catch_up first)."""
-        get = self._ids.get
-        wanted: set[str] = set()
+        # Most hashes are of people who are not bound: sort them out without a Python loop.
+        held_all = list(map(self._ids.get, map(_key, hashes)))
+        present = list(map(is_not, held_all, repeat(None)))
+        wanted = set(compress(hashes, present))
         candidates: set[int] = set()
-        for h in hashes:
-            held = get(_key(h))
-            if held is None:
-                continue
-            wanted.add(h)
+        for held in compress(held_all, present):
             if isinstance(held, int):
                 candidates.add(held)
             else:

@@ -149,9 +149,11 @@ class RedisRateLimitStore:
 # Leases: a process takes up to burst/LEASE_DIVISOR tokens from the shared bucket at once
 # (at most MAX_LEASE) and spends them locally for up to LEASE_SECONDS, so a busy key costs one
 # shared-store write per lease rather than per request. Small buckets (burst < 2 x divisor)
-# lease one token at a time: their limit holds exactly across workers.
+# lease one token at a time: their limit holds exactly across workers. MAX_LEASE only matters
+# for bursts above 2,000; with 100 there, a key taking thousands of requests a second cost a
+# store write (~1 ms on SQLite) every 100 requests, a tenth of the CPU of a v1 lookup.
 LEASE_DIVISOR = 20
-MAX_LEASE = 100
+MAX_LEASE = 1000
 LEASE_SECONDS = 1.0
 _MAX_LEASES = 10_000
 
