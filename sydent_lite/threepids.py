@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import email_validator
@@ -32,6 +33,14 @@ def normalise_email(address: object) -> str:
     except EmailNotValidError:
         raise MatrixError(400, "M_INVALID_EMAIL", "The email address is not valid") from None
     return address.casefold()
+
+
+def casefold_all(addresses: Sequence[str]) -> list[str]:
+    """[a.casefold() for a in addresses], in one call: case folding is per character."""
+    joined = "\n".join(addresses)
+    if joined.count("\n") != len(addresses) - 1:
+        return [a.casefold() for a in addresses]
+    return joined.casefold().split("\n") if addresses else []
 
 
 def is_valid_user_id(mxid: object) -> bool:

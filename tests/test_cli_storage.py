@@ -189,17 +189,23 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str) -> None:
             await index.load()
             h_before, h_after = lookup_hash("before@example.test", "email", "p"), lookup_hash("after@example.test", "email", "p")
             assert await index.mxids([h_before, h_after]) == {h_before: "@a:hs.test"}
+            both = ["before@example.test", "after@example.test"]
+            assert await index.mxids_by_address("email", both) == {both[0]: "@a:hs.test"}
+            assert await index.mxids_by_address("msisdn", both) == {}
 
             await store.upsert(stored("after@example.test", "@b:hs.test"))  # a bind
             await store.upsert(stored("before@example.test", "@c:hs.test"))  # rebound to someone else
             await index.catch_up()
             assert await index.mxids([h_before, h_after]) == {h_before: "@c:hs.test", h_after: "@b:hs.test"}
+            assert await index.mxids_by_address("email", both) == {both[0]: "@c:hs.test", both[1]: "@b:hs.test"}
 
             async with engine.begin() as conn:  # an operator's hand-written SQL
                 await conn.execute(delete(associations).where(associations.c.address == "after@example.test"))
                 await conn.execute(text("UPDATE associations SET mxid = '@d:hs.test' WHERE address = 'before@example.test'"))
             await index.catch_up()
             assert await index.mxids([h_before, h_after]) == {h_before: "@d:hs.test"}
+            assert await index.mxids_by_address("email", both) == {both[0]: "@d:hs.test"}
+            assert index._stale >= 1  # the deleted row's keys stay, counted, until a rebuild
 
             # Pruned log: a fresh index still loads the table and follows new changes.
             async with engine.begin() as conn:
@@ -211,24 +217,47 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str) -> None:
             await store.upsert(stored("after@example.test", "@e:hs.test"))
             await fresh.catch_up()
             assert await fresh.mxids([h_after]) == {h_after: "@e:hs.test"}
+            assert await fresh.mxids_by_address("email", both) == {both[0]: "@d:hs.test", both[1]: "@e:hs.test"}
 
-            # Every hash under one 64-bit key: the full hashes still decide.
+            # Every hash and address under one key: the full hashes and addresses still decide.
             from sydent_lite.services import lookup_index
 
-            real_key = lookup_index._key
-            lookup_index._key = lambda _h: 1  # type: ignore[assignment]
+            real_keys = lookup_index._keys
+            lookup_index._keys = lambda values: (1 for _ in values)  # type: ignore[assignment]
             try:
                 colliding = LookupIndex(AssociationChangeStore(engine), store)
                 await colliding.load()
                 unknown = lookup_hash("nobody@example.test", "email", "p")
                 assert await colliding.mxids([h_before, h_after, unknown]) == {h_before: "@d:hs.test", h_after: "@e:hs.test"}
+                assert await colliding.mxids_by_address("email", [*both, "nobody@example.test"]) == {
+                    both[0]: "@d:hs.test", both[1]: "@e:hs.test"}
                 async with engine.begin() as conn:
                     await conn.execute(delete(associations).where(associations.c.address == "after@example.test"))
                 await colliding.catch_up()
                 assert await colliding.mxids([h_before, h_after, unknown]) == {h_before: "@d:hs.test"}
+                assert await colliding.mxids_by_address("email", both) == {both[0]: "@d:hs.test"}
             finally:
-                lookup_index._key = real_key
+                lookup_index._keys = real_keys
         finally:
             await engine.dispose()
 
     asyncio.run(run())
+
+
+def test_byte_map_never_says_no_to_a_key_it_holds() -> None:
+    import random
+
+    from sydent_lite.services.lookup_index import SLOTS_PER_KEY, ByteMap
+
+    rng = random.Random(3)
+    keys = [rng.getrandbits(64) - 2**63 for _ in range(6000)]
+    byte_map = ByteMap(keys[:3000], 3000)
+    byte_map.add(keys[3000:])
+    assert all(byte_map.maybe(keys))
+    others = [rng.getrandbits(64) for _ in range(20000)]
+    false_share = sum(1 for m in byte_map.maybe(others) if m) / len(others)
+    assert false_share < 2 * 6000 / len(byte_map.slots) + 0.01, false_share  # misses mostly say no
+    assert len(byte_map.slots) >= 3000 * SLOTS_PER_KEY
+    assert not byte_map.crowded
+    byte_map.add(rng.getrandbits(64) for _ in range(3000))
+    assert byte_map.crowded  # three times what it was sized for: rebuild

@@ -24,6 +24,7 @@ from sydent_lite.config import Config
 from sydent_lite.context import AppContext, build_context
 from sydent_lite.errors import MatrixError
 from sydent_lite.http.routes import all_routes
+from sydent_lite.memory import release_free_memory
 from sydent_lite.observability import metrics
 from sydent_lite.observability.logs import (
     REQUEST_ID,
@@ -233,6 +234,7 @@ def create_app(config: Config, context_factory: Callable[[Config], object] = bui
         # showed up as tail latency.
         gc.collect()
         gc.freeze()
+        release_free_memory()
         metrics_server = _metrics_server(config, ctx)
         if metrics_server is not None:
             try:

@@ -10,11 +10,12 @@ from operator import itemgetter
 
 from sydent_lite.errors import MatrixError, invalid_param
 from sydent_lite.secrets_util import now_ms
-from sydent_lite.services.hashing import casefold_all, lookup_hash, lookup_hashes
+from sydent_lite.services.hashing import lookup_hash
 from sydent_lite.services.lookup_index import LookupIndex
 from sydent_lite.signing import ServerSigner
 from sydent_lite.storage.associations import AssociationStore, StoredAssociation
 from sydent_lite.storage.sessions import ValidationSession
+from sydent_lite.threepids import casefold_all
 
 logger = logging.getLogger(__name__)
 
@@ -81,26 +82,24 @@ class AssociationService:
 
     async def bulk_lookup(self, threepids: Sequence[Sequence[str]]) -> list[list[str]]:
         """[medium, address as given] pairs -> [medium, address as given, mxid] of the bound ones."""
-        # The same hashes as the v2 lookup's, so the same in-memory index answers.
+        await self._index.catch_up()
         media = set(map(itemgetter(0), threepids))
         if len(media) == 1:  # the usual case: no per-pair work in Python at all
-            hashes = self._lookup_hashes(media.pop(), list(map(itemgetter(1), threepids)))
-        else:
-            hashes = [""] * len(threepids)
-            for medium in media:
-                positions = [i for i, pair in enumerate(threepids) if pair[0] == medium]
-                for i, h in zip(positions, self._lookup_hashes(medium, [threepids[i][1] for i in positions]), strict=True):
-                    hashes[i] = h
-        await self._index.catch_up()
-        found = await self._index.mxids(hashes)
-        if not found:
-            return []
-        hits = compress(zip(threepids, hashes, strict=True), map(found.__contains__, hashes))
-        return [[m, a, found[h]] for (m, a), h in hits]
-
-    def _lookup_hashes(self, medium: str, addresses: list[str]) -> list[str]:
-        # Email addresses are stored case-folded; v1 callers may not have folded theirs.
-        return lookup_hashes(medium, casefold_all(addresses) if medium == "email" else addresses, self.pepper)
+            medium = media.pop()
+            stored = _stored_forms(medium, list(map(itemgetter(1), threepids)))
+            found = await self._index.mxids_by_address(medium, stored)
+            if not found:
+                return []
+            hits = compress(zip(threepids, stored, strict=True), map(found.__contains__, stored))
+            return [[m, a, found[s]] for (m, a), s in hits]
+        mxids: list[str | None] = [None] * len(threepids)
+        for medium in media:
+            positions = [i for i, pair in enumerate(threepids) if pair[0] == medium]
+            stored = _stored_forms(medium, [threepids[i][1] for i in positions])
+            found = await self._index.mxids_by_address(medium, stored)
+            for i, address in zip(positions, stored, strict=True):
+                mxids[i] = found.get(address)
+        return [[m, a, mxid] for (m, a), mxid in zip(threepids, mxids, strict=True) if mxid is not None]
 
     async def hashed_lookup(self, algorithm: str, pepper: str, addresses: list[str]) -> dict[str, str]:
         if algorithm not in ("sha256", "none"):
@@ -120,3 +119,8 @@ class AssociationService:
                 by_hash[lookup_hash(address, medium, self.pepper)] = query
         found = await self._index.mxids(by_hash)
         return {by_hash[h]: mxid for h, mxid in found.items()}
+
+
+def _stored_forms(medium: str, addresses: list[str]) -> list[str]:
+    # Email addresses are stored case-folded; v1 callers may not have folded theirs.
+    return casefold_all(addresses) if medium == "email" else addresses

@@ -1,20 +1,25 @@
-"""The lookup hash -> Matrix ID map, held in memory by each process and kept current.
+"""Which lookup hashes and which (medium, address) pairs are bound, in memory, kept current.
 
 Lookups are the identity server's hot path (a client asks about its whole address book:
-hundreds or thousands of hashes per request, most of them not bound). Sorting out the misses
-in a dict costs well under a microsecond per hash where an indexed `IN (...)` of the whole
-batch costs milliseconds, so each process loads the map once at start and then applies the database's change
-log (migration 0004: triggers append every change to `associations`, whoever makes it).
+hundreds or thousands of hashes or addresses per request, most of them not bound). Sorting
+out the misses in memory costs well under a microsecond each where an indexed `IN (...)` of
+the whole batch costs milliseconds, so each process loads the index once at start and then
+applies the database's change log (migration 0004: triggers append every change to
+`associations`, whoever makes it).
 
 Freshness: before each lookup the process reads the log rows it has not applied yet (one
 small query, shared by the lookups that arrive while it runs), so a bind committed by any
 process is seen by every lookup that starts after it. Old log rows are pruned after an hour;
-a process that fell behind the pruning point (stopped for that long) reloads the whole map.
+a process that fell behind the pruning point (stopped for that long) reloads the whole index.
 
-What is held: which lookup hashes exist and the row that holds each, keyed by the hash
-string's own 64-bit hash (about 100 bytes per association: 100,000 take ~10 MiB). The mxids
-of the hits (a few per cent of a batch) are read from the database by primary key, and each
-hit's full lookup hash is compared there, so a 64-bit collision can never answer wrongly.
+What is held: two sets of 30-bit keys, one of lookup hashes (v2 lookups) and one of
+(medium, address) pairs (v1 bulk_lookup, which would otherwise SHA-256 every pair it is asked
+about), about 75 bytes per association for both (100,000: ~7 MiB). A key only says "maybe":
+the hits (a few per cent of a batch, plus one false candidate per ~10,000 misses at 100,000
+associations) are read from the database by their full lookup hash or address, so neither
+a key collision nor a stale key can ever answer wrongly. Keys are not removed when an
+association goes (another association may share the key); the stale ones are counted and
+the index is rebuilt when they pile up.
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from array import array
-from collections.abc import Collection
+from collections import deque
+from collections.abc import Collection, Hashable, Iterable, Iterator, Sequence
 from itertools import compress, repeat
-from operator import is_not
 
 from sydent_lite.secrets_util import now_ms
 from sydent_lite.storage.association_changes import AssociationChangeStore
@@ -34,22 +39,56 @@ logger = logging.getLogger(__name__)
 
 BACKGROUND_REFRESH_SECONDS = 2.0
 KEEP_CHANGES_MS = 60 * 60 * 1000
+# Rebuild once this many removed associations (or a quarter of the index) left stale slots.
+MAX_STALE = 10_000
+# Slots per association in a byte map: the share of misses that become false candidates is
+# at most 1/SLOTS_PER_KEY (~3%), each costing one indexed read among the hits'.
+SLOTS_PER_KEY = 32
+MIN_SLOTS = 1 << 16
 
 
-# key -> association id, or (rarely: two hashes with one 64-bit key) a tuple of ids.
-_Ids = int | tuple[int, ...]
+def _keys(values: Iterable[Hashable]) -> Iterator[int]:
+    """The index key of each value: its own hash (cached by CPython for strings, stable within
+    the process). In C: no Python code runs per value."""
+    return map(hash, values)
 
 
-# The dict key of a lookup hash: the string's own hash (cached by CPython, stable within the
-# process). The builtin itself rather than a function calling it: `map(_key, ...)` stays in C.
-_key = hash
+class ByteMap:
+    """A set of keys that may say "maybe" wrongly but never "no" wrongly: one byte per slot,
+    the slot being the key's low bits. 100,000 keys take 4 MiB here; a Python set of them
+    took 7 MiB (an int object and a 16-byte entry each, in a table kept 40% empty)."""
+
+    def __init__(self, keys: Iterable[int], expected: int) -> None:
+        size = MIN_SLOTS
+        while size < expected * SLOTS_PER_KEY:
+            size *= 2
+        self.slots = bytearray(size)
+        self._mask = size - 1
+        self.count = 0
+        self.add(keys)
+
+    def add(self, keys: Iterable[int]) -> None:
+        slots = list(map(self._mask.__and__, keys))
+        deque(map(self.slots.__setitem__, slots, repeat(1)), maxlen=0)
+        self.count += len(slots)
+
+    def maybe(self, keys: Iterable[int]) -> Iterator[int]:
+        """For each key, nonzero if it may be held, 0 if it certainly is not."""
+        return map(self.slots.__getitem__, map(self._mask.__and__, keys))
+
+    @property
+    def crowded(self) -> bool:
+        """Twice the keys it was sized for: time to rebuild it bigger."""
+        return self.count * SLOTS_PER_KEY > 2 * len(self.slots)
 
 
 class LookupIndex:
     def __init__(self, changes: AssociationChangeStore, associations: AssociationStore) -> None:
         self._store = changes
         self._associations = associations
-        self._ids: dict[int, _Ids] = {}
+        self._hashes = ByteMap((), 0)
+        self._threepids = ByteMap((), 0)
+        self._stale = 0
         self._last_id = 0
         self._lock = asyncio.Lock()
         # Polls started so far: a lookup needs one that started after it arrived.
@@ -57,59 +96,41 @@ class LookupIndex:
         self._polls_done = 0
 
     def __len__(self) -> int:
-        return len(self._ids)
-
-    def _add(self, key: int, association_id: int) -> None:
-        held = self._ids.get(key)
-        if held is None or held == association_id:
-            self._ids[key] = association_id
-        elif isinstance(held, int):
-            self._ids[key] = (held, association_id)
-        elif association_id not in held:
-            self._ids[key] = (*held, association_id)
-
-    def _remove(self, key: int, association_id: int) -> None:
-        held = self._ids.get(key)
-        if held is None:
-            return
-        if isinstance(held, int):
-            if held == association_id:
-                del self._ids[key]
-            return
-        rest = tuple(i for i in held if i != association_id)
-        self._ids[key] = rest[0] if len(rest) == 1 else rest
+        return self._hashes.count
 
     async def load(self) -> None:
         """(Re)build the index from the associations table, then apply what changed meanwhile."""
         # The log position first: changes made during the scan are applied again afterwards,
-        # which is harmless (adding a present id or removing an absent one changes nothing).
+        # which is harmless (setting a slot twice changes nothing).
         # Everything up to the pruning point is in the table too (the log may be empty).
         last_id = max(await self._store.latest_id(), await self._store.pruned_through())
-        # Keys and ids go into flat arrays first and the dict is built afterwards: building it
-        # while the scanned rows come and go interleaves long-lived ints with short-lived
-        # strings, and the fragmented memory (~10 MiB per 100,000) is never given back.
-        keys, ids = array("q"), array("q")
-        async for batch in self._store.all_hashes():
-            for association_id, lookup_hash in batch:
-                keys.append(_key(lookup_hash))
-                ids.append(association_id)
-        self._ids = {}
-        for key, association_id in zip(keys, ids, strict=True):
-            self._add(key, association_id)
-        del keys, ids
+        # Keys are collected in flat arrays (8 bytes each, no objects) to size the maps.
+        hash_keys, threepid_keys = array("q"), array("q")
+        async for hash_batch in self._store.all_hashes():
+            hash_keys.extend(_keys([h for _, h in hash_batch]))
+        async for threepid_batch in self._associations.all_threepids():
+            threepid_keys.extend(_keys(threepid_batch))
+        self._hashes = ByteMap(hash_keys, len(hash_keys))
+        self._threepids = ByteMap(threepid_keys, len(threepid_keys))
+        del hash_keys, threepid_keys
+        self._stale = 0
         self._last_id = last_id
         await self._apply_changes()
-        logger.info("lookup index loaded: %d associations", len(self._ids))
+        logger.info("lookup index loaded: %d associations", len(self))
 
     async def _apply_changes(self) -> None:
         while True:
             rows = await self._store.since(self._last_id)
-            for change_id, lookup_hash, association_id, present in rows:
-                if present:
-                    self._add(_key(lookup_hash), association_id)
-                else:
-                    self._remove(_key(lookup_hash), association_id)
-                self._last_id = change_id
+            if not rows:
+                return
+            added = [(lookup_hash, association_id) for _, lookup_hash, association_id, present in rows if present]
+            # The address of each new row, read now: the log holds only its lookup hash. A
+            # row deleted meanwhile needs no key.
+            threepids = await self._associations.threepids_by_id([i for _, i in added]) if added else []
+            self._hashes.add(_keys([h for h, _ in added]))
+            self._threepids.add(_keys(threepids))
+            self._stale += len(rows) - len(added)
+            self._last_id = rows[-1][0]
             if len(rows) < 10_000:
                 return
 
@@ -129,20 +150,18 @@ class LookupIndex:
     async def mxids(self, hashes: Collection[str]) -> dict[str, str]:
         """lookup hash -> mxid for the bound ones among `hashes` (call catch_up first)."""
         # Most hashes are of people who are not bound: sort them out without a Python loop.
-        held_all = list(map(self._ids.get, map(_key, hashes)))
-        present = list(map(is_not, held_all, repeat(None)))
-        wanted = set(compress(hashes, present))
-        candidates: set[int] = set()
-        for held in compress(held_all, present):
-            if isinstance(held, int):
-                candidates.add(held)
-            else:
-                candidates.update(held)
+        candidates = list(compress(hashes, self._hashes.maybe(_keys(hashes))))
         if not candidates:
             return {}
-        rows = await self._associations.hashes_and_mxids(list(candidates))
-        # The full hash must match: a key collision or a row changed since is no answer.
-        return {h: mxid for _, h, mxid in rows if h in wanted}
+        return await self._associations.mxids_by_hash(candidates)
+
+    async def mxids_by_address(self, medium: str, addresses: Sequence[str]) -> dict[str, str]:
+        """address -> mxid for the bound ones among `addresses` of `medium`, in their stored
+        form (call catch_up first)."""
+        candidates = list(compress(addresses, self._threepids.maybe(_keys(zip(repeat(medium), addresses)))))
+        if not candidates:
+            return {}
+        return await self._associations.mxids_by_address(medium, candidates)
 
     async def run(self) -> None:
         """Background: keep up with other processes' binds, reload after falling behind pruning."""
@@ -151,6 +170,10 @@ class LookupIndex:
             try:
                 if await self._store.pruned_through() > self._last_id:
                     logger.warning("lookup index fell behind the change log; reloading")
+                    async with self._lock:
+                        await self.load()
+                elif self._stale > max(MAX_STALE, len(self) // 4) or self._hashes.crowded or self._threepids.crowded:
+                    logger.info("lookup index: rebuilding (%d associations, %d removed)", len(self), self._stale)
                     async with self._lock:
                         await self.load()
                 else:

@@ -51,7 +51,7 @@ class AssociationChangeStore:
             row = (await conn.execute(select(server_state.c.value).where(server_state.c.name == PRUNED_THROUGH))).first()
         return int(row[0]) if row else 0
 
-    async def all_hashes(self, batch: int = 10_000) -> AsyncIterator[list[tuple[int, str]]]:
+    async def all_hashes(self, batch: int = 2_000) -> AsyncIterator[list[tuple[int, str]]]:
         """Every (association id, lookup_hash), in batches (no long read of a big table).
 
         In lookup_hash order, so that the lookup_hash index covers the scan: reading the

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, literal, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sydent_lite.storage.database import sqlite_reader
@@ -72,27 +72,58 @@ class AssociationStore:
             ).mappings().first()
         return StoredAssociation(**row) if row else None
 
-    async def hashes_and_mxids(self, ids: Sequence[int]) -> list[tuple[int, str, str]]:
-        """(id, lookup_hash, mxid) of the rows with these ids (the lookup index's candidates)."""
-        out: list[tuple[int, str, str]] = []
-        for chunk in _chunks(list(ids)):
+    async def mxids_by_hash(self, hashes: Sequence[str]) -> dict[str, str]:
+        """lookup_hash -> mxid for the bound ones among `hashes` (the lookup index's candidates)."""
+        out: dict[str, str] = {}
+        for chunk in _chunks(list(set(hashes))):
             if self._reader is not None:
                 marks = ", ".join("?" * len(chunk))
-                out.extend(self._reader.all(f"SELECT id, lookup_hash, mxid FROM {assoc.name} WHERE id IN ({marks})", tuple(chunk)))
+                out.update(self._reader.all(f"SELECT lookup_hash, mxid FROM {assoc.name} WHERE lookup_hash IN ({marks})", tuple(chunk)))
                 continue
             async with self._engine.connect() as conn:
-                rows = await conn.execute(select(assoc.c.id, assoc.c.lookup_hash, assoc.c.mxid).where(assoc.c.id.in_(chunk)))
-                out.extend((r[0], r[1], r[2]) for r in rows)
-        return out
-
-    async def mxids_by_hash(self, hashes: Sequence[str]) -> dict[str, str]:
-        """lookup_hash -> mxid for the bound ones (lookups use the in-memory index instead)."""
-        out: dict[str, str] = {}
-        async with self._engine.connect() as conn:
-            for chunk in _chunks(list(set(hashes))):
                 rows = await conn.execute(select(assoc.c.lookup_hash, assoc.c.mxid).where(assoc.c.lookup_hash.in_(chunk)))
                 out.update({h: m for h, m in rows})
         return out
+
+    async def mxids_by_address(self, medium: str, addresses: Sequence[str]) -> dict[str, str]:
+        """address -> mxid for the bound ones among `addresses` of `medium` (stored forms)."""
+        out: dict[str, str] = {}
+        for chunk in _chunks(list(set(addresses))):
+            if self._reader is not None:
+                marks = ", ".join("?" * len(chunk))
+                sql = f"SELECT address, mxid FROM {assoc.name} WHERE medium = ? AND address IN ({marks})"
+                out.update(self._reader.all(sql, (medium, *chunk)))
+                continue
+            async with self._engine.connect() as conn:
+                rows = await conn.execute(
+                    select(assoc.c.address, assoc.c.mxid).where(assoc.c.medium == medium, assoc.c.address.in_(chunk))
+                )
+                out.update({a: m for a, m in rows})
+        return out
+
+    async def threepids_by_id(self, ids: Sequence[int]) -> list[tuple[str, str]]:
+        """(medium, address) of the rows with these ids that still exist."""
+        out: list[tuple[str, str]] = []
+        async with self._engine.connect() as conn:
+            for chunk in _chunks(list(set(ids))):
+                rows = await conn.execute(select(assoc.c.medium, assoc.c.address).where(assoc.c.id.in_(chunk)))
+                out.extend((m, a) for m, a in rows)
+        return out
+
+    async def all_threepids(self, batch: int = 2_000) -> AsyncIterator[list[tuple[str, str]]]:
+        """Every (medium, address), in batches, in the order of their unique index (which
+        covers the scan: the table itself, with every signed association, is not read)."""
+        after: tuple[str, str] | None = None
+        while True:
+            query = select(assoc.c.medium, assoc.c.address).order_by(assoc.c.medium, assoc.c.address).limit(batch)
+            if after is not None:
+                query = query.where(tuple_(assoc.c.medium, assoc.c.address) > tuple_(literal(after[0]), literal(after[1])))
+            async with self._engine.connect() as conn:
+                rows = [(r[0], r[1]) for r in await conn.execute(query)]
+            if not rows:
+                return
+            after = rows[-1]
+            yield rows
 
     async def iter_threepids(self, batch: int = 1000) -> AsyncIterator[list[tuple[int, str, str]]]:
         """(id, medium, address) in batches, for recomputing lookup hashes."""
