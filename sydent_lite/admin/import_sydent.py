@@ -40,7 +40,7 @@ import nacl.encoding
 import nacl.signing
 import signedjson.key
 import signedjson.sign
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sydent_lite.config import Config
@@ -711,6 +711,10 @@ async def import_sydent(config: Config, sydent_db: Path, signing_key_file: Path 
         async with engine.begin() as conn:  # all or nothing
             await _import_associations(conn, plan, pepper, counts)
             await _import_rest(conn, data, counts)
+        # Fresh statistics for the planner: a big import changes the tables' shape at once,
+        # and autovacuum (if it runs at all) gets to it later.
+        async with engine.begin() as conn:
+            await conn.execute(text("ANALYZE"))
     finally:
         await engine.dispose()
 

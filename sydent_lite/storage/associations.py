@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import delete, literal, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sydent_lite.storage.database import sqlite_reader
-from sydent_lite.storage.dialect import insert_for
+from sydent_lite.storage.dialect import among, insert_for
 from sydent_lite.storage.tables import associations as assoc
 
 # Keeps each IN (...) list well under SQLite's and asyncpg's bound-parameter limits.
@@ -74,40 +75,39 @@ class AssociationStore:
 
     async def mxids_by_hash(self, hashes: Sequence[str]) -> dict[str, str]:
         """lookup_hash -> mxid for the bound ones among `hashes` (the lookup index's candidates)."""
-        out: dict[str, str] = {}
-        for chunk in _chunks(list(set(hashes))):
-            if self._reader is not None:
+        wanted = list(set(hashes))
+        if self._reader is not None:
+            out: dict[str, str] = {}
+            for chunk in _chunks(wanted):
                 marks = ", ".join("?" * len(chunk))
                 out.update(self._reader.all(f"SELECT lookup_hash, mxid FROM {assoc.name} WHERE lookup_hash IN ({marks})", tuple(chunk)))
-                continue
-            async with self._engine.connect() as conn:
-                rows = await conn.execute(select(assoc.c.lookup_hash, assoc.c.mxid).where(assoc.c.lookup_hash.in_(chunk)))
-                out.update({h: m for h, m in rows})
-        return out
+            return out
+        return dict(await self._select_pairs(assoc.c.lookup_hash, assoc.c.mxid, assoc.c.lookup_hash, wanted))
 
     async def mxids_by_address(self, medium: str, addresses: Sequence[str]) -> dict[str, str]:
         """address -> mxid for the bound ones among `addresses` of `medium` (stored forms)."""
-        out: dict[str, str] = {}
-        for chunk in _chunks(list(set(addresses))):
-            if self._reader is not None:
+        wanted = list(set(addresses))
+        if self._reader is not None:
+            out: dict[str, str] = {}
+            for chunk in _chunks(wanted):
                 marks = ", ".join("?" * len(chunk))
                 sql = f"SELECT address, mxid FROM {assoc.name} WHERE medium = ? AND address IN ({marks})"
                 out.update(self._reader.all(sql, (medium, *chunk)))
-                continue
-            async with self._engine.connect() as conn:
-                rows = await conn.execute(
-                    select(assoc.c.address, assoc.c.mxid).where(assoc.c.medium == medium, assoc.c.address.in_(chunk))
-                )
-                out.update({a: m for a, m in rows})
-        return out
+            return out
+        return dict(await self._select_pairs(assoc.c.address, assoc.c.mxid, assoc.c.address, wanted, assoc.c.medium == medium))
 
     async def threepids_by_id(self, ids: Sequence[int]) -> list[tuple[str, str]]:
         """(medium, address) of the rows with these ids that still exist."""
-        out: list[tuple[str, str]] = []
+        return await self._select_pairs(assoc.c.medium, assoc.c.address, assoc.c.id, list(set(ids)))
+
+    async def _select_pairs(self, first: Any, second: Any, key: Any, values: list[Any], *where: Any) -> list[tuple[Any, Any]]:
+        """(first, second) of the rows whose `key` is among `values` (and that match `where`)."""
+        out: list[tuple[Any, Any]] = []
         async with self._engine.connect() as conn:
-            for chunk in _chunks(list(set(ids))):
-                rows = await conn.execute(select(assoc.c.medium, assoc.c.address).where(assoc.c.id.in_(chunk)))
-                out.extend((m, a) for m, a in rows)
+            name = conn.dialect.name
+            for chunk in [values] if name == "postgresql" else _chunks(values):
+                rows = await conn.execute(select(first, second).where(among(key, chunk, name), *where))
+                out.extend((a, b) for a, b in rows)
         return out
 
     async def all_threepids(self, batch: int = 2_000) -> AsyncIterator[list[tuple[str, str]]]:
