@@ -261,3 +261,31 @@ def test_byte_map_never_says_no_to_a_key_it_holds() -> None:
     assert not byte_map.crowded
     byte_map.add(rng.getrandbits(64) for _ in range(3000))
     assert byte_map.crowded  # three times what it was sized for: rebuild
+
+
+def test_pooled_connection_lost_while_idle_is_replaced(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL: connections are pinged only after sitting idle, and one whose server
+    session died meanwhile (a database restart, a terminated backend) is replaced, not
+    handed to a request."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite connections are files, not server sessions")
+    from sqlalchemy import text
+
+    from sydent_lite.storage import database
+
+    async def run() -> None:
+        engine = create_engine(database_url)
+        killer = create_engine(database_url)
+        try:
+            async with engine.connect() as conn:
+                pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar()
+            async with killer.connect() as conn:
+                assert (await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})).scalar()
+            monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", 0.0)  # as if it sat idle
+            async with engine.connect() as conn:
+                assert (await conn.execute(text("SELECT pg_backend_pid()"))).scalar() != pid
+        finally:
+            await engine.dispose()
+            await killer.dispose()
+
+    asyncio.run(run())
