@@ -25,7 +25,11 @@ from sydent_lite.signing import ServerSigner, load_or_create_signing_key
 from sydent_lite.storage.accounts import AccountStore
 from sydent_lite.storage.association_changes import AssociationChangeStore
 from sydent_lite.storage.associations import AssociationStore
-from sydent_lite.storage.database import create_engine, migrate
+from sydent_lite.storage.database import (
+    analyze_if_never_analyzed,
+    create_engine,
+    migrate,
+)
 from sydent_lite.storage.invites import InviteStore
 from sydent_lite.storage.sessions import SessionStore
 from sydent_lite.storage.state import ServerStateStore
@@ -71,6 +75,7 @@ async def build_context(config: Config) -> AppContext:
     signer, terms, templates = load_static_parts(config)
     engine = create_engine(config.database.url)
     await migrate(engine)
+    await analyze_if_never_analyzed(engine)
     association_store = AssociationStore(engine)
     account_store = AccountStore(engine)
     pepper = await load_pepper(ServerStateStore(engine), association_store)

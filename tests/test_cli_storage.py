@@ -289,3 +289,61 @@ def test_pooled_connection_lost_while_idle_is_replaced(database_url: str, monkey
             await killer.dispose()
 
     asyncio.run(run())
+
+
+def test_racing_upserts_of_one_address_all_succeed(database_url: str) -> None:
+    """Binds of one new address racing in several connections: one row, no error (on
+    PostgreSQL the losers can trip over the unique lookup_hash index before ON CONFLICT
+    sees the winner's row; the store retries them)."""
+    from sqlalchemy import func, select
+
+    async def run() -> None:
+        engine = create_engine(database_url)
+        try:
+            await migrate(engine)
+            store = AssociationStore(engine)
+            for round_ in range(30):
+                address = f"race{round_}@example.test"
+                await asyncio.gather(*(
+                    store.upsert(StoredAssociation(
+                        medium="email", address=address, lookup_hash=lookup_hash(address, "email", "p"),
+                        mxid=f"@u{i}:hs.test", ts=i, not_before=i, not_after=i + 1, signed_json="{}"))
+                    for i in range(8)
+                ))
+                async with engine.connect() as conn:
+                    count = (await conn.execute(select(func.count()).select_from(associations)
+                                                .where(associations.c.address == address))).scalar()
+                assert count == 1
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+
+
+def test_associations_without_planner_statistics_are_analyzed_at_start(database_url: str) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's planner statistics")
+    from sqlalchemy import text
+
+    from sydent_lite.storage.database import analyze_if_never_analyzed
+
+    stats_sql = text("SELECT count(*) FROM pg_stats WHERE schemaname = current_schema()"
+                     " AND tablename = 'associations' AND attname = 'lookup_hash'")
+
+    async def run() -> None:
+        engine = create_engine(database_url)
+        try:
+            await migrate(engine)
+            address = "stats@example.test"
+            await AssociationStore(engine).upsert(StoredAssociation(
+                medium="email", address=address, lookup_hash=lookup_hash(address, "email", "p"),
+                mxid="@s:hs.test", ts=1, not_before=1, not_after=2, signed_json="{}"))
+            async with engine.connect() as conn:
+                assert (await conn.execute(stats_sql)).scalar() == 0
+            await analyze_if_never_analyzed(engine)
+            async with engine.connect() as conn:
+                assert (await conn.execute(stats_sql)).scalar() == 1
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())

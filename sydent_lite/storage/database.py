@@ -185,6 +185,31 @@ async def migrate(engine: AsyncEngine) -> None:
         await conn.run_sync(_upgrade)
 
 
+async def analyze_if_never_analyzed(engine: AsyncEngine) -> None:
+    """PostgreSQL: ANALYZE the associations table if it has no column statistics.
+
+    Lookups read their candidates with `lookup_hash = ANY($1)`. With no statistics at all
+    (a table filled by a bulk load with autovacuum off) the planner guessed that 150 hashes
+    matched three rows in four and scanned all 1,000,000: 5 lookups a second. Autovacuum
+    keeps statistics current after that; this only covers the never-analyzed start.
+    """
+    if engine.dialect.name != "postgresql":
+        return
+    async with engine.connect() as conn:
+        has_stats = (
+            await conn.execute(
+                text(
+                    "SELECT EXISTS (SELECT 1 FROM pg_stats WHERE schemaname = current_schema()"
+                    " AND tablename = 'associations' AND attname = 'lookup_hash')"
+                )
+            )
+        ).scalar()
+    if not has_stats:
+        logger.info("associations table has no planner statistics yet: analyzing it")
+        async with engine.begin() as conn:
+            await conn.execute(text("ANALYZE associations"))
+
+
 async def migrate_database(url: str) -> None:
     """`migrate` on a throwaway engine: for commands and the worker supervisor."""
     engine = create_engine(url)

@@ -67,7 +67,7 @@ associations = Table(
     Column("not_after", BigInteger, nullable=False),
     Column("signed_json", Text, nullable=False),
     UniqueConstraint("medium", "address", name="uq_associations_threepid"),
-    Index("ix_associations_lookup_hash", "lookup_hash", unique=True),
+    Index("ix_associations_lookup_hash", "lookup_hash"),
     Index("ix_associations_mxid", "mxid"),
 )
 
