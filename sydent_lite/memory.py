@@ -6,7 +6,6 @@ Elsewhere (musl, macOS) both functions do nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 
 def _libc() -> ctypes.CDLL | None:

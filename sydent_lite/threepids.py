@@ -35,6 +35,16 @@ def normalise_email(address: object) -> str:
     return address.casefold()
 
 
+def stored_address(medium: str, address: str) -> str:
+    """The form an address is stored and looked up in: email addresses case-folded."""
+    return address.casefold() if medium == "email" else address
+
+
+def stored_addresses(medium: str, addresses: Sequence[str]) -> list[str]:
+    """[stored_address(medium, a) for a in addresses], for a whole bulk_lookup at once."""
+    return casefold_all(addresses) if medium == "email" else list(addresses)
+
+
 def casefold_all(addresses: Sequence[str]) -> list[str]:
     """[a.casefold() for a in addresses], in one call: case folding is per character."""
     joined = "\n".join(addresses)

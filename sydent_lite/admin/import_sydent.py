@@ -63,6 +63,7 @@ from sydent_lite.storage.tables import (
     invites,
     validation_sessions,
 )
+from sydent_lite.threepids import stored_address
 
 logger = logging.getLogger(__name__)
 
@@ -148,10 +149,6 @@ def _seconds_to_ms(value: Any) -> int | None:
 def _storable(*values: str | None) -> bool:
     # PostgreSQL text cannot hold NUL; such a value was never a usable 3PID or token.
     return all(v is not None and "\x00" not in v for v in values)
-
-
-def stored_address(medium: str, address: str) -> str:
-    return address.casefold() if medium == "email" else address
 
 
 def _ro_uri(path: Path) -> str:

@@ -9,7 +9,7 @@ import gc
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -144,12 +144,10 @@ class FrontDoor:
         request = Request(scope, receive, send)
         try:
             response = await route.endpoint(request)
-        except MatrixError as exc:
-            response = await _matrix_error(request, exc)
-        except HTTPException as exc:
-            response = await _http_error(request, exc)
         except Exception as exc:
-            response = await _unexpected_error(request, exc)
+            # The handler Starlette would pick: the one for the nearest class in the MRO.
+            handler = next(EXCEPTION_HANDLERS[c] for c in type(exc).__mro__ if c in EXCEPTION_HANDLERS)
+            response = await handler(request, exc)
         await response(scope, receive, send)
 
     def _observe(self, scope: Scope, status: int, elapsed: float, request_id: str) -> None:
@@ -206,6 +204,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse({"errcode": "M_UNKNOWN", "error": "Internal server error"}, status_code=500)
+
+
+EXCEPTION_HANDLERS: dict[type[Exception], Callable[[Request, Exception], Awaitable[Response]]] = {
+    MatrixError: _matrix_error,
+    HTTPException: _http_error,
+    Exception: _unexpected_error,
+}
 
 
 def _metrics_server(config: Config, ctx: AppContext) -> metrics.MetricsServer | None:
@@ -267,6 +272,6 @@ def starlette_app(routes: list[BaseRoute], lifespan: Callable[[Starlette], Any] 
     """Starlette with our routes and Matrix error handlers (wrap it in a FrontDoor to serve)."""
     return Starlette(
         routes=routes,
-        exception_handlers={MatrixError: _matrix_error, HTTPException: _http_error, Exception: _unexpected_error},
+        exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from itertools import compress
 from operator import itemgetter
 
 from sydent_lite.errors import MatrixError, invalid_param
@@ -15,7 +14,7 @@ from sydent_lite.services.lookup_index import LookupIndex
 from sydent_lite.signing import ServerSigner
 from sydent_lite.storage.associations import AssociationStore, StoredAssociation
 from sydent_lite.storage.sessions import ValidationSession
-from sydent_lite.threepids import casefold_all
+from sydent_lite.threepids import stored_address, stored_addresses
 
 logger = logging.getLogger(__name__)
 
@@ -81,25 +80,25 @@ class AssociationService:
         return stored.signed_json if stored else None
 
     async def bulk_lookup(self, threepids: Sequence[Sequence[str]]) -> list[list[str]]:
-        """[medium, address as given] pairs -> [medium, address as given, mxid] of the bound ones."""
+        """[medium, address as given] pairs -> [medium, address as given, mxid] of the bound ones.
+
+        v1 callers may not have case-folded their email addresses: the stored forms are looked up.
+        """
         await self._index.catch_up()
         media = set(map(itemgetter(0), threepids))
-        if len(media) == 1:  # the usual case: no per-pair work in Python at all
+        if len(media) == 1:  # the usual case: the whole batch at once, no Python code per pair
             medium = media.pop()
-            stored = _stored_forms(medium, list(map(itemgetter(1), threepids)))
-            found = await self._index.mxids_by_address(medium, stored)
-            if not found:
-                return []
-            hits = compress(zip(threepids, stored, strict=True), map(found.__contains__, stored))
-            return [[m, a, found[s]] for (m, a), s in hits]
-        mxids: list[str | None] = [None] * len(threepids)
-        for medium in media:
-            positions = [i for i, pair in enumerate(threepids) if pair[0] == medium]
-            stored = _stored_forms(medium, [threepids[i][1] for i in positions])
-            found = await self._index.mxids_by_address(medium, stored)
-            for i, address in zip(positions, stored, strict=True):
-                mxids[i] = found.get(address)
-        return [[m, a, mxid] for (m, a), mxid in zip(threepids, mxids, strict=True) if mxid is not None]
+            stored = stored_addresses(medium, list(map(itemgetter(1), threepids)))
+            found = {medium: await self._index.mxids_by_address(medium, stored)}
+        else:
+            stored = [stored_address(m, a) for m, a in threepids]
+            found = {}
+            for medium in media:
+                addresses = [s for (m, _), s in zip(threepids, stored, strict=True) if m == medium]
+                found[medium] = await self._index.mxids_by_address(medium, addresses)
+        if not any(found.values()):
+            return []
+        return [[m, a, found[m][s]] for (m, a), s in zip(threepids, stored, strict=True) if s in found[m]]
 
     async def hashed_lookup(self, algorithm: str, pepper: str, addresses: list[str]) -> dict[str, str]:
         if algorithm not in ("sha256", "none"):
@@ -120,7 +119,3 @@ class AssociationService:
         found = await self._index.mxids(by_hash)
         return {by_hash[h]: mxid for h, mxid in found.items()}
 
-
-def _stored_forms(medium: str, addresses: list[str]) -> list[str]:
-    # Email addresses are stored case-folded; v1 callers may not have folded theirs.
-    return casefold_all(addresses) if medium == "email" else addresses

@@ -12,14 +12,13 @@ small query, shared by the lookups that arrive while it runs), so a bind committ
 process is seen by every lookup that starts after it. Old log rows are pruned after an hour;
 a process that fell behind the pruning point (stopped for that long) reloads the whole index.
 
-What is held: two sets of 30-bit keys, one of lookup hashes (v2 lookups) and one of
-(medium, address) pairs (v1 bulk_lookup, which would otherwise SHA-256 every pair it is asked
-about), about 75 bytes per association for both (100,000: ~7 MiB). A key only says "maybe":
-the hits (a few per cent of a batch, plus one false candidate per ~10,000 misses at 100,000
-associations) are read from the database by their full lookup hash or address, so neither
-a key collision nor a stale key can ever answer wrongly. Keys are not removed when an
-association goes (another association may share the key); the stale ones are counted and
-the index is rebuilt when they pile up.
+What is held: two byte maps, one of lookup hashes (v2 lookups) and one of (medium, address)
+pairs (v1 bulk_lookup, which would otherwise SHA-256 every pair it is asked about), 32 slots
+of one byte per association each, rounded up to a power of two (100,000: 8 MiB for both). A
+slot only says "maybe": the candidates (the hits, plus ~3% of the misses) are read from the
+database by their full lookup hash or address, so neither a shared nor a stale slot can ever
+answer wrongly. Slots are not cleared when an association goes (another may share the slot);
+removals are counted and the maps rebuilt when they pile up or the maps get crowded.
 """
 
 from __future__ import annotations
@@ -106,8 +105,8 @@ class LookupIndex:
         last_id = max(await self._store.latest_id(), await self._store.pruned_through())
         # Keys are collected in flat arrays (8 bytes each, no objects) to size the maps.
         hash_keys, threepid_keys = array("q"), array("q")
-        async for hash_batch in self._store.all_hashes():
-            hash_keys.extend(_keys([h for _, h in hash_batch]))
+        async for hash_batch in self._associations.all_hashes():
+            hash_keys.extend(_keys([h for h, _ in hash_batch]))
         async for threepid_batch in self._associations.all_threepids():
             threepid_keys.extend(_keys(threepid_batch))
         self._hashes = ByteMap(hash_keys, len(hash_keys))

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-from sqlalchemy import delete, func, literal, select, tuple_
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sydent_lite.storage.database import sqlite_reader
 from sydent_lite.storage.dialect import insert_for
 from sydent_lite.storage.tables import association_changes as changes
-from sydent_lite.storage.tables import associations as assoc
 from sydent_lite.storage.tables import server_state
 
 # server_state key: every change with an id up to this one has been deleted from the log.
@@ -50,24 +47,6 @@ class AssociationChangeStore:
         async with self._engine.connect() as conn:
             row = (await conn.execute(select(server_state.c.value).where(server_state.c.name == PRUNED_THROUGH))).first()
         return int(row[0]) if row else 0
-
-    async def all_hashes(self, batch: int = 2_000) -> AsyncIterator[list[tuple[int, str]]]:
-        """Every (association id, lookup_hash), in batches (no long read of a big table).
-
-        In lookup_hash order, so that the lookup_hash index covers the scan: reading the
-        table itself would pull every signed association through the page cache.
-        """
-        after: tuple[str, int] | None = None
-        while True:
-            query = select(assoc.c.id, assoc.c.lookup_hash).order_by(assoc.c.lookup_hash, assoc.c.id).limit(batch)
-            if after is not None:
-                query = query.where(tuple_(assoc.c.lookup_hash, assoc.c.id) > tuple_(literal(after[0]), literal(after[1])))
-            async with self._engine.connect() as conn:
-                rows = list(await conn.execute(query))
-            if not rows:
-                return
-            after = (rows[-1][1], rows[-1][0])
-            yield [(r[0], r[1]) for r in rows]
 
     async def prune(self, older_than_ms: int) -> int:
         """Delete changes made before older_than_ms; remember the last id deleted."""

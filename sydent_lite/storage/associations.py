@@ -110,16 +110,28 @@ class AssociationStore:
                 out.extend((a, b) for a, b in rows)
         return out
 
-    async def all_threepids(self, batch: int = 2_000) -> AsyncIterator[list[tuple[str, str]]]:
-        """Every (medium, address), in batches, in the order of their unique index (which
-        covers the scan: the table itself, with every signed association, is not read)."""
-        after: tuple[str, str] | None = None
+    def all_hashes(self, batch: int = 2_000) -> AsyncIterator[list[tuple[str, int]]]:
+        """Every (lookup_hash, id), in batches, in the order of the lookup_hash index."""
+        return self._scan_in_key_order((assoc.c.lookup_hash, assoc.c.id), batch)
+
+    def all_threepids(self, batch: int = 2_000) -> AsyncIterator[list[tuple[str, str]]]:
+        """Every (medium, address), in batches, in the order of their unique index."""
+        return self._scan_in_key_order((assoc.c.medium, assoc.c.address), batch)
+
+    async def _scan_in_key_order(self, key: tuple[Any, ...], batch: int) -> AsyncIterator[list[tuple[Any, ...]]]:
+        """The whole table's `key` columns (unique together), a batch per short read.
+
+        Keyset pagination in the order of an index that covers the columns: no long read of
+        a big table, and the table itself (every signed association) is not pulled through
+        the page cache.
+        """
+        after: tuple[Any, ...] | None = None
         while True:
-            query = select(assoc.c.medium, assoc.c.address).order_by(assoc.c.medium, assoc.c.address).limit(batch)
+            query = select(*key).order_by(*key).limit(batch)
             if after is not None:
-                query = query.where(tuple_(assoc.c.medium, assoc.c.address) > tuple_(literal(after[0]), literal(after[1])))
+                query = query.where(tuple_(*key) > tuple_(*map(literal, after)))
             async with self._engine.connect() as conn:
-                rows = [(r[0], r[1]) for r in await conn.execute(query)]
+                rows = [tuple(r) for r in await conn.execute(query)]
             if not rows:
                 return
             after = rows[-1]

@@ -23,11 +23,7 @@ from sydent_lite.http.routes import versioned
 from sydent_lite.observability import metrics
 from sydent_lite.secrets_util import hash_secret
 from sydent_lite.services.associations import MAX_LOOKUP_ADDRESSES
-
-
-def _stored_form(medium: str, address: str) -> str:
-    # Email addresses are stored case-folded; v1 callers may not have folded theirs.
-    return address.casefold() if medium == "email" else address
+from sydent_lite.threepids import stored_address
 
 
 async def hash_details(request: Request, ctx: AppContext, v2: bool) -> Response:
@@ -73,7 +69,7 @@ async def lookup_v1(request: Request, ctx: AppContext, v2: bool) -> Response:
     require_fields(params, "medium", "address")
     medium, address = get_str(params, "medium", max_length=16), get_str(params, "address", max_length=512)
     assert medium is not None and address is not None
-    signed = await ctx.associations.signed_association_json(medium, _stored_form(medium, address))
+    signed = await ctx.associations.signed_association_json(medium, stored_address(medium, address))
     _LOOKUPS_V1.inc()
     # The stored text as is: no parse and re-encode of a document we wrote ourselves.
     return Response(signed or "{}", media_type="application/json")
