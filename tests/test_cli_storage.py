@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import signedjson.key
 import signedjson.sign
 
+from support.db import run_sql_at
 from sydent_lite.config import config_from_dict
 from sydent_lite.services.hashing import (
     HASHED_WITH_KEY,
@@ -287,6 +289,44 @@ def test_pooled_connection_lost_while_idle_is_replaced(database_url: str, monkey
         finally:
             await engine.dispose()
             await killer.dispose()
+
+    asyncio.run(run())
+
+
+def test_hot_reader_survives_its_connection_being_terminated(database_url: str) -> None:
+    """PostgreSQL's hot-path reader (its own asyncpg pool): a read after the server ended the
+    reader's session (a restart, a terminated backend) still answers, on a new connection."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite connections are files, not server sessions")
+    from sqlalchemy import text
+
+    from sydent_lite.storage.readers import PgReader, hot_reader
+
+    async def run() -> None:
+        engine = create_engine(database_url)
+        killer = create_engine(database_url)
+        try:
+            await migrate(engine)
+            reader = hot_reader(engine)
+            assert isinstance(reader, PgReader)
+            row = await reader.first("SELECT pg_backend_pid()")
+            assert row is not None
+            async with killer.connect() as conn:
+                assert (await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": row[0]})).scalar()
+            again = await reader.first("SELECT pg_backend_pid()")
+            assert again is not None and again[0] != row[0]
+            # Killed while this loop does not run: the pool cannot have noticed, hands out the
+            # dead connection, and the read is retried on a new one.
+            assert run_sql_at(database_url, "SELECT pg_terminate_backend($1)", again[0])[0][0]
+            time.sleep(0.2)  # the server closes the session's socket
+            third = await reader.first("SELECT pg_backend_pid()")
+            assert third is not None and third[0] not in (row[0], again[0])
+            # Lists go as one array parameter, for any length (and `?` become `$n`).
+            assert await reader.all_among("SELECT x FROM unnest(?::int[]) AS x WHERE x {among} ORDER BY x", ([1, 2, 3],), [3, 1]) == [(1,), (3,)]
+        finally:
+            await engine.dispose()  # closes the reader's pool too
+            await killer.dispose()
+        assert reader._pool is None
 
     asyncio.run(run())
 

@@ -7,15 +7,15 @@ from collections.abc import Iterable
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from sydent_lite.storage.database import sqlite_reader
 from sydent_lite.storage.dialect import insert_for
+from sydent_lite.storage.readers import hot_reader
 from sydent_lite.storage.tables import accepted_terms, accounts
 
 
 class AccountStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._reader = sqlite_reader(engine)
+        self._reader = hot_reader(engine)
 
     async def add_token(self, token_hash: str, user_id: str, ts: int) -> None:
         async with self._engine.begin() as conn:
@@ -23,7 +23,7 @@ class AccountStore:
 
     async def user_for_token(self, token_hash: str) -> str | None:
         if self._reader is not None:  # every authenticated request: the fast path
-            found = self._reader.first("SELECT user_id FROM accounts WHERE token_hash = ?", (token_hash,))
+            found = await self._reader.first("SELECT user_id FROM accounts WHERE token_hash = ?", (token_hash,))
             return found[0] if found else None
         async with self._engine.connect() as conn:
             row = (await conn.execute(select(accounts.c.user_id).where(accounts.c.token_hash == token_hash))).first()

@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from sydent_lite.storage.database import sqlite_reader
 from sydent_lite.storage.dialect import insert_for
+from sydent_lite.storage.readers import hot_reader
 from sydent_lite.storage.tables import association_changes as changes
 from sydent_lite.storage.tables import server_state
 
@@ -17,7 +17,7 @@ PRUNED_THROUGH = "association_changes_pruned_through"
 class AssociationChangeStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._reader = sqlite_reader(engine)
+        self._reader = hot_reader(engine)
 
     async def latest_id(self) -> int:
         async with self._engine.connect() as conn:
@@ -28,7 +28,7 @@ class AssociationChangeStore:
         if self._reader is not None:  # before every lookup: the fast path
             return [
                 (r[0], r[1], r[2], bool(r[3]))
-                for r in self._reader.all(
+                for r in await self._reader.all(
                     "SELECT id, lookup_hash, association_id, present FROM association_changes"
                     " WHERE id > ? ORDER BY id LIMIT ?",
                     (last_id, limit),

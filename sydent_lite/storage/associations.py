@@ -9,11 +9,11 @@ from typing import Any
 from sqlalchemy import delete, literal, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from sydent_lite.storage.database import sqlite_reader
 from sydent_lite.storage.dialect import among, insert_for
+from sydent_lite.storage.readers import hot_reader
 from sydent_lite.storage.tables import associations as assoc
 
-# Keeps each IN (...) list well under SQLite's and asyncpg's bound-parameter limits.
+# Keeps each IN (...) list well under SQLite's bound-parameter limit.
 _IN_CHUNK = 500
 
 
@@ -42,7 +42,7 @@ _GET_SQL = (
 class AssociationStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._reader = sqlite_reader(engine)
+        self._reader = hot_reader(engine)
 
     async def upsert(self, a: StoredAssociation) -> None:
         """Insert, or replace the association of that 3PID in one statement (no lost race)."""
@@ -64,7 +64,7 @@ class AssociationStore:
 
     async def get(self, medium: str, address: str) -> StoredAssociation | None:
         if self._reader is not None:  # v1 lookup's hot path
-            row = self._reader.first(_GET_SQL, (medium, address))
+            row = await self._reader.first(_GET_SQL, (medium, address))
             return StoredAssociation(*row) if row else None
         cols = [assoc.c[k] for k in StoredAssociation.__dataclass_fields__]
         async with self._engine.connect() as conn:
@@ -77,23 +77,15 @@ class AssociationStore:
         """lookup_hash -> mxid for the bound ones among `hashes` (the lookup index's candidates)."""
         wanted = list(set(hashes))
         if self._reader is not None:
-            out: dict[str, str] = {}
-            for chunk in _chunks(wanted):
-                marks = ", ".join("?" * len(chunk))
-                out.update(self._reader.all(f"SELECT lookup_hash, mxid FROM {assoc.name} WHERE lookup_hash IN ({marks})", tuple(chunk)))
-            return out
+            return dict(await self._reader.all_among(f"SELECT lookup_hash, mxid FROM {assoc.name} WHERE lookup_hash {{among}}", (), wanted))
         return dict(await self._select_pairs(assoc.c.lookup_hash, assoc.c.mxid, assoc.c.lookup_hash, wanted))
 
     async def mxids_by_address(self, medium: str, addresses: Sequence[str]) -> dict[str, str]:
         """address -> mxid for the bound ones among `addresses` of `medium` (stored forms)."""
         wanted = list(set(addresses))
         if self._reader is not None:
-            out: dict[str, str] = {}
-            for chunk in _chunks(wanted):
-                marks = ", ".join("?" * len(chunk))
-                sql = f"SELECT address, mxid FROM {assoc.name} WHERE medium = ? AND address IN ({marks})"
-                out.update(self._reader.all(sql, (medium, *chunk)))
-            return out
+            sql = f"SELECT address, mxid FROM {assoc.name} WHERE medium = ? AND address {{among}}"
+            return dict(await self._reader.all_among(sql, (medium,), wanted))
         return dict(await self._select_pairs(assoc.c.address, assoc.c.mxid, assoc.c.address, wanted, assoc.c.medium == medium))
 
     async def threepids_by_id(self, ids: Sequence[int]) -> list[tuple[str, str]]:

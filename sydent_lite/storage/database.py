@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from sydent_lite.resources import migrations_dir
 from sydent_lite.storage.inline_sqlite import inline_creator
+from sydent_lite.storage.readers import close_pg_reader
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +86,18 @@ def create_engine(url: str) -> AsyncEngine:
             cur.close()
 
         return _SerialisedWritesEngine(engine.sync_engine)
-    engine = create_async_engine(async_url, pool_size=20, max_overflow=20)
+    engine = _PostgresEngine(create_async_engine(async_url, pool_size=20, max_overflow=20).sync_engine)
     _ping_when_idle(engine)
     return engine
+
+
+class _PostgresEngine(AsyncEngine):
+    """PostgreSQL: disposing of the engine also closes the hot-path reader's pool
+    (storage.readers), which sits beside SQLAlchemy's."""
+
+    async def dispose(self, close: bool = True) -> None:
+        await close_pg_reader(self)
+        await super().dispose(close)
 
 
 # A pooled connection unused this long is pinged before it is handed out again.
@@ -217,44 +226,3 @@ async def migrate_database(url: str) -> None:
         await migrate(engine)
     finally:
         await engine.dispose()
-
-
-class SqliteReader:
-    """Small indexed reads on SQLite, run on the event loop's thread.
-
-    Through aiosqlite every query is several hand-offs to the connection's thread and back;
-    for a point lookup on an index (tens of microseconds inside SQLite) those hand-offs are
-    most of the cost. The hot paths (token check, v1 lookup, the lookup index's change poll)
-    read through this instead. Autocommit, so every query sees the latest commit (WAL:
-    readers never wait for writers).
-    """
-
-    def __init__(self, path: str) -> None:
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._conn.execute("PRAGMA busy_timeout=5000")
-        self._conn.execute("PRAGMA query_only=1")
-
-    def all(self, sql: str, params: tuple = ()) -> list[tuple]:  # type: ignore[type-arg]
-        return self._conn.execute(sql, params).fetchall()
-
-    def first(self, sql: str, params: tuple = ()) -> tuple | None:  # type: ignore[type-arg]
-        return self._conn.execute(sql, params).fetchone()
-
-    def close(self) -> None:
-        self._conn.close()
-
-
-def sqlite_reader(engine: AsyncEngine) -> SqliteReader | None:
-    """The engine's SqliteReader (one per engine), or None on PostgreSQL and in-memory SQLite."""
-    sync = engine.sync_engine
-    if sync.dialect.name != "sqlite":
-        return None
-    reader = sync.__dict__.get("_sydent_reader")
-    if reader is None:
-        database = sync.url.database
-        if not database or database == ":memory:":
-            return None
-        reader = SqliteReader(database)
-        sync.__dict__["_sydent_reader"] = reader
-        event.listen(sync, "engine_disposed", lambda _engine: reader.close())
-    return reader

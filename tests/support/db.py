@@ -54,11 +54,17 @@ def _asyncpg_url(url: str) -> str:
 
 def run_sql(db: "ScratchDatabase", sql: str, *args: Any) -> list[Any]:
     """Rows of one statement on a scratch PostgreSQL database ($1-style parameters)."""
+    return run_sql_at(db.url, sql, *args)
+
+
+def run_sql_at(url: str, sql: str, *args: Any) -> list[Any]:
+    """Rows of one statement on the PostgreSQL database at `url`, on a connection of its own,
+    on a thread of its own: the caller's event loop (if any) does not run meanwhile."""
 
     async def go() -> list[Any]:
         import asyncpg
 
-        conn = await asyncpg.connect(_asyncpg_url(db.url), timeout=10)
+        conn = await asyncpg.connect(_asyncpg_url(url), timeout=10)
         try:
             return list(await conn.fetch(sql, *args))
         finally:
