@@ -80,7 +80,12 @@ async def build_context(config: Config) -> AppContext:
     account_store = AccountStore(engine)
     pepper = await load_pepper(ServerStateStore(engine), association_store)
     # After load_pepper: a recomputation of the hashes would otherwise be replayed from the log.
-    lookup_index = LookupIndex(AssociationChangeStore(engine), association_store)
+    # On PostgreSQL every mxid is held in memory too: the database is what all workers share,
+    # and confirming a lookup's candidates there cost it more than the lookup cost a worker.
+    hold_mxids = engine.dialect.name == "postgresql"
+    lookup_index = LookupIndex(
+        AssociationChangeStore(engine), association_store, mxids_with_pepper=pepper if hold_mxids else None
+    )
     await lookup_index.load()
     federation = FederationClient(config.federation)
     email_sender = make_email_sender(config.email, config.email_from, config.effective_server_name)

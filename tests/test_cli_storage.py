@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import signedjson.key
@@ -170,8 +171,11 @@ def test_head_revision_is_alembics_head() -> None:
     assert head_revision() == ScriptDirectory.from_config(cfg).get_current_head()
 
 
-def test_lookup_index_follows_every_kind_of_write(database_url: str) -> None:
-    """Binds through the store, hand-written SQL updates and deletes: the index sees them all."""
+@pytest.mark.parametrize("hold_mxids", [False, True], ids=["confirm-in-database", "mxids-in-memory"])
+def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids: bool) -> None:
+    """Binds through the store, hand-written SQL updates and deletes: the index sees them all,
+    whether it confirms candidates in the database (SQLite's way) or in its own table of
+    mxids (PostgreSQL's)."""
     from sqlalchemy import delete, text
 
     from sydent_lite.services.lookup_index import LookupIndex
@@ -181,13 +185,18 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str) -> None:
         return StoredAssociation(medium="email", address=address, lookup_hash=lookup_hash(address, "email", "p"),
                                  mxid=mxid, ts=1, not_before=1, not_after=2, signed_json="{}")
 
+    pepper = "p" if hold_mxids else None
+
+    def new_index(engine: Any, store: AssociationStore) -> LookupIndex:
+        return LookupIndex(AssociationChangeStore(engine), store, mxids_with_pepper=pepper)
+
     async def run() -> None:
         engine = create_engine(database_url)
         try:
             await migrate(engine)
             store = AssociationStore(engine)
             await store.upsert(stored("before@example.test", "@a:hs.test"))
-            index = LookupIndex(AssociationChangeStore(engine), store)
+            index = new_index(engine, store)
             await index.load()
             h_before, h_after = lookup_hash("before@example.test", "email", "p"), lookup_hash("after@example.test", "email", "p")
             assert await index.mxids([h_before, h_after]) == {h_before: "@a:hs.test"}
@@ -213,7 +222,7 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str) -> None:
             async with engine.begin() as conn:
                 await conn.execute(text("UPDATE association_changes SET created_ms = 0"))
             assert await index.prune() > 0
-            fresh = LookupIndex(AssociationChangeStore(engine), store)
+            fresh = new_index(engine, store)
             await fresh.load()
             assert await fresh.mxids([h_before]) == {h_before: "@d:hs.test"}
             await store.upsert(stored("after@example.test", "@e:hs.test"))
@@ -221,13 +230,30 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str) -> None:
             assert await fresh.mxids([h_after]) == {h_after: "@e:hs.test"}
             assert await fresh.mxids_by_address("email", both) == {both[0]: "@d:hs.test", both[1]: "@e:hs.test"}
 
+            # A rebuild that lets lookups go on meanwhile, with binds, a rebind and a removal
+            # racing it: the rebuilt index ends where the table is.
+            during = ["during1@example.test", "during2@example.test"]
+            h_during = [lookup_hash(a, "email", "p") for a in during]
+            rebuild = asyncio.create_task(fresh.load(block_lookups=False))
+            await store.upsert(stored(during[0], "@f:hs.test"))
+            await fresh.catch_up()
+            await store.upsert(stored(during[1], "@g:hs.test"))
+            await store.upsert(stored(during[0], "@h:hs.test"))
+            await store.delete("email", "after@example.test", "@e:hs.test")
+            await rebuild
+            await fresh.catch_up()
+            assert await fresh.mxids([h_before, h_after, *h_during]) == {
+                h_before: "@d:hs.test", h_during[0]: "@h:hs.test", h_during[1]: "@g:hs.test"}
+            await store.upsert(stored("after@example.test", "@e:hs.test"))  # as it was, for what follows
+            await fresh.catch_up()
+
             # Every hash and address under one key: the full hashes and addresses still decide.
             from sydent_lite.services import lookup_index
 
             real_keys = lookup_index._keys
             lookup_index._keys = lambda values: (1 for _ in values)  # type: ignore[assignment]
             try:
-                colliding = LookupIndex(AssociationChangeStore(engine), store)
+                colliding = new_index(engine, store)
                 await colliding.load()
                 unknown = lookup_hash("nobody@example.test", "email", "p")
                 assert await colliding.mxids([h_before, h_after, unknown]) == {h_before: "@d:hs.test", h_after: "@e:hs.test"}

@@ -15,15 +15,22 @@ a process that fell behind the pruning point (stopped for that long) reloads the
 What is held: two byte maps, one of lookup hashes (v2 lookups) and one of (medium, address)
 pairs (v1 bulk_lookup, which would otherwise SHA-256 every pair it is asked about), 32 slots
 of one byte per association each, rounded up to a power of two (100,000: 8 MiB for both). A
-slot only says "maybe": the candidates (the hits, plus ~3% of the misses) are read from the
-database by their full lookup hash or address, so neither a shared nor a stale slot can ever
-answer wrongly. Slots are not cleared when an association goes (another may share the slot);
+slot only says "maybe": the candidates (the hits, plus ~3% of the misses) are confirmed by
+their full lookup hash or address, so neither a shared nor a stale slot can ever answer
+wrongly. Slots are not cleared when an association goes (another may share the slot);
 removals are counted and the maps rebuilt when they pile up or the maps get crowded.
+
+Where candidates are confirmed: on SQLite, by an indexed read of the in-process database.
+With `hold_mxids` (PostgreSQL), by an exact in-memory table of every lookup hash and its
+mxid (services.mxid_table, ~80 bytes an association), so that a lookup costs the shared
+database nothing but its token check and the change poll; bulk_lookup's candidate addresses
+are hashed (SHA-256, only the candidates) and confirmed there too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from array import array
 from collections import deque
@@ -31,6 +38,8 @@ from collections.abc import Collection, Hashable, Iterable, Iterator, Sequence
 from itertools import compress, repeat
 
 from sydent_lite.secrets_util import now_ms
+from sydent_lite.services.hashing import lookup_hash
+from sydent_lite.services.mxid_table import MxidTable
 from sydent_lite.storage.association_changes import AssociationChangeStore
 from sydent_lite.storage.associations import AssociationStore
 
@@ -82,11 +91,17 @@ class ByteMap:
 
 
 class LookupIndex:
-    def __init__(self, changes: AssociationChangeStore, associations: AssociationStore) -> None:
+    def __init__(
+        self, changes: AssociationChangeStore, associations: AssociationStore, *, mxids_with_pepper: str | None = None
+    ) -> None:
+        """`mxids_with_pepper`: hold every mxid in memory (see the module's doc), the lookup
+        hashes being computed with this pepper."""
         self._store = changes
         self._associations = associations
+        self._pepper = mxids_with_pepper
         self._hashes = ByteMap((), 0)
         self._threepids = ByteMap((), 0)
+        self._mxids: MxidTable | None = MxidTable() if mxids_with_pepper is not None else None
         self._stale = 0
         self._last_id = 0
         self._lock = asyncio.Lock()
@@ -97,38 +112,74 @@ class LookupIndex:
     def __len__(self) -> int:
         return self._hashes.count
 
-    async def load(self) -> None:
-        """(Re)build the index from the associations table, then apply what changed meanwhile."""
+    async def load(self, *, block_lookups: bool = True) -> None:
+        """(Re)build the index from the associations table, then apply what changed meanwhile.
+
+        `block_lookups=False`: lookups go on with the current index while the new one is
+        built (a rebuild to drop stale entries: the current one answers correctly); a
+        process that fell behind the log must not answer from what it holds, and blocks.
+        """
+        if block_lookups:
+            async with self._lock:
+                await self._load_and_swap(locked=True)
+        else:
+            await self._load_and_swap(locked=False)
+        logger.info("lookup index loaded: %d associations", len(self))
+
+    async def _load_and_swap(self, *, locked: bool) -> None:
         # The log position first: changes made during the scan are applied again afterwards,
-        # which is harmless (setting a slot twice changes nothing).
+        # which is harmless (setting a slot twice changes nothing; the mxid table replays
+        # each changed row's history in order, ending where the row is now).
         # Everything up to the pruning point is in the table too (the log may be empty).
         last_id = max(await self._store.latest_id(), await self._store.pruned_through())
         # Keys are collected in flat arrays (8 bytes each, no objects) to size the maps.
         hash_keys, threepid_keys = array("q"), array("q")
-        async for hash_batch in self._associations.all_hashes():
-            hash_keys.extend(_keys([h for h, _ in hash_batch]))
-        async for threepid_batch in self._associations.all_threepids():
-            threepid_keys.extend(_keys(threepid_batch))
-        self._hashes = ByteMap(hash_keys, len(hash_keys))
-        self._threepids = ByteMap(threepid_keys, len(threepid_keys))
+        mxids = None
+        if self._mxids is not None:
+            # One pass over the rows (on PostgreSQL they are read from the table either way).
+            mxids = MxidTable(len(self._mxids))
+            async for rows in self._associations.all_index_rows():
+                hashes = [h for _, _, h, _ in rows]
+                hash_keys.extend(_keys(hashes))
+                threepid_keys.extend(_keys([(m, a) for m, a, _, _ in rows]))
+                deque(map(mxids.set, hashes, [x for _, _, _, x in rows]), maxlen=0)
+        else:
+            async for hash_batch in self._associations.all_hashes():
+                hash_keys.extend(_keys([h for h, _ in hash_batch]))
+            async for threepid_batch in self._associations.all_threepids():
+                threepid_keys.extend(_keys(threepid_batch))
+        hashes_map = ByteMap(hash_keys, len(hash_keys))
+        threepids_map = ByteMap(threepid_keys, len(threepid_keys))
         del hash_keys, threepid_keys
-        self._stale = 0
-        self._last_id = last_id
-        await self._apply_changes()
-        logger.info("lookup index loaded: %d associations", len(self))
+        async with contextlib.nullcontext() if locked else self._lock:
+            self._hashes, self._threepids = hashes_map, threepids_map
+            if mxids is not None:
+                self._mxids = mxids
+            self._stale = 0
+            self._last_id = last_id
+            await self._apply_changes()
 
     async def _apply_changes(self) -> None:
         while True:
             rows = await self._store.since(self._last_id)
             if not rows:
                 return
-            added = [(lookup_hash, association_id) for _, lookup_hash, association_id, present in rows if present]
-            # The address of each new row, read now: the log holds only its lookup hash. A
-            # row deleted meanwhile needs no key.
-            threepids = await self._associations.threepids_by_id([i for _, i in added]) if added else []
-            self._hashes.add(_keys([h for h, _ in added]))
-            self._threepids.add(_keys(threepids))
-            self._stale += len(rows) - len(added)
+            present_ids = [association_id for _, _, association_id, present in rows if present]
+            # The rows as they are now (the log holds only the lookup hash and the row id). A
+            # row deleted meanwhile needs nothing: its deletion is further on in the log.
+            current = await self._associations.index_rows_by_id(present_ids) if present_ids else []
+            self._hashes.add(_keys([h for _, _, _, h, _ in current]))
+            self._threepids.add(_keys([(m, a) for _, m, a, _, _ in current]))
+            if self._mxids is not None:
+                # In the log's order: a removal drops its hash; an addition sets the row's hash
+                # and mxid as they are now (any later change of that row follows in the log).
+                now = {row[0]: row for row in current}
+                for _, logged_hash, association_id, present in rows:
+                    if not present:
+                        self._mxids.discard(logged_hash)
+                    elif (row := now.get(association_id)) is not None:
+                        self._mxids.set(row[3], row[4])
+            self._stale += len(rows) - len(present_ids)
             self._last_id = rows[-1][0]
             if len(rows) < 10_000:
                 return
@@ -152,6 +203,8 @@ class LookupIndex:
         candidates = list(compress(hashes, self._hashes.maybe(_keys(hashes))))
         if not candidates:
             return {}
+        if self._mxids is not None:
+            return self._mxids.get_many(candidates)
         return await self._associations.mxids_by_hash(candidates)
 
     async def mxids_by_address(self, medium: str, addresses: Sequence[str]) -> dict[str, str]:
@@ -160,6 +213,12 @@ class LookupIndex:
         candidates = list(compress(addresses, self._threepids.maybe(_keys(zip(repeat(medium), addresses)))))
         if not candidates:
             return {}
+        if self._mxids is not None:
+            assert self._pepper is not None
+            # Every stored lookup hash is computed from its address with the current pepper
+            # (services.hashing): only the candidates are hashed.
+            by_hash = {lookup_hash(a, medium, self._pepper): a for a in candidates}
+            return {by_hash[h]: mxid for h, mxid in self._mxids.get_many(by_hash).items()}
         return await self._associations.mxids_by_address(medium, candidates)
 
     async def run(self) -> None:
@@ -169,12 +228,10 @@ class LookupIndex:
             try:
                 if await self._store.pruned_through() > self._last_id:
                     logger.warning("lookup index fell behind the change log; reloading")
-                    async with self._lock:
-                        await self.load()
+                    await self.load()
                 elif self._stale > max(MAX_STALE, len(self) // 4) or self._hashes.crowded or self._threepids.crowded:
                     logger.info("lookup index: rebuilding (%d associations, %d removed)", len(self), self._stale)
-                    async with self._lock:
-                        await self.load()
+                    await self.load(block_lookups=False)
                 else:
                     await self.catch_up()
             except Exception:

@@ -34,6 +34,10 @@ def _chunks(items: Sequence, size: int = _IN_CHUNK) -> Iterable[Sequence]:
         yield items[i : i + size]
 
 
+# What the lookup index needs of a row.
+IndexRow = tuple[str, str, str, str]  # medium, address, lookup_hash, mxid
+_INDEX_SELECT = (assoc.c.medium, assoc.c.address, assoc.c.lookup_hash, assoc.c.mxid)
+
 _GET_SQL = (
     f"SELECT {', '.join(StoredAssociation.__dataclass_fields__)} FROM {assoc.name} WHERE medium = ? AND address = ?"
 )
@@ -88,9 +92,18 @@ class AssociationStore:
             return dict(await self._reader.all_among(sql, (medium,), wanted))
         return dict(await self._select_pairs(assoc.c.address, assoc.c.mxid, assoc.c.address, wanted, assoc.c.medium == medium))
 
-    async def threepids_by_id(self, ids: Sequence[int]) -> list[tuple[str, str]]:
-        """(medium, address) of the rows with these ids that still exist."""
-        return await self._select_pairs(assoc.c.medium, assoc.c.address, assoc.c.id, list(set(ids)))
+    async def index_rows_by_id(self, ids: Sequence[int]) -> list[tuple[int, str, str, str, str]]:
+        """(id, medium, address, lookup_hash, mxid) of the rows with these ids that still exist."""
+        wanted = list(set(ids))
+        if self._reader is not None:
+            sql = f"SELECT id, medium, address, lookup_hash, mxid FROM {assoc.name} WHERE id {{among}}"
+            return await self._reader.all_among(sql, (), wanted)  # type: ignore[return-value]
+        out: list[tuple[int, str, str, str, str]] = []
+        async with self._engine.connect() as conn:
+            for chunk in [wanted] if conn.dialect.name == "postgresql" else _chunks(wanted):
+                rows = await conn.execute(select(assoc.c.id, *_INDEX_SELECT).where(among(assoc.c.id, chunk, conn.dialect.name)))
+                out.extend((r[0], r[1], r[2], r[3], r[4]) for r in rows)
+        return out
 
     async def _select_pairs(self, first: Any, second: Any, key: Any, values: list[Any], *where: Any) -> list[tuple[Any, Any]]:
         """(first, second) of the rows whose `key` is among `values` (and that match `where`)."""
@@ -128,6 +141,22 @@ class AssociationStore:
                 return
             after = rows[-1]
             yield rows
+
+    async def all_index_rows(self, batch: int = 2_000) -> AsyncIterator[list[IndexRow]]:
+        """Every (medium, address, lookup_hash, mxid), in batches, in id order: one pass over
+        the table (the lookup index's start when it holds the mxids)."""
+        last_id = 0
+        while True:
+            async with self._engine.connect() as conn:
+                rows = list(
+                    await conn.execute(
+                        select(assoc.c.id, *_INDEX_SELECT).where(assoc.c.id > last_id).order_by(assoc.c.id).limit(batch)
+                    )
+                )
+            if not rows:
+                return
+            last_id = rows[-1][0]
+            yield [(r[1], r[2], r[3], r[4]) for r in rows]
 
     async def iter_threepids(self, batch: int = 1000) -> AsyncIterator[list[tuple[int, str, str]]]:
         """(id, medium, address) in batches, for recomputing lookup hashes."""

@@ -1,0 +1,167 @@
+"""Every association's lookup hash -> Matrix ID, in memory, exact, in ~80 bytes each.
+
+On PostgreSQL the lookup index (services.lookup_index) answers its candidates from here
+instead of asking the database: confirming ~130 candidates of a 1,000-hash lookup cost
+PostgreSQL ~1 ms of CPU (a B-tree descent each), about as much as the whole lookup cost the
+worker, and the database is the one thing every worker shares. (On SQLite the database is
+in-process and that read costs ~0.1 ms; the memory is not spent there.)
+
+Layout, no Python object per association:
+- `_keys`: each row's lookup hash, 43 ASCII bytes (unpadded base64 of a SHA-256 digest),
+  row after row.
+- `_mxids` and `_ends`: the rows' Matrix IDs (UTF-8) one after another, and where each ends.
+- `_slots`: an open-addressing table (linear probing) of row number + 1 (0: empty), at
+  most 60% full, keyed by the string's own hash (cached by CPython on the string: the byte
+  maps of the lookup index computed it already).
+A rebind appends a new row and points the slot at it; a removal empties the slot (backward
+shift, no tombstones). Rows left behind are counted in `dead` and dropped when the lookup
+index rebuilds. A stored hash of another shape (none are written by this server; hand-written
+SQL could) lives in the small `_odd` dict.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable
+
+KEY_SIZE = 43  # unpadded base64 of a 32-byte digest
+MAX_LOAD = 0.6
+MIN_SLOTS = 1 << 10
+
+
+def _key_bytes(lookup_hash: str) -> bytes | None:
+    if len(lookup_hash) != KEY_SIZE or not lookup_hash.isascii():
+        return None
+    return lookup_hash.encode("ascii")
+
+
+class MxidTable:
+    def __init__(self, expected: int = 0) -> None:
+        size = MIN_SLOTS
+        while size * MAX_LOAD < expected:
+            size *= 2
+        self._keys = bytearray()
+        self._mxids = bytearray()
+        self._ends = array("Q")
+        self._slots = array("I", bytes(4 * size))
+        self._mask = size - 1
+        self._odd: dict[str, str] = {}
+        self._live = 0
+        self.dead = 0
+
+    def __len__(self) -> int:
+        return self._live + len(self._odd)
+
+    def get_many(self, hashes: Iterable[str]) -> dict[str, str]:
+        """lookup hash -> mxid for those of `hashes` that are held."""
+        out: dict[str, str] = {}
+        # _find and _mxid, inlined: this loop runs for every candidate of every lookup.
+        slots, keys, mask, ends, mxids = self._slots, self._keys, self._mask, self._ends, self._mxids
+        for lookup_hash in hashes:
+            if len(lookup_hash) != KEY_SIZE or not lookup_hash.isascii():
+                if lookup_hash in self._odd:
+                    out[lookup_hash] = self._odd[lookup_hash]
+                continue
+            key = lookup_hash.encode("ascii")
+            slot = hash(lookup_hash) & mask
+            while entry := slots[slot]:
+                start = (entry - 1) * KEY_SIZE
+                if keys[start : start + KEY_SIZE] == key:
+                    row = entry - 1
+                    out[lookup_hash] = mxids[ends[row - 1] if row else 0 : ends[row]].decode("utf-8")
+                    break
+                slot = (slot + 1) & mask
+        return out
+
+    def set(self, lookup_hash: str, mxid: str) -> None:
+        key = _key_bytes(lookup_hash)
+        if key is None:
+            self._odd[lookup_hash] = mxid
+            return
+        slot, row = self._find(lookup_hash, key)
+        if row >= 0:
+            if self._mxid(row) == mxid:
+                return
+            self.dead += 1  # rebound: the old row stays behind until the next rebuild
+        else:
+            self._live += 1
+        self._slots[slot] = self._append(key, mxid) + 1
+        if self._live > MAX_LOAD * len(self._slots):
+            self._resize(2 * len(self._slots))
+
+    def discard(self, lookup_hash: str) -> None:
+        key = _key_bytes(lookup_hash)
+        if key is None:
+            self._odd.pop(lookup_hash, None)
+            return
+        slot, row = self._find(lookup_hash, key)
+        if row < 0:
+            return
+        self._live -= 1
+        self.dead += 1
+        self._empty(slot)
+
+    # --- the table ------------------------------------------------------------------------
+
+    def _find(self, lookup_hash: str, key: bytes) -> tuple[int, int]:
+        """(slot, row) of `key`, or (the empty slot where it would go, -1)."""
+        slots, keys, mask = self._slots, self._keys, self._mask
+        slot = hash(lookup_hash) & mask
+        while True:
+            entry = slots[slot]
+            if entry == 0:
+                return slot, -1
+            start = (entry - 1) * KEY_SIZE
+            if keys[start : start + KEY_SIZE] == key:
+                return slot, entry - 1
+            slot = (slot + 1) & mask
+
+    def _append(self, key: bytes, mxid: str) -> int:
+        self._keys += key
+        self._mxids += mxid.encode("utf-8")
+        self._ends.append(len(self._mxids))
+        return len(self._ends) - 1
+
+    def _mxid(self, row: int) -> str:
+        start = self._ends[row - 1] if row else 0
+        return self._mxids[start : self._ends[row]].decode("utf-8")
+
+    def _row_home(self, entry: int) -> int:
+        start = (entry - 1) * KEY_SIZE
+        return hash(self._keys[start : start + KEY_SIZE].decode("ascii")) & self._mask
+
+    def _empty(self, slot: int) -> None:
+        """Empty `slot`, moving later entries of its run back so every entry stays reachable
+        from its home slot (linear probing's deletion without tombstones)."""
+        slots, mask = self._slots, self._mask
+        slots[slot] = 0
+        hole, probe = slot, slot
+        while True:
+            probe = (probe + 1) & mask
+            entry = slots[probe]
+            if entry == 0:
+                return
+            home = self._row_home(entry)
+            # The entry may fill the hole unless its home lies cyclically in (hole, probe].
+            if (hole < home <= probe) if hole <= probe else (home > hole or home <= probe):
+                continue
+            slots[hole] = entry
+            slots[probe] = 0
+            hole = probe
+
+    def _resize(self, size: int) -> None:
+        old = self._slots
+        self._slots = array("I", bytes(4 * size))
+        self._mask = size - 1
+        slots, mask = self._slots, self._mask
+        for entry in old:
+            if not entry:
+                continue
+            slot = self._row_home(entry)
+            while slots[slot]:
+                slot = (slot + 1) & mask
+            slots[slot] = entry
+
+    def memory_bytes(self) -> int:
+        """What the table holds, without Python's per-object overhead."""
+        return len(self._keys) + len(self._mxids) + self._ends.itemsize * len(self._ends) + 4 * len(self._slots)

@@ -1,0 +1,55 @@
+"""The lookup index's in-memory table of lookup hash -> mxid (services.mxid_table), checked
+against a plain dict through long random runs of binds, rebinds and removals."""
+
+from __future__ import annotations
+
+import random
+
+from sydent_lite.services import mxid_table
+from sydent_lite.services.hashing import lookup_hash
+from sydent_lite.services.mxid_table import MxidTable
+
+
+def test_matches_a_dict_through_random_binds_rebinds_and_removals() -> None:
+    rng = random.Random(5)
+    keys = [lookup_hash(f"user{i}@example.test", "email", "pepper") for i in range(3000)]
+    # Hashes of another shape (hand-written SQL could store them): kept, under their exact text.
+    keys += ["short", "x" * 42 + "é", "y" * 44]
+    model: dict[str, str] = {}
+    table = MxidTable()
+    for step in range(60_000):
+        key = rng.choice(keys)
+        if rng.random() < 0.6:
+            mxid = f"@user{rng.randrange(4)}:hs{rng.randrange(2)}.test"
+            table.set(key, mxid)
+            model[key] = mxid
+        else:
+            table.discard(key)
+            model.pop(key, None)
+        if step % 3000 == 0:
+            assert table.get_many(keys) == model, step
+            assert len(table) == len(model)
+    assert table.get_many(keys) == model
+    assert table.dead > 0  # rebinds and removals left rows behind, counted
+
+
+def test_only_the_exact_string_matches() -> None:
+    table = MxidTable()
+    bound = lookup_hash("alice@example.test", "email", "pepper")
+    table.set(bound, "@alice:hs.test")
+    near = [bound[:-1] + ("B" if bound[-1] != "B" else "C"), bound.lower(), bound[:-1], bound + "A", bound.replace(bound[5], "+", 1)]
+    assert table.get_many([bound, *near]) == {bound: "@alice:hs.test"}
+
+
+def test_grows_and_keeps_every_entry_reachable(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # A tiny table, so that it resizes many times and runs of occupied slots wrap around.
+    monkeypatch.setattr(mxid_table, "MIN_SLOTS", 8)
+    table = MxidTable()
+    keys = [lookup_hash(f"u{i}@example.test", "email", "p") for i in range(5000)]
+    for i, key in enumerate(keys):
+        table.set(key, f"@u{i}:hs.test")
+    assert len(table._slots) >= len(keys) / mxid_table.MAX_LOAD
+    for key in keys[::2]:
+        table.discard(key)
+    assert table.get_many(keys) == {k: f"@u{i}:hs.test" for i, k in enumerate(keys) if i % 2}
+    assert table.get_many(["not-a-hash", keys[0]]) == {}
