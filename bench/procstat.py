@@ -59,3 +59,21 @@ def peak_rss_mib(root: int) -> float:
         except OSError:
             continue
     return total_kib / 1024
+
+
+def cpu_seconds_of_command(prefix: str) -> float:
+    """User + system CPU seconds used so far by every living process whose command name
+    starts with `prefix` (PostgreSQL's backends: "postgres"). A backend that exits meanwhile
+    takes its time with it: compare over a run whose connections stay open."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if raw[raw.index("(") + 1 : raw.rindex(")")].startswith(prefix):
+            fields = raw[raw.rindex(")") + 2 :].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / _CLK_TCK

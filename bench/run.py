@@ -73,6 +73,7 @@ class Server:
     port: int
     token: str
     pepper: str = ""
+    on_postgres: bool = False
 
     @property
     def base_url(self) -> str:
@@ -165,7 +166,8 @@ def prepare_lite(
         wait_until_serving(proc, port, log_path)
         return proc
 
-    return Server(label=label, start=start, stop=stop_process, port=port, token=token)
+    return Server(label=label, start=start, stop=stop_process, port=port, token=token,
+                  on_postgres=database_url.startswith("postgresql"))
 
 
 def prepare_sydent(workdir: Path, n: int, key_line: str, smtp_port: int, venv_python: Path) -> tuple[Server, Path]:
@@ -237,6 +239,7 @@ class Measurement:
     ok: int
     errors: int
     mails_delivered: int | None
+    db_cpu_s_per_1k: float | None = None  # PostgreSQL's backends, for runs on PostgreSQL
 
 
 def measure(server: Server, load: Workload, args: argparse.Namespace, sink: CountingSmtpSink, rnd: int) -> Measurement:
@@ -254,9 +257,11 @@ def measure(server: Server, load: Workload, args: argparse.Namespace, sink: Coun
         httpx.get(f"{server.base_url}/_matrix/identity/v2", timeout=300)
         mails_before = sink.count
         cpu_before = procstat.cpu_seconds(proc.pid)
+        db_cpu_before = procstat.cpu_seconds_of_command("postgres") if server.on_postgres else 0.0
         seconds = max(args.seconds, args.slow_seconds) if load.name in SLOW_WORKLOADS else args.seconds
         result: LoadResult = run_wrk(server.base_url, load, seconds=seconds, connections=args.connections)
         cpu = procstat.cpu_seconds(proc.pid) - cpu_before
+        db_cpu = procstat.cpu_seconds_of_command("postgres") - db_cpu_before if server.on_postgres else None
         delivered = None
         if load.sends_mail:
             # Requests cut off at the end of the run may still send their mail: wait for quiet.
@@ -276,10 +281,12 @@ def measure(server: Server, load: Workload, args: argparse.Namespace, sink: Coun
         server=server.label, workload=load.name, round=rnd, rps=result.rps, p50_ms=result.p50_ms, p99_ms=result.p99_ms,
         cpu_s_per_1k=cpu / (result.requests / 1000) if result.requests else float("nan"),
         peak_rss_mib=rss, ok=result.ok, errors=errors, mails_delivered=delivered,
+        db_cpu_s_per_1k=db_cpu / (result.requests / 1000) if db_cpu is not None and result.requests else None,
     )
     log(f"  {m.server:<28} {m.workload:<15} round {rnd}: {m.rps:9.1f} req/s  p50 {m.p50_ms:8.1f} ms  "
         f"p99 {m.p99_ms:8.1f} ms  cpu/1k {m.cpu_s_per_1k:7.3f} s  rss {m.peak_rss_mib:6.1f} MiB  "
-        f"ok {m.ok} err {m.errors}" + (f" mails {delivered}" if delivered is not None else ""))
+        f"ok {m.ok} err {m.errors}" + (f" mails {delivered}" if delivered is not None else "")
+        + (f"  db cpu/1k {m.db_cpu_s_per_1k:.3f} s" if m.db_cpu_s_per_1k is not None else ""))
     return m
 
 
@@ -306,6 +313,7 @@ def medians(ms: list[Measurement], server: str, name: str) -> dict[str, float] |
         "p50": statistics.median(m.p50_ms for m in rows),
         "p99": statistics.median(m.p99_ms for m in rows),
         "cpu": statistics.median(m.cpu_s_per_1k for m in rows),
+        "db_cpu": statistics.median(db) if (db := [m.db_cpu_s_per_1k for m in rows if m.db_cpu_s_per_1k is not None]) else float("nan"),
         "rss": statistics.median(m.peak_rss_mib for m in rows),
         "errors": sum(m.errors for m in rows),
         "ok": sum(m.ok for m in rows),
@@ -331,13 +339,33 @@ def comparison_table(ms: list[Measurement], a: str, b: str, names: list[str]) ->
 
 
 def single_table(ms: list[Measurement], labels: list[str], names: list[str]) -> str:
-    lines = ["| server | workload | req/s | p50 ms | p99 ms | CPU s/1k req | peak RSS MiB | errors |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| server | workload | req/s | p50 ms | p99 ms | CPU s/1k req | PostgreSQL CPU s/1k req | peak RSS MiB | errors |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label in labels:
         for name in names:
             x = medians(ms, label, name)
             if x is not None:
-                lines.append(f"| {label} | {name} | {x['rps']:,.1f} | {x['p50']:.1f} | {x['p99']:.1f} | {x['cpu']:.3f} | {x['rss']:.0f} | {x['errors']} |")
+                lines.append(f"| {label} | {name} | {x['rps']:,.1f} | {x['p50']:.1f} | {x['p99']:.1f} | {x['cpu']:.3f} | "
+                             f"{x['db_cpu']:.3f} | {x['rss']:.0f} | {x['errors']} |")
     return "\n".join(lines)
+
+
+def scaling_lines(ms: list[Measurement], names: list[str], args: argparse.Namespace) -> list[str]:
+    """The two PostgreSQL ratios of issue 7: N workers against one, and the large table
+    against the small one (medians of req/s)."""
+    big, small = args.pg_associations, args.associations
+    one, many = f"PostgreSQL {big:,}, 1 worker", f"PostgreSQL {big:,}, {args.workers} workers"
+    out = []
+    for name in names:
+        a, b, c = medians(ms, many, name), medians(ms, one, name), medians(ms, f"PostgreSQL {small:,}, 1 worker", name)
+        parts = []
+        if a and b and b["rps"]:
+            parts.append(f"{args.workers} workers / 1 worker at {big:,}: **{a['rps'] / b['rps']:.2f}×**")
+        if b and c and c["rps"]:
+            parts.append(f"{big:,} against {small:,}, 1 worker: {100 * (1 - b['rps'] / c['rps']):+.0f}% slower")
+        if parts:
+            out.append(f"- {name}: " + "; ".join(parts))
+    return out
 
 
 def machine() -> str:
@@ -439,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
                 pg_ms += compare(servers, pg_names, n, args, sink)
                 labels += [s.label for s in servers]
             all_ms += pg_ms
-            report += ["## sydent_lite on PostgreSQL", "", single_table(pg_ms, labels, pg_names), ""]
+            report += ["## sydent_lite on PostgreSQL", "", single_table(pg_ms, labels, pg_names), "",
+                       *scaling_lines(pg_ms, pg_names, args), ""]
     finally:
         sink.stop()
     text = "\n".join(report)
