@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import signedjson.key
 import signedjson.sign
-
 from support.db import run_sql_at
+
 from sydent_lite.config import config_from_dict
 from sydent_lite.services.hashing import (
     HASHED_WITH_KEY,
@@ -348,7 +348,8 @@ def test_hot_reader_survives_its_connection_being_terminated(database_url: str) 
             third = await reader.first("SELECT pg_backend_pid()")
             assert third is not None and third[0] not in (row[0], again[0])
             # Lists go as one array parameter, for any length (and `?` become `$n`).
-            assert await reader.all_among("SELECT x FROM unnest(?::int[]) AS x WHERE x {among} ORDER BY x", ([1, 2, 3],), [3, 1]) == [(1,), (3,)]
+            sql = "SELECT x FROM unnest(?::int[]) AS x WHERE x {among} ORDER BY x"
+            assert await reader.all_among(sql, ([1, 2, 3],), [3, 1]) == [(1,), (3,)]
         finally:
             await engine.dispose()  # closes the reader's pool too
             await killer.dispose()

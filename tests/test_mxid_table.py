@@ -37,7 +37,8 @@ def test_only_the_exact_string_matches() -> None:
     table = MxidTable()
     bound = lookup_hash("alice@example.test", "email", "pepper")
     table.set(bound, "@alice:hs.test")
-    near = [bound[:-1] + ("B" if bound[-1] != "B" else "C"), bound.lower(), bound[:-1], bound + "A", bound.replace(bound[5], "+", 1)]
+    other_last = "B" if bound[-1] != "B" else "C"
+    near = [bound[:-1] + other_last, bound.lower(), bound[:-1], bound + "A", bound.replace(bound[5], "+", 1)]
     assert table.get_many([bound, *near]) == {bound: "@alice:hs.test"}
 
 

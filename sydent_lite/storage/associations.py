@@ -81,7 +81,8 @@ class AssociationStore:
         """lookup_hash -> mxid for the bound ones among `hashes` (the lookup index's candidates)."""
         wanted = list(set(hashes))
         if self._reader is not None:
-            return dict(await self._reader.all_among(f"SELECT lookup_hash, mxid FROM {assoc.name} WHERE lookup_hash {{among}}", (), wanted))
+            sql = f"SELECT lookup_hash, mxid FROM {assoc.name} WHERE lookup_hash {{among}}"
+            return dict(await self._reader.all_among(sql, (), wanted))
         return dict(await self._select_pairs(assoc.c.lookup_hash, assoc.c.mxid, assoc.c.lookup_hash, wanted))
 
     async def mxids_by_address(self, medium: str, addresses: Sequence[str]) -> dict[str, str]:
