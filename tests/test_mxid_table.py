@@ -15,28 +15,30 @@ def test_matches_a_dict_through_random_binds_rebinds_and_removals() -> None:
     keys = [lookup_hash(f"user{i}@example.test", "email", "pepper") for i in range(3000)]
     # Hashes of another shape (hand-written SQL could store them): kept, under their exact text.
     keys += ["short", "x" * 42 + "é", "y" * 44]
-    model: dict[str, str] = {}
+    model: dict[str, tuple[str, int]] = {}
     table = MxidTable()
     for step in range(60_000):
         key = rng.choice(keys)
+        association_id = rng.randrange(1, 3)
         if rng.random() < 0.6:
             mxid = f"@user{rng.randrange(4)}:hs{rng.randrange(2)}.test"
-            table.set(key, mxid)
-            model[key] = mxid
+            table.set(key, mxid, association_id)
+            model[key] = (mxid, association_id)
         else:
-            table.discard(key)
-            model.pop(key, None)
+            # A removal names its association: another association's entry stays.
+            table.discard(key, association_id)
+            if model.get(key, ("", 0))[1] == association_id:
+                del model[key]
         if step % 3000 == 0:
-            assert table.get_many(keys) == model, step
+            assert table.get_many(keys) == {k: m for k, (m, _) in model.items()}, step
             assert len(table) == len(model)
-    assert table.get_many(keys) == model
-    assert table.dead > 0  # rebinds and removals left rows behind, counted
+    assert table.get_many(keys) == {k: m for k, (m, _) in model.items()}
 
 
 def test_only_the_exact_string_matches() -> None:
     table = MxidTable()
     bound = lookup_hash("alice@example.test", "email", "pepper")
-    table.set(bound, "@alice:hs.test")
+    table.set(bound, "@alice:hs.test", 1)
     other_last = "B" if bound[-1] != "B" else "C"
     near = [bound[:-1] + other_last, bound.lower(), bound[:-1], bound + "A", bound.replace(bound[5], "+", 1)]
     assert table.get_many([bound, *near]) == {bound: "@alice:hs.test"}
@@ -48,9 +50,10 @@ def test_grows_and_keeps_every_entry_reachable(monkeypatch) -> None:  # type: ig
     table = MxidTable()
     keys = [lookup_hash(f"u{i}@example.test", "email", "p") for i in range(5000)]
     for i, key in enumerate(keys):
-        table.set(key, f"@u{i}:hs.test")
+        table.set(key, f"@u{i}:hs.test", i + 1)
     assert len(table._slots) >= len(keys) / mxid_table.MAX_LOAD
-    for key in keys[::2]:
-        table.discard(key)
+    for i, key in enumerate(keys):
+        if i % 2 == 0:
+            table.discard(key, i + 1)
     assert table.get_many(keys) == {k: f"@u{i}:hs.test" for i, k in enumerate(keys) if i % 2}
     assert table.get_many(["not-a-hash", keys[0]]) == {}

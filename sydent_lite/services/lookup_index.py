@@ -21,21 +21,26 @@ wrongly. Slots are not cleared when an association goes (another may share the s
 removals are counted and the maps rebuilt when they pile up or the maps get crowded.
 
 Where candidates are confirmed: on SQLite, by an indexed read of the in-process database.
-With `hold_mxids` (PostgreSQL), by an exact in-memory table of every lookup hash and its
-mxid (services.mxid_table, ~80 bytes an association), so that a lookup costs the shared
+With `mxids_with_pepper` (PostgreSQL), by an exact in-memory table of every lookup hash and
+its mxid (services.mxid_table, ~85 bytes an association), so that a lookup costs the shared
 database nothing but its token check and the change poll; bulk_lookup's candidate addresses
 are hashed (SHA-256, only the candidates) and confirmed there too.
+
+Changes that fire no row trigger: a TRUNCATE on PostgreSQL is logged as one marker row
+(migration 0005), on which everything held is dropped. Changes made with triggers switched
+off (`session_replication_role = replica`, some restore tools) are not seen at all: restart
+the servers after such a change.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from array import array
 from collections import deque
 from collections.abc import Collection, Hashable, Iterable, Iterator, Sequence
-from itertools import compress, repeat
+from dataclasses import dataclass
+from itertools import compress, islice, repeat
 
 from sydent_lite.secrets_util import now_ms
 from sydent_lite.services.hashing import lookup_hash
@@ -50,9 +55,11 @@ KEEP_CHANGES_MS = 60 * 60 * 1000
 # Rebuild once this many removed associations (or a quarter of the index) left stale slots.
 MAX_STALE = 10_000
 # Slots per association in a byte map: the share of misses that become false candidates is
-# at most 1/SLOTS_PER_KEY (~3%), each costing one indexed read among the hits'.
+# at most 1/SLOTS_PER_KEY (~3%), each costing one more candidate to confirm.
 SLOTS_PER_KEY = 32
 MIN_SLOTS = 1 << 16
+# The association id of the log's marker row for a TRUNCATE (migration 0005): no row has it.
+TRUNCATED = 0
 
 
 def _keys(values: Iterable[Hashable]) -> Iterator[int]:
@@ -76,9 +83,11 @@ class ByteMap:
         self.add(keys)
 
     def add(self, keys: Iterable[int]) -> None:
-        slots = list(map(self._mask.__and__, keys))
-        deque(map(self.slots.__setitem__, slots, repeat(1)), maxlen=0)
-        self.count += len(slots)
+        # In chunks: a list of a million slot numbers was ~40 MiB at the peak of a load.
+        keys = iter(keys)
+        while slots := list(map(self._mask.__and__, islice(keys, 65_536))):
+            deque(map(self.slots.__setitem__, slots, repeat(1)), maxlen=0)
+            self.count += len(slots)
 
     def maybe(self, keys: Iterable[int]) -> Iterator[int]:
         """For each key, nonzero if it may be held, 0 if it certainly is not."""
@@ -90,6 +99,24 @@ class ByteMap:
         return self.count * SLOTS_PER_KEY > 2 * len(self.slots)
 
 
+@dataclass
+class _Held:
+    """What an index holds, as of change-log id `last_id`."""
+
+    hashes: ByteMap
+    threepids: ByteMap
+    mxids: MxidTable | None
+    last_id: int = 0
+    stale: int = 0  # associations removed since the maps were built (their slots stay set)
+
+    def clear(self) -> None:
+        """Everything went (a TRUNCATE)."""
+        self.hashes, self.threepids = ByteMap((), 0), ByteMap((), 0)
+        if self.mxids is not None:
+            self.mxids = MxidTable()
+        self.stale = 0
+
+
 class LookupIndex:
     def __init__(
         self, changes: AssociationChangeStore, associations: AssociationStore, *, mxids_with_pepper: str | None = None
@@ -99,34 +126,42 @@ class LookupIndex:
         self._store = changes
         self._associations = associations
         self._pepper = mxids_with_pepper
-        self._hashes = ByteMap((), 0)
-        self._threepids = ByteMap((), 0)
-        self._mxids: MxidTable | None = MxidTable() if mxids_with_pepper is not None else None
-        self._stale = 0
-        self._last_id = 0
+        self._held = _Held(ByteMap((), 0), ByteMap((), 0), MxidTable() if mxids_with_pepper is not None else None)
         self._lock = asyncio.Lock()
         # Polls started so far: a lookup needs one that started after it arrived.
         self._polls_started = 0
         self._polls_done = 0
 
     def __len__(self) -> int:
-        return self._hashes.count
+        return self._held.hashes.count
+
+    @property
+    def _stale(self) -> int:
+        return self._held.stale
 
     async def load(self, *, block_lookups: bool = True) -> None:
         """(Re)build the index from the associations table, then apply what changed meanwhile.
 
         `block_lookups=False`: lookups go on with the current index while the new one is
-        built (a rebuild to drop stale entries: the current one answers correctly); a
-        process that fell behind the log must not answer from what it holds, and blocks.
+        built and brought up to date beside it (a rebuild to drop stale entries: the current
+        one answers correctly); only the last few changes and the swap happen under the
+        lock. A process that fell behind the log must not answer from what it holds: it
+        blocks lookups throughout.
         """
         if block_lookups:
             async with self._lock:
-                await self._load_and_swap(locked=True)
+                held = await self._build()
+                await self._apply_changes(held)
+                self._held = held
         else:
-            await self._load_and_swap(locked=False)
+            held = await self._build()
+            await self._apply_changes(held)
+            async with self._lock:
+                await self._apply_changes(held)
+                self._held = held
         logger.info("lookup index loaded: %d associations", len(self))
 
-    async def _load_and_swap(self, *, locked: bool) -> None:
+    async def _build(self) -> _Held:
         # The log position first: changes made during the scan are applied again afterwards,
         # which is harmless (setting a slot twice changes nothing; the mxid table replays
         # each changed row's history in order, ending where the row is now).
@@ -135,54 +170,55 @@ class LookupIndex:
         # Keys are collected in flat arrays (8 bytes each, no objects) to size the maps.
         hash_keys, threepid_keys = array("q"), array("q")
         mxids = None
-        if self._mxids is not None:
-            # One pass over the rows (on PostgreSQL they are read from the table either way).
-            mxids = MxidTable(len(self._mxids))
+        if self._held.mxids is not None:
+            # One pass over the whole rows: PostgreSQL reads them from the table anyway (its
+            # index-only scans need a vacuumed table).
+            mxids = MxidTable(await self._associations.count())
             async for rows in self._associations.all_index_rows():
-                hashes = [h for _, _, h, _ in rows]
+                hashes = [h for _, _, _, h, _ in rows]
                 hash_keys.extend(_keys(hashes))
-                threepid_keys.extend(_keys([(m, a) for m, a, _, _ in rows]))
-                deque(map(mxids.set, hashes, [x for _, _, _, x in rows]), maxlen=0)
+                threepid_keys.extend(_keys([(m, a) for _, m, a, _, _ in rows]))
+                deque(map(mxids.set, hashes, [x for *_, x in rows], [i for i, *_ in rows]), maxlen=0)
         else:
             async for hash_batch in self._associations.all_hashes():
                 hash_keys.extend(_keys([h for h, _ in hash_batch]))
             async for threepid_batch in self._associations.all_threepids():
                 threepid_keys.extend(_keys(threepid_batch))
-        hashes_map = ByteMap(hash_keys, len(hash_keys))
-        threepids_map = ByteMap(threepid_keys, len(threepid_keys))
-        del hash_keys, threepid_keys
-        async with contextlib.nullcontext() if locked else self._lock:
-            self._hashes, self._threepids = hashes_map, threepids_map
-            if mxids is not None:
-                self._mxids = mxids
-            self._stale = 0
-            self._last_id = last_id
-            await self._apply_changes()
+        return _Held(ByteMap(hash_keys, len(hash_keys)), ByteMap(threepid_keys, len(threepid_keys)), mxids, last_id)
 
-    async def _apply_changes(self) -> None:
+    async def _apply_changes(self, held: _Held) -> None:
         while True:
-            rows = await self._store.since(self._last_id)
+            rows = await self._store.since(held.last_id)
             if not rows:
                 return
-            present_ids = [association_id for _, _, association_id, present in rows if present]
-            # The rows as they are now (the log holds only the lookup hash and the row id). A
-            # row deleted meanwhile needs nothing: its deletion is further on in the log.
-            current = await self._associations.index_rows_by_id(present_ids) if present_ids else []
-            self._hashes.add(_keys([h for _, _, _, h, _ in current]))
-            self._threepids.add(_keys([(m, a) for _, m, a, _, _ in current]))
-            if self._mxids is not None:
-                # In the log's order: a removal drops its hash; an addition sets the row's hash
-                # and mxid as they are now (any later change of that row follows in the log).
-                now = {row[0]: row for row in current}
-                for _, logged_hash, association_id, present in rows:
-                    if not present:
-                        self._mxids.discard(logged_hash)
-                    elif (row := now.get(association_id)) is not None:
-                        self._mxids.set(row[3], row[4])
-            self._stale += len(rows) - len(present_ids)
-            self._last_id = rows[-1][0]
+            # A TRUNCATE's marker: everything held goes, with whatever the log said before it.
+            marker = max((i for i, (_, _, association_id, _) in enumerate(rows) if association_id == TRUNCATED), default=-1)
+            if marker >= 0:
+                held.clear()
+            await self._apply(held, rows[marker + 1 :])
+            held.last_id = rows[-1][0]
             if len(rows) < 10_000:
                 return
+
+    async def _apply(self, held: _Held, rows: list[tuple[int, str, int, bool]]) -> None:
+        present_ids = [association_id for _, _, association_id, present in rows if present]
+        # The rows as they are now (the log holds only the lookup hash and the row id). A row
+        # deleted meanwhile needs nothing: its deletion is further on in the log.
+        current = await self._associations.index_rows_by_id(present_ids) if present_ids else []
+        held.hashes.add(_keys([h for _, _, _, h, _ in current]))
+        held.threepids.add(_keys([(m, a) for _, m, a, _, _ in current]))
+        held.stale += len(rows) - len(present_ids)
+        if held.mxids is None:
+            return
+        # In the log's order: a removal drops its hash (if it is still that association's);
+        # an addition sets the row's hash and mxid as they are now (any later change of that
+        # row follows in the log).
+        now = {row[0]: row for row in current}
+        for _, logged_hash, association_id, present in rows:
+            if not present:
+                held.mxids.discard(logged_hash, association_id)
+            elif (row := now.get(association_id)) is not None:
+                held.mxids.set(row[3], row[4], association_id)
 
     async def catch_up(self) -> None:
         """Apply every change committed before this call (coalesced with concurrent callers)."""
@@ -192,33 +228,36 @@ class LookupIndex:
             if self._polls_done > arrived_after:
                 return
             self._polls_started += 1
-            try:
-                await self._apply_changes()
-            finally:
-                self._polls_done = self._polls_started
+            # Counted as done only if it succeeded: after a failed poll (the database went
+            # away mid-way) the lookups waiting here poll for themselves, and fail rather than
+            # answer from a half-applied batch.
+            await self._apply_changes(self._held)
+            self._polls_done = self._polls_started
 
     async def mxids(self, hashes: Collection[str]) -> dict[str, str]:
         """lookup hash -> mxid for the bound ones among `hashes` (call catch_up first)."""
+        held = self._held
         # Most hashes are of people who are not bound: sort them out without a Python loop.
-        candidates = list(compress(hashes, self._hashes.maybe(_keys(hashes))))
+        candidates = list(compress(hashes, held.hashes.maybe(_keys(hashes))))
         if not candidates:
             return {}
-        if self._mxids is not None:
-            return self._mxids.get_many(candidates)
+        if held.mxids is not None:
+            return held.mxids.get_many(candidates)
         return await self._associations.mxids_by_hash(candidates)
 
     async def mxids_by_address(self, medium: str, addresses: Sequence[str]) -> dict[str, str]:
         """address -> mxid for the bound ones among `addresses` of `medium`, in their stored
         form (call catch_up first)."""
-        candidates = list(compress(addresses, self._threepids.maybe(_keys(zip(repeat(medium), addresses)))))
+        held = self._held
+        candidates = list(compress(addresses, held.threepids.maybe(_keys(zip(repeat(medium), addresses)))))
         if not candidates:
             return {}
-        if self._mxids is not None:
+        if held.mxids is not None:
             assert self._pepper is not None
             # Every stored lookup hash is computed from its address with the current pepper
             # (services.hashing): only the candidates are hashed.
             by_hash = {lookup_hash(a, medium, self._pepper): a for a in candidates}
-            return {by_hash[h]: mxid for h, mxid in self._mxids.get_many(by_hash).items()}
+            return {by_hash[h]: mxid for h, mxid in held.mxids.get_many(by_hash).items()}
         return await self._associations.mxids_by_address(medium, candidates)
 
     async def run(self) -> None:
@@ -226,11 +265,12 @@ class LookupIndex:
         while True:
             await asyncio.sleep(BACKGROUND_REFRESH_SECONDS)
             try:
-                if await self._store.pruned_through() > self._last_id:
+                held = self._held
+                if await self._store.pruned_through() > held.last_id:
                     logger.warning("lookup index fell behind the change log; reloading")
                     await self.load()
-                elif self._stale > max(MAX_STALE, len(self) // 4) or self._hashes.crowded or self._threepids.crowded:
-                    logger.info("lookup index: rebuilding (%d associations, %d removed)", len(self), self._stale)
+                elif held.stale > max(MAX_STALE, len(self) // 4) or held.hashes.crowded or held.threepids.crowded:
+                    logger.info("lookup index: rebuilding (%d associations, %d removed)", len(self), held.stale)
                     await self.load(block_lookups=False)
                 else:
                     await self.catch_up()

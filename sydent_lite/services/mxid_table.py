@@ -1,4 +1,4 @@
-"""Every association's lookup hash -> Matrix ID, in memory, exact, in ~80 bytes each.
+"""Every association's lookup hash -> Matrix ID, in memory, exact, in ~85 bytes each.
 
 On PostgreSQL the lookup index (services.lookup_index) answers its candidates from here
 instead of asking the database: confirming ~130 candidates of a 1,000-hash lookup cost
@@ -10,13 +10,16 @@ Layout, no Python object per association:
 - `_keys`: each row's lookup hash, 43 ASCII bytes (unpadded base64 of a SHA-256 digest),
   row after row.
 - `_mxids` and `_ends`: the rows' Matrix IDs (UTF-8) one after another, and where each ends.
+- `_ids`: each row's association id. A removal names the association it removes: it drops
+  the entry only if the entry is still that association's (two rows with one lookup hash
+  take SHA-256 collisions, or hand-written SQL; neither may make the other one vanish).
 - `_slots`: an open-addressing table (linear probing) of row number + 1 (0: empty), at
   most 60% full, keyed by the string's own hash (cached by CPython on the string: the byte
   maps of the lookup index computed it already).
 A rebind appends a new row and points the slot at it; a removal empties the slot (backward
-shift, no tombstones). Rows left behind are counted in `dead` and dropped when the lookup
-index rebuilds. A stored hash of another shape (none are written by this server; hand-written
-SQL could) lives in the small `_odd` dict.
+shift, no tombstones). Rows left behind are dropped when the lookup index rebuilds (it counts
+removals itself). A stored hash of another shape (none are written by this server;
+hand-written SQL could) lives in the small `_odd` dict.
 """
 
 from __future__ import annotations
@@ -42,12 +45,12 @@ class MxidTable:
             size *= 2
         self._keys = bytearray()
         self._mxids = bytearray()
-        self._ends = array("Q")
+        self._ends = array("I")  # 4 GiB of mxids: far more associations than memory holds
+        self._ids = array("I")  # PostgreSQL's associations.id is a 32-bit integer
         self._slots = array("I", bytes(4 * size))
         self._mask = size - 1
-        self._odd: dict[str, str] = {}
+        self._odd: dict[str, tuple[str, int]] = {}
         self._live = 0
-        self.dead = 0
 
     def __len__(self) -> int:
         return self._live + len(self._odd)
@@ -60,7 +63,7 @@ class MxidTable:
         for lookup_hash in hashes:
             if len(lookup_hash) != KEY_SIZE or not lookup_hash.isascii():
                 if lookup_hash in self._odd:
-                    out[lookup_hash] = self._odd[lookup_hash]
+                    out[lookup_hash] = self._odd[lookup_hash][0]
                 continue
             key = lookup_hash.encode("ascii")
             slot = hash(lookup_hash) & mask
@@ -73,32 +76,33 @@ class MxidTable:
                 slot = (slot + 1) & mask
         return out
 
-    def set(self, lookup_hash: str, mxid: str) -> None:
+    def set(self, lookup_hash: str, mxid: str, association_id: int) -> None:
         key = _key_bytes(lookup_hash)
         if key is None:
-            self._odd[lookup_hash] = mxid
+            self._odd[lookup_hash] = (mxid, association_id)
             return
         slot, row = self._find(lookup_hash, key)
         if row >= 0:
-            if self._mxid(row) == mxid:
+            if self._ids[row] == association_id and self._mxid(row) == mxid:
                 return
-            self.dead += 1  # rebound: the old row stays behind until the next rebuild
+            # Rebound: a new row; the old one stays behind until the next rebuild.
         else:
             self._live += 1
-        self._slots[slot] = self._append(key, mxid) + 1
+        self._slots[slot] = self._append(key, mxid, association_id) + 1
         if self._live > MAX_LOAD * len(self._slots):
             self._resize(2 * len(self._slots))
 
-    def discard(self, lookup_hash: str) -> None:
+    def discard(self, lookup_hash: str, association_id: int) -> None:
+        """Forget `lookup_hash` if association `association_id` is the one it maps to."""
         key = _key_bytes(lookup_hash)
         if key is None:
-            self._odd.pop(lookup_hash, None)
+            if self._odd.get(lookup_hash, ("", -1))[1] == association_id:
+                del self._odd[lookup_hash]
             return
         slot, row = self._find(lookup_hash, key)
-        if row < 0:
+        if row < 0 or self._ids[row] != association_id:
             return
         self._live -= 1
-        self.dead += 1
         self._empty(slot)
 
     # --- the table ------------------------------------------------------------------------
@@ -116,7 +120,8 @@ class MxidTable:
                 return slot, entry - 1
             slot = (slot + 1) & mask
 
-    def _append(self, key: bytes, mxid: str) -> int:
+    def _append(self, key: bytes, mxid: str, association_id: int) -> int:
+        self._ids.append(association_id)
         self._keys += key
         self._mxids += mxid.encode("utf-8")
         self._ends.append(len(self._mxids))
@@ -164,4 +169,5 @@ class MxidTable:
 
     def memory_bytes(self) -> int:
         """What the table holds, without Python's per-object overhead."""
-        return len(self._keys) + len(self._mxids) + self._ends.itemsize * len(self._ends) + 4 * len(self._slots)
+        arrays = (self._ends, self._ids, self._slots)
+        return len(self._keys) + len(self._mxids) + sum(a.itemsize * len(a) for a in arrays)

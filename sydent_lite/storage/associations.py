@@ -6,15 +6,12 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, literal, select, tuple_, update
+from sqlalchemy import delete, func, literal, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from sydent_lite.storage.dialect import among, insert_for
-from sydent_lite.storage.readers import hot_reader
+from sydent_lite.storage.dialect import insert_for
+from sydent_lite.storage.readers import SQLITE_IN_CHUNK, hot_reader
 from sydent_lite.storage.tables import associations as assoc
-
-# Keeps each IN (...) list well under SQLite's bound-parameter limit.
-_IN_CHUNK = 500
 
 
 @dataclass
@@ -29,14 +26,14 @@ class StoredAssociation:
     signed_json: str
 
 
-def _chunks(items: Sequence, size: int = _IN_CHUNK) -> Iterable[Sequence]:
+def _chunks(items: Sequence, size: int = SQLITE_IN_CHUNK) -> Iterable[Sequence]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
 
 # What the lookup index needs of a row.
-IndexRow = tuple[str, str, str, str]  # medium, address, lookup_hash, mxid
-_INDEX_SELECT = (assoc.c.medium, assoc.c.address, assoc.c.lookup_hash, assoc.c.mxid)
+IndexRow = tuple[int, str, str, str, str]  # id, medium, address, lookup_hash, mxid
+_INDEX_SELECT = (assoc.c.id, assoc.c.medium, assoc.c.address, assoc.c.lookup_hash, assoc.c.mxid)
 
 _GET_SQL = (
     f"SELECT {', '.join(StoredAssociation.__dataclass_fields__)} FROM {assoc.name} WHERE medium = ? AND address = ?"
@@ -68,8 +65,8 @@ class AssociationStore:
 
     async def get(self, medium: str, address: str) -> StoredAssociation | None:
         if self._reader is not None:  # v1 lookup's hot path
-            row = await self._reader.first(_GET_SQL, (medium, address))
-            return StoredAssociation(*row) if row else None
+            found = await self._reader.first(_GET_SQL, (medium, address))
+            return StoredAssociation(*found) if found else None
         cols = [assoc.c[k] for k in StoredAssociation.__dataclass_fields__]
         async with self._engine.connect() as conn:
             row = (
@@ -93,26 +90,26 @@ class AssociationStore:
             return dict(await self._reader.all_among(sql, (medium,), wanted))
         return dict(await self._select_pairs(assoc.c.address, assoc.c.mxid, assoc.c.address, wanted, assoc.c.medium == medium))
 
-    async def index_rows_by_id(self, ids: Sequence[int]) -> list[tuple[int, str, str, str, str]]:
+    async def index_rows_by_id(self, ids: Sequence[int]) -> list[IndexRow]:
         """(id, medium, address, lookup_hash, mxid) of the rows with these ids that still exist."""
         wanted = list(set(ids))
         if self._reader is not None:
             sql = f"SELECT id, medium, address, lookup_hash, mxid FROM {assoc.name} WHERE id {{among}}"
             return await self._reader.all_among(sql, (), wanted)  # type: ignore[return-value]
-        out: list[tuple[int, str, str, str, str]] = []
-        async with self._engine.connect() as conn:
-            for chunk in [wanted] if conn.dialect.name == "postgresql" else _chunks(wanted):
-                rows = await conn.execute(select(assoc.c.id, *_INDEX_SELECT).where(among(assoc.c.id, chunk, conn.dialect.name)))
+        out: list[IndexRow] = []
+        async with self._engine.connect() as conn:  # in-memory SQLite (tests)
+            for chunk in _chunks(wanted):
+                rows = await conn.execute(select(*_INDEX_SELECT).where(assoc.c.id.in_(list(chunk))))
                 out.extend((r[0], r[1], r[2], r[3], r[4]) for r in rows)
         return out
 
     async def _select_pairs(self, first: Any, second: Any, key: Any, values: list[Any], *where: Any) -> list[tuple[Any, Any]]:
-        """(first, second) of the rows whose `key` is among `values` (and that match `where`)."""
+        """(first, second) of the rows whose `key` is among `values` (and that match `where`):
+        for in-memory SQLite, which has no hot reader (tests)."""
         out: list[tuple[Any, Any]] = []
         async with self._engine.connect() as conn:
-            name = conn.dialect.name
-            for chunk in [values] if name == "postgresql" else _chunks(values):
-                rows = await conn.execute(select(first, second).where(among(key, chunk, name), *where))
+            for chunk in _chunks(values):
+                rows = await conn.execute(select(first, second).where(key.in_(list(chunk)), *where))
                 out.extend((a, b) for a, b in rows)
         return out
 
@@ -143,21 +140,22 @@ class AssociationStore:
             after = rows[-1]
             yield rows
 
+    async def count(self) -> int:
+        async with self._engine.connect() as conn:
+            return (await conn.execute(select(func.count()).select_from(assoc))).scalar() or 0
+
     async def all_index_rows(self, batch: int = 2_000) -> AsyncIterator[list[IndexRow]]:
-        """Every (medium, address, lookup_hash, mxid), in batches, in id order: one pass over
-        the table (the lookup index's start when it holds the mxids)."""
+        """Every (id, medium, address, lookup_hash, mxid), in batches, in id order: one pass
+        over the table (the lookup index's start when it holds the mxids)."""
         last_id = 0
         while True:
             async with self._engine.connect() as conn:
-                rows = list(
-                    await conn.execute(
-                        select(assoc.c.id, *_INDEX_SELECT).where(assoc.c.id > last_id).order_by(assoc.c.id).limit(batch)
-                    )
-                )
+                query = select(*_INDEX_SELECT).where(assoc.c.id > last_id).order_by(assoc.c.id).limit(batch)
+                rows = list(await conn.execute(query))
             if not rows:
                 return
             last_id = rows[-1][0]
-            yield [(r[1], r[2], r[3], r[4]) for r in rows]
+            yield [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
     async def iter_threepids(self, batch: int = 1000) -> AsyncIterator[list[tuple[int, str, str]]]:
         """(id, medium, address) in batches, for recomputing lookup hashes."""

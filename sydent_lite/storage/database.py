@@ -96,8 +96,11 @@ class _PostgresEngine(AsyncEngine):
     (storage.readers), which sits beside SQLAlchemy's."""
 
     async def dispose(self, close: bool = True) -> None:
-        await close_pg_reader(self)
-        await super().dispose(close)
+        try:
+            if close:
+                await close_pg_reader(self)
+        finally:
+            await super().dispose(close)
 
 
 # A pooled connection unused this long is pinged before it is handed out again.

@@ -80,9 +80,6 @@ class SqliteReader(HotReader):
     def close(self) -> None:
         self._conn.close()
 
-    async def aclose(self) -> None:
-        self.close()
-
 
 @lru_cache(maxsize=256)
 def _numbered(sql: str) -> str:
@@ -98,24 +95,40 @@ class PgReader(HotReader):
     # Reads are single indexed queries of well under a millisecond: a few connections
     # serve a worker's whole concurrency.
     POOL_SIZE = 8
+    # A read this slow is stuck (a half-open connection): fail it, rather than hold the lookup
+    # index's lock, and every lookup waiting on it, for ever.
+    COMMAND_TIMEOUT_SECONDS = 10.0
+    CLOSE_TIMEOUT_SECONDS = 5.0
 
-    def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
+    def __init__(self, connect_kwargs: dict[str, Any]) -> None:
+        self._connect_kwargs = connect_kwargs
+        # A pool belongs to the event loop that opened it (commands and tests run one loop
+        # each): the loop, its pool, and the lock that opening and closing take.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._pool: Any = None
-        # One pool opening at a time; a lock per event loop (commands run one loop each).
-        self._opening: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self._lock = asyncio.Lock()
+
+    def _for_this_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._pool is not None:  # left open by a loop that has gone: drop it
+                with contextlib.suppress(Exception):
+                    self._pool.terminate()
+            self._loop, self._pool, self._lock = loop, None, asyncio.Lock()
 
     async def _get_pool(self) -> Any:
+        self._for_this_loop()
         if self._pool is None:
-            loop = asyncio.get_running_loop()
-            if self._opening is None or self._opening[0] is not loop:
-                self._opening = (loop, asyncio.Lock())
-            async with self._opening[1]:
+            async with self._lock:
                 if self._pool is None:
                     import asyncpg
 
                     self._pool = await asyncpg.create_pool(
-                        self._dsn, min_size=1, max_size=self.POOL_SIZE, reset=_keep_session
+                        **self._connect_kwargs,
+                        min_size=1,
+                        max_size=self.POOL_SIZE,
+                        reset=_keep_session,
+                        command_timeout=self.COMMAND_TIMEOUT_SECONDS,
                     )
         return self._pool
 
@@ -127,39 +140,47 @@ class PgReader(HotReader):
 
     async def _fetch(self, sql: str, args: tuple[Any, ...]) -> list[Row]:
         pool = await self._get_pool()
-        for attempt in (1, 2):
-            async with pool.acquire() as conn:
-                try:
-                    rows = await conn.fetch(sql, *args)
-                except _connection_lost() as e:
-                    # The server ended the session (a restart, a terminated backend), maybe
-                    # before the pool noticed. The connection goes; a read is safe to repeat.
-                    with contextlib.suppress(Exception):  # the pool may have let it go already
-                        conn.terminate()
-                    if attempt == 2:
-                        raise
-                    logger.info("database connection lost during a read (%s); retrying once", type(e).__name__)
-                    continue
-            return [tuple(r) for r in rows]
-        raise AssertionError("unreachable")
+        try:
+            return await self._fetch_once(pool, sql, args)
+        except _connection_lost() as e:
+            # The server ended the session (a restart, a terminated backend), maybe before the
+            # pool noticed: that connection went; a read is safe to repeat on another.
+            logger.info("database connection lost during a read (%s); retrying once", type(e).__name__)
+            return await self._fetch_once(pool, sql, args)
+
+    @staticmethod
+    async def _fetch_once(pool: Any, sql: str, args: tuple[Any, ...]) -> list[Row]:
+        async with pool.acquire() as conn:
+            try:
+                rows = await conn.fetch(sql, *args)
+            except _connection_lost():
+                with contextlib.suppress(Exception):  # the pool may have let it go already
+                    conn.terminate()
+                raise
+        return [tuple(r) for r in rows]
 
     async def aclose(self) -> None:
         """Close the pool (a later read opens a new one)."""
-        if self._pool is not None:
+        self._for_this_loop()
+        async with self._lock:  # not while it is being opened
             pool, self._pool = self._pool, None
-            await pool.close()
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), self.CLOSE_TIMEOUT_SECONDS)
+        except (TimeoutError, OSError):  # a read still in progress, or a dead server
+            pool.terminate()
 
 
 @lru_cache(maxsize=1)
 def _connection_lost() -> tuple[type[BaseException], ...]:
+    """What a read may be retried after: the session is gone, not the query at fault."""
     import asyncpg
 
-    # InternalClientError: the server's goodbye arrived, the socket's end not yet.
     return (
-        asyncpg.PostgresConnectionError,
-        asyncpg.exceptions.AdminShutdownError,
-        asyncpg.exceptions.InternalClientError,
-        asyncpg.InterfaceError,
+        asyncpg.PostgresConnectionError,  # connection does not exist, failure, ...
+        asyncpg.exceptions.AdminShutdownError,  # terminated by an administrator or a restart
+        asyncpg.exceptions.InternalClientError,  # the server's goodbye arrived, the socket's end not yet
         ConnectionError,
     )
 
@@ -184,7 +205,13 @@ def hot_reader(engine: AsyncEngine) -> HotReader | None:
         event.listen(sync, "engine_disposed", lambda _engine: sqlite_reader.close())
         reader = sqlite_reader
     else:
-        reader = PgReader(url.set(drivername="postgresql").render_as_string(hide_password=False))
+        # asyncpg.connect's arguments as SQLAlchemy's dialect derives them from the URL (host,
+        # port, user, password, database, ssl and the other query options), less the ones
+        # its own adapter consumes.
+        _, kwargs = sync.dialect.create_connect_args(url)
+        for adapter_only in ("prepared_statement_cache_size", "prepared_statement_name_func", "async_creator_fn"):
+            kwargs.pop(adapter_only, None)
+        reader = PgReader(dict(kwargs))
     sync.__dict__["_sydent_reader"] = reader
     return reader
 
