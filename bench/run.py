@@ -362,7 +362,8 @@ def scaling_lines(ms: list[Measurement], names: list[str], args: argparse.Namesp
         if a and b and b["rps"]:
             parts.append(f"{args.workers} workers / 1 worker at {big:,}: **{a['rps'] / b['rps']:.2f}×**")
         if b and c and c["rps"]:
-            parts.append(f"{big:,} against {small:,}, 1 worker: {100 * (1 - b['rps'] / c['rps']):+.0f}% slower")
+            slower = 100 * (1 - b["rps"] / c["rps"])
+            parts.append(f"{big:,} against {small:,}, 1 worker: {abs(slower):.0f}% {'slower' if slower >= 0 else 'faster'}")
         if parts:
             out.append(f"- {name}: " + "; ".join(parts))
     return out
