@@ -166,8 +166,3 @@ class MxidTable:
             while slots[slot]:
                 slot = (slot + 1) & mask
             slots[slot] = entry
-
-    def memory_bytes(self) -> int:
-        """What the table holds, without Python's per-object overhead."""
-        arrays = (self._ends, self._ids, self._slots)
-        return len(self._keys) + len(self._mxids) + sum(a.itemsize * len(a) for a in arrays)

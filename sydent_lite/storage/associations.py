@@ -80,7 +80,7 @@ class AssociationStore:
         if self._reader is not None:
             sql = f"SELECT lookup_hash, mxid FROM {assoc.name} WHERE lookup_hash {{among}}"
             return dict(await self._reader.all_among(sql, (), wanted))
-        return dict(await self._select_pairs(assoc.c.lookup_hash, assoc.c.mxid, assoc.c.lookup_hash, wanted))
+        return dict(await self._select_among((assoc.c.lookup_hash, assoc.c.mxid), assoc.c.lookup_hash, wanted))
 
     async def mxids_by_address(self, medium: str, addresses: Sequence[str]) -> dict[str, str]:
         """address -> mxid for the bound ones among `addresses` of `medium` (stored forms)."""
@@ -88,7 +88,7 @@ class AssociationStore:
         if self._reader is not None:
             sql = f"SELECT address, mxid FROM {assoc.name} WHERE medium = ? AND address {{among}}"
             return dict(await self._reader.all_among(sql, (medium,), wanted))
-        return dict(await self._select_pairs(assoc.c.address, assoc.c.mxid, assoc.c.address, wanted, assoc.c.medium == medium))
+        return dict(await self._select_among((assoc.c.address, assoc.c.mxid), assoc.c.address, wanted, assoc.c.medium == medium))
 
     async def index_rows_by_id(self, ids: Sequence[int]) -> list[IndexRow]:
         """(id, medium, address, lookup_hash, mxid) of the rows with these ids that still exist."""
@@ -96,21 +96,16 @@ class AssociationStore:
         if self._reader is not None:
             sql = f"SELECT id, medium, address, lookup_hash, mxid FROM {assoc.name} WHERE id {{among}}"
             return await self._reader.all_among(sql, (), wanted)  # type: ignore[return-value]
-        out: list[IndexRow] = []
-        async with self._engine.connect() as conn:  # in-memory SQLite (tests)
-            for chunk in _chunks(wanted):
-                rows = await conn.execute(select(*_INDEX_SELECT).where(assoc.c.id.in_(list(chunk))))
-                out.extend((r[0], r[1], r[2], r[3], r[4]) for r in rows)
-        return out
+        return await self._select_among(_INDEX_SELECT, assoc.c.id, wanted)  # type: ignore[return-value]
 
-    async def _select_pairs(self, first: Any, second: Any, key: Any, values: list[Any], *where: Any) -> list[tuple[Any, Any]]:
-        """(first, second) of the rows whose `key` is among `values` (and that match `where`):
-        for in-memory SQLite, which has no hot reader (tests)."""
-        out: list[tuple[Any, Any]] = []
+    async def _select_among(self, columns: tuple[Any, ...], key: Any, values: list[Any], *where: Any) -> list[tuple[Any, ...]]:
+        """`columns` of the rows whose `key` is among `values` (and that match `where`): for
+        in-memory SQLite, which has no hot reader (tests)."""
+        out: list[tuple[Any, ...]] = []
         async with self._engine.connect() as conn:
             for chunk in _chunks(values):
-                rows = await conn.execute(select(first, second).where(key.in_(list(chunk)), *where))
-                out.extend((a, b) for a, b in rows)
+                rows = await conn.execute(select(*columns).where(key.in_(list(chunk)), *where))
+                out.extend(tuple(r) for r in rows)
         return out
 
     def all_hashes(self, batch: int = 2_000) -> AsyncIterator[list[tuple[str, int]]]:
@@ -144,36 +139,26 @@ class AssociationStore:
         async with self._engine.connect() as conn:
             return (await conn.execute(select(func.count()).select_from(assoc))).scalar() or 0
 
-    async def all_index_rows(self, batch: int = 2_000) -> AsyncIterator[list[IndexRow]]:
+    def all_index_rows(self, batch: int = 2_000) -> AsyncIterator[list[IndexRow]]:
         """Every (id, medium, address, lookup_hash, mxid), in batches, in id order: one pass
         over the table (the lookup index's start when it holds the mxids)."""
-        last_id = 0
-        while True:
-            async with self._engine.connect() as conn:
-                query = select(*_INDEX_SELECT).where(assoc.c.id > last_id).order_by(assoc.c.id).limit(batch)
-                rows = list(await conn.execute(query))
-            if not rows:
-                return
-            last_id = rows[-1][0]
-            yield [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        return self._scan_by_id(_INDEX_SELECT, batch)  # type: ignore[return-value]
 
-    async def iter_threepids(self, batch: int = 1000) -> AsyncIterator[list[tuple[int, str, str]]]:
+    def iter_threepids(self, batch: int = 1000) -> AsyncIterator[list[tuple[int, str, str]]]:
         """(id, medium, address) in batches, for recomputing lookup hashes."""
+        return self._scan_by_id((assoc.c.id, assoc.c.medium, assoc.c.address), batch)  # type: ignore[return-value]
+
+    async def _scan_by_id(self, columns: tuple[Any, ...], batch: int) -> AsyncIterator[list[tuple[Any, ...]]]:
+        """`columns` (the first one `id`) of every row, a batch per short read, in id order."""
         last_id = 0
         while True:
             async with self._engine.connect() as conn:
-                rows = list(
-                    await conn.execute(
-                        select(assoc.c.id, assoc.c.medium, assoc.c.address)
-                        .where(assoc.c.id > last_id)
-                        .order_by(assoc.c.id)
-                        .limit(batch)
-                    )
-                )
+                query = select(*columns).where(assoc.c.id > last_id).order_by(assoc.c.id).limit(batch)
+                rows = [tuple(r) for r in await conn.execute(query)]
             if not rows:
                 return
             last_id = rows[-1][0]
-            yield [(r[0], r[1], r[2]) for r in rows]
+            yield rows
 
     async def set_hashes(self, id_to_hash: dict[int, str]) -> None:
         async with self._engine.begin() as conn:
