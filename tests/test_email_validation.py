@@ -114,12 +114,14 @@ def test_send_attempt_semantics(api: IdentityApi, user: User) -> None:
         assert resp.json() == {"sid": first.sid}
         api.smtp.assert_no_mail(email, wait=0.2)
 
+    # A greater attempt: the same session, a new token (only its hash is stored, so the old
+    # one cannot be sent again); the new one replaces the old.
     resp = api.request_email_token(email, secret, 2, user=user)
     assert resp.status_code == 200, resp.text
     assert resp.json() == {"sid": first.sid}
     again = api.smtp.wait_for(email)
-    assert again.token == first.token
     assert again.sid == first.sid
+    assert again.token != first.token
 
     resp = api.request_email_token(email, secret, 2, user=user)
     assert resp.json() == {"sid": first.sid}
@@ -127,10 +129,14 @@ def test_send_attempt_semantics(api: IdentityApi, user: User) -> None:
 
     resp = api.request_email_token(email, secret, 10, user=user)
     assert resp.json() == {"sid": first.sid}
-    assert api.smtp.wait_for(email).token == first.token
+    newest = EmailSession(email, secret, first.sid, api.smtp.wait_for(email))
+    assert newest.token not in (first.token, again.token)
 
-    # The original token still validates the session.
-    resp = api.submit_token(first, user=user)
+    # Only the newest token validates the session; the older links no longer do.
+    assert_error(api.submit_token(first, user=user), 400, "M_TOKEN_INCORRECT")
+    assert_html(api.client.get(again.link), 400)
+    assert_error(api.get_validated(first, user=user), 400, "M_SESSION_NOT_VALIDATED")
+    resp = api.submit_token(newest, user=user)
     assert resp.status_code == 200 and resp.json() == {"success": True}, resp.text
 
 

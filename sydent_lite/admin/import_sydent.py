@@ -14,7 +14,7 @@ What Sydent keeps, and where it goes (Sydent 2.x schema, `sydent/db/*.sql` + `sq
   `received_ts`/`sent_ts` are in seconds in Sydent, milliseconds here).
 - `ephemeral_public_keys` -> `ephemeral_public_keys` (`persistence_ts`, seconds).
 - `threepid_validation_sessions` + `threepid_token_auths` (the latest token of a session) ->
-  `validation_sessions`, sid = str(Sydent's integer id), client secret hashed.
+  `validation_sessions`, sid = str(Sydent's integer id), client secret and token hashed.
 - `accounts` + `tokens` -> `accounts` (one row per token, token hashed) and
   `accepted_terms_urls` -> `accepted_terms`.
 - The signing key (`ed25519.signingkey` in sydent.conf) from `--signing-key FILE`.
@@ -606,7 +606,8 @@ async def _import_rest(conn: AsyncConnection, data: SydentData, counts: dict[str
                 "medium": s.medium,
                 "address": s.address,
                 "client_secret_hash": hash_secret(s.client_secret),
-                "token": s.token,
+                # Only the hash is kept, as for our own sessions: Sydent's mailed links still validate.
+                "token_hash": hash_secret(s.token),
                 "send_attempt": s.send_attempt if s.send_attempt is not None else -1,
                 "next_link": None,
                 "brand": None,
@@ -614,6 +615,7 @@ async def _import_rest(conn: AsyncConnection, data: SydentData, counts: dict[str
                 "mtime": s.mtime,
                 "validated": s.validated,
                 "validated_at": s.mtime if s.validated else None,
+                "failed_attempts": 0,
             }
         )
         have[s.sid] = True
