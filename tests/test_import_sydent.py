@@ -439,7 +439,7 @@ def test_import_then_serve(db_factory, smtp_sink, tmp_path: Path) -> None:  # ty
     inv = {r["token"]: r for r in select_all(db.url, select(invites))}
     assert inv["invitetokenpending"] == {
         "token": "invitetokenpending", "medium": "email", "address": "invitee@example.test", "room_id": "!room:hs.test",
-        "sender": ALICE, "ephemeral_public_key": "", "ephemeral_private_key": "", "created_ts": (now_s - 3600) * 1000,
+        "sender": ALICE, "ephemeral_public_key": "", "created_ts": (now_s - 3600) * 1000,
         "callback_id": None, "delivered_ts": None,
     }
     assert (inv["invitetokensent"]["created_ts"], inv["invitetokensent"]["delivered_ts"]) == (
@@ -537,6 +537,13 @@ def test_import_then_serve(db_factory, smtp_sink, tmp_path: Path) -> None:  # ty
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html"), resp.text
         resp = c.get(f"{V1}/3pid/getValidated3pid", params={"sid": "4567890", "client_secret": "sydentsecret4"})
         assert resp.status_code == 200 and resp.json()["address"] == "pending@example.test", resp.text
+
+        # Sydent's invites carry no ephemeral key of their own: the key from Sydent's mail signs.
+        mailed_key = signedjson.key.generate_signing_key("0")
+        resp = c.post(f"{V1}/sign-ed25519", json={"mxid": "@invitee:hs.test", "token": "invitetokenpending",
+                                                  "private_key": signedjson.key.encode_signing_key_base64(mailed_key)})
+        assert resp.status_code == 200, resp.text
+        signedjson.sign.verify_signed_json(resp.json(), server.server_name, signedjson.key.get_verify_key(mailed_key))
     finally:
         server.stop()
 

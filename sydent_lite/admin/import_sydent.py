@@ -10,7 +10,7 @@ What Sydent keeps, and where it goes (Sydent 2.x schema, `sydent/db/*.sql` + `sq
   key we serve, else the association re-signed (ed25519 is deterministic: with Sydent's key
   the signature is the one Sydent made). Associations Sydent got from its replication peers
   keep their peer's signature. An unbinding newer than every binding imports nothing.
-- `invite_tokens` -> `invites` (Sydent has no per-invite ephemeral key: "" for both columns;
+- `invite_tokens` -> `invites` (Sydent keeps no per-invite ephemeral key: "" for the public one;
   `received_ts`/`sent_ts` are in seconds in Sydent, milliseconds here).
 - `ephemeral_public_keys` -> `ephemeral_public_keys` (`persistence_ts`, seconds).
 - `threepid_validation_sessions` + `threepid_token_auths` (the latest token of a session) ->
@@ -572,7 +572,6 @@ async def _import_rest(conn: AsyncConnection, data: SydentData, counts: dict[str
                 **inv,
                 "created_ts": inv["created_ts"] if inv["created_ts"] is not None else now,
                 "ephemeral_public_key": "",
-                "ephemeral_private_key": "",
                 "callback_id": None,
             }
         )

@@ -97,7 +97,9 @@ server_state = Table(
     Column("value", Text, nullable=False),
 )
 
-# Invitations to 3PIDs not yet bound (store-invite), with their ephemeral signing keys.
+# Invitations to 3PIDs not yet bound (store-invite), with their ephemeral public keys. The
+# private halves are never stored (migration 0007 dropped them): the invite mail holds the
+# only copy, and sign-ed25519 needs it.
 invites = Table(
     "invites",
     metadata,
@@ -107,7 +109,6 @@ invites = Table(
     Column("room_id", String(255), nullable=False),
     Column("sender", String(255), nullable=False),
     Column("ephemeral_public_key", String(64), nullable=False),
-    Column("ephemeral_private_key", String(64), nullable=False),
     Column("created_ts", BigInteger, nullable=False),
     # Set when the invite is queued in an onbind callback, and when that callback succeeded.
     Column("callback_id", Integer, nullable=True),
