@@ -456,8 +456,8 @@ def test_import_then_serve(db_factory, smtp_sink, tmp_path: Path) -> None:  # ty
     assert s["client_secret_hash"] == hash_secret("sydentsecret1") and "sydentsecret1" not in repr(s)
     assert s["mtime"] == s["validated_at"] == s["created_ts"] == fx.now - 60_000
     s = sessions["2345678"]
-    assert (s["medium"], s["token_hash"], s["send_attempt"], s["validated"], s["validated_at"], s["failed_attempts"]) == (
-        "msisdn", hash_secret("123456"), 1, False, None, 0)
+    assert (s["medium"], s["token_hash"], s["send_attempt"], s["validated"], s["validated_at"],
+            s["failed_attempts"]) == ("msisdn", hash_secret("123456"), 1, False, None, 0)
     for clear in ("latesttoken", "SydentMailedToken4567890abcdefgh"):
         assert all(clear not in repr(table) for table in dump(db.url).values()), clear
 

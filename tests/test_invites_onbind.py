@@ -405,7 +405,8 @@ def test_store_invite_msisdn_is_unrecognized(api: IdentityApi, user: User, homes
 
 
 @pytest.mark.parametrize("address", ["plainaddress", "user@@example.test", "@example.test", "user@",
-                                     "user@example.test\nBcc: victim@example.test"])
+                                     "user@example.test\nBcc: victim@example.test", "v" * 65 + "@example.test",
+                                     "=?utf-8?q?victim=40example=2Etest?=@example.test"])
 def test_store_invite_bad_email(api: IdentityApi, user: User, homeserver: HomeserverStandIn, address: str) -> None:
     assert_error(post_store_invite(api, invite_fields(homeserver, address), user=user), 400, "M_INVALID_EMAIL")
     assert_error(post_store_invite(api, invite_fields(homeserver, address), v1=True), 400, "M_INVALID_EMAIL")

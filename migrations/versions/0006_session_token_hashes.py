@@ -31,7 +31,9 @@ def upgrade() -> None:
     sessions = sa.table("validation_sessions", sa.column("sid", sa.String), sa.column("token", sa.String))
     # Hashed before the column shrinks to 64 characters (email tokens may be up to 255).
     rows = conn.execute(sa.select(sessions.c.sid, sessions.c.token)).all()
-    hash_by_sid = sa.update(sessions).where(sessions.c.sid == sa.bindparam("b_sid")).values(token=sa.bindparam("b_hash"))
+    hash_by_sid = (
+        sa.update(sessions).where(sessions.c.sid == sa.bindparam("b_sid")).values(token=sa.bindparam("b_hash"))
+    )
     for start in range(0, len(rows), _CHUNK):
         conn.execute(
             hash_by_sid,
@@ -43,7 +45,11 @@ def upgrade() -> None:
     # SQLite cannot alter columns in place: batch mode rebuilds the table (indexes included).
     with op.batch_alter_table("validation_sessions") as batch:
         batch.alter_column(
-            "token", new_column_name="token_hash", existing_type=sa.String(255), type_=sa.String(64), existing_nullable=False
+            "token",
+            new_column_name="token_hash",
+            existing_type=sa.String(255),
+            type_=sa.String(64),
+            existing_nullable=False,
         )
         batch.add_column(sa.Column("failed_attempts", sa.Integer, nullable=False, server_default="0"))
 
@@ -52,5 +58,9 @@ def downgrade() -> None:
     with op.batch_alter_table("validation_sessions") as batch:
         batch.drop_column("failed_attempts")
         batch.alter_column(
-            "token_hash", new_column_name="token", existing_type=sa.String(64), type_=sa.String(255), existing_nullable=False
+            "token_hash",
+            new_column_name="token",
+            existing_type=sa.String(64),
+            type_=sa.String(255),
+            existing_nullable=False,
         )

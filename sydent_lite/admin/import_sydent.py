@@ -599,6 +599,7 @@ async def _import_rest(conn: AsyncConnection, data: SydentData, counts: dict[str
         if s.sid in have:
             counts["sessions_already_present"] += 1
             continue
+        assert s.token is not None  # `usable` has a token
         rows.append(
             {
                 "sid": s.sid,

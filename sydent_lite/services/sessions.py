@@ -227,7 +227,9 @@ class SessionService:
         most sessions.max_token_attempts wrong tokens.
         """
         rl = self._config.rate_limits
-        await self._limits.check(f"st-ip:{client_ip}", rl.submit_token_per_ip_per_minute / 60, rl.submit_token_per_ip_burst)
+        await self._limits.check(
+            f"st-ip:{client_ip}", rl.submit_token_per_ip_per_minute / 60, rl.submit_token_per_ip_burst
+        )
         session = await self._store.get(sid)
         if session is None or (medium is not None and session.medium != medium):
             raise no_valid_session()
