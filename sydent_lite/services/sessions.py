@@ -34,6 +34,9 @@ class TokenIncorrect(MatrixError):
 
 
 class SessionLocked(MatrixError):
+    """A dead session: it took sessions.max_token_attempts wrong tokens and can never be
+    validated; requestToken starts a new one."""
+
     def __init__(self) -> None:
         super().__init__(
             400,
