@@ -119,6 +119,12 @@ class RateLimitConfig:
     request_token_per_ip_burst: int = 20
     request_token_per_address_per_hour: float = 10.0
     request_token_per_address_burst: int = 5
+    # submitToken: per address, taken before the token is compared (bounds guessing across
+    # every session of that address), and per client IP (every call).
+    submit_token_per_address_per_day: float = 20.0
+    submit_token_per_address_burst: int = 20
+    submit_token_per_ip_per_minute: float = 60.0
+    submit_token_per_ip_burst: int = 30
     # store-invite, per client IP and per invited address.
     store_invite_per_ip_per_minute: float = 30.0
     store_invite_per_ip_burst: int = 20
@@ -146,6 +152,8 @@ class SessionConfig:
     lifetime_seconds: int = 24 * 60 * 60
     # Length of the emailed validation token.
     email_token_length: int = 32
+    # Wrong tokens (with the right client secret) a session survives; then it is dead.
+    max_token_attempts: int = 5
 
 
 @dataclass
@@ -377,6 +385,8 @@ def finalise(config: Config) -> Config:
         raise ConfigError("config key 'invites.expiry_seconds' must be positive")
     if config.sessions.email_token_length < 8 or config.sessions.email_token_length > 255:
         raise ConfigError("config key 'sessions.email_token_length' must be between 8 and 255")
+    if not (1 <= config.sessions.max_token_attempts <= 100):
+        raise ConfigError("config key 'sessions.max_token_attempts' must be between 1 and 100")
 
     scheme = "https" if config.listen.tls_certificate else "http"
     host = config.listen.host

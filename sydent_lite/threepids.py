@@ -13,6 +13,11 @@ from email_validator import EmailNotValidError, validate_email
 from sydent_lite.errors import MatrixError
 
 MAX_ADDRESS_LENGTH = 512
+# RFC 5321 4.5.3.1.1: a local part is at most 64 octets.
+MAX_LOCAL_PART_OCTETS = 64
+# An RFC 2047 encoded word ("=?charset?q?...?="): a relay or mail client that decodes it would
+# deliver to, or show, another address than the one validated.
+_ENCODED_WORD_RE = re.compile(r"=\?.*\?=", re.S)
 
 # Operators run on internal domains (.local, localhost, .test): check syntax, not where the
 # domain sits. Emptying this list is email-validator's documented way to allow them.
@@ -27,6 +32,11 @@ def normalise_email(address: object) -> str:
     """The stored form of an email address: case-folded, as given (appendix "3PID Types")."""
     if not isinstance(address, str) or len(address) > MAX_ADDRESS_LENGTH:
         raise MatrixError(400, "M_INVALID_EMAIL", "The email address is not valid")
+    if _ENCODED_WORD_RE.search(address):
+        raise MatrixError(400, "M_INVALID_EMAIL", "The email address is not valid: it holds an encoded word (=?...?=)")
+    local_part = address.rpartition("@")[0]  # a domain never holds "@"; a quoted local part may
+    if len(local_part.encode("utf-8", "surrogatepass")) > MAX_LOCAL_PART_OCTETS:
+        raise MatrixError(400, "M_INVALID_EMAIL", "The email address is not valid: its local part is over 64 octets")
     try:
         # Syntax only: no DNS, and special-use domains (.test, localhost) are fine for operators.
         validate_email(address, check_deliverability=False, globally_deliverable=False, test_environment=True)

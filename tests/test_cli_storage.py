@@ -138,7 +138,8 @@ def test_expired_sessions_are_cleaned_up_after_a_grace_period(database_url: str,
 
     def session(sid: str, age_ms: int) -> ValidationSession:
         t = now_ms() - age_ms
-        return ValidationSession(sid=sid, medium="email", address=f"{sid}@x.test", client_secret_hash="h", token="t",
+        return ValidationSession(sid=sid, medium="email", address=f"{sid}@x.test", client_secret_hash="h",
+                                 token_hash="t",
                                  send_attempt=1, next_link=None, brand=None, created_ts=t, mtime=t, validated=False,
                                  validated_at=None)
 

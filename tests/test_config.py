@@ -67,12 +67,31 @@ def test_example_config_loads_and_documents_every_key() -> None:
         ({"server_name": 5}, "'server_name' must be a string"),
         ({"listen": {"tls_certificate": "/x.pem"}}, "go together"),
         ({"rate_limits": {"enabled": None}}, "'rate_limits.enabled' must be true or false, not empty"),
+        ({"sessions": {"max_token_attempts": 0}}, "'sessions.max_token_attempts' must be between 1 and 100"),
+        ({"sessions": {"max_token_attempts": 101}}, "'sessions.max_token_attempts' must be between 1 and 100"),
+        ({"sessions": {"max_token_attempts": "5"}}, "'sessions.max_token_attempts' must be an integer"),
+        ({"rate_limits": {"submit_token_per_address_burst": 2.5}},
+         "'rate_limits.submit_token_per_address_burst' must be an integer"),
+        ({"rate_limits": {"submit_token_per_ip_per_minute": "60"}},
+         "'rate_limits.submit_token_per_ip_per_minute' must be a number"),
     ],
 )
 def test_bad_config_names_the_key(data: dict, message: str) -> None:
     with pytest.raises(ConfigError) as e:
         config_from_dict(data)
     assert message in str(e.value)
+
+
+def test_guessing_defaults() -> None:
+    # docs/api-behaviour.md states the odds of guessing a code with exactly these.
+    config = load_config(None)
+    assert config.sessions.max_token_attempts == 5
+    rl = config.rate_limits
+    assert (rl.submit_token_per_address_per_day, rl.submit_token_per_address_burst) == (20.0, 20)
+    assert (rl.submit_token_per_ip_per_minute, rl.submit_token_per_ip_burst) == (60.0, 30)
+    assert (config.sms.code_length, config.sessions.email_token_length) == (6, 32)
+    for edge in (1, 100):
+        assert config_from_dict({"sessions": {"max_token_attempts": edge}}).sessions.max_token_attempts == edge
 
 
 def test_from_key_and_empty_sections() -> None:

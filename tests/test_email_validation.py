@@ -114,12 +114,14 @@ def test_send_attempt_semantics(api: IdentityApi, user: User) -> None:
         assert resp.json() == {"sid": first.sid}
         api.smtp.assert_no_mail(email, wait=0.2)
 
+    # A greater attempt: the same session, a new token (only its hash is stored, so the old
+    # one cannot be sent again); the new one replaces the old.
     resp = api.request_email_token(email, secret, 2, user=user)
     assert resp.status_code == 200, resp.text
     assert resp.json() == {"sid": first.sid}
     again = api.smtp.wait_for(email)
-    assert again.token == first.token
     assert again.sid == first.sid
+    assert again.token != first.token
 
     resp = api.request_email_token(email, secret, 2, user=user)
     assert resp.json() == {"sid": first.sid}
@@ -127,10 +129,14 @@ def test_send_attempt_semantics(api: IdentityApi, user: User) -> None:
 
     resp = api.request_email_token(email, secret, 10, user=user)
     assert resp.json() == {"sid": first.sid}
-    assert api.smtp.wait_for(email).token == first.token
+    newest = EmailSession(email, secret, first.sid, api.smtp.wait_for(email))
+    assert newest.token not in (first.token, again.token)
 
-    # The original token still validates the session.
-    resp = api.submit_token(first, user=user)
+    # Only the newest token validates the session; the older links no longer do.
+    assert_error(api.submit_token(first, user=user), 400, "M_TOKEN_INCORRECT")
+    assert_html(api.client.get(again.link), 400)
+    assert_error(api.get_validated(first, user=user), 400, "M_SESSION_NOT_VALIDATED")
+    resp = api.submit_token(newest, user=user)
     assert resp.status_code == 200 and resp.json() == {"success": True}, resp.text
 
 
@@ -148,11 +154,27 @@ def test_new_client_secret_starts_a_new_session(api: IdentityApi, user: User) ->
 @pytest.mark.parametrize(
     "email",
     ["plainaddress", "@example.test", "user@", "user@@example.test", "user name@example.test",
-     "user@exa mple.test", "user@example.test\nBcc: victim@example.test"],
+     "user@exa mple.test", "user@example.test\nBcc: victim@example.test",
+     # RFC 5321: a local part is at most 64 octets (characters are not octets).
+     "a" * 65 + "@example.test", "é" * 33 + "@example.test",
+     # RFC 2047 encoded words: a relay or mail client that decodes one reads another mailbox.
+     "=?utf-8?q?x?=@victim.org", "=?utf-8?q?victim=40example=2Etest?=@example.test",
+     "=?UTF-8?B?dmljdGltQGV4YW1wbGUudGVzdA==?=@example.test", "pre=?iso-8859-1?q?x?=post@example.test"],
+    ids=lambda e: e[:40],
 )
-def test_invalid_email(api: IdentityApi, email: str) -> None:
+def test_invalid_email(api: IdentityApi, user: User, email: str) -> None:
     assert_error(api.request_email_token(email, new_secret(), v1=True), 400, "M_INVALID_EMAIL")
+    assert_error(api.request_email_token(email, new_secret(), user=user), 400, "M_INVALID_EMAIL")
     assert api.smtp.all_to("victim@example.test") == []
+    assert api.smtp.all_to("victim@victim.org") == []
+
+
+def test_local_part_of_64_octets_is_fine(api: IdentityApi) -> None:
+    email = ("é" * 30 + new_secret()[-4:]) + "@example.test"  # 64 octets, 34 characters
+    assert len(email.split("@")[0].encode("utf-8")) == 64
+    resp = api.request_email_token(email, new_secret(), v1=True)
+    assert resp.status_code == 200, resp.text
+    api.smtp.wait_for(email)
 
 
 @pytest.mark.parametrize("email", ["user{}@localhost", "first.last+tag{}@sub.example.test", "x{}@intranet.local"])
@@ -388,6 +410,68 @@ def test_sessions_expire(make_server, api_for) -> None:
     again = api.validated_email_session(pending.email, v1=True)
     assert again.sid != pending.sid
     assert api.get_validated(again, v1=True).status_code == 200
+
+
+# --- guessing the token -------------------------------------------------------------------------------
+# As for SMS codes (tests/test_msisdn.py, "guessing the code"): a session dies after
+# sessions.max_token_attempts wrong tokens; the address's budget bounds guesses across sessions.
+
+
+def test_guessing_the_token_kills_the_session(make_server, api_for) -> None:
+    server = make_server(terms_path=None)
+    api = api_for(server)
+    mallory = api.register()
+    victim = unique_email("victim")
+    # Mallory starts a session for the victim's address; the mail (and its link) goes to the victim.
+    session = api.start_email_session(victim, user=mallory)
+    for i in range(5):  # through the API and through the link form, v1 and v2
+        if i % 2:
+            assert_html(api.client.get(link_for(server, session, token=f"guess{i}")), 400)
+        else:
+            assert_error(api.submit_token(session, f"guess{i}", v1=True), 400, "M_TOKEN_INCORRECT")
+
+    # Dead: the victim's own link no longer validates, and nothing Mallory does makes it.
+    page = assert_html(api.client.get(session.mail.link), 400)
+    assert "too many incorrect codes" in page
+    err = assert_error(api.submit_token(session, user=mallory), 400, "M_SESSION_EXPIRED")
+    assert "too many incorrect codes" in err["error"].lower(), err
+    assert_error(api.get_validated(session, user=mallory), 400, "M_SESSION_NOT_VALIDATED")
+    assert_error(api.bind(session, mallory.user_id, user=mallory), 400, "M_SESSION_NOT_VALIDATED")
+    assert api.v1_lookup("email", victim).json() == {}
+
+    # The same client secret again (even the same send_attempt): a new session and a new mail.
+    resp = api.request_email_token(victim, session.client_secret, 1, user=mallory)
+    assert resp.status_code == 200, resp.text
+    fresh = EmailSession(victim, session.client_secret, resp.json()["sid"], api.smtp.wait_for(victim))
+    assert fresh.sid != session.sid and fresh.mail.sid == fresh.sid
+    assert_html(api.client.get(fresh.mail.link), 200)
+
+
+def test_email_budget_is_per_address_and_taken_before_comparing(make_server, api_for) -> None:
+    server = make_server(terms_path=None, extra_config={"rate_limits": {
+        "enabled": True, "request_token_per_address_burst": 50, "request_token_per_ip_burst": 50,
+        "submit_token_per_ip_burst": 200, "submit_token_per_address_burst": 3,
+        "submit_token_per_address_per_day": 1.0,
+    }})
+    api = api_for(server)
+    user = api.register()
+    victim = unique_email("budget")
+    first = api.start_email_session(victim, v1=True)
+    assert_error(api.submit_token(first, "wrong1", v1=True), 400, "M_TOKEN_INCORRECT")
+    assert_html(api.client.get(link_for(server, first, token="wrong2")), 400)
+    # Another session of the same address (the address is case-folded: the same budget).
+    second = api.start_email_session(victim.upper(), user=user)
+    assert_error(api.submit_token(second, "wrong3", user=user), 400, "M_TOKEN_INCORRECT")
+
+    # Spent: the right token is refused, by POST and by the link, before it is compared.
+    limited = assert_error(api.submit_token(second, user=user), 429, "M_LIMIT_EXCEEDED")
+    assert limited["retry_after_ms"] > 0, limited
+    assert_error(api.submit_token(first, v1=True), 429, "M_LIMIT_EXCEEDED")
+    assert_html(api.client.get(second.mail.link), 429)
+    assert_error(api.get_validated(second, user=user), 400, "M_SESSION_NOT_VALIDATED")
+    # Another address is not affected.
+    other = api.start_email_session(unique_email("budget-other"), v1=True)
+    assert_html(api.client.get(other.mail.link), 200)
 
 
 # --- brands and templates -------------------------------------------------------------------------------

@@ -271,6 +271,14 @@ def build_sydent_db(path: Path, server_name: str, key: Any) -> SydentFixture:
         " values (?, ?, ?, ?, ?)",
         (3456789, "email", "notoken@example.test", "sydentsecret3", now - 60_000),
     )
+    # An email session whose link Sydent mailed and nobody clicked yet.
+    b.db.execute(
+        "insert into threepid_validation_sessions ('id', 'medium', 'address', 'clientSecret', 'mtime')"
+        " values (?, ?, ?, ?, ?)",
+        (4567890, "email", "pending@example.test", "sydentsecret4", now - 60_000),
+    )
+    b.db.execute("insert into threepid_token_auths (validationSession, token, sendAttemptNumber)"
+                 " values (4567890, 'SydentMailedToken4567890abcdefgh', 1)")
 
     # Accounts (AccountStore), tokens, accepted terms (TermsStore).
     for user, created in ((ALICE, now - 100 * DAY), (BOB, now - 50 * DAY), (CAROL, now - 10 * DAY)):
@@ -295,7 +303,7 @@ FIRST_RUN = {
     "invites_already_present": 0,
     "ephemeral_keys_imported": 2,
     "ephemeral_keys_already_present": 0,
-    "sessions_imported": 2,
+    "sessions_imported": 3,
     "sessions_already_present": 0,
     "sessions_without_token_skipped": 1,
     "account_tokens_imported": 3,
@@ -431,7 +439,7 @@ def test_import_then_serve(db_factory, smtp_sink, tmp_path: Path) -> None:  # ty
     inv = {r["token"]: r for r in select_all(db.url, select(invites))}
     assert inv["invitetokenpending"] == {
         "token": "invitetokenpending", "medium": "email", "address": "invitee@example.test", "room_id": "!room:hs.test",
-        "sender": ALICE, "ephemeral_public_key": "", "ephemeral_private_key": "", "created_ts": (now_s - 3600) * 1000,
+        "sender": ALICE, "ephemeral_public_key": "", "created_ts": (now_s - 3600) * 1000,
         "callback_id": None, "delivered_ts": None,
     }
     assert (inv["invitetokensent"]["created_ts"], inv["invitetokensent"]["delivered_ts"]) == (
@@ -439,17 +447,19 @@ def test_import_then_serve(db_factory, smtp_sink, tmp_path: Path) -> None:  # ty
     keys = {r["public_key"]: r["created_ts"] for r in select_all(db.url, select(ephemeral_public_keys))}
     assert keys == {fx.ephemeral_keys[0]: (now_s - 3600) * 1000, fx.ephemeral_keys[1]: (now_s - 7200) * 1000}
 
-    # Sessions: Sydent's integer sid, latest token and send attempt, client secret hashed.
+    # Sessions: Sydent's integer sid, latest token and send attempt; client secret and token hashed.
     sessions = {r["sid"]: r for r in select_all(db.url, select(validation_sessions))}
-    assert set(sessions) == {"1234567", "2345678"}
+    assert set(sessions) == {"1234567", "2345678", "4567890"}
     s = sessions["1234567"]
-    assert (s["medium"], s["address"], s["token"], s["send_attempt"], s["validated"]) == (
-        "email", "validated@example.test", "latesttoken", 2, True)
+    assert (s["medium"], s["address"], s["token_hash"], s["send_attempt"], s["validated"]) == (
+        "email", "validated@example.test", hash_secret("latesttoken"), 2, True)
     assert s["client_secret_hash"] == hash_secret("sydentsecret1") and "sydentsecret1" not in repr(s)
     assert s["mtime"] == s["validated_at"] == s["created_ts"] == fx.now - 60_000
     s = sessions["2345678"]
-    assert (s["medium"], s["token"], s["send_attempt"], s["validated"], s["validated_at"]) == (
-        "msisdn", "123456", 1, False, None)
+    assert (s["medium"], s["token_hash"], s["send_attempt"], s["validated"], s["validated_at"],
+            s["failed_attempts"]) == ("msisdn", hash_secret("123456"), 1, False, None, 0)
+    for clear in ("latesttoken", "SydentMailedToken4567890abcdefgh"):
+        assert all(clear not in repr(table) for table in dump(db.url).values()), clear
 
     # Tokens hashed (the token itself nowhere), terms copied.
     tokens = {r["token_hash"]: r for r in select_all(db.url, select(accounts))}
@@ -470,7 +480,7 @@ def test_import_then_serve(db_factory, smtp_sink, tmp_path: Path) -> None:  # ty
         "associations_unbound_in_sydent": 1,
         "invites_already_present": 2,
         "ephemeral_keys_already_present": 2,
-        "sessions_already_present": 2,
+        "sessions_already_present": 3,
         "sessions_without_token_skipped": 1,
         "account_tokens_already_present": 3,
         "terms_acceptances_already_present": 3,
@@ -520,6 +530,20 @@ def test_import_then_serve(db_factory, smtp_sink, tmp_path: Path) -> None:  # ty
         resp = c.post(f"{V2}/validate/msisdn/submitToken",
                       json={"sid": "2345678", "client_secret": "sydentsecret2", "token": "123456"}, headers=alice)
         assert resp.json() == {"success": True}, resp.text
+        # The link Sydent mailed (its v1 path) still validates, though only the token's hash was imported.
+        resp = c.get(f"{V1}/validate/email/submitToken",
+                     params={"token": "SydentMailedToken4567890abcdefgh", "client_secret": "sydentsecret4",
+                             "sid": "4567890"})
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html"), resp.text
+        resp = c.get(f"{V1}/3pid/getValidated3pid", params={"sid": "4567890", "client_secret": "sydentsecret4"})
+        assert resp.status_code == 200 and resp.json()["address"] == "pending@example.test", resp.text
+
+        # Sydent's invites carry no ephemeral key of their own: the key from Sydent's mail signs.
+        mailed_key = signedjson.key.generate_signing_key("0")
+        resp = c.post(f"{V1}/sign-ed25519", json={"mxid": "@invitee:hs.test", "token": "invitetokenpending",
+                                                  "private_key": signedjson.key.encode_signing_key_base64(mailed_key)})
+        assert resp.status_code == 200, resp.text
+        signedjson.sign.verify_signed_json(resp.json(), server.server_name, signedjson.key.get_verify_key(mailed_key))
     finally:
         server.stop()
 

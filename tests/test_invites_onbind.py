@@ -9,10 +9,12 @@ the invites of the bound address).
 
 from __future__ import annotations
 
+import asyncio
 import html
 import re
 import shutil
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -223,6 +225,31 @@ def probe_values(mail: ReceivedMail) -> tuple[str, str]:
     return token.group(1), private.group(1)
 
 
+JOIN_LINK_RE = re.compile(r"https?://\S+#/room/\S+")
+
+
+def sign_url(mail: ReceivedMail) -> str:
+    """The `signurl` of the join link in a real invite mail (Element's link, as Sydent builds it):
+    `<base>/_matrix/identity/api/v1/sign-ed25519?token=T&private_key=K`."""
+    match = JOIN_LINK_RE.search(mail.text)
+    assert match is not None, f"no join link in the invite mail:\n{mail.text}"
+    fragment = urllib.parse.urlsplit(match.group(0)).fragment  # /room/<room id>?email=...&signurl=...
+    params = urllib.parse.parse_qs(fragment.partition("?")[2], strict_parsing=True)
+    assert len(params["signurl"]) == 1, params
+    return params["signurl"][0]
+
+
+def sign_url_params(url: str) -> dict[str, str]:
+    return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query, strict_parsing=True))
+
+
+def element_join(client: httpx.Client, url: str, mxid: str, **kwargs: Any) -> httpx.Response:
+    """What matrix-js-sdk's joinRoom(roomId, {inviteSignUrl}) does: `&mxid=` appended, POST, and
+    (unless told otherwise here) no body and no Content-Type."""
+    full = f"{url}&{urllib.parse.urlencode({'mxid': mxid})}"
+    return client.post(full, **kwargs)
+
+
 # --- store-invite: authentication and the answer ----------------------------------------------------
 
 
@@ -378,7 +405,8 @@ def test_store_invite_msisdn_is_unrecognized(api: IdentityApi, user: User, homes
 
 
 @pytest.mark.parametrize("address", ["plainaddress", "user@@example.test", "@example.test", "user@",
-                                     "user@example.test\nBcc: victim@example.test"])
+                                     "user@example.test\nBcc: victim@example.test", "v" * 65 + "@example.test",
+                                     "=?utf-8?q?victim=40example=2Etest?=@example.test"])
 def test_store_invite_bad_email(api: IdentityApi, user: User, homeserver: HomeserverStandIn, address: str) -> None:
     assert_error(post_store_invite(api, invite_fields(homeserver, address), user=user), 400, "M_INVALID_EMAIL")
     assert_error(post_store_invite(api, invite_fields(homeserver, address), v1=True), 400, "M_INVALID_EMAIL")
@@ -465,43 +493,137 @@ def test_sign_ed25519(make_server: Callable[..., SydentServer], api_for: Callabl
     check_sign_answer(api.client.post(f"{V1}/sign-ed25519", json=body), server, **expected)
     check_sign_answer(api.client.post(f"{V1}/sign-ed25519", data=body), server, **expected)
 
-    # v2: token needed; with and without the private key.
+    # v2: token needed.
     assert_error(api.client.post(f"{V2}/sign-ed25519", json=body), 401, "M_UNAUTHORIZED")
     user = api.register()
     check_sign_answer(api.client.post(f"{V2}/sign-ed25519", json=body, headers=user.headers), server, **expected)
-    no_key = {"mxid": mxid, "token": token}
-    check_sign_answer(api.client.post(f"{V2}/sign-ed25519", json=no_key, headers=user.headers), server, **expected)
 
     # Unknown token.
     unknown = dict(body, token="T" * 32)
     assert_error(api.client.post(f"{V1}/sign-ed25519", json=unknown), 404, "M_UNRECOGNIZED")
     assert_error(api.client.post(f"{V2}/sign-ed25519", json=unknown, headers=user.headers), 404, "M_UNRECOGNIZED")
-    assert_error(api.client.post(f"{V2}/sign-ed25519", json={"mxid": mxid, "token": "T" * 32},
-                                 headers=user.headers), 404, "M_UNRECOGNIZED")
     # Bad private key.
     for bad in ("not base64!", "AAAA"):
         assert_error(api.client.post(f"{V2}/sign-ed25519", json=dict(body, private_key=bad), headers=user.headers),
                      400, "M_INVALID_PARAM")
-    # Missing fields.
-    for missing in ("mxid", "token"):
+    # Missing fields (private_key too, on v1 and v2: spec, Sydent).
+    for missing in ("mxid", "token", "private_key"):
         partial = {k: v for k, v in body.items() if k != missing}
-        assert_error(api.client.post(f"{V2}/sign-ed25519", json=partial, headers=user.headers),
-                     400, "M_MISSING_PARAMS")
+        err = assert_error(api.client.post(f"{V2}/sign-ed25519", json=partial, headers=user.headers),
+                           400, "M_MISSING_PARAMS")
+        assert missing in err["error"], err
+        assert_error(api.client.post(f"{V1}/sign-ed25519", json=partial), 400, "M_MISSING_PARAMS")
 
 
 def test_sign_ed25519_v2_on_the_shared_server(api: IdentityApi, user: User, idserver: SydentServer,
                                               homeserver: HomeserverStandIn) -> None:
-    fields = invite_fields(homeserver, unique_email("invsign2"))
+    address = unique_email("invsign2")
+    fields = invite_fields(homeserver, address)
     answer = store_invite(api, fields, user=user)
+    private_key = sign_url_params(sign_url(api.smtp.wait_for(address)))["private_key"]
     mxid = homeserver.user_id("joiner")
-    resp = api.client.post(f"{V2}/sign-ed25519", json={"mxid": mxid, "token": answer["token"]}, headers=user.headers)
+    body = {"mxid": mxid, "token": answer["token"], "private_key": private_key}
+    resp = api.client.post(f"{V2}/sign-ed25519", json=body, headers=user.headers)
     check_sign_answer(resp, idserver, mxid=mxid, sender=fields["sender"], token=answer["token"],
                       ephemeral_public=ephemeral_key(answer), our_key=public_key(api.client))
     # Terms apply to v2 signing too.
     newcomer = api.register(accept_terms=False)
-    resp = api.client.post(f"{V2}/sign-ed25519", json={"mxid": mxid, "token": answer["token"]},
-                           headers=newcomer.headers)
+    resp = api.client.post(f"{V2}/sign-ed25519", json=body, headers=newcomer.headers)
     assert_error(resp, 403, "M_TERMS_NOT_SIGNED")
+
+
+def test_element_join_posts_the_mailed_sign_url(api: IdentityApi, user: User, idserver: SydentServer,
+                                               homeserver: HomeserverStandIn) -> None:
+    address = unique_email("invelement")
+    fields = invite_fields(homeserver, address, room_name="Element room")
+    answer = store_invite(api, fields, user=user)
+    url = sign_url(api.smtp.wait_for(address))
+    assert url.startswith(f"{idserver.base_url}{V1}/sign-ed25519?"), url
+    assert sign_url_params(url).keys() == {"token", "private_key"}, url
+    mxid = homeserver.user_id("element" + uuid.uuid4().hex[:6])
+    expected = {"mxid": mxid, "sender": fields["sender"], "token": answer["token"],
+                "ephemeral_public": ephemeral_key(answer), "our_key": public_key(api.client)}
+
+    # matrix-js-sdk: no body, no Content-Type; the parameters in the query string only.
+    resp = element_join(api.client, url, mxid)
+    assert "content-type" not in resp.request.headers and resp.request.content == b""
+    check_sign_answer(resp, idserver, **expected)
+    # Older clients: the JSON body `null`.
+    check_sign_answer(element_join(api.client, url, mxid, content=b"null",
+                                   headers={"Content-Type": "application/json"}), idserver, **expected)
+    # Body values win over the query string.
+    other = homeserver.user_id("bodywins" + uuid.uuid4().hex[:6])
+    check_sign_answer(element_join(api.client, url, mxid, json={"mxid": other}), idserver,
+                      **dict(expected, mxid=other))
+    # The same on v2, with its authentication.
+    v2_url = url.replace(f"{V1}/sign-ed25519", f"{V2}/sign-ed25519")
+    assert_error(element_join(api.client, v2_url, mxid), 401, "M_UNAUTHORIZED")
+    check_sign_answer(element_join(api.client, v2_url, mxid, headers=user.headers), idserver, **expected)
+    # Other endpoints keep their body rules.
+    assert_error(api.client.post(f"{V1}/store-invite", content=b"null",
+                                 headers={"Content-Type": "application/json"}), 400, "M_BAD_JSON")
+
+
+def test_sign_ed25519_needs_the_invites_own_private_key(api: IdentityApi, user: User, idserver: SydentServer,
+                                                        homeserver: HomeserverStandIn) -> None:
+    # The attack: the invite token is public (the state key of m.room.third_party_invite), so
+    # Mallory, with an account of her own, asks us to sign the invitation for herself.
+    address = unique_email("invvictim")
+    answer = store_invite(api, invite_fields(homeserver, address), user=user)
+    victim_url = sign_url(api.smtp.wait_for(address))
+    token = answer["token"]
+    mallory = api.register()
+    mxid = mallory.user_id
+
+    for prefix, headers in ((V2, mallory.headers), (V1, {})):
+        path = f"{prefix}/sign-ed25519"
+        err = assert_error(api.client.post(path, json={"mxid": mxid, "token": token}, headers=headers),
+                           400, "M_MISSING_PARAMS")
+        assert "private_key" in err["error"], err
+        forged = encode_base64(signedjson.key.generate_signing_key("0").encode())
+        assert_error(api.client.post(path, json={"mxid": mxid, "token": token, "private_key": forged},
+                                     headers=headers), 400, "M_INVALID_PARAM")
+        # Nor does the private key of another invitation (Mallory's own) sign this one.
+        own = unique_email("invmallory")
+        store_invite(api, invite_fields(homeserver, own), user=mallory)
+        own_key = sign_url_params(sign_url(api.smtp.wait_for(own)))["private_key"]
+        assert_error(api.client.post(path, json={"mxid": mxid, "token": token, "private_key": own_key},
+                                     headers=headers), 400, "M_INVALID_PARAM")
+
+    # The invitee, with the link from the mail, still joins.
+    resp = element_join(api.client, victim_url, homeserver.user_id("invitee"))
+    assert resp.status_code == 200, resp.text
+    signedjson.sign.verify_signed_json(resp.json(), idserver.server_name, verify_key_from(ephemeral_key(answer)))
+
+
+def test_the_database_holds_no_ephemeral_private_key(make_server: Callable[..., SydentServer],
+                                                     api_for: Callable[[SydentServer], IdentityApi],
+                                                     homeserver: HomeserverStandIn) -> None:
+    server = make_server()
+    api = api_for(server)
+    address = unique_email("invnokey")
+    store_invite(api, invite_fields(homeserver, address), v1=True)
+    private_key = sign_url_params(sign_url(api.smtp.wait_for(address)))["private_key"]
+
+    async def read() -> tuple[list[str], str]:
+        from sqlalchemy import inspect, text
+
+        from sydent_lite.storage.database import create_engine
+
+        engine = create_engine(server.database_url)
+        try:
+            async with engine.connect() as conn:
+                columns = await conn.run_sync(lambda c: [col["name"] for col in inspect(c).get_columns("invites")])
+                names = await conn.run_sync(lambda c: inspect(c).get_table_names())
+                rows = [repr((await conn.execute(text(f'SELECT * FROM "{name}"'))).all()) for name in names]
+            return columns, "\n".join(rows)
+        finally:
+            await engine.dispose()
+
+    columns, everything = asyncio.run(read())
+    assert "ephemeral_public_key" in columns
+    assert not [c for c in columns if "private" in c], columns
+    assert private_key not in everything
 
 
 def test_invites_expire(make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi],
@@ -511,14 +633,12 @@ def test_invites_expire(make_server: Callable[..., SydentServer], api_for: Calla
     user = api.register()
     address = unique_email("invexpire")
     answer = store_invite(api, invite_fields(homeserver, address), user=user)
-    api.smtp.wait_for(address)  # the invite mail, out of the way of the validation mail
+    url = sign_url(api.smtp.wait_for(address))  # the invite mail, out of the way of the validation mail
     key = ephemeral_key(answer)
     assert ephemeral_is_valid(api.client, key) is True
     time.sleep(3.0)
     assert ephemeral_is_valid(api.client, key) is False
-    resp = api.client.post(f"{V2}/sign-ed25519", json={"mxid": user.user_id, "token": answer["token"]},
-                           headers=user.headers)
-    assert_error(resp, 404, "M_UNRECOGNIZED")
+    assert_error(element_join(api.client, url, user.user_id), 404, "M_UNRECOGNIZED")
     # Expired but not yet cleaned up (that runs every few minutes): binding sends nothing.
     since = time.time()
     api.bind_email(address, user)

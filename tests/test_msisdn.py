@@ -595,9 +595,9 @@ def test_send_attempt_semantics(phone: Phone, phone_user: User) -> None:
     resp = phone.request_token("GB", national, secret, 2, user=phone_user)
     assert resp.status_code == 200, resp.text
     assert resp.json() == expected  # same sid
+    # A new code (only a hash of the old one is stored); it replaces the old one.
     again = phone.outbox.wait_for(msisdn)
-    assert again.code == first.code  # the same code sent again
-    assert again.text == first.sms.text
+    assert re.fullmatch(r"\d{6}", again.code), again.text
 
     resp = phone.request_token("GB", national, secret, 2, user=phone_user)
     assert resp.json() == expected
@@ -605,9 +605,13 @@ def test_send_attempt_semantics(phone: Phone, phone_user: User) -> None:
 
     resp = phone.request_token("GB", national, secret, 7, user=phone_user)
     assert resp.json() == expected
-    assert phone.outbox.wait_for(msisdn).code == first.code
+    newest = MsisdnSession(msisdn, secret, first.sid, phone.outbox.wait_for(msisdn))
 
-    resp = phone.submit(first, user=phone_user)
+    # Only the newest code is valid (6 digits: an older one may happen to equal it).
+    for older in (first.code, again.code):
+        if older != newest.code:
+            assert_error(phone.submit(first, older, user=phone_user), 400, "M_TOKEN_INCORRECT")
+    resp = phone.submit(newest, user=phone_user)
     assert resp.status_code == 200 and resp.json() == {"success": True}, resp.text
 
 
@@ -623,7 +627,8 @@ def test_session_key_is_the_normalised_number(phone: Phone) -> None:
     phone.outbox.assert_none(msisdn, wait=0.2)
     resp = phone.request_token("FR", "+44 " + national[1:], secret, 2, v1=True)
     assert resp.json()["sid"] == first.sid
-    assert phone.outbox.wait_for(msisdn).code == first.code
+    resent = MsisdnSession(msisdn, secret, first.sid, phone.outbox.wait_for(msisdn))
+    assert phone.submit(resent, v1=True).json() == {"success": True}
 
 
 # --- refused countries -------------------------------------------------------------------------
@@ -952,3 +957,214 @@ def test_request_token_is_rate_limited_per_number(make_phone: Any) -> None:
     resp = p.client.post(f"{V1}/validate/email/requestToken",
                          json={"client_secret": new_secret(), "email": unique_email("notlimited"), "send_attempt": 1})
     assert resp.status_code == 200, resp.text
+
+
+# --- guessing the code --------------------------------------------------------------------------------
+# A 6-digit code is one in a million; unbounded guesses find it. Each unvalidated session takes
+# sessions.max_token_attempts wrong codes (default 5) and is then dead; every address has a
+# submitToken budget shared by all its sessions, taken before the code is compared; every
+# client address one for all its submitToken calls. docs/api-behaviour.md, "Guessing codes".
+
+
+def wrong_codes(code: str, n: int) -> list[str]:
+    """`n` distinct codes of the same length as `code`, none of them `code`."""
+    width = len(code)
+    candidates = (f"{(int(code) + 1 + i) % 10 ** width:0{width}d}" for i in range(n))
+    out = [c for c in candidates if c != code]
+    assert len(out) == n
+    return out
+
+
+def msisdn_page(phone: Phone, session: MsisdnSession, code: str, prefix: str = V1,
+                headers: dict[str, str] | None = None) -> httpx.Response:
+    """The GET form of submitToken (a person following a link)."""
+    params = {"sid": session.sid, "client_secret": session.client_secret, "token": code}
+    return phone.client.get(f"{prefix}/validate/msisdn/submitToken", params=params, headers=headers or {})
+
+
+def failed_attempts(server: SydentServer, sid: str) -> int:
+    """The session's wrong-code count, as the database holds it."""
+    import asyncio
+
+    from sqlalchemy import select
+
+    from sydent_lite.storage.database import create_engine
+    from sydent_lite.storage.tables import validation_sessions as vs
+
+    async def read() -> int:
+        engine = create_engine(server.database_url)
+        try:
+            async with engine.connect() as conn:
+                return (await conn.execute(select(vs.c.failed_attempts).where(vs.c.sid == sid))).scalar_one()
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
+
+
+def test_guessing_the_code_kills_the_session(make_phone: Any) -> None:
+    p = make_phone()  # the defaults: 5 wrong codes per session (rate limits are off in tests)
+    national, victim = random_gb()
+    mallory = p.api.register()
+    # Mallory asks for a code for the victim's number, with her own client secret. The SMS goes to
+    # the victim: Mallory never sees it (the test reads it from the outbox to try it at the end).
+    session = p.start("GB", national, victim, v1=True)
+    for guess in wrong_codes(session.code, 5):
+        assert_error(p.submit(session, guess, v1=True), 400, "M_TOKEN_INCORRECT")
+    assert failed_attempts(p.server, session.sid) == 5
+
+    # Dead: even the right code is refused, on every path.
+    err = assert_error(p.submit(session, v1=True), 400, "M_SESSION_EXPIRED")
+    assert "too many incorrect codes" in err["error"].lower(), err
+    assert_error(p.submit(session, user=mallory), 400, "M_SESSION_EXPIRED")
+    assert_error(p.submit(session, v1=True, form=True), 400, "M_SESSION_EXPIRED")
+    for prefix in (V1, V2):
+        assert "too many incorrect codes" in assert_html(msisdn_page(p, session, session.code, prefix), 400)
+    assert_error(p.get_validated(session, v1=True), 400, "M_SESSION_NOT_VALIDATED")
+    assert_error(p.bind(session, mallory.user_id, v1=True), 400, "M_SESSION_NOT_VALIDATED")
+    assert_error(p.bind(session, mallory.user_id, user=mallory), 400, "M_SESSION_NOT_VALIDATED")
+    assert p.api.v1_lookup("msisdn", victim).json() == {}
+    assert p.lookup_sha256(mallory, victim) is None
+
+    # requestToken with the same client secret never hands the dead session back (not even as a
+    # retry of the same send_attempt): a new session, a new code, a fresh count.
+    resp = p.request_token("GB", national, session.client_secret, 1, v1=True)
+    assert resp.status_code == 200, resp.text
+    fresh = MsisdnSession(victim, session.client_secret, resp.json()["sid"], p.outbox.wait_for(victim))
+    assert fresh.sid != session.sid
+    for guess in wrong_codes(fresh.code, 4):
+        assert_error(p.submit(fresh, guess, v1=True), 400, "M_TOKEN_INCORRECT")
+    assert p.submit(fresh, v1=True).json() == {"success": True}
+    assert failed_attempts(p.server, fresh.sid) == 4  # the right code was no failure
+    # The dead one stays dead.
+    assert_error(p.submit(session, v1=True), 400, "M_SESSION_EXPIRED")
+
+
+def test_max_token_attempts_setting(make_phone: Any) -> None:
+    p = make_phone(extra_config={"sessions": {"max_token_attempts": 1}})
+    national, msisdn = random_gb()
+    session = p.start("GB", national, msisdn, v1=True)
+    assert_error(p.submit(session, other_code(session.code), v1=True), 400, "M_TOKEN_INCORRECT")
+    assert_error(p.submit(session, v1=True), 400, "M_SESSION_EXPIRED")
+
+
+def test_wrong_client_secrets_cannot_kill_the_session(make_phone: Any) -> None:
+    # Only the session's holder can use up its attempts: a stranger who learnt the sid cannot
+    # lock the holder out.
+    p = make_phone()
+    national, msisdn = random_gb()
+    session = p.start("GB", national, msisdn, v1=True)
+    for guess in [session.code, *wrong_codes(session.code, 11)]:
+        assert_error(p.submit(session, guess, v1=True, client_secret=new_secret()), 400, "M_TOKEN_INCORRECT")
+    assert failed_attempts(p.server, session.sid) == 0
+    assert p.submit(session, v1=True).json() == {"success": True}
+
+
+def test_a_validated_session_never_dies(make_phone: Any) -> None:
+    p = make_phone()
+    user = p.api.register()
+    national, msisdn = random_gb()
+    session = p.validated("GB", national, msisdn, v1=True)
+    for guess in wrong_codes(session.code, 8):
+        assert_error(p.submit(session, guess, v1=True), 400, "M_TOKEN_INCORRECT")
+    assert p.submit(session, v1=True).json() == {"success": True}
+    assert p.get_validated(session, v1=True).status_code == 200
+    assert p.bind(session, user.user_id, v1=True).status_code == 200
+    assert p.lookup_sha256(user, msisdn) == user.user_id
+
+
+def test_concurrent_guesses_never_exceed_the_limit(make_phone: Any) -> None:
+    p = make_phone(extra_config={"sessions": {"max_token_attempts": 3}})
+    national, msisdn = random_gb()
+    session = p.start("GB", national, msisdn, v1=True)
+    guesses = wrong_codes(session.code, 24)
+    start = threading.Barrier(len(guesses))
+
+    def guess(code: str) -> str:
+        with p.server.new_client() as c:
+            c.get(f"{V1}")  # connected before the barrier
+            start.wait(timeout=30)
+            body = {"sid": session.sid, "client_secret": session.client_secret, "token": code}
+            resp = c.post(f"{V1}/validate/msisdn/submitToken", json=body)
+            assert resp.status_code == 400, resp.text
+            return resp.json()["errcode"]
+
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(guesses)) as pool:
+        answers = Counter(pool.map(guess, guesses))
+    # Exactly as many codes compared as the limit allows, however many arrive at once.
+    assert answers == {"M_TOKEN_INCORRECT": 3, "M_SESSION_EXPIRED": 21}, answers
+    assert failed_attempts(p.server, session.sid) == 3
+    assert_error(p.submit(session, v1=True), 400, "M_SESSION_EXPIRED")
+
+
+GUESSING_LIMITS = {
+    "enabled": True,
+    "request_token_per_address_burst": 50,
+    "request_token_per_ip_burst": 50,
+    "submit_token_per_ip_burst": 200,
+}
+
+
+def test_per_number_budget_stops_guessing_across_fresh_sessions(make_phone: Any) -> None:
+    # Dead sessions are cheap to replace: the number's own budget is what bounds the guesses.
+    p = make_phone(extra_config={
+        "sessions": {"max_token_attempts": 3},
+        "rate_limits": {**GUESSING_LIMITS, "submit_token_per_address_burst": 7,
+                        "submit_token_per_address_per_day": 1.0},
+    })
+    mallory = p.api.register()
+    national, victim = random_gb()
+    first = p.start("GB", national, victim, v1=True)
+    for guess in wrong_codes(first.code, 3):
+        assert_error(p.submit(first, guess, v1=True), 400, "M_TOKEN_INCORRECT")
+    second = p.start("US", "+" + victim, victim, user=mallory)  # another session, typed another way, v2
+    for guess in wrong_codes(second.code, 3):
+        assert_error(p.submit(second, guess, user=mallory), 400, "M_TOKEN_INCORRECT")
+    third = p.start("GB", national, victim, v1=True)
+    assert_html(msisdn_page(p, third, other_code(third.code)), 400)  # the 7th try, through the GET form
+
+    # The budget is spent: the right code is refused before it is compared, on every path.
+    limited = assert_error(p.submit(third, v1=True), 429, "M_LIMIT_EXCEEDED")
+    assert isinstance(limited.get("retry_after_ms"), int) and limited["retry_after_ms"] > 0, limited
+    assert_error(p.submit(third, user=mallory), 429, "M_LIMIT_EXCEEDED")
+    assert_html(msisdn_page(p, third, third.code, V2), 429)
+    fourth = p.start("GB", national, victim, v1=True)
+    assert_error(p.submit(fourth, v1=True), 429, "M_LIMIT_EXCEEDED")
+    for s in (third, fourth):
+        assert_error(p.get_validated(s, v1=True), 400, "M_SESSION_NOT_VALIDATED")
+    assert p.api.v1_lookup("msisdn", victim).json() == {}
+    # A dead session says so without spending anything.
+    assert_error(p.submit(first, v1=True), 400, "M_SESSION_EXPIRED")
+
+    # Other numbers are not affected.
+    other_national, other = random_gb()
+    assert p.submit(p.start("GB", other_national, other, v1=True), v1=True).json() == {"success": True}
+
+
+def test_submit_token_is_limited_per_client_address(make_phone: Any) -> None:
+    p = make_phone(extra_config={
+        "listen": {"trusted_proxies": ["127.0.0.1"]},
+        "rate_limits": {**GUESSING_LIMITS, "submit_token_per_ip_burst": 4, "submit_token_per_ip_per_minute": 1.0},
+    })
+    national, msisdn = random_gb()
+    session = p.start("GB", national, msisdn, v1=True)
+    mallory = {"X-Forwarded-For": "203.0.113.7"}
+    body = {"sid": session.sid, "client_secret": new_secret(), "token": session.code}
+    path = f"{V1}/validate/msisdn/submitToken"
+    # Every call counts, whatever it carries: wrong client secrets, unknown sids, the GET form.
+    assert_error(p.client.post(path, json=body, headers=mallory), 400, "M_TOKEN_INCORRECT")
+    assert_error(p.client.post(path, json=dict(body, sid="C" * 24), headers=mallory), 404, "M_NO_VALID_SESSION")
+    assert_html(p.client.get(path, params=body, headers=mallory), 400)
+    assert_error(p.client.post(f"{V2}/validate/msisdn/submitToken", json=body,
+                               headers={**mallory, **p.api.register().headers}), 400, "M_TOKEN_INCORRECT")
+    limited = assert_error(p.client.post(path, json=body, headers=mallory), 429, "M_LIMIT_EXCEEDED")
+    assert limited["retry_after_ms"] > 0, limited
+    assert_html(p.client.get(path, params=body, headers=mallory), 429)
+    # Another client is not affected; the session is intact.
+    holder = {"X-Forwarded-For": "198.51.100.9"}
+    resp = p.client.post(path, json={"sid": session.sid, "client_secret": session.client_secret,
+                                      "token": session.code}, headers=holder)
+    assert resp.status_code == 200 and resp.json() == {"success": True}, resp.text

@@ -10,11 +10,11 @@ What Sydent keeps, and where it goes (Sydent 2.x schema, `sydent/db/*.sql` + `sq
   key we serve, else the association re-signed (ed25519 is deterministic: with Sydent's key
   the signature is the one Sydent made). Associations Sydent got from its replication peers
   keep their peer's signature. An unbinding newer than every binding imports nothing.
-- `invite_tokens` -> `invites` (Sydent has no per-invite ephemeral key: "" for both columns;
+- `invite_tokens` -> `invites` (Sydent keeps no per-invite ephemeral key: "" for the public one;
   `received_ts`/`sent_ts` are in seconds in Sydent, milliseconds here).
 - `ephemeral_public_keys` -> `ephemeral_public_keys` (`persistence_ts`, seconds).
 - `threepid_validation_sessions` + `threepid_token_auths` (the latest token of a session) ->
-  `validation_sessions`, sid = str(Sydent's integer id), client secret hashed.
+  `validation_sessions`, sid = str(Sydent's integer id), client secret and token hashed.
 - `accounts` + `tokens` -> `accounts` (one row per token, token hashed) and
   `accepted_terms_urls` -> `accepted_terms`.
 - The signing key (`ed25519.signingkey` in sydent.conf) from `--signing-key FILE`.
@@ -572,7 +572,6 @@ async def _import_rest(conn: AsyncConnection, data: SydentData, counts: dict[str
                 **inv,
                 "created_ts": inv["created_ts"] if inv["created_ts"] is not None else now,
                 "ephemeral_public_key": "",
-                "ephemeral_private_key": "",
                 "callback_id": None,
             }
         )
@@ -600,13 +599,15 @@ async def _import_rest(conn: AsyncConnection, data: SydentData, counts: dict[str
         if s.sid in have:
             counts["sessions_already_present"] += 1
             continue
+        assert s.token is not None  # `usable` has a token
         rows.append(
             {
                 "sid": s.sid,
                 "medium": s.medium,
                 "address": s.address,
                 "client_secret_hash": hash_secret(s.client_secret),
-                "token": s.token,
+                # Only the hash is kept, as for our own sessions: Sydent's mailed links still validate.
+                "token_hash": hash_secret(s.token),
                 "send_attempt": s.send_attempt if s.send_attempt is not None else -1,
                 "next_link": None,
                 "brand": None,
@@ -614,6 +615,7 @@ async def _import_rest(conn: AsyncConnection, data: SydentData, counts: dict[str
                 "mtime": s.mtime,
                 "validated": s.validated,
                 "validated_at": s.mtime if s.validated else None,
+                "failed_attempts": 0,
             }
         )
         have[s.sid] = True

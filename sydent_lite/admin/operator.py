@@ -163,9 +163,9 @@ async def bind_by_hand(config: Config, *, medium: str, address: str, mxid: str) 
         signer = ServerSigner(config.effective_server_name, load_or_create_signing_key(config.signing_key_path))
         store = AssociationStore(engine)
         pepper = await load_pepper(ServerStateStore(engine), store)
-        session = ValidationSession(sid="operator", medium=medium, address=address, client_secret_hash="", token="",
-                                    send_attempt=0, next_link=None, brand=None, created_ts=0, mtime=0,
-                                    validated=True, validated_at=0)
+        session = ValidationSession(sid="operator", medium=medium, address=address, client_secret_hash="",
+                                    token_hash="", send_attempt=0, next_link=None, brand=None, created_ts=0,
+                                    mtime=0, validated=True, validated_at=0)
         # Pending invites for the address go out too: the running server's delivery loop
         # picks the queued callback up from the database.
         invites = InviteService(config, InviteStore(engine), store, signer, templates=None, email=None)  # type: ignore[arg-type]

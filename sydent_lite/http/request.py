@@ -34,7 +34,11 @@ async def _read_limited(request: Request) -> bytes:
 
 
 async def read_body(request: Request, *, allow_form: bool = True, allow_empty: bool = False) -> dict[str, Any]:
-    """The request's JSON object (or, where the spec still allows it, form fields)."""
+    """The request's JSON object (or, where the spec still allows it, form fields).
+
+    allow_empty: no body at all, or the JSON `null`, reads as {} (for endpoints whose clients
+    may send every parameter in the query string instead).
+    """
     raw = await _read_limited(request)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     # As Sydent: a body that looks like JSON is JSON whatever its Content-Type says (curl -d
@@ -55,6 +59,8 @@ async def read_body(request: Request, *, allow_form: bool = True, allow_empty: b
         raise MatrixError(400, "M_NOT_JSON", "Request body is not valid JSON") from None
     except RecursionError:
         raise MatrixError(400, "M_BAD_JSON", "Request body is nested too deeply") from None
+    if body is None and allow_empty:
+        return {}
     if not isinstance(body, dict):
         raise MatrixError(400, "M_BAD_JSON", "Request body must be a JSON object")
     return body

@@ -15,7 +15,7 @@ from sydent_lite.config import Config, ConfigError
 from sydent_lite.delivery.email import EmailSender, EmailSendError
 from sydent_lite.errors import MatrixError, invalid_param
 from sydent_lite.observability import metrics
-from sydent_lite.secrets_util import now_ms, random_string
+from sydent_lite.secrets_util import now_ms, random_string, secrets_equal
 from sydent_lite.signing import ServerSigner
 from sydent_lite.storage.associations import AssociationStore
 from sydent_lite.storage.invites import InviteStore, StoredInvite
@@ -94,6 +94,7 @@ class InviteService:
         ephemeral_public = encode_base64(ephemeral.verify_key.encode())
         ephemeral_private = encode_base64(ephemeral.encode())
 
+        # The mail (its join link) is the private key's only copy: whoever holds it may sign.
         await self._send_invite_mail(fields, address, token, ephemeral_private, brand)
         await self._store.add(
             StoredInvite(
@@ -103,7 +104,6 @@ class InviteService:
                 room_id=fields["room_id"],
                 sender=fields["sender"],
                 ephemeral_public_key=ephemeral_public,
-                ephemeral_private_key=ephemeral_private,
                 created_ts=now_ms(),
             )
         )
@@ -179,15 +179,21 @@ class InviteService:
     async def ephemeral_key_is_valid(self, public_key: str) -> bool:
         return await self._store.ephemeral_key_exists(public_key, now_ms() - self._expiry_ms)
 
-    async def sign_ed25519(self, mxid: str, token: str, private_key: str | None) -> dict[str, Any]:
+    async def sign_ed25519(self, mxid: str, token: str, private_key: str) -> dict[str, Any]:
+        """Sign {mxid, sender, token} with the invitation's ephemeral key, which the caller must
+        hold: the token alone is public (it is the state key of the room's invite event)."""
         invite = await self._store.get(token)
         if invite is None or invite.created_ts < now_ms() - self._expiry_ms:
             raise MatrixError(404, "M_UNRECOGNIZED", "Didn't recognise token")
-        seed = private_key if private_key is not None else invite.ephemeral_private_key
         try:
-            key = signedjson.key.decode_signing_key_base64("ed25519", "0", seed)
+            key = signedjson.key.decode_signing_key_base64("ed25519", "0", private_key)
         except Exception:
             raise invalid_param("'private_key' is not an unpadded base64 ed25519 seed") from None
+        # Invites imported from Sydent have no ephemeral key of their own to check against ("").
+        if invite.ephemeral_public_key and not secrets_equal(
+            encode_base64(key.verify_key.encode()), invite.ephemeral_public_key
+        ):
+            raise invalid_param("'private_key' is not this invitation's ephemeral key")
         return signedjson.sign.sign_json(
             {"mxid": mxid, "sender": invite.sender, "token": token}, self._config.effective_server_name, key
         )

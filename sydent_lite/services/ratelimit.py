@@ -174,6 +174,8 @@ class RateLimiter:
             [
                 (config.request_token_per_ip_per_minute / 60, config.request_token_per_ip_burst),
                 (config.request_token_per_address_per_hour / 3600, config.request_token_per_address_burst),
+                (config.submit_token_per_address_per_day / 86400, config.submit_token_per_address_burst),
+                (config.submit_token_per_ip_per_minute / 60, config.submit_token_per_ip_burst),
                 (config.store_invite_per_ip_per_minute / 60, config.store_invite_per_ip_burst),
                 (config.store_invite_per_address_per_hour / 3600, config.store_invite_per_address_burst),
                 (config.lookup_per_token_per_minute / 60, config.lookup_per_token_burst),

@@ -33,6 +33,18 @@ class TokenIncorrect(MatrixError):
         super().__init__(400, "M_TOKEN_INCORRECT", "The token or client secret is incorrect")
 
 
+class SessionLocked(MatrixError):
+    """A dead session: it took sessions.max_token_attempts wrong tokens and can never be
+    validated; requestToken starts a new one."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            400,
+            "M_SESSION_EXPIRED",
+            "Too many incorrect codes were tried for this validation session: request a new code",
+        )
+
+
 class SessionService:
     def __init__(
         self,
@@ -53,6 +65,10 @@ class SessionService:
 
     def _expired(self, session: ValidationSession, now: int) -> bool:
         return now - session.mtime > self._lifetime_ms
+
+    def _dead(self, session: ValidationSession) -> bool:
+        """Too many wrong tokens: the session can no longer be validated (a validated one never dies)."""
+        return not session.validated and session.failed_attempts >= self._config.sessions.max_token_attempts
 
     # --- requestToken -------------------------------------------------------------------
 
@@ -123,33 +139,39 @@ class SessionService:
         secret_hash = hash_secret(client_secret)
         now = now_ms()
         existing = await self._store.find(medium, address, secret_hash)
-        if existing is not None and not self._expired(existing, now):
+        # An expired or dead session is never handed back: the same key starts a new one.
+        if existing is not None and not self._expired(existing, now) and not self._dead(existing):
             if send_attempt <= existing.send_attempt:
                 return existing.sid  # a retry: same session, nothing sent again
             await self._check_limits(address, client_ip)
-            await send(existing.sid, existing.token)
-            await self._store.set_send_attempt(existing.sid, send_attempt, now, next_link, brand)
+            # Only a hash of the old token is stored, so a resend is a new token; it replaces the old.
+            token = token_factory()
+            await send(existing.sid, token)
+            await self._store.set_send_attempt(existing.sid, send_attempt, now, next_link, brand, hash_secret(token))
             return existing.sid
 
         await self._check_limits(address, client_ip)
-        session = ValidationSession(
-            sid=random_string(SID_LENGTH),
-            medium=medium,
-            address=address,
-            client_secret_hash=secret_hash,
-            token=token_factory(),
-            send_attempt=send_attempt,
-            next_link=next_link,
-            brand=brand,
-            created_ts=now,
-            mtime=now,
-            validated=False,
-            validated_at=None,
-        )
+        sid = random_string(SID_LENGTH)
+        token = token_factory()
         # Send first: a session whose message never left is of no use to anyone.
-        await send(session.sid, session.token)
-        await self._store.create(session)
-        return session.sid
+        await send(sid, token)
+        await self._store.create(
+            ValidationSession(
+                sid=sid,
+                medium=medium,
+                address=address,
+                client_secret_hash=secret_hash,
+                token_hash=hash_secret(token),
+                send_attempt=send_attempt,
+                next_link=next_link,
+                brand=brand,
+                created_ts=now,
+                mtime=now,
+                validated=False,
+                validated_at=None,
+            )
+        )
+        return sid
 
     async def _check_limits(self, address: str, client_ip: str) -> None:
         rl = self._config.rate_limits
@@ -197,18 +219,47 @@ class SessionService:
             return None
         return session
 
-    async def submit_token(self, sid: str, client_secret: str, token: str, medium: str | None = None) -> ValidationSession:
+    async def submit_token(
+        self, sid: str, client_secret: str, token: str, medium: str | None = None, *, client_ip: str
+    ) -> ValidationSession:
+        """Validate a session with its token.
+
+        Guessing is bounded three ways: every call takes from the client address's budget; a
+        call with the right client secret takes from the address's own budget (shared by all
+        its sessions) before the token is compared; and each unvalidated session survives at
+        most sessions.max_token_attempts wrong tokens.
+        """
+        rl = self._config.rate_limits
+        await self._limits.check(
+            f"st-ip:{client_ip}", rl.submit_token_per_ip_per_minute / 60, rl.submit_token_per_ip_burst
+        )
         session = await self._store.get(sid)
         if session is None or (medium is not None and session.medium != medium):
             raise no_valid_session()
-        secret_ok = secrets_equal(session.client_secret_hash, hash_secret(client_secret))
-        token_ok = secrets_equal(session.token, token)
-        if not secret_ok:
+        # A wrong client secret counts against nothing but the caller's address: only the
+        # session's holder can use up (and so kill) the session.
+        if not secrets_equal(session.client_secret_hash, hash_secret(client_secret)):
             raise TokenIncorrect()
         now = now_ms()
         if self._expired(session, now):
             raise session_expired()
-        if not token_ok:
+        token_hash = hash_secret(token)
+        if not session.validated:
+            if self._dead(session):
+                raise SessionLocked()
+            await self._limits.check(
+                f"st-addr:{session.medium} {session.address}",
+                rl.submit_token_per_address_per_day / 86400,
+                rl.submit_token_per_address_burst,
+            )
+            if not await self._store.take_attempt(sid, self._config.sessions.max_token_attempts):
+                # Another request took the last attempt, or validated the session, meanwhile.
+                latest = await self._store.get(sid)
+                if latest is None or not latest.validated:
+                    raise SessionLocked()
+                session = latest
+        # A validated session has nothing left to guess: its token is compared without counting.
+        if not secrets_equal(session.token_hash, token_hash):
             raise TokenIncorrect()
         if not session.validated:
             await self._store.mark_validated(sid, now)

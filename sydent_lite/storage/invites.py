@@ -17,8 +17,7 @@ class StoredInvite:
     address: str
     room_id: str
     sender: str
-    ephemeral_public_key: str
-    ephemeral_private_key: str
+    ephemeral_public_key: str  # "" for invites imported from Sydent; the private key is never stored
     created_ts: int
     callback_id: int | None = None
     delivered_ts: int | None = None

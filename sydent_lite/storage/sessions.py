@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import case, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sydent_lite.storage.tables import validation_sessions as vs
@@ -16,7 +16,7 @@ class ValidationSession:
     medium: str
     address: str
     client_secret_hash: str
-    token: str
+    token_hash: str
     send_attempt: int
     next_link: str | None
     brand: str | None
@@ -24,6 +24,7 @@ class ValidationSession:
     mtime: int
     validated: bool
     validated_at: int | None
+    failed_attempts: int = 0
 
 
 class SessionStore:
@@ -51,18 +52,44 @@ class SessionStore:
         async with self._engine.begin() as conn:
             await conn.execute(vs.insert().values(**session.__dict__))
 
-    async def set_send_attempt(self, sid: str, send_attempt: int, mtime: int, next_link: str | None, brand: str | None) -> None:
+    async def set_send_attempt(
+        self, sid: str, send_attempt: int, mtime: int, next_link: str | None, brand: str | None, token_hash: str
+    ) -> None:
+        """A resend: its new token replaces the old one (only the newest is valid)."""
         async with self._engine.begin() as conn:
             await conn.execute(
                 update(vs)
                 .where(vs.c.sid == sid)
-                .values(send_attempt=send_attempt, mtime=mtime, next_link=next_link, brand=brand)
+                .values(send_attempt=send_attempt, mtime=mtime, next_link=next_link, brand=brand, token_hash=token_hash)
             )
 
+    async def take_attempt(self, sid: str, max_attempts: int) -> bool:
+        """Count one token attempt against an unvalidated session, before the token is compared;
+        False when the session has none left (or was validated meanwhile).
+
+        One conditional UPDATE: the database serialises it on the row, so however many workers
+        compare tokens at once, no more than max_attempts comparisons are ever made.
+        """
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(vs)
+                .where(vs.c.sid == sid, vs.c.validated.is_(False), vs.c.failed_attempts < max_attempts)
+                .values(failed_attempts=vs.c.failed_attempts + 1)
+            )
+        return result.rowcount == 1
+
     async def mark_validated(self, sid: str, ts: int) -> None:
+        """Validated by a right token: the attempt taken for it was no failure, so it is given back."""
         async with self._engine.begin() as conn:
             await conn.execute(
-                update(vs).where(vs.c.sid == sid, vs.c.validated.is_(False)).values(validated=True, validated_at=ts, mtime=ts)
+                update(vs)
+                .where(vs.c.sid == sid, vs.c.validated.is_(False))
+                .values(
+                    validated=True,
+                    validated_at=ts,
+                    mtime=ts,
+                    failed_attempts=case((vs.c.failed_attempts > 0, vs.c.failed_attempts - 1), else_=0),
+                )
             )
 
     async def delete_expired(self, before_mtime: int) -> int:

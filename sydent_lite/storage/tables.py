@@ -34,6 +34,9 @@ accepted_terms = Table(
     Column("url", String(1024), primary_key=True),
 )
 
+# Validation sessions. The client secret and the token (email token or SMS code) are stored as
+# SHA-256 hashes only. failed_attempts counts wrong tokens (with the right client secret): at
+# sessions.max_token_attempts an unvalidated session is dead.
 validation_sessions = Table(
     "validation_sessions",
     metadata,
@@ -41,7 +44,7 @@ validation_sessions = Table(
     Column("medium", String(16), nullable=False),
     Column("address", String(512), nullable=False),
     Column("client_secret_hash", String(64), nullable=False),
-    Column("token", String(255), nullable=False),
+    Column("token_hash", String(64), nullable=False),
     Column("send_attempt", BigInteger, nullable=False),
     Column("next_link", Text, nullable=True),
     Column("brand", String(64), nullable=True),
@@ -49,6 +52,7 @@ validation_sessions = Table(
     Column("mtime", BigInteger, nullable=False),
     Column("validated", Boolean, nullable=False, default=False),
     Column("validated_at", BigInteger, nullable=True),
+    Column("failed_attempts", Integer, nullable=False, default=0, server_default="0"),
     Index("ix_validation_sessions_key", "medium", "address", "client_secret_hash"),
 )
 
@@ -93,7 +97,9 @@ server_state = Table(
     Column("value", Text, nullable=False),
 )
 
-# Invitations to 3PIDs not yet bound (store-invite), with their ephemeral signing keys.
+# Invitations to 3PIDs not yet bound (store-invite), with their ephemeral public keys. The
+# private halves are never stored (migration 0007 dropped them): the invite mail holds the
+# only copy, and sign-ed25519 needs it.
 invites = Table(
     "invites",
     metadata,
@@ -103,7 +109,6 @@ invites = Table(
     Column("room_id", String(255), nullable=False),
     Column("sender", String(255), nullable=False),
     Column("ephemeral_public_key", String(64), nullable=False),
-    Column("ephemeral_private_key", String(64), nullable=False),
     Column("created_ts", BigInteger, nullable=False),
     # Set when the invite is queued in an onbind callback, and when that callback succeeded.
     Column("callback_id", Integer, nullable=True),

@@ -50,17 +50,25 @@ async def store_invite(request: Request, ctx: AppContext, v2: bool) -> Response:
     return JSONResponse(await ctx.invites.store_invite(fields, brand))
 
 
+SIGN_FIELDS = ("mxid", "token", "private_key")
+
+
 async def sign_ed25519(request: Request, ctx: AppContext, v2: bool) -> Response:
     if v2:
         await require_user(request, ctx)
-    body = await read_body(request)
-    require_fields(body, "mxid", "token", *(() if v2 else ("private_key",)))
-    mxid = get_str(body, "mxid", max_length=255)
-    token = get_str(body, "token", max_length=255)
-    private_key = get_str(body, "private_key", required=False, max_length=128)
+    # Element POSTs the mailed sign URL (token, private_key in its query string) with `mxid`
+    # appended and no body (older clients: the body `null`), as Sydent allows. Body values win.
+    body = await read_body(request, allow_empty=True)
+    query = query_params(request)
+    params = {name: body[name] if body.get(name) is not None else query.get(name) for name in SIGN_FIELDS}
+    # The spec requires private_key on v1 and v2: the token alone is public (room state).
+    require_fields(params, *SIGN_FIELDS)
+    mxid = get_str(params, "mxid", max_length=255)
+    token = get_str(params, "token", max_length=255)
+    private_key = get_str(params, "private_key", max_length=128)
     if not is_valid_user_id(mxid):
         raise invalid_param("'mxid' is not a valid Matrix user ID")
-    assert mxid is not None and token is not None
+    assert mxid is not None and token is not None and private_key is not None
     return JSONResponse(await ctx.invites.sign_ed25519(mxid, token, private_key))
 
 

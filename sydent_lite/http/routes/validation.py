@@ -23,6 +23,7 @@ from sydent_lite.http.request import (
 )
 from sydent_lite.http.routes import versioned
 from sydent_lite.secrets_util import OPAQUE_ID_RE
+from sydent_lite.services.sessions import SessionLocked
 
 PAGE_TEMPLATE = "verify_response_template.html"
 
@@ -94,7 +95,7 @@ async def submit_token_json(request: Request, ctx: AppContext, v2: bool) -> Resp
     client_secret = get_opaque_id(body, "client_secret")
     token = get_str(body, "token", max_length=255)
     assert token is not None
-    await ctx.sessions.submit_token(sid, client_secret, token, _medium(request))
+    await ctx.sessions.submit_token(sid, client_secret, token, _medium(request), client_ip=client_ip(request))
     return JSONResponse({"success": True})
 
 
@@ -122,7 +123,12 @@ async def submit_token_page(request: Request, ctx: AppContext, v2: bool) -> Resp
         client_secret = get_opaque_id(params, "client_secret")
         token = get_str(params, "token", max_length=255)
         assert token is not None
-        session = await ctx.sessions.submit_token(sid, client_secret, token, _medium(request))
+        session = await ctx.sessions.submit_token(
+            sid, client_secret, token, _medium(request), client_ip=client_ip(request)
+        )
+    except SessionLocked as e:
+        return page("This validation link is no longer valid: too many incorrect codes were tried. "
+                    "Please ask for a new one from your Matrix client.", e.status)
     except MatrixError as e:
         sid_param = params.get("sid", "")
         if brand is None and OPAQUE_ID_RE.match(sid_param):
@@ -132,6 +138,7 @@ async def submit_token_page(request: Request, ctx: AppContext, v2: bool) -> Resp
             "M_NO_VALID_SESSION": "This validation link is not valid: no such session was found.",
             "M_SESSION_EXPIRED": "This validation link has expired. Please ask for a new one from your Matrix client.",
             "M_TOKEN_INCORRECT": "This validation link is not valid: the code is incorrect.",
+            "M_LIMIT_EXCEEDED": "Too many attempts to validate this address. Please try again later.",
         }
         return page(messages.get(e.errcode, "This validation link is incomplete or malformed."), e.status)
     if brand is None:
