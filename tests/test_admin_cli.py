@@ -6,12 +6,14 @@ import json
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
 from support.db import allow_inserts, refuse_inserts, sql
-from support.server import IdentityApi, unique_email
+from support.homeserver import HomeserverStandIn
+from support.server import IdentityApi, SydentServer, unique_email
 
 V1 = "/_matrix/identity/api/v1"
 
@@ -104,7 +106,9 @@ def test_delete_by_address_and_bind_by_hand(make_server, api_for) -> None:  # ty
     assert usage.returncode == 2
 
 
-def test_bind_by_hand_queues_the_pending_invites(make_server, api_for, homeserver) -> None:  # type: ignore[no-untyped-def]
+def test_bind_by_hand_queues_the_pending_invites(make_server: Callable[..., SydentServer],
+                                                 api_for: Callable[[SydentServer], IdentityApi],
+                                                 homeserver: HomeserverStandIn) -> None:
     """`sydent-lite bind` goes the way /bind goes: the address's pending invites are queued in
     the bind's own transaction (a failure there leaves no binding), and the running server
     delivers them."""
@@ -129,6 +133,6 @@ def test_bind_by_hand_queues_the_pending_invites(make_server, api_for, homeserve
     bound = cli(server, "bind", "--medium", "email", "--address", address, "--mxid", mxid)
     assert bound.returncode == 0, bound.stderr
     assert sql(server.database_url, "SELECT callback_id FROM invites WHERE token = ?", token)[0]["callback_id"]
-    server.restart()  # the running server would send it at its next look at the queue; a start looks at once
+    server.restart()  # the running server sends it at its next look at the queue; a start looks at once
     req = homeserver.wait_for_onbind(mxid)
     assert req.json["address"] == address and [inv["token"] for inv in req.json["invites"]] == [token]

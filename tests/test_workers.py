@@ -313,7 +313,8 @@ def test_a_dead_workers_claim_is_taken_over(cluster_factory, homeserver: Homeser
         homeserver.reset_onbind(invitee.user_id)
 
 
-def test_servers_starting_together_repair_a_crashed_bind_once(cluster_factory, homeserver: HomeserverStandIn) -> None:  # type: ignore[no-untyped-def]
+def test_servers_starting_together_repair_a_crashed_bind_once(cluster_factory: Callable[..., Cluster],
+                                                              homeserver: HomeserverStandIn) -> None:
     """Binds an older version left without their callback (a crash between its two transactions)
     are queued at start-up; two servers starting at once queue each one once."""
     c = cluster_factory(FAST_RETRY)

@@ -101,7 +101,8 @@ def refuse_inserts(url: str, table: str) -> None:
     else:
         sql(url, f"CREATE FUNCTION refuse_{table}() RETURNS trigger AS $$ BEGIN"
                  " RAISE EXCEPTION 'refused by the test'; END $$ LANGUAGE plpgsql")
-        sql(url, f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION refuse_{table}()")
+        sql(url, f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table}"
+                 f" FOR EACH ROW EXECUTE FUNCTION refuse_{table}()")
 
 
 def allow_inserts(url: str, table: str) -> None:
