@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, exists, select, update
+from sqlalchemy import ColumnElement, case, delete, exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from sydent_lite.storage.tables import associations, ephemeral_public_keys, invites, onbind_callbacks
@@ -65,6 +65,10 @@ def _unqueued(medium: Any, address: Any, not_before_ts: int) -> tuple[ColumnElem
         invites.c.delivered_ts.is_(None),  # e.g. imported from Sydent, already sent
         invites.c.created_ts >= not_before_ts,  # expired, not yet cleaned up
     )
+
+
+def _due(now: int) -> tuple[ColumnElement[bool], ...]:
+    return onbind_callbacks.c.next_attempt_ts <= now, onbind_callbacks.c.claimed_until < now
 
 
 async def queue_callback_on(conn: AsyncConnection, request: CallbackRequest) -> int | None:
@@ -177,20 +181,38 @@ class InviteStore:
                 return None
             return await _claim_into(conn, callback_id, request)
 
-    async def due_callbacks(self, now: int, limit: int = 20) -> list[PendingCallback]:
+    async def due_destinations(self, now: int, limit: int) -> list[str]:
+        """Destinations with callbacks due and unclaimed, the longest-waiting first; one row
+        each, however long its backlog (a destination's backlog cannot hide another's)."""
         query = (
-            select(onbind_callbacks.c.id, onbind_callbacks.c.destination, onbind_callbacks.c.body, onbind_callbacks.c.attempts)
-            .where(onbind_callbacks.c.next_attempt_ts <= now, onbind_callbacks.c.claimed_until < now)
-            .order_by(onbind_callbacks.c.next_attempt_ts)
+            select(onbind_callbacks.c.destination)
+            .where(*_due(now))
+            .group_by(onbind_callbacks.c.destination)
+            .order_by(func.min(onbind_callbacks.c.next_attempt_ts), onbind_callbacks.c.destination)
+            .limit(limit)
+        )
+        async with self._engine.connect() as conn:
+            return [row[0] for row in await conn.execute(query)]
+
+    async def due_callbacks_to(self, destination: str, now: int, limit: int) -> list[PendingCallback]:
+        """The callbacks to `destination` that are due and unclaimed, the longest-waiting first."""
+        cb = onbind_callbacks.c
+        query = (
+            select(cb.id, cb.destination, cb.body, cb.attempts)
+            .where(cb.destination == destination, *_due(now))
+            .order_by(cb.next_attempt_ts, cb.id)
             .limit(limit)
         )
         async with self._engine.connect() as conn:
             return [PendingCallback(*row) for row in await conn.execute(query)]
 
-    async def next_due_ts(self) -> int | None:
+    async def next_due_ts(self, now: int) -> int | None:
+        """The first time after `now` at which a callback falls due or another worker's claim
+        on one lapses (None: nothing will)."""
+        cb = onbind_callbacks.c
+        becomes_due = case((cb.claimed_until > cb.next_attempt_ts, cb.claimed_until), else_=cb.next_attempt_ts)
         async with self._engine.connect() as conn:
-            row = (await conn.execute(select(onbind_callbacks.c.next_attempt_ts).order_by(onbind_callbacks.c.next_attempt_ts).limit(1))).first()
-        return row[0] if row else None
+            return (await conn.execute(select(func.min(becomes_due)).where(becomes_due > now))).scalar()
 
     async def claim(self, callback_id: int, now: int, lease_until: int) -> bool:
         """Take the callback for this worker until lease_until; False if another worker has it."""
