@@ -206,6 +206,10 @@ class InviteConfig:
     # onbind callbacks: first retry after this, doubling up to the maximum, until delivered.
     onbind_retry_initial_seconds: float = 5.0
     onbind_retry_max_seconds: float = 3600.0
+    # Each destination (homeserver) is delivered to on its own: at most this many callbacks
+    # in flight to one, and at most this many destinations served at once (per process).
+    onbind_max_in_flight_per_destination: int = 2
+    onbind_max_destinations: int = 50
 
 
 @dataclass
@@ -383,6 +387,9 @@ def finalise(config: Config) -> Config:
         raise ConfigError("config keys 'invites.onbind_retry_*_seconds' must be positive")
     if config.invites.expiry_seconds <= 0:
         raise ConfigError("config key 'invites.expiry_seconds' must be positive")
+    for key in ("onbind_max_in_flight_per_destination", "onbind_max_destinations"):
+        if getattr(config.invites, key) < 1:
+            raise ConfigError(f"config key 'invites.{key}' must be at least 1")
     if config.sessions.email_token_length < 8 or config.sessions.email_token_length > 255:
         raise ConfigError("config key 'sessions.email_token_length' must be between 8 and 255")
     if not (1 <= config.sessions.max_token_attempts <= 100):

@@ -18,6 +18,7 @@ from sydent_lite.services.hashing import load_pepper
 from sydent_lite.services.invites import InviteService, check_subject_format
 from sydent_lite.services.lookup_index import LookupIndex
 from sydent_lite.services.onbind import OnbindDelivery
+from sydent_lite.services.onbind_queue import OnbindQueue
 from sydent_lite.services.ratelimit import RateLimiter
 from sydent_lite.services.sessions import SessionService
 from sydent_lite.services.terms import Terms, TermsService
@@ -50,6 +51,7 @@ class AppContext:
     associations: AssociationService
     invites: InviteService
     onbind: OnbindDelivery
+    onbind_queue: OnbindQueue
     rate_limiter: RateLimiter
     lookup_index: LookupIndex
 
@@ -93,11 +95,8 @@ async def build_context(config: Config) -> AppContext:
     invite_store = InviteStore(engine)
     invites = InviteService(config, invite_store, association_store, signer, templates, email_sender)
     onbind = OnbindDelivery(config.invites, invite_store, federation, config.federation.timeout_seconds)
+    onbind_queue = OnbindQueue(signer, config.invites, invite_store, on_queued=onbind.notify)
     rate_limiter = RateLimiter.from_config(config.rate_limits, engine)
-
-    async def after_bind(signed_association: dict) -> None:
-        if await invites.queue_onbind(signed_association) is not None:
-            onbind.notify()
 
     return AppContext(
         config=config,
@@ -111,9 +110,10 @@ async def build_context(config: Config) -> AppContext:
         sessions=SessionService(
             config, SessionStore(engine), templates, email_sender, sms_provider, rate_limiter
         ),
-        associations=AssociationService(association_store, signer, pepper, lookup_index, after_bind),
+        associations=AssociationService(association_store, signer, pepper, lookup_index, onbind_queue),
         invites=invites,
         onbind=onbind,
+        onbind_queue=onbind_queue,
         rate_limiter=rate_limiter,
         lookup_index=lookup_index,
     )

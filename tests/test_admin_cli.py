@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
-from support.server import IdentityApi, unique_email
+from support.db import allow_inserts, refuse_inserts, sql
+from support.homeserver import HomeserverStandIn
+from support.server import IdentityApi, SydentServer, unique_email
 
 V1 = "/_matrix/identity/api/v1"
 
@@ -100,3 +104,35 @@ def test_delete_by_address_and_bind_by_hand(make_server, api_for) -> None:  # ty
     assert api.v1_lookup("email", address).json() == {}
     usage = cli(server, "associations", "delete", "--address", address)
     assert usage.returncode == 2
+
+
+def test_bind_by_hand_queues_the_pending_invites(make_server: Callable[..., SydentServer],
+                                                 api_for: Callable[[SydentServer], IdentityApi],
+                                                 homeserver: HomeserverStandIn) -> None:
+    """`sydent-lite bind` goes the way /bind goes: the address's pending invites are queued in
+    the bind's own transaction (a failure there leaves no binding), and the running server
+    delivers them."""
+    server = make_server(terms_path=None)
+    api: IdentityApi = api_for(server)
+    address = unique_email("handinvite")
+    resp = api.client.post(f"{V1}/store-invite", json={"medium": "email", "address": address,
+                                                        "room_id": "!r:hs.test", "sender": "@s:hs.test"})
+    assert resp.status_code == 200, resp.text
+    token = resp.json()["token"]
+    api.smtp.wait_for(address)  # the invite mail
+    mxid = homeserver.user_id("byhand" + uuid.uuid4().hex[:8])
+
+    refuse_inserts(server.database_url, "onbind_callbacks")
+    try:
+        failed = cli(server, "bind", "--medium", "email", "--address", address, "--mxid", mxid)
+        assert failed.returncode != 0, failed.stdout
+        assert api.v1_lookup("email", address).json() == {}
+    finally:
+        allow_inserts(server.database_url, "onbind_callbacks")
+
+    bound = cli(server, "bind", "--medium", "email", "--address", address, "--mxid", mxid)
+    assert bound.returncode == 0, bound.stderr
+    assert sql(server.database_url, "SELECT callback_id FROM invites WHERE token = ?", token)[0]["callback_id"]
+    server.restart()  # the running server sends it at its next look at the queue; a start looks at once
+    req = homeserver.wait_for_onbind(mxid)
+    assert req.json["address"] == address and [inv["token"] for inv in req.json["invites"]] == [token]

@@ -24,6 +24,7 @@ import pytest
 import signedjson.key
 import signedjson.sign
 from signedjson.sign import SignatureVerifyException
+from support.db import allow_inserts, refuse_inserts, sql
 from support.homeserver import ONBIND_PATH, HomeserverStandIn, RecordedRequest
 from support.server import (
     REPO_ROOT,
@@ -780,6 +781,105 @@ def test_onbind_survives_a_restart(
         delivered = [c for c in homeserver.onbind_requests(invitee.user_id) if c.status == 200]
         assert delivered == [success], [(c.status, c.time) for c in homeserver.onbind_requests(invitee.user_id)]
         assert homeserver.onbind_requests(invitee.user_id, since=success.time + 0.001) == []
+    finally:
+        homeserver.reset_onbind(invitee.user_id)
+
+
+# --- a bind and its callback: one transaction -----------------------------------------------------------------
+
+
+def test_a_bind_whose_callback_cannot_be_queued_stores_nothing(
+    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi],
+    homeserver: HomeserverStandIn,
+) -> None:
+    """The association and the callback of the address's pending invites commit together.
+
+    A `kill -9` between the two can no longer happen: there is no "between" (one transaction),
+    so what can be tested is that transaction's atomicity. The callback's INSERT is made to fail
+    for real (a trigger): the bind answers a Matrix error and leaves no association behind
+    (before, the binding was stored, the invites never queued, and the answer was a 500 anyway).
+    """
+    server = make_server()
+    api = api_for(server)
+    our_key = public_key(api.client)
+    address = unique_email("atomic")
+    fields = invite_fields(homeserver, address)
+    token = store_invite(api, fields, v1=True)["token"]
+    api.smtp.wait_for(address)  # the invite mail
+    invitee = api.register()
+    session = api.validated_email_session(address, user=invitee)
+
+    refuse_inserts(server.database_url, "onbind_callbacks")
+    try:
+        resp = api.bind(session, invitee.user_id, user=invitee)
+        assert_error(resp, 500, "M_UNKNOWN")
+        assert api.v1_lookup("email", address).json() == {}
+        assert api.lookup_email(invitee, address) is None
+        assert sql(server.database_url, "SELECT mxid FROM associations WHERE address = ?", address) == []
+        assert sql(server.database_url, "SELECT callback_id FROM invites WHERE token = ?", token) == [
+            {"callback_id": None}
+        ]
+    finally:
+        allow_inserts(server.database_url, "onbind_callbacks")
+
+    # Nothing half-done stands in the way: the same bind, tried again, binds and delivers.
+    resp = api.bind(session, invitee.user_id, user=invitee)
+    assert resp.status_code == 200, resp.text
+    assert api.lookup_email(invitee, address) == invitee.user_id
+    req = homeserver.wait_for_onbind(invitee.user_id)
+    assert_onbind_body(req, server, our_key, address=address, mxid=invitee.user_id, invites={token: fields})
+
+
+def test_invites_a_crash_left_unqueued_are_delivered_at_start(
+    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi],
+    homeserver: HomeserverStandIn,
+) -> None:
+    """An older version committed the association, then queued the callback in a second
+    transaction: a crash in between left a bound address with unqueued invites and no callback,
+    for ever. The database is put in that state; the next start queues and delivers them once
+    (expired invites and ones already delivered, e.g. imported from Sydent, stay unsent)."""
+    server = make_server()
+    api = api_for(server)
+    our_key = public_key(api.client)
+    address = unique_email("crashed")
+    pending = invite_fields(homeserver, address)
+    tokens = {name: store_invite(api, invite_fields(homeserver, address) if name != "pending" else pending,
+                                 v1=True)["token"] for name in ("pending", "expired", "imported")}
+    for _ in tokens:
+        api.smtp.wait_for(address)  # the invite mails
+    invitee = api.register()
+    homeserver.set_onbind_status(invitee.user_id, 503)  # the bind's own callback is not delivered
+    try:
+        _, association = api.bind_email(address, invitee)
+        homeserver.wait_for_onbind(invitee.user_id, successful=False)
+        server.stop()
+        url = server.database_url
+        # What the crash left: the association, the invites unqueued, no callback.
+        sql(url, "DELETE FROM onbind_callbacks")
+        sql(url, "UPDATE invites SET callback_id = NULL WHERE address = ?", address)
+        sql(url, "UPDATE invites SET created_ts = 1 WHERE token = ?", tokens["expired"])
+        sql(url, "UPDATE invites SET delivered_ts = 1 WHERE token = ?", tokens["imported"])
+        homeserver.set_onbind_status(invitee.user_id, None)
+        restarted = time.time()
+        server.start()
+
+        req = homeserver.wait_for_onbind(invitee.user_id)
+        assert req.time >= restarted
+        assert_onbind_body(req, server, our_key, address=address, mxid=invitee.user_id,
+                           invites={tokens["pending"]: pending})
+        # The association as it was bound (from its stored signed JSON), not a new one.
+        assert {k: req.json[k] for k in ("ts", "not_before", "not_after")} == {
+            k: association[k] for k in ("ts", "not_before", "not_after")
+        }
+        # Once: delivered, not queued again by the next start.
+        time.sleep(1.0)
+        server.restart()
+        time.sleep(1.5)
+        assert [r.status for r in homeserver.onbind_requests(invitee.user_id, since=restarted)] == [200]
+        assert sql(url, "SELECT count(*) AS n FROM onbind_callbacks")[0]["n"] == 0
+        rows = sql(url, "SELECT token, delivered_ts FROM invites WHERE address = ?", address)
+        delivered = {r["token"]: r["delivered_ts"] for r in rows}
+        assert delivered[tokens["pending"]] is not None and delivered[tokens["imported"]] == 1
     finally:
         homeserver.reset_onbind(invitee.user_id)
 

@@ -313,6 +313,46 @@ def test_a_dead_workers_claim_is_taken_over(cluster_factory, homeserver: Homeser
         homeserver.reset_onbind(invitee.user_id)
 
 
+def test_servers_starting_together_repair_a_crashed_bind_once(cluster_factory: Callable[..., Cluster],
+                                                              homeserver: HomeserverStandIn) -> None:
+    """Binds an older version left without their callback (a crash between its two transactions)
+    are queued at start-up; two servers starting at once queue each one once."""
+    c = cluster_factory(FAST_RETRY)
+    inviter = c.api_a.register()
+    crashed = []
+    for i in range(4):
+        address = unique_email(f"crashed{i}")
+        token = store_invite(c.apis[i % 2], inviter, address)["token"]
+        invitee = c.apis[(i + 1) % 2].register()
+        homeserver.set_onbind_status(invitee.user_id, 503)  # the bind's own callback is not delivered
+        crashed.append((address, token, invitee))
+    try:
+        for i, (address, _, invitee) in enumerate(crashed):
+            c.apis[i % 2].bind_email(address, invitee)
+            homeserver.wait_for_onbind(invitee.user_id, successful=False)
+        for server in c.servers:
+            server.stop()
+        # What the crash left: the associations, their invites unqueued, no callbacks.
+        run_sql(c.db, "DELETE FROM onbind_callbacks")
+        run_sql(c.db, "UPDATE invites SET callback_id = NULL")
+        for _, _, invitee in crashed:
+            homeserver.set_onbind_status(invitee.user_id, None)
+        restarted = time.time()
+        start_all(c.servers)
+        for _, _, invitee in crashed:
+            homeserver.wait_for_onbind(invitee.user_id)
+        time.sleep(2.0)  # a second callback would be on its way by now
+        for address, token, invitee in crashed:
+            calls = homeserver.onbind_requests(invitee.user_id, since=restarted)
+            assert [r.status for r in calls] == [200], [(r.status, r.time) for r in calls]
+            assert calls[0].json["address"] == address
+            assert [inv["token"] for inv in calls[0].json["invites"]] == [token]
+        assert run_sql(c.db, "SELECT count(*) AS n FROM onbind_callbacks")[0]["n"] == 0
+    finally:
+        for _, _, invitee in crashed:
+            homeserver.reset_onbind(invitee.user_id)
+
+
 # --- serve --workers N --------------------------------------------------------------------------------
 
 

@@ -14,14 +14,13 @@ from sydent_lite.errors import MatrixError
 from sydent_lite.resources import example_config
 from sydent_lite.services.associations import AssociationService
 from sydent_lite.services.hashing import load_pepper
-from sydent_lite.services.invites import InviteService
 from sydent_lite.services.lookup_index import LookupIndex
+from sydent_lite.services.onbind_queue import OnbindQueue
 from sydent_lite.signing import ServerSigner, load_or_create_signing_key
 from sydent_lite.storage.association_changes import AssociationChangeStore
 from sydent_lite.storage.associations import AssociationStore
 from sydent_lite.storage.database import create_engine, migrate
 from sydent_lite.storage.invites import InviteStore
-from sydent_lite.storage.sessions import ValidationSession
 from sydent_lite.storage.state import ServerStateStore
 from sydent_lite.storage.tables import (
     accepted_terms,
@@ -163,15 +162,12 @@ async def bind_by_hand(config: Config, *, medium: str, address: str, mxid: str) 
         signer = ServerSigner(config.effective_server_name, load_or_create_signing_key(config.signing_key_path))
         store = AssociationStore(engine)
         pepper = await load_pepper(ServerStateStore(engine), store)
-        session = ValidationSession(sid="operator", medium=medium, address=address, client_secret_hash="",
-                                    token_hash="", send_attempt=0, next_link=None, brand=None, created_ts=0,
-                                    mtime=0, validated=True, validated_at=0)
-        # Pending invites for the address go out too: the running server's delivery loop
-        # picks the queued callback up from the database.
-        invites = InviteService(config, InviteStore(engine), store, signer, templates=None, email=None)  # type: ignore[arg-type]
+        # The same path as /bind: pending invites for the address are queued in the bind's
+        # transaction; the running server's delivery loop picks the callback up from the database.
+        onbind = OnbindQueue(signer, config.invites, InviteStore(engine))
         # No lookups here: the index stays empty (the running server sees the bind in its own).
         index = LookupIndex(AssociationChangeStore(engine), store)
-        return await AssociationService(store, signer, pepper, index, invites.queue_onbind_quietly).bind(session, mxid)
+        return await AssociationService(store, signer, pepper, index, onbind).bind(medium, address, mxid)
 
     return await _with_engine(config, work)
 

@@ -183,8 +183,21 @@ async def _periodic_cleanup(ctx: AppContext) -> None:
             invites, callbacks = await ctx.invites.expire()
             if invites or callbacks:
                 logger.info("expired %d invitations and %d undelivered onbind callbacks", invites, callbacks)
+            # An invite stored while its address was being bound (store-invite checks first,
+            # mails, then stores) is queued here rather than at the next start.
+            await ctx.onbind_queue.repair()
         except Exception:
             logger.exception("expired-session clean-up failed; will retry")
+
+
+async def _deliver_onbind(ctx: AppContext) -> None:
+    # Binds an older version stored without their callback (a crash between its two
+    # transactions) are queued first, from the signed associations as stored.
+    try:
+        await ctx.onbind_queue.repair()
+    except Exception:
+        logger.exception("could not queue the onbind callbacks earlier binds left unqueued; retried in a while")
+    await ctx.onbind.run()
 
 
 async def _matrix_error(request: Request, exc: Exception) -> Response:
@@ -250,7 +263,7 @@ def create_app(config: Config, context_factory: Callable[[Config], object] = bui
         # Pending callbacks live in the database: a restarted server picks them up here.
         tasks = [
             asyncio.create_task(_periodic_cleanup(ctx)),
-            asyncio.create_task(ctx.onbind.run()),
+            asyncio.create_task(_deliver_onbind(ctx)),
             asyncio.create_task(ctx.lookup_index.run()),
         ]
         try:

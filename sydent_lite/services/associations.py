@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from operator import itemgetter
 
 from sydent_lite.errors import MatrixError, invalid_param
 from sydent_lite.secrets_util import now_ms
 from sydent_lite.services.hashing import lookup_hash
 from sydent_lite.services.lookup_index import LookupIndex
+from sydent_lite.services.onbind_queue import OnbindQueue
 from sydent_lite.signing import ServerSigner
 from sydent_lite.storage.associations import AssociationStore, StoredAssociation
-from sydent_lite.storage.sessions import ValidationSession
 from sydent_lite.threepids import stored_address, stored_addresses
 
 logger = logging.getLogger(__name__)
@@ -30,42 +30,44 @@ class AssociationService:
         signer: ServerSigner,
         pepper: str,
         index: LookupIndex,
-        after_bind: Callable[[dict], Awaitable[None]] | None = None,
+        onbind: OnbindQueue | None = None,
     ) -> None:
         self._store = store
         self._index = index
         self._signer = signer
         self.pepper = pepper
-        # Told of every new association (queues onbind callbacks for pending invites).
-        self._after_bind = after_bind
+        # Queues the onbind callback of the bound address's pending invites, in the bind's transaction.
+        self._onbind = onbind
 
-    async def bind(self, session: ValidationSession, mxid: str) -> dict:
+    async def bind(self, medium: str, address: str, mxid: str) -> dict:
+        """Bind the (validated) 3PID to `mxid`, replacing any other binding of it; returns the
+        signed association. Its pending invites are queued for the homeserver with it."""
         ts = now_ms()
         signed = self._signer.sign(
             {
-                "medium": session.medium,
-                "address": session.address,
+                "medium": medium,
+                "address": address,
                 "mxid": mxid,
                 "ts": ts,
                 "not_before": ts,
                 "not_after": ts + ASSOCIATION_LIFETIME_MS,
             }
         )
-        await self._store.upsert(
-            StoredAssociation(
-                medium=session.medium,
-                address=session.address,
-                lookup_hash=lookup_hash(session.address, session.medium, self.pepper),
-                mxid=mxid,
-                ts=ts,
-                not_before=ts,
-                not_after=ts + ASSOCIATION_LIFETIME_MS,
-                signed_json=json.dumps(signed),
-            )
+        stored = StoredAssociation(
+            medium=medium,
+            address=address,
+            lookup_hash=lookup_hash(address, medium, self.pepper),
+            mxid=mxid,
+            ts=ts,
+            not_before=ts,
+            not_after=ts + ASSOCIATION_LIFETIME_MS,
+            signed_json=json.dumps(signed),
         )
-        logger.info("bound a %s address to a user of %s", session.medium, mxid.split(":", 1)[-1])
-        if self._after_bind is not None:
-            await self._after_bind(signed)
+        callback = self._onbind.request_for(signed) if self._onbind is not None else None
+        queued = await self._store.bind(stored, callback)
+        logger.info("bound a %s address to a user of %s", medium, mxid.split(":", 1)[-1])
+        if queued is not None and self._onbind is not None:
+            self._onbind.queued()
         return signed
 
     async def unbind(self, medium: str, address: str, mxid: str) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -197,36 +196,6 @@ class InviteService:
         return signedjson.sign.sign_json(
             {"mxid": mxid, "sender": invite.sender, "token": token}, self._config.effective_server_name, key
         )
-
-    # --- onbind -------------------------------------------------------------------------------
-
-    async def queue_onbind(self, signed_association: dict[str, Any]) -> int | None:
-        """Queue the onbind callback for this address's pending invites, if it has any."""
-        medium, address, mxid = signed_association["medium"], signed_association["address"], signed_association["mxid"]
-
-        def build_body(pending: list[StoredInvite]) -> str:
-            body = {k: v for k, v in signed_association.items() if k != "signatures"}
-            body["invites"] = [
-                {
-                    "medium": medium,
-                    "address": address,
-                    "mxid": mxid,
-                    "room_id": inv.room_id,
-                    "sender": inv.sender,
-                    "token": inv.token,
-                    "signed": self._signer.sign({"mxid": mxid, "token": inv.token}),
-                }
-                for inv in pending
-            ]
-            return json.dumps(self._signer.sign(body))
-
-        now = now_ms()
-        return await self._store.queue_callback(
-            medium, address, user_id_server(mxid), build_body, now, not_before_ts=now - self._expiry_ms
-        )
-
-    async def queue_onbind_quietly(self, signed_association: dict[str, Any]) -> None:
-        await self.queue_onbind(signed_association)
 
     async def expire(self) -> tuple[int, int]:
         return await self._store.delete_older_than(now_ms() - self._expiry_ms)

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, func, literal, select, tuple_, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from sydent_lite.storage.dialect import insert_for
+from sydent_lite.storage.invites import CallbackRequest, queue_callback_on
 from sydent_lite.storage.readers import SQLITE_IN_CHUNK, hot_reader
 from sydent_lite.storage.tables import associations as assoc
 
@@ -40,6 +41,16 @@ _GET_SQL = (
 )
 
 
+async def _upsert_on(conn: AsyncConnection, a: StoredAssociation) -> None:
+    values = a.__dict__.copy()
+    stmt = insert_for(conn, assoc).values(**values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["medium", "address"],
+        set_={k: v for k, v in values.items() if k not in ("medium", "address")},
+    )
+    await conn.execute(stmt)
+
+
 class AssociationStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -47,14 +58,21 @@ class AssociationStore:
 
     async def upsert(self, a: StoredAssociation) -> None:
         """Insert, or replace the association of that 3PID in one statement (no lost race)."""
-        values = a.__dict__.copy()
         async with self._engine.begin() as conn:
-            stmt = insert_for(conn, assoc).values(**values)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["medium", "address"],
-                set_={k: v for k, v in values.items() if k not in ("medium", "address")},
-            )
-            await conn.execute(stmt)
+            await _upsert_on(conn, a)
+
+    async def bind(self, a: StoredAssociation, callback: CallbackRequest | None) -> int | None:
+        """Store the association and queue the onbind callback of the 3PID's pending invites,
+        in one transaction: both are stored or neither is (a crash in between cannot leave a
+        bound address whose invites are never sent). Returns the callback id, if one was queued.
+
+        The upsert comes first: it takes the 3PID's row lock (PostgreSQL) or the write lock
+        (SQLite), so concurrent binds of one address take turns, and the later ones find the
+        invites already claimed.
+        """
+        async with self._engine.begin() as conn:
+            await _upsert_on(conn, a)
+            return await queue_callback_on(conn, callback) if callback is not None else None
 
     async def delete(self, medium: str, address: str, mxid: str) -> bool:
         async with self._engine.begin() as conn:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import delete, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import ColumnElement, case, delete, exists, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from sydent_lite.storage.tables import ephemeral_public_keys, invites, onbind_callbacks
+from sydent_lite.storage.tables import associations, ephemeral_public_keys, invites, onbind_callbacks
 
 
 @dataclass
@@ -29,6 +31,93 @@ class PendingCallback:
     destination: str
     body: str
     attempts: int
+
+
+@dataclass(frozen=True)
+class CallbackRequest:
+    """How to queue the onbind callback of one 3PID's pending invites (the service builds it)."""
+
+    medium: str
+    address: str
+    destination: str  # the bound Matrix ID's server
+    build_body: Callable[[list[StoredInvite]], str]  # the pending invites -> the signed JSON body
+    now: int
+    not_before_ts: int  # invites created before this have expired
+
+
+@dataclass(frozen=True)
+class BoundAddress:
+    """A bound 3PID, with the signed association as stored."""
+
+    medium: str
+    address: str
+    mxid: str
+    signed_json: str
+
+
+def _unqueued(medium: Any, address: Any, not_before_ts: int) -> tuple[ColumnElement[bool], ...]:
+    """The invites of this 3PID that no callback carries yet (medium/address: values or columns)."""
+    return (
+        invites.c.medium == medium,
+        invites.c.address == address,
+        invites.c.callback_id.is_(None),
+        invites.c.delivered_ts.is_(None),  # e.g. imported from Sydent, already sent
+        invites.c.created_ts >= not_before_ts,  # expired, not yet cleaned up
+    )
+
+
+def _due(now: int) -> tuple[ColumnElement[bool], ...]:
+    return onbind_callbacks.c.next_attempt_ts <= now, onbind_callbacks.c.claimed_until < now
+
+
+async def queue_callback_on(conn: AsyncConnection, request: CallbackRequest) -> int | None:
+    """Put the 3PID's unqueued invites into one new callback, in the caller's transaction.
+
+    Returns the callback id, or None when there was nothing to send (most binds: one read).
+    """
+    unqueued = _unqueued(request.medium, request.address, request.not_before_ts)
+    if (await conn.execute(select(invites.c.token).where(*unqueued).limit(1))).first() is None:
+        return None
+    return await _claim_into(conn, await _insert_callback(conn, request.destination, request.now), request)
+
+
+async def _insert_callback(conn: AsyncConnection, destination: str, now: int) -> int:
+    result = await conn.execute(
+        onbind_callbacks.insert().values(
+            destination=destination, body="", attempts=0, next_attempt_ts=now, claimed_until=0, created_ts=now
+        )
+    )
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
+
+
+async def _claim_into(conn: AsyncConnection, callback_id: int, request: CallbackRequest) -> int | None:
+    """Stamp the unqueued invites with `callback_id` and write its body; None (and the callback
+    deleted again) if none were left to claim.
+
+    Claim first, read second: concurrent binds of one address (in any process) each try to
+    stamp the unqueued invites with their own callback id; the row locks (PostgreSQL) or the
+    single writer (SQLite, whose transaction starts with a write) let exactly one succeed,
+    and the others find nothing left to send.
+    """
+    unqueued = _unqueued(request.medium, request.address, request.not_before_ts)
+    await conn.execute(update(invites).where(*unqueued).values(callback_id=callback_id))
+    rows = (
+        await conn.execute(
+            select(invites)
+            # SQLite reuses the id of a delivered (deleted) callback: its invites are
+            # told apart by their delivered_ts.
+            .where(invites.c.callback_id == callback_id, invites.c.delivered_ts.is_(None))
+            .order_by(invites.c.created_ts)
+        )
+    ).mappings().all()
+    if not rows:
+        await conn.execute(delete(onbind_callbacks).where(onbind_callbacks.c.id == callback_id))
+        return None
+    body = request.build_body([StoredInvite(**r) for r in rows])
+    await conn.execute(update(onbind_callbacks).where(onbind_callbacks.c.id == callback_id).values(body=body))
+    return callback_id
 
 
 class InviteStore:
@@ -58,67 +147,71 @@ class InviteStore:
                 return True
             return (await conn.execute(imported.limit(1))).first() is not None
 
-    async def queue_callback(
-        self, medium: str, address: str, destination: str, build_body, now: int, not_before_ts: int  # type: ignore[no-untyped-def]
-    ) -> int | None:
-        """Put this 3PID's unqueued invites into one new callback, atomically.
-
-        `build_body(list[StoredInvite]) -> str` makes the (signed) JSON body. Returns the
-        callback id, or None when there was nothing to send.
-        """
-        unqueued = (
-            invites.c.medium == medium,
-            invites.c.address == address,
-            invites.c.callback_id.is_(None),
-            invites.c.delivered_ts.is_(None),  # e.g. imported from Sydent, already sent
-            invites.c.created_ts >= not_before_ts,  # expired, not yet cleaned up
+    async def bound_without_callback(self, not_before_ts: int, limit: int) -> list[BoundAddress]:
+        """Bound 3PIDs with unqueued, undelivered, unexpired invites: what a crash between the
+        two transactions of older versions (association, then callback) left behind."""
+        query = (
+            select(associations.c.medium, associations.c.address, associations.c.mxid, associations.c.signed_json)
+            .where(exists().where(*_unqueued(associations.c.medium, associations.c.address, not_before_ts)))
+            .order_by(associations.c.medium, associations.c.address)
+            .limit(limit)
         )
-        # Most binds have no invitation waiting: find that out without writing anything.
         async with self._engine.connect() as conn:
-            if (await conn.execute(select(invites.c.token).where(*unqueued).limit(1))).first() is None:
-                return None
-        # Claim first, read second: concurrent binds of one address (in any process) each try
-        # to stamp the unqueued invites with their own callback id; the row locks (PostgreSQL)
-        # or the single writer (SQLite, whose transaction starts with the INSERT) let exactly
-        # one succeed, and the others find nothing left to send.
+            return [BoundAddress(*row) for row in await conn.execute(query)]
+
+    async def queue_missed_callback(self, bound: BoundAddress, request: CallbackRequest) -> int | None:
+        """Queue the callback `bound` is missing, if it is still bound so and still missing it.
+
+        Safe when several workers do it at once: as for binds, one of them claims the invites.
+        """
         async with self._engine.begin() as conn:
-            result = await conn.execute(
-                onbind_callbacks.insert().values(
-                    destination=destination, body="", attempts=0, next_attempt_ts=now, claimed_until=0, created_ts=now
+            # The INSERT first: on SQLite the transaction takes the write lock with it, so
+            # what it reads next cannot change under it.
+            callback_id = await _insert_callback(conn, request.destination, request.now)
+            still_bound = await conn.execute(
+                select(associations.c.id).where(
+                    associations.c.medium == bound.medium,
+                    associations.c.address == bound.address,
+                    associations.c.signed_json == bound.signed_json,
                 )
             )
-            callback_id = result.inserted_primary_key[0]
-            await conn.execute(update(invites).where(*unqueued).values(callback_id=callback_id))
-            rows = (
-                await conn.execute(
-                    select(invites)
-                    # SQLite reuses the id of a delivered (deleted) callback: its invites are
-                    # told apart by their delivered_ts.
-                    .where(invites.c.callback_id == callback_id, invites.c.delivered_ts.is_(None))
-                    .order_by(invites.c.created_ts)
-                )
-            ).mappings().all()
-            if not rows:
+            if still_bound.first() is None:  # unbound or bound anew meanwhile: not ours to send
                 await conn.execute(delete(onbind_callbacks).where(onbind_callbacks.c.id == callback_id))
                 return None
-            body = build_body([StoredInvite(**r) for r in rows])
-            await conn.execute(update(onbind_callbacks).where(onbind_callbacks.c.id == callback_id).values(body=body))
-        return callback_id
+            return await _claim_into(conn, callback_id, request)
 
-    async def due_callbacks(self, now: int, limit: int = 20) -> list[PendingCallback]:
+    async def due_destinations(self, now: int, limit: int) -> list[str]:
+        """Destinations with callbacks due and unclaimed, the longest-waiting first; one row
+        each, however long its backlog (a destination's backlog cannot hide another's)."""
         query = (
-            select(onbind_callbacks.c.id, onbind_callbacks.c.destination, onbind_callbacks.c.body, onbind_callbacks.c.attempts)
-            .where(onbind_callbacks.c.next_attempt_ts <= now, onbind_callbacks.c.claimed_until < now)
-            .order_by(onbind_callbacks.c.next_attempt_ts)
+            select(onbind_callbacks.c.destination)
+            .where(*_due(now))
+            .group_by(onbind_callbacks.c.destination)
+            .order_by(func.min(onbind_callbacks.c.next_attempt_ts), onbind_callbacks.c.destination)
+            .limit(limit)
+        )
+        async with self._engine.connect() as conn:
+            return [row[0] for row in await conn.execute(query)]
+
+    async def due_callbacks_to(self, destination: str, now: int, limit: int) -> list[PendingCallback]:
+        """The callbacks to `destination` that are due and unclaimed, the longest-waiting first."""
+        cb = onbind_callbacks.c
+        query = (
+            select(cb.id, cb.destination, cb.body, cb.attempts)
+            .where(cb.destination == destination, *_due(now))
+            .order_by(cb.next_attempt_ts, cb.id)
             .limit(limit)
         )
         async with self._engine.connect() as conn:
             return [PendingCallback(*row) for row in await conn.execute(query)]
 
-    async def next_due_ts(self) -> int | None:
+    async def next_due_ts(self, now: int) -> int | None:
+        """The first time after `now` at which a callback falls due or another worker's claim
+        on one lapses (None: nothing will)."""
+        cb = onbind_callbacks.c
+        becomes_due = case((cb.claimed_until > cb.next_attempt_ts, cb.claimed_until), else_=cb.next_attempt_ts)
         async with self._engine.connect() as conn:
-            row = (await conn.execute(select(onbind_callbacks.c.next_attempt_ts).order_by(onbind_callbacks.c.next_attempt_ts).limit(1))).first()
-        return row[0] if row else None
+            return (await conn.execute(select(func.min(becomes_due)).where(becomes_due > now))).scalar()
 
     async def claim(self, callback_id: int, now: int, lease_until: int) -> bool:
         """Take the callback for this worker until lease_until; False if another worker has it."""

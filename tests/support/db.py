@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import sqlite3
 import urllib.parse
 import uuid
 from dataclasses import dataclass
@@ -71,6 +72,45 @@ def run_sql_at(url: str, sql: str, *args: Any) -> list[Any]:
             await conn.close()
 
     return _run(go())
+
+
+def sql(url: str, statement: str, *args: Any) -> list[dict[str, Any]]:
+    """Rows (as dicts) of one statement, with `?` parameters, on the database at `url` (a
+    server's `database.url`, SQLite or PostgreSQL), on a connection of its own, committed."""
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[1]
+        conn = sqlite3.connect(path, timeout=10)
+        conn.row_factory = sqlite3.Row
+        try:
+            rows = [dict(r) for r in conn.execute(statement, args)]
+            conn.commit()
+            return rows
+        finally:
+            conn.close()
+    parts = statement.split("?")
+    numbered = parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], start=1))
+    return [dict(r) for r in run_sql_at(url, numbered, *args)]
+
+
+def refuse_inserts(url: str, table: str) -> None:
+    """Make every INSERT into `table` fail (a trigger), as a full disk or a lost connection
+    would at that point; `allow_inserts` takes it away again."""
+    if url.startswith("sqlite"):
+        sql(url, f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} BEGIN"
+                 " SELECT RAISE(ABORT, 'refused by the test'); END")
+    else:
+        sql(url, f"CREATE FUNCTION refuse_{table}() RETURNS trigger AS $$ BEGIN"
+                 " RAISE EXCEPTION 'refused by the test'; END $$ LANGUAGE plpgsql")
+        sql(url, f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table}"
+                 f" FOR EACH ROW EXECUTE FUNCTION refuse_{table}()")
+
+
+def allow_inserts(url: str, table: str) -> None:
+    if url.startswith("sqlite"):
+        sql(url, f"DROP TRIGGER refuse_{table}")
+    else:
+        sql(url, f"DROP TRIGGER refuse_{table} ON {table}")
+        sql(url, f"DROP FUNCTION refuse_{table}()")
 
 
 def _with_database(url: str, dbname: str, scheme: str) -> str:

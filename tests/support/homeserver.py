@@ -12,12 +12,15 @@
   bound user it can answer something else instead (`set_onbind_status`, `fail_onbind`).
   `onbind_requests(...)` / `wait_for_onbind(...)` find the callbacks received.
 - Every request is recorded in `requests`, with the status it was answered (`status`).
+
+`TarpitHomeserver` is a homeserver that accepts TLS connections and never answers (a tarpit).
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -350,3 +353,121 @@ class HomeserverStandIn:
             return JSONResponse(self.server_keys())
 
         return JSONResponse({"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}, status_code=404)
+
+
+@dataclass
+class TarpitConnection:
+    opened: float  # time.time() the TLS handshake completed
+    request: bytes = b""  # what the client sent (never answered)
+    closed: float | None = None  # when the client gave up (closed it)
+
+
+class TarpitHomeserver:
+    """A homeserver that accepts TLS connections, reads the request, and never answers.
+
+    Its certificate, for 127.0.0.1, comes from the stand-in's CA (`ca`), so the server under
+    test trusts it as it trusts the stand-in; `server_name` is `127.0.0.1:<port>`. Every
+    connection is recorded in `connections` (opened, the request bytes, closed by the client).
+    Bounded: at most `max_connections` are held (more are closed at once), each thread polls
+    for `stop()`, which closes everything.
+    """
+
+    def __init__(self, workdir: Path, ca: trustme.CA, max_connections: int = 200) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.cert_path = workdir / "tarpit-cert-and-key.pem"
+        ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(self.cert_path))
+        self.max_connections = max_connections
+        self.connections: list[TarpitConnection] = []
+        self._lock = threading.Lock()
+        self._open = 0
+        self.max_open = 0  # the most connections held at once
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._sock: socket.socket | None = None
+        self.port: int | None = None
+
+    @property
+    def server_name(self) -> str:
+        assert self.port is not None, "not started"
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "TarpitHomeserver":
+        self._ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._ssl.load_cert_chain(str(self.cert_path))
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(256)
+        sock.settimeout(0.2)
+        self._sock = sock
+        self.port = sock.getsockname()[1]
+        self._spawn(self._accept_loop, "tarpit-accept")
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def open_connections(self) -> list[TarpitConnection]:
+        with self._lock:
+            return [c for c in self.connections if c.closed is None]
+
+    def requests_received(self) -> list[TarpitConnection]:
+        with self._lock:
+            return [c for c in self.connections if c.request]
+
+    def _spawn(self, target: Callable[..., None], name: str, *args: Any) -> None:
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                full = self._open >= self.max_connections
+            if full:
+                conn.close()
+                continue
+            self._spawn(self._hold, "tarpit-conn", conn)
+
+    def _hold(self, raw: socket.socket) -> None:
+        raw.settimeout(5.0)
+        try:
+            conn = self._ssl.wrap_socket(raw, server_side=True)
+        except OSError:
+            raw.close()
+            return
+        record = TarpitConnection(opened=time.time())
+        with self._lock:
+            self.connections.append(record)
+            self._open += 1
+            self.max_open = max(self.max_open, self._open)
+        conn.settimeout(0.2)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    data = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+                if not data:
+                    break
+                with self._lock:
+                    record.request += data
+        finally:
+            with self._lock:
+                record.closed = time.time()
+                self._open -= 1
+            conn.close()

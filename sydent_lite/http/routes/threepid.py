@@ -42,7 +42,7 @@ async def bind(request: Request, ctx: AppContext, v2: bool) -> Response:
     if user_id is not None and mxid != user_id:
         raise MatrixError(403, "M_UNAUTHORIZED", "This user is prohibited from binding to the mxid")
     session = await ctx.sessions.validated_session(sid, client_secret)
-    return JSONResponse(await ctx.associations.bind(session, mxid))
+    return JSONResponse(await ctx.associations.bind(session.medium, session.address, mxid))
 
 
 async def unbind(request: Request, ctx: AppContext, v2: bool) -> Response:
