@@ -124,9 +124,19 @@ class RateLimitConfig:
     store_invite_per_ip_burst: int = 20
     store_invite_per_address_per_hour: float = 10.0
     store_invite_per_address_burst: int = 5
-    # lookup / bulk_lookup, per access token (v2) or client IP (v1).
+    # lookup / bulk_lookup requests, per user (v2; every token of the user) or client IP (v1).
     lookup_per_token_per_minute: float = 600.0
     lookup_per_token_burst: int = 100
+    # Addresses looked up, on the same subjects: a lookup of N addresses costs N. The burst
+    # takes a whole 10,000-address book twice over; the rate refills one in 10 minutes.
+    lookup_addresses_per_minute: float = 1000.0
+    lookup_addresses_burst: int = 20000
+    # /account/register (each one a request to a homeserver), per client IP and per homeserver
+    # host, checked before that request is made.
+    register_per_ip_per_minute: float = 10.0
+    register_per_ip_burst: int = 10
+    register_per_server_per_minute: float = 60.0
+    register_per_server_burst: int = 30
     # Where the buckets live, shared by every worker: Redis when set, else the database.
     redis_url: str | None = None
 
