@@ -24,7 +24,8 @@ class ConfigError(Exception):
 
 
 # Addresses an outbound request must never reach unless allow-listed: loopback, private,
-# link-local, CGNAT, multicast, reserved and documentation ranges (IPv4 and IPv6).
+# link-local, CGNAT, multicast, reserved and documentation ranges (IPv4 and IPv6), and the IPv6
+# ranges that lead to an IPv4 address or to no public host (IANA's special-purpose registries).
 DEFAULT_IP_BLOCKLIST = [
     "0.0.0.0/8",
     "10.0.0.0/8",
@@ -44,13 +45,21 @@ DEFAULT_IP_BLOCKLIST = [
     "255.255.255.255/32",
     "::/128",
     "::1/128",
+    "::/96",  # IPv4-compatible (deprecated): ::a.b.c.d
     "::ffff:0:0/96",
+    "::ffff:0:0:0/96",  # IPv4-translated (RFC 2765)
     "64:ff9b::/96",
+    "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215)
     "100::/64",
-    "2001::/23",
+    "100:0:0:1::/64",  # dummy prefix (IANA special-purpose registry)
+    "2001::/23",  # IETF protocol assignments: Teredo, ORCHIDv2 (2001:20::/28), benchmarking ...
     "2001:db8::/32",
+    "2002::/16",  # 6to4: a relay carries it to the IPv4 address inside
+    "3fff::/20",  # documentation (RFC 9637)
+    "5f00::/16",  # SRv6 SIDs (RFC 9602)
     "fc00::/7",
     "fe80::/10",
+    "fec0::/10",  # site-local (deprecated)
     "ff00::/8",
 ]
 

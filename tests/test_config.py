@@ -23,6 +23,9 @@ def test_embedded_defaults() -> None:
     assert config.public_baseurl == "http://127.0.0.1:8090"
     assert config.email_from == "Identity Server <noreply@localhost>"
     assert "10.0.0.0/8" in config.federation.ip_blocklist and "127.0.0.0/8" in config.federation.ip_blocklist
+    assert {"::/96", "2002::/16", "fec0::/10", "64:ff9b:1::/48", "3fff::/20", "5f00::/16"} <= set(
+        config.federation.ip_blocklist
+    )
 
 
 def test_example_config_loads_and_documents_every_key() -> None:
