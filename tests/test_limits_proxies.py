@@ -444,8 +444,9 @@ async def test_the_default_address_budget_takes_a_whole_address_book() -> None:
     limiter = RateLimiter(True, MemoryRateLimitStore())
     # 10,000 addresses at once (the most a lookup may carry), then the same again: emails,
     # then phone numbers of one contact book.
+    rate = rl.lookup_addresses_per_minute / 60
     for _ in range(2):
-        await limiter.check("lookup-addr:user:@a:hs", rl.lookup_addresses_per_minute / 60, rl.lookup_addresses_burst, 10_000)
+        await limiter.check("lookup-addr:user:@a:hs", rate, rl.lookup_addresses_burst, 10_000)
 
 
 # --- IPv6 clients by /64 -------------------------------------------------------------------------
