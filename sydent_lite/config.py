@@ -24,7 +24,8 @@ class ConfigError(Exception):
 
 
 # Addresses an outbound request must never reach unless allow-listed: loopback, private,
-# link-local, CGNAT, multicast, reserved and documentation ranges (IPv4 and IPv6).
+# link-local, CGNAT, multicast, reserved and documentation ranges (IPv4 and IPv6), and the IPv6
+# ranges that lead to an IPv4 address or to no public host (IANA's special-purpose registries).
 DEFAULT_IP_BLOCKLIST = [
     "0.0.0.0/8",
     "10.0.0.0/8",
@@ -44,13 +45,21 @@ DEFAULT_IP_BLOCKLIST = [
     "255.255.255.255/32",
     "::/128",
     "::1/128",
+    "::/96",  # IPv4-compatible (deprecated): ::a.b.c.d
     "::ffff:0:0/96",
+    "::ffff:0:0:0/96",  # IPv4-translated (RFC 2765)
     "64:ff9b::/96",
+    "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215)
     "100::/64",
-    "2001::/23",
+    "100:0:0:1::/64",  # dummy prefix (IANA special-purpose registry)
+    "2001::/23",  # IETF protocol assignments: Teredo, ORCHIDv2 (2001:20::/28), benchmarking ...
     "2001:db8::/32",
+    "2002::/16",  # 6to4: a relay carries it to the IPv4 address inside
+    "3fff::/20",  # documentation (RFC 9637)
+    "5f00::/16",  # SRv6 SIDs (RFC 9602)
     "fc00::/7",
     "fe80::/10",
+    "fec0::/10",  # site-local (deprecated)
     "ff00::/8",
 ]
 
@@ -123,16 +132,26 @@ class RateLimitConfig:
     # every session of that address), and per client IP (every call).
     submit_token_per_address_per_day: float = 20.0
     submit_token_per_address_burst: int = 20
-    submit_token_per_ip_per_minute: float = 60.0
-    submit_token_per_ip_burst: int = 30
+    submit_token_per_ip_per_minute: float = 20.0
+    submit_token_per_ip_burst: int = 20
     # store-invite, per client IP and per invited address.
     store_invite_per_ip_per_minute: float = 30.0
     store_invite_per_ip_burst: int = 20
     store_invite_per_address_per_hour: float = 10.0
     store_invite_per_address_burst: int = 5
-    # lookup / bulk_lookup, per access token (v2) or client IP (v1).
+    # lookup / bulk_lookup requests, per user (v2; every token of the user) or client IP (v1).
     lookup_per_token_per_minute: float = 600.0
     lookup_per_token_burst: int = 100
+    # Addresses looked up, on the same subjects: a lookup of N addresses costs N. The burst
+    # takes a whole 10,000-address book twice over; the rate refills one in 10 minutes.
+    lookup_addresses_per_minute: float = 1000.0
+    lookup_addresses_burst: int = 20000
+    # /account/register (each one a request to a homeserver), per client IP and per homeserver
+    # host, checked before that request is made.
+    register_per_ip_per_minute: float = 10.0
+    register_per_ip_burst: int = 10
+    register_per_server_per_minute: float = 60.0
+    register_per_server_burst: int = 30
     # Where the buckets live, shared by every worker: Redis when set, else the database.
     redis_url: str | None = None
 

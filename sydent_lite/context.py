@@ -105,7 +105,7 @@ async def build_context(config: Config) -> AppContext:
         templates=templates,
         federation=federation,
         server_keys=ServerKeyStore(federation),
-        accounts=AccountService(account_store, federation),
+        accounts=AccountService(account_store, federation, rate_limiter, config.rate_limits),
         terms=TermsService(terms, account_store),
         sessions=SessionService(
             config, SessionStore(engine), templates, email_sender, sms_provider, rate_limiter

@@ -8,9 +8,15 @@ operator point `email.templates_dir` at an existing Sydent template folder.
 
 from __future__ import annotations
 
+import email
+import email.base64mime
+import email.policy
+import email.quoprimime
 import html
+import io
 import re
 import secrets
+from email.generator import BytesGenerator
 from email.header import Header
 from email.utils import formataddr, formatdate, make_msgid, parseaddr
 from pathlib import Path
@@ -35,6 +41,13 @@ _HEADER_BREAKERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
 # Only these are line breaks in a rendered message (str.splitlines() knows more, e.g. U+2028,
 # which must stay inside its line).
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+# RFC 5322 2.1.1: at most 998 octets per line, CRLF aside; SMTP servers refuse longer ones.
+MAX_LINE_OCTETS = 998
+# A readable (unencoded) header value keeps its words under this, leaving room for the name.
+_MAX_PLAIN_HEADER_LINE = 900
+# Reading a rendered message back to re-encode it: headers kept as written unless a line is too long.
+_REENCODE_POLICY = email.policy.SMTP.clone(max_line_length=MAX_LINE_OCTETS)
+_IDENTITY_ENCODINGS = ("7bit", "8bit", "binary")
 
 
 def is_safe_name(name: str) -> bool:
@@ -47,9 +60,51 @@ def _check_header_value(field: str, value: str) -> None:
 
 
 def _encode_header(value: str) -> str:
-    """RFC 2047-encode a non-ASCII header value; ASCII stays readable (and is folded if long)."""
-    charset = "us-ascii" if value.isascii() else "utf-8"
-    return Header(value, charset).encode()
+    """RFC 2047-encode a header value that needs it; plain ASCII stays readable (folded if long).
+
+    Text containing `=?` is encoded too: mail readers decode whatever looks like an encoded word,
+    so a display name written as `=?utf-8?q?...?=` would show as what it decodes to. Inside our
+    encoded word its `=` and `?` are encoded themselves, and a reader shows the text as typed.
+    A word too long to fold at spaces is encoded too (encoded words can be split anywhere).
+    """
+    if value.isascii() and "=?" not in value:
+        plain = Header(value, "us-ascii").encode()
+        if all(len(line) <= _MAX_PLAIN_HEADER_LINE for line in plain.splitlines()):
+            return plain
+    return Header(value, "utf-8").encode()
+
+
+def fit_line_limit(message: bytes) -> bytes:
+    """`message` (CRLF line endings) as it is if every line fits in 998 octets; else with each
+    unencoded part that has a longer line re-encoded, text as quoted-printable (soft line
+    breaks: the reader sees the same text), anything else as base64. A header line that is too
+    long is folded. Whatever a template writes, no line can make SMTP refuse the message, and
+    messages within the limit (nearly all) are sent byte for byte as the template made them.
+    """
+    if all(len(line) <= MAX_LINE_OCTETS for line in message.split(b"\r\n")):
+        return message
+    parsed = email.message_from_bytes(message, policy=_REENCODE_POLICY)
+    for part in parsed.walk():
+        if part.is_multipart():
+            continue
+        if str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower() not in _IDENTITY_ENCODINGS:
+            continue  # already encoded by the template: its lines are its own
+        data = part.get_payload(decode=True)
+        if not isinstance(data, bytes) or all(len(line) <= MAX_LINE_OCTETS for line in data.splitlines()):
+            continue
+        if part.get_content_maintype() == "text":
+            # body_encode works on characters 0-255: latin-1 maps each octet to one of them.
+            encoded, cte = email.quoprimime.body_encode(data.decode("latin-1"), eol="\r\n"), "quoted-printable"
+        else:
+            encoded, cte = email.base64mime.body_encode(data, eol="\r\n"), "base64"
+        part.set_payload(encoded)
+        if "Content-Transfer-Encoding" in part:
+            part.replace_header("Content-Transfer-Encoding", cte)
+        else:
+            part["Content-Transfer-Encoding"] = cte
+    out = io.BytesIO()
+    BytesGenerator(out, policy=_REENCODE_POLICY).flatten(parsed)
+    return out.getvalue()
 
 
 def _from_header(from_: str) -> str:
@@ -165,7 +220,7 @@ class TemplateStore:
             "multipart_boundary": secrets.token_hex(16),
         }
         text = self._env.get_template(self._jinja_name(brand, template_name)).render(context)
-        return _LINE_BREAK.sub("\r\n", text).encode("utf-8")
+        return fit_line_limit(_LINE_BREAK.sub("\r\n", text).encode("utf-8"))
 
     def _page(self, brand: str, template_name: str) -> str:
         key = (brand, template_name)

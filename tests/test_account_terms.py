@@ -85,6 +85,18 @@ def test_register_with_unreachable_homeserver(client: httpx.Client) -> None:
     assert_error(client.post(f"{V2}/account/register", json=body), 401, "M_UNAUTHORIZED")
 
 
+@pytest.mark.parametrize("host", ["[::127.0.0.1]", "[2002:7f00:1::1]", "[fec0::1]", "[64:ff9b:1::7f00:1]"])
+def test_register_refuses_ipv6_ranges_that_lead_elsewhere(client: httpx.Client, homeserver: HomeserverStandIn,
+                                                         host: str) -> None:
+    # IPv4-compatible and 6to4 addresses of the homeserver's own 127.0.0.1, a site-local and a
+    # local NAT64 address: refused as destinations before any connection is tried, although the
+    # test servers allow-list 127.0.0.0/8 (the IPv6 ranges themselves are not allow-listed).
+    body = homeserver.openid_token(localpart())
+    body["matrix_server_name"] = f"{host}:{homeserver.port}"
+    err = assert_error(client.post(f"{V2}/account/register", json=body), 401, "M_UNAUTHORIZED")
+    assert "not allowed as a destination" in err["error"], err
+
+
 @pytest.mark.parametrize("drop", ["access_token", "matrix_server_name"])
 def test_register_missing_params(client: httpx.Client, homeserver: HomeserverStandIn, drop: str) -> None:
     body = homeserver.openid_token(localpart())

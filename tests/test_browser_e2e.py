@@ -4,6 +4,7 @@ follows a next_link; screenshots go to test-artifacts/ (kept by CI, ignored by g
 
 from __future__ import annotations
 
+import html
 import http.server
 import os
 import shutil
@@ -11,6 +12,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 
@@ -83,6 +85,30 @@ def welcome_page() -> Iterator[str]:
     httpd.shutdown()
 
 
+@pytest.fixture(scope="module")
+def other_site() -> Iterator[str]:
+    """Another origin on loopback: `/frame?src=URL` is a page that shows URL in an iframe."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            src = parse_qs(urlsplit(self.path).query).get("src", [""])[0]
+            body = (f'<!DOCTYPE html><title>Win a prize</title><h1>Click the button</h1>'
+                    f'<iframe src="{html.escape(src, quote=True)}" width="600" height="400"></iframe>').encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
 def _mailed_link(server: SydentServer, smtp_sink, next_link: str | None = None) -> str:  # type: ignore[no-untyped-def]
     smtp_sink.accept()
     address = unique_email("browser")
@@ -139,3 +165,29 @@ def test_pages_fit_a_phone_screen(browser, server, smtp_sink) -> None:  # type: 
             _shot(browser, shot)
     finally:
         browser.set_window_size(1024, 768)
+
+
+def test_our_pages_cannot_be_framed_by_another_site(browser, server, smtp_sink, other_site: str) -> None:  # type: ignore[no-untyped-def]
+    # Clickjacking: another site shows our page in a frame under its own. The browser must
+    # refuse to render it there (Content-Security-Policy frame-ancestors, X-Frame-Options).
+    from selenium.webdriver.common.by import By
+
+    wrong_link = _mailed_link(server, smtp_sink).replace("token=", "token=x", 1)
+    for url, ours in ((server.base_url + "/", server.server_name), (wrong_link, "Address verification")):
+        browser.get(f"{other_site}/frame?src={quote(url, safe='')}")
+        assert browser.find_element(By.TAG_NAME, "h1").text == "Click the button"
+        browser.switch_to.frame(browser.find_element(By.TAG_NAME, "iframe"))
+        try:
+            shown = [h.text for h in browser.find_elements(By.TAG_NAME, "h1")]
+            assert ours not in shown, f"{url} was rendered inside another site's frame"
+        finally:
+            browser.switch_to.default_content()
+    _shot(browser, "framing-refused.png")
+
+
+def test_pages_keep_their_inline_styles_under_the_content_security_policy(browser, server, smtp_sink) -> None:  # type: ignore[no-untyped-def]
+    for url in (server.base_url + "/", _mailed_link(server, smtp_sink)):
+        browser.get(url)
+        # The <main> card is styled by the page's inline <style>: not the browser's transparent.
+        background = browser.execute_script("return getComputedStyle(document.querySelector('main')).backgroundColor")
+        assert background not in ("", "rgba(0, 0, 0, 0)", "transparent"), (url, background)

@@ -23,6 +23,9 @@ def test_embedded_defaults() -> None:
     assert config.public_baseurl == "http://127.0.0.1:8090"
     assert config.email_from == "Identity Server <noreply@localhost>"
     assert "10.0.0.0/8" in config.federation.ip_blocklist and "127.0.0.0/8" in config.federation.ip_blocklist
+    assert {"::/96", "2002::/16", "fec0::/10", "64:ff9b:1::/48", "3fff::/20", "5f00::/16"} <= set(
+        config.federation.ip_blocklist
+    )
 
 
 def test_example_config_loads_and_documents_every_key() -> None:
@@ -88,7 +91,7 @@ def test_guessing_defaults() -> None:
     assert config.sessions.max_token_attempts == 5
     rl = config.rate_limits
     assert (rl.submit_token_per_address_per_day, rl.submit_token_per_address_burst) == (20.0, 20)
-    assert (rl.submit_token_per_ip_per_minute, rl.submit_token_per_ip_burst) == (60.0, 30)
+    assert (rl.submit_token_per_ip_per_minute, rl.submit_token_per_ip_burst) == (20.0, 20)
     assert (config.sms.code_length, config.sessions.email_token_length) == (6, 32)
     for edge in (1, 100):
         assert config_from_dict({"sessions": {"max_token_attempts": edge}}).sessions.max_token_attempts == edge

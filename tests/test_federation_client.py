@@ -7,6 +7,7 @@ background thread with trustme certificates); there is no other network.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import ssl
@@ -469,6 +470,93 @@ async def test_ipv4_mapped_ipv6_is_checked_as_ipv4(monkeypatch: pytest.MonkeyPat
             await client.request_json("GET", "sneaky.example:8448", "/json")
         with pytest.raises(OutboundPolicyError):
             await client.request_json("GET", "[::ffff:7f00:1]:8448", "/json")
+    finally:
+        await client.aclose()
+
+
+# IPv6 ranges the default block-list must refuse: each leads to an IPv4 address (which may be
+# internal) or to no public host at all.
+@pytest.mark.parametrize(
+    "address",
+    [
+        "::7f00:1",  # IPv4-compatible ::127.0.0.1
+        "::808:808",  # IPv4-compatible, even of a public IPv4 address (deprecated, never routed)
+        "2002:7f00:1::1",  # 6to4 of 127.0.0.1
+        "2002:808:808::1",  # 6to4 of 8.8.8.8: reached through whatever relay is nearest
+        "fec0::1",  # site-local (deprecated)
+        "64:ff9b:1::a00:1",  # local-use NAT64 (RFC 8215)
+        "2001:20::1",  # ORCHIDv2
+        "3fff::1",  # documentation (RFC 9637)
+        "5f00::1",  # SRv6 SIDs
+        "100:0:0:1::1",  # dummy prefix
+        "::ffff:0:a00:1",  # IPv4-translated (RFC 2765)
+    ],
+)
+async def test_default_blocklist_refuses_ipv6_ranges_that_lead_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, address: str
+) -> None:
+    forbid_network(monkeypatch)
+
+    async def resolve(host: str) -> list[str]:
+        return [address]
+
+    client = FederationClient(FederationConfig(), resolve_host=resolve, srv_lookup=no_srv)
+    try:
+        with pytest.raises(OutboundPolicyError):
+            await client.request_json("GET", "sneaky.example:8448", "/json")
+        with pytest.raises(OutboundPolicyError):
+            await client.request_json("GET", f"[{address}]:8448", "/json")
+    finally:
+        await client.aclose()
+
+
+def teredo(server: str, client: str) -> str:
+    """A Teredo address (2001::/32) for a server and a client IPv4 address (RFC 4380)."""
+    obfuscated_client = ~int(ipaddress.IPv4Address(client)) & 0xFFFFFFFF
+    value = (0x20010000 << 96) | (int(ipaddress.IPv4Address(server)) << 64) | obfuscated_client
+    return str(ipaddress.IPv6Address(value))
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "2002:7f00:1::1",  # 6to4 of 127.0.0.1
+        "2002:a9fe:a9fe::",  # 6to4 of 169.254.169.254 (cloud metadata)
+        "::a00:1",  # IPv4-compatible 10.0.0.1
+        "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+        "64:ff9b::c0a8:101",  # NAT64 of 192.168.1.1
+        teredo("8.8.8.8", "10.0.0.1"),
+    ],
+)
+async def test_allow_listed_ipv6_is_judged_by_the_ipv4_inside(monkeypatch: pytest.MonkeyPatch, address: str) -> None:
+    # An operator on a NAT64 network must allow-list 64:ff9b::/96; one may allow 6to4 or
+    # Teredo too. That must not open the way to the IPv4 addresses the block-list refuses.
+    forbid_network(monkeypatch)
+
+    async def resolve(host: str) -> list[str]:
+        return [address]
+
+    allow = ["2002::/16", "::/96", "64:ff9b::/96", "2001::/32"]
+    client = FederationClient(FederationConfig(ip_allowlist=allow), resolve_host=resolve, srv_lookup=no_srv)
+    try:
+        with pytest.raises(OutboundPolicyError):
+            await client.request_json("GET", "sneaky.example:8448", "/json")
+        with pytest.raises(OutboundPolicyError):
+            await client.request_json("GET", f"[{address}]:8448", "/json")
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("address", ["2002:808:808::1", "64:ff9b::808:808", teredo("8.8.4.4", "8.8.8.8")])
+async def test_allow_listed_ipv6_with_a_public_ipv4_inside_is_allowed(
+    monkeypatch: pytest.MonkeyPatch, address: str
+) -> None:
+    forbid_network(monkeypatch)  # getting as far as connecting is what "allowed" means here
+    allow = ["2002::/16", "64:ff9b::/96", "2001::/32"]
+    client = FederationClient(FederationConfig(ip_allowlist=allow), srv_lookup=no_srv)
+    try:
+        with pytest.raises(AssertionError, match="a connection was attempted"):
+            await client.request_json("GET", f"[{address}]:8448", "/json")
     finally:
         await client.aclose()
 

@@ -4,8 +4,10 @@ Limits are token buckets kept where every worker sees them: the database (`rate_
 or Redis (`rate_limits.redis_url`). So a burst of 3 is 3 requests in all, however they are
 spread over processes, and the 4th is 429 M_LIMIT_EXCEEDED with `retry_after_ms` on any of
 them. Limited: requestToken per client IP and per address, store-invite per client IP and
-per invited address, lookups per access token (v2) or client IP (v1). The client IP is the
-peer's address, or X-Forwarded-For's when the peer is a configured proxy.
+per invited address, lookups per user (v2) or client IP (v1), in requests and in addresses
+(a lookup of N addresses costs N), and /account/register per client IP and per homeserver
+host, before it calls the homeserver. The client IP is the peer's address, or
+X-Forwarded-For's when the peer is a configured proxy; an IPv6 client counts by its /64.
 
 The multi-process tests run on PostgreSQL (`DatabaseFactory("postgres")`) and Redis
 (127.0.0.1:6379 unless SYDENT_LITE_TEST_REDIS says otherwise; `off` skips them).
@@ -24,13 +26,19 @@ import httpx
 import pytest
 from starlette.requests import Request
 from support.db import DatabaseFactory, ScratchDatabase, _run, run_sql
-from support.homeserver import HomeserverStandIn
-from support.server import V1, IdentityApi, SydentServer, User, unique_email
+from support.homeserver import OPENID_USERINFO_PATH, HomeserverStandIn
+from support.server import V1, V2, IdentityApi, SydentServer, User, sha256_address, unique_email
 from support.smtp import SmtpSink
 
 from sydent_lite.errors import MatrixError
 from sydent_lite.http.client_ip import client_ip
-from sydent_lite.services.ratelimit import RateLimiter, RedisRateLimitStore, storage_key
+from sydent_lite.services.ratelimit import (
+    MemoryRateLimitStore,
+    RateLimiter,
+    RedisRateLimitStore,
+    client_subject,
+    storage_key,
+)
 
 REDIS_ENV = "SYDENT_LITE_TEST_REDIS"
 DEFAULT_REDIS = "redis://127.0.0.1:6379"
@@ -281,10 +289,10 @@ def test_client_ip(peer: str | None, forwarded: list[str], trusted: list[str], e
     assert client_ip(make_request(peer, forwarded), trusted) == expected
 
 
-async def _concurrent_checks(limiter: RateLimiter, key: str, n: int, burst: int) -> list[int | None]:
+async def _concurrent_checks(limiter: RateLimiter, key: str, n: int, burst: int, cost: int = 1) -> list[int | None]:
     async def one() -> int | None:
         try:
-            await limiter.check(key, 0.001, burst)
+            await limiter.check(key, 0.001, burst, cost)
             return None
         except MatrixError as e:
             assert e.status == 429 and e.errcode == "M_LIMIT_EXCEEDED"
@@ -357,3 +365,263 @@ async def test_disabled_limiter_never_limits() -> None:
     limiter = RateLimiter(False)
     for _ in range(5):
         await limiter.check("off:key", 0.001, 1)
+
+
+# --- costs: a request that takes many tokens at once ------------------------------------------------
+
+
+async def test_a_cost_is_taken_whole_or_not_at_all_and_leases_count_towards_it() -> None:
+    limiter = RateLimiter(True, MemoryRateLimitStore())
+    rate, burst = 0.0001, 2000  # no refill worth speaking of; leases of 100 single tokens
+    for _ in range(150):
+        await limiter.check("k", rate, burst)  # two leases taken from the bucket, 50 left in hand
+    await limiter.check("k", rate, burst, 1800)  # the 50 in hand plus 1,750 from the bucket
+    with pytest.raises(MatrixError) as refused:
+        await limiter.check("k", rate, burst, 51)  # 50 left: none of them is taken
+    assert refused.value.status == 429 and refused.value.to_json()["retry_after_ms"] > 0
+    await limiter.check("k", rate, burst, 50)
+    with pytest.raises(MatrixError):
+        await limiter.check("k", rate, burst)  # 2,000 in all, and not one more
+
+
+async def test_a_cost_above_the_burst_is_refused_clearly() -> None:
+    limiter = RateLimiter(True, MemoryRateLimitStore())
+    with pytest.raises(MatrixError) as refused:
+        await limiter.check("k", 1.0, 100, 101)
+    assert (refused.value.status, refused.value.errcode) == (400, "M_TOO_LARGE")
+    await limiter.check("k", 1.0, 100, 100)  # nothing was taken by the refusal
+
+
+async def test_costs_are_atomic_in_sqlite(tmp_path: Path) -> None:
+    from sydent_lite.config import RateLimitConfig
+    from sydent_lite.storage.database import create_engine, migrate
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'rl.sqlite'}")
+    try:
+        await migrate(engine)
+        limiters = [RateLimiter.from_config(RateLimitConfig(), engine) for _ in range(2)]  # as two processes
+        results = await asyncio.gather(*(_concurrent_checks(lim, "cost:key", 6, 1000, 300) for lim in limiters))
+        flat = [r for rs in results for r in rs]
+        assert flat.count(None) == 3, flat  # 3 x 300 of 1,000; the 100 left pay for no fourth
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_costs_are_atomic_in_postgres(pg: DatabaseFactory) -> None:
+    from sydent_lite.config import RateLimitConfig
+    from sydent_lite.storage.database import create_engine, migrate
+
+    db = pg.create()
+    engines = [create_engine(db.url), create_engine(db.url)]
+    try:
+        await migrate(engines[0])
+        limiters = [RateLimiter.from_config(RateLimitConfig(), e) for e in engines]
+        results = await asyncio.gather(*(_concurrent_checks(lim, "cost:key", 8, 1000, 300) for lim in limiters))
+        flat = [r for rs in results for r in rs]
+        assert flat.count(None) == 3, flat
+    finally:
+        for e in engines:
+            await e.dispose()
+
+
+async def test_costs_are_atomic_in_redis() -> None:
+    url = await asyncio.to_thread(redis_url, 13)
+    limiters = [RateLimiter(True, RedisRateLimitStore(url)) for _ in range(2)]
+    try:
+        results = await asyncio.gather(*(_concurrent_checks(lim, "cost:key", 8, 1000, 300) for lim in limiters))
+        flat = [r for rs in results for r in rs]
+        assert flat.count(None) == 3, flat
+    finally:
+        for lim in limiters:
+            await lim.aclose()
+
+
+async def test_the_default_address_budget_takes_a_whole_address_book() -> None:
+    from sydent_lite.config import RateLimitConfig
+
+    rl = RateLimitConfig()
+    limiter = RateLimiter(True, MemoryRateLimitStore())
+    # 10,000 addresses at once (the most a lookup may carry), then the same again: emails,
+    # then phone numbers of one contact book.
+    rate = rl.lookup_addresses_per_minute / 60
+    for _ in range(2):
+        await limiter.check("lookup-addr:user:@a:hs", rate, rl.lookup_addresses_burst, 10_000)
+
+
+# --- IPv6 clients by /64 -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "subject"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("::ffff:203.0.113.7", "203.0.113.7"),  # a dual-stack socket's view of an IPv4 client
+        ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("2001:DB8:1:2:0:0:0:9", "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("::1", "::/64"),
+        ("unknown", "unknown"),
+    ],
+)
+def test_client_subject(address: str, subject: str) -> None:
+    assert client_subject(address) == subject
+
+
+def xff(value: str) -> dict[str, str]:
+    return {"X-Forwarded-For": value}
+
+
+def test_ipv6_clients_are_limited_by_their_64(make_server, homeserver: HomeserverStandIn, smtp: SmtpSink) -> None:  # type: ignore[no-untyped-def]
+    # Every per-client-IP limit, burst 2. The clients are behind our proxy (the test runs on
+    # 127.0.0.1), which names them in X-Forwarded-For as nginx would.
+    server = make_server(extra_config={
+        **limits(request_token_per_ip_burst=2, request_token_per_ip_per_minute=1.0,
+                 store_invite_per_ip_burst=2, store_invite_per_ip_per_minute=1.0,
+                 lookup_per_token_burst=2, lookup_per_token_per_minute=1.0,
+                 register_per_ip_burst=2, register_per_ip_per_minute=1.0),
+        "listen": {"trusted_proxies": ["127.0.0.0/8"]},
+    })
+
+    def register(headers: dict[str, str]) -> httpx.Response:
+        with server.new_client() as c:
+            return c.post(f"{V2}/account/register", json=homeserver.openid_token("u" + uuid.uuid4().hex[:12]),
+                          headers=headers)
+
+    def bulk(headers: dict[str, str]) -> httpx.Response:
+        with server.new_client() as c:
+            return c.post(f"{V1}/bulk_lookup", json={"threepids": [["email", "x@example.test"]]}, headers=headers)
+
+    calls: dict[str, Callable[[dict[str, str]], httpx.Response]] = {
+        "requestToken": lambda h: request_token(server, unique_email("v6"), h),
+        "store-invite": lambda h: store_invite(server, homeserver, unique_email("v6"), h),
+        "lookup": lambda h: v1_lookup(server, h),
+        "register": register,
+    }
+    for i, (name, call) in enumerate(calls.items()):
+        # One /64 per endpoint (lookup and bulk_lookup share a bucket); any address in it.
+        net = f"2001:db8:{i}:77"
+        assert call(xff(f"{net}::1")).status_code == 200, name
+        assert call(xff(f"{net}:ffff:ffff:ffff:fffe")).status_code == 200, name
+        assert_limited(call(xff(f"{net}:1234:5678:9abc:def0")))
+        if name == "lookup":
+            assert_limited(bulk(xff(f"{net}::2")))
+        # Another /64 is another client.
+        assert call(xff(f"2001:db8:{i}:78::1")).status_code == 200, name
+
+
+# --- /account/register: no reflector -------------------------------------------------------------
+
+
+def register_at(server: SydentServer, hs: HomeserverStandIn, *, headers: dict[str, str] | None = None,
+                server_name: str | None = None) -> tuple[httpx.Response, str]:
+    body = hs.openid_token("u" + uuid.uuid4().hex[:12])
+    if server_name is not None:
+        body["matrix_server_name"] = server_name
+    with server.new_client() as c:
+        return c.post(f"{V2}/account/register", json=body, headers=headers or {}), body["access_token"]
+
+
+def userinfo_calls(hs: HomeserverStandIn, tokens: set[str]) -> int:
+    return sum(r.query_value("access_token") in tokens for r in hs.requests_to(OPENID_USERINFO_PATH, "GET"))
+
+
+def test_register_is_limited_per_client_before_any_outbound_request(make_server, homeserver: HomeserverStandIn) -> None:  # type: ignore[no-untyped-def]
+    server = make_server(extra_config=limits(register_per_ip_burst=3, register_per_ip_per_minute=1.0))
+    answers, tokens = [], set()
+    for _ in range(8):
+        resp, token = register_at(server, homeserver)
+        answers.append(resp)
+        tokens.add(token)
+    assert [r.status_code for r in answers[:3]] == [200, 200, 200], [r.text for r in answers]
+    for resp in answers[3:]:
+        assert_limited(resp)
+    # The refused registrations never reached the homeserver.
+    assert userinfo_calls(homeserver, tokens) == 3
+
+
+def test_register_is_limited_per_homeserver_however_spelt(make_server, homeserver: HomeserverStandIn) -> None:  # type: ignore[no-untyped-def]
+    server = make_server(extra_config={
+        **limits(register_per_server_burst=3, register_per_server_per_minute=1.0),
+        "listen": {"trusted_proxies": ["127.0.0.0/8"]},
+    })
+    # Three clients register with the homeserver: its budget is spent.
+    for i in range(3):
+        resp, _ = register_at(server, homeserver, headers=xff(f"203.0.113.{i + 1}"))
+        assert resp.status_code == 200, resp.text
+    # Anyone else, naming that host in any spelling or on any port, is refused before we call it.
+    tokens = set()
+    for i, name in enumerate([homeserver.server_name, "127.0.0.1:1", f"[::ffff:127.0.0.1]:{homeserver.port}",
+                              "127.0.0.1"]):
+        resp, token = register_at(server, homeserver, headers=xff(f"198.51.100.{i + 1}"), server_name=name)
+        assert_limited(resp)
+        tokens.add(token)
+    assert userinfo_calls(homeserver, tokens) == 0
+    # Another homeserver has its own budget (here: one that cannot be reached, so 401).
+    resp, _ = register_at(server, homeserver, headers=xff("198.51.100.9"), server_name="localhost:1")
+    assert resp.status_code == 401, resp.text
+
+
+# --- lookups: per user, and per address ----------------------------------------------------------
+
+
+def test_lookup_limit_is_per_user_so_registering_again_is_no_new_budget(make_server, api_for) -> None:  # type: ignore[no-untyped-def]
+    server = make_server(extra_config=limits(lookup_per_token_burst=2, lookup_per_token_per_minute=1.0))
+    api = api_for(server)
+    first = api.register()
+    pepper = api.hash_details(first)["lookup_pepper"]
+    assert [api.lookup(first, ["abc"], pepper=pepper).status_code for _ in range(2)] == [200, 200]
+    assert_limited(api.lookup(first, ["abc"], pepper=pepper))
+    again = api.register(first.localpart)  # a fresh token for the same user
+    assert again.token != first.token
+    assert_limited(api.lookup(again, ["abc"], pepper=pepper))
+    # Another user, from the same address, has a budget of their own.
+    assert api.lookup(api.register(), ["abc"], pepper=pepper).status_code == 200
+
+
+def bulk_lookup(server: SydentServer, n: int, headers: dict[str, str] | None = None) -> httpx.Response:
+    pairs = [["email", f"n{i}.{uuid.uuid4().hex[:6]}@example.test"] for i in range(n)]
+    with server.new_client() as c:
+        return c.post(f"{V1}/bulk_lookup", json={"threepids": pairs}, headers=headers or {})
+
+
+def assert_too_large(resp: httpx.Response) -> None:
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["errcode"] == "M_TOO_LARGE", resp.text
+
+
+def test_v1_lookups_count_addresses_per_client(make_server) -> None:  # type: ignore[no-untyped-def]
+    # The per-request limit (100 in a burst) is nowhere near: the addresses are what count.
+    server = make_server(extra_config=limits(lookup_addresses_burst=1000, lookup_addresses_per_minute=1.0))
+    assert bulk_lookup(server, 600).status_code == 200
+    assert_limited(bulk_lookup(server, 600))  # 400 left, and none of them taken
+    assert bulk_lookup(server, 400).status_code == 200
+    assert_limited(v1_lookup(server))  # a single lookup costs one, from the same budget
+    # A lookup larger than the whole budget could never pass: a clear refusal, not a 429.
+    assert_too_large(bulk_lookup(server, 1001))
+
+
+def test_v2_lookups_count_addresses_per_user(make_server, api_for) -> None:  # type: ignore[no-untyped-def]
+    server = make_server(extra_config=limits(lookup_addresses_burst=1000, lookup_addresses_per_minute=1.0))
+    api = api_for(server)
+    user = api.register()
+    pepper = api.hash_details(user)["lookup_pepper"]
+
+    def hashes(n: int) -> list[str]:
+        return [sha256_address(f"h{i}.{uuid.uuid4().hex[:6]}@example.test", "email", pepper) for i in range(n)]
+
+    assert api.lookup(user, hashes(700), pepper=pepper).status_code == 200
+    assert_limited(api.lookup(user, hashes(301), pepper=pepper))
+    assert_limited(api.lookup(api.register(user.localpart), hashes(301), pepper=pepper))  # a new token: same user
+    assert api.lookup(user, hashes(300), pepper=pepper).status_code == 200
+    assert api.lookup(api.register(), hashes(700), pepper=pepper).status_code == 200  # another user
+    assert_too_large(api.lookup(user, hashes(1001), pepper=pepper))
+
+
+def test_address_budget_holds_across_processes(pair_factory, smtp: SmtpSink) -> None:  # type: ignore[no-untyped-def]
+    a, b, _ = pair_factory(limits(lookup_addresses_burst=1000, lookup_addresses_per_minute=1.0))
+    assert bulk_lookup(a, 600).status_code == 200
+    assert_limited(bulk_lookup(b, 600))
+    assert bulk_lookup(b, 400).status_code == 200
+    assert_limited(bulk_lookup(a, 1))

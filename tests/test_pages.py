@@ -7,9 +7,10 @@ import email.policy
 from html.parser import HTMLParser
 from pathlib import Path
 
+import httpx
 import pytest
 
-from support.server import DEFAULT_TERMS, write_terms
+from support.server import DEFAULT_TERMS, V1, V2, new_secret, unique_email, write_terms
 from sydent_lite.resources import templates_dir
 from sydent_lite.templating import EMAIL_TEMPLATE, INVITE_TEMPLATE, PAGE_TEMPLATE, TemplateStore
 
@@ -108,3 +109,57 @@ def test_every_response_page_escapes(brand: str) -> None:
     page = TemplateStore(None, "default").render_page(PAGE_TEMPLATE, brand, HOSTILE + NON_ASCII * 50)
     assert_safe_html(page)
     assert NON_ASCII in page and '<meta name="viewport"' in page
+
+
+def csp_directives(resp: httpx.Response) -> dict[str, set[str]]:
+    policy = resp.headers.get("content-security-policy", "")
+    out: dict[str, set[str]] = {}
+    for directive in filter(None, (d.strip() for d in policy.split(";"))):
+        name, *values = directive.split()
+        out[name.lower()] = set(values)
+    return out
+
+
+def assert_page_headers(resp: httpx.Response) -> None:
+    """No scripts, no framing, no form targets or base URL, no Referer; inline styles and https
+    images allowed (what the packaged and Sydent-style branded pages use)."""
+    assert resp.headers["content-type"].startswith("text/html"), resp.headers
+    csp = csp_directives(resp)
+    assert csp.get("default-src") == {"'none'"}, csp
+    assert "script-src" not in csp and "script-src-elem" not in csp, csp  # scripts fall back to 'none'
+    assert csp.get("frame-ancestors") == {"'none'"}, csp
+    assert csp.get("base-uri") == {"'none'"} and csp.get("form-action") == {"'none'"}, csp
+    assert csp.get("style-src") == {"'unsafe-inline'"}, csp
+    assert "https:" in csp.get("img-src", set()), csp
+    assert resp.headers.get("x-frame-options") == "DENY"
+    assert resp.headers.get("referrer-policy") == "no-referrer"
+    assert resp.headers.get("x-content-type-options") == "nosniff"
+
+
+def test_landing_page_headers(client) -> None:  # type: ignore[no-untyped-def]
+    assert_page_headers(client.get("/"))
+
+
+@pytest.mark.parametrize("api_path", [V1, V2])
+def test_validation_pages_headers(api, api_path: str) -> None:  # type: ignore[no-untyped-def]
+    # The page behind the mailed link (its URL holds the token): success, and each failure.
+    session = api.start_email_session(unique_email("page"), client_secret=new_secret(), v1=True)
+    params = {"sid": session.sid, "client_secret": session.client_secret, "token": session.token}
+    path = f"{api_path}/validate/email/submitToken"
+    wrong = api.client.get(path, params={**params, "token": "wrong"})
+    assert wrong.status_code == 400
+    assert_page_headers(wrong)
+    assert_page_headers(api.client.get(path, params={"sid": "nope", "client_secret": "x", "token": "y"}))
+    assert_page_headers(api.client.get(path))  # incomplete link
+    ok = api.client.get(path, params=params)
+    assert ok.status_code == 200, ok.text
+    assert_page_headers(ok)
+
+
+def test_next_link_redirect_sends_no_referrer(api) -> None:  # type: ignore[no-untyped-def]
+    session = api.start_email_session(unique_email("page"), client_secret=new_secret(), v1=True,
+                                      next_link="https://app.example.test/welcome")
+    resp = api.client.get(f"{V1}/validate/email/submitToken",
+                          params={"sid": session.sid, "client_secret": session.client_secret, "token": session.token})
+    assert resp.status_code == 302 and resp.headers["location"] == "https://app.example.test/welcome"
+    assert resp.headers.get("referrer-policy") == "no-referrer"

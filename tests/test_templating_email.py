@@ -22,7 +22,14 @@ from sydent_lite.delivery.email import (
     make_email_sender,
 )
 from sydent_lite.resources import migrations_dir, templates_dir
-from sydent_lite.templating import EMAIL_TEMPLATE, PAGE_TEMPLATE, TemplateStore
+from sydent_lite.templating import (
+    EMAIL_TEMPLATE,
+    INVITE_TEMPLATE,
+    MAX_LINE_OCTETS,
+    PAGE_TEMPLATE,
+    TemplateStore,
+    fit_line_limit,
+)
 
 FROM = "Identity Server <noreply@id.example.test>"
 LINK = "https://id.example.test/_matrix/identity/v2/validate/email/submitToken?token=tok&client_secret=cs&sid=s1"
@@ -130,6 +137,67 @@ def test_each_message_gets_a_fresh_boundary_and_message_id(store: TemplateStore)
     a, b = parse(render(store)), parse(render(store))
     assert a.get_boundary() != b.get_boundary()
     assert a["Message-ID"] != b["Message-ID"]
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "=?utf-8?q?Your_bank?= has invited you to chat",
+        "Alice =?UTF-8?B?WW91ciBiYW5r?= =?iso-8859-1?q?=E9?= has invited you",
+        "Zoë =?utf-8?q?x?=",
+    ],
+)
+def test_text_shaped_like_an_encoded_word_is_shown_as_typed(store: TemplateStore, subject: str) -> None:
+    # Mail readers decode anything shaped like an RFC 2047 encoded word: written raw into the
+    # header, "=?utf-8?q?Your_bank?=" would be shown as "Your bank".
+    msg = parse(render(store, subject=subject))
+    assert msg["Subject"] == subject
+
+
+def test_plain_ascii_subject_stays_readable(store: TemplateStore) -> None:
+    raw = render(store, subject="Confirm your email address = yes?")
+    assert b"\r\nSubject: Confirm your email address = yes?\r\n" in raw
+
+
+def test_an_unbreakable_subject_still_fits_the_line_limit(store: TemplateStore) -> None:
+    subject = "x" * 2000 + " and " + "y" * 1500
+    raw = render(store, subject=subject)
+    assert max(len(line) for line in raw.split(b"\r\n")) <= MAX_LINE_OCTETS
+    assert parse(raw)["Subject"] == subject
+
+
+def test_a_message_within_the_line_limit_is_left_byte_for_byte(store: TemplateStore) -> None:
+    raw = render(store)
+    assert fit_line_limit(raw) is raw
+    assert raw.count(b"Content-Transfer-Encoding: 8bit") == 2
+
+
+def test_long_lines_are_reencoded_and_read_back_the_same(store: TemplateStore) -> None:
+    link = LINK + "&next=" + "%C3%A9" * 400 + "é" * 300  # 3,000 octets on one line
+    raw = render(store, variables={"link": link})
+    assert max(len(line) for line in raw.split(b"\r\n")) <= MAX_LINE_OCTETS
+    assert b"\n" not in raw.replace(b"\r\n", b"") and b"\r" not in raw.replace(b"\r\n", b"")
+    msg = parse(raw)
+    assert not msg.defects and all(not part.defects for part in msg.walk())
+    assert [p["Content-Transfer-Encoding"] for p in msg.walk() if not p.is_multipart()] == ["quoted-printable"] * 2
+    plain, rich = parts(msg)
+    assert link in plain and link.replace("&", "&amp;") in rich
+    assert msg["Subject"] == "Confirm your email address" and msg["To"] == "alice@example.test"
+
+
+def test_long_lines_of_a_single_part_template_are_reencoded(tmp_path: Path) -> None:
+    brand = tmp_path / "plain"
+    brand.mkdir()
+    for name in (EMAIL_TEMPLATE, INVITE_TEMPLATE, PAGE_TEMPLATE):
+        (brand / name).write_text((templates_dir() / "default" / name).read_text())
+    # A Sydent-era template: one text part, no MIME headers at all.
+    (brand / EMAIL_TEMPLATE).write_text("From: {{ from }}\nTo: {{ to }}\nSubject: {{ subject_header_value }}\n\n"
+                                        "Open {{ link|safe }} now.\n")
+    raw = render(TemplateStore(tmp_path, "plain"), variables={"link": LINK + "&x=" + "y" * 1500})
+    assert max(len(line) for line in raw.split(b"\r\n")) <= MAX_LINE_OCTETS
+    msg = parse(raw)
+    assert msg["Content-Transfer-Encoding"] == "quoted-printable"
+    assert msg.get_content().replace("\r\n", "\n") == f"Open {LINK}&x={'y' * 1500} now.\n"
 
 
 # --- brands -------------------------------------------------------------------------------------

@@ -74,6 +74,8 @@ def assert_cors(resp: httpx.Response) -> None:
     assert CORS_METHODS <= methods, resp.headers.get("access-control-allow-methods")
     headers = {h.lower() for h in token_set(resp.headers.get("access-control-allow-headers"))}
     assert CORS_HEADERS <= headers, resp.headers.get("access-control-allow-headers")
+    # No browser may sniff an answer into HTML or script (a JSON error echoing a value).
+    assert resp.headers.get("x-content-type-options") == "nosniff", dict(resp.headers)
 
 
 # --- versions and status ---------------------------------------------------------------------

@@ -67,6 +67,22 @@ if not any(isinstance(f, _RedactTokens) for f in _httpx_logger.filters):
     _httpx_logger.addFilter(_RedactTokens())
 
 
+_NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries traffic to: 6to4 (2002::/16), IPv4-compatible
+    (::a.b.c.d), NAT64's well-known prefix (64:ff9b::/96), Teredo (server and client)."""
+    found: list[ipaddress.IPv4Address] = []
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if int(ip) >> 32 == 0 or ip in _NAT64_WELL_KNOWN:
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    if ip.teredo is not None:
+        found.extend(ip.teredo)
+    return found
+
+
 async def system_resolve_host(host: str) -> list[str]:
     """All addresses the OS resolver returns for `host`, in its order, de-duplicated."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
@@ -156,6 +172,16 @@ class FederationClient:
         # An IPv4-mapped IPv6 address reaches the IPv4 host, so judge it as that host.
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
+        if not self._listed_allowed(ip):
+            return False
+        # 6to4, IPv4-compatible, NAT64 and Teredo addresses lead to the IPv4 address inside
+        # them: allow-listing the IPv6 range (a NAT64 network needs 64:ff9b::/96) must not
+        # open the way to the IPv4 addresses the block-list refuses.
+        if isinstance(ip, ipaddress.IPv6Address):
+            return all(self._listed_allowed(v4) for v4 in embedded_ipv4(ip))
+        return True
+
+    def _listed_allowed(self, ip: IPAddress) -> bool:
         if any(ip in net for net in self._allow):
             return True
         return not any(ip in net for net in self._block)

@@ -41,6 +41,9 @@ CORS_HEADERS = [
     (b"access-control-allow-headers", b"Origin, X-Requested-With, Content-Type, Accept, Authorization"),
     (b"access-control-expose-headers", b"X-Request-Id"),
 ]
+# On every answer, with the CORS headers: no browser may read a JSON answer as HTML or script.
+# (HTML pages add their own: sydent_lite.http.pages.)
+RESPONSE_HEADERS = [*CORS_HEADERS, (b"x-content-type-options", b"nosniff")]
 
 
 # Load balancer probes: neither counted in the request metrics nor logged at INFO (a probe is
@@ -116,7 +119,8 @@ class FrontDoor:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), *CORS_HEADERS, (b"x-request-id", request_id.encode("ascii"))]
+                request_id_header = (b"x-request-id", request_id.encode("ascii"))
+                message["headers"] = [*message.get("headers", ()), *RESPONSE_HEADERS, request_id_header]
             await send(message)
 
         try:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 
+from sydent_lite.config import RateLimitConfig
 from sydent_lite.errors import MatrixError, invalid_param, unauthorized
 from sydent_lite.federation.client import FederationClient
 from sydent_lite.federation.openid import OpenIdError, exchange_openid_token
 from sydent_lite.federation.resolver import parse_server_name
 from sydent_lite.secrets_util import hash_secret, now_ms, random_string
+from sydent_lite.services.ratelimit import RateLimiter, client_subject
 from sydent_lite.storage.accounts import AccountStore
 
 logger = logging.getLogger(__name__)
@@ -16,16 +19,45 @@ logger = logging.getLogger(__name__)
 TOKEN_LENGTH = 64
 
 
+def server_host(host: str) -> str:
+    """A homeserver's host spelt one way (case, trailing dot, IP notation): the limit per
+    server must not be dodged by another spelling, or another port, of the same host."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower().rstrip(".")
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return address.compressed
+
+
 class AccountService:
-    def __init__(self, store: AccountStore, federation: FederationClient) -> None:
+    def __init__(
+        self,
+        store: AccountStore,
+        federation: FederationClient,
+        rate_limiter: RateLimiter | None = None,
+        limits: RateLimitConfig | None = None,
+    ) -> None:
         self._store = store
         self._federation = federation
+        self._limiter = rate_limiter if rate_limiter is not None else RateLimiter(False)
+        self._limits = limits if limits is not None else RateLimitConfig()
 
-    async def register(self, matrix_server_name: str, openid_token: str) -> str:
+    async def register(self, matrix_server_name: str, openid_token: str, client_ip: str = "") -> str:
+        # Every registration sends a request to the named server: without limits, anyone could
+        # make us send requests to any host, as often as they liked. Both are checked before it.
+        rl = self._limits
+        await self._limiter.check(
+            f"reg-ip:{client_subject(client_ip)}", rl.register_per_ip_per_minute / 60, rl.register_per_ip_burst
+        )
         try:
-            parse_server_name(matrix_server_name)
+            host, _ = parse_server_name(matrix_server_name)
         except ValueError:
             raise invalid_param("matrix_server_name is not a valid server name") from None
+        await self._limiter.check(
+            f"reg-server:{server_host(host)}", rl.register_per_server_per_minute / 60, rl.register_per_server_burst
+        )
         try:
             user_id = await exchange_openid_token(self._federation, matrix_server_name, openid_token)
         except OpenIdError as e:

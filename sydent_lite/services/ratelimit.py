@@ -1,7 +1,9 @@
 """Token-bucket rate limiting, shared by every worker.
 
-A bucket holds up to `burst` tokens and refills at `rate_per_second`; each request takes one
-token, or is answered 429 M_LIMIT_EXCEEDED with `retry_after_ms` (when the next token is due).
+A bucket holds up to `burst` tokens and refills at `rate_per_second`; each request takes its
+cost in tokens (one, or e.g. the number of addresses a lookup asks about), all or none, or is
+answered 429 M_LIMIT_EXCEEDED with `retry_after_ms` (when enough tokens are due). A cost above
+the burst could never be paid: that request is refused with 400 M_TOO_LARGE instead.
 
 The buckets live where every process sees them: in Redis when `rate_limits.redis_url` is set
 (one Lua script per check, atomic on the Redis server), else in the database
@@ -11,16 +13,22 @@ neither.
 
 Bucket keys are hashed before they are stored: they carry email addresses and phone numbers,
 which have no business sitting in a rate-limit table or in Redis.
+
+Limits per client address count an IPv6 client by its /64 (`client_subject`): one host or home
+network is normally given a whole /64, so counting each of its addresses alone would give it
+2**64 budgets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
 import math
 import time
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import TYPE_CHECKING, Protocol
 
 from sydent_lite.errors import MatrixError
@@ -38,14 +46,41 @@ _DEFAULT_HORIZON_MS = 24 * 60 * 60 * 1000
 
 
 class RateLimitStore(Protocol):
-    async def take(self, key: str, rate_per_second: float, burst: int, want: int = 1) -> tuple[int, float]:
-        """Refill the bucket, take up to `want` whole tokens; (tokens taken, tokens left)."""
+    async def take(
+        self, key: str, rate_per_second: float, burst: int, want: int = 1, need: int = 1
+    ) -> tuple[int, float]:
+        """Refill the bucket; if it holds `need` whole tokens, take up to `want` (at least `need`),
+        else none, in one atomic step; (tokens taken, tokens left)."""
 
     async def aclose(self) -> None: ...
 
 
 def refill(tokens: float, elapsed_ms: float, rate_per_second: float, burst: int) -> float:
     return min(float(burst), tokens + max(0.0, elapsed_ms) * rate_per_second / 1000.0)
+
+
+def take_amount(tokens: float, want: int, need: int) -> int:
+    """What a take gets from a bucket at `tokens`: all of `need` (and up to `want`), or nothing."""
+    whole = int(tokens)
+    return min(want, whole) if whole >= need else 0
+
+
+@lru_cache(maxsize=4096)
+def client_subject(ip: str) -> str:
+    """The client an address stands for in per-IP limits: an IPv4 address, or an IPv6 /64.
+
+    An IPv4-mapped IPv6 address (`::ffff:192.0.2.1`, a dual-stack socket's view of an IPv4 peer)
+    is that IPv4 address. Anything that is not an address is used as it is.
+    """
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 def storage_key(key: str) -> str:
@@ -70,11 +105,13 @@ class MemoryRateLimitStore:
     def __init__(self) -> None:
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill, ms)
 
-    async def take(self, key: str, rate_per_second: float, burst: int, want: int = 1) -> tuple[int, float]:
+    async def take(
+        self, key: str, rate_per_second: float, burst: int, want: int = 1, need: int = 1
+    ) -> tuple[int, float]:
         now = time.monotonic() * 1000
         tokens, last = self._buckets.get(key, (float(burst), now))
         tokens = refill(tokens, now - last, rate_per_second, burst)
-        taken = min(want, int(tokens))
+        taken = take_amount(tokens, want, need)
         tokens -= taken
         if len(self._buckets) >= _MAX_KEYS and key not in self._buckets:
             self._buckets.clear()  # bounded memory; a reset only ever lets requests through
@@ -85,7 +122,8 @@ class MemoryRateLimitStore:
         return None
 
 
-# KEYS[1]: bucket; ARGV: rate per ms, burst, expiry (ms), want. Returns {taken, tokens left}.
+# KEYS[1]: bucket; ARGV: rate per ms, burst, expiry (ms), want, need. Returns {taken, tokens left}:
+# all of `need` (up to `want`) or nothing.
 # The Redis server's clock is the one clock every worker on every host agrees on.
 _REDIS_TAKE = """
 if redis.replicate_commands then pcall(redis.replicate_commands) end
@@ -103,7 +141,10 @@ end
 local elapsed = now - ts
 if elapsed < 0 then elapsed = 0 end
 tokens = math.min(burst, tokens + elapsed * rate)
-local taken = math.min(tonumber(ARGV[4]), math.floor(tokens))
+local taken = 0
+if math.floor(tokens) >= tonumber(ARGV[5]) then
+  taken = math.min(tonumber(ARGV[4]), math.floor(tokens))
+end
 tokens = tokens - taken
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(math.max(now, ts)))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
@@ -127,16 +168,18 @@ class RedisRateLimitStore:
         self._script = self._redis.register_script(_REDIS_TAKE)
         self._horizon_ms = horizon_ms
 
-    async def take(self, key: str, rate_per_second: float, burst: int, want: int = 1) -> tuple[int, float]:
+    async def take(
+        self, key: str, rate_per_second: float, burst: int, want: int = 1, need: int = 1
+    ) -> tuple[int, float]:
         import redis.exceptions
 
         try:
             taken, tokens = await self._script(
-                keys=[self.PREFIX + key], args=[repr(rate_per_second / 1000.0), burst, self._horizon_ms, want]
+                keys=[self.PREFIX + key], args=[repr(rate_per_second / 1000.0), burst, self._horizon_ms, want, need]
             )
         except redis.exceptions.RedisError as e:
             logger.error("rate-limit store (Redis) unavailable, request not limited: %s", e)
-            return 1, float(burst)
+            return need, float(burst)
         return int(taken), float(tokens)
 
     async def ping(self) -> None:
@@ -147,11 +190,12 @@ class RedisRateLimitStore:
 
 
 # Leases: a process takes up to burst/LEASE_DIVISOR tokens from the shared bucket at once
-# (at most MAX_LEASE) and spends them locally for up to LEASE_SECONDS, so a busy key costs one
-# shared-store write per lease rather than per request. Small buckets (burst < 2 x divisor)
-# lease one token at a time: their limit holds exactly across workers. MAX_LEASE only matters
-# for bursts above 2,000; with 100 there, a key taking thousands of requests a second cost a
-# store write (~1 ms on SQLite) every 100 requests, a tenth of the CPU of a v1 lookup.
+# (at most MAX_LEASE requests' worth) and spends them locally for up to LEASE_SECONDS, so a
+# busy key costs one shared-store write per lease rather than per request. Small buckets
+# (burst < 2 x divisor) lease one token at a time: their limit holds exactly across workers.
+# MAX_LEASE only matters for bursts above 2,000 x cost; with 100 there, a key taking thousands
+# of requests a second cost a store write (~1 ms on SQLite) every 100 requests, a tenth of the
+# CPU of a v1 lookup. A request costing more than a lease holds takes its cost from the store.
 LEASE_DIVISOR = 20
 MAX_LEASE = 1000
 LEASE_SECONDS = 1.0
@@ -179,6 +223,9 @@ class RateLimiter:
                 (config.store_invite_per_ip_per_minute / 60, config.store_invite_per_ip_burst),
                 (config.store_invite_per_address_per_hour / 3600, config.store_invite_per_address_burst),
                 (config.lookup_per_token_per_minute / 60, config.lookup_per_token_burst),
+                (config.lookup_addresses_per_minute / 60, config.lookup_addresses_burst),
+                (config.register_per_ip_per_minute / 60, config.register_per_ip_burst),
+                (config.register_per_server_per_minute / 60, config.register_per_server_burst),
             ]
         )
         if config.redis_url:
@@ -189,12 +236,15 @@ class RateLimiter:
             return cls(True, DatabaseRateLimitStore(engine, horizon))
         return cls(True)
 
-    async def check(self, key: str, rate_per_second: float, burst: int) -> None:
-        """Take one token for `key` or raise 429 M_LIMIT_EXCEEDED with retry_after_ms."""
-        if not self.enabled:
+    async def check(self, key: str, rate_per_second: float, burst: int, cost: int = 1) -> None:
+        """Take `cost` tokens for `key` (all or none) or raise 429 M_LIMIT_EXCEEDED with
+        retry_after_ms; 400 M_TOO_LARGE when `cost` exceeds what the bucket can ever hold."""
+        if not self.enabled or cost <= 0:
             return
+        if cost > burst:
+            raise MatrixError(400, "M_TOO_LARGE", f"Too large for this server's rate limit: at most {burst} at once")
         while True:
-            if self._spend_lease(key):
+            if self._spend_lease(key, cost):
                 return
             # One shared-store take per key at a time in this process: the requests that
             # arrive meanwhile wait for its lease instead of each writing to the store.
@@ -205,24 +255,31 @@ class RateLimiter:
         done = asyncio.get_running_loop().create_future()
         self._taking[key] = done
         try:
-            want = max(1, min(MAX_LEASE, burst // LEASE_DIVISOR))
-            taken, tokens = await self.store.take(storage_key(key), rate_per_second, burst, want)
-            if taken > 1:
+            # What the lease still holds counts towards the cost; the store gives the rest.
+            in_hand, expires = self._leases.pop(key, (0, 0.0))
+            if time.monotonic() >= expires:
+                in_hand = 0
+            need = cost - in_hand
+            want = max(need, min(MAX_LEASE * cost, burst // LEASE_DIVISOR))
+            taken, tokens = await self.store.take(storage_key(key), rate_per_second, burst, want, need)
+            left = in_hand + taken - cost if taken else in_hand
+            if left > 0:
                 if len(self._leases) >= _MAX_LEASES:
                     self._leases.clear()  # bounded; dropping leases only makes the limit stricter
-                self._leases[key] = (taken - 1, time.monotonic() + LEASE_SECONDS)
+                self._leases[key] = (left, time.monotonic() + LEASE_SECONDS if taken else expires)
         finally:
             del self._taking[key]
             done.set_result(None)
         if taken:
             return
-        retry_ms = max(1, math.ceil((1.0 - tokens) / rate_per_second * 1000)) if rate_per_second > 0 else 60_000
+        missing = need - tokens
+        retry_ms = max(1, math.ceil(missing / rate_per_second * 1000)) if rate_per_second > 0 else 60_000
         raise MatrixError(429, "M_LIMIT_EXCEEDED", "Too many requests; try again later", retry_after_ms=retry_ms)
 
-    def _spend_lease(self, key: str) -> bool:
+    def _spend_lease(self, key: str, cost: int) -> bool:
         in_hand, expires = self._leases.get(key, (0, 0.0))
-        if in_hand > 0 and time.monotonic() < expires:
-            self._leases[key] = (in_hand - 1, expires)
+        if in_hand >= cost and time.monotonic() < expires:
+            self._leases[key] = (in_hand - cost, expires)
             return True
         return False
 

@@ -17,7 +17,7 @@ from sydent_lite.errors import (
 )
 from sydent_lite.observability import metrics
 from sydent_lite.secrets_util import hash_secret, now_ms, random_string, secrets_equal
-from sydent_lite.services.ratelimit import RateLimiter
+from sydent_lite.services.ratelimit import RateLimiter, client_subject
 from sydent_lite.storage.sessions import SessionStore, ValidationSession
 from sydent_lite.templating import TemplateStore
 from sydent_lite.threepids import PhoneNumber, normalise_email, parse_phone_number
@@ -175,7 +175,9 @@ class SessionService:
 
     async def _check_limits(self, address: str, client_ip: str) -> None:
         rl = self._config.rate_limits
-        await self._limits.check(f"rt-ip:{client_ip}", rl.request_token_per_ip_per_minute / 60, rl.request_token_per_ip_burst)
+        await self._limits.check(
+            f"rt-ip:{client_subject(client_ip)}", rl.request_token_per_ip_per_minute / 60, rl.request_token_per_ip_burst
+        )
         await self._limits.check(
             f"rt-addr:{address}", rl.request_token_per_address_per_hour / 3600, rl.request_token_per_address_burst
         )
@@ -231,7 +233,7 @@ class SessionService:
         """
         rl = self._config.rate_limits
         await self._limits.check(
-            f"st-ip:{client_ip}", rl.submit_token_per_ip_per_minute / 60, rl.submit_token_per_ip_burst
+            f"st-ip:{client_subject(client_ip)}", rl.submit_token_per_ip_per_minute / 60, rl.submit_token_per_ip_burst
         )
         session = await self._store.get(sid)
         if session is None or (medium is not None and session.medium != medium):

@@ -37,7 +37,9 @@ class DatabaseRateLimitStore:
         self._horizon_ms = horizon_ms
         self._last_prune_ms = 0
 
-    async def take(self, key: str, rate_per_second: float, burst: int, want: int = 1) -> tuple[int, float]:
+    async def take(
+        self, key: str, rate_per_second: float, burst: int, want: int = 1, need: int = 1
+    ) -> tuple[int, float]:
         now = int(time.time() * 1000)
         async with self._engine.begin() as conn:
             await conn.execute(
@@ -48,7 +50,9 @@ class DatabaseRateLimitStore:
                 query = query.with_for_update()
             tokens, updated_ms = (await conn.execute(query)).one()
             tokens = _refill(tokens, now - updated_ms, rate_per_second, burst)
-            taken = min(want, int(tokens))
+            # All of `need` or nothing: a lookup of 500 addresses never pays for 300 of them.
+            whole = int(tokens)
+            taken = min(want, whole) if whole >= need else 0
             tokens -= taken
             # A host whose clock is behind another's never moves a bucket's time backwards.
             await conn.execute(

@@ -12,6 +12,7 @@ from sydent_lite.http.auth import require_user
 from sydent_lite.http.client_ip import client_ip
 from sydent_lite.http.request import get_str, query_params, read_body, require_fields
 from sydent_lite.http.routes import versioned
+from sydent_lite.services.ratelimit import client_subject
 from sydent_lite.threepids import is_valid_user_id
 
 REQUIRED = ("medium", "address", "room_id", "sender")
@@ -42,7 +43,7 @@ async def store_invite(request: Request, ctx: AppContext, v2: bool) -> Response:
     brand = fields.pop("brand", None) or get_str(query_params(request), "brand", required=False, max_length=64)
     # Shared by every worker (see services/ratelimit.py): per client IP, per invited address.
     rl = ctx.config.rate_limits
-    ip = client_ip(request, ctx.config.listen.trusted_proxies)
+    ip = client_subject(client_ip(request, ctx.config.listen.trusted_proxies))
     await ctx.rate_limiter.check(f"si-ip:{ip}", rl.store_invite_per_ip_per_minute / 60, rl.store_invite_per_ip_burst)
     await ctx.rate_limiter.check(
         f"si-addr:{fields['address'].casefold()}", rl.store_invite_per_address_per_hour / 3600, rl.store_invite_per_address_burst

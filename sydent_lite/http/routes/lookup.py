@@ -10,7 +10,7 @@ from starlette.routing import Route
 
 from sydent_lite.context import AppContext
 from sydent_lite.errors import MatrixError, invalid_param
-from sydent_lite.http.auth import access_token, require_user
+from sydent_lite.http.auth import require_user
 from sydent_lite.http.client_ip import client_ip
 from sydent_lite.http.request import (
     get_str,
@@ -21,8 +21,8 @@ from sydent_lite.http.request import (
 )
 from sydent_lite.http.routes import versioned
 from sydent_lite.observability import metrics
-from sydent_lite.secrets_util import hash_secret
 from sydent_lite.services.associations import MAX_LOOKUP_ADDRESSES
+from sydent_lite.services.ratelimit import client_subject
 from sydent_lite.threepids import stored_address
 
 
@@ -32,19 +32,29 @@ async def hash_details(request: Request, ctx: AppContext, v2: bool) -> Response:
 
 
 async def _limit_lookups(ctx: AppContext, who: str) -> None:
-    """Per access token (v2) or client IP (v1), shared by every worker."""
+    """Requests per user (v2) or client IP (v1), shared by every worker."""
     rl = ctx.config.rate_limits
     await ctx.rate_limiter.check(f"lookup:{who}", rl.lookup_per_token_per_minute / 60, rl.lookup_per_token_burst)
 
 
+async def _limit_addresses(ctx: AppContext, who: str, count: int) -> None:
+    """Addresses per user (v2) or client IP (v1): a lookup of N addresses costs N, at once."""
+    rl = ctx.config.rate_limits
+    if rl.enabled and count > rl.lookup_addresses_burst:
+        # More than the budget can ever hold: a 429 would have the client retry for ever.
+        raise MatrixError(400, "M_TOO_LARGE", f"At most {rl.lookup_addresses_burst} addresses per lookup here")
+    rate = rl.lookup_addresses_per_minute / 60
+    await ctx.rate_limiter.check(f"lookup-addr:{who}", rate, rl.lookup_addresses_burst, count)
+
+
 def _ip(request: Request, ctx: AppContext) -> str:
-    return client_ip(request, ctx.config.listen.trusted_proxies)
+    return "ip:" + client_subject(client_ip(request, ctx.config.listen.trusted_proxies))
 
 
 async def lookup_v2(request: Request, ctx: AppContext, v2: bool) -> Response:
-    await require_user(request, ctx)
-    token = access_token(request)
-    await _limit_lookups(ctx, f"token:{hash_secret(token or '')}")
+    # Per user, not per token: a new token (another /account/register) is no new budget.
+    who = "user:" + await require_user(request, ctx)
+    await _limit_lookups(ctx, who)
     body = await read_body(request, allow_form=False)
     require_fields(body, "algorithm", "pepper", "addresses")
     algorithm = get_str(body, "algorithm", max_length=64)
@@ -55,6 +65,7 @@ async def lookup_v2(request: Request, ctx: AppContext, v2: bool) -> Response:
     assert algorithm is not None and pepper is not None
     if len(addresses) > MAX_LOOKUP_ADDRESSES:
         raise MatrixError(400, "M_TOO_LARGE", f"At most {MAX_LOOKUP_ADDRESSES} addresses per lookup")
+    await _limit_addresses(ctx, who, len(addresses))
     if not is_storable("".join(addresses)):  # checked at once: almost every list passes
         # A string no database can hold cannot match a stored one either.
         addresses = [a for a in addresses if is_storable(a)]
@@ -64,7 +75,9 @@ async def lookup_v2(request: Request, ctx: AppContext, v2: bool) -> Response:
 
 
 async def lookup_v1(request: Request, ctx: AppContext, v2: bool) -> Response:
-    await _limit_lookups(ctx, f"ip:{_ip(request, ctx)}")
+    who = _ip(request, ctx)
+    await _limit_lookups(ctx, who)
+    await _limit_addresses(ctx, who, 1)
     params = query_params(request)
     require_fields(params, "medium", "address")
     medium, address = get_str(params, "medium", max_length=16), get_str(params, "address", max_length=512)
@@ -95,10 +108,12 @@ def _threepid_pairs(value: object) -> list[list[str]]:
 
 
 async def bulk_lookup(request: Request, ctx: AppContext, v2: bool) -> Response:
-    await _limit_lookups(ctx, f"ip:{_ip(request, ctx)}")
+    who = _ip(request, ctx)
+    await _limit_lookups(ctx, who)
     body = await read_body(request, allow_form=False)
     require_fields(body, "threepids")
     pairs = _threepid_pairs(body["threepids"])
+    await _limit_addresses(ctx, who, len(body["threepids"]))  # as asked, before unstorable ones are dropped
     found = await ctx.associations.bulk_lookup(pairs)
     _LOOKUPS_V1_BULK.inc(len(pairs))
     return JSONResponse({"threepids": found})

@@ -7,10 +7,11 @@ import logging
 
 from sqlalchemy import text
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sydent_lite.context import AppContext
+from sydent_lite.http.pages import html_page
 from sydent_lite.http.routes import versioned
 from sydent_lite.templating import LANDING_TEMPLATE
 
@@ -36,7 +37,7 @@ async def landing_page(request: Request) -> Response:
             "public_key": ctx.signer.public_key_base64,
         },
     )
-    return HTMLResponse(page)
+    return html_page(page)
 
 
 async def health(request: Request) -> Response:

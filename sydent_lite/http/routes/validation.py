@@ -6,13 +6,14 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sydent_lite.context import AppContext
 from sydent_lite.errors import MatrixError
 from sydent_lite.http.auth import require_user
 from sydent_lite.http.client_ip import client_ip as forwarded_client_ip
+from sydent_lite.http.pages import html_page, redirect_from_page
 from sydent_lite.http.request import (
     get_int,
     get_opaque_id,
@@ -115,7 +116,7 @@ async def submit_token_page(request: Request, ctx: AppContext, v2: bool) -> Resp
     brand = params.get("brand")
 
     def page(message: str, status: int) -> Response:
-        return HTMLResponse(ctx.templates.render_page(PAGE_TEMPLATE, brand, message), status_code=status)
+        return html_page(ctx.templates.render_page(PAGE_TEMPLATE, brand, message), status)
 
     try:
         require_fields(params, "sid", "client_secret", "token")
@@ -144,7 +145,7 @@ async def submit_token_page(request: Request, ctx: AppContext, v2: bool) -> Resp
     if brand is None:
         brand = session.brand
     if _is_followable(session.next_link):
-        return RedirectResponse(session.next_link, status_code=302)  # type: ignore[arg-type]
+        return redirect_from_page(session.next_link)  # type: ignore[arg-type]
     return page("Verification successful! Please return to your Matrix client to continue.", 200)
 
 
