@@ -27,6 +27,7 @@ from support.server import (
     now_ms,
     unique_email,
 )
+from support.smtp import ReceivedMail
 
 SID_RE = re.compile(r"[0-9a-zA-Z]{24}")
 LINK_PATH = "/_matrix/identity/v2/validate/email/submitToken"
@@ -235,6 +236,88 @@ def test_smtp_down_is_email_send_error(api: IdentityApi) -> None:
         assert_error(api.request_email_token(email, new_secret(), v1=True), 400, "M_EMAIL_SEND_ERROR")
     finally:
         api.smtp.accept()
+
+
+# --- the mailbox as typed, the 3PID case-folded --------------------------------------------------
+
+
+def raw_headers(mail: ReceivedMail, name: str) -> list[str]:
+    """The values of header `name` exactly as sent (UTF-8, no decoding of any kind)."""
+    head = mail.normalised().split("\n\n", 1)[0]
+    prefix = f"{name.lower()}:"
+    return [line[len(prefix):].strip() for line in head.split("\n") if line.lower().startswith(prefix)]
+
+
+def test_mail_goes_to_the_address_as_typed_and_the_folded_one_is_bound(api: IdentityApi, user: User) -> None:
+    # Folding is for matching 3PIDs: "Strauß.x@" folds to "strauss.x@", another mailbox.
+    typed = f"Strauß.{new_secret()[-8:]}@Example.TEST"
+    folded = typed.casefold()
+    assert folded.startswith("strauss.") and folded.endswith("@example.test")
+    secret = new_secret()
+    resp = api.request_email_token(typed, secret, 1, user=user)
+    assert resp.status_code == 200, resp.text
+    sid = resp.json()["sid"]
+    first = api.smtp.wait_for(typed)
+    assert first.rcpt_tos == [typed]  # the envelope, exactly as typed (SMTPUTF8)
+    assert raw_headers(first, "To") == [typed]
+    assert first.sid == sid
+
+    # A resend of the session goes to the typed mailbox too; its new token is the valid one.
+    resp = api.request_email_token(typed, secret, 2, user=user)
+    assert resp.status_code == 200 and resp.json() == {"sid": sid}, resp.text
+    resend = api.smtp.wait_for(typed)
+    assert resend.rcpt_tos == [typed]
+    assert raw_headers(resend, "To") == [typed]
+    assert not [m for m in api.smtp.all_to(folded) if m.rcpt_tos != [typed]]  # never the folded mailbox
+
+    session = EmailSession(typed, secret, sid, resend)
+    assert api.submit_token(session, user=user).json() == {"success": True}
+    # getValidated3pid, bind and lookups speak of the 3PID: the case-folded address.
+    assert api.get_validated(session, user=user).json()["address"] == folded
+    resp = api.bind(session, user.user_id, user=user)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["address"] == folded
+    assert api.lookup_email(user, folded) == user.user_id
+    assert api.lookup_email(user, typed) is None  # v2 lookups match the stored form exactly
+    assert api.v1_lookup("email", typed).json()["address"] == folded
+
+
+def test_case_variants_are_one_session(api: IdentityApi) -> None:
+    local = f"bob.{new_secret()[-8:]}"
+    secret = new_secret()
+    first = api.start_email_session(f"Bob.{local[4:]}@Example.test", v1=True, client_secret=secret)
+    # The same client secret and the same 3PID in another case: the same session, no new mail ...
+    resp = api.request_email_token(f"{local}@example.test", secret, 1, v1=True)
+    assert resp.status_code == 200 and resp.json() == {"sid": first.sid}, resp.text
+    api.smtp.assert_no_mail(first.email, wait=0.2)
+    # ... and a resend goes to the mailbox typed in that request.
+    shouted = f"{local.upper()}@EXAMPLE.TEST"
+    resp = api.request_email_token(shouted, secret, 2, v1=True)
+    assert resp.status_code == 200 and resp.json() == {"sid": first.sid}, resp.text
+    resend = api.smtp.wait_for(shouted)
+    assert resend.rcpt_tos == [shouted] and resend.sid == first.sid
+
+
+def test_case_variants_share_the_per_address_limit(make_server, api_for) -> None:
+    server = make_server(terms_path=None, extra_config={"rate_limits": {
+        "enabled": True, "request_token_per_ip_burst": 50, "request_token_per_address_burst": 2,
+        "request_token_per_address_per_hour": 1.0,
+    }})
+    api = api_for(server)
+    local = f"alice.{new_secret()[-8:]}"
+    # Each a new session (a new client secret), each mailed to its own spelling ...
+    for typed in (f"{local.title()}@Example.test", f"{local}@example.test"):
+        resp = api.request_email_token(typed, new_secret(), v1=True)
+        assert resp.status_code == 200, resp.text
+        assert api.smtp.wait_for(typed).rcpt_tos == [typed]
+    # ... but one person for the limits: a third spelling is over the same address's budget.
+    shouted = f"{local.upper()}@EXAMPLE.TEST"
+    limited = assert_error(api.request_email_token(shouted, new_secret(), v1=True), 429, "M_LIMIT_EXCEEDED")
+    assert limited["retry_after_ms"] > 0, limited
+    api.smtp.assert_no_mail(shouted, wait=0.2)
+    other = unique_email("limit-other")
+    assert api.request_email_token(other, new_secret(), v1=True).status_code == 200
+    api.smtp.wait_for(other)
 
 
 # --- submitToken (POST) --------------------------------------------------------------------------
