@@ -7,6 +7,7 @@ v1 email_associations.yaml.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import urllib.parse
@@ -28,9 +29,11 @@ from support.server import (
     unique_email,
 )
 from support.smtp import ReceivedMail
+from sydent_lite.http.routes.validation import next_link_with_sid
 
 SID_RE = re.compile(r"[0-9a-zA-Z]{24}")
 LINK_PATH = "/_matrix/identity/v2/validate/email/submitToken"
+FIXTURES = Path(__file__).parent / "fixtures" / "sydent-2.6.1"
 
 
 def assert_error(resp: httpx.Response, status: int, errcode: str) -> dict[str, Any]:
@@ -388,16 +391,43 @@ def test_link_with_wrong_token_or_unknown_session(api: IdentityApi, idserver: Sy
     assert_error(api.get_validated(session, v1=True), 400, "M_SESSION_NOT_VALIDATED")
 
 
+# Element Web's registration next_link (matrix-react-sdk makeRegistrationUrl): a hash route
+# whose own query Element reads, `sid` included (MatrixChat.startRegistration).
+ELEMENT_NEXT_LINK = ("https://app.element.test/#/register?client_secret=c1&hs_url=https%3A%2F%2Fhs.test"
+                     "&is_url=https%3A%2F%2Fid.test&session_id=s1")
+
+
 @pytest.mark.parametrize(
-    "next_link",
-    ["https://client.example.test/done?step=2&x=%20y", "http://localhost:8080/welcome"],
+    ("next_link", "expected"),
+    [
+        ("http://localhost:8080/welcome", "http://localhost:8080/welcome?sid={sid}"),
+        ("https://client.example.test/done?step=2&x=%20y", "https://client.example.test/done?step=2&x=%20y&sid={sid}"),
+        ("https://client.example.test/done?step=2#top", "https://client.example.test/done?step=2&sid={sid}#top"),
+        ("https://client.example.test/done#top", "https://client.example.test/done?sid={sid}#top"),
+        (ELEMENT_NEXT_LINK, ELEMENT_NEXT_LINK + "&sid={sid}"),
+        ("https://app.element.test/#/register/email-validated",
+         "https://app.element.test/#/register/email-validated?sid={sid}"),
+        ("https://client.example.test/done?sid=forged&a=1", "https://client.example.test/done?a=1&sid={sid}"),
+    ],
+    ids=["no-query", "query", "query-and-anchor", "anchor", "element-route", "route-no-query", "sid-given"],
 )
-def test_link_redirects_to_next_link(api: IdentityApi, user: User, next_link: str) -> None:
+def test_link_redirects_to_next_link_with_the_sid(api: IdentityApi, user: User, next_link: str,
+                                                  expected: str) -> None:
     session = api.start_email_session(unique_email("next"), user=user, next_link=next_link)
     resp = api.client.get(session.mail.link)
     assert resp.status_code == 302, resp.text
-    assert resp.headers["location"] == next_link
+    assert resp.headers["location"] == expected.format(sid=session.sid)
+    assert resp.headers["referrer-policy"] == "no-referrer"
     assert api.get_validated(session, user=user).status_code == 200
+    # Clicked again (a validated session): the same redirect.
+    assert api.client.get(session.mail.link).headers["location"] == expected.format(sid=session.sid)
+
+
+def test_next_link_gets_the_sid_where_sydent_puts_it() -> None:
+    # Sydent 2.6.1 mailed this next_link (Element's hash route) inside its link, sid appended.
+    facts = json.loads((FIXTURES / "facts.json").read_text())["sessions"]["pending"]
+    mailed = urllib.parse.parse_qs(urllib.parse.urlsplit(facts["link"]).query)["nextLink"][0]
+    assert next_link_with_sid(facts["request"]["next_link"], facts["sid"]) == mailed
 
 
 @pytest.mark.parametrize(
