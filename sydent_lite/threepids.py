@@ -30,6 +30,15 @@ _USER_ID_RE = re.compile(r"^@[\x21-\x39\x3b-\x7e]+:[A-Za-z0-9.\-\[\]:]+$")
 
 def normalise_email(address: object) -> str:
     """The stored form of an email address: case-folded, as given (appendix "3PID Types")."""
+    return check_email(address).casefold()
+
+
+def check_email(address: object) -> str:
+    """The address exactly as given, once its syntax is checked: the mailbox to send to.
+
+    Case folding is for matching 3PIDs, not for delivery: `Strauß.x@…` folds to `strauss.x@…`,
+    which a mail server may well hold for someone else.
+    """
     if not isinstance(address, str) or len(address) > MAX_ADDRESS_LENGTH:
         raise MatrixError(400, "M_INVALID_EMAIL", "The email address is not valid")
     if _ENCODED_WORD_RE.search(address):
@@ -42,7 +51,7 @@ def normalise_email(address: object) -> str:
         validate_email(address, check_deliverability=False, globally_deliverable=False, test_environment=True)
     except EmailNotValidError:
         raise MatrixError(400, "M_INVALID_EMAIL", "The email address is not valid") from None
-    return address.casefold()
+    return address
 
 
 def stored_address(medium: str, address: str) -> str:

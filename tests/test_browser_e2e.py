@@ -63,13 +63,31 @@ def server(tmp_path_factory, smtp_sink, homeserver) -> Iterator[SydentServer]:  
     factory.cleanup()
 
 
+# As Element Web (vector/routing.ts getScreenFromLocation, url_utils.parseQsFromFragment): the
+# screen's parameters are the query inside the fragment; registration needs `sid` among them.
+HASH_ROUTED_APP = b"""<!DOCTYPE html><title>App</title><h1 id="screen"></h1><p id="sid"></p>
+<script>
+const fragment = location.hash.substring(1);
+const at = fragment.indexOf("?");
+const params = new URLSearchParams(at >= 0 ? fragment.substring(at + 1) : "");
+document.getElementById("screen").textContent = at >= 0 ? fragment.substring(0, at) : fragment;
+document.getElementById("sid").textContent = params.getAll("sid").join(" ") || "no sid";
+</script>"""
+
+
 @pytest.fixture(scope="module")
-def welcome_page() -> Iterator[str]:
-    """A tiny page on loopback for next_link to send people to."""
+def client_site() -> Iterator[str]:
+    """A tiny site on loopback for next_link to send people to: `/welcome` shows the query it
+    received; `/app` is a hash-routed app that reads its parameters as Element Web does."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
-            body = b"<!DOCTYPE html><title>Welcome</title><h1>Welcome back</h1>"
+            parts = urlsplit(self.path)
+            if parts.path == "/app":
+                body = HASH_ROUTED_APP
+            else:
+                query = html.escape(parts.query, quote=True)
+                body = f'<!DOCTYPE html><title>Welcome</title><h1>Welcome back</h1><p id="query">{query}</p>'.encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/html")
             self.send_header("Content-Length", str(len(body)))
@@ -81,7 +99,7 @@ def welcome_page() -> Iterator[str]:
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/welcome"
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
 
 
@@ -134,13 +152,32 @@ def test_clicking_the_mailed_link_shows_success(browser, server, smtp_sink) -> N
     _shot(browser, "validation-success.png")
 
 
-def test_next_link_is_followed(browser, server, smtp_sink, welcome_page: str) -> None:  # type: ignore[no-untyped-def]
+def test_next_link_is_followed(browser, server, smtp_sink, client_site: str) -> None:  # type: ignore[no-untyped-def]
     from selenium.webdriver.common.by import By
 
-    browser.get(_mailed_link(server, smtp_sink, next_link=welcome_page))
-    assert browser.current_url == welcome_page
+    next_link = f"{client_site}/welcome?step=2"
+    link = _mailed_link(server, smtp_sink, next_link=next_link)
+    sid = parse_qs(urlsplit(link).query)["sid"][0]
+    browser.get(link)
+    assert browser.current_url == f"{next_link}&sid={sid}"
     assert browser.find_element(By.TAG_NAME, "h1").text == "Welcome back"
+    assert browser.find_element(By.ID, "query").text == f"step=2&sid={sid}"  # what the site's server got
     _shot(browser, "next-link.png")
+
+
+def test_a_hash_routed_app_reads_the_sid(  # type: ignore[no-untyped-def]
+    browser, server, smtp_sink, client_site: str
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    # Element Web's registration next_link: its parameters live in the fragment's query.
+    next_link = f"{client_site}/app#/register?client_secret=c1&session_id=s1"
+    link = _mailed_link(server, smtp_sink, next_link=next_link)
+    sid = parse_qs(urlsplit(link).query)["sid"][0]
+    browser.get(link)
+    assert browser.find_element(By.ID, "screen").text == "/register"
+    assert browser.find_element(By.ID, "sid").text == sid
+    _shot(browser, "next-link-hash-route.png")
 
 
 def test_a_wrong_code_shows_a_clear_failure(browser, server, smtp_sink) -> None:  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ v1 email_associations.yaml.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import urllib.parse
@@ -27,9 +28,12 @@ from support.server import (
     now_ms,
     unique_email,
 )
+from support.smtp import ReceivedMail
+from sydent_lite.http.routes.validation import next_link_with_sid
 
 SID_RE = re.compile(r"[0-9a-zA-Z]{24}")
 LINK_PATH = "/_matrix/identity/v2/validate/email/submitToken"
+FIXTURES = Path(__file__).parent / "fixtures" / "sydent-2.6.1"
 
 
 def assert_error(resp: httpx.Response, status: int, errcode: str) -> dict[str, Any]:
@@ -237,6 +241,88 @@ def test_smtp_down_is_email_send_error(api: IdentityApi) -> None:
         api.smtp.accept()
 
 
+# --- the mailbox as typed, the 3PID case-folded --------------------------------------------------
+
+
+def raw_headers(mail: ReceivedMail, name: str) -> list[str]:
+    """The values of header `name` exactly as sent (UTF-8, no decoding of any kind)."""
+    head = mail.normalised().split("\n\n", 1)[0]
+    prefix = f"{name.lower()}:"
+    return [line[len(prefix):].strip() for line in head.split("\n") if line.lower().startswith(prefix)]
+
+
+def test_mail_goes_to_the_address_as_typed_and_the_folded_one_is_bound(api: IdentityApi, user: User) -> None:
+    # Folding is for matching 3PIDs: "Strauß.x@" folds to "strauss.x@", another mailbox.
+    typed = f"Strauß.{new_secret()[-8:]}@Example.TEST"
+    folded = typed.casefold()
+    assert folded.startswith("strauss.") and folded.endswith("@example.test")
+    secret = new_secret()
+    resp = api.request_email_token(typed, secret, 1, user=user)
+    assert resp.status_code == 200, resp.text
+    sid = resp.json()["sid"]
+    first = api.smtp.wait_for(typed)
+    assert first.rcpt_tos == [typed]  # the envelope, exactly as typed (SMTPUTF8)
+    assert raw_headers(first, "To") == [typed]
+    assert first.sid == sid
+
+    # A resend of the session goes to the typed mailbox too; its new token is the valid one.
+    resp = api.request_email_token(typed, secret, 2, user=user)
+    assert resp.status_code == 200 and resp.json() == {"sid": sid}, resp.text
+    resend = api.smtp.wait_for(typed)
+    assert resend.rcpt_tos == [typed]
+    assert raw_headers(resend, "To") == [typed]
+    assert not [m for m in api.smtp.all_to(folded) if m.rcpt_tos != [typed]]  # never the folded mailbox
+
+    session = EmailSession(typed, secret, sid, resend)
+    assert api.submit_token(session, user=user).json() == {"success": True}
+    # getValidated3pid, bind and lookups speak of the 3PID: the case-folded address.
+    assert api.get_validated(session, user=user).json()["address"] == folded
+    resp = api.bind(session, user.user_id, user=user)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["address"] == folded
+    assert api.lookup_email(user, folded) == user.user_id
+    assert api.lookup_email(user, typed) is None  # v2 lookups match the stored form exactly
+    assert api.v1_lookup("email", typed).json()["address"] == folded
+
+
+def test_case_variants_are_one_session(api: IdentityApi) -> None:
+    local = f"bob.{new_secret()[-8:]}"
+    secret = new_secret()
+    first = api.start_email_session(f"Bob.{local[4:]}@Example.test", v1=True, client_secret=secret)
+    # The same client secret and the same 3PID in another case: the same session, no new mail ...
+    resp = api.request_email_token(f"{local}@example.test", secret, 1, v1=True)
+    assert resp.status_code == 200 and resp.json() == {"sid": first.sid}, resp.text
+    api.smtp.assert_no_mail(first.email, wait=0.2)
+    # ... and a resend goes to the mailbox typed in that request.
+    shouted = f"{local.upper()}@EXAMPLE.TEST"
+    resp = api.request_email_token(shouted, secret, 2, v1=True)
+    assert resp.status_code == 200 and resp.json() == {"sid": first.sid}, resp.text
+    resend = api.smtp.wait_for(shouted)
+    assert resend.rcpt_tos == [shouted] and resend.sid == first.sid
+
+
+def test_case_variants_share_the_per_address_limit(make_server, api_for) -> None:
+    server = make_server(terms_path=None, extra_config={"rate_limits": {
+        "enabled": True, "request_token_per_ip_burst": 50, "request_token_per_address_burst": 2,
+        "request_token_per_address_per_hour": 1.0,
+    }})
+    api = api_for(server)
+    local = f"alice.{new_secret()[-8:]}"
+    # Each a new session (a new client secret), each mailed to its own spelling ...
+    for typed in (f"{local.title()}@Example.test", f"{local}@example.test"):
+        resp = api.request_email_token(typed, new_secret(), v1=True)
+        assert resp.status_code == 200, resp.text
+        assert api.smtp.wait_for(typed).rcpt_tos == [typed]
+    # ... but one person for the limits: a third spelling is over the same address's budget.
+    shouted = f"{local.upper()}@EXAMPLE.TEST"
+    limited = assert_error(api.request_email_token(shouted, new_secret(), v1=True), 429, "M_LIMIT_EXCEEDED")
+    assert limited["retry_after_ms"] > 0, limited
+    api.smtp.assert_no_mail(shouted, wait=0.2)
+    other = unique_email("limit-other")
+    assert api.request_email_token(other, new_secret(), v1=True).status_code == 200
+    api.smtp.wait_for(other)
+
+
 # --- submitToken (POST) --------------------------------------------------------------------------
 
 
@@ -305,16 +391,43 @@ def test_link_with_wrong_token_or_unknown_session(api: IdentityApi, idserver: Sy
     assert_error(api.get_validated(session, v1=True), 400, "M_SESSION_NOT_VALIDATED")
 
 
+# Element Web's registration next_link (matrix-react-sdk makeRegistrationUrl): a hash route
+# whose own query Element reads, `sid` included (MatrixChat.startRegistration).
+ELEMENT_NEXT_LINK = ("https://app.element.test/#/register?client_secret=c1&hs_url=https%3A%2F%2Fhs.test"
+                     "&is_url=https%3A%2F%2Fid.test&session_id=s1")
+
+
 @pytest.mark.parametrize(
-    "next_link",
-    ["https://client.example.test/done?step=2&x=%20y", "http://localhost:8080/welcome"],
+    ("next_link", "expected"),
+    [
+        ("http://localhost:8080/welcome", "http://localhost:8080/welcome?sid={sid}"),
+        ("https://client.example.test/done?step=2&x=%20y", "https://client.example.test/done?step=2&x=%20y&sid={sid}"),
+        ("https://client.example.test/done?step=2#top", "https://client.example.test/done?step=2&sid={sid}#top"),
+        ("https://client.example.test/done#top", "https://client.example.test/done?sid={sid}#top"),
+        (ELEMENT_NEXT_LINK, ELEMENT_NEXT_LINK + "&sid={sid}"),
+        ("https://app.element.test/#/register/email-validated",
+         "https://app.element.test/#/register/email-validated?sid={sid}"),
+        ("https://client.example.test/done?sid=forged&a=1", "https://client.example.test/done?a=1&sid={sid}"),
+    ],
+    ids=["no-query", "query", "query-and-anchor", "anchor", "element-route", "route-no-query", "sid-given"],
 )
-def test_link_redirects_to_next_link(api: IdentityApi, user: User, next_link: str) -> None:
+def test_link_redirects_to_next_link_with_the_sid(api: IdentityApi, user: User, next_link: str,
+                                                  expected: str) -> None:
     session = api.start_email_session(unique_email("next"), user=user, next_link=next_link)
     resp = api.client.get(session.mail.link)
     assert resp.status_code == 302, resp.text
-    assert resp.headers["location"] == next_link
+    assert resp.headers["location"] == expected.format(sid=session.sid)
+    assert resp.headers["referrer-policy"] == "no-referrer"
     assert api.get_validated(session, user=user).status_code == 200
+    # Clicked again (a validated session): the same redirect.
+    assert api.client.get(session.mail.link).headers["location"] == expected.format(sid=session.sid)
+
+
+def test_next_link_gets_the_sid_where_sydent_puts_it() -> None:
+    # Sydent 2.6.1 mailed this next_link (Element's hash route) inside its link, sid appended.
+    facts = json.loads((FIXTURES / "facts.json").read_text())["sessions"]["pending"]
+    mailed = urllib.parse.parse_qs(urllib.parse.urlsplit(facts["link"]).query)["nextLink"][0]
+    assert next_link_with_sid(facts["request"]["next_link"], facts["sid"]) == mailed
 
 
 @pytest.mark.parametrize(

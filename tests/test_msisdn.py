@@ -823,7 +823,7 @@ def test_get_submit_token(phone: Phone, prefix: str) -> None:
     resp = phone.client.get(path, params={"sid": linked.sid, "client_secret": linked.client_secret,
                                           "token": linked.code})
     assert resp.status_code == 302, resp.text
-    assert resp.headers["location"] == next_link
+    assert resp.headers["location"] == f"{next_link}&sid={linked.sid}"  # one rule for both media
     assert phone.get_validated(linked, v1=True).json()["address"] == msisdn
     # POST ignores next_link.
     resp = phone.submit(linked, v1=True)

@@ -161,5 +161,5 @@ def test_next_link_redirect_sends_no_referrer(api) -> None:  # type: ignore[no-u
                                       next_link="https://app.example.test/welcome")
     resp = api.client.get(f"{V1}/validate/email/submitToken",
                           params={"sid": session.sid, "client_secret": session.client_secret, "token": session.token})
-    assert resp.status_code == 302 and resp.headers["location"] == "https://app.example.test/welcome"
+    assert resp.status_code == 302 and resp.headers["location"] == f"https://app.example.test/welcome?sid={session.sid}"
     assert resp.headers.get("referrer-policy") == "no-referrer"

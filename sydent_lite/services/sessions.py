@@ -20,7 +20,7 @@ from sydent_lite.secrets_util import hash_secret, now_ms, random_string, secrets
 from sydent_lite.services.ratelimit import RateLimiter, client_subject
 from sydent_lite.storage.sessions import SessionStore, ValidationSession
 from sydent_lite.templating import TemplateStore
-from sydent_lite.threepids import PhoneNumber, normalise_email, parse_phone_number
+from sydent_lite.threepids import PhoneNumber, check_email, parse_phone_number
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +82,14 @@ class SessionService:
         brand: str | None,
         client_ip: str,
     ) -> str:
-        address = normalise_email(email)
+        # The mail goes to the mailbox as typed in this request (a resend's too); the session is
+        # keyed, limited, validated and bound by the 3PID, the case-folded form (appendix
+        # "3PID Types"), so `Alice@x` and `alice@x` are one address for every limit.
+        mailbox = check_email(email)
+        address = mailbox.casefold()
 
         async def send(sid: str, token: str) -> None:
-            await self._send_validation_mail(sid, address, token, client_secret, brand, client_ip)
+            await self._send_validation_mail(sid, mailbox, token, client_secret, brand, client_ip)
 
         token_factory = lambda: random_string(self._config.sessions.email_token_length)  # noqa: E731
         return await self._request_token(
@@ -187,12 +191,13 @@ class SessionService:
         return f"{self._config.base_url}/_matrix/identity/v2/validate/email/submitToken?{query}"
 
     async def _send_validation_mail(
-        self, sid: str, address: str, token: str, client_secret: str, brand: str | None, client_ip: str
+        self, sid: str, mailbox: str, token: str, client_secret: str, brand: str | None, client_ip: str
     ) -> None:
+        """Mail the token to `mailbox`, the address as typed (envelope and To alike)."""
         message = self._templates.render_email(
             "verification_template.eml.j2",
             brand,
-            to=address,
+            to=mailbox,
             from_=self._config.email_from,
             subject=self._config.email.validation_subject,
             variables={
@@ -204,7 +209,7 @@ class SessionService:
             },
         )
         try:
-            await self._email.send(address, message)
+            await self._email.send(mailbox, message)
         except EmailSendError as e:
             metrics.EMAILS_FAILED.labels(kind="validation").inc()
             logger.warning("validation mail for session %s not sent: %s", sid, e)

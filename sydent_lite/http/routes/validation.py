@@ -3,7 +3,7 @@ human-facing page behind the emailed link); one handler per step, the medium fro
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote_plus, urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -110,6 +110,30 @@ def _is_followable(link: str | None) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
+def next_link_with_sid(link: str, sid: str) -> str:
+    """`link` with `sid=<sid>` added, as Sydent and Synapse add it: the client chose the link
+    before it knew the session's id, and Element's registration reads it from there.
+
+    A fragment that is a client-side route (`#/register?client_secret=...`, `#!/...`, any
+    fragment holding `?`) gets it in its own query: hash-routed apps such as Element Web read
+    their parameters there, and there is where Sydent and Synapse (appending to the very end)
+    put it. Otherwise it goes into the URL's query, before any `#anchor`, which stays intact.
+    The other parameters are kept as written; a `sid` already in that query is replaced, so
+    the client reads exactly one, ours.
+    """
+    head, hash_mark, fragment = link.partition("#")
+    if hash_mark and (fragment.startswith(("/", "!/")) or "?" in fragment):
+        return f"{head}#{_with_param(fragment, 'sid', sid)}"
+    return _with_param(head, "sid", sid) + hash_mark + fragment
+
+
+def _with_param(part: str, name: str, value: str) -> str:
+    base, _, query = part.partition("?")
+    kept = [p for p in query.split("&") if p and unquote_plus(p.partition("=")[0]) != name]
+    kept.append(f"{name}={quote(value, safe='')}")
+    return f"{base}?{'&'.join(kept)}"
+
+
 async def submit_token_page(request: Request, ctx: AppContext, v2: bool) -> Response:
     """The page behind the emailed link: needs no token (the person has only their mail)."""
     params = query_params(request)
@@ -144,8 +168,8 @@ async def submit_token_page(request: Request, ctx: AppContext, v2: bool) -> Resp
         return page(messages.get(e.errcode, "This validation link is incomplete or malformed."), e.status)
     if brand is None:
         brand = session.brand
-    if _is_followable(session.next_link):
-        return redirect_from_page(session.next_link)  # type: ignore[arg-type]
+    if session.next_link and _is_followable(session.next_link):
+        return redirect_from_page(next_link_with_sid(session.next_link, session.sid))
     return page("Verification successful! Please return to your Matrix client to continue.", 200)
 
 
