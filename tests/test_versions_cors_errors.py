@@ -285,7 +285,12 @@ def test_oversized_chunked_body_is_413(client: httpx.Client) -> None:
 
 
 def test_oversized_body_on_authenticated_endpoint(client: httpx.Client, user: User) -> None:
-    big = b'{"algorithm": "sha256", "pepper": "p", "addresses": ["' + b"a" * (LIMIT + 10) + b'"]}'
+    big = b'{"sid": "abc", "client_secret": "abc", "mxid": "' + b"a" * (LIMIT + 10) + b'"}'
+    resp = client.post(f"{V2}/3pid/bind", content=big, headers={**user.headers, "Content-Type": "application/json"})
+    assert_error(resp, 413, "M_TOO_LARGE")
+    # Lookups take a whole address book (tests/test_client_shapes.py), and no more.
+    lookup_cap = LIMIT + 10_000 * 128
+    big = b'{"algorithm": "sha256", "pepper": "p", "addresses": ["' + b"a" * lookup_cap + b'"]}'
     resp = client.post(f"{V2}/lookup", content=big, headers={**user.headers, "Content-Type": "application/json"})
     assert_error(resp, 413, "M_TOO_LARGE")
 

@@ -1,0 +1,184 @@
+"""Requests exactly as the real clients send them (../shared/notes/real-clients.md and
+homeserver-interop.md): a whole address book in one lookup (Element Android).
+
+Contract: docs/api-behaviour.md, "Lookup"; config.example.yaml, `lookup.max_addresses`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from support.server import (
+    V1,
+    V2,
+    IdentityApi,
+    SydentServer,
+    User,
+    new_secret,
+    sha256_address,
+    unique_email,
+)
+
+# The lookups' body cap with the default lookup.max_addresses (10,000): 64 KiB + 128 bytes an
+# address, as docs/api-behaviour.md states it.
+LOOKUP_BODY_CAP = 64 * 1024 + 10_000 * 128
+
+
+def assert_error(resp: httpx.Response, status: int, errcode: str) -> dict[str, Any]:
+    assert resp.status_code == status, f"{resp.request.method} {resp.request.url}: {resp.status_code} {resp.text[:300]}"
+    assert resp.headers.get("content-type", "").startswith("application/json"), resp.headers
+    body = resp.json()
+    assert body.get("errcode") == errcode, body
+    assert isinstance(body.get("error"), str), body
+    return body
+
+
+def post_json(client: httpx.Client, path: str, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
+    return client.post(path, content=json.dumps(body).encode(),
+                       headers={"Content-Type": "application/json", **(headers or {})})
+
+
+# --- a whole address book in one lookup (Element Android) ----------------------------------------------
+
+
+@pytest.fixture
+def bound(api: IdentityApi) -> Iterator[tuple[User, list[str]]]:
+    """A user with three bound email addresses."""
+    user = api.register()
+    emails = [unique_email(f"book{i}") for i in range(3)]
+    for email in emails:
+        api.bind_email(email, user)
+    yield user, emails
+
+
+def book(n: int, tag: str) -> list[str]:
+    """n realistic, distinct, unbound addresses (~35 characters each)."""
+    return [f"firstname.lastname{i}.{tag}@example.test" for i in range(n)]
+
+
+def spread(filler: list[str], wanted: list[str]) -> list[str]:
+    """filler with the wanted ones at its start, middle and end."""
+    out = list(filler)
+    for position, item in zip((0, len(out) // 2, len(out)), wanted, strict=False):
+        out.insert(position, item)
+    return out
+
+
+def test_v2_lookup_of_10000_hashes(api: IdentityApi, bound: tuple[User, list[str]]) -> None:
+    user, emails = bound
+    pepper = api.hash_details(user)["lookup_pepper"]
+    wanted = [sha256_address(e, "email", pepper) for e in emails]
+    filler = [sha256_address(a, "email", pepper) for a in book(10_000 - len(wanted), new_secret()[-8:])]
+    addresses = spread(filler, wanted)
+    assert len(addresses) == 10_000 and len(set(addresses)) == 10_000
+    body = {"algorithm": "sha256", "pepper": pepper, "addresses": addresses}
+    assert len(json.dumps(body)) > 400_000  # a ~470 KB body, 7 times the small cap
+    resp = post_json(api.client, f"{V2}/lookup", body, user.headers)
+    assert resp.status_code == 200, resp.text[:300]
+    assert resp.json() == {"mappings": {h: user.user_id for h in wanted}}
+
+    # Pretty-printed, as some clients serialise it: the same.
+    pretty = json.dumps(body, indent=4).encode()
+    resp = api.client.post(f"{V2}/lookup", content=pretty, headers={**user.headers, "Content-Type": "application/json"})
+    assert resp.status_code == 200 and resp.json() == {"mappings": {h: user.user_id for h in wanted}}, resp.text[:300]
+
+    # One more: refused for its count, not its size.
+    resp = post_json(api.client, f"{V2}/lookup", {**body, "addresses": [*addresses, filler[0]]}, user.headers)
+    err = assert_error(resp, 400, "M_TOO_LARGE")
+    assert "10000" in err["error"], err
+
+
+def test_v2_lookup_of_10000_addresses_in_the_clear(api: IdentityApi, bound: tuple[User, list[str]]) -> None:
+    user, emails = bound
+    pepper = api.hash_details(user)["lookup_pepper"]
+    wanted = [f"{e} email" for e in emails]
+    addresses = spread([f"{a} email" for a in book(10_000 - len(wanted), new_secret()[-8:])], wanted)
+    body = {"algorithm": "none", "pepper": pepper, "addresses": addresses}
+    resp = post_json(api.client, f"{V2}/lookup", body, user.headers)
+    assert resp.status_code == 200, resp.text[:300]
+    assert resp.json() == {"mappings": {q: user.user_id for q in wanted}}
+
+
+def test_v1_bulk_lookup_of_10000_pairs(api: IdentityApi, bound: tuple[User, list[str]]) -> None:
+    user, emails = bound
+    pairs = spread([["email", a] for a in book(10_000 - len(emails), new_secret()[-8:])],
+                   [["email", e] for e in emails])  # type: ignore[list-item]
+    assert len(pairs) == 10_000
+    resp = post_json(api.client, f"{V1}/bulk_lookup", {"threepids": pairs})
+    assert resp.status_code == 200, resp.text[:300]
+    assert resp.json() == {"threepids": [["email", e, user.user_id] for e in emails]}
+
+    resp = post_json(api.client, f"{V1}/bulk_lookup", {"threepids": [*pairs, ["email", "one.more@example.test"]]})
+    err = assert_error(resp, 400, "M_TOO_LARGE")
+    assert "10000" in err["error"], err
+
+
+def test_lookup_bodies_over_the_derived_cap_are_413(api: IdentityApi, user: User) -> None:
+    pepper = api.hash_details(user)["lookup_pepper"]
+    headers = {**user.headers, "Content-Type": "application/json"}
+    # Within the address count, over the bytes: long padding in a field nobody reads.
+    for path, body in (
+        (f"{V2}/lookup", {"algorithm": "sha256", "pepper": pepper, "addresses": ["a" * 43]}),
+        (f"{V1}/bulk_lookup", {"threepids": [["email", "a@example.test"]]}),
+    ):
+        just_under = json.dumps({**body, "padding": ""}).encode()
+        fill = LOOKUP_BODY_CAP - len(just_under)
+        at_cap = json.dumps({**body, "padding": "x" * fill}).encode()
+        assert len(at_cap) == LOOKUP_BODY_CAP
+        resp = api.client.post(path, content=at_cap, headers=headers)
+        assert resp.status_code == 200, (path, resp.text[:300])
+        over = json.dumps({**body, "padding": "x" * (fill + 1)}).encode()
+        assert_error(api.client.post(path, content=over, headers=headers), 413, "M_TOO_LARGE")
+
+        def chunks(data: bytes = over) -> Iterator[bytes]:  # no Content-Length: counted as it comes
+            for i in range(0, len(data), 65536):
+                yield data[i:i + 65536]
+
+        assert_error(api.client.post(path, content=chunks(), headers=headers), 413, "M_TOO_LARGE")
+
+
+@pytest.mark.parametrize(
+    "path,shape",
+    [
+        (f"{V2}/lookup", lambda pepper, n: {"algorithm": "sha256", "pepper": pepper, "addresses": [{}] * n}),
+        (f"{V2}/lookup", lambda pepper, n: {"algorithm": "sha256", "pepper": pepper, "addresses": [0] * n}),
+        (f"{V1}/bulk_lookup", lambda pepper, n: {"threepids": [[]] * n}),
+        (f"{V1}/bulk_lookup", lambda pepper, n: {"threepids": [[0, 0]] * (n // 2)}),
+    ],
+    ids=["v2-objects", "v2-numbers", "v1-empty-lists", "v1-number-pairs"],
+)
+def test_lookup_bodies_of_many_tiny_values_are_refused_before_parsing(api: IdentityApi, user: User, path: str,
+                                                                      shape: Callable[[str, int], Any]) -> None:
+    """Within the byte cap, but made of hundreds of thousands of values (each one a Python object
+    to build: ~30 MB and ~90 ms of the event loop per request): refused for the count of
+    entries, unparsed. Read as JSON they would be 400 M_INVALID_PARAM, not M_TOO_LARGE."""
+    pepper = api.hash_details(user)["lookup_pepper"]
+    body = json.dumps(shape(pepper, 300_000), separators=(",", ":")).encode()
+    assert 64 * 1024 < len(body) <= LOOKUP_BODY_CAP, len(body)
+    resp = api.client.post(path, content=body, headers={**user.headers, "Content-Type": "application/json"})
+    assert_error(resp, 400, "M_TOO_LARGE")
+
+
+def test_lookup_max_addresses_setting(make_server: Callable[..., SydentServer],
+                                      api_for: Callable[[SydentServer], IdentityApi]) -> None:
+    server = make_server(extra_config={"lookup": {"max_addresses": 100}})
+    api = api_for(server)
+    user = api.register()
+    pepper = api.hash_details(user)["lookup_pepper"]
+    hashes = [sha256_address(a, "email", pepper) for a in book(101, "setting")]
+    assert api.lookup(user, hashes[:100], pepper=pepper).status_code == 200
+    assert_error(api.lookup(user, hashes, pepper=pepper), 400, "M_TOO_LARGE")
+    pairs = [["email", a] for a in book(101, "setting")]
+    assert post_json(api.client, f"{V1}/bulk_lookup", {"threepids": pairs[:100]}).status_code == 200
+    assert_error(post_json(api.client, f"{V1}/bulk_lookup", {"threepids": pairs}), 400, "M_TOO_LARGE")
+    # The body cap follows: 64 KiB + 100 x 128 bytes.
+    cap = 64 * 1024 + 100 * 128
+    base = {"algorithm": "sha256", "pepper": pepper, "addresses": hashes[:100]}
+    fill = cap - len(json.dumps({**base, "padding": ""}))
+    for extra, status in ((0, 200), (1, 413)):
+        resp = post_json(api.client, f"{V2}/lookup", {**base, "padding": "x" * (fill + extra)}, user.headers)
+        assert resp.status_code == status, resp.text[:300]
