@@ -108,7 +108,16 @@ class AssociationService:
         if algorithm not in ("sha256", "none"):
             raise invalid_param(f"Unsupported algorithm {algorithm!r}; see /hash_details")
         if pepper != self.pepper:
-            raise MatrixError(400, "M_INVALID_PEPPER", "Unknown or invalid pepper - has it been rotated?")
+            # As Sydent: what a retry needs (the pepper is no secret: hash_details gives it to every
+            # user), so a client need not ask hash_details again. The algorithm is the one asked
+            # for, known to be supported (checked above).
+            raise MatrixError(
+                400,
+                "M_INVALID_PEPPER",
+                "Unknown or invalid pepper - has it been rotated?",
+                algorithm=algorithm,
+                lookup_pepper=self.pepper,
+            )
         if len(addresses) > self._max_addresses:
             raise MatrixError(400, "M_TOO_LARGE", f"At most {self._max_addresses} addresses per lookup")
         await self._index.catch_up()
