@@ -1,7 +1,9 @@
 """Requests exactly as the real clients send them (../shared/notes/real-clients.md and
-homeserver-interop.md): a whole address book in one lookup (Element Android).
+homeserver-interop.md): matrix-js-sdk's `send_attempt` as a string, and a whole address book
+in one lookup (Element Android).
 
-Contract: docs/api-behaviour.md, "Lookup"; config.example.yaml, `lookup.max_addresses`.
+Contract: docs/api-behaviour.md, "Requests and errors", "Validation sessions" and "Lookup";
+config.example.yaml, `lookup.max_addresses`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,58 @@ def assert_error(resp: httpx.Response, status: int, errcode: str) -> dict[str, A
 def post_json(client: httpx.Client, path: str, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
     return client.post(path, content=json.dumps(body).encode(),
                        headers={"Content-Type": "application/json", **(headers or {})})
+
+
+# --- send_attempt as a string (matrix-js-sdk) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("v1", [False, True], ids=["v2", "v1"])
+def test_email_send_attempt_as_a_digit_string(api: IdentityApi, user: User, v1: bool) -> None:
+    email = unique_email("jsattempt")
+    secret = new_secret()
+    resp = api.request_email_token(email, secret, "1", user=None if v1 else user, v1=v1)  # type: ignore[arg-type]
+    assert resp.status_code == 200, resp.text
+    sid = resp.json()["sid"]
+    first = api.smtp.wait_for(email)
+    # The same attempt again, as a string or as the number, and with a leading zero: the same
+    # session and no new mail ("01" is the decimal number 1).
+    for again in ("1", 1, "01"):
+        resp = api.request_email_token(email, secret, again, user=None if v1 else user, v1=v1)  # type: ignore[arg-type]
+        assert resp.status_code == 200 and resp.json() == {"sid": sid}, resp.text
+    api.smtp.assert_no_mail(email, wait=0.2)
+    # A greater one, as a string: a new mail for the same session.
+    resp = api.request_email_token(email, secret, "2", user=None if v1 else user, v1=v1)  # type: ignore[arg-type]
+    assert resp.status_code == 200 and resp.json() == {"sid": sid}, resp.text
+    second = api.smtp.wait_for(email)
+    assert second.sid == sid and second.token != first.token
+
+
+def test_email_send_attempt_negative_string_is_a_number_too(api: IdentityApi) -> None:
+    email = unique_email("negattempt")
+    secret = new_secret()
+    resp = api.request_email_token(email, secret, "-1", v1=True)  # type: ignore[arg-type]
+    assert resp.status_code == 200, resp.text
+    sid = resp.json()["sid"]
+    api.smtp.wait_for(email)
+    resp = api.request_email_token(email, secret, 0, v1=True)  # 0 > -1: a resend
+    assert resp.status_code == 200 and resp.json() == {"sid": sid}, resp.text
+    assert api.smtp.wait_for(email).sid == sid
+
+
+@pytest.mark.parametrize(
+    "value",
+    [" 1", "1 ", "\t1", "1.0", "1e0", "+1", "--1", "-", "", "0x1", "1_000", "²", "١", "１",
+     "99999999999999999999", 1.0, True, None, [1], {"n": 1}],
+    ids=["space-before", "space-after", "tab", "decimal-point", "exponent", "plus", "double-minus", "minus-only",
+         "empty", "hex", "underscore", "superscript-two", "arabic-indic-one", "fullwidth-one", "out-of-range",
+         "json-float", "json-true", "json-null", "list", "object"],
+)
+def test_email_send_attempt_that_is_no_decimal_integer_is_refused(api: IdentityApi, value: Any) -> None:
+    email = unique_email("badattempt")
+    body = {"email": email, "client_secret": new_secret(), "send_attempt": value}
+    resp = post_json(api.client, f"{V1}/validate/email/requestToken", body)
+    assert_error(resp, 400, "M_MISSING_PARAMS" if value is None else "M_INVALID_PARAM")
+    api.smtp.assert_no_mail(email, wait=0.1)
 
 
 # --- a whole address book in one lookup (Element Android) ----------------------------------------------

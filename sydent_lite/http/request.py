@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -130,6 +131,14 @@ def get_opaque_id(source: dict[str, Any], name: str) -> str:
     return value
 
 
+# An integer written as text: form-encoded bodies carry every number so, and matrix-js-sdk sends
+# send_attempt as "1". ASCII digits with an optional minus, nothing else: no spaces, signs,
+# points, exponents or other scripts' digits (int() takes " 1", "1_0" and "١"; str.isdigit()
+# takes "²", which int() does not). Leading zeros read as decimal ("01" is 1). At most 20
+# characters, checked before int() is called.
+_DECIMAL_RE = re.compile(r"-?[0-9]{1,19}")
+
+
 def get_int(source: dict[str, Any], name: str) -> int:
     value = source.get(name)
     if value is None:
@@ -138,8 +147,8 @@ def get_int(source: dict[str, Any], name: str) -> int:
         raise invalid_param(f"'{name}' must be an integer")
     if isinstance(value, int):
         result = value
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        result = int(value)  # form-encoded bodies carry numbers as text
+    elif isinstance(value, str) and _DECIMAL_RE.fullmatch(value):
+        result = int(value)
     else:
         raise invalid_param(f"'{name}' must be an integer")
     if not (-(2**63) <= result < 2**63):
