@@ -1,9 +1,11 @@
 """Requests exactly as the real clients send them (../shared/notes/real-clients.md and
-homeserver-interop.md): matrix-js-sdk's `send_attempt` as a string, and a whole address book
-in one lookup (Element Android).
+homeserver-interop.md): matrix-js-sdk's `send_attempt` as a string and its bodies without a
+Content-Type, Synapse's `?access_token=` on hash_details, a whole address book in one lookup
+(Element Android), and matrix-js-sdk lower-casing addresses before hashing (which the server
+does not bend to).
 
-Contract: docs/api-behaviour.md, "Requests and errors", "Validation sessions" and "Lookup";
-config.example.yaml, `lookup.max_addresses`.
+Contract: docs/api-behaviour.md, "Requests and errors", "Validation sessions", "Lookup" and
+"Where clients differ from the spec"; config.example.yaml, `lookup.max_addresses`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from support.homeserver import HomeserverStandIn
 from support.server import (
     V1,
     V2,
@@ -23,7 +26,9 @@ from support.server import (
     new_secret,
     sha256_address,
     unique_email,
+    wait_until,
 )
+from support.smtp import ReceivedMail
 
 # The lookups' body cap with the default lookup.max_addresses (10,000): 64 KiB + 128 bytes an
 # address, as docs/api-behaviour.md states it.
@@ -37,6 +42,14 @@ def assert_error(resp: httpx.Response, status: int, errcode: str) -> dict[str, A
     assert body.get("errcode") == errcode, body
     assert isinstance(body.get("error"), str), body
     return body
+
+
+def post_without_content_type(client: httpx.Client, path: str, body: Any, headers: dict[str, str] | None = None,
+                              params: dict[str, str] | None = None) -> httpx.Response:
+    """A JSON body with no Content-Type header at all, as matrix-js-sdk sends some requests."""
+    resp = client.post(path, content=json.dumps(body).encode(), headers=headers or {}, params=params)
+    assert "content-type" not in resp.request.headers, resp.request.headers
+    return resp
 
 
 def post_json(client: httpx.Client, path: str, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
@@ -94,6 +107,76 @@ def test_email_send_attempt_that_is_no_decimal_integer_is_refused(api: IdentityA
     resp = post_json(api.client, f"{V1}/validate/email/requestToken", body)
     assert_error(resp, 400, "M_MISSING_PARAMS" if value is None else "M_INVALID_PARAM")
     api.smtp.assert_no_mail(email, wait=0.1)
+
+
+# --- no Content-Type ---------------------------------------------------------------------------------
+
+
+def test_requests_without_content_type_are_read_as_json(api: IdentityApi, register: Callable[..., User],
+                                                        homeserver: HomeserverStandIn) -> None:
+    client = api.client
+    # POST /terms, from a user who has not accepted them yet.
+    user = register(accept_terms=False)
+    urls = [policy["en"]["url"] for policy in api.terms()["policies"].values()]
+    resp = post_without_content_type(client, f"{V2}/terms", {"user_accepts": urls}, user.headers)
+    assert resp.status_code == 200 and resp.json() == {}, resp.text
+
+    # requestToken, v2 and v1 (send_attempt a string, as matrix-js-sdk sends it).
+    email = unique_email("nocontenttype")
+    secret = new_secret()
+    body = {"email": email, "client_secret": secret, "send_attempt": "1"}
+    resp = post_without_content_type(client, f"{V2}/validate/email/requestToken", body, user.headers)
+    assert resp.status_code == 200, resp.text
+    sid = resp.json()["sid"]
+    mail = api.smtp.wait_for(email)
+    v1_email = unique_email("nocontenttype1")
+    resp = post_without_content_type(client, f"{V1}/validate/email/requestToken",
+                                     {"email": v1_email, "client_secret": new_secret(), "send_attempt": "1"})
+    assert resp.status_code == 200, resp.text
+    api.smtp.wait_for(v1_email)
+
+    # submitToken and bind.
+    resp = post_without_content_type(client, f"{V2}/validate/email/submitToken",
+                                     {"sid": sid, "client_secret": secret, "token": mail.token}, user.headers)
+    assert resp.status_code == 200 and resp.json() == {"success": True}, resp.text
+    resp = post_without_content_type(client, f"{V2}/3pid/bind",
+                                     {"sid": sid, "client_secret": secret, "mxid": user.user_id}, user.headers)
+    assert resp.status_code == 200 and resp.json()["address"] == email, resp.text
+
+    # lookup (v2) and bulk_lookup (v1) find it.
+    pepper = api.hash_details(user)["lookup_pepper"]
+    h = sha256_address(email, "email", pepper)
+    resp = post_without_content_type(client, f"{V2}/lookup",
+                                     {"algorithm": "sha256", "pepper": pepper, "addresses": [h]}, user.headers)
+    assert resp.status_code == 200 and resp.json() == {"mappings": {h: user.user_id}}, resp.text
+    resp = post_without_content_type(client, f"{V1}/bulk_lookup", {"threepids": [["email", email]]})
+    assert resp.status_code == 200 and resp.json() == {"threepids": [["email", email, user.user_id]]}, resp.text
+
+    # store-invite (v2), for an address nobody has bound.
+    invitee = unique_email("nocontenttypeinvite")
+    invite = {"medium": "email", "address": invitee, "room_id": f"!nocontenttype:{homeserver.server_name}",
+              "sender": user.user_id}
+    resp = post_without_content_type(client, f"{V2}/store-invite", invite, user.headers)
+    assert resp.status_code == 200, resp.text
+    assert isinstance(resp.json()["token"], str)
+    api.smtp.wait_for(invitee)
+
+
+# --- ?access_token= (Synapse's hash_details) -------------------------------------------------------
+
+
+def test_hash_details_with_the_token_in_the_query_string(api: IdentityApi, user: User) -> None:
+    client = api.client
+    pepper = api.hash_details(user)["lookup_pepper"]
+    resp = client.get(f"{V2}/hash_details", params={"access_token": user.token})  # as Synapse calls it
+    assert resp.status_code == 200 and resp.json()["lookup_pepper"] == pepper, resp.text
+    # Both given: the header wins, whichever of the two is the good one.
+    resp = client.get(f"{V2}/hash_details", params={"access_token": "not-a-token"}, headers=user.headers)
+    assert resp.status_code == 200 and resp.json()["lookup_pepper"] == pepper, resp.text
+    resp = client.get(f"{V2}/hash_details", params={"access_token": user.token},
+                      headers={"Authorization": "Bearer not-a-token"})
+    assert_error(resp, 401, "M_UNAUTHORIZED")
+    assert_error(client.get(f"{V2}/hash_details", params={"access_token": "not-a-token"}), 401, "M_UNAUTHORIZED")
 
 
 # --- a whole address book in one lookup (Element Android) ----------------------------------------------
@@ -236,3 +319,41 @@ def test_lookup_max_addresses_setting(make_server: Callable[..., SydentServer],
     for extra, status in ((0, 200), (1, 413)):
         resp = post_json(api.client, f"{V2}/lookup", {**base, "padding": "x" * (fill + extra)}, user.headers)
         assert resp.status_code == status, resp.text[:300]
+
+
+# --- where the client is wrong: lower-casing instead of case-folding ----------------------------------------
+
+
+def test_lower_cased_hash_does_not_find_a_case_folded_address(api: IdentityApi, user: User) -> None:
+    """matrix-js-sdk lower-cases an address before hashing it; the spec case-folds. For `ß` the
+    two differ (`ß`.lower() is `ß`, its case fold `ss`): the server keeps to the spec."""
+    tag = new_secret()[-8:]
+    typed = f"Strauß.{tag}@Example.TEST"
+    folded, lowered = typed.casefold(), typed.lower()
+    assert folded == f"strauss.{tag}@example.test" and lowered == f"strauß.{tag}@example.test"
+
+    secret = new_secret()
+    resp = api.request_email_token(typed, secret, user=user)
+    assert resp.status_code == 200, resp.text
+    sid = resp.json()["sid"]
+    mail = take_mail_to_either(api, typed, folded)
+    resp = api.client.post(f"{V2}/validate/email/submitToken", headers=user.headers,
+                           json={"sid": sid, "client_secret": secret, "token": mail.token})
+    assert resp.status_code == 200, resp.text
+    resp = api.client.post(f"{V2}/3pid/bind", headers=user.headers,
+                           json={"sid": sid, "client_secret": secret, "mxid": user.user_id})
+    assert resp.status_code == 200 and resp.json()["address"] == folded, resp.text
+
+    pepper = api.hash_details(user)["lookup_pepper"]
+    h_folded, h_lowered = (sha256_address(a, "email", pepper) for a in (folded, lowered))
+    resp = api.lookup(user, [h_lowered, h_folded], pepper=pepper)
+    assert resp.status_code == 200 and resp.json() == {"mappings": {h_folded: user.user_id}}, resp.text
+
+
+def take_mail_to_either(api: IdentityApi, *addresses: str) -> ReceivedMail:
+    """The validation mail, whichever form of the address it was sent to."""
+    wait_until(lambda: any(api.smtp.pending(a) for a in addresses), what=f"a mail to one of {addresses}")
+    for address in addresses:
+        if api.smtp.pending(address):
+            return api.smtp.wait_for(address)
+    raise AssertionError("unreachable")  # pragma: no cover
