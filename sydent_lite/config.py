@@ -23,6 +23,11 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names the offending key."""
 
 
+# lookup.max_addresses at most: the lookup body cap grows with it (128 bytes an address), and
+# 100,000 addresses already make a 13 MB request.
+MAX_LOOKUP_ADDRESSES_LIMIT = 100_000
+
+
 # Addresses an outbound request must never reach unless allow-listed: loopback, private,
 # link-local, CGNAT, multicast, reserved and documentation ranges (IPv4 and IPv6), and the IPv6
 # ranges that lead to an IPv4 address or to no public host (IANA's special-purpose registries).
@@ -157,6 +162,14 @@ class RateLimitConfig:
 
 
 @dataclass
+class LookupConfig:
+    # Addresses (v2 lookup) or pairs (v1 bulk_lookup) one request may ask about (Sydent's
+    # address_lookup_limit). The lookup endpoints' body cap is derived from it; every other
+    # endpoint keeps its small one.
+    max_addresses: int = 10_000
+
+
+@dataclass
 class MetricsConfig:
     # Prometheus metrics on a listener of their own, never on the public port.
     enabled: bool = False
@@ -242,6 +255,7 @@ class Config:
     terms_path: str | None = None
     federation: FederationConfig = field(default_factory=FederationConfig)
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
+    lookup: LookupConfig = field(default_factory=LookupConfig)
     sessions: SessionConfig = field(default_factory=SessionConfig)
     invites: InviteConfig = field(default_factory=InviteConfig)
     sms: SmsConfig = field(default_factory=SmsConfig)
@@ -368,6 +382,17 @@ def finalise(config: Config) -> Config:
     redis_url = config.rate_limits.redis_url
     if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("config key 'rate_limits.redis_url' must be a redis://, rediss:// or unix:// URL")
+    max_addresses = config.lookup.max_addresses
+    if not (1 <= max_addresses <= MAX_LOOKUP_ADDRESSES_LIMIT):
+        raise ConfigError(f"config key 'lookup.max_addresses' must be between 1 and {MAX_LOOKUP_ADDRESSES_LIMIT:,}")
+    burst = config.rate_limits.lookup_addresses_burst
+    if config.rate_limits.enabled and burst < max_addresses:
+        # A lookup of N addresses costs N at once: a smaller bucket could never pay for one.
+        raise ConfigError(
+            f"config key 'rate_limits.lookup_addresses_burst' ({burst}) must be at least 'lookup.max_addresses' "
+            f"({max_addresses}): a lookup of that many addresses could never pass; raise the burst or lower "
+            "lookup.max_addresses"
+        )
     if not (0 < config.listen.port < 65536):
         raise ConfigError("config key 'listen.port' must be between 1 and 65535")
     if bool(config.listen.tls_certificate) != bool(config.listen.tls_private_key):

@@ -110,7 +110,9 @@ async def build_context(config: Config) -> AppContext:
         sessions=SessionService(
             config, SessionStore(engine), templates, email_sender, sms_provider, rate_limiter
         ),
-        associations=AssociationService(association_store, signer, pepper, lookup_index, onbind_queue),
+        associations=AssociationService(
+            association_store, signer, pepper, lookup_index, onbind_queue, config.lookup.max_addresses
+        ),
         invites=invites,
         onbind=onbind,
         onbind_queue=onbind_queue,

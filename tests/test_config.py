@@ -85,6 +85,36 @@ def test_bad_config_names_the_key(data: dict, message: str) -> None:
     assert message in str(e.value)
 
 
+def test_lookup_max_addresses_and_the_address_burst() -> None:
+    config = load_config(None)
+    assert config.lookup.max_addresses == 10_000  # as Sydent's address_lookup_limit
+    assert config.rate_limits.lookup_addresses_burst >= config.lookup.max_addresses
+    # A burst below the largest lookup could never pay for one: start-up stops, naming both keys.
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"rate_limits": {"lookup_addresses_burst": 5000}})
+    assert "'rate_limits.lookup_addresses_burst' (5000)" in str(e.value)
+    assert "'lookup.max_addresses' (10000)" in str(e.value)
+    with pytest.raises(ConfigError):
+        config_from_dict({"lookup": {"max_addresses": 30_000}})  # above the default burst
+    # Lowered together, raised together, or with rate limits off: fine.
+    assert config_from_dict({"rate_limits": {"lookup_addresses_burst": 5000},
+                             "lookup": {"max_addresses": 5000}}).lookup.max_addresses == 5000
+    assert config_from_dict({"rate_limits": {"lookup_addresses_burst": 50_000},
+                             "lookup": {"max_addresses": 50_000}}).lookup.max_addresses == 50_000
+    assert config_from_dict({"rate_limits": {"enabled": False, "lookup_addresses_burst": 10},
+                             "lookup": {"max_addresses": 20_000}}).lookup.max_addresses == 20_000
+    for bad in (0, -1, 100_001):
+        with pytest.raises(ConfigError) as e:
+            config_from_dict({"rate_limits": {"enabled": False}, "lookup": {"max_addresses": bad}})
+        assert "'lookup.max_addresses' must be between 1 and 100,000" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"lookup": {"max_addresses": "10000"}})
+    assert "'lookup.max_addresses' must be an integer" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"lookup": {"max_adresses": 10}})
+    assert "unknown config key 'lookup.max_adresses'" in str(e.value)
+
+
 def test_guessing_defaults() -> None:
     # docs/api-behaviour.md states the odds of guessing a code with exactly these.
     config = load_config(None)

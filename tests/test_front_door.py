@@ -96,7 +96,14 @@ def test_what_no_exact_route_matches_goes_through_starlette(front_door: httpx.Cl
     _assert_common_headers(resp)
     resp = front_door.put("/ok")
     assert resp.status_code == 405 and resp.json()["errcode"] == "M_UNRECOGNIZED"
+    assert resp.headers["allow"] == "GET, HEAD, OPTIONS, POST"
     _assert_common_headers(resp)
+    # A trailing slash is no other spelling of a path: 404, not a redirect.
+    for method in ("GET", "POST"):
+        resp = front_door.request(method, "/ok/")
+        assert resp.status_code == 404 and resp.json()["errcode"] == "M_UNRECOGNIZED", resp.text
+        assert "location" not in resp.headers
+        _assert_common_headers(resp)
     resp = front_door.options("/anything", headers={"Origin": "https://app.example"})
     assert resp.status_code == 200
     _assert_common_headers(resp)

@@ -615,6 +615,36 @@ def test_send_attempt_semantics(phone: Phone, phone_user: User) -> None:
     assert resp.status_code == 200 and resp.json() == {"success": True}, resp.text
 
 
+def test_send_attempt_as_a_digit_string(phone: Phone, phone_user: User) -> None:
+    """matrix-js-sdk sends `"send_attempt": "1"`: a string of digits is that number."""
+    national, msisdn = random_gb()
+    secret = new_secret()
+    resp = phone.request_token("GB", national, secret, "1", user=phone_user)
+    assert resp.status_code == 200, resp.text
+    expected = resp.json()
+    first = phone.outbox.wait_for(msisdn)
+    for again in ("1", 1, "01"):  # the same attempt: no new SMS
+        resp = phone.request_token("GB", national, secret, again, user=phone_user)
+        assert resp.status_code == 200 and resp.json() == expected, resp.text
+    phone.outbox.assert_none(msisdn, wait=0.2)
+    resp = phone.request_token("GB", national, secret, "2", user=phone_user)
+    assert resp.status_code == 200 and resp.json() == expected, resp.text
+    second = phone.outbox.wait_for(msisdn)
+    if second.code != first.code:  # 6 digits: they may happen to be equal
+        assert_error(phone.submit(MsisdnSession(msisdn, secret, expected["sid"], first), user=phone_user),
+                     400, "M_TOKEN_INCORRECT")
+    resp = phone.submit(MsisdnSession(msisdn, secret, expected["sid"], second), user=phone_user)
+    assert resp.status_code == 200 and resp.json() == {"success": True}, resp.text
+
+
+@pytest.mark.parametrize("value", [" 1", "1.0", "+1", "--1", "²", "１"],
+                         ids=["space", "decimal-point", "plus", "double-minus", "superscript-two", "fullwidth-one"])
+def test_send_attempt_string_that_is_no_decimal_integer(phone: Phone, value: str) -> None:
+    national, msisdn = random_gb()
+    assert_error(phone.request_token("GB", national, new_secret(), value, v1=True), 400, "M_INVALID_PARAM")
+    phone.outbox.assert_none(msisdn, wait=0.1)
+
+
 def test_session_key_is_the_normalised_number(phone: Phone) -> None:
     # Keyed by (medium, address, client_secret), the address being the stored form: the same
     # number typed another way, with the same secret, is the same session.

@@ -91,6 +91,10 @@ def test_versions(client: httpx.Client) -> None:
         assert isinstance(v, str) and re.fullmatch(r"v\d+\.\d+|r\d+\.\d+\.\d+", v), v
     # The v2 API with hashed lookups and terms is Matrix v1.1+.
     assert any(re.fullmatch(r"v1\.\d+", v) for v in versions), versions
+    # Every version whose behaviour is built (v1.18: M_TOKEN_INCORRECT, ...), up to v1.19.
+    # Not v1.20, which drops ?access_token= (still sent by Synapse, still accepted here).
+    assert {f"v1.{i}" for i in range(1, 20)} <= set(versions), versions
+    assert not {v for v in versions if re.fullmatch(r"v1\.(2\d|[3-9]\d)|v[2-9]\.\d+", v)}, versions
 
 
 @pytest.mark.parametrize("path", ["/_matrix/identity/v2", "/_matrix/identity/api/v1"])
@@ -181,6 +185,46 @@ def test_unknown_path_is_404_unrecognized(client: httpx.Client, method: str, pat
 )
 def test_wrong_method_is_405_unrecognized(client: httpx.Client, method: str, path: str) -> None:
     assert_error(client.request(method, path), 405, "M_UNRECOGNIZED")
+
+
+@pytest.mark.parametrize(
+    "method,path,allowed",
+    [
+        ("GET", f"{V2}/lookup", {"POST"}),
+        ("POST", f"{V2}/hash_details", {"GET", "HEAD"}),
+        ("PUT", "/_matrix/identity/versions", {"GET", "HEAD"}),
+        ("DELETE", f"{V2}/terms", {"GET", "HEAD", "POST"}),
+        ("PUT", f"{V2}/validate/email/submitToken", {"GET", "HEAD", "POST"}),
+        ("POST", f"{V1}/lookup", {"GET", "HEAD"}),
+        ("GET", f"{V1}/bulk_lookup", {"POST"}),
+    ],
+)
+def test_405_names_the_allowed_methods(client: httpx.Client, method: str, path: str, allowed: set[str]) -> None:
+    """RFC 9110 section 15.5.6: a 405 carries Allow; OPTIONS is answered on every path (CORS)."""
+    resp = client.request(method, path)
+    assert_error(resp, 405, "M_UNRECOGNIZED")
+    assert {m.upper() for m in token_set(resp.headers.get("allow"))} == allowed | {"OPTIONS"}, resp.headers
+    assert_cors(resp)
+
+
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("GET", "/_matrix/identity/v2/"),
+        ("GET", "/_matrix/identity/api/v1/"),
+        ("GET", "/_matrix/identity/versions/"),
+        ("GET", f"{V2}/terms/"),
+        ("GET", f"{V2}/hash_details/"),
+        ("POST", f"{V2}/lookup/"),
+        ("POST", f"{V1}/bulk_lookup/"),
+        ("POST", f"{V2}/validate/email/requestToken/"),
+    ],
+)
+def test_trailing_slash_is_404_unrecognized_not_a_redirect(client: httpx.Client, method: str, path: str) -> None:
+    resp = client.request(method, path)
+    assert "location" not in resp.headers, resp.headers
+    assert_error(resp, 404, "M_UNRECOGNIZED")
+    assert_cors(resp)
 
 
 # --- bodies ---------------------------------------------------------------------------------------
@@ -285,7 +329,12 @@ def test_oversized_chunked_body_is_413(client: httpx.Client) -> None:
 
 
 def test_oversized_body_on_authenticated_endpoint(client: httpx.Client, user: User) -> None:
-    big = b'{"algorithm": "sha256", "pepper": "p", "addresses": ["' + b"a" * (LIMIT + 10) + b'"]}'
+    big = b'{"sid": "abc", "client_secret": "abc", "mxid": "' + b"a" * (LIMIT + 10) + b'"}'
+    resp = client.post(f"{V2}/3pid/bind", content=big, headers={**user.headers, "Content-Type": "application/json"})
+    assert_error(resp, 413, "M_TOO_LARGE")
+    # Lookups take a whole address book (tests/test_client_shapes.py), and no more.
+    lookup_cap = LIMIT + 10_000 * 128
+    big = b'{"algorithm": "sha256", "pepper": "p", "addresses": ["' + b"a" * lookup_cap + b'"]}'
     resp = client.post(f"{V2}/lookup", content=big, headers={**user.headers, "Content-Type": "application/json"})
     assert_error(resp, 413, "M_TOO_LARGE")
 

@@ -70,7 +70,7 @@ class FrontDoor:
     middleware, router and endpoint wrappers (seven layers, each wrapping `send` again) were a
     third of the CPU of a small request. Everything else (OPTIONS aside: unknown paths, wrong
     methods, trailing slashes) goes through the Starlette application, whose router answers
-    404, 405 and redirects as usual.
+    404 and 405 (with `Allow`); it redirects no trailing slash (see `starlette_app`).
 
     Metrics and the access line name the matched route *template*
     (`/_matrix/identity/v2/3pid/bind`) or "unmatched", never the raw path or query string, so
@@ -88,7 +88,7 @@ class FrontDoor:
 
     def _route_template(self, scope: Scope) -> str:
         # Starlette's router records the route it matched; requests that never reached it
-        # (OPTIONS, slash redirects) are matched here.
+        # (OPTIONS) are matched here.
         path = getattr(scope.get("route"), "path", None)
         if isinstance(path, str):
             return path
@@ -214,8 +214,25 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         return JSONResponse({"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}, status_code=404)
     if exc.status_code == 405:
-        return JSONResponse({"errcode": "M_UNRECOGNIZED", "error": "Method not allowed"}, status_code=405)
+        # RFC 9110: a 405 names the methods the resource has (OPTIONS too: answered on every path).
+        return JSONResponse(
+            {"errcode": "M_UNRECOGNIZED", "error": "Method not allowed"},
+            status_code=405,
+            headers={"Allow": _allowed_methods(request)},
+        )
     return JSONResponse({"errcode": "M_UNKNOWN", "error": str(exc.detail)}, status_code=exc.status_code)
+
+
+def _allowed_methods(request: Request) -> str:
+    # Every route of this path, not only the one Starlette's router picked (a path may have
+    # one route per method). Only wrong methods come here: not a hot path.
+    methods = {"OPTIONS"}
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.methods:
+            match, _ = route.matches(request.scope)
+            if match != Match.NONE:
+                methods |= route.methods
+    return ", ".join(sorted(methods))
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
@@ -287,8 +304,13 @@ def create_app(config: Config, context_factory: Callable[[Config], object] = bui
 
 def starlette_app(routes: list[BaseRoute], lifespan: Callable[[Starlette], Any] | None = None) -> Starlette:
     """Starlette with our routes and Matrix error handlers (wrap it in a FrontDoor to serve)."""
-    return Starlette(
+    app = Starlette(
         routes=routes,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
+    # A trailing slash on a known path is an unknown path (404 M_UNRECOGNIZED), not a bodiless
+    # 307 to the path without it: no identity-server path ends in a slash, and a redirected POST
+    # is one more round trip that some clients do not follow.
+    app.router.redirect_slashes = False
+    return app

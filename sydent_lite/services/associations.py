@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 # As Sydent: an association is asserted valid for a hundred years from binding.
 ASSOCIATION_LIFETIME_MS = 100 * 365 * 24 * 60 * 60 * 1000
-MAX_LOOKUP_ADDRESSES = 10_000
+DEFAULT_MAX_LOOKUP_ADDRESSES = 10_000  # config lookup.max_addresses
 
 
 class AssociationService:
@@ -31,8 +31,10 @@ class AssociationService:
         pepper: str,
         index: LookupIndex,
         onbind: OnbindQueue | None = None,
+        max_addresses: int = DEFAULT_MAX_LOOKUP_ADDRESSES,
     ) -> None:
         self._store = store
+        self._max_addresses = max_addresses
         self._index = index
         self._signer = signer
         self.pepper = pepper
@@ -106,9 +108,18 @@ class AssociationService:
         if algorithm not in ("sha256", "none"):
             raise invalid_param(f"Unsupported algorithm {algorithm!r}; see /hash_details")
         if pepper != self.pepper:
-            raise MatrixError(400, "M_INVALID_PEPPER", "Unknown or invalid pepper - has it been rotated?")
-        if len(addresses) > MAX_LOOKUP_ADDRESSES:
-            raise MatrixError(400, "M_TOO_LARGE", f"At most {MAX_LOOKUP_ADDRESSES} addresses per lookup")
+            # As Sydent: what a retry needs (the pepper is no secret: hash_details gives it to every
+            # user), so a client need not ask hash_details again. The algorithm is the one asked
+            # for, known to be supported (checked above).
+            raise MatrixError(
+                400,
+                "M_INVALID_PEPPER",
+                "Unknown or invalid pepper - has it been rotated?",
+                algorithm=algorithm,
+                lookup_pepper=self.pepper,
+            )
+        if len(addresses) > self._max_addresses:
+            raise MatrixError(400, "M_TOO_LARGE", f"At most {self._max_addresses} addresses per lookup")
         await self._index.catch_up()
         if algorithm == "sha256":
             return await self._index.mxids(addresses)

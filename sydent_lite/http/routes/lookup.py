@@ -13,6 +13,7 @@ from sydent_lite.errors import MatrixError, invalid_param
 from sydent_lite.http.auth import require_user
 from sydent_lite.http.client_ip import client_ip
 from sydent_lite.http.request import (
+    MAX_BODY_BYTES,
     get_str,
     is_storable,
     query_params,
@@ -21,9 +22,35 @@ from sydent_lite.http.request import (
 )
 from sydent_lite.http.routes import versioned
 from sydent_lite.observability import metrics
-from sydent_lite.services.associations import MAX_LOOKUP_ADDRESSES
 from sydent_lite.services.ratelimit import client_subject
 from sydent_lite.threepids import stored_address
+
+# A lookup carries up to lookup.max_addresses entries in one body (Element Android sends the
+# whole address book at once), so the lookups' body cap is derived from that count: the small
+# cap of every other endpoint (the other fields, whitespace) plus BYTES_PER_ADDRESS an entry.
+# The longest entry is a known size only for sha256: 43 characters, 47 bytes as `"<hash>", `,
+# ~51 pretty-printed. A `none` entry "<address> <medium>" or a bulk_lookup pair
+# `["email", "<address>"], ` is its address plus 10-15 bytes (~40 pretty-printed), and an
+# address may be up to 254 characters (RFC 5321), but a book of 10,000 addresses of that length
+# is no real book (real ones average under 30). So 128 bytes an entry: 10,000 of them with
+# addresses averaging up to ~110 characters (~90 pretty-printed) fit, and so does any one
+# address of the longest length among them. The default, 10,000: 1,345,536 bytes (~1.3 MiB).
+BYTES_PER_ADDRESS = 128
+
+
+def lookup_body_limit(max_addresses: int) -> int:
+    return MAX_BODY_BYTES + max_addresses * BYTES_PER_ADDRESS
+
+
+# Array elements and object members (read_body's max_items) a lookup body of N entries holds,
+# with room for separators inside the entries themselves (a `,` or `{` in an address: rare): v2,
+# N addresses and three fields; bulk_lookup, a list, a `,` inside and a `,` after each pair.
+def _v2_items(max_addresses: int) -> int:
+    return 2 * max_addresses + 64
+
+
+def _bulk_items(max_addresses: int) -> int:
+    return 4 * max_addresses + 64
 
 
 async def hash_details(request: Request, ctx: AppContext, v2: bool) -> Response:
@@ -38,11 +65,11 @@ async def _limit_lookups(ctx: AppContext, who: str) -> None:
 
 
 async def _limit_addresses(ctx: AppContext, who: str, count: int) -> None:
-    """Addresses per user (v2) or client IP (v1): a lookup of N addresses costs N, at once."""
+    """Addresses per user (v2) or client IP (v1): a lookup of N addresses costs N, at once.
+
+    The burst is at least lookup.max_addresses (config), so any lookup of an allowed size can
+    be paid for: a 429 here is worth retrying."""
     rl = ctx.config.rate_limits
-    if rl.enabled and count > rl.lookup_addresses_burst:
-        # More than the budget can ever hold: a 429 would have the client retry for ever.
-        raise MatrixError(400, "M_TOO_LARGE", f"At most {rl.lookup_addresses_burst} addresses per lookup here")
     rate = rl.lookup_addresses_per_minute / 60
     await ctx.rate_limiter.check(f"lookup-addr:{who}", rate, rl.lookup_addresses_burst, count)
 
@@ -55,7 +82,10 @@ async def lookup_v2(request: Request, ctx: AppContext, v2: bool) -> Response:
     # Per user, not per token: a new token (another /account/register) is no new budget.
     who = "user:" + await require_user(request, ctx)
     await _limit_lookups(ctx, who)
-    body = await read_body(request, allow_form=False)
+    max_addresses = ctx.config.lookup.max_addresses
+    body = await read_body(
+        request, allow_form=False, max_bytes=lookup_body_limit(max_addresses), max_items=_v2_items(max_addresses)
+    )
     require_fields(body, "algorithm", "pepper", "addresses")
     algorithm = get_str(body, "algorithm", max_length=64)
     pepper = get_str(body, "pepper", max_length=256)
@@ -63,8 +93,8 @@ async def lookup_v2(request: Request, ctx: AppContext, v2: bool) -> Response:
     if not isinstance(addresses, list) or not set(map(type, addresses)) <= {str}:
         raise invalid_param("'addresses' must be a list of strings")
     assert algorithm is not None and pepper is not None
-    if len(addresses) > MAX_LOOKUP_ADDRESSES:
-        raise MatrixError(400, "M_TOO_LARGE", f"At most {MAX_LOOKUP_ADDRESSES} addresses per lookup")
+    if len(addresses) > max_addresses:
+        raise MatrixError(400, "M_TOO_LARGE", f"At most {max_addresses} addresses per lookup")
     await _limit_addresses(ctx, who, len(addresses))
     if not is_storable("".join(addresses)):  # checked at once: almost every list passes
         # A string no database can hold cannot match a stored one either.
@@ -88,7 +118,7 @@ async def lookup_v1(request: Request, ctx: AppContext, v2: bool) -> Response:
     return Response(signed or "{}", media_type="application/json")
 
 
-def _threepid_pairs(value: object) -> list[list[str]]:
+def _threepid_pairs(value: object, max_addresses: int) -> list[list[str]]:
     """bulk_lookup's `threepids`, checked: a list of [medium, address] string pairs.
 
     The checks run over the whole list at once (in C: map, set, join) rather than pair by pair
@@ -99,8 +129,8 @@ def _threepid_pairs(value: object) -> list[list[str]]:
     strings = list(chain.from_iterable(value))
     if not set(map(type, strings)) <= {str}:
         raise invalid_param("'threepids' must be a list of [medium, address] pairs")
-    if len(value) > MAX_LOOKUP_ADDRESSES:
-        raise MatrixError(400, "M_TOO_LARGE", f"At most {MAX_LOOKUP_ADDRESSES} threepids per lookup")
+    if len(value) > max_addresses:
+        raise MatrixError(400, "M_TOO_LARGE", f"At most {max_addresses} threepids per lookup")
     if is_storable("".join(strings)):
         return value
     # A string no database can hold cannot match a stored one either.
@@ -110,9 +140,12 @@ def _threepid_pairs(value: object) -> list[list[str]]:
 async def bulk_lookup(request: Request, ctx: AppContext, v2: bool) -> Response:
     who = _ip(request, ctx)
     await _limit_lookups(ctx, who)
-    body = await read_body(request, allow_form=False)
+    max_addresses = ctx.config.lookup.max_addresses
+    body = await read_body(
+        request, allow_form=False, max_bytes=lookup_body_limit(max_addresses), max_items=_bulk_items(max_addresses)
+    )
     require_fields(body, "threepids")
-    pairs = _threepid_pairs(body["threepids"])
+    pairs = _threepid_pairs(body["threepids"], max_addresses)
     await _limit_addresses(ctx, who, len(body["threepids"]))  # as asked, before unstorable ones are dropped
     found = await ctx.associations.bulk_lookup(pairs)
     _LOOKUPS_V1_BULK.inc(len(pairs))
