@@ -3,6 +3,7 @@
     python bench/run.py                       # SQLite, 100,000 associations, every workload
     python bench/run.py --postgres postgresql://postgres@127.0.0.1:5432/test
                                               # also PostgreSQL: 100,000 and 1,000,000, 1 and 2 workers
+    python bench/run.py --baseline 367ad84    # also sydent_lite as of that commit, in the same rounds
 
 Both servers run on loopback with the same associations (Sydent's database is seeded through
 its own schema; sydent_lite imports that database with `sydent-lite import-sydent`), send mail
@@ -136,19 +137,74 @@ def sydent_lite_cmd() -> list[str]:
     return [sys.executable, "-m", "sydent_lite"]
 
 
+@dataclass(frozen=True)
+class Build:
+    """Which sydent_lite runs: this checkout (source None), or an exported older commit."""
+
+    label: str
+    source: Path | None = None
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.source is not None:
+            env["PYTHONPATH"] = str(self.source)  # ahead of the installed (editable) package
+        return env
+
+
+THIS_BUILD = Build("sydent_lite")
+
+
+def export_build(ref: str, workdir: Path) -> Build:
+    """`ref` of this repository, exported (git archive) into workdir: the "before" of a change."""
+    repo = BENCH_DIR.parent
+    sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", ref], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    dest = workdir / f"build-{sha}"
+    if not (dest / "sydent_lite").is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(repo), "archive", sha], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return Build(f"sydent_lite@{sha}", dest)
+
+
+def fit_config_to_build(config: Path, build: Build) -> None:
+    """Drop the config keys an older build does not know (its loading is strict: an unknown key
+    stops it), one at a time as it names them."""
+    import re
+
+    data = json.loads(config.read_text())
+    for _ in range(50):
+        probe = subprocess.run(
+            [sys.executable, "-c", "import sys; from sydent_lite.config import load_config; load_config(sys.argv[1])",
+             str(config)], capture_output=True, text=True, env=build.env(),
+        )
+        found = re.search(r"unknown config key '([^']+)'", probe.stderr)
+        if probe.returncode == 0 or found is None:
+            return
+        *parents, leaf = found.group(1).split(".")
+        node = data
+        for key in parents:
+            node = node[key]
+        del node[leaf]
+        config.write_text(json.dumps(data, indent=2))
+
+
 def prepare_lite(
-    workdir: Path, sydent_db: Path, key_file: Path, database_url: str, smtp_port: int, workers: int, label: str
+    workdir: Path, sydent_db: Path, key_file: Path, database_url: str, smtp_port: int, workers: int, label: str,
+    build: Build = THIS_BUILD,
 ) -> Server:
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = lite_config(workdir, port, smtp_port, database_url)
+    fit_config_to_build(config, build)
+    env = build.env()
     marker = workdir / "imported"
     if not marker.exists() or marker.read_text() != f"{sydent_db}|{database_url}":
         log(f"{label}: importing {sydent_db.name} with `sydent-lite import-sydent`")
         t0 = time.monotonic()
         out = subprocess.run(
             [*sydent_lite_cmd(), "import-sydent", str(sydent_db), "--signing-key", str(key_file), "--config", str(config)],
-            capture_output=True, text=True, check=False,
+            capture_output=True, text=True, check=False, env=env,
         )
         if out.returncode != 0:
             raise RuntimeError(f"import-sydent failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
@@ -156,7 +212,7 @@ def prepare_lite(
         marker.write_text(f"{sydent_db}|{database_url}")
     token = subprocess.run(
         [*sydent_lite_cmd(), "create-token", "--user-id", BENCH_USER, "--config", str(config)],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, env=env,
     ).stdout.strip()
     log_path = workdir / f"server-{workers}w.log"
 
@@ -165,7 +221,8 @@ def prepare_lite(
         if workers > 1:
             cmd += ["--workers", str(workers)]
         with log_path.open("ab") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True,
+                                    env=env)
         wait_until_serving(proc, port, log_path)
         return proc
 
@@ -422,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-sqlite", action="store_true", help="only the PostgreSQL runs")
     p.add_argument("--workdir", type=Path, default=BENCH_DIR / "work")
     p.add_argument("--output", type=Path, default=None, help="write the Markdown report here (default: workdir/report.md)")
+    p.add_argument("--baseline", metavar="GIT_REF", action="append", default=[],
+                   help="also run sydent_lite as of this commit (exported from this repository), in the same rounds: "
+                        "a change's before and after in one run (repeatable)")
     args = p.parse_args(argv)
     names = [w for w in args.workloads.split(",") if w]
     unknown = set(names) - set(WORKLOADS)
@@ -445,17 +505,28 @@ def main(argv: list[str] | None = None) -> int:
               f"Load: wrk, {args.connections} connections, 2 threads, {args.seconds:.0f} s measured after {args.warmup:.0f} s "
               f"warm-up, {args.rounds} rounds (servers alternating, each restarted per run); medians.", ""]
     all_ms: list[Measurement] = []
+    baselines = [export_build(ref, workdir) for ref in args.baseline]
     try:
         if not args.skip_sqlite:
             n = args.associations
             sydent, sydent_db = prepare_sydent(workdir / f"sydent-{n}", n, key_line, sink.port, venv_python)
             lite = prepare_lite(workdir / f"lite-sqlite-{n}", sydent_db, key_file,
                                 f"sqlite:///{workdir / f'lite-sqlite-{n}' / 'sydent_lite.db'}", sink.port, 1, "sydent_lite")
+            olds = []
+            for build in baselines:
+                where = workdir / f"lite-sqlite-{n}-{build.label.rsplit('@', 1)[1]}"
+                olds.append(prepare_lite(where, sydent_db, key_file, f"sqlite:///{where / 'sydent_lite.db'}", sink.port, 1,
+                                         build.label, build))
             log(f"SQLite, {n:,} associations: {', '.join(names)}")
-            ms = compare([lite, sydent], names, n, args, sink)
+            ms = compare([lite, *olds, sydent], names, n, args, sink)
             all_ms += ms
             report += [f"## SQLite, {n:,} associations: sydent_lite / Sydent 2.6.1", "",
                        "Cells with two values are sydent_lite / Sydent.", "", comparison_table(ms, lite.label, sydent.label, names), ""]
+            for old in olds:
+                report += [f"## SQLite, {n:,} associations: {old.label} (before) / Sydent 2.6.1", "",
+                           comparison_table(ms, old.label, sydent.label, names), "",
+                           f"## SQLite, {n:,} associations: sydent_lite (after) / {old.label} (before)", "",
+                           comparison_table(ms, lite.label, old.label, names), ""]
         if args.postgres:
             pg_names = [w for w in args.pg_workloads.split(",") if w]
             labels = []
@@ -464,6 +535,11 @@ def main(argv: list[str] | None = None) -> int:
                 _, sydent_db = prepare_sydent(workdir / f"sydent-{n}", n, key_line, sink.port, venv_python)
                 url = create_pg_database(args.postgres, f"bench_lite_{n}")
                 servers = [prepare_lite(workdir / f"lite-pg-{n}", sydent_db, key_file, url, sink.port, 1, f"PostgreSQL {n:,}, 1 worker")]
+                for build in baselines:
+                    sha = build.label.rsplit("@", 1)[1]
+                    old_url = create_pg_database(args.postgres, f"bench_lite_{n}_{sha}")
+                    servers.append(prepare_lite(workdir / f"lite-pg-{n}-{sha}", sydent_db, key_file, old_url, sink.port, 1,
+                                                f"PostgreSQL {n:,}, 1 worker, {build.label}", build))
                 if n == args.pg_associations and args.workers > 1:
                     servers.append(prepare_lite(workdir / f"lite-pg-{n}", sydent_db, key_file, url, sink.port, args.workers,
                                                 f"PostgreSQL {n:,}, {args.workers} workers"))
