@@ -23,6 +23,7 @@ from sydent_lite.delivery.email import (
     make_email_sender,
 )
 from sydent_lite.resources import migrations_dir, templates_dir
+from sydent_lite.services.invites import redact_address, web_client_base
 from sydent_lite.templating import (
     EMAIL_TEMPLATE,
     INVITE_TEMPLATE,
@@ -544,3 +545,30 @@ def test_brands_are_the_folders_found_at_start_up(tmp_path: Path) -> None:
     assert store.resolve_brand("later", EMAIL_TEMPLATE) == "default"  # as Sydent: read once
     assert b"LATER" not in render(store, "later")
 
+
+# --- invitation values (Sydent's) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("address, local, domain, expected", [
+    ("david@example.com", 3, 3, "dav...@exa..."),
+    ("Invitee.Two@Example.TEST", 4, 5, "Invi...@Examp..."),
+    ("ab@xy", 3, 3, "a...@x..."),
+    ("ab@x.io", 3, 3, "a...@x.i..."),
+    ("a@b", 3, 3, "...@..."),
+    ("abcdefgh@example.com", 20, 20, "abc...@exa..."),  # never a whole part, however many are allowed
+    ('"a@b"@example.com', 3, 3, '"a@...@exa...'),  # the domain is after the last @
+    ("david@example.com", 0, 0, "...@..."),
+])
+def test_redact_address_as_sydent(address: str, local: int, domain: int, expected: str) -> None:
+    assert redact_address(address, local, domain) == expected
+
+
+@pytest.mark.parametrize("url, ok", [
+    ("https://app.element.io", True), ("http://chat.example.test:8080/element/", True), ("HTTPS://X.TEST", True),
+    ("javascript:alert(1)", False), ("https://user@evil.test", False), ("https://x.test/?a", False),
+    ("https://x.test/#", False), ("https://x.test/a b", False), ("https://\u0435.test", False), ("x.test", False),
+    ("https://x.test:0x50", False), ("https://x.test/\"onmouseover=", False), ("https://x.test/<b>", False),
+    ("https://", False), ("https://" + "x" * 250 + ".test", False),
+])
+def test_web_client_base(url: str, ok: bool) -> None:
+    assert (web_client_base(url) is not None) == ok
