@@ -137,6 +137,9 @@ def _msgid_domain(from_: str) -> str:
 _PERCENT_SPEC = re.compile(r"%(%|\()?")
 
 
+_VARIANTS = ("_forhtml", "_forurl")
+
+
 class _Blank(dict):  # type: ignore[type-arg]
     """A %-format mapping in which a variable nobody set reads as "" (as Jinja's Undefined)."""
 
@@ -165,10 +168,13 @@ def check_legacy_template(text: str, path: Path) -> None:
 
 def legacy_variables(context: dict[str, Any]) -> _Blank:
     """Sydent's substitutions for a legacy template: every variable, and its `<name>_forhtml`
-    (HTML-escaped) and `<name>_forurl` (URL-quoted, `/` kept) forms, as Sydent's sendEmail."""
+    (HTML-escaped) and `<name>_forurl` (URL-quoted, `/` kept) forms, as Sydent's sendEmail.
+
+    A variable named like a variant (a store-invite field `room_name_forhtml`, say) is dropped:
+    in Sydent it can replace the escaped form and put its markup into the HTML part."""
     out = _Blank()
     for key, value in context.items():
-        if isinstance(value, str):
+        if isinstance(value, str) and not key.endswith(_VARIANTS):
             out[key] = value
             out[key + "_forhtml"] = html.escape(value)
             out[key + "_forurl"] = urllib.parse.quote(value)

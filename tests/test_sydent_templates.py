@@ -234,6 +234,27 @@ def test_a_legacy_only_brand_renders_as_sydent_did(make_server: Callable[..., Sy
     assert page.startswith("<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\" />\n<title></title>"), page
 
 
+def test_a_legacy_template_takes_no_escaped_value_from_the_request(
+    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi], tmp_path: Path
+) -> None:
+    """Sydent's legacy invite template prints `sender_display_name_forhtml` into its HTML part;
+    Sydent lets a request field of that name replace the escaped value (markup in a mail from
+    us). Here the request's field is dropped and the escaped display name is shown."""
+    api = api_for(sydent_brand_server(make_server, legacy_folder(tmp_path), email={"default_brand": "matrix-org"}))
+    address = unique_email("forhtml")
+    resp = api.client.post(f"{V1}/store-invite", json={
+        "medium": "email", "address": address, "room_id": "!r:hs.test", "sender": "@s:hs.test",
+        "sender_display_name": "<b>Eve</b>", "room_name": "Lobby",
+        "sender_display_name_forhtml": '<a href="https://evil.example.test">Your bank</a>',
+        "bracketed_room_name_forhtml": "<script>alert(1)</script>"})
+    assert resp.status_code == 200, resp.text
+    mail = api.smtp.wait_for(address)
+    page = mail.message.get_body(preferencelist=("html",)).get_content()  # type: ignore[union-attr]
+    assert "evil.example.test" not in page and "<script>" not in page and "<b>" not in page, page
+    assert "&lt;b&gt;Eve&lt;/b&gt; <span class=\"low-contrast\"></span> has invited you" in page, page
+    assert "(Lobby) " in page
+
+
 @pytest.mark.parametrize("broken", [
     "Subject: %(subject_header_value)s\n\nA 100% sure invitation from %(sender_display_name)s\n",
     "Subject: %(subject_header_value)s\n\nEverything we know: %s\n",

@@ -495,6 +495,14 @@ def test_legacy_template_gets_sydents_forhtml_and_forurl_variants(tmp_path: Path
                     'https://x.test/a b?c=1&amp;d=&quot;é&quot;/|tok123||100%\n'), body
 
 
+def test_legacy_variants_cannot_be_sent_in(tmp_path: Path) -> None:
+    """Sydent lets a request field named `<name>_forhtml` replace the escaped form; not here."""
+    write_legacy_brand(tmp_path, "default", "%(room_name_forhtml)s|%(extra_forurl)s|%(extra_forhtml_forhtml)s\n")
+    raw = render(TemplateStore(tmp_path, "default"), variables={
+        "room_name": "<b>", "room_name_forhtml": "<script>", "extra_forurl": "/../", "extra_forhtml": "<i>"})
+    assert parse(raw).get_content().replace("\r\n", "\n") == "&lt;b&gt;||\n"
+
+
 def test_jinja_wins_over_legacy_and_legacy_wins_over_the_packaged_default(tmp_path: Path) -> None:
     write_brand(tmp_path, "default", "JINJA-DEFAULT")
     write_legacy_brand(tmp_path, "default", "LEGACY-DEFAULT %(token)s\n")
