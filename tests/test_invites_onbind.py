@@ -137,6 +137,7 @@ def assert_store_invite_answer(answer: dict[str, Any], server: SydentServer, cli
     ephemeral = keys[1]["public_key"]
     assert ephemeral != ours
     assert len(decode_base64(ephemeral)) == 32, ephemeral
+    assert not set(ephemeral) & set("+/="), f"not unpadded URL-safe base64 (as Sydent's): {ephemeral}"
 
     # Both validity URLs answer valid for their key.
     for entry in keys:
@@ -634,7 +635,7 @@ def test_sign_ed25519(make_server: Callable[..., SydentServer], api_for: Callabl
     ephemeral_public = ephemeral_key(answer)
     # The private key the mail carries belongs to the ephemeral public key.
     seed = signedjson.key.decode_signing_key_base64("ed25519", "0", private_key)
-    assert encode_base64(seed.verify_key.encode()) == ephemeral_public
+    assert encode_base64(seed.verify_key.encode(), urlsafe=True) == ephemeral_public
 
     mxid = homeserver.user_id("accepter")
     expected = {"mxid": mxid, "sender": fields["sender"], "token": token, "ephemeral_public": ephemeral_public,
