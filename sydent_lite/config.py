@@ -110,8 +110,11 @@ class EmailConfig:
     # Subjects of invitation mails; %(name)s takes any store-invite field (as Sydent).
     invite_subject: str = "%(sender_display_name)s has invited you to chat"
     invite_subject_space: str = "%(sender_display_name)s has invited you to a space"
-    # Where invite mails send people to join (templates: web_client_location).
+    # Where invite mails send people to join (templates: web_client_location), unless the
+    # invitation names another web client (`org.matrix.web_client_location`, which Synapse
+    # sets): honoured if it is an http(s) base URL and, when this list is not empty, in it.
     web_client_location: str = "https://app.element.io"
+    allowed_web_client_locations: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -242,6 +245,10 @@ class InviteConfig:
     # in flight to one, and at most this many destinations served at once (per process).
     onbind_max_in_flight_per_destination: int = 2
     onbind_max_destinations: int = 50
+    # store-invite's `display_name` (the invitee's address, masked as Sydent does): how many
+    # characters of the local part and of the domain it shows (`dav...@exa...`).
+    display_name_reveal_local_part: int = 3
+    display_name_reveal_domain: int = 3
 
 
 @dataclass
@@ -434,6 +441,9 @@ def finalise(config: Config) -> Config:
     for key in ("onbind_max_in_flight_per_destination", "onbind_max_destinations"):
         if getattr(config.invites, key) < 1:
             raise ConfigError(f"config key 'invites.{key}' must be at least 1")
+    for key in ("display_name_reveal_local_part", "display_name_reveal_domain"):
+        if not (0 <= getattr(config.invites, key) <= 255):
+            raise ConfigError(f"config key 'invites.{key}' must be between 0 and 255")
     if config.sessions.email_token_length < 8 or config.sessions.email_token_length > 255:
         raise ConfigError("config key 'sessions.email_token_length' must be between 8 and 255")
     if not (1 <= config.sessions.max_token_attempts <= 100):

@@ -15,7 +15,7 @@ from sydent_lite.federation.xmatrix import ServerKeyStore
 from sydent_lite.services.accounts import AccountService
 from sydent_lite.services.associations import AssociationService
 from sydent_lite.services.hashing import load_pepper
-from sydent_lite.services.invites import InviteService, check_subject_format
+from sydent_lite.services.invites import InviteService, check_subject_format, check_web_client_locations
 from sydent_lite.services.lookup_index import LookupIndex
 from sydent_lite.services.onbind import OnbindDelivery
 from sydent_lite.services.onbind_queue import OnbindQueue
@@ -68,6 +68,7 @@ def load_static_parts(config: Config) -> tuple[ServerSigner, Terms, TemplateStor
     terms = Terms.load(config.terms_path)
     check_subject_format(config.email.invite_subject, "email.invite_subject")
     check_subject_format(config.email.invite_subject_space, "email.invite_subject_space")
+    check_web_client_locations(config.email.allowed_web_client_locations, "email.allowed_web_client_locations")
     templates_dir = Path(config.email.templates_dir) if config.email.templates_dir else None
     templates = TemplateStore(templates_dir, config.email.default_brand)
     return signer, terms, templates

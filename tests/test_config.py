@@ -77,6 +77,11 @@ def test_example_config_loads_and_documents_every_key() -> None:
          "'rate_limits.submit_token_per_address_burst' must be an integer"),
         ({"rate_limits": {"submit_token_per_ip_per_minute": "60"}},
          "'rate_limits.submit_token_per_ip_per_minute' must be a number"),
+        ({"invites": {"display_name_reveal_local_part": -1}},
+         "'invites.display_name_reveal_local_part' must be between 0 and 255"),
+        ({"invites": {"display_name_reveal_domain": "3"}}, "'invites.display_name_reveal_domain' must be an integer"),
+        ({"email": {"allowed_web_client_locations": "https://app.element.io"}},
+         "'email.allowed_web_client_locations' must be a list"),
     ],
 )
 def test_bad_config_names_the_key(data: dict, message: str) -> None:

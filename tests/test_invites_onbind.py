@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import json
 import re
 import shutil
 import time
@@ -43,8 +44,9 @@ TOKEN_RE = re.compile(r"[0-9a-zA-Z]{32}")
 STORE_INVITE_KEYS = {"token", "display_name", "public_keys", "public_key"}
 SIGN_KEYS = {"mxid", "sender", "token", "signatures"}
 
-HOSTILE_ROOM = '<script>alert("room")</script> & <b>Bold</b> Café ☕'
-HOSTILE_SENDER = "Zoë <img src=x onerror=alert(1)> 🎉 \"Ünïcødé\""
+# Within Sydent's limits (room names to 30 characters, display names to 20), which cut longer ones.
+HOSTILE_ROOM = '<script>a("")</script>&Café ☕'
+HOSTILE_SENDER = "<img onerror=x>Zoë🎉"
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -88,7 +90,11 @@ def invite_fields(hs: HomeserverStandIn, address: str, **extra: Any) -> dict[str
 
 
 def post_store_invite(api: IdentityApi, body: dict[str, Any], *, user: User | None = None, v1: bool = False,
-                      form: bool = False) -> httpx.Response:
+                      form: bool = False, as_sender: bool = True) -> httpx.Response:
+    """POST store-invite. On v2 with a user the body's `sender` becomes (in place, so the caller's
+    dict says what was sent) that user, the only sender v2 accepts, unless `as_sender` is False."""
+    if user is not None and not v1 and as_sender and "sender" in body:
+        body["sender"] = user.user_id
     path = f"{V1 if v1 else V2}/store-invite"
     headers = user.headers if user is not None else {}
     if form:
@@ -131,6 +137,7 @@ def assert_store_invite_answer(answer: dict[str, Any], server: SydentServer, cli
     ephemeral = keys[1]["public_key"]
     assert ephemeral != ours
     assert len(decode_base64(ephemeral)) == 32, ephemeral
+    assert not set(ephemeral) & set("+/="), f"not unpadded URL-safe base64 (as Sydent's): {ephemeral}"
 
     # Both validity URLs answer valid for their key.
     for entry in keys:
@@ -322,14 +329,64 @@ def test_invite_mail_escapes_and_keeps_non_ascii(api: IdentityApi, user: User, h
     assert answer["token"] in text and answer["token"] in page
     assert HOSTILE_ROOM in text and HOSTILE_SENDER in text
     # The HTML part shows the values escaped: no markup of ours gets through.
-    for raw in ("<script", "<img", "<b>Bold"):
+    for raw in ("<script", "<img"):
         assert raw not in page, (raw, page)
-    assert "&lt;script&gt;" in page and "&lt;img src=x onerror=alert(1)&gt;" in page, page
+    assert "&lt;script&gt;" in page and "&lt;img onerror=x&gt;" in page, page
     # ... and still all there once unescaped.
     assert HOSTILE_ROOM in html.unescape(page) and HOSTILE_SENDER in html.unescape(page), page
     # Non-ASCII survives in both parts.
-    for word in ("Café ☕", "Zoë", "🎉", "Ünïcødé"):
+    for word in ("Café ☕", "Zoë", "🎉"):
         assert word in text and word in page, word
+
+
+def visible_text(part: str) -> str:
+    """A mail part as a reader sees it, on one line: tags gone, entities decoded, spaces
+    collapsed (also those the template puts inside brackets)."""
+    flat = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", part)).split())
+    return flat.replace("( ", "(").replace(" )", ")").replace(" .", ".")
+
+
+def test_default_invite_mail_calls_only_a_v2_sender_verified(api: IdentityApi, user: User,
+                                                             homeserver: HomeserverStandIn) -> None:
+    """v2: the token's user is the sender, shown in brackets under the name. v1: nobody vouches
+    for the sender, and the mail says so instead of showing the claimed ID as if checked."""
+    unchecked = "(not verified: this identity server could not check who sent this invitation)"
+    v2_address = unique_email("invverified")
+    store_invite(api, invite_fields(homeserver, v2_address, sender_display_name="Frank"), user=user)
+    mail = api.smtp.wait_for(v2_address)
+    for part in (mail.text, html_part(mail)):
+        seen = visible_text(part)
+        assert f"Frank ({user.user_id}) has invited you" in seen, seen
+        assert f"on behalf of {user.user_id}." in seen and unchecked not in seen, seen
+
+    v1_address = unique_email("invunverified")
+    claimed = homeserver.user_id("the.boss")
+    store_invite(api, invite_fields(homeserver, v1_address, sender=claimed, sender_display_name="The Boss"), v1=True)
+    mail = api.smtp.wait_for(v1_address)
+    for part in (mail.text, html_part(mail)):
+        seen = visible_text(part)
+        assert f"({claimed})" not in seen, seen
+        assert f"The Boss {unchecked} has invited you" in seen, seen
+        assert f"on behalf of someone it could not identify, who said they were {claimed}." in seen, seen
+
+
+def test_invite_mail_cuts_long_names_as_sydent(api: IdentityApi, user: User, homeserver: HomeserverStandIn) -> None:
+    """Sydent's limits: a display name over 20 characters keeps 19 and "…", a room name over 30
+    keeps 25 and "…", in the Subject, the text and the join link alike. (They bound how much
+    text of an inviter's choosing goes to any address.)"""
+    address = unique_email("invlong")
+    spam = "Buy cheap watches at shop.example.test today"
+    fields = invite_fields(homeserver, address, room_name=spam, sender_display_name=spam)
+    store_invite(api, fields, user=user)
+    mail = api.smtp.wait_for(address)
+    name, room = spam[:19] + "…", spam[:25] + "…"
+    assert mail.message["Subject"] == f"{name} has invited you to chat"
+    assert name in mail.text and room in mail.text and name in html_part(mail)
+    assert "shop.example.test" not in mail.raw.decode("utf-8")
+    link = JOIN_LINK_RE.search(mail.text)
+    assert link is not None, mail.text
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(link.group(0)).fragment.partition("?")[2])
+    assert query["room_name"] == [room] and query["inviter_name"] == [name], query
 
 
 def test_invite_mail_subjects(api: IdentityApi, user: User, homeserver: HomeserverStandIn) -> None:
@@ -382,6 +439,101 @@ def test_store_invite_extra_fields_are_fine(api: IdentityApi, user: User, homese
     answer = store_invite(api, fields, user=user)
     assert TOKEN_RE.fullmatch(answer["token"])
     assert answer["token"] in api.smtp.wait_for(address).text
+
+
+# --- what matrix-is-tester sends ----------------------------------------------------------------------------
+
+# matrix-is-tester's test_store_invite body, as it sends it (room_id an event-like "$..." ID).
+IS_TESTER_INVITE = {
+    "medium": "email", "address": "ian@fake.test", "room_id": "$aroom:fake.test", "sender": "@sender:fake.test",
+    "room_alias": "#alias:fake.test", "room_avatar_url": "mxc://fake.test/roomavatar", "room_name": "my excellent room",
+    "sender_display_name": "Ian Sender", "sender_avatar_url": "mxc://fake.test/iansavatar",
+}
+# A template that shows what reached it, as matrix-is-tester's own (a JSON mail) lets it check.
+FIELDS_PROBE_TEMPLATE = INVITE_PROBE_TEMPLATE + "".join(
+    f"FIELD {name}: {{{{ {name}|safe }}}}\n"
+    for name in ("room_id", "sender", "room_alias", "room_avatar_url", "room_name", "sender_display_name",
+                 "sender_avatar_url", "bracketed_verified_sender")
+)
+
+
+def probe_fields(mail: ReceivedMail) -> dict[str, str]:
+    return dict(re.findall(r"^FIELD (\w+): ?(.*?)\r?$", mail.text, re.M))
+
+
+def assert_is_tester_answer(api: IdentityApi, answer: dict[str, Any], address: str) -> None:
+    """matrix-is-tester's checks: a token, a display name that is not the address, and public
+    keys each valid at its key_validity_url."""
+    assert isinstance(answer["token"], str) and answer["token"]
+    assert answer["display_name"] != address and answer["display_name"] == "i...@fak...", answer
+    assert answer["public_keys"]
+    for entry in answer["public_keys"]:
+        resp = api.client.get(entry["key_validity_url"], params={"public_key": entry["public_key"]})
+        assert resp.status_code == 200 and resp.json()["valid"] is True, (entry, resp.text)
+
+
+def test_what_matrix_is_tester_sends(make_server: Callable[..., SydentServer],
+                                     api_for: Callable[[SydentServer], IdentityApi], tmp_path: Path) -> None:
+    """Its store-invite tests, on a server of their own (the suite's fixed addresses): v1 as it
+    sends them; v2 the same, with the sender being the token's user."""
+    root = tmp_path / "templates"
+    shutil.copytree(REPO_ROOT / "templates" / "default", root / "default")
+    (root / "default" / "invite_template.eml.j2").write_text(FIELDS_PROBE_TEMPLATE, encoding="utf-8")
+    api = api_for(make_server(templates_dir=root, terms_path=None))
+
+    # test_store_invite (v1): the answer, and every field reaching the mail as sent.
+    answer = store_invite(api, dict(IS_TESTER_INVITE), v1=True)
+    assert_is_tester_answer(api, answer, "ian@fake.test")
+    mail = api.smtp.wait_for("ian@fake.test")
+    assert probe_values(mail)[0] == answer["token"]
+    sent = {k: v for k, v in IS_TESTER_INVITE.items() if k not in ("medium", "address")}
+    assert probe_fields(mail) == {**sent, "bracketed_verified_sender": ""}
+
+    # v2, with the token's user as the sender: the same, and the sender verified.
+    inviter = api.register("sender")
+    answer = store_invite(api, dict(IS_TESTER_INVITE), user=inviter)
+    assert_is_tester_answer(api, answer, "ian@fake.test")
+    fields = probe_fields(api.smtp.wait_for("ian@fake.test"))
+    assert fields == {**sent, "sender": inviter.user_id, "bracketed_verified_sender": f"({inviter.user_id}) "}
+    # A sender on another server than the token's user's (the suite's @sender:fake.test): refused.
+    body = assert_error(post_store_invite(api, dict(IS_TESTER_INVITE), user=inviter, as_sender=False), 403,
+                        "M_UNAUTHORIZED")
+    assert "sender" in body["error"]
+    api.smtp.assert_no_mail("ian@fake.test")
+
+    # test_store_invite_bound_threepid: M_THREEPID_IN_USE (not a complaint about the room ID).
+    owner = api.register("some_mxid")
+    api.bind_email("already_here@fake.test", owner)
+    bound = {"medium": "email", "address": "already_here@fake.test", "room_id": "$aroom:fake.test",
+             "sender": "@sender:fake.test"}
+    body = assert_error(post_store_invite(api, dict(bound), v1=True), 400, "M_THREEPID_IN_USE")
+    assert body["mxid"] == owner.user_id
+    body = assert_error(post_store_invite(api, dict(bound), user=inviter), 400, "M_THREEPID_IN_USE")
+    assert body["mxid"] == owner.user_id
+    api.smtp.assert_no_mail("already_here@fake.test")
+
+
+@pytest.mark.parametrize("room_id", ["$aroom:fake.test", "#alias:fake.test", "room without sigil", "!" + "r" * 254,
+                                     "é☕/?&#%"])
+def test_store_invite_takes_any_room_id(api: IdentityApi, user: User, room_id: str) -> None:
+    """Sydent takes any string: a room ID is only echoed (the mail, its join link URL-quoted, the
+    onbind callback). 1-255 characters, storable ones."""
+    address = unique_email("anyroom")
+    answer = store_invite(api, {"medium": "email", "address": address, "room_id": room_id, "sender": "x"}, user=user)
+    assert TOKEN_RE.fullmatch(answer["token"])
+    link = JOIN_LINK_RE.search(api.smtp.wait_for(address).text)
+    assert link is not None
+    assert urllib.parse.unquote(urllib.parse.urlsplit(link.group(0)).fragment.partition("?")[0]) == f"/room/{room_id}"
+
+
+@pytest.mark.parametrize("room_id", ["", "!" + "r" * 255, "!r\x00:hs.test", "!r\ud800:hs.test"])
+def test_store_invite_refuses_unusable_room_ids(api: IdentityApi, user: User, room_id: str) -> None:
+    address = unique_email("badroom")
+    raw = json.dumps({"medium": "email", "address": address, "room_id": room_id, "sender": user.user_id})
+    resp = api.client.post(f"{V2}/store-invite", content=raw.encode(), headers={**user.headers,
+                                                                                  "Content-Type": "application/json"})
+    assert_error(resp, 400, "M_INVALID_PARAM")
+    api.smtp.assert_no_mail(address, wait=0.2)
 
 
 # --- store-invite errors ------------------------------------------------------------------------------------
@@ -483,7 +635,7 @@ def test_sign_ed25519(make_server: Callable[..., SydentServer], api_for: Callabl
     ephemeral_public = ephemeral_key(answer)
     # The private key the mail carries belongs to the ephemeral public key.
     seed = signedjson.key.decode_signing_key_base64("ed25519", "0", private_key)
-    assert encode_base64(seed.verify_key.encode()) == ephemeral_public
+    assert encode_base64(seed.verify_key.encode(), urlsafe=True) == ephemeral_public
 
     mxid = homeserver.user_id("accepter")
     expected = {"mxid": mxid, "sender": fields["sender"], "token": token, "ephemeral_public": ephemeral_public,

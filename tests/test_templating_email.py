@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import mailbox
+import re
 import socket
 from email.message import EmailMessage
 from pathlib import Path
@@ -22,6 +23,7 @@ from sydent_lite.delivery.email import (
     make_email_sender,
 )
 from sydent_lite.resources import migrations_dir, templates_dir
+from sydent_lite.services.invites import redact_address, web_client_base
 from sydent_lite.templating import (
     EMAIL_TEMPLATE,
     INVITE_TEMPLATE,
@@ -197,7 +199,8 @@ def test_long_lines_of_a_single_part_template_are_reencoded(tmp_path: Path) -> N
     assert max(len(line) for line in raw.split(b"\r\n")) <= MAX_LINE_OCTETS
     msg = parse(raw)
     assert msg["Content-Transfer-Encoding"] == "quoted-printable"
-    assert msg.get_content().replace("\r\n", "\n") == f"Open {LINK}&x={'y' * 1500} now.\n"
+    # (Jinja as in Sydent for an operator's folder: the template's final newline is dropped.)
+    assert msg.get_content().replace("\r\n", "\n") == f"Open {LINK}&x={'y' * 1500} now."
 
 
 # --- brands -------------------------------------------------------------------------------------
@@ -469,3 +472,111 @@ def test_template_missing_from_a_custom_folder_comes_from_the_packaged_default(t
     # ... while the folder's own templates are still used.
     assert TemplateStore(tmp_path, "default").render_page(PAGE_TEMPLATE, None, "m") != \
         TemplateStore(None, "default").render_page(PAGE_TEMPLATE, None, "m")
+
+
+# --- Sydent's legacy %(name)s templates -----------------------------------------------------------
+
+
+def write_legacy_brand(root: Path, brand: str, body: str) -> None:
+    folder = root / brand
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "verification_template.eml").write_text(
+        "From: %(from)s\nTo: %(to)s\nSubject: %(subject_header_value)s\nContent-Type: text/plain; charset=UTF-8\n\n"
+        + body, encoding="utf-8")
+
+
+def test_legacy_template_gets_sydents_forhtml_and_forurl_variants(tmp_path: Path) -> None:
+    write_legacy_brand(tmp_path, "default", "%(link)s|%(link_forurl)s|%(link_forhtml)s|%(token)s|%(nothing)s|100%%\n")
+    raw = render(TemplateStore(tmp_path, "default"), variables={"link": 'https://x.test/a b?c=1&d="é"/'})
+    body = parse(raw).get_content().replace("\r\n", "\n")
+    # html.escape (quote=True) and urllib.parse.quote (safe="/"), as Sydent's sendEmail; an
+    # unknown variable reads as "" (Sydent: a 500); the final newline is kept, as Sydent does.
+    assert body == ('https://x.test/a b?c=1&d="é"/|https%3A//x.test/a%20b%3Fc%3D1%26d%3D%22%C3%A9%22/|'
+                    'https://x.test/a b?c=1&amp;d=&quot;é&quot;/|tok123||100%\n'), body
+
+
+def test_legacy_variants_cannot_be_sent_in(tmp_path: Path) -> None:
+    """Sydent lets a request field named `<name>_forhtml` replace the escaped form; not here."""
+    write_legacy_brand(tmp_path, "default", "%(room_name_forhtml)s|%(extra_forurl)s|%(extra_forhtml_forhtml)s\n")
+    raw = render(TemplateStore(tmp_path, "default"), variables={
+        "room_name": "<b>", "room_name_forhtml": "<script>", "extra_forurl": "/../", "extra_forhtml": "<i>"})
+    assert parse(raw).get_content().replace("\r\n", "\n") == "&lt;b&gt;||\n"
+
+
+def test_jinja_wins_over_legacy_and_legacy_wins_over_the_packaged_default(tmp_path: Path) -> None:
+    write_brand(tmp_path, "default", "JINJA-DEFAULT")
+    write_legacy_brand(tmp_path, "default", "LEGACY-DEFAULT %(token)s\n")
+    write_legacy_brand(tmp_path, "old", "LEGACY-OLD %(token)s\n")
+    store = TemplateStore(tmp_path, "default")
+    assert b"JINJA-DEFAULT" in render(store) and b"LEGACY" not in render(store)
+    assert b"LEGACY-OLD tok123" in render(store, "old")
+    assert store.mail_template_path(EMAIL_TEMPLATE, "old") == (tmp_path / "old" / "verification_template.eml").resolve()
+    # A brand without an invite template of either kind: the packaged one.
+    assert store.mail_template_path(INVITE_TEMPLATE, "old") == templates_dir().resolve() / "default" / INVITE_TEMPLATE
+
+
+@pytest.mark.parametrize("body, why", [
+    ("A 100% sure thing %(token)s\n", "line 6"),
+    ("All we have: %s\n", "line 6"),
+    ("%(token)d\n", "real number"),
+    ("%(token\n", "incomplete"),
+    ("{{ token }}\n", ".j2"),
+])
+def test_broken_legacy_template_fails_at_start_up_naming_the_file(tmp_path: Path, body: str, why: str) -> None:
+    write_brand(tmp_path, "default", "D")
+    write_legacy_brand(tmp_path, "other", body)
+    path = (tmp_path / "other" / "verification_template.eml").resolve()
+    with pytest.raises(ConfigError, match=re.escape(str(path))) as e:
+        TemplateStore(tmp_path, "default")
+    assert why in str(e.value)
+
+
+def test_broken_templates_of_any_brand_fail_at_start_up(tmp_path: Path) -> None:
+    write_brand(tmp_path, "default", "D")
+    write_brand(tmp_path, "other", "O")
+    (tmp_path / "other" / INVITE_TEMPLATE).write_text("{% if %}", encoding="utf-8")
+    with pytest.raises(ConfigError, match=re.escape(str((tmp_path / "other" / INVITE_TEMPLATE).resolve()))):
+        TemplateStore(tmp_path, "default")
+    (tmp_path / "other" / INVITE_TEMPLATE).unlink()
+    (tmp_path / "other" / PAGE_TEMPLATE).write_text("<p>100% %(message)s</p>", encoding="utf-8")
+    with pytest.raises(ConfigError, match=re.escape(str((tmp_path / "other" / PAGE_TEMPLATE).resolve()))):
+        TemplateStore(tmp_path, "default")
+    (tmp_path / "other" / PAGE_TEMPLATE).write_bytes(b"<p>\xff %(message)s</p>")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        TemplateStore(tmp_path, "default")
+
+
+def test_brands_are_the_folders_found_at_start_up(tmp_path: Path) -> None:
+    write_brand(tmp_path, "default", "D")
+    store = TemplateStore(tmp_path, "default")
+    write_brand(tmp_path, "later", "LATER")
+    assert store.resolve_brand("later", EMAIL_TEMPLATE) == "default"  # as Sydent: read once
+    assert b"LATER" not in render(store, "later")
+
+
+# --- invitation values (Sydent's) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("address, local, domain, expected", [
+    ("david@example.com", 3, 3, "dav...@exa..."),
+    ("Invitee.Two@Example.TEST", 4, 5, "Invi...@Examp..."),
+    ("ab@xy", 3, 3, "a...@x..."),
+    ("ab@x.io", 3, 3, "a...@x.i..."),
+    ("a@b", 3, 3, "...@..."),
+    ("abcdefgh@example.com", 20, 20, "abc...@exa..."),  # never a whole part, however many are allowed
+    ('"a@b"@example.com', 3, 3, '"a@...@exa...'),  # the domain is after the last @
+    ("david@example.com", 0, 0, "...@..."),
+])
+def test_redact_address_as_sydent(address: str, local: int, domain: int, expected: str) -> None:
+    assert redact_address(address, local, domain) == expected
+
+
+@pytest.mark.parametrize("url, ok", [
+    ("https://app.element.io", True), ("http://chat.example.test:8080/element/", True), ("HTTPS://X.TEST", True),
+    ("javascript:alert(1)", False), ("https://user@evil.test", False), ("https://x.test/?a", False),
+    ("https://x.test/#", False), ("https://x.test/a b", False), ("https://\u0435.test", False), ("x.test", False),
+    ("https://x.test:0x50", False), ("https://x.test/\"onmouseover=", False), ("https://x.test/<b>", False),
+    ("https://", False), ("https://" + "x" * 250 + ".test", False),
+])
+def test_web_client_base(url: str, ok: bool) -> None:
+    assert (web_client_base(url) is not None) == ok

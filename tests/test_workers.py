@@ -127,17 +127,18 @@ def verify_signed(obj: dict[str, Any], server: SydentServer, client: httpx.Clien
     signedjson.sign.verify_signed_json(obj, server.config()["server_name"], verify_key)
 
 
-def invite_body(hs: HomeserverStandIn, address: str) -> dict[str, Any]:
+def invite_body(hs: HomeserverStandIn, address: str, sender: str) -> dict[str, Any]:
     return {
         "medium": "email",
         "address": address,
         "room_id": f"!room{uuid.uuid4().hex[:10]}:{hs.server_name}",
-        "sender": hs.user_id("inviter" + uuid.uuid4().hex[:8]),
+        "sender": sender,
     }
 
 
 def store_invite(api: IdentityApi, user: User, address: str) -> dict[str, Any]:
-    resp = api.client.post(f"{V2}/store-invite", json=invite_body(api.hs, address), headers=user.headers)
+    # v2: the sender is the token's user.
+    resp = api.client.post(f"{V2}/store-invite", json=invite_body(api.hs, address, user.user_id), headers=user.headers)
     assert resp.status_code == 200, resp.text
     api.smtp.wait_for(address)  # the invitation mail
     return resp.json()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import signedjson.key
 import signedjson.sign
@@ -48,14 +49,60 @@ def check_subject_format(subject: str, key: str) -> None:
         raise ConfigError(f"config key '{key}' is not a valid %-format string: {e}") from None
 
 
-def redact_address(address: str) -> str:
-    """`florence@bobs.burgers` -> `f...@b...`: enough for the inviter, never the address."""
+def check_web_client_locations(locations: list[str], key: str) -> None:
+    for i, location in enumerate(locations):
+        if web_client_base(location) is None:
+            raise ConfigError(
+                f"config key '{key}[{i}]' is not an http(s) base URL (no user name, query or fragment): {location!r}"
+            )
 
-    def cut(part: str) -> str:
-        return part[0] + "..." if len(part) > 1 else "..."
 
+def redact_part(part: str, reveal: int) -> str:
+    """Sydent's redaction of one part of an address: its first `reveal` characters and "...";
+    a part no longer than that shows 3 characters (over 5), 1 (over 1) or none. Never all of it."""
+    if len(part) <= reveal:
+        if len(part) > 5:
+            return part[:3] + "..."
+        if len(part) > 1:
+            return part[0] + "..."
+        return "..."
+    return part[:reveal] + "..."
+
+
+def redact_address(address: str, reveal_local: int = 3, reveal_domain: int = 3) -> str:
+    """`david@example.com` -> `dav...@exa...` (Sydent's store-invite `display_name`): enough for
+    the inviter to recognise, never the address."""
     local, _, domain = address.rpartition("@")
-    return f"{cut(local)}@{cut(domain)}" if local else cut(address)
+    return f"{redact_part(local, reveal_local)}@{redact_part(domain, reveal_domain)}"
+
+
+# Sydent cuts what an inviter names themselves and the room before it goes into the mail (and
+# its subject): it bounds how much text of their choosing anyone can mail to anyone.
+SENDER_DISPLAY_NAME_MAX = 20  # a longer one keeps 19 characters and "…"
+ROOM_NAME_MAX = 30
+ROOM_NAME_KEPT = 25  # of a longer one, before "…"
+# The longest `org.matrix.web_client_location` honoured: a base URL, not a message.
+WEB_CLIENT_LOCATION_MAX = 255
+# Characters RFC 3986 never allows in a URL, and the ones that would end it in a mail's text.
+_NOT_IN_URL = re.compile(r'[^\x21-\x7e]|["<>\\^`{|}]')
+
+
+def web_client_base(url: str) -> tuple[str, str, str] | None:
+    """(scheme, host[:port], path) of an absolute http(s) base URL fit to start a join link, or
+    None: ASCII only (no look-alike Unicode hosts), no user name (`https://app.element.io@evil`),
+    no query or fragment (the templates append `/#/room/...`)."""
+    if len(url) > WEB_CLIENT_LOCATION_MAX or _NOT_IN_URL.search(url):
+        return None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+        return None
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        return None
+    return parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/")
 
 
 class InviteService:
@@ -79,7 +126,11 @@ class InviteService:
     def _expiry_ms(self) -> int:
         return self._config.invites.expiry_seconds * 1000
 
-    async def store_invite(self, fields: dict[str, str], brand: str | None) -> dict[str, Any]:
+    async def store_invite(
+        self, fields: dict[str, str], brand: str | None, *, verified_sender: str | None
+    ) -> dict[str, Any]:
+        """Store an invitation and mail it. `verified_sender`: the access token's user on v2,
+        who is the `sender`; None on v1, where nobody vouches for the sender."""
         medium = fields["medium"]
         if medium != "email":
             raise MatrixError(400, "M_UNRECOGNIZED", "Only email invitations are supported")
@@ -90,11 +141,20 @@ class InviteService:
 
         token = random_string(INVITE_TOKEN_LENGTH)
         ephemeral = signedjson.key.generate_signing_key("0")
-        ephemeral_public = encode_base64(ephemeral.verify_key.encode())
-        ephemeral_private = encode_base64(ephemeral.encode())
+        # URL-safe, as Sydent: templates put the private key into the join link as it is
+        # (Sydent's legacy ones unquoted), where a "+" would read as a space.
+        ephemeral_public = encode_base64(ephemeral.verify_key.encode(), urlsafe=True)
+        ephemeral_private = encode_base64(ephemeral.encode(), urlsafe=True)
 
         # The mail (its join link) is the private key's only copy: whoever holds it may sign.
-        await self._send_invite_mail(fields, address, token, ephemeral_private, brand)
+        variables = self.mail_variables(
+            fields,
+            address=address,
+            token=token,
+            ephemeral_private_key=ephemeral_private,
+            verified_sender=verified_sender,
+        )
+        await self._send_invite_mail(variables, address, brand)
         await self._store.add(
             StoredInvite(
                 token=token,
@@ -108,9 +168,13 @@ class InviteService:
         )
         base = self._config.base_url
         logger.info("stored an invitation to an email address from a user of %s", user_id_server(fields["sender"]))
+        invites = self._config.invites
         return {
             "token": token,
-            "display_name": redact_address(address),
+            # As Sydent: from the address as typed.
+            "display_name": redact_address(
+                fields["address"], invites.display_name_reveal_local_part, invites.display_name_reveal_domain
+            ),
             "public_keys": [
                 {"public_key": self._signer.public_key_base64, "key_validity_url": f"{base}/_matrix/identity/v2/pubkey/isvalid"},
                 {"public_key": ephemeral_public, "key_validity_url": f"{base}/_matrix/identity/v2/pubkey/ephemeral/isvalid"},
@@ -118,49 +182,88 @@ class InviteService:
             "public_key": self._signer.public_key_base64,
         }
 
-    def _join_link(self, fields: dict[str, str], address: str, token: str, ephemeral_private: str) -> str:
+    def web_client_location(self, fields: dict[str, str]) -> str:
+        """Where the mail sends the invitee: the invite's `org.matrix.web_client_location` (which
+        Synapse fills in from its `email.invite_client_location`) if it is an http(s) base URL
+        the operator allows, else `email.web_client_location`."""
+        default = self._config.email.web_client_location
+        wanted = fields.get("org.matrix.web_client_location")
+        if wanted is None or wanted == default:
+            return default
+        base = web_client_base(wanted)
+        allowed = self._config.email.allowed_web_client_locations
+        if base is not None and (not allowed or base in {web_client_base(a) for a in allowed}):
+            return wanted
+        logger.info("ignored an invitation's org.matrix.web_client_location: not an allowed http(s) base URL")
+        return default
+
+    def mail_variables(
+        self,
+        fields: dict[str, str],
+        *,
+        address: str,
+        token: str,
+        ephemeral_private_key: str,
+        verified_sender: str | None,
+    ) -> dict[str, str]:
+        """The invite template's variables, with Sydent's values (store_invite_servlet.py):
+        every string field of the request; `sender_display_name` cut to 20 characters and
+        `room_name` to 26 (Sydent's limits); `bracketed_room_name` "(<room name>) " and
+        `bracketed_verified_sender` "(<sender>) " (v2 only: "" on v1), each with the trailing
+        space Sydent's templates expect; `web_client_location`; "" for fields not sent. Ours
+        besides: `verified_sender`, `server_name`, `join_link`."""
+        variables: dict[str, str] = {name: "" for name in OPTIONAL_FIELDS}
+        variables.update(fields)
+        display_name = variables["sender_display_name"]
+        if len(display_name) > SENDER_DISPLAY_NAME_MAX:
+            display_name = display_name[: SENDER_DISPLAY_NAME_MAX - 1] + "…"
+        room_name = variables["room_name"]
+        if len(room_name) > ROOM_NAME_MAX:
+            room_name = room_name[:ROOM_NAME_KEPT] + "…"
+        location = self.web_client_location(fields)
+        variables.update(
+            {
+                "token": token,
+                "sender_display_name": display_name,
+                "room_name": room_name,
+                "bracketed_room_name": f"({room_name}) " if room_name else "",
+                "bracketed_verified_sender": f"({verified_sender}) " if verified_sender else "",
+                "verified_sender": verified_sender or "",
+                "ephemeral_private_key": ephemeral_private_key,
+                "web_client_location": location,
+                "server_name": self._config.effective_server_name,
+            }
+        )
+        variables["join_link"] = self._join_link(variables, location, address, token, ephemeral_private_key)
+        return variables
+
+    def _join_link(
+        self, variables: dict[str, str], location: str, address: str, token: str, ephemeral_private: str
+    ) -> str:
         sign_url = f"{self._config.base_url}/_matrix/identity/api/v1/sign-ed25519?" + urlencode(
             {"token": token, "private_key": ephemeral_private}
         )
         # The query Element's invite page reads (as Sydent builds it).
         params = {"email": address, "signurl": sign_url}
-        location = self._config.email.web_client_location.rstrip("/")
-        base = f"{location}/#/room/{quote(fields['room_id'], safe='')}"
+        base = f"{location.rstrip('/')}/#/room/{quote(variables['room_id'], safe='')}"
         with_extras = dict(params)
         for key, field in (("room_name", "room_name"), ("inviter_name", "sender_display_name"), ("room_type", "room_type")):
-            if fields.get(field):
-                with_extras[key] = fields[field][:_LINK_FIELD_MAX]
+            if variables.get(field):
+                with_extras[key] = variables[field][:_LINK_FIELD_MAX]
         link = f"{base}?{urlencode(with_extras)}"
         # The extras only decorate Element's page: drop them before the link outgrows a mail line.
         return link if len(link) <= _LINK_MAX else f"{base}?{urlencode(params)}"
 
-    async def _send_invite_mail(
-        self, fields: dict[str, str], address: str, token: str, ephemeral_private: str, brand: str | None
-    ) -> None:
-        variables: dict[str, Any] = {name: "" for name in OPTIONAL_FIELDS}
-        variables.update(fields)
-        if not variables["sender_display_name"]:
-            variables["sender_display_name"] = fields["sender"]
-        room_name = variables["room_name"]
-        variables.update(
-            {
-                "address": address,
-                "token": token,
-                "ephemeral_private_key": ephemeral_private,
-                "web_client_location": self._config.email.web_client_location,
-                "server_name": self._config.effective_server_name,
-                "bracketed_room_name": f" ({room_name})" if room_name else "",
-                "bracketed_verified_sender": f" ({fields['sender']})" if variables["sender_display_name"] else "",
-                "join_link": self._join_link(fields, address, token, ephemeral_private),
-            }
-        )
+    async def _send_invite_mail(self, variables: dict[str, str], address: str, brand: str | None) -> None:
         subject_format = (
             self._config.email.invite_subject_space
-            if variables.get("room_type") == "m.space"
+            if variables["room_type"] == "m.space"
             else self._config.email.invite_subject
         )
-        # Subjects are one line: the Subject header refuses line breaks.
-        subject = " ".join((subject_format % _Fields(variables)).split())
+        # Without a display name the sender's ID stands in (Sydent's subject would start with
+        # " has invited you"). Subjects are one line: the Subject header refuses line breaks.
+        subject_fields = _Fields(variables, sender_display_name=variables["sender_display_name"] or variables["sender"])
+        subject = " ".join((subject_format % subject_fields).split())
         try:
             message = self._templates.render_email(
                 INVITE_TEMPLATE, brand, to=address, from_=self._config.email_from, subject=subject, variables=variables
@@ -189,9 +292,10 @@ class InviteService:
         except Exception:
             raise invalid_param("'private_key' is not an unpadded base64 ed25519 seed") from None
         # Invites imported from Sydent have no ephemeral key of their own to check against ("").
-        if invite.ephemeral_public_key and not secrets_equal(
-            encode_base64(key.verify_key.encode()), invite.ephemeral_public_key
-        ):
+        # Invites stored before we wrote keys URL-safe hold the standard alphabet.
+        public = key.verify_key.encode()
+        stored = invite.ephemeral_public_key
+        if stored and not any(secrets_equal(encode_base64(public, urlsafe=u), stored) for u in (True, False)):
             raise invalid_param("'private_key' is not this invitation's ephemeral key")
         return signedjson.sign.sign_json(
             {"mxid": mxid, "sender": invite.sender, "token": token}, self._config.effective_server_name, key

@@ -7,7 +7,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sydent_lite.context import AppContext
-from sydent_lite.errors import invalid_param
+from sydent_lite.errors import MatrixError, invalid_param
 from sydent_lite.http.auth import require_user
 from sydent_lite.http.client_ip import client_ip
 from sydent_lite.http.request import get_str, query_params, read_body, require_fields
@@ -20,8 +20,8 @@ MAX_FIELDS = 50
 
 
 async def store_invite(request: Request, ctx: AppContext, v2: bool) -> Response:
-    if v2:
-        await require_user(request, ctx)
+    # v2: the token's user is the sender, and the mail says so; v1 vouches for nobody.
+    verified_sender = await require_user(request, ctx) if v2 else None
     body = await read_body(request)
     require_fields(body, *REQUIRED)
     if len(body) > MAX_FIELDS:
@@ -36,10 +36,15 @@ async def store_invite(request: Request, ctx: AppContext, v2: bool) -> Response:
     for name in REQUIRED:
         if name not in fields:
             raise invalid_param(f"'{name}' must be a string")
-    if not fields["room_id"].startswith("!") or len(fields["room_id"]) > 255:
-        raise invalid_param("'room_id' is not a room ID")
+    # Any room ID as sent (matrix-is-tester sends "$aroom:fake.test"), as Sydent: it is only
+    # echoed (into the mail, its join link URL-quoted, and the onbind callback).
+    if not fields["room_id"] or len(fields["room_id"]) > 255:
+        raise invalid_param("'room_id' must be 1-255 characters")
     if not is_valid_user_id(fields["sender"]):
         raise invalid_param("'sender' is not a Matrix user ID")
+    if verified_sender is not None and fields["sender"] != verified_sender:
+        # As Sydent (since 2.3): nobody invites in someone else's name.
+        raise MatrixError(403, "M_UNAUTHORIZED", "'sender' is not the user of the access token")
     brand = fields.pop("brand", None) or get_str(query_params(request), "brand", required=False, max_length=64)
     # Shared by every worker (see services/ratelimit.py): per client IP, per invited address.
     rl = ctx.config.rate_limits
@@ -48,7 +53,7 @@ async def store_invite(request: Request, ctx: AppContext, v2: bool) -> Response:
     await ctx.rate_limiter.check(
         f"si-addr:{fields['address'].casefold()}", rl.store_invite_per_address_per_hour / 3600, rl.store_invite_per_address_burst
     )
-    return JSONResponse(await ctx.invites.store_invite(fields, brand))
+    return JSONResponse(await ctx.invites.store_invite(fields, brand, verified_sender=verified_sender))
 
 
 SIGN_FIELDS = ("mxid", "token", "private_key")
