@@ -23,9 +23,12 @@ _ENCODED_WORD_RE = re.compile(r"=\?.*\?=", re.S)
 # domain sits. Emptying this list is email-validator's documented way to allow them.
 email_validator.SPECIAL_USE_DOMAIN_NAMES[:] = []
 
-# Spec appendix "User Identifiers": @localpart:server_name, at most 255 bytes. Historical
-# localparts may hold any printable ASCII but ':'; the server name is checked loosely here.
-_USER_ID_RE = re.compile(r"^@[\x21-\x39\x3b-\x7e]+:[A-Za-z0-9.\-\[\]:]+$")
+# Spec appendix "User Identifiers": @localpart:server_name, at most 255 bytes. Localparts: the
+# current grammar plus the historical one still found in the wild, restricted to printable
+# ASCII (the spec calls anything else non-compliant); never ':'. The server name is checked
+# loosely here (its characters): federation.resolver.parse_server_name checks its grammar.
+_USER_ID_RE = re.compile(r"@([\x21-\x39\x3b-\x7e]+):([A-Za-z0-9.\-\[\]:]+)")
+MAX_USER_ID_BYTES = 255
 
 
 def normalise_email(address: object) -> str:
@@ -72,8 +75,23 @@ def casefold_all(addresses: Sequence[str]) -> list[str]:
     return joined.casefold().split("\n") if addresses else []
 
 
+@dataclass(frozen=True)
+class UserId:
+    localpart: str
+    server_name: str
+
+
+def parse_user_id(mxid: object) -> UserId | None:
+    """The parts of a Matrix user ID, or None if `mxid` is not one (the whole string must be:
+    no trailing newline)."""
+    if not isinstance(mxid, str) or len(mxid.encode("utf-8", "surrogatepass")) > MAX_USER_ID_BYTES:
+        return None
+    match = _USER_ID_RE.fullmatch(mxid)
+    return UserId(match[1], match[2]) if match else None
+
+
 def is_valid_user_id(mxid: object) -> bool:
-    return isinstance(mxid, str) and len(mxid.encode("utf-8")) <= 255 and bool(_USER_ID_RE.match(mxid))
+    return parse_user_id(mxid) is not None
 
 
 def user_id_server(mxid: str) -> str:
