@@ -105,6 +105,15 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+def redact_every_record(logger_name: str) -> None:
+    """Redact every record of that logger, at every level, whichever handler gets it (ours,
+    a test's, an operator's own logging set-up): for libraries that log what we send, such
+    as httpx, whose request lines quote the URL with its query string (OpenID tokens)."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+        logger.addFilter(RedactingFilter(logging.NOTSET))
+
+
 # --- formatting ------------------------------------------------------------------------------------
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
