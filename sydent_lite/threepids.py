@@ -58,8 +58,19 @@ def check_email(address: object) -> str:
 
 
 def stored_address(medium: str, address: str) -> str:
-    """The form an address is stored and looked up in: email addresses case-folded."""
+    """The form an address is stored and looked up in: email addresses case-folded. Nothing
+    is checked (an address looked up as given; see `normalise_address` for one typed in)."""
     return address.casefold() if medium == "email" else address
+
+
+def normalise_address(medium: str, address: str) -> str:
+    """An address as a person types it, checked, in its stored form: an email address
+    validated and case-folded, a phone number parsed (E.164 digits, with or without "+")."""
+    if medium == "email":
+        return normalise_email(address)
+    if medium == "msisdn":
+        return parse_phone_number("", address if address.startswith("+") else "+" + address).msisdn
+    raise MatrixError(400, "M_UNRECOGNIZED", f"unknown medium {medium!r}")
 
 
 def stored_addresses(medium: str, addresses: Sequence[str]) -> list[str]:
@@ -117,6 +128,8 @@ def parse_phone_number(country: str, phone_number: str) -> PhoneNumber:
         raise invalid from None
     # "Possible", not "valid": numbers newer than the library's metadata must still work.
     if not phonenumbers.is_possible_number(number):
+        raise invalid
+    if number.country_code is None:  # never, for a possible number (for the type checker)
         raise invalid
     e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
     return PhoneNumber(
