@@ -140,11 +140,11 @@ def _cmd_admin(args: argparse.Namespace, config: Config) -> int:
         if (args.mxid is None) == (args.address is None) or (args.address is not None and args.medium is None):
             print("sydent-lite: give either --mxid, or --medium with --address", file=sys.stderr)
             return 2
-        target = {"medium": args.medium, "address": args.address, "mxid": args.mxid}
+        person = operator.person_as_typed(medium=args.medium, address=args.address, mxid=args.mxid)
         if args.associations_command == "show":
-            print(operator.dumps(asyncio.run(operator.show_associations(config, **target))))
+            print(operator.dumps(asyncio.run(operator.show_associations(config, person))))
         else:
-            print(asyncio.run(operator.delete_person(config, **target)).report())
+            print(operator.removed_report(asyncio.run(operator.delete_person(config, person))))
         return 0
     except (MatrixError, FileExistsError, FileNotFoundError) as e:
         message = e.error if isinstance(e, MatrixError) else str(e)
