@@ -125,7 +125,7 @@ def _cmd_admin(args: argparse.Namespace, config: Config) -> int:
             print(operator.dumps(asyncio.run(operator.bind_by_hand(config, medium=args.medium, address=args.address, mxid=args.mxid))))
             return 0
         if args.command == "import-sydent":
-            from sydent_lite.admin.import_sydent import SydentImportError, import_sydent
+            from sydent_lite.admin.sydent_import import SydentImportError, import_sydent
 
             key = Path(args.signing_key) if args.signing_key else None
             try:
@@ -133,8 +133,7 @@ def _cmd_admin(args: argparse.Namespace, config: Config) -> int:
             except SydentImportError as e:
                 print(f"sydent-lite: {e}", file=sys.stderr)
                 return 2
-            for name, count in counts.items():
-                print(f"{name}: {count}")
+            print("\n".join(counts.lines()))
             return 0
         # associations show|delete
         if (args.mxid is None) == (args.address is None) or (args.address is not None and args.medium is None):
