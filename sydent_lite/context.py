@@ -132,10 +132,10 @@ async def build_context(config: Config) -> AppContext:
 
 @dataclass
 class OperatorContext:
-    """What the operator commands (`sydent-lite associations`, `bind`) work with, on the
-    database the running server uses: no HTTP, no delivery, nothing held in memory. The
-    running server sees their changes in the change log (its lookup index) and in the
-    onbind queue (its delivery loop)."""
+    """What the operator commands (`sydent-lite associations`, `bind`, `import-sydent`) work
+    with, on the database the running server uses: no HTTP, no delivery, nothing held in
+    memory. The running server sees their changes in the change log (its lookup index) and
+    in the onbind queue (its delivery loop)."""
 
     config: Config
     engine: AsyncEngine
