@@ -4,33 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 from sydent_lite.config import Config, ConfigError, load_config
+from sydent_lite.observability.logs import setup_from_config
 from sydent_lite.signing import SigningKeyError
-
-
-def _setup_logging(config: Config) -> None:
-    """Levelled logs on stderr: `time LEVEL logger [request-id] message` ("-" outside requests).
-
-    JSON lines instead with `log_format: json` in the config (or the environment variable
-    SYDENT_LITE_LOG_FORMAT=json, which wins). Secrets and email addresses that slip
-    into a message at INFO and above are masked (sydent_lite.observability.logs).
-    """
-    import os
-
-    from sydent_lite.observability.logs import LOG_FORMATS, setup_logging
-
-    fmt = (os.environ.get("SYDENT_LITE_LOG_FORMAT") or config.log_format or "text").lower()
-    if fmt not in LOG_FORMATS:
-        print(f"sydent-lite: unknown log format {fmt!r} (text or json); using text", file=sys.stderr)
-        fmt = "text"
-    setup_logging(config.log_level, fmt, sys.stderr)
-    # httpx logs every request URL at INFO, query strings (OpenID tokens) included.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _cmd_serve(config: Config, workers: int) -> int:
@@ -147,7 +125,7 @@ def _cmd_admin(args: argparse.Namespace, config: Config) -> int:
             print(operator.dumps(asyncio.run(operator.bind_by_hand(config, medium=args.medium, address=args.address, mxid=args.mxid))))
             return 0
         if args.command == "import-sydent":
-            from sydent_lite.admin.import_sydent import SydentImportError, import_sydent
+            from sydent_lite.admin.sydent_import import SydentImportError, import_sydent
 
             key = Path(args.signing_key) if args.signing_key else None
             try:
@@ -155,18 +133,17 @@ def _cmd_admin(args: argparse.Namespace, config: Config) -> int:
             except SydentImportError as e:
                 print(f"sydent-lite: {e}", file=sys.stderr)
                 return 2
-            for name, count in counts.items():
-                print(f"{name}: {count}")
+            print("\n".join(counts.lines()))
             return 0
         # associations show|delete
         if (args.mxid is None) == (args.address is None) or (args.address is not None and args.medium is None):
             print("sydent-lite: give either --mxid, or --medium with --address", file=sys.stderr)
             return 2
-        target = {"medium": args.medium, "address": args.address, "mxid": args.mxid}
+        person = operator.person_as_typed(medium=args.medium, address=args.address, mxid=args.mxid)
         if args.associations_command == "show":
-            print(operator.dumps(asyncio.run(operator.show_associations(config, **target))))
+            print(operator.dumps(asyncio.run(operator.show_associations(config, person))))
         else:
-            print(asyncio.run(operator.delete_person(config, **target)).report())
+            print(operator.removed_report(asyncio.run(operator.delete_person(config, person))))
         return 0
     except (MatrixError, FileExistsError, FileNotFoundError) as e:
         message = e.error if isinstance(e, MatrixError) else str(e)
@@ -186,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"sydent-lite: {e}", file=sys.stderr)
         return 2
-    _setup_logging(config)
+    setup_from_config(config)
     try:
         if args.command == "create-token":
             return _cmd_create_token(config, args.user_id)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from sydent_lite.storage.database import (
     migrate,
 )
 from sydent_lite.storage.invites import InviteStore
+from sydent_lite.storage.people import PeopleStore
 from sydent_lite.storage.sessions import SessionStore
 from sydent_lite.storage.state import ServerStateStore
 from sydent_lite.templating import TemplateStore
@@ -62,9 +65,14 @@ class AppContext:
         await self.engine.dispose()
 
 
+def load_signer(config: Config) -> ServerSigner:
+    """Our signing key, as `server_name` (the key file is created if there is none)."""
+    return ServerSigner(config.effective_server_name, load_or_create_signing_key(config.signing_key_path))
+
+
 def load_static_parts(config: Config) -> tuple[ServerSigner, Terms, TemplateStore]:
     """Everything that can fail on a bad file, checked before the server binds its port."""
-    signer = ServerSigner(config.effective_server_name, load_or_create_signing_key(config.signing_key_path))
+    signer = load_signer(config)
     terms = Terms.load(config.terms_path)
     check_subject_format(config.email.invite_subject, "email.invite_subject")
     check_subject_format(config.email.invite_subject_space, "email.invite_subject_space")
@@ -120,3 +128,37 @@ async def build_context(config: Config) -> AppContext:
         rate_limiter=rate_limiter,
         lookup_index=lookup_index,
     )
+
+
+@dataclass
+class OperatorContext:
+    """What the operator commands (`sydent-lite associations`, `bind`, `import-sydent`) work
+    with, on the database the running server uses: no HTTP, no delivery, nothing held in
+    memory. The running server sees their changes in the change log (its lookup index) and
+    in the onbind queue (its delivery loop)."""
+
+    config: Config
+    engine: AsyncEngine
+    people: PeopleStore
+
+    async def associations(self) -> AssociationService:
+        """The service /bind goes through (our signing key is created if there is none, as
+        `serve` does): a bind queues the address's pending invites in its own transaction."""
+        signer = load_signer(self.config)
+        store = AssociationStore(self.engine)
+        pepper = await load_pepper(ServerStateStore(self.engine), store)
+        onbind_queue = OnbindQueue(signer, self.config.invites, InviteStore(self.engine))
+        # Never loaded: a bind looks nothing up.
+        index = LookupIndex(AssociationChangeStore(self.engine), store)
+        return AssociationService(store, signer, pepper, index, onbind_queue, self.config.lookup.max_addresses)
+
+
+@asynccontextmanager
+async def operator_context(config: Config) -> AsyncIterator[OperatorContext]:
+    """The operator commands' context, on the migrated database; closed on leaving."""
+    engine = create_engine(config.database.url)
+    try:
+        await migrate(engine)
+        yield OperatorContext(config=config, engine=engine, people=PeopleStore(engine))
+    finally:
+        await engine.dispose()

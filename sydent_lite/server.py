@@ -25,6 +25,7 @@ from sydent_lite.context import load_static_parts
 from sydent_lite.http.app import create_app
 from sydent_lite.memory import limit_malloc_arenas
 from sydent_lite.observability import cleanup_multiprocess, prepare_multiprocess
+from sydent_lite.observability.logs import setup_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +96,7 @@ def app_from_env() -> Any:
     limit_malloc_arenas()
     config = config_from_dict(json.loads(raw))
     os.environ.pop(CONFIG_ENV, None)  # holds secrets; nothing this worker starts needs it
-    from sydent_lite.cli import _setup_logging  # the same logging as the parent's
-
-    _setup_logging(config)
+    setup_from_config(config)  # the same logging as the parent's
     return create_app(config)
 
 

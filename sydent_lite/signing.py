@@ -9,6 +9,7 @@ from typing import Any
 
 import signedjson.key
 import signedjson.sign
+from signedjson.types import SigningKey
 from unpaddedbase64 import encode_base64
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def _reject_floats(value: Any, path: str = "") -> None:
 class ServerSigner:
     """Signs JSON objects as `server_name` with the key `ed25519:<version>`."""
 
-    def __init__(self, server_name: str, key: Any) -> None:
+    def __init__(self, server_name: str, key: SigningKey) -> None:
         self.server_name = server_name
         self.key = key
         self.key_id = f"{key.alg}:{key.version}"
@@ -44,22 +45,31 @@ class ServerSigner:
         return signedjson.sign.sign_json(dict(obj), self.server_name, self.key)
 
 
-def load_or_create_signing_key(path: str | Path) -> Any:
+def load_or_create_signing_key(path: str | Path) -> SigningKey:
     """Read a key file in Synapse/Sydent format ("ed25519 <version> <seed>"), creating it if absent."""
     path = Path(path)
     if path.exists():
         try:
             keys = signedjson.key.read_signing_keys(path.read_text().splitlines())
         except Exception:
-            raise SigningKeyError(f"signing key file {path} is not in 'ed25519 <version> <base64 seed>' format") from None
+            raise SigningKeyError(
+                f"signing key file {path} is not in 'ed25519 <version> <base64 seed>' format"
+            ) from None
         if not keys:
             raise SigningKeyError(f"signing key file {path} holds no key")
         return keys[0]
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = signedjson.key.generate_signing_key("0")
+    write_key_file(path, key)
+    logger.info("created a new signing key at %s", path)
+    return key
+
+
+def write_key_file(path: str | Path, key: SigningKey) -> None:
+    """Write `key` in the one-line format to a new file (FileExistsError if there is one:
+    a key every signature depends on is never replaced)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     # Written with 0600 from the start: the seed is the server's identity.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         signedjson.key.write_signing_keys(f, [key])
-    logger.info("created a new signing key at %s", path)
-    return key

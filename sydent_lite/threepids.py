@@ -23,9 +23,12 @@ _ENCODED_WORD_RE = re.compile(r"=\?.*\?=", re.S)
 # domain sits. Emptying this list is email-validator's documented way to allow them.
 email_validator.SPECIAL_USE_DOMAIN_NAMES[:] = []
 
-# Spec appendix "User Identifiers": @localpart:server_name, at most 255 bytes. Historical
-# localparts may hold any printable ASCII but ':'; the server name is checked loosely here.
-_USER_ID_RE = re.compile(r"^@[\x21-\x39\x3b-\x7e]+:[A-Za-z0-9.\-\[\]:]+$")
+# Spec appendix "User Identifiers": @localpart:server_name, at most 255 bytes. Localparts: the
+# current grammar plus the historical one still found in the wild, restricted to printable
+# ASCII (the spec calls anything else non-compliant); never ':'. The server name is checked
+# loosely here (its characters): federation.resolver.parse_server_name checks its grammar.
+_USER_ID_RE = re.compile(r"@([\x21-\x39\x3b-\x7e]+):([A-Za-z0-9.\-\[\]:]+)")
+MAX_USER_ID_BYTES = 255
 
 
 def normalise_email(address: object) -> str:
@@ -55,8 +58,19 @@ def check_email(address: object) -> str:
 
 
 def stored_address(medium: str, address: str) -> str:
-    """The form an address is stored and looked up in: email addresses case-folded."""
+    """The form an address is stored and looked up in: email addresses case-folded. Nothing
+    is checked (an address looked up as given; see `normalise_address` for one typed in)."""
     return address.casefold() if medium == "email" else address
+
+
+def normalise_address(medium: str, address: str) -> str:
+    """An address as a person types it, checked, in its stored form: an email address
+    validated and case-folded, a phone number parsed (E.164 digits, with or without "+")."""
+    if medium == "email":
+        return normalise_email(address)
+    if medium == "msisdn":
+        return parse_phone_number("", address if address.startswith("+") else "+" + address).msisdn
+    raise MatrixError(400, "M_UNRECOGNIZED", f"unknown medium {medium!r}")
 
 
 def stored_addresses(medium: str, addresses: Sequence[str]) -> list[str]:
@@ -72,8 +86,23 @@ def casefold_all(addresses: Sequence[str]) -> list[str]:
     return joined.casefold().split("\n") if addresses else []
 
 
+@dataclass(frozen=True)
+class UserId:
+    localpart: str
+    server_name: str
+
+
+def parse_user_id(mxid: object) -> UserId | None:
+    """The parts of a Matrix user ID, or None if `mxid` is not one (the whole string must be:
+    no trailing newline)."""
+    if not isinstance(mxid, str) or len(mxid.encode("utf-8", "surrogatepass")) > MAX_USER_ID_BYTES:
+        return None
+    match = _USER_ID_RE.fullmatch(mxid)
+    return UserId(match[1], match[2]) if match else None
+
+
 def is_valid_user_id(mxid: object) -> bool:
-    return isinstance(mxid, str) and len(mxid.encode("utf-8")) <= 255 and bool(_USER_ID_RE.match(mxid))
+    return parse_user_id(mxid) is not None
 
 
 def user_id_server(mxid: str) -> str:
@@ -99,6 +128,8 @@ def parse_phone_number(country: str, phone_number: str) -> PhoneNumber:
         raise invalid from None
     # "Possible", not "valid": numbers newer than the library's metadata must still work.
     if not phonenumbers.is_possible_number(number):
+        raise invalid
+    if number.country_code is None:  # never, for a possible number (for the type checker)
         raise invalid
     e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
     return PhoneNumber(

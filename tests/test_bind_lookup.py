@@ -209,7 +209,8 @@ def test_bind_unknown_session_or_wrong_secret(api: IdentityApi, user: User, v1: 
     assert api.v1_lookup("email", session.email).json() == {}
 
 
-@pytest.mark.parametrize("mxid", ["not-an-mxid", "@no-server-part", "alice:example.test", "#room:example.test"])
+@pytest.mark.parametrize("mxid", ["not-an-mxid", "@no-server-part", "alice:example.test", "#room:example.test",
+                                  "@alice:example.test\n"])
 def test_bind_invalid_mxid(api: IdentityApi, mxid: str) -> None:
     session = api.validated_email_session(unique_email("badmxid"), v1=True)
     assert_error(api.bind(session, mxid, v1=True), 400, "M_INVALID_PARAM")

@@ -27,7 +27,7 @@ import yaml
 from sqlalchemy import inspect, select, text
 from support.server import DEFAULT_TERMS, SydentServer, sha256_address, write_terms
 
-from sydent_lite.admin.import_sydent import (
+from sydent_lite.admin.sydent_import import (
     SigningKeyMismatch,
     SydentImportError,
     import_sydent,
@@ -401,7 +401,7 @@ def test_import_then_serve(db_factory, smtp_sink, tmp_path: Path) -> None:  # ty
     sydent_db_before = (tmp_path / "sydent.db").read_bytes()
 
     counts = run(import_sydent(config, fx.path, key_file))
-    assert counts == FIRST_RUN
+    assert counts.as_dict() == FIRST_RUN
     assert (tmp_path / "sydent.db").read_bytes() == sydent_db_before  # opened read-only
 
     # The signing key: installed as is (version "1"), 0600.
@@ -474,7 +474,7 @@ def test_import_then_serve(db_factory, smtp_sink, tmp_path: Path) -> None:  # ty
     before, key_bytes = dump(db.url), server.signing_key_path.read_bytes()
     again = run(import_sydent(config, fx.path, key_file))
     assert dump(db.url) == before and server.signing_key_path.read_bytes() == key_bytes
-    assert {k: v for k, v in again.items() if v} == {
+    assert {k: v for k, v in again.as_dict().items() if v} == {
         "associations_already_present": 7,
         "associations_newer_here_kept": 1,
         "associations_unbound_in_sydent": 1,

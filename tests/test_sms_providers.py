@@ -194,8 +194,8 @@ def assert_safe(message: str) -> None:
 
 
 def assert_logs_safe(caplog: pytest.LogCaptureFixture) -> None:
-    # Our own log lines. (httpx's INFO line quotes the URL; sydent_lite.cli sets httpx and
-    # httpcore to WARNING.)
+    # Our own log lines. (httpx's INFO line quotes the URL; observability.logs.setup_from_config
+    # sets httpx and httpcore to WARNING.)
     ours = [r for r in caplog.records if r.name.startswith("sydent_lite")]
     for record in ours:
         assert_safe(record.getMessage())

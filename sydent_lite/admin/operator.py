@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import signedjson.key
-from sqlalchemy import delete, select
 
 from sydent_lite.config import Config
+from sydent_lite.context import load_signer, operator_context
 from sydent_lite.errors import MatrixError
 from sydent_lite.resources import example_config
-from sydent_lite.services.associations import AssociationService
-from sydent_lite.services.hashing import load_pepper
-from sydent_lite.services.lookup_index import LookupIndex
-from sydent_lite.services.onbind_queue import OnbindQueue
-from sydent_lite.signing import ServerSigner, load_or_create_signing_key
-from sydent_lite.storage.association_changes import AssociationChangeStore
-from sydent_lite.storage.associations import AssociationStore
-from sydent_lite.storage.database import create_engine, migrate
-from sydent_lite.storage.invites import InviteStore
-from sydent_lite.storage.state import ServerStateStore
-from sydent_lite.storage.tables import (
-    accepted_terms,
-    accounts,
-    associations,
-    invites,
-    onbind_callbacks,
-    validation_sessions,
-)
-from sydent_lite.threepids import is_valid_user_id, normalise_email, parse_phone_number
+from sydent_lite.signing import load_or_create_signing_key
+from sydent_lite.storage.people import MatrixUser, Person, Removed, ThreePid
+from sydent_lite.threepids import is_valid_user_id, normalise_address
 
 
 def generate_config(server_name: str | None) -> str:
@@ -44,8 +29,10 @@ def generate_config(server_name: str | None) -> str:
 
 def show_key(config: Config) -> str:
     if not Path(config.signing_key_path).exists():
-        raise FileNotFoundError(f"no signing key at {config.signing_key_path} yet: `keys generate` or `serve` creates it")
-    signer = ServerSigner(config.effective_server_name, load_or_create_signing_key(config.signing_key_path))
+        raise FileNotFoundError(
+            f"no signing key at {config.signing_key_path} yet: `keys generate` or `serve` creates it"
+        )
+    signer = load_signer(config)
     return f"{signer.key_id} {signer.public_key_base64}"
 
 
@@ -58,118 +45,49 @@ def generate_key(path: str | Path) -> str:
     return f"{key.alg}:{key.version} {signedjson.key.encode_verify_key_base64(signedjson.key.get_verify_key(key))}"
 
 
-def stored_address(medium: str, address: str) -> str:
-    if medium == "email":
-        return normalise_email(address)
-    if medium == "msisdn":
-        # Given as digits (E.164 without +) or in international form.
-        return parse_phone_number("", address if address.startswith("+") else "+" + address).msisdn
-    raise MatrixError(400, "M_UNRECOGNIZED", f"unknown medium {medium!r}")
+def person_as_typed(*, medium: str | None, address: str | None, mxid: str | None) -> Person:
+    """Who a command is about: a Matrix user ID as given (not checked: whatever got stored must
+    be reachable), else a medium and an address, checked and in its stored form (MatrixError)."""
+    if mxid is not None:
+        return MatrixUser(mxid)
+    if medium is None or address is None:
+        raise ValueError("a person is a Matrix user ID, or a medium and an address")
+    return ThreePid(medium, normalise_address(medium, address))
 
 
-@dataclass
-class Removed:
-    associations: list[dict] = field(default_factory=list)
-    invites: int = 0
-    callbacks: int = 0
-    sessions: int = 0
-    tokens: int = 0
-    terms: int = 0
-
-    def report(self) -> str:
-        lines = [f"associations removed: {len(self.associations)}"]
-        lines += [f"  {a['medium']} {a['address']} -> {a['mxid']}" for a in self.associations]
-        lines += [
-            f"pending invites removed: {self.invites}",
-            f"undelivered onbind callbacks removed: {self.callbacks}",
-            f"validation sessions removed: {self.sessions}",
-            f"access tokens removed: {self.tokens}",
-            f"terms acceptances removed: {self.terms}",
-        ]
-        return "\n".join(lines)
+def removed_report(removed: Removed) -> str:
+    lines = [f"associations removed: {len(removed.associations)}"]
+    lines += [f"  {b.medium} {b.address} -> {b.mxid}" for b in removed.associations]
+    lines += [
+        f"pending invites removed: {removed.invites}",
+        f"undelivered onbind callbacks removed: {removed.callbacks}",
+        f"validation sessions removed: {removed.sessions}",
+        f"access tokens removed: {removed.tokens}",
+        f"terms acceptances removed: {removed.terms}",
+    ]
+    return "\n".join(lines)
 
 
-async def _with_engine(config: Config, work):  # type: ignore[no-untyped-def]
-    engine = create_engine(config.database.url)
-    try:
-        await migrate(engine)
-        return await work(engine)
-    finally:
-        await engine.dispose()
+async def show_associations(config: Config, person: Person) -> list[dict[str, Any]]:
+    async with operator_context(config) as ctx:
+        return [dataclasses.asdict(b) for b in await ctx.people.associations_of(person)]
 
 
-async def show_associations(config: Config, *, medium: str | None, address: str | None, mxid: str | None) -> list[dict]:
-    async def work(engine):  # type: ignore[no-untyped-def]
-        query = select(associations.c.medium, associations.c.address, associations.c.mxid, associations.c.ts)
-        if mxid is not None:
-            query = query.where(associations.c.mxid == mxid)
-        else:
-            assert medium is not None and address is not None
-            query = query.where(associations.c.medium == medium, associations.c.address == stored_address(medium, address))
-        async with engine.connect() as conn:
-            return [dict(r) for r in (await conn.execute(query.order_by(associations.c.ts))).mappings()]
-
-    return await _with_engine(config, work)
-
-
-async def delete_person(config: Config, *, medium: str | None, address: str | None, mxid: str | None) -> Removed:
+async def delete_person(config: Config, person: Person) -> Removed:
     """Everything stored about one 3PID, or about one Matrix user and all their 3PIDs."""
-
-    async def work(engine):  # type: ignore[no-untyped-def]
-        removed = Removed()
-        async with engine.begin() as conn:
-            if mxid is not None:
-                rows = (await conn.execute(select(associations.c.medium, associations.c.address, associations.c.mxid)
-                                           .where(associations.c.mxid == mxid))).mappings().all()
-                threepids = [(r["medium"], r["address"]) for r in rows]
-            else:
-                assert medium is not None and address is not None
-                threepids = [(medium, stored_address(medium, address))]
-                rows = (await conn.execute(select(associations.c.medium, associations.c.address, associations.c.mxid)
-                                           .where(associations.c.medium == threepids[0][0],
-                                                  associations.c.address == threepids[0][1]))).mappings().all()
-            removed.associations = [dict(r) for r in rows]
-            for m, a in threepids:
-                await conn.execute(delete(associations).where(associations.c.medium == m, associations.c.address == a))
-                callback_ids = [r[0] for r in await conn.execute(
-                    select(invites.c.callback_id).where(invites.c.medium == m, invites.c.address == a,
-                                                        invites.c.callback_id.is_not(None),
-                                                        # a delivered invite's id may be reused (SQLite)
-                                                        invites.c.delivered_ts.is_(None)))]
-                if callback_ids:
-                    result = await conn.execute(delete(onbind_callbacks).where(onbind_callbacks.c.id.in_(callback_ids)))
-                    removed.callbacks += result.rowcount
-                result = await conn.execute(delete(invites).where(invites.c.medium == m, invites.c.address == a))
-                removed.invites += result.rowcount
-                result = await conn.execute(
-                    delete(validation_sessions).where(validation_sessions.c.medium == m, validation_sessions.c.address == a))
-                removed.sessions += result.rowcount
-            if mxid is not None:
-                removed.tokens = (await conn.execute(delete(accounts).where(accounts.c.user_id == mxid))).rowcount
-                removed.terms = (await conn.execute(delete(accepted_terms).where(accepted_terms.c.user_id == mxid))).rowcount
-        return removed
-
-    return await _with_engine(config, work)
+    async with operator_context(config) as ctx:
+        return await ctx.people.delete_person(person)
 
 
-async def bind_by_hand(config: Config, *, medium: str, address: str, mxid: str) -> dict:
-    """Bind as an operator (as Sydent's script does): sign and store, replacing any other."""
+async def bind_by_hand(config: Config, *, medium: str, address: str, mxid: str) -> dict[str, Any]:
+    """Bind as an operator (as Sydent's script does): sign and store, replacing any other. The
+    same path as /bind: the address's pending invites are queued for the homeserver with it."""
     if not is_valid_user_id(mxid):
         raise MatrixError(400, "M_INVALID_PARAM", f"{mxid!r} is not a Matrix user ID")
-    address = stored_address(medium, address)
-
-    async def work(engine):  # type: ignore[no-untyped-def]
-        signer = ServerSigner(config.effective_server_name, load_or_create_signing_key(config.signing_key_path))
-        store = AssociationStore(engine)
-        pepper = await load_pepper(ServerStateStore(engine), store)
-        # The same path as /bind: pending invites for the address are queued in the bind's
-        # transaction; the running server's delivery loop picks the callback up from the database.
-        onbind = OnbindQueue(signer, config.invites, InviteStore(engine))
-        # No lookups here: the index stays empty (the running server sees the bind in its own).
-        index = LookupIndex(AssociationChangeStore(engine), store)
-        return await AssociationService(store, signer, pepper, index, onbind).bind(medium, address, mxid)
-
-    return await _with_engine(config, work)
+    address = normalise_address(medium, address)
+    async with operator_context(config) as ctx:
+        associations = await ctx.associations()
+        return await associations.bind(medium, address, mxid)
 
 
 def dumps(obj: object) -> str:

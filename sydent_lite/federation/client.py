@@ -13,7 +13,6 @@ import asyncio
 import ipaddress
 import json
 import logging
-import re
 import socket
 import ssl
 from collections import OrderedDict
@@ -30,6 +29,7 @@ from sydent_lite.federation.resolver import (
     is_ip_literal,
     resolve_server_name,
 )
+from sydent_lite.observability.logs import redact_every_record
 
 logger = logging.getLogger(__name__)
 
@@ -50,21 +50,8 @@ class FederationError(Exception):
     """The destination could not be reached or answered unusably (timeout, TLS, too large)."""
 
 
-class _RedactTokens(logging.Filter):
-    """httpx logs full request URLs at INFO; OpenID tokens travel in the query string."""
-
-    _TOKEN = re.compile(r"(access_token=)[^&\s\"']*")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "access_token=" in message:
-            record.msg, record.args = self._TOKEN.sub(r"\1<redacted>", message), None
-        return True
-
-
-_httpx_logger = logging.getLogger("httpx")
-if not any(isinstance(f, _RedactTokens) for f in _httpx_logger.filters):
-    _httpx_logger.addFilter(_RedactTokens())
+# httpx logs full request URLs (at INFO); OpenID tokens travel in the query string.
+redact_every_record("httpx")
 
 
 _NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")

@@ -5,43 +5,34 @@ Error messages are returned to clients, so they never contain the token.
 
 from __future__ import annotations
 
-import re
-
 from sydent_lite.federation.client import (
     FederationClient,
     FederationError,
     OutboundPolicyError,
 )
 from sydent_lite.federation.resolver import parse_server_name
+from sydent_lite.threepids import UserId, parse_user_id
 
 USERINFO_PATH = "/_matrix/federation/v1/openid/userinfo"
-
-# Localparts: the current grammar plus the historical one still found in the wild, restricted
-# to printable ASCII (the spec calls anything else non-compliant); never ':'.
-_LOCALPART = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 
 
 class OpenIdError(Exception):
     """The token could not be exchanged; the message is safe to show to the client."""
 
 
-def _split_user_id(user_id: str) -> tuple[str, str] | None:
-    """(localpart, server_name) of a valid user ID, else None."""
-    if len(user_id.encode("utf-8")) > 255 or not user_id.startswith("@"):
-        return None
-    localpart, sep, server_name = user_id[1:].partition(":")
-    if not sep or not _LOCALPART.fullmatch(localpart):
+def _user_id_of_server(user_id: str) -> UserId | None:
+    """The parts of a valid user ID whose server name is one we could contact, else None."""
+    parsed = parse_user_id(user_id)
+    if parsed is None:
         return None
     try:
-        parse_server_name(server_name)
+        parse_server_name(parsed.server_name)
     except ValueError:
         return None
-    return localpart, server_name
+    return parsed
 
 
-async def exchange_openid_token(
-    client: FederationClient, matrix_server_name: str, access_token: str
-) -> str:
+async def exchange_openid_token(client: FederationClient, matrix_server_name: str, access_token: str) -> str:
     """Return the user ID owning `access_token` on `matrix_server_name`.
 
     ValueError (before any network access) if `matrix_server_name` is not a server name.
@@ -60,10 +51,10 @@ async def exchange_openid_token(
     sub = body.get("sub") if isinstance(body, dict) else None
     if not isinstance(sub, str):
         raise OpenIdError("The homeserver's answer has no user ID")
-    parts = _split_user_id(sub)
-    if parts is None:
+    user = _user_id_of_server(sub)
+    if user is None:
         raise OpenIdError("The homeserver returned an invalid user ID")
     # Spec: the user must belong to the server we asked, compared exactly (case-sensitive).
-    if parts[1] != matrix_server_name:
+    if user.server_name != matrix_server_name:
         raise OpenIdError("The homeserver returned a user ID from another server")
     return sub

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from sydent_lite.federation.client import (
     OutboundPolicyError,
 )
 from sydent_lite.federation.resolver import parse_server_name
+from sydent_lite.secrets_util import now_ms
 
 logger = logging.getLogger(__name__)
 
@@ -163,10 +163,6 @@ def parse_x_matrix(header: str) -> XMatrixAuth:
 # --- server keys ------------------------------------------------------------------------------
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 @dataclass
 class _ServerKeys:
     verify_keys: dict[str, nacl.signing.VerifyKey]  # usable for requests, self-signed
@@ -189,7 +185,7 @@ class ServerKeyStore:
         self,
         client: FederationClient,
         *,
-        clock: Callable[[], int] = _now_ms,
+        clock: Callable[[], int] = now_ms,
         max_servers: int = DEFAULT_MAX_SERVERS,
     ) -> None:
         self._client = client

@@ -12,12 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import re
 import sys
 import time
 from contextvars import ContextVar
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from sydent_lite.config import Config
 
 REQUEST_ID: ContextVar[str] = ContextVar("sydent_lite_request_id", default="-")
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -103,6 +107,15 @@ class RedactingFilter(logging.Filter):
             record.stack_info = redact(record.stack_info)
         record._sydent_redacted = True
         return True
+
+
+def redact_every_record(logger_name: str) -> None:
+    """Redact every record of that logger, at every level, whichever handler gets it (ours,
+    a test's, an operator's own logging set-up): for libraries that log what we send, such
+    as httpx, whose request lines quote the URL with its query string (OpenID tokens)."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+        logger.addFilter(RedactingFilter(logging.NOTSET))
 
 
 # --- formatting ------------------------------------------------------------------------------------
@@ -283,3 +296,24 @@ def setup_logging(level: str | int = "INFO", fmt: str = "text", stream: TextIO |
     root.setLevel(level.upper() if isinstance(level, str) else level)
     _active_handler = handler
     return handler
+
+
+LOG_FORMAT_ENV = "SYDENT_LITE_LOG_FORMAT"
+# Libraries whose INFO lines are noise in our logs (httpx: a line per request, with its URL).
+_QUIET_LIBRARIES = ("httpx", "httpcore", "alembic")
+
+
+def setup_from_config(config: Config) -> None:
+    """Levelled logs on stderr: `time LEVEL logger [request-id] message` ("-" outside requests).
+
+    JSON lines instead with `log_format: json` in the config (or the environment variable
+    SYDENT_LITE_LOG_FORMAT=json, which wins). Secrets and email addresses that slip into a
+    message at INFO and above are masked (`RedactingFilter`).
+    """
+    fmt = (os.environ.get(LOG_FORMAT_ENV) or config.log_format or "text").lower()
+    if fmt not in LOG_FORMATS:
+        print(f"sydent-lite: unknown log format {fmt!r} (text or json); using text", file=sys.stderr)
+        fmt = "text"
+    setup_logging(config.log_level, fmt, sys.stderr)
+    for name in _QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,199 @@
+"""Choosing the association to import for each 3PID, and the signed JSON it goes with.
+
+Sydent keeps one row per 3PID in `local_threepid_associations` and possibly several in
+`global_threepid_associations`; we keep one, the newest. Its signed JSON is Sydent's
+`sgAssoc` when it has one that verifies with the key we serve (or, for an association Sydent
+got from a replication peer, the peer's signature, verbatim); else the association re-signed
+(ed25519 is deterministic: with Sydent's key the signature is the one Sydent made). An
+unbinding newer than every binding imports nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import signedjson.key
+import signedjson.sign
+from signedjson.types import SigningKey
+
+from sydent_lite.admin.sydent_import.errors import SydentImportError
+from sydent_lite.admin.sydent_import.read import SydentAssociation, SydentData
+from sydent_lite.signing import ServerSigner
+from sydent_lite.threepids import stored_address
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChosenAssociation:
+    medium: str
+    address: str
+    mxid: str
+    ts: int
+    not_before: int
+    not_after: int
+    signed_json: str
+    resigned: bool
+
+
+@dataclass
+class AssociationPlan:
+    chosen: list[ChosenAssociation] = field(default_factory=list)
+    unbound: int = 0  # 3PIDs whose newest row is an unbinding
+    unusable: int = 0  # a peer's association without a signature we could keep
+
+
+def plan_associations(data: SydentData, signer: ServerSigner, sydent_key: SigningKey | None) -> AssociationPlan:
+    """The association of each 3PID, signed. SydentImportError if `sydent_key` (given with
+    --signing-key) signed none of the associations Sydent signed: it is not Sydent's key."""
+    by_threepid: dict[tuple[str, str], list[SydentAssociation]] = {}
+    for a in [*data.local, *data.global_]:
+        by_threepid.setdefault(a.key, []).append(a)
+    own_names = _own_names(data, by_threepid, signer)
+    if sydent_key is not None:
+        _check_sydent_signed(data, own_names, sydent_key)
+
+    plan = AssociationPlan()
+    signed_as: dict[str, None] = {}  # the names Sydent's own signatures were made under
+    for rows in by_threepid.values():
+        newest = max(rows, key=_rank)
+        if newest.mxid is None:
+            plan.unbound += 1
+            continue
+        chosen = _signed(newest, rows, signer, own_names, signed_as)
+        if chosen is None:
+            plan.unusable += 1
+        else:
+            plan.chosen.append(chosen)
+    for name in signed_as:
+        if name != signer.server_name:
+            logger.warning(
+                "Sydent signed associations as %r but server_name is %r: clients check the signature "
+                "against the server they asked; set server_name to Sydent's server.name",
+                name,
+                signer.server_name,
+            )
+    return plan
+
+
+def _own_names(
+    data: SydentData, by_threepid: dict[tuple[str, str], list[SydentAssociation]], signer: ServerSigner
+) -> set[str]:
+    """The names Sydent pushed its own associations under (its server_name), and ours."""
+    names = {signer.server_name}
+    for local in data.local:
+        if local.mxid is not None:
+            names.update(g.origin for g in by_threepid[local.key] if g.origin is not None and _same_binding(g, local))
+    return names
+
+
+def _check_sydent_signed(data: SydentData, own_names: set[str], sydent_key: SigningKey) -> None:
+    # With Sydent's key, its signatures must verify: a wrong --signing-key stops here.
+    own_signed = [sg for g in data.global_ if g.origin in own_names and (sg := _parse_sg(g)) is not None]
+    if own_signed and not any(_signed_by(sg, sydent_key) for sg in own_signed):
+        raise SydentImportError(
+            f"the signing key given ({sydent_key.alg}:{sydent_key.version}) did not sign any of the "
+            f"{len(own_signed)} associations Sydent signed: is it Sydent's key?"
+        )
+
+
+def _signed(
+    newest: SydentAssociation,
+    rows: list[SydentAssociation],
+    signer: ServerSigner,
+    own_names: set[str],
+    signed_as: dict[str, None],
+) -> ChosenAssociation | None:
+    """The binding `newest` with the signed JSON we keep for it, or None if there is none
+    (a peer's association whose signature did not come along)."""
+    own = newest.origin is None or newest.origin in own_names
+    row, sg = _signed_copy(newest, rows)
+    if sg is not None and not own:
+        return _chosen(row, row.sg_assoc, resigned=False)  # from a replication peer: its signature, verbatim
+    if sg is not None:
+        name = _signed_by(sg, signer.key)
+        if name is not None:
+            signed_as[name] = None
+            return _chosen(row, row.sg_assoc, resigned=False)
+    if not own:
+        return None
+    unsigned = {
+        "medium": row.medium,
+        "address": row.address,
+        "mxid": row.mxid,
+        "ts": row.ts,
+        "not_before": row.not_before,
+        "not_after": row.not_after,
+    }
+    return _chosen(row, json.dumps(signer.sign(unsigned)), resigned=True)
+
+
+def _chosen(row: SydentAssociation, signed_json: str | None, *, resigned: bool) -> ChosenAssociation:
+    # A binding (mxid set) always has its times (read.py), and a parsed sgAssoc its text.
+    assert row.mxid is not None and row.not_before is not None and row.not_after is not None
+    assert signed_json is not None
+    return ChosenAssociation(
+        row.medium, row.address, row.mxid, row.ts, row.not_before, row.not_after, signed_json, resigned
+    )
+
+
+def _signed_copy(
+    newest: SydentAssociation, rows: list[SydentAssociation]
+) -> tuple[SydentAssociation, dict[str, Any] | None]:
+    """The row whose signed JSON stands for the binding, with that JSON parsed (None: none
+    that says what the row says). For a local binding, Sydent's signed copy of it in the
+    global table, if its pusher got that far."""
+    sg = _parse_sg(newest)
+    if sg is None and newest.origin is None:
+        for g in rows:
+            if g.origin is not None and _same_binding(g, newest) and (g_sg := _parse_sg(g)) is not None:
+                return g, g_sg
+    return newest, sg
+
+
+def _parse_sg(a: SydentAssociation) -> dict[str, Any] | None:
+    """Sydent's signed JSON for this row if it parses and says what the row says."""
+    if not a.sg_assoc:
+        return None
+    try:
+        sg = json.loads(a.sg_assoc)
+    except ValueError:
+        return None
+    if not isinstance(sg, dict) or not isinstance(sg.get("address"), str):
+        return None
+    same = (
+        sg.get("medium") == a.medium
+        and stored_address(a.medium, sg["address"]) == a.address
+        and sg.get("mxid") == a.mxid
+        and sg.get("ts") == a.ts
+        and sg.get("not_before") == a.not_before
+        and sg.get("not_after") == a.not_after
+    )
+    return sg if same else None
+
+
+def _signed_by(sg: dict[str, Any], key: SigningKey) -> str | None:
+    """The server name under which `key` signed `sg`, or None."""
+    key_id = f"{key.alg}:{key.version}"
+    verify_key = signedjson.key.get_verify_key(key)
+    for name, sigs in (sg.get("signatures") or {}).items():
+        if isinstance(sigs, dict) and key_id in sigs:
+            try:
+                signedjson.sign.verify_signed_json(sg, name, verify_key)
+            except (signedjson.sign.SignatureVerifyException, ValueError):
+                continue
+            return str(name)
+    return None
+
+
+def _same_binding(a: SydentAssociation, b: SydentAssociation) -> bool:
+    return (a.key, a.mxid, a.ts, a.not_before, a.not_after) == (b.key, b.mxid, b.ts, b.not_before, b.not_after)
+
+
+def _rank(a: SydentAssociation) -> tuple[int, int]:
+    # Newest first; at equal ts an unbinding beats a binding, and Sydent's signed copy
+    # (global) beats the unsigned local row of the same binding.
+    return (a.ts, 3 if a.mxid is None else (2 if a.origin is not None else 1))
