@@ -1,0 +1,618 @@
+"""uvicorn's httptools protocol with the limits a server facing the Internet needs.
+
+uvicorn 0.54 with httptools applies no timeout before a request is complete, checks its
+concurrency limit only once headers are parsed, and bounds neither header size nor count
+(llhttp hands a header value over only when it ends, so httptools accumulates it, however
+long). One client could therefore hold every file descriptor with half-sent requests, or
+grow the process by hundreds of MiB with a few unfinished header values (issue 13). This
+subclass, given to uvicorn as its `http` protocol, adds per connection:
+
+- a header deadline: within `header_timeout` of the accept (the TLS handshake included), of
+  the first byte of a request, or of the end of the previous response, the request line and
+  headers must be complete. A connection that sent nothing is closed; one that sent part of a
+  request gets 408.
+- a body deadline: at most `body_idle_timeout` between two pieces of a body and
+  `body_timeout` for all of it, else 408.
+- bounds on the head of a request, counted on the bytes as they arrive (before llhttp has seen
+  the end of anything): `max_header_bytes` for the request line and headers, `max_headers`
+  header fields (431), `max_url_bytes` for the request target (414).
+- a cap on open connections per process, and per client address (IPv6: per /64; trusted
+  proxies exempt, every client comes through them). Beyond it a plain-HTTP connection gets
+  503 at once and is closed; a TLS one is closed at once (an answer would need a handshake).
+- TLS, when configured, done here with `loop.start_tls` rather than by uvicorn, so a
+  connection is counted, capped and timed from its accept, the handshake included (uvicorn's
+  own TLS shows us a connection only once its handshake is done, and allows 60 s for it).
+
+Refusals are Matrix errors with `Connection: close`; the server then stops writing and reads
+what the client still sends for a moment before closing, so the client sees the answer rather
+than a reset. The deadline timer is lazy: one TimerHandle per connection, moved only when a
+deadline becomes earlier, and otherwise re-armed when it fires; a request costs a few
+attribute writes (docs/design.md has the measurements).
+
+The settings are per process: `configure()` is called by `server.serve` and, in each worker
+process, by `server.app_from_env`. Until then the defaults apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import json
+import logging
+import ssl
+import time
+from asyncio import TimerHandle
+from dataclasses import dataclass, field
+from typing import Any
+
+import httptools
+from uvicorn.config import SSL_PROTOCOL_VERSION, Config, create_ssl_context
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from sydent_lite.config import ConfigError, ListenConfig
+from sydent_lite.http.file_limit import connections_that_fit, raise_file_limit
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL = "sydent_lite.http.protocol:GuardedHttpToolsProtocol"  # uvicorn's `http` option
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# After a refusal: how long, and how much, we keep reading (and dropping) what the client still
+# sends, so that its request is not cut by a reset before it has read our answer.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1024 * 1024
+# At most this many refused-at-accept connections linger at once; more are closed right away.
+MAX_LINGERING_REFUSALS = 64
+# Warnings about refused connections: at most one per kind per this many seconds.
+WARNING_INTERVAL = 60.0
+
+# Connection phases (what the deadline, when it passes, is waiting for).
+_REFUSED = -1  # refused: what arrives is dropped
+_HANDSHAKE = 0  # TLS handshake (no HTTP yet)
+_IDLE = 1  # the next request: nothing of it has arrived
+_HEADERS = 2  # the rest of a request's head
+_BODY = 3  # the rest of a request's body
+_APP = 4  # the application's answer: no deadline of ours
+
+
+@dataclass(frozen=True)
+class Limits:
+    header_timeout: float = 10.0
+    body_idle_timeout: float = 15.0
+    body_timeout: float = 60.0
+    max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
+    max_url_bytes: int = 8 * 1024
+    max_connections: int = 4096
+    max_connections_per_ip: int = 100
+    exempt: tuple[Network, ...] = ()  # listen.trusted_proxies: no per-address cap
+    tls: ssl.SSLContext | None = field(default=None, compare=False)
+
+
+class _Admission:
+    """The connections this process holds, in all and per client address."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.per_address: dict[str, int] = {}
+        self.lingering_refusals = 0
+        self._warned: dict[str, float] = {}
+
+    def admit(self, key: str | None, limits: Limits) -> str | None:
+        """Count a new connection in, or say why not ("server" or "address")."""
+        if self.open >= limits.max_connections:
+            return "server"
+        if key is not None:
+            held = self.per_address.get(key, 0)
+            if held >= limits.max_connections_per_ip:
+                return "address"
+            self.per_address[key] = held + 1
+        self.open += 1
+        return None
+
+    def release(self, key: str | None) -> None:
+        self.open -= 1
+        if key is not None:
+            held = self.per_address.get(key, 1) - 1
+            if held > 0:
+                self.per_address[key] = held
+            else:
+                self.per_address.pop(key, None)
+
+    def warn(self, kind: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(kind, -WARNING_INTERVAL) >= WARNING_INTERVAL:
+            self._warned[kind] = now
+            logger.warning(message, *args)
+
+
+_limits = Limits()
+_admission = _Admission()
+
+
+def limits_from_config(listen: ListenConfig) -> Limits:
+    """The limits of `listen.*`, with the TLS context built as uvicorn would build it."""
+    tls = None
+    if listen.tls_certificate:
+        # uvicorn's own function and defaults (what `ssl_certfile`/`ssl_keyfile` gave before).
+        try:
+            tls = create_ssl_context(
+                certfile=listen.tls_certificate,
+                keyfile=listen.tls_private_key,
+                password=None,
+                ssl_version=SSL_PROTOCOL_VERSION,
+                cert_reqs=ssl.CERT_NONE,
+                ca_certs=None,
+                ciphers=None,
+            )
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"cannot use listen.tls_certificate and listen.tls_private_key: {e}") from None
+    return Limits(
+        header_timeout=listen.header_timeout_seconds,
+        body_idle_timeout=listen.body_idle_timeout_seconds,
+        body_timeout=listen.body_timeout_seconds,
+        max_header_bytes=listen.max_header_bytes,
+        max_headers=listen.max_headers,
+        max_url_bytes=listen.max_url_bytes,
+        max_connections=listen.max_connections,
+        max_connections_per_ip=listen.max_connections_per_ip,
+        exempt=tuple(ipaddress.ip_network(n, strict=False) for n in listen.trusted_proxies),
+        tls=tls,
+    )
+
+
+def configure(limits: Limits) -> Limits:
+    """Use `limits` for this process's connections from now on, the connection cap lowered to
+    what the open-file limit (raised to its hard limit first) leaves room for."""
+    global _limits
+    file_limit = raise_file_limit()
+    fitting = connections_that_fit(limits.max_connections, file_limit)
+    if fitting < limits.max_connections:
+        logger.warning(
+            "listen.max_connections %d does not fit under the open-file limit %d: using %d "
+            "(raise the limit: LimitNOFILE= in the systemd unit, ulimit -n)",
+            limits.max_connections, file_limit, fitting,
+        )
+        limits = dataclasses.replace(limits, max_connections=fitting)
+    _limits = limits
+    return limits
+
+
+def current_limits() -> Limits:
+    return _limits
+
+
+def open_connections() -> int:
+    """Connections this process holds now (tests and metrics)."""
+    return _admission.open
+
+
+def _address_key(peer: Any, exempt: tuple[Network, ...]) -> str | None:
+    """What the per-address cap counts a peer under: IPv4 address, IPv6 /64; None: not capped."""
+    if not isinstance(peer, (tuple, list)) or not peer or not isinstance(peer[0], str):
+        return None  # not an IP peer (a Unix socket): nothing to group by
+    host = peer[0]
+    if ":" not in host and not exempt:
+        return host  # the common case, without parsing
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if any(ip in net for net in exempt):
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        # One IPv6 client (a home, a phone, a VM) is usually given a whole /64.
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
+
+
+class _LimitExceeded(Exception):
+    """Raised inside a parser callback to stop parsing; the refusal is in `_violation`."""
+
+
+def _refusal(status: int, reason: bytes, message: str, extra_headers: bytes = b"") -> bytes:
+    body = json.dumps({"errcode": "M_UNKNOWN", "error": message}).encode()
+    return b"".join(
+        [
+            b"HTTP/1.1 %d %s\r\n" % (status, reason),
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"access-control-allow-origin: *\r\n",  # so that a web client can read why
+            extra_headers,
+            b"connection: close\r\n\r\n",
+            body,
+        ]
+    )
+
+
+_REQUEST_TIMEOUT = _refusal(408, b"Request Timeout", "The request did not arrive in time")
+_HEADERS_TOO_LARGE = _refusal(431, b"Request Header Fields Too Large", "The request headers are too large")
+_TOO_MANY_HEADERS = _refusal(431, b"Request Header Fields Too Large", "The request has too many header fields")
+_URI_TOO_LONG = _refusal(414, b"URI Too Long", "The request target is too long")
+_BUSY = _refusal(503, b"Service Unavailable", "Too many connections: try again later", b"retry-after: 1\r\n")
+_BAD_REQUEST = _refusal(400, b"Bad Request", "The request is not valid HTTP")
+_BUSY_ADDRESS = _refusal(
+    503, b"Service Unavailable", "Too many connections from your address: try again later", b"retry-after: 1\r\n"
+)
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol with deadlines, head limits, connection caps and TLS of its own."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        limits = _limits
+        self._limits = limits
+        # Read on every request: kept as attributes of their own.
+        self._time = self.loop.time
+        self._max_headers = limits.max_headers
+        self._max_header_bytes = limits.max_header_bytes
+        self._max_url_bytes = limits.max_url_bytes
+        self._header_timeout = limits.header_timeout
+        self._body_idle_timeout = limits.body_idle_timeout
+        self._raw: asyncio.Transport | None = None  # the TCP transport (under TLS: below it)
+        self._address: str | None = None
+        self._counted = False  # holds a slot in _admission (released exactly once)
+        self._http = False  # HttpToolsProtocol.connection_made has run
+        self._closed = False
+        self._handshake_task: asyncio.Task[None] | None = None
+        self._early: list[bytes] | None = None  # TLS: data decrypted before start_tls returned
+        self._phase = _HANDSHAKE
+        self._deadline: float | None = None
+        self._timer: TimerHandle | None = None
+        self._timer_at = 0.0
+        self._body_end = 0.0
+        self._header_room = limits.max_header_bytes  # bytes the current head may still take
+        self._violation: bytes | None = None
+        self._refused = False  # a refusal is written (or the connection dropped): ignore input
+        self._lingered = 0
+        self._linger_timer: TimerHandle | None = None
+        self._lingering_at_accept = False
+
+    # --- connection ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        limits = self._limits
+        self._raw = transport
+        self._address = _address_key(transport.get_extra_info("peername"), limits.exempt)
+        refused = _admission.admit(self._address, limits)
+        if refused is not None:
+            self._refuse_at_accept(transport, refused)
+            return
+        self._counted = True
+        self._set_deadline(self._time() + self._header_timeout)
+        if limits.tls is None:
+            self._start_http(transport)
+        else:
+            transport.pause_reading()  # nothing reaches us until start_tls has taken over
+            self._early = []
+            self._handshake_task = self.loop.create_task(self._handshake(transport, limits.tls))
+
+    async def _handshake(self, raw: asyncio.Transport, context: ssl.SSLContext) -> None:
+        try:
+            tls = await self.loop.start_tls(
+                raw,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=self._header_timeout,
+                # Closing waits this long at most for the client's close_notify.
+                ssl_shutdown_timeout=LINGER_SECONDS,
+            )
+        except BaseException as e:  # failed, timed out, cancelled at shutdown
+            self._drop()
+            raw.abort()
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            logger.debug("TLS handshake failed: %r", e)
+            return
+        finally:
+            self._handshake_task = None
+        if tls is None or self._closed or tls.is_closing():
+            self._drop()
+            return
+        self._start_http(tls)
+        early, self._early = self._early or [], None
+        for data in early:
+            if self._closed or self._refused:
+                break
+            self.data_received(data)
+
+    def _start_http(self, transport: asyncio.Transport) -> None:
+        self._http = True
+        self._phase = _IDLE
+        HttpToolsProtocol.connection_made(self, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._closed:
+            return
+        self._drop()
+        if self._http:
+            super().connection_lost(exc)
+        self.parser = None  # type: ignore[assignment]
+
+    def _drop(self) -> None:
+        """Forget this connection: timers off, slot released (each exactly once)."""
+        self._closed = True
+        self._cancel_timer()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+        if self._counted:
+            self._counted = False
+            _admission.release(self._address)
+        if self._lingering_at_accept:
+            self._lingering_at_accept = False
+            _admission.lingering_refusals -= 1
+
+    # --- incoming bytes -------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        phase = self._phase
+        if phase < _IDLE:
+            self._not_for_http(data)
+            return
+        if phase <= _HEADERS:
+            room = self._header_room  # bytes the head of the request may still take
+            if len(data) > room:
+                self._head_beyond_room(data, room)
+                return
+            self._header_room = room - len(data)
+        # uvicorn's data_received, with our refusals (inline: this is every request's path).
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._upgrade()
+        except httptools.HttpParserError:
+            self._parse_error()
+
+    def _feed(self, data: bytes | memoryview) -> bool:
+        """data_received's parsing, for pieces of a read; False once the connection is done."""
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._upgrade()
+        except httptools.HttpParserError:
+            self._parse_error()
+            return False
+        return not (self._refused or self.transport.is_closing())
+
+    def _head_beyond_room(self, data: bytes, room: int) -> None:
+        # Feed what the head may still take and, if it has not ended within that, refuse.
+        # What follows a completed head is fed as usual (a new head in it is counted from the
+        # next read on: what a head can take beyond the limit is bounded by one read).
+        view = memoryview(data)
+        while len(view) > room:
+            self._header_room = 0
+            if not self._feed(view[:room]):
+                return
+            view = view[room:]
+            if self._phase > _HEADERS:
+                self._feed(view)
+                return
+            if self._header_room == 0:
+                self._refuse(_HEADERS_TOO_LARGE)
+                return
+            room = self._header_room
+        self._header_room = room - len(view)
+        self._feed(view)
+
+    def _not_for_http(self, data: bytes) -> None:
+        if self._phase == _REFUSED:  # lingering after a refusal: drop it, up to a point
+            self._lingered += len(data)
+            if self._lingered > LINGER_BYTES:
+                self._close()
+        elif self._early is not None:  # TLS: decrypted before start_tls handed us the transport
+            self._early.append(data)
+
+    def _upgrade(self) -> None:
+        if self._should_upgrade():
+            self.handle_websocket_upgrade()
+        else:
+            self._unsupported_upgrade_warning()
+
+    def _parse_error(self) -> None:
+        if self._violation is not None:
+            self._refuse(self._violation)
+        else:
+            logger.debug("invalid HTTP request received")
+            self._refuse(_BAD_REQUEST)
+
+    # --- parser callbacks -------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        HttpToolsProtocol.on_message_begin(self)
+        self._phase = _HEADERS
+        when = self._time() + self._header_timeout
+        self._deadline = when
+        if self._timer is None or when < self._timer_at:
+            self._arm(when)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self._max_url_bytes:
+            self._violation = _URI_TOO_LONG
+            raise _LimitExceeded
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # uvicorn's on_header, with the count checked first.
+        if len(self.headers) >= self._max_headers:
+            self._violation = _TOO_MANY_HEADERS
+            raise _LimitExceeded
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        now = self._time()
+        self._phase = _BODY
+        self._body_end = body_end = now + self._limits.body_timeout
+        when = now + self._body_idle_timeout
+        when = min(when, body_end)
+        self._deadline = when
+        if self._timer is None or when < self._timer_at:
+            self._arm(when)
+        HttpToolsProtocol.on_headers_complete(self)
+
+    def on_body(self, body: bytes) -> None:
+        # Never earlier than the deadline before it: the armed timer stays valid (it re-arms).
+        self._deadline = min(self._time() + self._body_idle_timeout, self._body_end)
+        HttpToolsProtocol.on_body(self, body)
+
+    def on_message_complete(self) -> None:
+        self._phase = _APP
+        self._deadline = None
+        self._header_room = self._max_header_bytes
+        HttpToolsProtocol.on_message_complete(self)
+
+    def on_response_complete(self) -> None:
+        queued = bool(self.pipeline)
+        HttpToolsProtocol.on_response_complete(self)
+        if self._phase == _APP and not queued and not self._closed:
+            # Waiting for the next request. uvicorn's keep-alive timer closes a connection
+            # that stays silent; this deadline one that sends bytes but never a request.
+            self._phase = _IDLE
+            when = self._time() + self._header_timeout
+            self._deadline = when
+            if self._timer is None or when < self._timer_at:
+                self._arm(when)
+
+    # --- deadlines ------------------------------------------------------------------------------
+
+    # The timer fires at `_timer_at`, which is never later than `_deadline` (the hot paths
+    # above inline this test); on firing it re-arms for the deadline if that has moved on.
+
+    def _set_deadline(self, when: float) -> None:
+        self._deadline = when
+        if self._timer is None or when < self._timer_at:
+            self._arm(when)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(when, self._on_timer)
+        self._timer_at = when
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadline = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None or self._closed or self._refused:
+            return
+        if self._time() < deadline:
+            self._arm(deadline)
+            return
+        self._deadline = None
+        self._timed_out()
+
+    def _timed_out(self) -> None:
+        phase = self._phase
+        if phase == _HANDSHAKE:
+            self._abort()
+        elif phase == _IDLE:
+            if self._header_room < self._max_header_bytes:
+                self._refuse(_REQUEST_TIMEOUT)  # bytes came, but no request
+            else:
+                self._close()  # nothing came: nobody to answer
+        elif phase == _HEADERS:
+            self._refuse(_REQUEST_TIMEOUT)
+        elif phase == _BODY:
+            if self.flow.read_paused:
+                # We stopped reading (a pipelined request waits for the one before it, or the
+                # application has not read the body so far): not the client's delay.
+                now = self._time()
+                self._body_end = max(self._body_end, now + self._body_idle_timeout)
+                self._set_deadline(now + self._body_idle_timeout)
+                return
+            self._refuse(_REQUEST_TIMEOUT, own_cycle=True)
+
+    # --- refusing and closing -------------------------------------------------------------------
+
+    def _refuse(self, response: bytes, *, own_cycle: bool = False) -> None:
+        """Answer `response` (Connection: close), then linger a moment and close.
+
+        own_cycle: the request refused is the current cycle's (its body was being read).
+        Otherwise the current cycle is an earlier request's; if its response is not complete,
+        anything we wrote would be read as (part of) that response: we only close.
+        """
+        if self._refused or self._closed:
+            return
+        self._refused = True
+        self._phase = _REFUSED
+        self._cancel_timer()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if not own_cycle or cycle.response_started or self.pipeline:
+                self._close()
+                return
+            cycle.disconnected = True  # the application sees a disconnect; its answer goes nowhere
+            cycle.message_event.set()
+        self.transport.write(response)
+        self._linger(self.transport)
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        # Stop writing, keep reading (and dropping) for a moment: closing with unread bytes
+        # sends a reset, which can destroy our answer before the client reads it. A TLS
+        # transport cannot half-close (and closing it aborts on the next application data):
+        # it stays open for the moment, the answer's Content-Length tells the client it ended.
+        if transport.can_write_eof():
+            transport.write_eof()
+        transport.resume_reading()
+        self._linger_timer = self.loop.call_later(LINGER_SECONDS, self._close)
+
+    def _refuse_at_accept(self, transport: asyncio.Transport, why: str) -> None:
+        limits = self._limits
+        if why == "server":
+            _admission.warn(
+                "server",
+                "refusing connections: %d open, listen.max_connections is %d",
+                _admission.open,
+                limits.max_connections,
+            )
+        else:
+            _admission.warn(
+                "address",
+                "refusing connections from one address: listen.max_connections_per_ip (%d) reached",
+                limits.max_connections_per_ip,
+            )
+        self._refused = True
+        self._phase = _REFUSED
+        if limits.tls is not None:
+            transport.abort()  # no handshake for a refused connection: closed at once
+            return
+        transport.write(_BUSY if why == "server" else _BUSY_ADDRESS)
+        if _admission.lingering_refusals >= MAX_LINGERING_REFUSALS:
+            transport.close()
+            return
+        _admission.lingering_refusals += 1
+        self._lingering_at_accept = True
+        self._linger(transport)
+
+    def _close(self) -> None:
+        transport = self.transport if self._http else self._raw
+        if transport is not None and not transport.is_closing():
+            transport.close()
+
+    def _abort(self) -> None:
+        transport = self.transport if self._http else self._raw
+        if transport is not None:
+            transport.abort()
