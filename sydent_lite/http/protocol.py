@@ -394,6 +394,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Feed what the head may still take and, if it has not ended within that, refuse.
         # What follows a completed head is fed as usual (a new head in it is counted from the
         # next read on: what a head can take beyond the limit is bounded by one read).
+        if data.find(b"\r\n\r\n", 0, room) != -1:
+            # The usual case (a request with a body, in one read): the head ends in time.
+            self._header_room = 0
+            self._feed(data)
+            return
         view = memoryview(data)
         while len(view) > room:
             self._header_room = 0
