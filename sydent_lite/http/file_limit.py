@@ -15,12 +15,14 @@ import resource
 logger = logging.getLogger(__name__)
 
 # Descriptors kept for everything that is not a client connection: the listening socket, the
-# event loop's own, database and Redis connections, SMTP, outbound HTTPS, log files, and the
-# refused connections being answered. Generous: a descriptor costs nothing until used.
+# event loop's own, database and Redis connections, SMTP, outbound HTTPS, log files (64), and
+# the refused connections still being answered (protocol.MAX_LINGERING_REFUSALS, 64).
 RESERVED_FDS = 128
-# uvicorn's listen backlog. The event loop accepts everything queued in one go, before the
-# first connection can be refused, so a full queue needs that many descriptors too.
+# uvicorn's listen backlog. The event loop accepts what is queued in one go (asyncio: up to
+# the backlog per wake-up), and a connection it accepted is refused and closed two or three
+# turns of the loop later: under a flood up to ACCEPT_BURSTS backlogs are open at once.
 DEFAULT_BACKLOG = 2048
+ACCEPT_BURSTS = 3
 
 
 def raise_file_limit() -> int:
@@ -38,12 +40,12 @@ def raise_file_limit() -> int:
 
 
 def backlog_for(file_limit: int) -> int:
-    """The listen backlog: uvicorn's 2,048, or an eighth of a small file limit (at least 16)."""
-    return max(16, min(DEFAULT_BACKLOG, file_limit // 8))
+    """The listen backlog: uvicorn's 2,048, or a sixteenth of a small file limit (at least 16)."""
+    return max(16, min(DEFAULT_BACKLOG, file_limit // 16))
 
 
 def connections_that_fit(wanted: int, file_limit: int) -> int:
-    """`wanted`, or fewer if that many connections, a full listen backlog and RESERVED_FDS
-    would not fit under `file_limit`."""
-    room = file_limit - RESERVED_FDS - backlog_for(file_limit)
+    """`wanted`, or fewer if that many connections, the accept bursts and RESERVED_FDS would
+    not fit under `file_limit`."""
+    room = file_limit - RESERVED_FDS - ACCEPT_BURSTS * backlog_for(file_limit)
     return max(1, min(wanted, room if room > 0 else file_limit // 4))
