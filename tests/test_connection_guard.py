@@ -271,6 +271,18 @@ def test_a_32_mib_header_value_gets_431(start_server: ServerFactory) -> None:
         with contextlib.suppress(OSError):  # the server stops reading long before the end
             sock.sendall(request)
         expect_refusal(sock, 431)
+    # The same as the second request of a kept-alive connection.
+    with connect(server.port) as sock:
+        sock.sendall(b"GET /_matrix/identity/v2 HTTP/1.1\r\nHost: id.test\r\n\r\n")
+        first = b""
+        while b"\r\n\r\n{}" not in first:
+            chunk = sock.recv(65536)
+            assert chunk, first
+            first += chunk
+        assert first.startswith(b"HTTP/1.1 200 ")
+        with contextlib.suppress(OSError):
+            sock.sendall(request)
+        expect_refusal(sock, 431)
     # A head just under the limit is served.
     with connect(server.port) as sock:
         filler = b"a" * (32 * 1024 - 200)

@@ -25,9 +25,9 @@ subclass, given to uvicorn as its `http` protocol, adds per connection:
 
 Refusals are Matrix errors with `Connection: close`; the server then stops writing and reads
 what the client still sends for a moment before closing, so the client sees the answer rather
-than a reset. The deadline timer is lazy: one TimerHandle per connection, moved only when a
-deadline becomes earlier, and otherwise re-armed when it fires; a request costs a few
-attribute writes (docs/design.md has the measurements).
+than a reset. Deadlines are checked by one sweep per process, every quarter of the shortest
+timeout, which reads where each connection is from uvicorn's own state: no per-request work
+but counting the bytes of a head (a deadline is noticed up to a sweep late).
 
 The settings are per process: `configure()` is called by `server.serve` and, in each worker
 process, by `server.app_from_env`. Until then the defaults apply.
@@ -69,13 +69,17 @@ MAX_LINGERING_REFUSALS = 64
 # Warnings about refused connections: at most one per kind per this many seconds.
 WARNING_INTERVAL = 60.0
 
-# Connection phases (what the deadline, when it passes, is waiting for).
+# What a connection is doing, as the sweep sees it (derived from uvicorn's own state).
+_NOT_YET = -2  # no HTTP yet (a TLS handshake): what arrives waits for it
 _REFUSED = -1  # refused: what arrives is dropped
 _HANDSHAKE = 0  # TLS handshake (no HTTP yet)
-_IDLE = 1  # the next request: nothing of it has arrived
+_IDLE = 1  # waiting for a request: nothing of it has arrived
 _HEADERS = 2  # the rest of a request's head
 _BODY = 3  # the rest of a request's body
 _APP = 4  # the application's answer: no deadline of ours
+# The sweep looks at every connection this often, as a share of the shortest timeout: a
+# deadline is noticed up to this share late (a 10 s header timeout: between 10 and 12.5 s).
+SWEEP_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,26 @@ class _Admission:
         self.per_address: dict[str, int] = {}
         self.lingering_refusals = 0
         self._warned: dict[str, float] = {}
+        # The counted connections, looked at by one periodic sweep (not a timer each).
+        self.live: set[GuardedHttpToolsProtocol] = set()
+        self._sweep: TimerHandle | None = None
+        self._sweep_loop: asyncio.AbstractEventLoop | None = None
+
+    def watch(self, protocol: GuardedHttpToolsProtocol, loop: asyncio.AbstractEventLoop, every: float) -> None:
+        self.live.add(protocol)
+        if self._sweep is None or self._sweep_loop is not loop:
+            self._sweep_loop = loop
+            self._sweep = loop.call_later(every, self._run_sweep, loop, every)
+
+    def _run_sweep(self, loop: asyncio.AbstractEventLoop, every: float) -> None:
+        if loop is not self._sweep_loop:
+            return  # a sweep of an event loop gone by
+        self._sweep = None
+        now = loop.time()
+        for protocol in list(self.live):
+            protocol._check(now)
+        if self.live:
+            self._sweep = loop.call_later(every, self._run_sweep, loop, every)
 
     def admit(self, key: str | None, limits: Limits) -> str | None:
         """Count a new connection in, or say why not ("server" or "address")."""
@@ -242,7 +266,13 @@ _BUSY_ADDRESS = _refusal(
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """HttpToolsProtocol with deadlines, head limits, connection caps and TLS of its own."""
+    """HttpToolsProtocol with deadlines, head limits, connection caps and TLS of its own.
+
+    Only data_received (head bytes) and on_url/on_header (replaced, not wrapped) run per
+    request; the per-request callbacks stay uvicorn's. Deadlines are checked by a sweep that
+    reads where each connection is from uvicorn's state (`scope`, `cycle`): wrapping the
+    callbacks instead cost ~6% of `GET /v2` end to end (docs/design.md).
+    """
 
     def __init__(
         self,
@@ -254,13 +284,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         limits = _limits
         self._limits = limits
-        # Read on every request: kept as attributes of their own.
-        self._time = self.loop.time
         self._max_headers = limits.max_headers
         self._max_header_bytes = limits.max_header_bytes
         self._max_url_bytes = limits.max_url_bytes
-        self._header_timeout = limits.header_timeout
-        self._body_idle_timeout = limits.body_idle_timeout
         self._raw: asyncio.Transport | None = None  # the TCP transport (under TLS: below it)
         self._address: str | None = None
         self._counted = False  # holds a slot in _admission (released exactly once)
@@ -268,17 +294,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._closed = False
         self._handshake_task: asyncio.Task[None] | None = None
         self._early: list[bytes] | None = None  # TLS: data decrypted before start_tls returned
-        self._phase = _HANDSHAKE
-        self._deadline: float | None = None
-        self._timer: TimerHandle | None = None
-        self._timer_at = 0.0
-        self._body_end = 0.0
-        self._header_room = limits.max_header_bytes  # bytes the current head may still take
+        self._special = _NOT_YET  # _NOT_YET (TLS handshake), _REFUSED, or 0 once serving HTTP
+        self._reads = 0  # reads so far (progress, for the sweep)
+        self._head_scope: object = None  # the scope whose head bytes are being counted
+        self._header_room = limits.max_header_bytes  # bytes that head may still take
         self._violation: bytes | None = None
         self._refused = False  # a refusal is written (or the connection dropped): ignore input
         self._lingered = 0
         self._linger_timer: TimerHandle | None = None
         self._lingering_at_accept = False
+        # What the sweep saw last: the phase, the object it is about (scope or cycle), since
+        # when, and the reads then (a body is idle while they do not change).
+        self._seen_phase = _HANDSHAKE
+        self._seen_of: object = None
+        self._seen_since = 0.0
+        self._seen_reads = 0
+        self._idle_since = 0.0
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -291,7 +322,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse_at_accept(transport, refused)
             return
         self._counted = True
-        self._set_deadline(self._time() + self._header_timeout)
+        self._seen_since = self._idle_since = self.loop.time()
+        every = max(0.05, SWEEP_SHARE * min(limits.header_timeout, limits.body_idle_timeout))
+        _admission.watch(self, self.loop, every)
         if limits.tls is None:
             self._start_http(transport)
         else:
@@ -306,7 +339,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self,
                 context,
                 server_side=True,
-                ssl_handshake_timeout=self._header_timeout,
+                ssl_handshake_timeout=self._limits.header_timeout,
                 # Closing waits this long at most for the client's close_notify.
                 ssl_shutdown_timeout=LINGER_SECONDS,
             )
@@ -331,7 +364,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _start_http(self, transport: asyncio.Transport) -> None:
         self._http = True
-        self._phase = _IDLE
+        self._special = 0
+        # Waiting for the first request, since the accept (the TLS handshake counts in it).
+        self._seen_phase, self._seen_of = _IDLE, None
         HttpToolsProtocol.connection_made(self, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -343,9 +378,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.parser = None  # type: ignore[assignment]
 
     def _drop(self) -> None:
-        """Forget this connection: timers off, slot released (each exactly once)."""
+        """Forget this connection: sweep and timers off, slot released (each exactly once)."""
         self._closed = True
-        self._cancel_timer()
+        _admission.live.discard(self)
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
@@ -359,16 +394,27 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # --- incoming bytes -------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        phase = self._phase
-        if phase < _IDLE:
+        if self._special:
             self._not_for_http(data)
             return
-        if phase <= _HEADERS:
-            room = self._header_room  # bytes the head of the request may still take
+        self._reads += 1
+        cycle = self.cycle
+        scope = self.scope
+        if cycle is None or cycle.scope is not scope:
+            # In a head (a cycle starts when a head ends): count its bytes. On a kept-alive
+            # connection the first read of a request comes before its head has a scope and is
+            # not counted: a head can exceed the bound by at most one read (256 KiB).
+            if scope is not self._head_scope:
+                self._head_scope = scope
+                self._header_room = self._max_header_bytes
+            room = self._header_room
             if len(data) > room:
-                self._head_beyond_room(data, room)
+                self._head_beyond_room(data, room, scope)
                 return
             self._header_room = room - len(data)
+            if self._feed(data) and self.scope is not scope:
+                self._new_head(scope, len(data))
+            return
         # uvicorn's data_received, with our refusals (inline: this is every request's path).
         self._unset_keepalive_if_required()
         try:
@@ -377,6 +423,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._upgrade()
         except httptools.HttpParserError:
             self._parse_error()
+
+    def _new_head(self, scope_before: object, counted: int) -> None:
+        """A message began during a read we counted: count its head from here on. Only the
+        connection's first head (no cycle yet) is charged the read; otherwise it starts afresh."""
+        self._head_scope = self.scope
+        first = scope_before is None and self.cycle is None
+        self._header_room = self._max_header_bytes - (counted if first else 0)
 
     def _feed(self, data: bytes | memoryview) -> bool:
         """data_received's parsing, for pieces of a read; False once the connection is done."""
@@ -390,33 +443,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return False
         return not (self._refused or self.transport.is_closing())
 
-    def _head_beyond_room(self, data: bytes, room: int) -> None:
+    def _head_beyond_room(self, data: bytes, room: int, scope: object) -> None:
         # Feed what the head may still take and, if it has not ended within that, refuse.
-        # What follows a completed head is fed as usual (a new head in it is counted from the
-        # next read on: what a head can take beyond the limit is bounded by one read).
+        # What follows a completed head is fed as usual.
         if data.find(b"\r\n\r\n", 0, room) != -1:
             # The usual case (a request with a body, in one read): the head ends in time.
-            self._header_room = 0
-            self._feed(data)
+            if self._feed(data) and self.scope is not scope:
+                self._new_head(scope, 0)
             return
         view = memoryview(data)
-        while len(view) > room:
-            self._header_room = 0
-            if not self._feed(view[:room]):
-                return
-            view = view[room:]
-            if self._phase > _HEADERS:
-                self._feed(view)
-                return
-            if self._header_room == 0:
-                self._refuse(_HEADERS_TOO_LARGE)
-                return
-            room = self._header_room
-        self._header_room = room - len(view)
-        self._feed(view)
+        if not self._feed(view[:room]):
+            return
+        cycle = self.cycle
+        if cycle is None or cycle.scope is None or (cycle.scope is not scope and cycle.scope is not self.scope):
+            self._refuse(_HEADERS_TOO_LARGE)  # the head has not ended within the bound
+            return
+        if self._feed(view[room:]) and self.scope is not scope:
+            self._new_head(scope, 0)
 
     def _not_for_http(self, data: bytes) -> None:
-        if self._phase == _REFUSED:  # lingering after a refusal: drop it, up to a point
+        if self._special == _REFUSED:  # lingering after a refusal: drop it, up to a point
             self._lingered += len(data)
             if self._lingered > LINGER_BYTES:
                 self._close()
@@ -436,15 +482,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             logger.debug("invalid HTTP request received")
             self._refuse(_BAD_REQUEST)
 
-    # --- parser callbacks -------------------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        HttpToolsProtocol.on_message_begin(self)
-        self._phase = _HEADERS
-        when = self._time() + self._header_timeout
-        self._deadline = when
-        if self._timer is None or when < self._timer_at:
-            self._arm(when)
+    # --- parser callbacks (replacing uvicorn's, one frame each as before) ------------------------
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -462,93 +500,57 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.expect_100_continue = True
         self.headers.append((name, value))
 
-    def on_headers_complete(self) -> None:
-        now = self._time()
-        self._phase = _BODY
-        self._body_end = body_end = now + self._limits.body_timeout
-        when = now + self._body_idle_timeout
-        when = min(when, body_end)
-        self._deadline = when
-        if self._timer is None or when < self._timer_at:
-            self._arm(when)
-        HttpToolsProtocol.on_headers_complete(self)
+    # --- deadlines (the sweep) ------------------------------------------------------------------
 
-    def on_body(self, body: bytes) -> None:
-        # Never earlier than the deadline before it: the armed timer stays valid (it re-arms).
-        self._deadline = min(self._time() + self._body_idle_timeout, self._body_end)
-        HttpToolsProtocol.on_body(self, body)
+    def _where(self) -> tuple[int, object]:
+        """What this connection is doing, read from uvicorn's state, and the object it is about."""
+        if not self._http:
+            return _HANDSHAKE, None
+        cycle = self.cycle
+        scope = self.scope
+        if cycle is None or cycle.scope is not scope:
+            return (_IDLE if scope is None else _HEADERS), scope
+        if cycle.response_complete:
+            return _IDLE, cycle  # waiting for the next request (its head starts a new scope)
+        return (_BODY if cycle.more_body else _APP), cycle
 
-    def on_message_complete(self) -> None:
-        self._phase = _APP
-        self._deadline = None
-        self._header_room = self._max_header_bytes
-        HttpToolsProtocol.on_message_complete(self)
-
-    def on_response_complete(self) -> None:
-        queued = bool(self.pipeline)
-        HttpToolsProtocol.on_response_complete(self)
-        if self._phase == _APP and not queued and not self._closed:
-            # Waiting for the next request. uvicorn's keep-alive timer closes a connection
-            # that stays silent; this deadline one that sends bytes but never a request.
-            self._phase = _IDLE
-            when = self._time() + self._header_timeout
-            self._deadline = when
-            if self._timer is None or when < self._timer_at:
-                self._arm(when)
-
-    # --- deadlines ------------------------------------------------------------------------------
-
-    # The timer fires at `_timer_at`, which is never later than `_deadline` (the hot paths
-    # above inline this test); on firing it re-arms for the deadline if that has moved on.
-
-    def _set_deadline(self, when: float) -> None:
-        self._deadline = when
-        if self._timer is None or when < self._timer_at:
-            self._arm(when)
-
-    def _arm(self, when: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_at(when, self._on_timer)
-        self._timer_at = when
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._deadline = None
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        deadline = self._deadline
-        if deadline is None or self._closed or self._refused:
+    def _check(self, now: float) -> None:
+        """Called by the sweep: act on a deadline that has passed."""
+        if self._closed or self._refused:
             return
-        if self._time() < deadline:
-            self._arm(deadline)
+        phase, of = self._where()
+        if phase != self._seen_phase or of is not self._seen_of:
+            # Something new since the last sweep: its clock starts now (up to a sweep late).
+            self._seen_phase, self._seen_of = phase, of
+            self._seen_since = self._idle_since = now
+            self._seen_reads = self._reads
             return
-        self._deadline = None
-        self._timed_out()
-
-    def _timed_out(self) -> None:
-        phase = self._phase
+        limits = self._limits
+        elapsed = now - self._seen_since
         if phase == _HANDSHAKE:
-            self._abort()
+            if elapsed >= limits.header_timeout:
+                self._abort()  # start_tls's own timeout is the same; whichever comes first
         elif phase == _IDLE:
-            if self._header_room < self._max_header_bytes:
-                self._refuse(_REQUEST_TIMEOUT)  # bytes came, but no request
-            else:
-                self._close()  # nothing came: nobody to answer
+            if elapsed >= limits.header_timeout:
+                if self._reads != self._seen_reads:
+                    self._refuse(_REQUEST_TIMEOUT)  # bytes came, but no request
+                else:
+                    self._close()  # nothing came: nobody to answer
         elif phase == _HEADERS:
-            self._refuse(_REQUEST_TIMEOUT)
+            if elapsed >= limits.header_timeout:
+                self._refuse(_REQUEST_TIMEOUT)
         elif phase == _BODY:
             if self.flow.read_paused:
                 # We stopped reading (a pipelined request waits for the one before it, or the
                 # application has not read the body so far): not the client's delay.
-                now = self._time()
-                self._body_end = max(self._body_end, now + self._body_idle_timeout)
-                self._set_deadline(now + self._body_idle_timeout)
+                self._idle_since = now
+                self._seen_since = max(self._seen_since, now - limits.body_timeout + limits.body_idle_timeout)
                 return
-            self._refuse(_REQUEST_TIMEOUT, own_cycle=True)
+            if self._reads != self._seen_reads:  # progress
+                self._seen_reads = self._reads
+                self._idle_since = now
+            if now - self._idle_since >= limits.body_idle_timeout or elapsed >= limits.body_timeout:
+                self._refuse(_REQUEST_TIMEOUT, own_cycle=True)
 
     # --- refusing and closing -------------------------------------------------------------------
 
@@ -562,8 +564,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._refused or self._closed:
             return
         self._refused = True
-        self._phase = _REFUSED
-        self._cancel_timer()
+        self._special = _REFUSED
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             if not own_cycle or cycle.response_started or self.pipeline:
@@ -600,7 +601,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 limits.max_connections_per_ip,
             )
         self._refused = True
-        self._phase = _REFUSED
+        self._special = _REFUSED
         if limits.tls is not None:
             transport.abort()  # no handshake for a refused connection: closed at once
             return
