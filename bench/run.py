@@ -111,13 +111,14 @@ def lite_config(workdir: Path, port: int, smtp_port: int, database_url: str) -> 
     The rate limiter stays on (its shared store is part of each request's cost); only its
     numbers are raised, since every request of the load comes from one address and one user:
     the lookups' address budget too (a 1,000-address lookup costs 1,000 of it), which the
-    defaults would exhaust in a fraction of a second of a load test.
+    defaults would exhaust in a fraction of a second of a load test; and the per-address connection
+    cap, for runs with more than its 100 connections.
     """
     huge = 10**9
     config = {
         "server_name": dataset.SERVER_NAME,
         "public_baseurl": f"http://127.0.0.1:{port}",
-        "listen": {"host": "127.0.0.1", "port": port},
+        "listen": {"host": "127.0.0.1", "port": port, "max_connections_per_ip": 100_000},
         "database": {"url": database_url},
         "signing_key_path": str(workdir / "signing.key"),
         "email": {"transport": "smtp", "smtp": {"host": "127.0.0.1", "port": smtp_port}, "from": "bench@id.bench.example"},

@@ -77,7 +77,22 @@ class ListenConfig:
     tls_certificate: str | None = None
     tls_private_key: str | None = None
     # Reverse proxies whose X-Forwarded-For we believe (IPs or networks); nobody else's.
+    # They are also exempt from max_connections_per_ip (every client comes through them).
     trusted_proxies: list[str] = field(default_factory=list)
+    # Slow requests (see sydent_lite/http/protocol.py): the request line and headers must
+    # arrive within header_timeout_seconds of the accept (TLS handshake included), of the
+    # request's first byte or of the previous response; a body may pause at most
+    # body_idle_timeout_seconds and take body_timeout_seconds in all. Then 408 and close.
+    header_timeout_seconds: float = 10.0
+    body_idle_timeout_seconds: float = 15.0
+    body_timeout_seconds: float = 60.0
+    # The head of a request: request line and headers in bytes, header fields, target (URL).
+    max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
+    max_url_bytes: int = 8 * 1024
+    # Open connections per process, and per client address (IPv6: per /64); beyond, 503.
+    max_connections: int = 4096
+    max_connections_per_ip: int = 100
 
 
 @dataclass
@@ -373,6 +388,19 @@ def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)} (got {value!r})")
 
 
+def _check_listen_limits(listen: ListenConfig) -> None:
+    for key in ("header_timeout_seconds", "body_idle_timeout_seconds", "body_timeout_seconds"):
+        if not getattr(listen, key) > 0:
+            raise ConfigError(f"config key 'listen.{key}' must be positive")
+    minimums = {"max_header_bytes": 1024, "max_headers": 16, "max_url_bytes": 256,
+                "max_connections": 1, "max_connections_per_ip": 1}
+    for key, minimum in minimums.items():
+        if getattr(listen, key) < minimum:
+            raise ConfigError(f"config key 'listen.{key}' must be at least {minimum}")
+    if listen.max_url_bytes > listen.max_header_bytes:
+        raise ConfigError("config key 'listen.max_url_bytes' must not exceed 'listen.max_header_bytes'")
+
+
 def finalise(config: Config) -> Config:
     """Check cross-field rules and fill in values derived from others."""
     _choice(config.email.transport, ("smtp", "maildir"), "email.transport")
@@ -402,6 +430,7 @@ def finalise(config: Config) -> Config:
         )
     if not (0 < config.listen.port < 65536):
         raise ConfigError("config key 'listen.port' must be between 1 and 65535")
+    _check_listen_limits(config.listen)
     if bool(config.listen.tls_certificate) != bool(config.listen.tls_private_key):
         raise ConfigError("config keys 'listen.tls_certificate' and 'listen.tls_private_key' go together")
     url = config.database.url

@@ -23,6 +23,8 @@ from uvicorn.supervisors.multiprocess import Multiprocess
 from sydent_lite.config import Config, config_from_dict
 from sydent_lite.context import load_static_parts
 from sydent_lite.http.app import create_app
+from sydent_lite.http.file_limit import backlog_for, raise_file_limit
+from sydent_lite.http.protocol import PROTOCOL, configure, limits_from_config
 from sydent_lite.memory import limit_malloc_arenas
 from sydent_lite.observability import cleanup_multiprocess, prepare_multiprocess
 from sydent_lite.observability.logs import setup_from_config
@@ -35,6 +37,17 @@ APP_FACTORY = "sydent_lite.server:app_from_env"
 
 # Attribute names that are not the YAML key (a Python keyword).
 _KEY_FOR_ATTR = {"from_": "from"}
+
+
+class _NoUvicornBanner(logging.Filter):
+    """Drops uvicorn's "Uvicorn running on http://..." line: it says http even when we serve
+    TLS (our protocol does TLS, uvicorn does not know); "sydent-lite listening on" says it right."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Uvicorn running on")
+
+
+logging.getLogger("uvicorn.error").addFilter(_NoUvicornBanner())
 
 
 class _Server(uvicorn.Server):
@@ -97,16 +110,19 @@ def app_from_env() -> Any:
     config = config_from_dict(json.loads(raw))
     os.environ.pop(CONFIG_ENV, None)  # holds secrets; nothing this worker starts needs it
     setup_from_config(config)  # the same logging as the parent's
+    configure(limits_from_config(config.listen))  # this process's connections
     return create_app(config)
 
 
-def _uvicorn_options(config: Config) -> dict[str, Any]:
+def _uvicorn_options(config: Config, file_limit: int) -> dict[str, Any]:
     listen = config.listen
     return {
         "host": listen.host,
         "port": listen.port,
-        "ssl_certfile": listen.tls_certificate,
-        "ssl_keyfile": listen.tls_private_key,
+        "backlog": backlog_for(file_limit),  # counted in what must fit under the file limit
+        # Our protocol: uvicorn's httptools one with deadlines, head limits and connection
+        # caps; it also does TLS itself (listen.tls_*), so uvicorn gets no certificate.
+        "http": PROTOCOL,
         "lifespan": "on",
         "ws": "none",  # nothing here speaks websockets; "auto" imports an implementation (~10 MiB)
         "log_config": None,  # our logging setup, not uvicorn's
@@ -133,17 +149,20 @@ def _migrate_once(config: Config) -> None:
 
 def serve(config: Config, workers: int = 1) -> int:
     limit_malloc_arenas()
-    # Fail on a bad key, terms or templates file before binding the port.
+    # Fail on a bad key, terms or templates file (or TLS certificate) before binding the port.
     load_static_parts(config)
+    limits = limits_from_config(config.listen)
+    file_limit = raise_file_limit()  # before the workers start: they inherit it
     if workers <= 1:
-        uv_config = uvicorn.Config(create_app(config), **_uvicorn_options(config))
+        configure(limits)
+        uv_config = uvicorn.Config(create_app(config), **_uvicorn_options(config, file_limit))
         server = _Server(uv_config, _announcement(config))
         asyncio.run(server.serve())
         return 0 if server.started else 1
-    return _serve_workers(config, workers)
+    return _serve_workers(config, workers, file_limit)
 
 
-def _serve_workers(config: Config, workers: int) -> int:
+def _serve_workers(config: Config, workers: int, file_limit: int) -> int:
     try:
         _migrate_once(config)
     except Exception as e:  # unreachable, refused, not migratable: say so and stop
@@ -151,7 +170,7 @@ def _serve_workers(config: Config, workers: int) -> int:
         print(f"sydent-lite: cannot prepare the database: {e}", file=sys.stderr)
         return 1
     os.environ[CONFIG_ENV] = json.dumps(config_to_dict(config))
-    uv_config = uvicorn.Config(APP_FACTORY, factory=True, workers=workers, **_uvicorn_options(config))
+    uv_config = uvicorn.Config(APP_FACTORY, factory=True, workers=workers, **_uvicorn_options(config, file_limit))
     try:
         sock = uv_config.bind_socket()
     except SystemExit:

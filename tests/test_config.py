@@ -82,6 +82,12 @@ def test_example_config_loads_and_documents_every_key() -> None:
         ({"invites": {"display_name_reveal_domain": "3"}}, "'invites.display_name_reveal_domain' must be an integer"),
         ({"email": {"allowed_web_client_locations": "https://app.element.io"}},
          "'email.allowed_web_client_locations' must be a list"),
+        ({"listen": {"header_timeout_seconds": 0}}, "'listen.header_timeout_seconds' must be positive"),
+        ({"listen": {"body_timeout_seconds": -1}}, "'listen.body_timeout_seconds' must be positive"),
+        ({"listen": {"max_headers": 5}}, "'listen.max_headers' must be at least 16"),
+        ({"listen": {"max_connections_per_ip": 0}}, "'listen.max_connections_per_ip' must be at least 1"),
+        ({"listen": {"max_url_bytes": 65536}}, "'listen.max_url_bytes' must not exceed 'listen.max_header_bytes'"),
+        ({"listen": {"max_connections": "many"}}, "'listen.max_connections' must be an integer"),
     ],
 )
 def test_bad_config_names_the_key(data: dict, message: str) -> None:
@@ -160,3 +166,15 @@ def test_cli_refuses_unreadable_and_non_mapping_files(tmp_path: Path) -> None:
         assert message in str(e.value)
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_unusable_tls_files_stop_start_up_naming_the_keys(tmp_path: Path) -> None:
+    path = tmp_path / "tls.yaml"
+    path.write_text(f"listen:\n  tls_certificate: {tmp_path}/missing.pem\n  tls_private_key: {tmp_path}/missing.key\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sydent_lite", "serve", "--config", str(path)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "cannot use listen.tls_certificate and listen.tls_private_key" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -132,6 +132,8 @@ class SydentServer:
         self.templates_dir = str(templates_dir) if templates_dir else None
         self.session_lifetime = session_lifetime
         self.extra_config = extra_config or {}
+        # Run in the child before exec (e.g. to lower its open-file limit).
+        self.preexec_fn: Callable[[], None] | None = None
         self.port = free_port()
         self.config_path = workdir / "config.yaml"
         self.signing_key_path = workdir / "signing.key"
@@ -210,6 +212,7 @@ class SydentServer:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
+            preexec_fn=self.preexec_fn,
         )
         self.starts += 1
         self._readers = [
