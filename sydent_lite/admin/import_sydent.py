@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from sydent_lite.signing import (
     load_or_create_signing_key,
 )
 from sydent_lite.storage.associations import AssociationStore
+from sydent_lite.storage.batching import chunks
 from sydent_lite.storage.database import create_engine, migrate
 from sydent_lite.storage.dialect import insert_for
 from sydent_lite.storage.state import ServerStateStore
@@ -488,17 +489,12 @@ def _plan_associations(data: SydentData, signer: ServerSigner, imported_key: Any
 # --- writing --------------------------------------------------------------------------------------
 
 
-def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
 async def _existing(conn: AsyncConnection, columns: Sequence[Any], keys: Sequence[Any], extra: Sequence[Any] = ()) -> dict:
     """{key: row} for the keys already in the table (key = one column value or a tuple)."""
     out: dict[Any, Any] = {}
     keys = list(dict.fromkeys(keys))
     match = columns[0] if len(columns) == 1 else tuple_(*columns)
-    for chunk in _chunks(keys):
+    for chunk in chunks(keys, _CHUNK):
         rows = await conn.execute(select(*columns, *extra).where(match.in_(chunk)))
         for row in rows:
             k = row[0] if len(columns) == 1 else tuple(row[: len(columns)])
@@ -507,7 +503,7 @@ async def _existing(conn: AsyncConnection, columns: Sequence[Any], keys: Sequenc
 
 
 async def _insert_missing(conn: AsyncConnection, table: Any, rows: list[dict[str, Any]]) -> None:
-    for chunk in _chunks(rows):
+    for chunk in chunks(rows, _CHUNK):
         await conn.execute(insert_for(conn, table).on_conflict_do_nothing(), list(chunk))
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, func, literal, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from sydent_lite.storage.batching import chunks
 from sydent_lite.storage.dialect import insert_for
 from sydent_lite.storage.invites import CallbackRequest, queue_callback_on
 from sydent_lite.storage.readers import SQLITE_IN_CHUNK, hot_reader
@@ -25,11 +26,6 @@ class StoredAssociation:
     not_before: int
     not_after: int
     signed_json: str
-
-
-def _chunks(items: Sequence, size: int = SQLITE_IN_CHUNK) -> Iterable[Sequence]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 # What the lookup index needs of a row.
@@ -121,7 +117,7 @@ class AssociationStore:
         in-memory SQLite, which has no hot reader (tests)."""
         out: list[tuple[Any, ...]] = []
         async with self._engine.connect() as conn:
-            for chunk in _chunks(values):
+            for chunk in chunks(values, SQLITE_IN_CHUNK):
                 rows = await conn.execute(select(*columns).where(key.in_(list(chunk)), *where))
                 out.extend(tuple(r) for r in rows)
         return out

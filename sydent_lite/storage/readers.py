@@ -30,6 +30,8 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from sydent_lite.storage.batching import chunks
+
 logger = logging.getLogger(__name__)
 
 Row = tuple[Any, ...]
@@ -71,8 +73,7 @@ class SqliteReader(HotReader):
 
     async def all_among(self, sql: str, params: Sequence[Any], values: Sequence[Any]) -> list[Row]:
         out: list[Row] = []
-        for i in range(0, len(values), SQLITE_IN_CHUNK):
-            chunk = values[i : i + SQLITE_IN_CHUNK]
+        for chunk in chunks(values, SQLITE_IN_CHUNK):
             marks = "IN (" + ", ".join("?" * len(chunk)) + ")"
             out += self._conn.execute(sql.format(among=marks), (*params, *chunk)).fetchall()
         return out
