@@ -32,6 +32,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Protocol
 
 from sydent_lite.errors import MatrixError
+from sydent_lite.token_bucket import refill, take_amount
 
 if TYPE_CHECKING:  # pragma: no cover
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -53,16 +54,6 @@ class RateLimitStore(Protocol):
         else none, in one atomic step; (tokens taken, tokens left)."""
 
     async def aclose(self) -> None: ...
-
-
-def refill(tokens: float, elapsed_ms: float, rate_per_second: float, burst: int) -> float:
-    return min(float(burst), tokens + max(0.0, elapsed_ms) * rate_per_second / 1000.0)
-
-
-def take_amount(tokens: float, want: int, need: int) -> int:
-    """What a take gets from a bucket at `tokens`: all of `need` (and up to `want`), or nothing."""
-    whole = int(tokens)
-    return min(want, whole) if whole >= need else 0
 
 
 @lru_cache(maxsize=4096)

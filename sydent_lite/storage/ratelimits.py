@@ -10,15 +10,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sydent_lite.storage.dialect import insert_for
 from sydent_lite.storage.tables import rate_limit_buckets as buckets
+from sydent_lite.token_bucket import refill, take_amount
 
 logger = logging.getLogger(__name__)
 
 # How often a process deletes buckets that have refilled completely (they equal no row).
 PRUNE_INTERVAL_MS = 10 * 60 * 1000
-
-
-def _refill(tokens: float, elapsed_ms: float, rate_per_second: float, burst: int) -> float:
-    return min(float(burst), tokens + max(0.0, elapsed_ms) * rate_per_second / 1000.0)
 
 
 class DatabaseRateLimitStore:
@@ -49,10 +46,9 @@ class DatabaseRateLimitStore:
             if conn.dialect.name == "postgresql":
                 query = query.with_for_update()
             tokens, updated_ms = (await conn.execute(query)).one()
-            tokens = _refill(tokens, now - updated_ms, rate_per_second, burst)
+            tokens = refill(tokens, now - updated_ms, rate_per_second, burst)
             # All of `need` or nothing: a lookup of 500 addresses never pays for 300 of them.
-            whole = int(tokens)
-            taken = min(want, whole) if whole >= need else 0
+            taken = take_amount(tokens, want, need)
             tokens -= taken
             # A host whose clock is behind another's never moves a bucket's time backwards.
             await conn.execute(
