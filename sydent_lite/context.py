@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from sydent_lite.config import Config
 from sydent_lite.delivery.email import make_email_sender
 from sydent_lite.delivery.sms import make_sms_provider
@@ -26,11 +24,7 @@ from sydent_lite.signing import ServerSigner, load_or_create_signing_key
 from sydent_lite.storage.accounts import AccountStore
 from sydent_lite.storage.association_changes import AssociationChangeStore
 from sydent_lite.storage.associations import AssociationStore
-from sydent_lite.storage.database import (
-    analyze_if_never_analyzed,
-    create_engine,
-    migrate,
-)
+from sydent_lite.storage.database import Database, analyze_if_never_analyzed, migrate, open_database
 from sydent_lite.storage.invites import InviteStore
 from sydent_lite.storage.sessions import SessionStore
 from sydent_lite.storage.state import ServerStateStore
@@ -40,7 +34,7 @@ from sydent_lite.templating import TemplateStore
 @dataclass
 class AppContext:
     config: Config
-    engine: AsyncEngine
+    database: Database
     signer: ServerSigner
     templates: TemplateStore
     federation: FederationClient
@@ -59,7 +53,7 @@ class AppContext:
         await self.sessions.aclose()
         await self.federation.aclose()
         await self.rate_limiter.aclose()
-        await self.engine.dispose()
+        await self.database.dispose()
 
 
 def load_static_parts(config: Config) -> tuple[ServerSigner, Terms, TemplateStore]:
@@ -76,41 +70,39 @@ def load_static_parts(config: Config) -> tuple[ServerSigner, Terms, TemplateStor
 
 async def build_context(config: Config) -> AppContext:
     signer, terms, templates = load_static_parts(config)
-    engine = create_engine(config.database.url)
-    await migrate(engine)
-    await analyze_if_never_analyzed(engine)
-    association_store = AssociationStore(engine)
-    account_store = AccountStore(engine)
-    pepper = await load_pepper(ServerStateStore(engine), association_store)
+    database = open_database(config.database.url)
+    await migrate(database)
+    await analyze_if_never_analyzed(database)
+    association_store = AssociationStore(database)
+    account_store = AccountStore(database)
+    pepper = await load_pepper(ServerStateStore(database), association_store)
     # After load_pepper: a recomputation of the hashes would otherwise be replayed from the log.
     # On PostgreSQL every mxid is held in memory too: the database is what all workers share,
     # and confirming a lookup's candidates there cost it more than the lookup cost a worker.
-    hold_mxids = engine.dialect.name == "postgresql"
+    hold_mxids = database.dialect == "postgresql"
     lookup_index = LookupIndex(
-        AssociationChangeStore(engine), association_store, mxids_with_pepper=pepper if hold_mxids else None
+        AssociationChangeStore(database), association_store, mxids_with_pepper=pepper if hold_mxids else None
     )
     await lookup_index.load()
     federation = FederationClient(config.federation)
     email_sender = make_email_sender(config.email, config.email_from, config.effective_server_name)
     sms_provider = make_sms_provider(config.sms)
-    invite_store = InviteStore(engine)
+    invite_store = InviteStore(database)
     invites = InviteService(config, invite_store, association_store, signer, templates, email_sender)
     onbind = OnbindDelivery(config.invites, invite_store, federation, config.federation.timeout_seconds)
     onbind_queue = OnbindQueue(signer, config.invites, invite_store, on_queued=onbind.notify)
-    rate_limiter = RateLimiter.from_config(config.rate_limits, engine)
+    rate_limiter = RateLimiter.from_config(config.rate_limits, database)
 
     return AppContext(
         config=config,
-        engine=engine,
+        database=database,
         signer=signer,
         templates=templates,
         federation=federation,
         server_keys=ServerKeyStore(federation),
         accounts=AccountService(account_store, federation, rate_limiter, config.rate_limits),
         terms=TermsService(terms, account_store),
-        sessions=SessionService(
-            config, SessionStore(engine), templates, email_sender, sms_provider, rate_limiter
-        ),
+        sessions=SessionService(config, SessionStore(database), templates, email_sender, sms_provider, rate_limiter),
         associations=AssociationService(
             association_store, signer, pepper, lookup_index, onbind_queue, config.lookup.max_addresses
         ),

@@ -53,7 +53,7 @@ from sydent_lite.signing import (
 )
 from sydent_lite.storage.associations import AssociationStore
 from sydent_lite.storage.batching import chunks
-from sydent_lite.storage.database import create_engine, migrate
+from sydent_lite.storage.database import migrate, open_database
 from sydent_lite.storage.dialect import insert_for
 from sydent_lite.storage.state import ServerStateStore
 from sydent_lite.storage.tables import (
@@ -699,7 +699,7 @@ async def import_sydent(config: Config, sydent_db: Path, signing_key_file: Path 
         counts["signing_key_imported"] = 1
         logger.info("installed Sydent's signing key %s:%s at %s", signer.key.alg, signer.key.version, our_key_path)
 
-    engine = create_engine(config.database.url)
+    engine = open_database(config.database.url)
     try:
         await migrate(engine)
         pepper = await load_pepper(ServerStateStore(engine), AssociationStore(engine))

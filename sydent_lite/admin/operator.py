@@ -19,7 +19,7 @@ from sydent_lite.services.onbind_queue import OnbindQueue
 from sydent_lite.signing import ServerSigner, load_or_create_signing_key
 from sydent_lite.storage.association_changes import AssociationChangeStore
 from sydent_lite.storage.associations import AssociationStore
-from sydent_lite.storage.database import create_engine, migrate
+from sydent_lite.storage.database import migrate, open_database
 from sydent_lite.storage.invites import InviteStore
 from sydent_lite.storage.state import ServerStateStore
 from sydent_lite.storage.tables import (
@@ -90,7 +90,7 @@ class Removed:
 
 
 async def _with_engine(config: Config, work):  # type: ignore[no-untyped-def]
-    engine = create_engine(config.database.url)
+    engine = open_database(config.database.url)
     try:
         await migrate(engine)
         return await work(engine)

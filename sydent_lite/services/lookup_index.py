@@ -174,14 +174,13 @@ class LookupIndex:
             # One pass over the whole rows: PostgreSQL reads them from the table anyway (its
             # index-only scans need a vacuumed table).
             mxids = MxidTable(await self._associations.count())
-            async for rows in self._associations.all_index_rows():
-                hashes = [h for _, _, _, h, _ in rows]
-                hash_keys.extend(_keys(hashes))
-                threepid_keys.extend(_keys([(m, a) for _, m, a, _, _ in rows]))
-                deque(map(mxids.set, hashes, [x for *_, x in rows], [i for i, *_ in rows]), maxlen=0)
+            async for batch in self._associations.all_index_columns():
+                hash_keys.extend(_keys(batch.lookup_hashes))
+                threepid_keys.extend(_keys(zip(batch.media, batch.addresses, strict=True)))
+                deque(map(mxids.set, batch.lookup_hashes, batch.mxids, batch.ids), maxlen=0)
         else:
-            async for hash_batch in self._associations.all_hashes():
-                hash_keys.extend(_keys([h for h, _ in hash_batch]))
+            async for hashes in self._associations.all_hashes():
+                hash_keys.extend(_keys(hashes))
             async for threepid_batch in self._associations.all_threepids():
                 threepid_keys.extend(_keys(threepid_batch))
         return _Held(ByteMap(hash_keys, len(hash_keys)), ByteMap(threepid_keys, len(threepid_keys)), mxids, last_id)
@@ -200,7 +199,7 @@ class LookupIndex:
             if len(rows) < 10_000:
                 return
 
-    async def _apply(self, held: _Held, rows: list[tuple[int, str, int, bool]]) -> None:
+    async def _apply(self, held: _Held, rows: Sequence[tuple[int, str, int, bool]]) -> None:
         present_ids = [association_id for _, _, association_id, present in rows if present]
         # The rows as they are now (the log holds only the lookup hash and the row id). A row
         # deleted meanwhile needs nothing: its deletion is further on in the log.

@@ -6,8 +6,8 @@ import logging
 import time
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
 
+from sydent_lite.storage.database import Database
 from sydent_lite.storage.dialect import insert_for
 from sydent_lite.storage.tables import rate_limit_buckets as buckets
 from sydent_lite.token_bucket import refill, take_amount
@@ -28,8 +28,8 @@ class DatabaseRateLimitStore:
     cannot interleave with another writer's.
     """
 
-    def __init__(self, engine: AsyncEngine, horizon_ms: int) -> None:
-        self._engine = engine
+    def __init__(self, database: Database, horizon_ms: int) -> None:
+        self._db = database
         # Buckets untouched for this long have refilled completely: deleting them changes nothing.
         self._horizon_ms = horizon_ms
         self._last_prune_ms = 0
@@ -38,7 +38,7 @@ class DatabaseRateLimitStore:
         self, key: str, rate_per_second: float, burst: int, want: int = 1, need: int = 1
     ) -> tuple[int, float]:
         now = int(time.time() * 1000)
-        async with self._engine.begin() as conn:
+        async with self._db.begin() as conn:
             await conn.execute(
                 insert_for(conn, buckets).values(key=key, tokens=float(burst), updated_ms=now).on_conflict_do_nothing()
             )
@@ -61,7 +61,7 @@ class DatabaseRateLimitStore:
 
     async def prune(self, now: int) -> int:
         try:
-            async with self._engine.begin() as conn:
+            async with self._db.begin() as conn:
                 result = await conn.execute(delete(buckets).where(buckets.c.updated_ms < now - self._horizon_ms))
             return result.rowcount
         except Exception:
