@@ -14,6 +14,7 @@ from sydent_lite.services.accounts import AccountService
 from sydent_lite.services.associations import AssociationService
 from sydent_lite.services.hashing import load_pepper
 from sydent_lite.services.invites import InviteService, check_subject_format, check_web_client_locations
+from sydent_lite.services.lookup_confirmers import CandidateConfirmer, DatabaseConfirmer, MemoryConfirmer
 from sydent_lite.services.lookup_index import LookupIndex
 from sydent_lite.services.onbind import OnbindDelivery
 from sydent_lite.services.onbind_queue import OnbindQueue
@@ -79,10 +80,12 @@ async def build_context(config: Config) -> AppContext:
     # After load_pepper: a recomputation of the hashes would otherwise be replayed from the log.
     # On PostgreSQL every mxid is held in memory too: the database is what all workers share,
     # and confirming a lookup's candidates there cost it more than the lookup cost a worker.
-    hold_mxids = database.dialect == "postgresql"
-    lookup_index = LookupIndex(
-        AssociationChangeStore(database), association_store, mxids_with_pepper=pepper if hold_mxids else None
+    confirmer: CandidateConfirmer = (
+        MemoryConfirmer(association_store, pepper)
+        if database.dialect == "postgresql"
+        else DatabaseConfirmer(association_store)
     )
+    lookup_index = LookupIndex(AssociationChangeStore(database), association_store, confirmer)
     await lookup_index.load()
     federation = FederationClient(config.federation)
     email_sender = make_email_sender(config.email, config.email_from, config.effective_server_name)

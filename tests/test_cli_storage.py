@@ -196,6 +196,7 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
     mxids (PostgreSQL's)."""
     from sqlalchemy import delete, text
 
+    from sydent_lite.services.lookup_confirmers import DatabaseConfirmer, MemoryConfirmer
     from sydent_lite.services.lookup_index import LookupIndex
     from sydent_lite.storage.association_changes import AssociationChangeStore
 
@@ -203,10 +204,9 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
         return StoredAssociation(medium="email", address=address, lookup_hash=lookup_hash(address, "email", "p"),
                                  mxid=mxid, ts=1, not_before=1, not_after=2, signed_json="{}")
 
-    pepper = "p" if hold_mxids else None
-
     def new_index(database: Any, store: AssociationStore) -> LookupIndex:
-        return LookupIndex(AssociationChangeStore(database), store, mxids_with_pepper=pepper)
+        confirmer = MemoryConfirmer(store, "p") if hold_mxids else DatabaseConfirmer(store)
+        return LookupIndex(AssociationChangeStore(database), store, confirmer)
 
     async def run() -> None:
         database = open_database(database_url)
@@ -305,13 +305,14 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
 def test_a_failed_change_poll_does_not_count_for_the_lookups_waiting_on_it() -> None:
     """Lookups waiting for a poll that failed poll again themselves (and fail too, if the
     database is still away) rather than answer from an index that may be half updated."""
+    from sydent_lite.services.lookup_confirmers import DatabaseConfirmer
     from sydent_lite.services.lookup_index import LookupIndex
 
     class FlakyLog:
         def __init__(self) -> None:
             self.calls = 0
 
-        async def since(self, last_id: int) -> list[tuple[int, str, int, bool]]:
+        async def since(self, last_id: int) -> list[Any]:
             self.calls += 1
             await asyncio.sleep(0.01)
             if self.calls == 2:
@@ -320,7 +321,7 @@ def test_a_failed_change_poll_does_not_count_for_the_lookups_waiting_on_it() -> 
 
     async def run() -> None:
         log = FlakyLog()
-        index = LookupIndex(log, None)  # type: ignore[arg-type]
+        index = LookupIndex(log, None, DatabaseConfirmer(None))  # type: ignore[arg-type]
         # The first poll runs while two more lookups arrive; the one that polls next fails;
         # the last one needs a poll that started after it arrived and succeeded: its own.
         results = await asyncio.gather(index.catch_up(), index.catch_up(), index.catch_up(), return_exceptions=True)
@@ -330,23 +331,23 @@ def test_a_failed_change_poll_does_not_count_for_the_lookups_waiting_on_it() -> 
     asyncio.run(run())
 
 
-def test_byte_map_never_says_no_to_a_key_it_holds() -> None:
+def test_slot_filter_never_says_no_to_a_key_it_holds() -> None:
     import random
 
-    from sydent_lite.services.lookup_index import SLOTS_PER_KEY, ByteMap
+    from sydent_lite.services.lookup_index import SLOTS_PER_KEY, SlotFilter
 
     rng = random.Random(3)
     keys = [rng.getrandbits(64) - 2**63 for _ in range(6000)]
-    byte_map = ByteMap(keys[:3000], 3000)
-    byte_map.add(keys[3000:])
-    assert all(byte_map.maybe(keys))
+    slot_filter = SlotFilter(keys[:3000], 3000)
+    slot_filter.add(keys[3000:])
+    assert all(slot_filter.maybe(keys))
     others = [rng.getrandbits(64) for _ in range(20000)]
-    false_share = sum(1 for m in byte_map.maybe(others) if m) / len(others)
-    assert false_share < 2 * 6000 / len(byte_map.slots) + 0.01, false_share  # misses mostly say no
-    assert len(byte_map.slots) >= 3000 * SLOTS_PER_KEY
-    assert not byte_map.crowded
-    byte_map.add(rng.getrandbits(64) for _ in range(3000))
-    assert byte_map.crowded  # three times what it was sized for: rebuild
+    false_share = sum(1 for m in slot_filter.maybe(others) if m) / len(others)
+    assert false_share < 2 * 6000 / len(slot_filter.slots) + 0.01, false_share  # misses mostly say no
+    assert len(slot_filter.slots) >= 3000 * SLOTS_PER_KEY
+    assert not slot_filter.crowded
+    slot_filter.add(rng.getrandbits(64) for _ in range(3000))
+    assert slot_filter.crowded  # three times what it was sized for: rebuild
 
 
 def test_pooled_connection_lost_while_idle_is_replaced(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,6 +14,7 @@ from sydent_lite.errors import MatrixError
 from sydent_lite.resources import example_config
 from sydent_lite.services.associations import AssociationService
 from sydent_lite.services.hashing import load_pepper
+from sydent_lite.services.lookup_confirmers import DatabaseConfirmer
 from sydent_lite.services.lookup_index import LookupIndex
 from sydent_lite.services.onbind_queue import OnbindQueue
 from sydent_lite.signing import ServerSigner, load_or_create_signing_key
@@ -166,7 +167,7 @@ async def bind_by_hand(config: Config, *, medium: str, address: str, mxid: str) 
         # transaction; the running server's delivery loop picks the callback up from the database.
         onbind = OnbindQueue(signer, config.invites, InviteStore(engine))
         # No lookups here: the index stays empty (the running server sees the bind in its own).
-        index = LookupIndex(AssociationChangeStore(engine), store)
+        index = LookupIndex(AssociationChangeStore(engine), store, DatabaseConfirmer(store))
         return await AssociationService(store, signer, pepper, index, onbind).bind(medium, address, mxid)
 
     return await _with_engine(config, work)
