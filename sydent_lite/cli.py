@@ -30,7 +30,7 @@ def _cmd_create_token(config: Config, user_id: str) -> int:
     from sydent_lite.secrets_util import hash_secret, now_ms, random_string
     from sydent_lite.services.accounts import TOKEN_LENGTH
     from sydent_lite.storage.accounts import AccountStore
-    from sydent_lite.storage.database import create_engine, migrate
+    from sydent_lite.storage.database import migrate, open_database
     from sydent_lite.threepids import is_valid_user_id
 
     if not is_valid_user_id(user_id):
@@ -39,12 +39,12 @@ def _cmd_create_token(config: Config, user_id: str) -> int:
     token = random_string(TOKEN_LENGTH)
 
     async def run() -> None:
-        engine = create_engine(config.database.url)
+        database = open_database(config.database.url)
         try:
-            await migrate(engine)
-            await AccountStore(engine).add_token(hash_secret(token), user_id, now_ms())
+            await migrate(database)
+            await AccountStore(database).add_token(hash_secret(token), user_id, now_ms())
         finally:
-            await engine.dispose()
+            await database.dispose()
 
     asyncio.run(run())
     print(token)

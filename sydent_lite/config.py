@@ -436,6 +436,8 @@ def finalise(config: Config) -> Config:
     url = config.database.url
     if not (url.startswith("sqlite") or url.startswith("postgresql")):
         raise ConfigError("config key 'database.url' must be a sqlite:/// or postgresql:// URL")
+    if url.startswith("sqlite") and url.split("?", 1)[0] in ("sqlite://", "sqlite:///", "sqlite:///:memory:"):
+        raise ConfigError("config key 'database.url' must name a SQLite file: an in-memory database is not supported")
     for i, net in enumerate(config.listen.trusted_proxies):
         try:
             ipaddress.ip_network(net, strict=False)

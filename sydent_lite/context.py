@@ -7,8 +7,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from sydent_lite.config import Config
 from sydent_lite.delivery.email import make_email_sender
 from sydent_lite.delivery.sms import make_sms_provider
@@ -17,7 +15,16 @@ from sydent_lite.federation.xmatrix import ServerKeyStore
 from sydent_lite.services.accounts import AccountService
 from sydent_lite.services.associations import AssociationService
 from sydent_lite.services.hashing import load_pepper
-from sydent_lite.services.invites import InviteService, check_subject_format, check_web_client_locations
+from sydent_lite.services.invites import (
+    InviteService,
+    check_subject_format,
+    check_web_client_locations,
+)
+from sydent_lite.services.lookup_confirmers import (
+    CandidateConfirmer,
+    DatabaseConfirmer,
+    MemoryConfirmer,
+)
 from sydent_lite.services.lookup_index import LookupIndex
 from sydent_lite.services.onbind import OnbindDelivery
 from sydent_lite.services.onbind_queue import OnbindQueue
@@ -29,9 +36,10 @@ from sydent_lite.storage.accounts import AccountStore
 from sydent_lite.storage.association_changes import AssociationChangeStore
 from sydent_lite.storage.associations import AssociationStore
 from sydent_lite.storage.database import (
+    Database,
     analyze_if_never_analyzed,
-    create_engine,
     migrate,
+    open_database,
 )
 from sydent_lite.storage.invites import InviteStore
 from sydent_lite.storage.people import PeopleStore
@@ -43,7 +51,7 @@ from sydent_lite.templating import TemplateStore
 @dataclass
 class AppContext:
     config: Config
-    engine: AsyncEngine
+    database: Database
     signer: ServerSigner
     templates: TemplateStore
     federation: FederationClient
@@ -62,7 +70,7 @@ class AppContext:
         await self.sessions.aclose()
         await self.federation.aclose()
         await self.rate_limiter.aclose()
-        await self.engine.dispose()
+        await self.database.dispose()
 
 
 def load_signer(config: Config) -> ServerSigner:
@@ -84,41 +92,41 @@ def load_static_parts(config: Config) -> tuple[ServerSigner, Terms, TemplateStor
 
 async def build_context(config: Config) -> AppContext:
     signer, terms, templates = load_static_parts(config)
-    engine = create_engine(config.database.url)
-    await migrate(engine)
-    await analyze_if_never_analyzed(engine)
-    association_store = AssociationStore(engine)
-    account_store = AccountStore(engine)
-    pepper = await load_pepper(ServerStateStore(engine), association_store)
+    database = open_database(config.database.url)
+    await migrate(database)
+    await analyze_if_never_analyzed(database)
+    association_store = AssociationStore(database)
+    account_store = AccountStore(database)
+    pepper = await load_pepper(ServerStateStore(database), association_store)
     # After load_pepper: a recomputation of the hashes would otherwise be replayed from the log.
     # On PostgreSQL every mxid is held in memory too: the database is what all workers share,
     # and confirming a lookup's candidates there cost it more than the lookup cost a worker.
-    hold_mxids = engine.dialect.name == "postgresql"
-    lookup_index = LookupIndex(
-        AssociationChangeStore(engine), association_store, mxids_with_pepper=pepper if hold_mxids else None
+    confirmer: CandidateConfirmer = (
+        MemoryConfirmer(association_store, pepper)
+        if database.dialect == "postgresql"
+        else DatabaseConfirmer(association_store)
     )
+    lookup_index = LookupIndex(AssociationChangeStore(database), association_store, confirmer)
     await lookup_index.load()
     federation = FederationClient(config.federation)
     email_sender = make_email_sender(config.email, config.email_from, config.effective_server_name)
     sms_provider = make_sms_provider(config.sms)
-    invite_store = InviteStore(engine)
+    invite_store = InviteStore(database)
     invites = InviteService(config, invite_store, association_store, signer, templates, email_sender)
     onbind = OnbindDelivery(config.invites, invite_store, federation, config.federation.timeout_seconds)
     onbind_queue = OnbindQueue(signer, config.invites, invite_store, on_queued=onbind.notify)
-    rate_limiter = RateLimiter.from_config(config.rate_limits, engine)
+    rate_limiter = RateLimiter.from_config(config.rate_limits, database)
 
     return AppContext(
         config=config,
-        engine=engine,
+        database=database,
         signer=signer,
         templates=templates,
         federation=federation,
         server_keys=ServerKeyStore(federation),
         accounts=AccountService(account_store, federation, rate_limiter, config.rate_limits),
         terms=TermsService(terms, account_store),
-        sessions=SessionService(
-            config, SessionStore(engine), templates, email_sender, sms_provider, rate_limiter
-        ),
+        sessions=SessionService(config, SessionStore(database), templates, email_sender, sms_provider, rate_limiter),
         associations=AssociationService(
             association_store, signer, pepper, lookup_index, onbind_queue, config.lookup.max_addresses
         ),
@@ -138,27 +146,27 @@ class OperatorContext:
     in the onbind queue (its delivery loop)."""
 
     config: Config
-    engine: AsyncEngine
+    database: Database
     people: PeopleStore
 
     async def associations(self) -> AssociationService:
         """The service /bind goes through (our signing key is created if there is none, as
         `serve` does): a bind queues the address's pending invites in its own transaction."""
         signer = load_signer(self.config)
-        store = AssociationStore(self.engine)
-        pepper = await load_pepper(ServerStateStore(self.engine), store)
-        onbind_queue = OnbindQueue(signer, self.config.invites, InviteStore(self.engine))
+        store = AssociationStore(self.database)
+        pepper = await load_pepper(ServerStateStore(self.database), store)
+        onbind_queue = OnbindQueue(signer, self.config.invites, InviteStore(self.database))
         # Never loaded: a bind looks nothing up.
-        index = LookupIndex(AssociationChangeStore(self.engine), store)
+        index = LookupIndex(AssociationChangeStore(self.database), store, DatabaseConfirmer(store))
         return AssociationService(store, signer, pepper, index, onbind_queue, self.config.lookup.max_addresses)
 
 
 @asynccontextmanager
 async def operator_context(config: Config) -> AsyncIterator[OperatorContext]:
     """The operator commands' context, on the migrated database; closed on leaving."""
-    engine = create_engine(config.database.url)
+    database = open_database(config.database.url)
     try:
-        await migrate(engine)
-        yield OperatorContext(config=config, engine=engine, people=PeopleStore(engine))
+        await migrate(database)
+        yield OperatorContext(config=config, database=database, people=PeopleStore(database))
     finally:
-        await engine.dispose()
+        await database.dispose()

@@ -23,7 +23,7 @@ from sydent_lite.services.hashing import (
 )
 from sydent_lite.signing import ServerSigner, load_or_create_signing_key
 from sydent_lite.storage.associations import AssociationStore, StoredAssociation
-from sydent_lite.storage.database import create_engine, migrate
+from sydent_lite.storage.database import migrate, open_database
 from sydent_lite.storage.state import ServerStateStore
 from sydent_lite.storage.tables import associations
 
@@ -90,6 +90,23 @@ def test_migrate_and_create_token(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "not a Matrix user ID" in proc.stderr
 
 
+@pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite://"])
+def test_in_memory_sqlite_is_refused_naming_the_key(tmp_path: Path, url: str) -> None:
+    """Each connection (and the hot reader) would see a database of its own: refused at start,
+    as a config error, not a traceback; and by the storage layer itself."""
+    from sydent_lite.storage.database import open_database
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f'database: {{url: "{url}"}}\nsigning_key_path: "{tmp_path}/k"\n')
+    for command in ("migrate", "serve"):
+        proc = run_cli(command, "--config", str(config), cwd=tmp_path)
+        assert proc.returncode == 2, (command, proc.stderr)
+        assert "config key 'database.url'" in proc.stderr and "in-memory" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    with pytest.raises(ValueError, match="in-memory"):
+        open_database(url)
+
+
 def _association(medium: str, address: str, pepper: str, mxid: str = "@a:hs.test") -> StoredAssociation:
     return StoredAssociation(
         medium=medium, address=address, lookup_hash=lookup_hash(address, medium, pepper), mxid=mxid,
@@ -99,11 +116,11 @@ def _association(medium: str, address: str, pepper: str, mxid: str = "@a:hs.test
 
 def test_pepper_is_kept_and_hashes_recomputed_when_it_changes(database_url: str) -> None:
     async def scenario() -> None:
-        engine = create_engine(database_url)
+        database = open_database(database_url)
         try:
-            await migrate(engine)
-            await migrate(engine)  # idempotent
-            state, store = ServerStateStore(engine), AssociationStore(engine)
+            await migrate(database)
+            await migrate(database)  # idempotent
+            state, store = ServerStateStore(database), AssociationStore(database)
             pepper = await load_pepper(state, store)
             assert pepper == await load_pepper(state, store)  # kept
             addresses = [f"user{i}@example.test" for i in range(1205)]  # more than one batch
@@ -122,7 +139,7 @@ def test_pepper_is_kept_and_hashes_recomputed_when_it_changes(database_url: str)
             assert found[new_hashes[0]] == "@b:hs.test"
             assert await store.mxids_by_hash([lookup_hash(addresses[1], "email", pepper)]) == {}
         finally:
-            await engine.dispose()
+            await database.dispose()
 
     asyncio.run(scenario())
 
@@ -179,6 +196,7 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
     mxids (PostgreSQL's)."""
     from sqlalchemy import delete, text
 
+    from sydent_lite.services.lookup_confirmers import DatabaseConfirmer, MemoryConfirmer
     from sydent_lite.services.lookup_index import LookupIndex
     from sydent_lite.storage.association_changes import AssociationChangeStore
 
@@ -186,18 +204,17 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
         return StoredAssociation(medium="email", address=address, lookup_hash=lookup_hash(address, "email", "p"),
                                  mxid=mxid, ts=1, not_before=1, not_after=2, signed_json="{}")
 
-    pepper = "p" if hold_mxids else None
-
-    def new_index(engine: Any, store: AssociationStore) -> LookupIndex:
-        return LookupIndex(AssociationChangeStore(engine), store, mxids_with_pepper=pepper)
+    def new_index(database: Any, store: AssociationStore) -> LookupIndex:
+        confirmer = MemoryConfirmer(store, "p") if hold_mxids else DatabaseConfirmer(store)
+        return LookupIndex(AssociationChangeStore(database), store, confirmer)
 
     async def run() -> None:
-        engine = create_engine(database_url)
+        database = open_database(database_url)
         try:
-            await migrate(engine)
-            store = AssociationStore(engine)
+            await migrate(database)
+            store = AssociationStore(database)
             await store.upsert(stored("before@example.test", "@a:hs.test"))
-            index = new_index(engine, store)
+            index = new_index(database, store)
             await index.load()
             h_before, h_after = lookup_hash("before@example.test", "email", "p"), lookup_hash("after@example.test", "email", "p")
             assert await index.mxids([h_before, h_after]) == {h_before: "@a:hs.test"}
@@ -211,7 +228,7 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
             assert await index.mxids([h_before, h_after]) == {h_before: "@c:hs.test", h_after: "@b:hs.test"}
             assert await index.mxids_by_address("email", both) == {both[0]: "@c:hs.test", both[1]: "@b:hs.test"}
 
-            async with engine.begin() as conn:  # an operator's hand-written SQL
+            async with database.begin() as conn:  # an operator's hand-written SQL
                 await conn.execute(delete(associations).where(associations.c.address == "after@example.test"))
                 await conn.execute(text("UPDATE associations SET mxid = '@d:hs.test' WHERE address = 'before@example.test'"))
             await index.catch_up()
@@ -220,10 +237,10 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
             assert index._stale >= 1  # the deleted row's keys stay, counted, until a rebuild
 
             # Pruned log: a fresh index still loads the table and follows new changes.
-            async with engine.begin() as conn:
+            async with database.begin() as conn:
                 await conn.execute(text("UPDATE association_changes SET created_ms = 0"))
             assert await index.prune() > 0
-            fresh = new_index(engine, store)
+            fresh = new_index(database, store)
             await fresh.load()
             assert await fresh.mxids([h_before]) == {h_before: "@d:hs.test"}
             await store.upsert(stored("after@example.test", "@e:hs.test"))
@@ -250,7 +267,7 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
 
             if database_url.startswith("postgresql"):
                 # TRUNCATE fires no row trigger: its marker row (migration 0005) empties the index.
-                async with engine.begin() as conn:
+                async with database.begin() as conn:
                     await conn.execute(text("TRUNCATE associations"))
                 await fresh.catch_up()
                 assert await fresh.mxids([h_before, h_after]) == {}
@@ -266,13 +283,13 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
             real_keys = lookup_index._keys
             lookup_index._keys = lambda values: (1 for _ in values)  # type: ignore[assignment]
             try:
-                colliding = new_index(engine, store)
+                colliding = new_index(database, store)
                 await colliding.load()
                 unknown = lookup_hash("nobody@example.test", "email", "p")
                 assert await colliding.mxids([h_before, h_after, unknown]) == {h_before: "@d:hs.test", h_after: "@e:hs.test"}
                 assert await colliding.mxids_by_address("email", [*both, "nobody@example.test"]) == {
                     both[0]: "@d:hs.test", both[1]: "@e:hs.test"}
-                async with engine.begin() as conn:
+                async with database.begin() as conn:
                     await conn.execute(delete(associations).where(associations.c.address == "after@example.test"))
                 await colliding.catch_up()
                 assert await colliding.mxids([h_before, h_after, unknown]) == {h_before: "@d:hs.test"}
@@ -280,7 +297,7 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
             finally:
                 lookup_index._keys = real_keys
         finally:
-            await engine.dispose()
+            await database.dispose()
 
     asyncio.run(run())
 
@@ -288,13 +305,14 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
 def test_a_failed_change_poll_does_not_count_for_the_lookups_waiting_on_it() -> None:
     """Lookups waiting for a poll that failed poll again themselves (and fail too, if the
     database is still away) rather than answer from an index that may be half updated."""
+    from sydent_lite.services.lookup_confirmers import DatabaseConfirmer
     from sydent_lite.services.lookup_index import LookupIndex
 
     class FlakyLog:
         def __init__(self) -> None:
             self.calls = 0
 
-        async def since(self, last_id: int) -> list[tuple[int, str, int, bool]]:
+        async def since(self, last_id: int) -> list[Any]:
             self.calls += 1
             await asyncio.sleep(0.01)
             if self.calls == 2:
@@ -303,7 +321,7 @@ def test_a_failed_change_poll_does_not_count_for_the_lookups_waiting_on_it() -> 
 
     async def run() -> None:
         log = FlakyLog()
-        index = LookupIndex(log, None)  # type: ignore[arg-type]
+        index = LookupIndex(log, None, DatabaseConfirmer(None))  # type: ignore[arg-type]
         # The first poll runs while two more lookups arrive; the one that polls next fails;
         # the last one needs a poll that started after it arrived and succeeded: its own.
         results = await asyncio.gather(index.catch_up(), index.catch_up(), index.catch_up(), return_exceptions=True)
@@ -313,23 +331,23 @@ def test_a_failed_change_poll_does_not_count_for_the_lookups_waiting_on_it() -> 
     asyncio.run(run())
 
 
-def test_byte_map_never_says_no_to_a_key_it_holds() -> None:
+def test_slot_filter_never_says_no_to_a_key_it_holds() -> None:
     import random
 
-    from sydent_lite.services.lookup_index import SLOTS_PER_KEY, ByteMap
+    from sydent_lite.services.lookup_index import SLOTS_PER_KEY, SlotFilter
 
     rng = random.Random(3)
     keys = [rng.getrandbits(64) - 2**63 for _ in range(6000)]
-    byte_map = ByteMap(keys[:3000], 3000)
-    byte_map.add(keys[3000:])
-    assert all(byte_map.maybe(keys))
+    slot_filter = SlotFilter(keys[:3000], 3000)
+    slot_filter.add(keys[3000:])
+    assert all(slot_filter.maybe(keys))
     others = [rng.getrandbits(64) for _ in range(20000)]
-    false_share = sum(1 for m in byte_map.maybe(others) if m) / len(others)
-    assert false_share < 2 * 6000 / len(byte_map.slots) + 0.01, false_share  # misses mostly say no
-    assert len(byte_map.slots) >= 3000 * SLOTS_PER_KEY
-    assert not byte_map.crowded
-    byte_map.add(rng.getrandbits(64) for _ in range(3000))
-    assert byte_map.crowded  # three times what it was sized for: rebuild
+    false_share = sum(1 for m in slot_filter.maybe(others) if m) / len(others)
+    assert false_share < 2 * 6000 / len(slot_filter.slots) + 0.01, false_share  # misses mostly say no
+    assert len(slot_filter.slots) >= 3000 * SLOTS_PER_KEY
+    assert not slot_filter.crowded
+    slot_filter.add(rng.getrandbits(64) for _ in range(3000))
+    assert slot_filter.crowded  # three times what it was sized for: rebuild
 
 
 def test_pooled_connection_lost_while_idle_is_replaced(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -343,18 +361,18 @@ def test_pooled_connection_lost_while_idle_is_replaced(database_url: str, monkey
     from sydent_lite.storage import database
 
     async def run() -> None:
-        engine = create_engine(database_url)
-        killer = create_engine(database_url)
+        pool_owner = open_database(database_url)
+        killer = open_database(database_url)
         try:
-            async with engine.connect() as conn:
+            async with pool_owner.connect() as conn:
                 pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar()
             async with killer.connect() as conn:
                 assert (await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})).scalar()
             monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", 0.0)  # as if it sat idle
-            async with engine.connect() as conn:
+            async with pool_owner.connect() as conn:
                 assert (await conn.execute(text("SELECT pg_backend_pid()"))).scalar() != pid
         finally:
-            await engine.dispose()
+            await pool_owner.dispose()
             await killer.dispose()
 
     asyncio.run(run())
@@ -365,13 +383,13 @@ def test_hot_reader_survives_its_connection_being_terminated(database_url: str) 
     reader's session (a restart, a terminated backend) still answers, on a new connection."""
     if not database_url.startswith("postgresql"):
         pytest.skip("SQLite connections are files, not server sessions")
-    from sydent_lite.storage.readers import PgReader, hot_reader
+    from sydent_lite.storage.readers import PgReader
 
     async def run() -> None:
-        engine = create_engine(database_url)
+        database = open_database(database_url)
         try:
-            await migrate(engine)
-            reader = hot_reader(engine)
+            await migrate(database)
+            reader = database.reader
             assert isinstance(reader, PgReader)
             row = await reader.first("SELECT pg_backend_pid()")
             assert row is not None
@@ -386,11 +404,12 @@ def test_hot_reader_survives_its_connection_being_terminated(database_url: str) 
             time.sleep(0.2)  # the server closes the session's socket
             third = await reader.first("SELECT pg_backend_pid()")
             assert third is not None and third[0] not in (row[0], again[0])
-            # Lists go as one array parameter, for any length (and `?` become `$n`).
-            sql = "SELECT x FROM unnest(?::int[]) AS x WHERE x {among} ORDER BY x"
-            assert await reader.all_among(sql, ([1, 2, 3],), [3, 1]) == [(1,), (3,)]
+            # Lists go as one array parameter, for any length (numbered after the ones before).
+            [(among, args)] = reader.in_list("x", [3, 1], 2)
+            sql = f"SELECT x FROM unnest({reader.param(1)}::int[]) AS x WHERE {among} ORDER BY x"
+            assert await reader.all(sql, ([1, 2, 3], *args)) == [(1,), (3,)]
         finally:
-            await engine.dispose()  # closes the reader's pool too
+            await database.dispose()  # closes the reader's pool too
         assert reader._pool is None
 
     asyncio.run(run())
@@ -403,10 +422,10 @@ def test_racing_upserts_of_one_address_all_succeed(database_url: str) -> None:
     from sqlalchemy import func, select
 
     async def run() -> None:
-        engine = create_engine(database_url)
+        database = open_database(database_url)
         try:
-            await migrate(engine)
-            store = AssociationStore(engine)
+            await migrate(database)
+            store = AssociationStore(database)
             for round_ in range(30):
                 address = f"race{round_}@example.test"
                 await asyncio.gather(*(
@@ -415,12 +434,12 @@ def test_racing_upserts_of_one_address_all_succeed(database_url: str) -> None:
                         mxid=f"@u{i}:hs.test", ts=i, not_before=i, not_after=i + 1, signed_json="{}"))
                     for i in range(8)
                 ))
-                async with engine.connect() as conn:
+                async with database.connect() as conn:
                     count = (await conn.execute(select(func.count()).select_from(associations)
                                                 .where(associations.c.address == address))).scalar()
                 assert count == 1
         finally:
-            await engine.dispose()
+            await database.dispose()
 
     asyncio.run(run())
 
@@ -436,19 +455,19 @@ def test_associations_without_planner_statistics_are_analyzed_at_start(database_
                      " AND tablename = 'associations' AND attname = 'lookup_hash'")
 
     async def run() -> None:
-        engine = create_engine(database_url)
+        database = open_database(database_url)
         try:
-            await migrate(engine)
+            await migrate(database)
             address = "stats@example.test"
-            await AssociationStore(engine).upsert(StoredAssociation(
+            await AssociationStore(database).upsert(StoredAssociation(
                 medium="email", address=address, lookup_hash=lookup_hash(address, "email", "p"),
                 mxid="@s:hs.test", ts=1, not_before=1, not_after=2, signed_json="{}"))
-            async with engine.connect() as conn:
+            async with database.connect() as conn:
                 assert (await conn.execute(stats_sql)).scalar() == 0
-            await analyze_if_never_analyzed(engine)
-            async with engine.connect() as conn:
+            await analyze_if_never_analyzed(database)
+            async with database.connect() as conn:
                 assert (await conn.execute(stats_sql)).scalar() == 1
         finally:
-            await engine.dispose()
+            await database.dispose()
 
     asyncio.run(run())

@@ -38,7 +38,7 @@ from sydent_lite.secrets_util import hash_secret
 from sydent_lite.services.hashing import PEPPER_KEY, load_pepper, lookup_hash
 from sydent_lite.signing import load_or_create_signing_key
 from sydent_lite.storage.associations import AssociationStore, StoredAssociation
-from sydent_lite.storage.database import create_engine, migrate
+from sydent_lite.storage.database import migrate, open_database
 from sydent_lite.storage.state import ServerStateStore
 from sydent_lite.storage.tables import (
     accepted_terms,
@@ -328,7 +328,7 @@ def make_config(url: str, server_name: str, key_path: Path) -> Any:
 
 
 async def _dump(url: str) -> dict[str, list[tuple]]:
-    engine = create_engine(url)
+    engine = open_database(url)
     try:
         async with engine.connect() as conn:
             names = await conn.run_sync(lambda c: inspect(c).get_table_names())
@@ -347,7 +347,7 @@ def dump(url: str) -> dict[str, list[tuple]]:
 
 async def _prepare_ours(url: str, now: int) -> None:
     """Our database before the import: migrated, and two of the addresses already bound here."""
-    engine = create_engine(url)
+    engine = open_database(url)
     try:
         await migrate(engine)
         store = AssociationStore(engine)
@@ -361,7 +361,7 @@ async def _prepare_ours(url: str, now: int) -> None:
 
 
 async def _select(url: str, query: Any) -> list[dict[str, Any]]:
-    engine = create_engine(url)
+    engine = open_database(url)
     try:
         async with engine.connect() as conn:
             return [dict(r) for r in (await conn.execute(query)).mappings()]

@@ -761,17 +761,17 @@ def test_the_database_holds_no_ephemeral_private_key(make_server: Callable[..., 
     async def read() -> tuple[list[str], str]:
         from sqlalchemy import inspect, text
 
-        from sydent_lite.storage.database import create_engine
+        from sydent_lite.storage.database import open_database
 
-        engine = create_engine(server.database_url)
+        database = open_database(server.database_url)
         try:
-            async with engine.connect() as conn:
+            async with database.connect() as conn:
                 columns = await conn.run_sync(lambda c: [col["name"] for col in inspect(c).get_columns("invites")])
                 names = await conn.run_sync(lambda c: inspect(c).get_table_names())
                 rows = [repr((await conn.execute(text(f'SELECT * FROM "{name}"'))).all()) for name in names]
             return columns, "\n".join(rows)
         finally:
-            await engine.dispose()
+            await database.dispose()
 
     columns, everything = asyncio.run(read())
     assert "ephemeral_public_key" in columns

@@ -304,30 +304,30 @@ async def _concurrent_checks(limiter: RateLimiter, key: str, n: int, burst: int,
 @pytest.mark.postgres
 async def test_database_store_is_atomic_under_concurrency(pg: DatabaseFactory) -> None:
     from sydent_lite.config import RateLimitConfig
-    from sydent_lite.storage.database import create_engine, migrate
+    from sydent_lite.storage.database import migrate, open_database
 
     db = pg.create()
-    engines = [create_engine(db.url), create_engine(db.url)]  # as two processes would have
+    databases = [open_database(db.url), open_database(db.url)]  # as two processes would have
     try:
-        await migrate(engines[0])
-        limiters = [RateLimiter.from_config(RateLimitConfig(), e) for e in engines]
+        await migrate(databases[0])
+        limiters = [RateLimiter.from_config(RateLimitConfig(), e) for e in databases]
         results = await asyncio.gather(*(_concurrent_checks(lim, "conc:key", 15, 5) for lim in limiters))
         flat = [r for rs in results for r in rs]
         assert flat.count(None) == 5, flat  # exactly the burst, no lost updates
         assert all(r is not None and r > 0 for r in flat if r is not None)
     finally:
-        for e in engines:
+        for e in databases:
             await e.dispose()
 
 
 async def test_sqlite_store(tmp_path: Path) -> None:
     from sydent_lite.config import RateLimitConfig
-    from sydent_lite.storage.database import create_engine, migrate
+    from sydent_lite.storage.database import migrate, open_database
 
-    engine = create_engine(f"sqlite:///{tmp_path / 'rl.sqlite'}")
+    database = open_database(f"sqlite:///{tmp_path / 'rl.sqlite'}")
     try:
-        await migrate(engine)
-        limiter = RateLimiter.from_config(RateLimitConfig(), engine)
+        await migrate(database)
+        limiter = RateLimiter.from_config(RateLimitConfig(), database)
         results = await _concurrent_checks(limiter, "conc:key", 12, 4)
         assert results.count(None) == 4, results
         # Refill: 1000 per second makes a token due at once.
@@ -335,7 +335,7 @@ async def test_sqlite_store(tmp_path: Path) -> None:
         await asyncio.sleep(0.01)
         await limiter.check("fast:key", 1000.0, 1)
     finally:
-        await engine.dispose()
+        await database.dispose()
 
 
 async def test_redis_store_is_atomic_under_concurrency() -> None:
@@ -394,34 +394,34 @@ async def test_a_cost_above_the_burst_is_refused_clearly() -> None:
 
 async def test_costs_are_atomic_in_sqlite(tmp_path: Path) -> None:
     from sydent_lite.config import RateLimitConfig
-    from sydent_lite.storage.database import create_engine, migrate
+    from sydent_lite.storage.database import migrate, open_database
 
-    engine = create_engine(f"sqlite:///{tmp_path / 'rl.sqlite'}")
+    database = open_database(f"sqlite:///{tmp_path / 'rl.sqlite'}")
     try:
-        await migrate(engine)
-        limiters = [RateLimiter.from_config(RateLimitConfig(), engine) for _ in range(2)]  # as two processes
+        await migrate(database)
+        limiters = [RateLimiter.from_config(RateLimitConfig(), database) for _ in range(2)]  # as two processes
         results = await asyncio.gather(*(_concurrent_checks(lim, "cost:key", 6, 1000, 300) for lim in limiters))
         flat = [r for rs in results for r in rs]
         assert flat.count(None) == 3, flat  # 3 x 300 of 1,000; the 100 left pay for no fourth
     finally:
-        await engine.dispose()
+        await database.dispose()
 
 
 @pytest.mark.postgres
 async def test_costs_are_atomic_in_postgres(pg: DatabaseFactory) -> None:
     from sydent_lite.config import RateLimitConfig
-    from sydent_lite.storage.database import create_engine, migrate
+    from sydent_lite.storage.database import migrate, open_database
 
     db = pg.create()
-    engines = [create_engine(db.url), create_engine(db.url)]
+    databases = [open_database(db.url), open_database(db.url)]
     try:
-        await migrate(engines[0])
-        limiters = [RateLimiter.from_config(RateLimitConfig(), e) for e in engines]
+        await migrate(databases[0])
+        limiters = [RateLimiter.from_config(RateLimitConfig(), e) for e in databases]
         results = await asyncio.gather(*(_concurrent_checks(lim, "cost:key", 8, 1000, 300) for lim in limiters))
         flat = [r for rs in results for r in rs]
         assert flat.count(None) == 3, flat
     finally:
-        for e in engines:
+        for e in databases:
             await e.dispose()
 
 

@@ -17,11 +17,10 @@ from typing import Any
 import signedjson.key
 import signedjson.sign
 from sqlalchemy import inspect, text
-from sqlalchemy.ext.asyncio import AsyncEngine
 from support.server import V1, SydentServer
 from unpaddedbase64 import encode_base64
 
-from sydent_lite.storage.database import _alembic_config, create_engine, migrate
+from sydent_lite.storage.database import Database, _alembic_config, migrate, open_database
 
 NOW = 1_800_000_000_000  # far enough ahead that nothing here has expired when the test runs
 LONG_TOKEN = "T" * 100  # email_token_length may be up to 255: longer than the new 64-character column
@@ -31,30 +30,30 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-async def _alembic(engine: AsyncEngine, action: Callable[..., None], revision: str) -> None:
-    async with engine.begin() as conn:
+async def _alembic(database: Database, action: Callable[..., None], revision: str) -> None:
+    async with database.begin() as conn:
         await conn.run_sync(lambda c: action(_alembic_config(c), revision))
 
 
-async def upgrade(engine: AsyncEngine, revision: str) -> None:
+async def upgrade(database: Database, revision: str) -> None:
     from alembic import command
 
-    await _alembic(engine, command.upgrade, revision)
+    await _alembic(database, command.upgrade, revision)
 
 
-async def downgrade(engine: AsyncEngine, revision: str) -> None:
+async def downgrade(database: Database, revision: str) -> None:
     from alembic import command
 
-    await _alembic(engine, command.downgrade, revision)
+    await _alembic(database, command.downgrade, revision)
 
 
-async def columns(engine: AsyncEngine, table: str) -> set[str]:
-    async with engine.connect() as conn:
+async def columns(database: Database, table: str) -> set[str]:
+    async with database.connect() as conn:
         return set(await conn.run_sync(lambda c: [col["name"] for col in inspect(c).get_columns(table)]))
 
 
-async def rows(engine: AsyncEngine, sql: str) -> list[dict[str, Any]]:
-    async with engine.connect() as conn:
+async def rows(database: Database, sql: str) -> list[dict[str, Any]]:
+    async with database.connect() as conn:
         return [dict(r) for r in (await conn.execute(text(sql))).mappings()]
 
 
@@ -64,10 +63,10 @@ def sha256(value: str) -> str:
 
 async def _before_0006(url: str, ephemeral: Any) -> None:
     """A database at 0005 holding what an older version stored in clear."""
-    engine = create_engine(url)
+    database = open_database(url)
     try:
-        await upgrade(engine, "0005")
-        async with engine.begin() as conn:
+        await upgrade(database, "0005")
+        async with database.begin() as conn:
             insert = text(
                 "INSERT INTO validation_sessions (sid, medium, address, client_secret_hash, token, send_attempt,"
                 " next_link, brand, created_ts, mtime, validated, validated_at) VALUES (:sid, :medium, :address,"
@@ -89,17 +88,17 @@ async def _before_0006(url: str, ephemeral: Any) -> None:
                  "now": NOW},
             )
     finally:
-        await engine.dispose()
+        await database.dispose()
 
 
 async def _upgraded(url: str) -> tuple[set[str], set[str], list[dict[str, Any]]]:
-    engine = create_engine(url)
+    database = open_database(url)
     try:
-        await migrate(engine)
-        sessions = await rows(engine, "SELECT sid, token_hash, failed_attempts FROM validation_sessions ORDER BY sid")
-        return await columns(engine, "validation_sessions"), await columns(engine, "invites"), sessions
+        await migrate(database)
+        sessions = await rows(database, "SELECT sid, token_hash, failed_attempts FROM validation_sessions ORDER BY sid")
+        return await columns(database, "validation_sessions"), await columns(database, "invites"), sessions
     finally:
-        await engine.dispose()
+        await database.dispose()
 
 
 def test_0006_and_0007_keep_what_was_pending(  # type: ignore[no-untyped-def]
@@ -148,15 +147,15 @@ def test_0006_and_0007_keep_what_was_pending(  # type: ignore[no-untyped-def]
 
 
 async def _down_and_up(url: str) -> list[tuple[set[str], set[str]]]:
-    engine = create_engine(url)
+    database = open_database(url)
     seen = []
     try:
-        await migrate(engine)
+        await migrate(database)
         for step in (downgrade, upgrade):
-            await step(engine, "0005" if step is downgrade else "head")
-            seen.append((await columns(engine, "validation_sessions"), await columns(engine, "invites")))
+            await step(database, "0005" if step is downgrade else "head")
+            seen.append((await columns(database, "validation_sessions"), await columns(database, "invites")))
     finally:
-        await engine.dispose()
+        await database.dispose()
     return seen
 
 

@@ -1018,16 +1018,16 @@ def failed_attempts(server: SydentServer, sid: str) -> int:
 
     from sqlalchemy import select
 
-    from sydent_lite.storage.database import create_engine
+    from sydent_lite.storage.database import open_database
     from sydent_lite.storage.tables import validation_sessions as vs
 
     async def read() -> int:
-        engine = create_engine(server.database_url)
+        database = open_database(server.database_url)
         try:
-            async with engine.connect() as conn:
+            async with database.connect() as conn:
                 return (await conn.execute(select(vs.c.failed_attempts).where(vs.c.sid == sid))).scalar_one()
         finally:
-            await engine.dispose()
+            await database.dispose()
 
     return asyncio.run(read())
 

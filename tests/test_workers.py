@@ -238,15 +238,15 @@ def test_concurrent_binds_of_one_address_leave_one_association(cluster_factory, 
 
 async def test_concurrent_migrations_take_turns(pg: DatabaseFactory) -> None:
     """Processes starting together on a fresh database all migrate it (advisory lock), none fails."""
-    from sydent_lite.storage.database import create_engine, migrate
+    from sydent_lite.storage.database import migrate, open_database
 
     db = pg.create()
-    engines = [create_engine(db.url) for _ in range(4)]
+    databases = [open_database(db.url) for _ in range(4)]
     try:
-        await asyncio.gather(*(migrate(e) for e in engines))
-        await migrate(engines[0])  # and again: nothing to do
+        await asyncio.gather(*(migrate(e) for e in databases))
+        await migrate(databases[0])  # and again: nothing to do
     finally:
-        for e in engines:
+        for e in databases:
             await e.dispose()
     rows = run_sql(db, "SELECT version_num FROM alembic_version")
     assert len(rows) == 1, rows

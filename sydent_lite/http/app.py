@@ -258,7 +258,7 @@ def _metrics_server(config: Config, ctx: AppContext) -> metrics.MetricsServer | 
         return None
 
     async def before_scrape() -> None:
-        await metrics.refresh_onbind_pending(ctx.engine)
+        await metrics.refresh_onbind_pending(ctx.database)
 
     return metrics.MetricsServer(cfg.host, cfg.port, cfg.path, before_scrape=before_scrape)
 

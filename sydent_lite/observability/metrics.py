@@ -15,6 +15,7 @@ import functools
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -27,9 +28,11 @@ from prometheus_client import (
     multiprocess,
 )
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sydent_lite.observability import multiprocess_dir
+
+if TYPE_CHECKING:
+    from sydent_lite.storage.database import Database
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +94,13 @@ def observe_request(route: str, method: str, status: int, seconds: float) -> Non
 ONBIND_QUERY_TIMEOUT_SECONDS = 2.0
 
 
-async def refresh_onbind_pending(engine: AsyncEngine) -> None:
+async def refresh_onbind_pending(database: Database) -> None:
     """Set `sydent_onbind_pending` from the database (a COUNT on a small table)."""
     from sydent_lite.storage.tables import onbind_callbacks
 
     try:
         async with asyncio.timeout(ONBIND_QUERY_TIMEOUT_SECONDS):
-            async with engine.connect() as conn:
+            async with database.connect() as conn:
                 count = (await conn.execute(select(func.count()).select_from(onbind_callbacks))).scalar_one()
     except Exception as e:  # the scrape still answers; the gauge keeps its last value
         logger.warning("metrics: cannot count pending onbind callbacks (%s)", type(e).__name__)

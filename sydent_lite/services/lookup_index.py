@@ -12,19 +12,19 @@ small query, shared by the lookups that arrive while it runs), so a bind committ
 process is seen by every lookup that starts after it. Old log rows are pruned after an hour;
 a process that fell behind the pruning point (stopped for that long) reloads the whole index.
 
-What is held: two byte maps, one of lookup hashes (v2 lookups) and one of (medium, address)
-pairs (v1 bulk_lookup, which would otherwise SHA-256 every pair it is asked about), 32 slots
-of one byte per association each, rounded up to a power of two (100,000: 8 MiB for both). A
-slot only says "maybe": the candidates (the hits, plus ~3% of the misses) are confirmed by
-their full lookup hash or address, so neither a shared nor a stale slot can ever answer
-wrongly. Slots are not cleared when an association goes (another may share the slot);
-removals are counted and the maps rebuilt when they pile up or the maps get crowded.
+What is held: two slot filters (one-hash Bloom filters), one of lookup hashes (v2 lookups)
+and one of (medium, address) pairs (v1 bulk_lookup, which would otherwise SHA-256 every pair
+it is asked about), 32 slots of one byte per association each, rounded up to a power of two
+(100,000: 8 MiB for both). A slot only says "maybe": the candidates (the hits, plus ~3% of
+the misses) are confirmed by their full lookup hash or address, so neither a shared nor a
+stale slot can ever answer wrongly. Slots are not cleared when an association goes (another
+may share the slot); removals are counted and the filters rebuilt when they pile up or the
+filters get crowded.
 
-Where candidates are confirmed: on SQLite, by an indexed read of the in-process database.
-With `mxids_with_pepper` (PostgreSQL), by an exact in-memory table of every lookup hash and
-its mxid (services.mxid_table, ~85 bytes an association), so that a lookup costs the shared
-database nothing but its token check and the change poll; bulk_lookup's candidate addresses
-are hashed (SHA-256, only the candidates) and confirmed there too.
+Where candidates are confirmed (services.lookup_confirmers, chosen at start): on SQLite, by
+an indexed read of the in-process database; on PostgreSQL, by an exact in-memory table of
+every lookup hash and its mxid, so that a lookup costs the shared database nothing but its
+token check and the change poll.
 
 Changes that fire no row trigger: a TRUNCATE on PostgreSQL is logged as one marker row
 (migration 0005), on which everything held is dropped. Changes made with triggers switched
@@ -43,9 +43,8 @@ from dataclasses import dataclass
 from itertools import compress, islice, repeat
 
 from sydent_lite.secrets_util import now_ms
-from sydent_lite.services.hashing import lookup_hash
-from sydent_lite.services.mxid_table import MxidTable
-from sydent_lite.storage.association_changes import AssociationChangeStore
+from sydent_lite.services.lookup_confirmers import CandidateConfirmer
+from sydent_lite.storage.association_changes import CHANGES_PER_READ, AssociationChangeStore, Change
 from sydent_lite.storage.associations import AssociationStore
 
 logger = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ BACKGROUND_REFRESH_SECONDS = 2.0
 KEEP_CHANGES_MS = 60 * 60 * 1000
 # Rebuild once this many removed associations (or a quarter of the index) left stale slots.
 MAX_STALE = 10_000
-# Slots per association in a byte map: the share of misses that become false candidates is
+# Slots per association in a slot filter: the share of misses that become false candidates is
 # at most 1/SLOTS_PER_KEY (~3%), each costing one more candidate to confirm.
 SLOTS_PER_KEY = 32
 MIN_SLOTS = 1 << 16
@@ -68,10 +67,11 @@ def _keys(values: Iterable[Hashable]) -> Iterator[int]:
     return map(hash, values)
 
 
-class ByteMap:
-    """A set of keys that may say "maybe" wrongly but never "no" wrongly: one byte per slot,
-    the slot being the key's low bits. 100,000 keys take 4 MiB here; a Python set of them
-    took 7 MiB (an int object and a 16-byte entry each, in a table kept 40% empty)."""
+class SlotFilter:
+    """A one-hash Bloom filter: a set of keys that may say "maybe" wrongly but never "no"
+    wrongly, one byte per slot, the slot being the key's low bits. 100,000 keys take 4 MiB
+    here; a Python set of them took 7 MiB (an int object and a 16-byte entry each, in a table
+    kept 40% empty)."""
 
     def __init__(self, keys: Iterable[int], expected: int) -> None:
         size = MIN_SLOTS
@@ -103,30 +103,27 @@ class ByteMap:
 class _Held:
     """What an index holds, as of change-log id `last_id`."""
 
-    hashes: ByteMap
-    threepids: ByteMap
-    mxids: MxidTable | None
+    hashes: SlotFilter
+    threepids: SlotFilter
+    confirmer: CandidateConfirmer
     last_id: int = 0
-    stale: int = 0  # associations removed since the maps were built (their slots stay set)
+    stale: int = 0  # associations removed since the filters were built (their slots stay set)
 
     def clear(self) -> None:
         """Everything went (a TRUNCATE)."""
-        self.hashes, self.threepids = ByteMap((), 0), ByteMap((), 0)
-        if self.mxids is not None:
-            self.mxids = MxidTable()
+        self.hashes, self.threepids = SlotFilter((), 0), SlotFilter((), 0)
+        self.confirmer = self.confirmer.empty()
         self.stale = 0
 
 
 class LookupIndex:
     def __init__(
-        self, changes: AssociationChangeStore, associations: AssociationStore, *, mxids_with_pepper: str | None = None
+        self, changes: AssociationChangeStore, associations: AssociationStore, confirmer: CandidateConfirmer
     ) -> None:
-        """`mxids_with_pepper`: hold every mxid in memory (see the module's doc), the lookup
-        hashes being computed with this pepper."""
+        """`confirmer`: where candidates are confirmed (services.lookup_confirmers)."""
         self._store = changes
         self._associations = associations
-        self._pepper = mxids_with_pepper
-        self._held = _Held(ByteMap((), 0), ByteMap((), 0), MxidTable() if mxids_with_pepper is not None else None)
+        self._held = _Held(SlotFilter((), 0), SlotFilter((), 0), confirmer.empty())
         self._lock = asyncio.Lock()
         # Polls started so far: a lookup needs one that started after it arrived.
         self._polls_started = 0
@@ -167,58 +164,37 @@ class LookupIndex:
         # each changed row's history in order, ending where the row is now).
         # Everything up to the pruning point is in the table too (the log may be empty).
         last_id = max(await self._store.latest_id(), await self._store.pruned_through())
-        # Keys are collected in flat arrays (8 bytes each, no objects) to size the maps.
+        # Keys are collected in flat arrays (8 bytes each, no objects) to size the filters.
         hash_keys, threepid_keys = array("q"), array("q")
-        mxids = None
-        if self._held.mxids is not None:
-            # One pass over the whole rows: PostgreSQL reads them from the table anyway (its
-            # index-only scans need a vacuumed table).
-            mxids = MxidTable(await self._associations.count())
-            async for rows in self._associations.all_index_rows():
-                hashes = [h for _, _, _, h, _ in rows]
-                hash_keys.extend(_keys(hashes))
-                threepid_keys.extend(_keys([(m, a) for _, m, a, _, _ in rows]))
-                deque(map(mxids.set, hashes, [x for *_, x in rows], [i for i, *_ in rows]), maxlen=0)
-        else:
-            async for hash_batch in self._associations.all_hashes():
-                hash_keys.extend(_keys([h for h, _ in hash_batch]))
-            async for threepid_batch in self._associations.all_threepids():
-                threepid_keys.extend(_keys(threepid_batch))
-        return _Held(ByteMap(hash_keys, len(hash_keys)), ByteMap(threepid_keys, len(threepid_keys)), mxids, last_id)
+        confirmer = self._held.confirmer.empty()
+        async for batch in confirmer.load():
+            hash_keys.extend(_keys(batch.lookup_hashes))
+            threepid_keys.extend(_keys(batch.threepids))
+        hashes, threepids = SlotFilter(hash_keys, len(hash_keys)), SlotFilter(threepid_keys, len(threepid_keys))
+        return _Held(hashes, threepids, confirmer, last_id)
 
     async def _apply_changes(self, held: _Held) -> None:
         while True:
-            rows = await self._store.since(held.last_id)
-            if not rows:
+            changes = await self._store.since(held.last_id)
+            if not changes:
                 return
             # A TRUNCATE's marker: everything held goes, with whatever the log said before it.
-            marker = max((i for i, (_, _, association_id, _) in enumerate(rows) if association_id == TRUNCATED), default=-1)
+            marker = max((i for i, c in enumerate(changes) if c.association_id == TRUNCATED), default=-1)
             if marker >= 0:
                 held.clear()
-            await self._apply(held, rows[marker + 1 :])
-            held.last_id = rows[-1][0]
-            if len(rows) < 10_000:
+            await self._apply(held, changes[marker + 1 :])
+            held.last_id = changes[-1].id
+            if len(changes) < CHANGES_PER_READ:  # else there may be more
                 return
 
-    async def _apply(self, held: _Held, rows: list[tuple[int, str, int, bool]]) -> None:
-        present_ids = [association_id for _, _, association_id, present in rows if present]
-        # The rows as they are now (the log holds only the lookup hash and the row id). A row
-        # deleted meanwhile needs nothing: its deletion is further on in the log.
+    async def _apply(self, held: _Held, changes: Sequence[Change]) -> None:
+        present_ids = [c.association_id for c in changes if c.present]
+        # The rows as they are now (the log holds only the lookup hash and the row id).
         current = await self._associations.index_rows_by_id(present_ids) if present_ids else []
-        held.hashes.add(_keys([h for _, _, _, h, _ in current]))
-        held.threepids.add(_keys([(m, a) for _, m, a, _, _ in current]))
-        held.stale += len(rows) - len(present_ids)
-        if held.mxids is None:
-            return
-        # In the log's order: a removal drops its hash (if it is still that association's);
-        # an addition sets the row's hash and mxid as they are now (any later change of that
-        # row follows in the log).
-        now = {row[0]: row for row in current}
-        for _, logged_hash, association_id, present in rows:
-            if not present:
-                held.mxids.discard(logged_hash, association_id)
-            elif (row := now.get(association_id)) is not None:
-                held.mxids.set(row[3], row[4], association_id)
+        held.hashes.add(_keys([row.lookup_hash for row in current]))
+        held.threepids.add(_keys([(row.medium, row.address) for row in current]))
+        held.stale += len(changes) - len(present_ids)
+        held.confirmer.apply(changes, current)
 
     async def catch_up(self) -> None:
         """Apply every change committed before this call (coalesced with concurrent callers)."""
@@ -241,9 +217,7 @@ class LookupIndex:
         candidates = list(compress(hashes, held.hashes.maybe(_keys(hashes))))
         if not candidates:
             return {}
-        if held.mxids is not None:
-            return held.mxids.get_many(candidates)
-        return await self._associations.mxids_by_hash(candidates)
+        return await held.confirmer.confirm_hashes(candidates)
 
     async def mxids_by_address(self, medium: str, addresses: Sequence[str]) -> dict[str, str]:
         """address -> mxid for the bound ones among `addresses` of `medium`, in their stored
@@ -252,13 +226,7 @@ class LookupIndex:
         candidates = list(compress(addresses, held.threepids.maybe(_keys(zip(repeat(medium), addresses)))))
         if not candidates:
             return {}
-        if held.mxids is not None:
-            assert self._pepper is not None
-            # Every stored lookup hash is computed from its address with the current pepper
-            # (services.hashing): only the candidates are hashed.
-            by_hash = {lookup_hash(a, medium, self._pepper): a for a in candidates}
-            return {by_hash[h]: mxid for h, mxid in held.mxids.get_many(by_hash).items()}
-        return await self._associations.mxids_by_address(medium, candidates)
+        return await held.confirmer.confirm_addresses(medium, candidates)
 
     async def run(self) -> None:
         """Background: keep up with other processes' binds, reload after falling behind pruning."""

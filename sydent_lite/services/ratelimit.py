@@ -32,11 +32,11 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Protocol
 
 from sydent_lite.errors import MatrixError
+from sydent_lite.token_bucket import refill, take_amount
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sqlalchemy.ext.asyncio import AsyncEngine
-
     from sydent_lite.config import RateLimitConfig
+    from sydent_lite.storage.database import Database
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +53,6 @@ class RateLimitStore(Protocol):
         else none, in one atomic step; (tokens taken, tokens left)."""
 
     async def aclose(self) -> None: ...
-
-
-def refill(tokens: float, elapsed_ms: float, rate_per_second: float, burst: int) -> float:
-    return min(float(burst), tokens + max(0.0, elapsed_ms) * rate_per_second / 1000.0)
-
-
-def take_amount(tokens: float, want: int, need: int) -> int:
-    """What a take gets from a bucket at `tokens`: all of `need` (and up to `want`), or nothing."""
-    whole = int(tokens)
-    return min(want, whole) if whole >= need else 0
 
 
 @lru_cache(maxsize=4096)
@@ -210,7 +200,7 @@ class RateLimiter:
         self._taking: dict[str, asyncio.Future[None]] = {}  # key -> the store take under way
 
     @classmethod
-    def from_config(cls, config: RateLimitConfig, engine: AsyncEngine | None = None) -> RateLimiter:
+    def from_config(cls, config: RateLimitConfig, database: Database | None = None) -> RateLimiter:
         """Redis when `redis_url` is set, else the database (else, with neither, this process)."""
         if not config.enabled:
             return cls(False)
@@ -230,10 +220,10 @@ class RateLimiter:
         )
         if config.redis_url:
             return cls(True, RedisRateLimitStore(config.redis_url, horizon))
-        if engine is not None:
+        if database is not None:
             from sydent_lite.storage.ratelimits import DatabaseRateLimitStore
 
-            return cls(True, DatabaseRateLimitStore(engine, horizon))
+            return cls(True, DatabaseRateLimitStore(database, horizon))
         return cls(True)
 
     async def check(self, key: str, rate_per_second: float, burst: int, cost: int = 1) -> None:

@@ -2,55 +2,60 @@
 
 from __future__ import annotations
 
-from sqlalchemy import delete, func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from typing import NamedTuple
 
+from sqlalchemy import delete, func, select
+
+from sydent_lite.storage.database import Database
 from sydent_lite.storage.dialect import insert_for
-from sydent_lite.storage.readers import hot_reader
 from sydent_lite.storage.tables import association_changes as changes
 from sydent_lite.storage.tables import server_state
 
 # server_state key: every change with an id up to this one has been deleted from the log.
 PRUNED_THROUGH = "association_changes_pruned_through"
+# The most changes one read returns.
+CHANGES_PER_READ = 10_000
+
+
+class Change(NamedTuple):
+    """One row of the log: association `association_id` now has (`present`) or no longer has
+    `lookup_hash`."""
+
+    id: int
+    lookup_hash: str
+    association_id: int
+    present: bool
 
 
 class AssociationChangeStore:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-        self._reader = hot_reader(engine)
+    def __init__(self, database: Database) -> None:
+        self._db = database
+        self._reader = reader = database.reader
+        # Before every lookup: the hot reader.
+        self._since_sql = (
+            "SELECT id, lookup_hash, association_id, present FROM association_changes"
+            f" WHERE id > {reader.param(1)} ORDER BY id LIMIT {reader.param(2)}"
+        )
 
     async def latest_id(self) -> int:
-        async with self._engine.connect() as conn:
+        async with self._db.connect() as conn:
             return (await conn.execute(select(func.max(changes.c.id)))).scalar() or 0
 
-    async def since(self, last_id: int, limit: int = 10_000) -> list[tuple[int, str, int, bool]]:
-        """(change id, lookup_hash, association id, present) after last_id, oldest first."""
-        if self._reader is not None:  # before every lookup: the fast path
-            return [
-                (r[0], r[1], r[2], bool(r[3]))
-                for r in await self._reader.all(
-                    "SELECT id, lookup_hash, association_id, present FROM association_changes"
-                    " WHERE id > ? ORDER BY id LIMIT ?",
-                    (last_id, limit),
-                )
-            ]
-        async with self._engine.connect() as conn:
-            rows = await conn.execute(
-                select(changes.c.id, changes.c.lookup_hash, changes.c.association_id, changes.c.present)
-                .where(changes.c.id > last_id)
-                .order_by(changes.c.id)
-                .limit(limit)
-            )
-            return [(r[0], r[1], r[2], bool(r[3])) for r in rows]
+    async def since(self, last_id: int, limit: int = CHANGES_PER_READ) -> list[Change]:
+        """The changes after last_id, oldest first."""
+        rows = await self._reader.all(self._since_sql, (last_id, limit))
+        # SQLite stores `present` as 0 or 1.
+        return [Change(change_id, h, association_id, bool(present)) for change_id, h, association_id, present in rows]
 
     async def pruned_through(self) -> int:
-        async with self._engine.connect() as conn:
-            row = (await conn.execute(select(server_state.c.value).where(server_state.c.name == PRUNED_THROUGH))).first()
+        query = select(server_state.c.value).where(server_state.c.name == PRUNED_THROUGH)
+        async with self._db.connect() as conn:
+            row = (await conn.execute(query)).first()
         return int(row[0]) if row else 0
 
     async def prune(self, older_than_ms: int) -> int:
         """Delete changes made before older_than_ms; remember the last id deleted."""
-        async with self._engine.begin() as conn:
+        async with self._db.begin() as conn:
             through = (
                 await conn.execute(select(func.max(changes.c.id)).where(changes.c.created_ms < older_than_ms))
             ).scalar()

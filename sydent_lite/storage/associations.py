@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import delete, func, literal, select, tuple_, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from sydent_lite.storage.database import Database
 from sydent_lite.storage.dialect import insert_for
 from sydent_lite.storage.invites import CallbackRequest, queue_callback_on
-from sydent_lite.storage.readers import SQLITE_IN_CHUNK, hot_reader
 from sydent_lite.storage.tables import associations as assoc
 
 
@@ -27,18 +27,30 @@ class StoredAssociation:
     signed_json: str
 
 
-def _chunks(items: Sequence, size: int = SQLITE_IN_CHUNK) -> Iterable[Sequence]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+class IndexRow(NamedTuple):
+    """What the lookup index needs of an association."""
+
+    id: int
+    medium: str
+    address: str
+    lookup_hash: str
+    mxid: str
 
 
-# What the lookup index needs of a row.
-IndexRow = tuple[int, str, str, str, str]  # id, medium, address, lookup_hash, mxid
-_INDEX_SELECT = (assoc.c.id, assoc.c.medium, assoc.c.address, assoc.c.lookup_hash, assoc.c.mxid)
+class IndexColumns(NamedTuple):
+    """A batch of IndexRows, a column at a time: the lookup index's load takes each column
+    whole (map, zip: no Python code per row)."""
 
-_GET_SQL = (
-    f"SELECT {', '.join(StoredAssociation.__dataclass_fields__)} FROM {assoc.name} WHERE medium = ? AND address = ?"
-)
+    ids: Sequence[int]
+    media: Sequence[str]
+    addresses: Sequence[str]
+    lookup_hashes: Sequence[str]
+    mxids: Sequence[str]
+
+
+_INDEX_COLUMNS = ", ".join(IndexRow._fields)
+_INDEX_SELECT = tuple(assoc.c[name] for name in IndexRow._fields)
+_STORED_COLUMNS = ", ".join(StoredAssociation.__dataclass_fields__)
 
 
 async def _upsert_on(conn: AsyncConnection, a: StoredAssociation) -> None:
@@ -52,13 +64,16 @@ async def _upsert_on(conn: AsyncConnection, a: StoredAssociation) -> None:
 
 
 class AssociationStore:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-        self._reader = hot_reader(engine)
+    def __init__(self, database: Database) -> None:
+        self._db = database
+        self._reader = reader = database.reader
+        # v1 lookup's hot path.
+        where = f"medium = {reader.param(1)} AND address = {reader.param(2)}"
+        self._get_sql = f"SELECT {_STORED_COLUMNS} FROM {assoc.name} WHERE {where}"
 
     async def upsert(self, a: StoredAssociation) -> None:
         """Insert, or replace the association of that 3PID in one statement (no lost race)."""
-        async with self._engine.begin() as conn:
+        async with self._db.begin() as conn:
             await _upsert_on(conn, a)
 
     async def bind(self, a: StoredAssociation, callback: CallbackRequest | None) -> int | None:
@@ -70,71 +85,56 @@ class AssociationStore:
         (SQLite), so concurrent binds of one address take turns, and the later ones find the
         invites already claimed.
         """
-        async with self._engine.begin() as conn:
+        async with self._db.begin() as conn:
             await _upsert_on(conn, a)
             return await queue_callback_on(conn, callback) if callback is not None else None
 
     async def delete(self, medium: str, address: str, mxid: str) -> bool:
-        async with self._engine.begin() as conn:
+        async with self._db.begin() as conn:
             result = await conn.execute(
                 delete(assoc).where(assoc.c.medium == medium, assoc.c.address == address, assoc.c.mxid == mxid)
             )
         return result.rowcount > 0
 
     async def get(self, medium: str, address: str) -> StoredAssociation | None:
-        if self._reader is not None:  # v1 lookup's hot path
-            found = await self._reader.first(_GET_SQL, (medium, address))
-            return StoredAssociation(*found) if found else None
-        cols = [assoc.c[k] for k in StoredAssociation.__dataclass_fields__]
-        async with self._engine.connect() as conn:
-            row = (
-                await conn.execute(select(*cols).where(assoc.c.medium == medium, assoc.c.address == address))
-            ).mappings().first()
-        return StoredAssociation(**row) if row else None
+        found = await self._reader.first(self._get_sql, (medium, address))
+        return StoredAssociation(*found) if found else None
 
     async def mxids_by_hash(self, hashes: Sequence[str]) -> dict[str, str]:
         """lookup_hash -> mxid for the bound ones among `hashes` (the lookup index's candidates)."""
-        wanted = list(set(hashes))
-        if self._reader is not None:
-            sql = f"SELECT lookup_hash, mxid FROM {assoc.name} WHERE lookup_hash {{among}}"
-            return dict(await self._reader.all_among(sql, (), wanted))
-        return dict(await self._select_among((assoc.c.lookup_hash, assoc.c.mxid), assoc.c.lookup_hash, wanted))
+        found: dict[str, str] = {}
+        for among, args in self._reader.in_list("lookup_hash", list(set(hashes)), 1):
+            found.update(await self._reader.all(f"SELECT lookup_hash, mxid FROM {assoc.name} WHERE {among}", args))
+        return found
 
     async def mxids_by_address(self, medium: str, addresses: Sequence[str]) -> dict[str, str]:
         """address -> mxid for the bound ones among `addresses` of `medium` (stored forms)."""
-        wanted = list(set(addresses))
-        if self._reader is not None:
-            sql = f"SELECT address, mxid FROM {assoc.name} WHERE medium = ? AND address {{among}}"
-            return dict(await self._reader.all_among(sql, (medium,), wanted))
-        return dict(await self._select_among((assoc.c.address, assoc.c.mxid), assoc.c.address, wanted, assoc.c.medium == medium))
+        reader = self._reader
+        found: dict[str, str] = {}
+        for among, args in reader.in_list("address", list(set(addresses)), 2):
+            sql = f"SELECT address, mxid FROM {assoc.name} WHERE medium = {reader.param(1)} AND {among}"
+            found.update(await reader.all(sql, (medium, *args)))
+        return found
 
     async def index_rows_by_id(self, ids: Sequence[int]) -> list[IndexRow]:
-        """(id, medium, address, lookup_hash, mxid) of the rows with these ids that still exist."""
-        wanted = list(set(ids))
-        if self._reader is not None:
-            sql = f"SELECT id, medium, address, lookup_hash, mxid FROM {assoc.name} WHERE id {{among}}"
-            return await self._reader.all_among(sql, (), wanted)  # type: ignore[return-value]
-        return await self._select_among(_INDEX_SELECT, assoc.c.id, wanted)  # type: ignore[return-value]
+        """The rows with these ids that still exist."""
+        rows: list[IndexRow] = []
+        for among, args in self._reader.in_list("id", list(set(ids)), 1):
+            found = await self._reader.all(f"SELECT {_INDEX_COLUMNS} FROM {assoc.name} WHERE {among}", args)
+            rows += map(IndexRow._make, found)
+        return rows
 
-    async def _select_among(self, columns: tuple[Any, ...], key: Any, values: list[Any], *where: Any) -> list[tuple[Any, ...]]:
-        """`columns` of the rows whose `key` is among `values` (and that match `where`): for
-        in-memory SQLite, which has no hot reader (tests)."""
-        out: list[tuple[Any, ...]] = []
-        async with self._engine.connect() as conn:
-            for chunk in _chunks(values):
-                rows = await conn.execute(select(*columns).where(key.in_(list(chunk)), *where))
-                out.extend(tuple(r) for r in rows)
-        return out
-
-    def all_hashes(self, batch: int = 2_000) -> AsyncIterator[list[tuple[str, int]]]:
-        """Every (lookup_hash, id), in batches, in the order of the lookup_hash index."""
-        return self._scan_in_key_order((assoc.c.lookup_hash, assoc.c.id), batch)
+    async def all_hashes(self, batch: int = 2_000) -> AsyncIterator[list[str]]:
+        """Every lookup_hash, in batches, in the order of the lookup_hash index."""
+        # With the id: the keyset pagination needs a unique key (rows may share a hash).
+        async for rows in self._scan_in_key_order((assoc.c.lookup_hash, assoc.c.id), batch):
+            yield [lookup_hash for lookup_hash, _id in rows]
 
     def all_threepids(self, batch: int = 2_000) -> AsyncIterator[list[tuple[str, str]]]:
         """Every (medium, address), in batches, in the order of their unique index."""
         return self._scan_in_key_order((assoc.c.medium, assoc.c.address), batch)
 
-    async def _scan_in_key_order(self, key: tuple[Any, ...], batch: int) -> AsyncIterator[list[tuple[Any, ...]]]:
+    async def _scan_in_key_order(self, key: tuple[Any, ...], batch: int) -> AsyncIterator[list[Any]]:
         """The whole table's `key` columns (unique together), a batch per short read.
 
         Keyset pagination in the order of an index that covers the columns: no long read of
@@ -146,7 +146,7 @@ class AssociationStore:
             query = select(*key).order_by(*key).limit(batch)
             if after is not None:
                 query = query.where(tuple_(*key) > tuple_(*map(literal, after)))
-            async with self._engine.connect() as conn:
+            async with self._db.connect() as conn:
                 rows = [tuple(r) for r in await conn.execute(query)]
             if not rows:
                 return
@@ -154,23 +154,24 @@ class AssociationStore:
             yield rows
 
     async def count(self) -> int:
-        async with self._engine.connect() as conn:
+        async with self._db.connect() as conn:
             return (await conn.execute(select(func.count()).select_from(assoc))).scalar() or 0
 
-    def all_index_rows(self, batch: int = 2_000) -> AsyncIterator[list[IndexRow]]:
-        """Every (id, medium, address, lookup_hash, mxid), in batches, in id order: one pass
-        over the table (the lookup index's start when it holds the mxids)."""
-        return self._scan_by_id(_INDEX_SELECT, batch)  # type: ignore[return-value]
+    async def all_index_columns(self, batch: int = 2_000) -> AsyncIterator[IndexColumns]:
+        """Every row's IndexRow, a batch of columns at a time, in id order: one pass over the
+        table (the lookup index's start when it holds the mxids)."""
+        async for rows in self._scan_by_id(_INDEX_SELECT, batch):
+            yield IndexColumns._make(zip(*rows, strict=True))
 
     def iter_threepids(self, batch: int = 1000) -> AsyncIterator[list[tuple[int, str, str]]]:
         """(id, medium, address) in batches, for recomputing lookup hashes."""
-        return self._scan_by_id((assoc.c.id, assoc.c.medium, assoc.c.address), batch)  # type: ignore[return-value]
+        return self._scan_by_id((assoc.c.id, assoc.c.medium, assoc.c.address), batch)
 
-    async def _scan_by_id(self, columns: tuple[Any, ...], batch: int) -> AsyncIterator[list[tuple[Any, ...]]]:
+    async def _scan_by_id(self, columns: tuple[Any, ...], batch: int) -> AsyncIterator[list[Any]]:
         """`columns` (the first one `id`) of every row, a batch per short read, in id order."""
         last_id = 0
         while True:
-            async with self._engine.connect() as conn:
+            async with self._db.connect() as conn:
                 query = select(*columns).where(assoc.c.id > last_id).order_by(assoc.c.id).limit(batch)
                 rows = [tuple(r) for r in await conn.execute(query)]
             if not rows:
@@ -179,6 +180,6 @@ class AssociationStore:
             yield rows
 
     async def set_hashes(self, id_to_hash: dict[int, str]) -> None:
-        async with self._engine.begin() as conn:
+        async with self._db.begin() as conn:
             for row_id, h in id_to_hash.items():
                 await conn.execute(update(assoc).where(assoc.c.id == row_id).values(lookup_hash=h))

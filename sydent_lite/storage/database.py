@@ -1,4 +1,4 @@
-"""Engine creation and schema migrations."""
+"""The database object (engine, hot reader, write turns) and schema migrations."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, exc, text
 from sqlalchemy.engine import Connection, make_url
@@ -17,7 +18,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from sydent_lite.resources import migrations_dir
 from sydent_lite.storage.inline_sqlite import inline_creator
-from sydent_lite.storage.readers import close_pg_reader
+from sydent_lite.storage.readers import HotReader, PgReader, SqliteReader
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +31,12 @@ def async_database_url(url: str) -> str:
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
+        path = parsed.database
+        if not path or path == ":memory:":
+            # Every connection would see a database of its own (and the hot reader another).
+            raise ValueError("database.url: an in-memory SQLite database is not supported; name a file")
         parsed = parsed.set(drivername="sqlite+aiosqlite")
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     elif backend == "postgresql":
         parsed = parsed.set(drivername="postgresql+asyncpg")
     else:
@@ -37,26 +44,48 @@ def async_database_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-class _SerialisedWritesEngine(AsyncEngine):
-    """SQLite: this process's write transactions take turns on an asyncio lock.
+class Database:
+    """The database: SQLAlchemy's engine, the hot reader beside it, and how writes begin.
 
-    SQLite lets one writer in at a time; a second connection that tries is put to sleep by
-    the busy handler in growing steps (up to 100 ms each), which under concurrent writes turned
-    a 10 ms requestToken into seconds. Waiting on an asyncio lock instead costs nothing.
-    (Other processes still meet at SQLite's own lock: busy_timeout.) Reads are not serialised.
+    - `connect()` / `begin()`: SQLAlchemy connections, a transaction for `begin()`.
+    - `reader`: the few reads every request makes, straight on the driver (storage.readers).
+    - SQLite: this process's write transactions take turns on an asyncio lock (one per event
+      loop). SQLite lets one writer in at a time; a second connection that tries is put to
+      sleep by the busy handler in growing steps (up to 100 ms each), which under concurrent
+      writes turned a 10 ms requestToken into seconds. Waiting on an asyncio lock instead
+      costs nothing. (Other processes still meet at SQLite's own lock: busy_timeout.) Reads
+      are not serialised.
+    - `dispose()` closes the reader and the engine's pool.
     """
 
-    _locks: dict[asyncio.AbstractEventLoop, asyncio.Lock]
+    def __init__(self, engine: AsyncEngine, reader: HotReader) -> None:
+        self._engine = engine
+        self.reader = reader
+        self.dialect: str = engine.dialect.name
+        self._write_locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+        self._begin = self._begin_in_turn if self.dialect == "sqlite" else engine.begin
+
+    def connect(self) -> AsyncConnection:
+        return self._engine.connect()
+
+    def begin(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A transaction, committed when the block ends (rolled back if it raises)."""
+        return self._begin()
 
     @asynccontextmanager
-    async def begin(self) -> AsyncIterator[AsyncConnection]:  # type: ignore[override]
+    async def _begin_in_turn(self) -> AsyncIterator[AsyncConnection]:
         loop = asyncio.get_running_loop()
-        locks = self.__dict__.setdefault("_locks", {})
-        lock = locks.get(loop)
+        lock = self._write_locks.get(loop)
         if lock is None:
-            lock = locks[loop] = asyncio.Lock()
-        async with lock, super().begin() as conn:
+            lock = self._write_locks[loop] = asyncio.Lock()
+        async with lock, self._engine.begin() as conn:
             yield conn
+
+    async def dispose(self) -> None:
+        try:
+            await self.reader.aclose()
+        finally:
+            await self._engine.dispose()
 
 
 # How long a write waits for another process's write to finish (it blocks this process's loop
@@ -64,20 +93,19 @@ class _SerialisedWritesEngine(AsyncEngine):
 SQLITE_BUSY_TIMEOUT_MS = 5000
 
 
-def create_engine(url: str) -> AsyncEngine:
+def open_database(url: str) -> Database:
+    """The database at `url` (sqlite:///path or postgresql://...); connections open on first use."""
     async_url = async_database_url(url)
     if async_url.startswith("sqlite"):
-        database = make_url(async_url).database
-        if database and database != ":memory:":
-            # Inline (see storage.inline_sqlite); a connection beyond pool_size is opened and
-            # closed per use, so the pool covers the usual concurrency.
-            creator = inline_creator(database, SQLITE_BUSY_TIMEOUT_MS / 1000)
-            engine = create_async_engine(async_url, async_creator=creator, pool_size=20, max_overflow=40)
-        else:
-            engine = create_async_engine(async_url)
+        path = make_url(async_url).database
+        assert path is not None  # async_database_url refuses URLs without one
+        # Inline (see storage.inline_sqlite); a connection beyond pool_size is opened and
+        # closed per use, so the pool covers the usual concurrency.
+        creator = inline_creator(path, SQLITE_BUSY_TIMEOUT_MS / 1000)
+        engine = create_async_engine(async_url, async_creator=creator, pool_size=20, max_overflow=40)
 
         @event.listens_for(engine.sync_engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             # WAL lets readers go on while a writer commits; foreign keys are off by default.
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
@@ -85,22 +113,21 @@ def create_engine(url: str) -> AsyncEngine:
             cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cur.close()
 
-        return _SerialisedWritesEngine(engine.sync_engine)
-    engine = _PostgresEngine(create_async_engine(async_url, pool_size=20, max_overflow=20).sync_engine)
+        return Database(engine, SqliteReader(path, SQLITE_BUSY_TIMEOUT_MS))
+    engine = create_async_engine(async_url, pool_size=20, max_overflow=20)
     _ping_when_idle(engine)
-    return engine
+    return Database(engine, PgReader(_asyncpg_connect_args(engine)))
 
 
-class _PostgresEngine(AsyncEngine):
-    """PostgreSQL: disposing of the engine also closes the hot-path reader's pool
-    (storage.readers), which sits beside SQLAlchemy's."""
-
-    async def dispose(self, close: bool = True) -> None:
-        try:
-            if close:
-                await close_pg_reader(self)
-        finally:
-            await super().dispose(close)
+def _asyncpg_connect_args(engine: AsyncEngine) -> dict[str, Any]:
+    """asyncpg.connect's arguments as SQLAlchemy's dialect derives them from the URL (host,
+    port, user, password, database, ssl and the other query options), less the ones its own
+    adapter consumes."""
+    sync = engine.sync_engine
+    _, kwargs = sync.dialect.create_connect_args(sync.url)
+    for adapter_only in ("prepared_statement_cache_size", "prepared_statement_name_func", "async_creator_fn"):
+        kwargs.pop(adapter_only, None)
+    return dict(kwargs)
 
 
 # A pooled connection unused this long is pinged before it is handed out again.
@@ -119,7 +146,7 @@ def _ping_when_idle(engine: AsyncEngine) -> None:
     sync = engine.sync_engine
 
     @event.listens_for(sync, "checkout")
-    def _ping_if_idle(dbapi_conn, record, _proxy) -> None:  # type: ignore[no-untyped-def]
+    def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
         idle_since = record.info.get("sydent_idle_since")
         if idle_since is not None and time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
             return
@@ -129,12 +156,12 @@ def _ping_when_idle(engine: AsyncEngine) -> None:
             raise exc.DisconnectionError() from e  # the pool retries with a new connection
 
     @event.listens_for(sync, "checkin")
-    def _mark_idle(_dbapi_conn, record) -> None:  # type: ignore[no-untyped-def]
+    def _mark_idle(_dbapi_conn: Any, record: Any) -> None:
         if record is not None:
             record.info["sydent_idle_since"] = time.monotonic()
 
 
-def _alembic_config(connection: Connection):  # type: ignore[no-untyped-def]
+def _alembic_config(connection: Connection) -> AlembicConfig:
     from alembic.config import Config as AlembicConfig
 
     cfg = AlembicConfig()
@@ -168,9 +195,9 @@ def head_revision() -> str:
     return heads.pop()
 
 
-async def _schema_is_current(engine: AsyncEngine) -> bool:
+async def _schema_is_current(database: Database) -> bool:
     try:
-        async with engine.connect() as conn:
+        async with database.connect() as conn:
             current = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
     except Exception:  # no alembic_version table yet: a new database
         return False
@@ -181,7 +208,7 @@ async def _schema_is_current(engine: AsyncEngine) -> bool:
 MIGRATION_LOCK_KEY = int.from_bytes(b"sydentlt", "big") - 2**63
 
 
-async def migrate(engine: AsyncEngine) -> None:
+async def migrate(database: Database) -> None:
     """Bring the schema up to date (idempotent, safe to run from many processes at once).
 
     On PostgreSQL the upgrade runs in one transaction holding an advisory lock: processes
@@ -189,15 +216,15 @@ async def migrate(engine: AsyncEngine) -> None:
     (Released at commit, or when the connection drops.) SQLite lets one writer in at a time.
     """
     # Alembic (about 10 MiB once imported) is only loaded when there is something to do.
-    if await _schema_is_current(engine):
+    if await _schema_is_current(database):
         return
-    async with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
+    async with database.begin() as conn:
+        if database.dialect == "postgresql":
             await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         await conn.run_sync(_upgrade)
 
 
-async def analyze_if_never_analyzed(engine: AsyncEngine) -> None:
+async def analyze_if_never_analyzed(database: Database) -> None:
     """PostgreSQL: ANALYZE the associations table if it has no column statistics.
 
     Lookups read their candidates with `lookup_hash = ANY($1)`. With no statistics at all
@@ -205,9 +232,9 @@ async def analyze_if_never_analyzed(engine: AsyncEngine) -> None:
     matched three rows in four and scanned all 1,000,000: 5 lookups a second. Autovacuum
     keeps statistics current after that; this only covers the never-analyzed start.
     """
-    if engine.dialect.name != "postgresql":
+    if database.dialect != "postgresql":
         return
-    async with engine.connect() as conn:
+    async with database.connect() as conn:
         has_stats = (
             await conn.execute(
                 text(
@@ -218,14 +245,14 @@ async def analyze_if_never_analyzed(engine: AsyncEngine) -> None:
         ).scalar()
     if not has_stats:
         logger.info("associations table has no planner statistics yet: analyzing it")
-        async with engine.begin() as conn:
+        async with database.begin() as conn:
             await conn.execute(text("ANALYZE associations"))
 
 
 async def migrate_database(url: str) -> None:
-    """`migrate` on a throwaway engine: for commands and the worker supervisor."""
-    engine = create_engine(url)
+    """`migrate` on a throwaway connection: for commands and the worker supervisor."""
+    database = open_database(url)
     try:
-        await migrate(engine)
+        await migrate(database)
     finally:
-        await engine.dispose()
+        await database.dispose()

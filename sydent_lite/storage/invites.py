@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, case, delete, exists, func, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from sydent_lite.storage.database import Database
 from sydent_lite.storage.tables import associations, ephemeral_public_keys, invites, onbind_callbacks
 
 
@@ -121,15 +122,15 @@ async def _claim_into(conn: AsyncConnection, callback_id: int, request: Callback
 
 
 class InviteStore:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
+    def __init__(self, database: Database) -> None:
+        self._db = database
 
     async def add(self, invite: StoredInvite) -> None:
-        async with self._engine.begin() as conn:
+        async with self._db.begin() as conn:
             await conn.execute(invites.insert().values(**invite.__dict__))
 
     async def get(self, token: str) -> StoredInvite | None:
-        async with self._engine.connect() as conn:
+        async with self._db.connect() as conn:
             row = (await conn.execute(select(invites).where(invites.c.token == token))).mappings().first()
         return StoredInvite(**row) if row else None
 
@@ -142,7 +143,7 @@ class InviteStore:
         imported = select(ephemeral_public_keys.c.public_key).where(
             ephemeral_public_keys.c.public_key == public_key, ephemeral_public_keys.c.created_ts >= not_before_ts
         )
-        async with self._engine.connect() as conn:
+        async with self._db.connect() as conn:
             if (await conn.execute(ours.limit(1))).first() is not None:
                 return True
             return (await conn.execute(imported.limit(1))).first() is not None
@@ -156,7 +157,7 @@ class InviteStore:
             .order_by(associations.c.medium, associations.c.address)
             .limit(limit)
         )
-        async with self._engine.connect() as conn:
+        async with self._db.connect() as conn:
             return [BoundAddress(*row) for row in await conn.execute(query)]
 
     async def queue_missed_callback(self, bound: BoundAddress, request: CallbackRequest) -> int | None:
@@ -164,7 +165,7 @@ class InviteStore:
 
         Safe when several workers do it at once: as for binds, one of them claims the invites.
         """
-        async with self._engine.begin() as conn:
+        async with self._db.begin() as conn:
             # The INSERT first: on SQLite the transaction takes the write lock with it, so
             # what it reads next cannot change under it.
             callback_id = await _insert_callback(conn, request.destination, request.now)
@@ -190,7 +191,7 @@ class InviteStore:
             .order_by(func.min(onbind_callbacks.c.next_attempt_ts), onbind_callbacks.c.destination)
             .limit(limit)
         )
-        async with self._engine.connect() as conn:
+        async with self._db.connect() as conn:
             return [row[0] for row in await conn.execute(query)]
 
     async def due_callbacks_to(self, destination: str, now: int, limit: int) -> list[PendingCallback]:
@@ -202,7 +203,7 @@ class InviteStore:
             .order_by(cb.next_attempt_ts, cb.id)
             .limit(limit)
         )
-        async with self._engine.connect() as conn:
+        async with self._db.connect() as conn:
             return [PendingCallback(*row) for row in await conn.execute(query)]
 
     async def next_due_ts(self, now: int) -> int | None:
@@ -210,12 +211,12 @@ class InviteStore:
         on one lapses (None: nothing will)."""
         cb = onbind_callbacks.c
         becomes_due = case((cb.claimed_until > cb.next_attempt_ts, cb.claimed_until), else_=cb.next_attempt_ts)
-        async with self._engine.connect() as conn:
+        async with self._db.connect() as conn:
             return (await conn.execute(select(func.min(becomes_due)).where(becomes_due > now))).scalar()
 
     async def claim(self, callback_id: int, now: int, lease_until: int) -> bool:
         """Take the callback for this worker until lease_until; False if another worker has it."""
-        async with self._engine.begin() as conn:
+        async with self._db.begin() as conn:
             result = await conn.execute(
                 update(onbind_callbacks)
                 .where(onbind_callbacks.c.id == callback_id, onbind_callbacks.c.claimed_until < now)
@@ -224,7 +225,7 @@ class InviteStore:
         return result.rowcount == 1
 
     async def mark_delivered(self, callback_id: int, now: int) -> None:
-        async with self._engine.begin() as conn:
+        async with self._db.begin() as conn:
             await conn.execute(
                 update(invites)
                 .where(invites.c.callback_id == callback_id, invites.c.delivered_ts.is_(None))
@@ -233,7 +234,7 @@ class InviteStore:
             await conn.execute(delete(onbind_callbacks).where(onbind_callbacks.c.id == callback_id))
 
     async def reschedule(self, callback_id: int, attempts: int, next_attempt_ts: int) -> None:
-        async with self._engine.begin() as conn:
+        async with self._db.begin() as conn:
             await conn.execute(
                 update(onbind_callbacks)
                 .where(onbind_callbacks.c.id == callback_id)
@@ -242,7 +243,7 @@ class InviteStore:
 
     async def delete_older_than(self, ts: int) -> tuple[int, int]:
         """Expire invites (and never-delivered callbacks, imported keys) created before ts."""
-        async with self._engine.begin() as conn:
+        async with self._db.begin() as conn:
             await conn.execute(delete(ephemeral_public_keys).where(ephemeral_public_keys.c.created_ts < ts))
             inv = await conn.execute(delete(invites).where(invites.c.created_ts < ts))
             cbs = await conn.execute(delete(onbind_callbacks).where(onbind_callbacks.c.created_ts < ts))

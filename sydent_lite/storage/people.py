@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from sqlalchemy import ColumnElement, delete, select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from sydent_lite.storage.database import Database
 from sydent_lite.storage.tables import (
     accepted_terms,
     accounts,
@@ -95,19 +96,19 @@ async def _delete_threepid_on(conn: AsyncConnection, threepid: ThreePid, removed
 
 
 class PeopleStore:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
+    def __init__(self, database: Database) -> None:
+        self._database = database
 
     async def associations_of(self, person: Person) -> list[Binding]:
         """The person's bindings, oldest first."""
-        async with self._engine.connect() as conn:
+        async with self._database.connect() as conn:
             return await _bindings_on(conn, person)
 
     async def delete_person(self, person: Person) -> Removed:
         """Everything stored about the person, in one transaction: each 3PID's association,
         pending invites (with their undelivered onbind callbacks) and validation sessions;
         for a Matrix user, all their 3PIDs so, and their access tokens and terms acceptances."""
-        async with self._engine.begin() as conn:
+        async with self._database.begin() as conn:
             removed = Removed(associations=await _bindings_on(conn, person))
             if isinstance(person, MatrixUser):
                 threepids = [ThreePid(b.medium, b.address) for b in removed.associations]

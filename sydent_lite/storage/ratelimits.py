@@ -6,19 +6,16 @@ import logging
 import time
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
 
+from sydent_lite.storage.database import Database
 from sydent_lite.storage.dialect import insert_for
 from sydent_lite.storage.tables import rate_limit_buckets as buckets
+from sydent_lite.token_bucket import refill, take_amount
 
 logger = logging.getLogger(__name__)
 
 # How often a process deletes buckets that have refilled completely (they equal no row).
 PRUNE_INTERVAL_MS = 10 * 60 * 1000
-
-
-def _refill(tokens: float, elapsed_ms: float, rate_per_second: float, burst: int) -> float:
-    return min(float(burst), tokens + max(0.0, elapsed_ms) * rate_per_second / 1000.0)
 
 
 class DatabaseRateLimitStore:
@@ -31,8 +28,8 @@ class DatabaseRateLimitStore:
     cannot interleave with another writer's.
     """
 
-    def __init__(self, engine: AsyncEngine, horizon_ms: int) -> None:
-        self._engine = engine
+    def __init__(self, database: Database, horizon_ms: int) -> None:
+        self._db = database
         # Buckets untouched for this long have refilled completely: deleting them changes nothing.
         self._horizon_ms = horizon_ms
         self._last_prune_ms = 0
@@ -41,7 +38,7 @@ class DatabaseRateLimitStore:
         self, key: str, rate_per_second: float, burst: int, want: int = 1, need: int = 1
     ) -> tuple[int, float]:
         now = int(time.time() * 1000)
-        async with self._engine.begin() as conn:
+        async with self._db.begin() as conn:
             await conn.execute(
                 insert_for(conn, buckets).values(key=key, tokens=float(burst), updated_ms=now).on_conflict_do_nothing()
             )
@@ -49,10 +46,9 @@ class DatabaseRateLimitStore:
             if conn.dialect.name == "postgresql":
                 query = query.with_for_update()
             tokens, updated_ms = (await conn.execute(query)).one()
-            tokens = _refill(tokens, now - updated_ms, rate_per_second, burst)
+            tokens = refill(tokens, now - updated_ms, rate_per_second, burst)
             # All of `need` or nothing: a lookup of 500 addresses never pays for 300 of them.
-            whole = int(tokens)
-            taken = min(want, whole) if whole >= need else 0
+            taken = take_amount(tokens, want, need)
             tokens -= taken
             # A host whose clock is behind another's never moves a bucket's time backwards.
             await conn.execute(
@@ -65,7 +61,7 @@ class DatabaseRateLimitStore:
 
     async def prune(self, now: int) -> int:
         try:
-            async with self._engine.begin() as conn:
+            async with self._db.begin() as conn:
                 result = await conn.execute(delete(buckets).where(buckets.c.updated_ms < now - self._horizon_ms))
             return result.rowcount
         except Exception:

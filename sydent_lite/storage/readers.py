@@ -11,9 +11,12 @@ three round trips, for one read). The readers here run the query and nothing els
   prepared statements cached per connection by asyncpg, no reset on release (these reads
   leave no session state behind).
 
-Both take SQL with `?` placeholders and, for lists, an `{among}` marker after the column:
-`SELECT ... WHERE lookup_hash {among}` becomes `IN (?, ?, ...)` in chunks on SQLite and
-`= ANY($n)` with one array parameter on PostgreSQL (one prepared statement for any length).
+Each reader spells its driver's SQL: `param(n)` is the n-th parameter (`?` or `$n`), and
+`in_list(column, values, n)` gives `(clause, args)` pairs matching any of `values`, as
+Synapse's `make_in_list_sql_clause` does: `column IN (?, ?, ...)` in chunks under SQLite's
+parameter limit (run one statement per pair), `column = ANY($n)` with one array parameter on
+PostgreSQL (one pair: one prepared statement for any length). A query is written once, with
+its parameters numbered in the order they appear; SQLite ignores the numbers.
 """
 
 from __future__ import annotations
@@ -21,14 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import sqlite3
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sydent_lite.storage.batching import chunks
 
 logger = logging.getLogger(__name__)
 
@@ -38,55 +40,55 @@ Row = tuple[Any, ...]
 SQLITE_IN_CHUNK = 500
 
 
-class HotReader:
+class HotReader(ABC):
     """Autocommit reads: every query sees the latest commit."""
 
-    async def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        raise NotImplementedError
+    @abstractmethod
+    def param(self, n: int) -> str:
+        """The placeholder of the n-th parameter (from 1) of a statement."""
 
-    async def first(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
-        rows = await self.all(sql, params)
+    @abstractmethod
+    def in_list(self, column: str, values: Sequence[Any], n: int) -> list[tuple[str, list[Any]]]:
+        """`(clause, args)` pairs, together matching the rows whose `column` is any of `values`:
+        run the statement once per pair. The clause takes the parameters from number `n` on
+        (on PostgreSQL: exactly one)."""
+
+    @abstractmethod
+    async def all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]: ...
+
+    async def first(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
+        rows = await self.all(sql, args)
         return rows[0] if rows else None
 
-    async def all_among(self, sql: str, params: Sequence[Any], values: Sequence[Any]) -> list[Row]:
-        """Rows of `sql`, whose `{among}` (after a column) matches any of `values`; `params`
-        fill the `?` before the marker."""
-        raise NotImplementedError
-
-    async def aclose(self) -> None:
-        pass
+    @abstractmethod
+    async def aclose(self) -> None: ...
 
 
 class SqliteReader(HotReader):
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, busy_timeout_ms: int) -> None:
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._conn.execute("PRAGMA busy_timeout=5000")
+        self._conn.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         self._conn.execute("PRAGMA query_only=1")
 
-    async def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        return self._conn.execute(sql, tuple(params)).fetchall()
+    def param(self, n: int) -> str:
+        return "?"
 
-    async def first(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
-        return self._conn.execute(sql, tuple(params)).fetchone()
+    def in_list(self, column: str, values: Sequence[Any], n: int) -> list[tuple[str, list[Any]]]:
+        clauses = []
+        for chunk in chunks(values, SQLITE_IN_CHUNK):
+            marks = ", ".join("?" * len(chunk))
+            clauses.append((f"{column} IN ({marks})", list(chunk)))
+        return clauses
 
-    async def all_among(self, sql: str, params: Sequence[Any], values: Sequence[Any]) -> list[Row]:
-        out: list[Row] = []
-        for i in range(0, len(values), SQLITE_IN_CHUNK):
-            chunk = values[i : i + SQLITE_IN_CHUNK]
-            marks = "IN (" + ", ".join("?" * len(chunk)) + ")"
-            out += self._conn.execute(sql.format(among=marks), (*params, *chunk)).fetchall()
-        return out
+    async def all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        return self._conn.execute(sql, args).fetchall()
 
-    def close(self) -> None:
+    async def first(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
+        row: Row | None = self._conn.execute(sql, args).fetchone()
+        return row
+
+    async def aclose(self) -> None:
         self._conn.close()
-
-
-@lru_cache(maxsize=256)
-def _numbered(sql: str) -> str:
-    """`?` placeholders (and `{among}`) as asyncpg's `$1`, `$2`, ... (our SQL has no `?` in
-    literals)."""
-    counter = iter(range(1, 1000))
-    return re.sub(r"\?", lambda _: f"${next(counter)}", sql.replace("{among}", "= ANY(?)"))
 
 
 class PgReader(HotReader):
@@ -107,6 +109,12 @@ class PgReader(HotReader):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pool: Any = None
         self._lock = asyncio.Lock()
+
+    def param(self, n: int) -> str:
+        return f"${n}"
+
+    def in_list(self, column: str, values: Sequence[Any], n: int) -> list[tuple[str, list[Any]]]:
+        return [(f"{column} = ANY(${n})", [list(values)])]
 
     def _for_this_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -132,13 +140,7 @@ class PgReader(HotReader):
                     )
         return self._pool
 
-    async def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        return await self._fetch(_numbered(sql), tuple(params))
-
-    async def all_among(self, sql: str, params: Sequence[Any], values: Sequence[Any]) -> list[Row]:
-        return await self._fetch(_numbered(sql), (*params, list(values)))
-
-    async def _fetch(self, sql: str, args: tuple[Any, ...]) -> list[Row]:
+    async def all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         pool = await self._get_pool()
         try:
             return await self._fetch_once(pool, sql, args)
@@ -149,7 +151,7 @@ class PgReader(HotReader):
             return await self._fetch_once(pool, sql, args)
 
     @staticmethod
-    async def _fetch_once(pool: Any, sql: str, args: tuple[Any, ...]) -> list[Row]:
+    async def _fetch_once(pool: Any, sql: str, args: Sequence[Any]) -> list[Row]:
         async with pool.acquire() as conn:
             try:
                 rows = await conn.fetch(sql, *args)
@@ -188,37 +190,3 @@ def _connection_lost() -> tuple[type[BaseException], ...]:
 async def _keep_session(_connection: Any) -> None:
     """Pool release without asyncpg's reset (`RESET ALL`, `UNLISTEN *`, ...: a statement per
     release); these reads change nothing in the session."""
-
-
-def hot_reader(engine: AsyncEngine) -> HotReader | None:
-    """The engine's reader (one per engine); None for in-memory SQLite (a second connection
-    would see another database)."""
-    sync = engine.sync_engine
-    reader: HotReader | None = sync.__dict__.get("_sydent_reader")
-    if reader is not None:
-        return reader
-    url = sync.url
-    if sync.dialect.name == "sqlite":
-        if not url.database or url.database == ":memory:":
-            return None
-        sqlite_reader = SqliteReader(url.database)
-        event.listen(sync, "engine_disposed", lambda _engine: sqlite_reader.close())
-        reader = sqlite_reader
-    else:
-        # asyncpg.connect's arguments as SQLAlchemy's dialect derives them from the URL (host,
-        # port, user, password, database, ssl and the other query options), less the ones
-        # its own adapter consumes.
-        _, kwargs = sync.dialect.create_connect_args(url)
-        for adapter_only in ("prepared_statement_cache_size", "prepared_statement_name_func", "async_creator_fn"):
-            kwargs.pop(adapter_only, None)
-        reader = PgReader(dict(kwargs))
-    sync.__dict__["_sydent_reader"] = reader
-    return reader
-
-
-async def close_pg_reader(engine: AsyncEngine) -> None:
-    """Close the PostgreSQL reader's pool, as the engine's own is closed (SQLite's reader
-    closes with the engine by itself)."""
-    reader = engine.sync_engine.__dict__.get("_sydent_reader")
-    if isinstance(reader, PgReader):
-        await reader.aclose()

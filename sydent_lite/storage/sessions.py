@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import case, delete, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
 
+from sydent_lite.storage.database import Database
 from sydent_lite.storage.tables import validation_sessions as vs
 
 
@@ -28,11 +28,11 @@ class ValidationSession:
 
 
 class SessionStore:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
+    def __init__(self, database: Database) -> None:
+        self._db = database
 
     async def get(self, sid: str) -> ValidationSession | None:
-        async with self._engine.connect() as conn:
+        async with self._db.connect() as conn:
             row = (await conn.execute(select(vs).where(vs.c.sid == sid))).mappings().first()
         return ValidationSession(**row) if row else None
 
@@ -44,19 +44,19 @@ class SessionStore:
             .order_by(vs.c.created_ts.desc())
             .limit(1)
         )
-        async with self._engine.connect() as conn:
+        async with self._db.connect() as conn:
             row = (await conn.execute(query)).mappings().first()
         return ValidationSession(**row) if row else None
 
     async def create(self, session: ValidationSession) -> None:
-        async with self._engine.begin() as conn:
+        async with self._db.begin() as conn:
             await conn.execute(vs.insert().values(**session.__dict__))
 
     async def set_send_attempt(
         self, sid: str, send_attempt: int, mtime: int, next_link: str | None, brand: str | None, token_hash: str
     ) -> None:
         """A resend: its new token replaces the old one (only the newest is valid)."""
-        async with self._engine.begin() as conn:
+        async with self._db.begin() as conn:
             await conn.execute(
                 update(vs)
                 .where(vs.c.sid == sid)
@@ -70,7 +70,7 @@ class SessionStore:
         One conditional UPDATE: the database serialises it on the row, so however many workers
         compare tokens at once, no more than max_attempts comparisons are ever made.
         """
-        async with self._engine.begin() as conn:
+        async with self._db.begin() as conn:
             result = await conn.execute(
                 update(vs)
                 .where(vs.c.sid == sid, vs.c.validated.is_(False), vs.c.failed_attempts < max_attempts)
@@ -80,7 +80,7 @@ class SessionStore:
 
     async def mark_validated(self, sid: str, ts: int) -> None:
         """Validated by a right token: the attempt taken for it was no failure, so it is given back."""
-        async with self._engine.begin() as conn:
+        async with self._db.begin() as conn:
             await conn.execute(
                 update(vs)
                 .where(vs.c.sid == sid, vs.c.validated.is_(False))
@@ -93,6 +93,6 @@ class SessionStore:
             )
 
     async def delete_expired(self, before_mtime: int) -> int:
-        async with self._engine.begin() as conn:
+        async with self._db.begin() as conn:
             result = await conn.execute(delete(vs).where(vs.c.mtime < before_mtime))
         return result.rowcount

@@ -43,12 +43,12 @@ async def import_sydent(config: Config, sydent_db: Path, signing_key_file: Path 
     counts.signing_key_imported = int(install(serving))
 
     async with operator_context(config) as ctx:
-        pepper = await load_pepper(ServerStateStore(ctx.engine), AssociationStore(ctx.engine))
-        async with ctx.engine.begin() as conn:  # all or nothing
+        pepper = await load_pepper(ServerStateStore(ctx.database), AssociationStore(ctx.database))
+        async with ctx.database.begin() as conn:  # all or nothing
             await write_import(conn, plan, data, pepper, now_ms(), counts)
         # Fresh statistics for the planner: a big import changes the tables' shape at once,
         # and autovacuum (if it runs at all) gets to it later.
-        async with ctx.engine.begin() as conn:
+        async with ctx.database.begin() as conn:
             await conn.execute(text("ANALYZE"))
 
     counts.associations_unbound_in_sydent = plan.unbound

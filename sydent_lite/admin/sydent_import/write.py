@@ -15,7 +15,7 @@ What becomes of Sydent's rows:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ from sydent_lite.admin.sydent_import.read import (
 )
 from sydent_lite.secrets_util import hash_secret
 from sydent_lite.services.hashing import lookup_hash
+from sydent_lite.storage.batching import chunks
 from sydent_lite.storage.dialect import insert_for
 from sydent_lite.storage.tables import (
     accepted_terms,
@@ -192,11 +193,6 @@ def _key_of(row: dict[str, Any], key: tuple[str, ...]) -> Any:
     return row[key[0]] if len(key) == 1 else tuple(row[c] for c in key)
 
 
-def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
 async def _rows_by_key(
     conn: AsyncConnection, table: Table, key: tuple[str, ...], keys: Sequence[Any], extra: Sequence[str] = ()
 ) -> dict[Any, Row[Any]]:
@@ -204,7 +200,7 @@ async def _rows_by_key(
     columns = [table.c[name] for name in key]
     match = columns[0] if len(columns) == 1 else tuple_(*columns)
     out: dict[Any, Row[Any]] = {}
-    for chunk in _chunks(list(dict.fromkeys(keys))):
+    for chunk in chunks(list(dict.fromkeys(keys)), _CHUNK):
         rows = await conn.execute(select(*columns, *(table.c[name] for name in extra)).where(match.in_(chunk)))
         for row in rows:
             out[row[0] if len(columns) == 1 else tuple(row[: len(columns)])] = row
@@ -212,5 +208,5 @@ async def _rows_by_key(
 
 
 async def _insert(conn: AsyncConnection, table: Table, rows: list[dict[str, Any]]) -> None:
-    for chunk in _chunks(rows):
+    for chunk in chunks(rows, _CHUNK):
         await conn.execute(insert_for(conn, table).on_conflict_do_nothing(), list(chunk))

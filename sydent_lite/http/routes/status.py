@@ -48,7 +48,7 @@ async def health(request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
     try:
         async with asyncio.timeout(2):
-            async with ctx.engine.connect() as conn:
+            async with ctx.database.connect() as conn:
                 await conn.execute(text("SELECT 1"))
     except Exception:
         logger.warning("health check: the database did not answer")

@@ -1,0 +1,126 @@
+"""Where the lookup index confirms its candidates: the database (SQLite) or memory (PostgreSQL).
+
+The index's slot filters (services.lookup_index) sort out most of a lookup's misses, and only
+say "maybe" of the rest: each candidate is then confirmed by its full lookup hash or address,
+here. Which confirmer a server uses is chosen once, at start (context.py):
+
+- `DatabaseConfirmer` (SQLite): an indexed read of the in-process database, ~0.1 ms for the
+  ~130 candidates of a 1,000-hash lookup, shared with nothing. It holds nothing.
+- `MemoryConfirmer` (PostgreSQL): every lookup hash with its mxid in memory
+  (services.mxid_table, ~85 bytes an association), kept exact by the change log. The same read
+  cost PostgreSQL ~1 ms of CPU per lookup, and the database is what every worker shares.
+  bulk_lookup's candidate addresses are hashed (SHA-256, only the candidates) and confirmed
+  there too.
+
+Besides the two confirmations, a confirmer says how the index loads (what it scans of the
+table, feeding itself on the way) and takes the log's changes as the index applies them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import NamedTuple
+
+from sydent_lite.services.hashing import lookup_hash
+from sydent_lite.services.mxid_table import MxidTable
+from sydent_lite.storage.association_changes import Change
+from sydent_lite.storage.associations import AssociationStore, IndexRow
+
+
+class FilterKeys(NamedTuple):
+    """Values for the index's two slot filters, from a batch of the table."""
+
+    lookup_hashes: Iterable[str]
+    threepids: Iterable[tuple[str, str]]  # (medium, address)
+
+
+class CandidateConfirmer(ABC):
+    @abstractmethod
+    async def confirm_hashes(self, hashes: Sequence[str]) -> dict[str, str]:
+        """lookup hash -> mxid for the bound ones among `hashes`."""
+
+    @abstractmethod
+    async def confirm_addresses(self, medium: str, addresses: Sequence[str]) -> dict[str, str]:
+        """address -> mxid for the bound ones among `addresses` of `medium` (stored forms)."""
+
+    # --- what keeps it current ----------------------------------------------------------
+
+    @abstractmethod
+    def empty(self) -> CandidateConfirmer:
+        """One of this kind that holds nothing: for a (re)load, or after a TRUNCATE."""
+
+    @abstractmethod
+    def load(self) -> AsyncIterator[FilterKeys]:
+        """Read the whole table (taking what this confirmer holds), yielding the filters' keys."""
+
+    @abstractmethod
+    def apply(self, changes: Sequence[Change], current: Sequence[IndexRow]) -> None:
+        """Take `changes`, in the log's order; `current`: the rows of the ones present, as they
+        are now (a row deleted meanwhile is missing: its deletion is further on in the log)."""
+
+
+class DatabaseConfirmer(CandidateConfirmer):
+    """Candidates confirmed by an indexed read of the database; nothing held."""
+
+    def __init__(self, associations: AssociationStore) -> None:
+        self._associations = associations
+
+    async def confirm_hashes(self, hashes: Sequence[str]) -> dict[str, str]:
+        return await self._associations.mxids_by_hash(hashes)
+
+    async def confirm_addresses(self, medium: str, addresses: Sequence[str]) -> dict[str, str]:
+        return await self._associations.mxids_by_address(medium, addresses)
+
+    def empty(self) -> DatabaseConfirmer:
+        return self
+
+    async def load(self) -> AsyncIterator[FilterKeys]:
+        # Two scans of indexes that cover the columns: the table's rows (each with its signed
+        # association) are not read.
+        async for hashes in self._associations.all_hashes():
+            yield FilterKeys(hashes, ())
+        async for threepids in self._associations.all_threepids():
+            yield FilterKeys((), threepids)
+
+    def apply(self, changes: Sequence[Change], current: Sequence[IndexRow]) -> None:
+        pass
+
+
+class MemoryConfirmer(CandidateConfirmer):
+    """Candidates confirmed in an exact in-memory table of every lookup hash and its mxid."""
+
+    def __init__(self, associations: AssociationStore, pepper: str, table: MxidTable | None = None) -> None:
+        """`pepper`: the one every stored lookup hash is computed with (services.hashing)."""
+        self._associations = associations
+        self._pepper = pepper
+        self._table = table if table is not None else MxidTable()
+
+    async def confirm_hashes(self, hashes: Sequence[str]) -> dict[str, str]:
+        return self._table.get_many(hashes)
+
+    async def confirm_addresses(self, medium: str, addresses: Sequence[str]) -> dict[str, str]:
+        by_hash = {lookup_hash(a, medium, self._pepper): a for a in addresses}
+        return {by_hash[h]: mxid for h, mxid in self._table.get_many(by_hash).items()}
+
+    def empty(self) -> MemoryConfirmer:
+        return MemoryConfirmer(self._associations, self._pepper)
+
+    async def load(self) -> AsyncIterator[FilterKeys]:
+        # One pass over the whole rows: PostgreSQL reads them from the table anyway (its
+        # index-only scans need a vacuumed table).
+        self._table = table = MxidTable(await self._associations.count())
+        async for batch in self._associations.all_index_columns():
+            deque(map(table.set, batch.lookup_hashes, batch.mxids, batch.ids), maxlen=0)
+            yield FilterKeys(batch.lookup_hashes, zip(batch.media, batch.addresses, strict=True))
+
+    def apply(self, changes: Sequence[Change], current: Sequence[IndexRow]) -> None:
+        # A removal drops its hash (if it is still that association's); an addition sets the
+        # row's hash and mxid as they are now (any later change of that row follows in the log).
+        now = {row.id: row for row in current}
+        for change in changes:
+            if not change.present:
+                self._table.discard(change.lookup_hash, change.association_id)
+            elif (row := now.get(change.association_id)) is not None:
+                self._table.set(row.lookup_hash, row.mxid, row.id)
