@@ -19,7 +19,6 @@ from sydent_lite.delivery.sms.base import (
     SmsProvider,
     SmsSendError,
     originator_for,
-    parse_originator,
 )
 from sydent_lite.delivery.sms.file import FileSmsProvider
 from sydent_lite.delivery.sms.openmarket import OpenMarketSmsProvider
@@ -37,7 +36,6 @@ __all__ = [
     "WebhookSmsProvider",
     "make_sms_provider",
     "originator_for",
-    "parse_originator",
 ]
 
 
