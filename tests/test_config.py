@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -92,7 +93,7 @@ def test_example_config_loads_and_documents_every_key() -> None:
         ({"listen": {"max_connections": "many"}}, "'listen.max_connections' must be an integer"),
     ],
 )
-def test_bad_config_names_the_key(data: dict, message: str) -> None:
+def test_bad_config_names_the_key(data: dict[Any, Any], message: str) -> None:
     with pytest.raises(ConfigError) as e:
         config_from_dict(data)
     assert message in str(e.value)
@@ -145,7 +146,7 @@ def test_bad_config_names_the_key(data: dict, message: str) -> None:
          "config key 'federation.ip_allowlist[0]' must be a string, not empty"),
     ],
 )
-def test_messages_word_for_word(data: dict, message: str) -> None:
+def test_messages_word_for_word(data: dict[Any, Any], message: str) -> None:
     with pytest.raises(ConfigError) as e:
         config_from_dict(data)
     assert str(e.value) == message
@@ -185,7 +186,7 @@ def test_loose_spellings_that_are_accepted() -> None:
          "id.test", "http://127.0.0.1:8090", "Me <me@id.test>"),
     ],
 )
-def test_derived_values(data: dict, server_name: str, base_url: str, email_from: str) -> None:
+def test_derived_values(data: dict[str, Any], server_name: str, base_url: str, email_from: str) -> None:
     config = config_from_dict(data)
     assert (config.effective_server_name, config.base_url, config.email_from) == (server_name, base_url, email_from)
 
@@ -193,9 +194,9 @@ def test_derived_values(data: dict, server_name: str, base_url: str, email_from:
 def test_loaded_config_is_read_only() -> None:
     config = load_config(None)
     with pytest.raises(ValidationError):
-        config.listen.port = 1  # type: ignore[misc]
+        config.listen.port = 1
     with pytest.raises(ValidationError):
-        config.server_name = "elsewhere"  # type: ignore[misc]
+        config.server_name = "elsewhere"
 
 
 def test_workers_get_the_config_back_as_it_was() -> None:
