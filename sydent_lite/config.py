@@ -1,22 +1,37 @@
-"""Configuration: a YAML file mapped onto typed dataclasses.
+"""Configuration: a YAML file validated into frozen pydantic models.
 
 The key names are a public contract (operators keep their files across upgrades). Loading is
 strict: an unknown key or a value of the wrong type stops start-up with a message that names
 the key, because a silently ignored typo in an identity server's config is a security bug
-waiting to happen (think `verify_tls: flase`).
+waiting to happen (think `verify_tls: flase`). pydantic does the checking (types, choices,
+ranges, the rules that span keys); `_describe` words its errors as operators have always read
+them ("config key 'listen.port' must be an integer"). Values derived from others
+(`effective_server_name`, `base_url`, `email_from`) are computed once, while validating.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
-import types
-import typing
-from dataclasses import dataclass, field
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Self, TypeVar, cast, get_args
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 
 
 class ConfigError(Exception):
@@ -69,55 +84,183 @@ DEFAULT_IP_BLOCKLIST = [
 ]
 
 
-@dataclass
-class ListenConfig:
+# --- rules on one value: the message reads "config key '<key>' <wording>" ----------------------
+
+
+class _NamesItsKeys(ValueError):
+    """A rule's message that names its keys itself (a rule spanning several keys)."""
+
+
+_V = TypeVar("_V")
+
+
+def _rule(ok: Callable[[Any], bool], wording: str, error: type[ValueError] = ValueError) -> AfterValidator:
+    def check(value: _V) -> _V:
+        if not ok(value):
+            raise error(wording)
+        return value
+
+    return AfterValidator(check)
+
+
+def _between(low: int, high: int) -> AfterValidator:
+    return _rule(lambda v: low <= v <= high, f"must be between {low} and {high}")
+
+
+def _at_least(minimum: int) -> AfterValidator:
+    return _rule(lambda v: v >= minimum, f"must be at least {minimum}")
+
+
+_POSITIVE = _rule(lambda v: v > 0, "must be positive")
+
+
+def _ip_network(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"is not an IP network: {value!r}") from None
+    return value
+
+
+def _keys_as_strings(value: Any) -> Any:
+    # YAML reads `44:` as an integer; these mappings are keyed by strings.
+    if isinstance(value, dict):
+        return {str(k) if isinstance(k, int) else k: v for k, v in value.items()}
+    return value
+
+
+def _upper(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+Port = Annotated[int, _between(1, 65535)]
+PositiveSeconds = Annotated[float, _POSITIVE]
+IpNetwork = Annotated[str, AfterValidator(_ip_network)]
+StringMapping = Annotated[dict[str, str], BeforeValidator(_keys_as_strings)]
+
+EmailTransport = Literal["smtp", "maildir"]
+SmtpSecurity = Literal["none", "starttls", "tls"]
+SmsProviderName = Literal["file", "twilio", "openmarket", "webhook"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+LogFormat = Literal["text", "json"]
+OriginatorType = Literal["alpha", "long", "short"]
+
+
+@dataclass(frozen=True)
+class Originator:
+    """Who an SMS comes from: a sender name, a (long) phone number or a short code."""
+
+    type: OriginatorType
+    text: str
+
+    def __str__(self) -> str:
+        """Sydent's form, as in the config file: "alpha:Matrix"."""
+        return f"{self.type}:{self.text}"
+
+
+def parse_originator(value: object) -> Originator:
+    """Sydent's originator form: "alpha:Matrix", "long:+447700900000" or "short:12345"."""
+    if isinstance(value, Originator):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    kind, sep, text = value.partition(":")
+    if not sep or kind not in get_args(OriginatorType) or not text:
+        raise ValueError("must look like alpha:NAME, long:NUMBER or short:CODE")
+    return Originator(cast(OriginatorType, kind), text)
+
+
+def _originator_spec(originator: Originator) -> str:
+    return str(originator)
+
+
+# Parsed while loading (delivery gets Originator values), written back in the file's form.
+OriginatorSpec = Annotated[Originator, PlainValidator(parse_originator), PlainSerializer(_originator_spec)]
+
+
+# --- the sections -------------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    """A mapping of the config file: unknown keys and loose types refused, read-only once loaded."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_defaults(cls, data: Any) -> Any:
+        # An empty YAML value for a section (`federation:` and nothing under it): all defaults.
+        return {} if data is None else data
+
+
+class ListenConfig(_Section):
     host: str = "127.0.0.1"
-    port: int = 8090
+    port: Port = 8090
     # Homeservers only ever call https://<id_server>/...; serve TLS directly when both are set.
     tls_certificate: str | None = None
     tls_private_key: str | None = None
     # Reverse proxies whose X-Forwarded-For we believe (IPs or networks); nobody else's.
     # They are also exempt from max_connections_per_ip (every client comes through them).
-    trusted_proxies: list[str] = field(default_factory=list)
+    trusted_proxies: list[IpNetwork] = Field(default_factory=list)
     # Slow requests (see sydent_lite/http/protocol.py): the request line and headers must
     # arrive within header_timeout_seconds of the accept (TLS handshake included), of the
     # request's first byte or of the previous response; a body may pause at most
     # body_idle_timeout_seconds and take body_timeout_seconds in all. Then 408 and close.
-    header_timeout_seconds: float = 10.0
-    body_idle_timeout_seconds: float = 15.0
-    body_timeout_seconds: float = 60.0
+    header_timeout_seconds: PositiveSeconds = 10.0
+    body_idle_timeout_seconds: PositiveSeconds = 15.0
+    body_timeout_seconds: PositiveSeconds = 60.0
     # The head of a request: request line and headers in bytes, header fields, target (URL).
-    max_header_bytes: int = 32 * 1024
-    max_headers: int = 100
-    max_url_bytes: int = 8 * 1024
+    max_header_bytes: Annotated[int, _at_least(1024)] = 32 * 1024
+    max_headers: Annotated[int, _at_least(16)] = 100
+    max_url_bytes: Annotated[int, _at_least(256)] = 8 * 1024
     # Open connections per process, and per client address (IPv6: per /64); beyond, 503.
-    max_connections: int = 4096
-    max_connections_per_ip: int = 100
+    max_connections: Annotated[int, _at_least(1)] = 4096
+    max_connections_per_ip: Annotated[int, _at_least(1)] = 100
+
+    @model_validator(mode="after")
+    def _rules(self) -> Self:
+        if self.max_url_bytes > self.max_header_bytes:
+            raise _NamesItsKeys("config key 'listen.max_url_bytes' must not exceed 'listen.max_header_bytes'")
+        if bool(self.tls_certificate) != bool(self.tls_private_key):
+            raise _NamesItsKeys("config keys 'listen.tls_certificate' and 'listen.tls_private_key' go together")
+        return self
 
 
-@dataclass
-class DatabaseConfig:
+_IN_MEMORY_SQLITE = ("sqlite://", "sqlite:///", "sqlite:///:memory:")
+
+
+class DatabaseConfig(_Section):
     # sqlite:///relative/path, sqlite:////absolute/path or postgresql+asyncpg://user@host/db
-    url: str = "sqlite:///data/sydent_lite.db"
+    url: Annotated[
+        str,
+        _rule(lambda url: url.startswith(("sqlite", "postgresql")), "must be a sqlite:/// or postgresql:// URL"),
+        # Every connection (the hot reader's too) would see a database of its own.
+        _rule(
+            lambda url: url.split("?", 1)[0] not in _IN_MEMORY_SQLITE,
+            "must name a SQLite file: an in-memory database is not supported",
+        ),
+    ] = "sqlite:///data/sydent_lite.db"
 
 
-@dataclass
-class SmtpConfig:
+class SmtpConfig(_Section):
     host: str = "localhost"
     port: int = 25
-    security: str = "none"  # none | starttls | tls
+    security: SmtpSecurity = "none"
     username: str = ""
     password: str = ""
     timeout_seconds: float = 30.0
 
 
-@dataclass
-class EmailConfig:
-    transport: str = "maildir"  # smtp | maildir
+class EmailConfig(_Section):
+    transport: EmailTransport = "maildir"
     maildir: str = "data/outbox"
-    smtp: SmtpConfig = field(default_factory=SmtpConfig)
-    # None: "Identity Server <noreply@{server host}>"
-    from_: str | None = None
+    smtp: SmtpConfig = Field(default_factory=SmtpConfig)
+    # None: "Identity Server <noreply@{server host}>" (Config.email_from). The key is `from`.
+    from_: str | None = Field(default=None, alias="from")
     templates_dir: str | None = None
     default_brand: str = "default"
     # Subject of the validation mail, available to templates as `subject`.
@@ -129,22 +272,29 @@ class EmailConfig:
     # invitation names another web client (`org.matrix.web_client_location`, which Synapse
     # sets): honoured if it is an http(s) base URL and, when this list is not empty, in it.
     web_client_location: str = "https://app.element.io"
-    allowed_web_client_locations: list[str] = field(default_factory=list)
+    allowed_web_client_locations: list[str] = Field(default_factory=list)
 
 
-@dataclass
-class FederationConfig:
+class FederationConfig(_Section):
     verify_tls: bool = True
     # Extra CA certificates (PEM) to trust besides the system store, e.g. a private CA.
     ca_file: str | None = None
-    ip_allowlist: list[str] = field(default_factory=list)
-    ip_blocklist: list[str] = field(default_factory=lambda: list(DEFAULT_IP_BLOCKLIST))
+    ip_allowlist: list[IpNetwork] = Field(default_factory=list)
+    ip_blocklist: list[IpNetwork] = Field(default_factory=lambda: list(DEFAULT_IP_BLOCKLIST))
     timeout_seconds: float = 10.0
     max_response_bytes: int = 1024 * 1024
 
 
-@dataclass
-class RateLimitConfig:
+RedisUrl = Annotated[
+    str,
+    _rule(
+        lambda url: not url or url.startswith(("redis://", "rediss://", "unix://")),
+        "must be a redis://, rediss:// or unix:// URL",
+    ),
+]
+
+
+class RateLimitConfig(_Section):
     enabled: bool = True
     # requestToken: sustained rate and burst, per client IP and per target address.
     request_token_per_ip_per_minute: float = 30.0
@@ -176,333 +326,255 @@ class RateLimitConfig:
     register_per_server_per_minute: float = 60.0
     register_per_server_burst: int = 30
     # Where the buckets live, shared by every worker: Redis when set, else the database.
-    redis_url: str | None = None
+    redis_url: RedisUrl | None = None
 
 
-@dataclass
-class LookupConfig:
+class LookupConfig(_Section):
     # Addresses (v2 lookup) or pairs (v1 bulk_lookup) one request may ask about (Sydent's
     # address_lookup_limit). The lookup endpoints' body cap is derived from it; every other
     # endpoint keeps its small one.
-    max_addresses: int = 10_000
+    max_addresses: Annotated[
+        int,
+        _rule(lambda n: 1 <= n <= MAX_LOOKUP_ADDRESSES_LIMIT, f"must be between 1 and {MAX_LOOKUP_ADDRESSES_LIMIT:,}"),
+    ] = 10_000
 
 
-@dataclass
-class MetricsConfig:
+class MetricsConfig(_Section):
     # Prometheus metrics on a listener of their own, never on the public port.
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = 9092
     path: str = "/metrics"
 
+    @model_validator(mode="after")
+    def _rules(self) -> Self:
+        # Only a listener that will be opened needs a usable address.
+        if self.enabled:
+            if not 0 < self.port < 65536:
+                raise _NamesItsKeys("config key 'metrics.port' must be between 1 and 65535")
+            if not self.path.startswith("/"):
+                raise _NamesItsKeys("config key 'metrics.path' must start with /")
+        return self
 
-@dataclass
-class SessionConfig:
+
+class SessionConfig(_Section):
     # A validation session expires this long after its last modification (spec: 24 hours).
     lifetime_seconds: int = 24 * 60 * 60
     # Length of the emailed validation token.
-    email_token_length: int = 32
+    email_token_length: Annotated[int, _between(8, 255)] = 32
     # Wrong tokens (with the right client secret) a session survives; then it is dead.
-    max_token_attempts: int = 5
+    max_token_attempts: Annotated[int, _between(1, 100)] = 5
 
 
-@dataclass
-class TwilioConfig:
+class TwilioConfig(_Section):
     account_sid: str = ""
     auth_token: str = ""
     # Messages resource: POST {api_base_url}/2010-04-01/Accounts/{account_sid}/Messages.json
     api_base_url: str = "https://api.twilio.com"
 
 
-@dataclass
-class OpenMarketConfig:
+class OpenMarketConfig(_Section):
     username: str = ""
     password: str = ""
     # Sydent's endpoint: POST {api_base_url}/sms/v4/mt
     api_base_url: str = "https://smsc.openmarket.com"
 
 
-@dataclass
-class WebhookConfig:
+class WebhookConfig(_Section):
     # POST url with JSON {"to": msisdn, "text": ..., "originator": {"type", "text"} | null}
     url: str = ""
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: StringMapping = Field(default_factory=dict)
 
 
-@dataclass
-class SmsConfig:
+class SmsConfig(_Section):
     # file: write each SMS into `outbox` (trying things out); twilio | openmarket | webhook.
-    provider: str = "file"
+    provider: SmsProviderName = "file"
     outbox: str = "data/sms_outbox"
     # The code people type in: this many digits.
-    code_length: int = 6
+    code_length: Annotated[int, _between(4, 12)] = 6
     # The SMS text; {token} is the code (as Sydent's bodyTemplate).
-    template: str = "Your code is {token}"
+    template: Annotated[str, _rule(lambda t: "{token}" in t, "must contain {token}")] = "Your code is {token}"
     # Sender per country calling code ("44") or "default", as Sydent: "alpha:Matrix",
     # "long:+447700900000" or "short:12345".
-    originators: dict[str, str] = field(default_factory=dict)
-    # ISO 3166-1 alpha-2 codes we never send to (400 M_DESTINATION_REJECTED).
-    refused_countries: list[str] = field(default_factory=list)
+    originators: Annotated[dict[str, OriginatorSpec], BeforeValidator(_keys_as_strings)] = Field(default_factory=dict)
+    # ISO 3166-1 alpha-2 codes we never send to (400 M_DESTINATION_REJECTED); any case.
+    refused_countries: list[Annotated[str, AfterValidator(str.upper)]] = Field(default_factory=list)
     timeout_seconds: float = 15.0
-    twilio: TwilioConfig = field(default_factory=TwilioConfig)
-    openmarket: OpenMarketConfig = field(default_factory=OpenMarketConfig)
-    webhook: WebhookConfig = field(default_factory=WebhookConfig)
+    twilio: TwilioConfig = Field(default_factory=TwilioConfig)
+    openmarket: OpenMarketConfig = Field(default_factory=OpenMarketConfig)
+    webhook: WebhookConfig = Field(default_factory=WebhookConfig)
+
+    @model_validator(mode="after")
+    def _provider_settings(self) -> Self:
+        if self.provider == "twilio" and not (self.twilio.account_sid and self.twilio.auth_token):
+            raise _NamesItsKeys("sms.provider twilio needs 'sms.twilio.account_sid' and 'sms.twilio.auth_token'")
+        if self.provider == "openmarket" and not (self.openmarket.username and self.openmarket.password):
+            raise _NamesItsKeys("sms.provider openmarket needs 'sms.openmarket.username' and 'sms.openmarket.password'")
+        if self.provider == "webhook" and not self.webhook.url:
+            raise _NamesItsKeys("sms.provider webhook needs 'sms.webhook.url'")
+        return self
 
 
-@dataclass
-class InviteConfig:
+RetrySeconds = Annotated[
+    float, _rule(lambda s: s > 0, "config keys 'invites.onbind_retry_*_seconds' must be positive", _NamesItsKeys)
+]
+
+
+class InviteConfig(_Section):
     # Stored invitations (and their ephemeral keys) older than this are deleted.
-    expiry_seconds: int = 90 * 24 * 60 * 60
+    expiry_seconds: Annotated[int, _POSITIVE] = 90 * 24 * 60 * 60
     # onbind callbacks: first retry after this, doubling up to the maximum, until delivered.
-    onbind_retry_initial_seconds: float = 5.0
-    onbind_retry_max_seconds: float = 3600.0
+    onbind_retry_initial_seconds: RetrySeconds = 5.0
+    onbind_retry_max_seconds: RetrySeconds = 3600.0
     # Each destination (homeserver) is delivered to on its own: at most this many callbacks
     # in flight to one, and at most this many destinations served at once (per process).
-    onbind_max_in_flight_per_destination: int = 2
-    onbind_max_destinations: int = 50
+    onbind_max_in_flight_per_destination: Annotated[int, _at_least(1)] = 2
+    onbind_max_destinations: Annotated[int, _at_least(1)] = 50
     # store-invite's `display_name` (the invitee's address, masked as Sydent does): how many
     # characters of the local part and of the domain it shows (`dav...@exa...`).
-    display_name_reveal_local_part: int = 3
-    display_name_reveal_domain: int = 3
+    display_name_reveal_local_part: Annotated[int, _between(0, 255)] = 3
+    display_name_reveal_domain: Annotated[int, _between(0, 255)] = 3
 
 
-@dataclass
-class Config:
+class Config(_Section):
+    # None: derived from listen.* (effective_server_name, base_url).
     server_name: str | None = None
     public_baseurl: str | None = None
-    listen: ListenConfig = field(default_factory=ListenConfig)
-    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     signing_key_path: str = "data/signing.key"
-    email: EmailConfig = field(default_factory=EmailConfig)
+    email: EmailConfig = Field(default_factory=EmailConfig)
     terms_path: str | None = None
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
-    lookup: LookupConfig = field(default_factory=LookupConfig)
-    sessions: SessionConfig = field(default_factory=SessionConfig)
-    invites: InviteConfig = field(default_factory=InviteConfig)
-    sms: SmsConfig = field(default_factory=SmsConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    log_level: str = "INFO"
-    log_format: str = "text"
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    lookup: LookupConfig = Field(default_factory=LookupConfig)
+    sessions: SessionConfig = Field(default_factory=SessionConfig)
+    invites: InviteConfig = Field(default_factory=InviteConfig)
+    sms: SmsConfig = Field(default_factory=SmsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    # Any case in the file ("debug"); kept in the case shown here.
+    log_level: Annotated[LogLevel, BeforeValidator(_upper)] = "INFO"
+    log_format: Annotated[LogFormat, BeforeValidator(_lower)] = "text"
 
-    # Derived values, filled in by finalise(); not settable from YAML.
+    # Derived values: computed once, while validating; not settable from YAML.
+    _server_name: str = PrivateAttr()
+    _base_url: str = PrivateAttr()
+    _email_from: str = PrivateAttr()
+
     @property
     def effective_server_name(self) -> str:
-        assert self.server_name is not None
-        return self.server_name
+        return self._server_name
 
     @property
     def base_url(self) -> str:
-        assert self.public_baseurl is not None
-        return self.public_baseurl.rstrip("/")
+        """public_baseurl without a trailing slash."""
+        return self._base_url
 
     @property
     def email_from(self) -> str:
-        assert self.email.from_ is not None
-        return self.email.from_
+        return self._email_from
 
+    @model_validator(mode="after")
+    def _rules_across_sections(self) -> Self:
+        if self.metrics.enabled and self.metrics.port == self.listen.port:
+            raise _NamesItsKeys("config key 'metrics.port' must differ from 'listen.port' (metrics are not public)")
+        max_addresses = self.lookup.max_addresses
+        burst = self.rate_limits.lookup_addresses_burst
+        if self.rate_limits.enabled and burst < max_addresses:
+            # A lookup of N addresses costs N at once: a smaller bucket could never pay for one.
+            raise _NamesItsKeys(
+                f"config key 'rate_limits.lookup_addresses_burst' ({burst}) must be at least 'lookup.max_addresses' "
+                f"({max_addresses}): a lookup of that many addresses could never pass; raise the burst or lower "
+                "lookup.max_addresses"
+            )
+        return self
 
-# YAML key -> dataclass attribute, where the YAML name is a Python keyword.
-_RENAMED = {"from": "from_"}
-_ATTR_TO_KEY = {v: k for k, v in _RENAMED.items()}
-
-
-def _type_name(tp: Any) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
-    if tp in names:
-        return names[tp]
-    origin = typing.get_origin(tp)
-    if origin is list:
-        return "a list"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return str(tp)
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping")
-        return _build(tp, value, key + ".")
-    if origin is dict:
-        key_tp, value_tp = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping")
-        return {
-            _coerce(str(k) if isinstance(k, int) else k, key_tp, f"{key}.{k}"): _coerce(v, value_tp, f"{key}.{k}")
-            for k, v in value.items()
-        }
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}' must be a list")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}' must be an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' must be a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' must be a string")
-        return value
-    raise ConfigError(f"config key '{key}' has an unsupported type")  # pragma: no cover
-
-
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for raw_key, value in data.items():
-        if not isinstance(raw_key, str):
-            raise ConfigError(f"config key '{prefix}{raw_key}' is not a string")
-        attr = _RENAMED.get(raw_key, raw_key)
-        if attr not in fields or raw_key in _ATTR_TO_KEY:
-            raise ConfigError(f"unknown config key '{prefix}{raw_key}'")
-        tp = hints[attr]
-        optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
-        if value is None and not optional:
-            # An empty YAML value for a section means "all defaults".
-            if dataclasses.is_dataclass(tp):
-                continue
-            raise ConfigError(f"config key '{prefix}{raw_key}' must be {_type_name(tp)}, not empty")
-        kwargs[attr] = _coerce(value, tp, prefix + raw_key)
-    return cls(**kwargs)
-
-
-def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
-    if value not in allowed:
-        raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)} (got {value!r})")
-
-
-def _check_listen_limits(listen: ListenConfig) -> None:
-    for key in ("header_timeout_seconds", "body_idle_timeout_seconds", "body_timeout_seconds"):
-        if not getattr(listen, key) > 0:
-            raise ConfigError(f"config key 'listen.{key}' must be positive")
-    minimums = {"max_header_bytes": 1024, "max_headers": 16, "max_url_bytes": 256,
-                "max_connections": 1, "max_connections_per_ip": 1}
-    for key, minimum in minimums.items():
-        if getattr(listen, key) < minimum:
-            raise ConfigError(f"config key 'listen.{key}' must be at least {minimum}")
-    if listen.max_url_bytes > listen.max_header_bytes:
-        raise ConfigError("config key 'listen.max_url_bytes' must not exceed 'listen.max_header_bytes'")
-
-
-def finalise(config: Config) -> Config:
-    """Check cross-field rules and fill in values derived from others."""
-    _choice(config.email.transport, ("smtp", "maildir"), "email.transport")
-    _choice(config.email.smtp.security, ("none", "starttls", "tls"), "email.smtp.security")
-    _choice(config.log_level.upper(), ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level")
-    _choice(config.log_format.lower(), ("text", "json"), "log_format")
-    if config.metrics.enabled:
-        if not (0 < config.metrics.port < 65536):
-            raise ConfigError("config key 'metrics.port' must be between 1 and 65535")
-        if config.metrics.port == config.listen.port:
-            raise ConfigError("config key 'metrics.port' must differ from 'listen.port' (metrics are not public)")
-        if not config.metrics.path.startswith("/"):
-            raise ConfigError("config key 'metrics.path' must start with /")
-    redis_url = config.rate_limits.redis_url
-    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError("config key 'rate_limits.redis_url' must be a redis://, rediss:// or unix:// URL")
-    max_addresses = config.lookup.max_addresses
-    if not (1 <= max_addresses <= MAX_LOOKUP_ADDRESSES_LIMIT):
-        raise ConfigError(f"config key 'lookup.max_addresses' must be between 1 and {MAX_LOOKUP_ADDRESSES_LIMIT:,}")
-    burst = config.rate_limits.lookup_addresses_burst
-    if config.rate_limits.enabled and burst < max_addresses:
-        # A lookup of N addresses costs N at once: a smaller bucket could never pay for one.
-        raise ConfigError(
-            f"config key 'rate_limits.lookup_addresses_burst' ({burst}) must be at least 'lookup.max_addresses' "
-            f"({max_addresses}): a lookup of that many addresses could never pass; raise the burst or lower "
-            "lookup.max_addresses"
-        )
-    if not (0 < config.listen.port < 65536):
-        raise ConfigError("config key 'listen.port' must be between 1 and 65535")
-    _check_listen_limits(config.listen)
-    if bool(config.listen.tls_certificate) != bool(config.listen.tls_private_key):
-        raise ConfigError("config keys 'listen.tls_certificate' and 'listen.tls_private_key' go together")
-    url = config.database.url
-    if not (url.startswith("sqlite") or url.startswith("postgresql")):
-        raise ConfigError("config key 'database.url' must be a sqlite:/// or postgresql:// URL")
-    if url.startswith("sqlite") and url.split("?", 1)[0] in ("sqlite://", "sqlite:///", "sqlite:///:memory:"):
-        raise ConfigError("config key 'database.url' must name a SQLite file: an in-memory database is not supported")
-    for i, net in enumerate(config.listen.trusted_proxies):
-        try:
-            ipaddress.ip_network(net, strict=False)
-        except ValueError:
-            raise ConfigError(f"config key 'listen.trusted_proxies[{i}]' is not an IP network: {net!r}") from None
-    for key in ("ip_allowlist", "ip_blocklist"):
-        for i, net in enumerate(getattr(config.federation, key)):
-            try:
-                ipaddress.ip_network(net, strict=False)
-            except ValueError:
-                raise ConfigError(f"config key 'federation.{key}[{i}]' is not an IP network: {net!r}") from None
-    _choice(config.sms.provider, ("file", "twilio", "openmarket", "webhook"), "sms.provider")
-    if not (4 <= config.sms.code_length <= 12):
-        raise ConfigError("config key 'sms.code_length' must be between 4 and 12")
-    if "{token}" not in config.sms.template:
-        raise ConfigError("config key 'sms.template' must contain {token}")
-    for cc, spec in config.sms.originators.items():
-        kind, sep, text = spec.partition(":")
-        if not sep or kind not in ("alpha", "long", "short") or not text:
-            raise ConfigError(f"config key 'sms.originators.{cc}' must look like alpha:NAME, long:NUMBER or short:CODE")
-    config.sms.refused_countries = [c.upper() for c in config.sms.refused_countries]
-    if config.sms.provider == "twilio" and not (config.sms.twilio.account_sid and config.sms.twilio.auth_token):
-        raise ConfigError("sms.provider twilio needs 'sms.twilio.account_sid' and 'sms.twilio.auth_token'")
-    if config.sms.provider == "openmarket" and not (config.sms.openmarket.username and config.sms.openmarket.password):
-        raise ConfigError("sms.provider openmarket needs 'sms.openmarket.username' and 'sms.openmarket.password'")
-    if config.sms.provider == "webhook" and not config.sms.webhook.url:
-        raise ConfigError("sms.provider webhook needs 'sms.webhook.url'")
-    if config.invites.onbind_retry_initial_seconds <= 0 or config.invites.onbind_retry_max_seconds <= 0:
-        raise ConfigError("config keys 'invites.onbind_retry_*_seconds' must be positive")
-    if config.invites.expiry_seconds <= 0:
-        raise ConfigError("config key 'invites.expiry_seconds' must be positive")
-    for key in ("onbind_max_in_flight_per_destination", "onbind_max_destinations"):
-        if getattr(config.invites, key) < 1:
-            raise ConfigError(f"config key 'invites.{key}' must be at least 1")
-    for key in ("display_name_reveal_local_part", "display_name_reveal_domain"):
-        if not (0 <= getattr(config.invites, key) <= 255):
-            raise ConfigError(f"config key 'invites.{key}' must be between 0 and 255")
-    if config.sessions.email_token_length < 8 or config.sessions.email_token_length > 255:
-        raise ConfigError("config key 'sessions.email_token_length' must be between 8 and 255")
-    if not (1 <= config.sessions.max_token_attempts <= 100):
-        raise ConfigError("config key 'sessions.max_token_attempts' must be between 1 and 100")
-
-    scheme = "https" if config.listen.tls_certificate else "http"
-    host = config.listen.host
-    display_host = f"[{host}]" if ":" in host else host
-    if config.server_name is None:
+    @model_validator(mode="after")
+    def _derive(self) -> Self:
+        scheme = "https" if self.listen.tls_certificate else "http"
+        host = self.listen.host
+        display_host = f"[{host}]" if ":" in host else host
         # Homeservers sign unbind requests for the identity server's host[:port].
-        config.server_name = f"{display_host}:{config.listen.port}"
-    if config.public_baseurl is None:
-        config.public_baseurl = f"{scheme}://{display_host}:{config.listen.port}"
-    if config.email.from_ is None:
-        domain = config.server_name.rsplit(":", 1)[0] if not config.server_name.endswith("]") else config.server_name
-        try:
-            ipaddress.ip_address(domain.strip("[]"))
-            domain = "localhost"  # an IP literal makes a poor mail domain
-        except ValueError:
-            pass
-        config.email.from_ = f"Identity Server <noreply@{domain}>"
-    return config
+        self._server_name = self.server_name if self.server_name is not None else f"{display_host}:{self.listen.port}"
+        public_baseurl = self.public_baseurl
+        if public_baseurl is None:
+            public_baseurl = f"{scheme}://{display_host}:{self.listen.port}"
+        self._base_url = public_baseurl.rstrip("/")
+        self._email_from = self.email.from_ if self.email.from_ is not None else _default_from(self._server_name)
+        return self
+
+
+def _default_from(server_name: str) -> str:
+    domain = server_name.rsplit(":", 1)[0] if not server_name.endswith("]") else server_name
+    try:
+        ipaddress.ip_address(domain.strip("[]"))
+        domain = "localhost"  # an IP literal makes a poor mail domain
+    except ValueError:
+        pass
+    return f"Identity Server <noreply@{domain}>"
+
+
+# --- pydantic's errors in our words -------------------------------------------------------------
+
+_MUST_BE = {
+    "bool_type": "true or false",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+}
+
+
+def _key(loc: tuple[int | str, ...]) -> str:
+    """('listen', 'trusted_proxies', 0) -> listen.trusted_proxies[0]"""
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else part
+    return key
+
+
+def _describe(error: ErrorDetails) -> str:
+    """One validation error as start-up reports it, naming the key as the file spells it."""
+    kind, value, loc = error["type"], error["input"], error["loc"]
+    if loc and loc[-1] == "[key]":  # a mapping's key, not its value, is wrong: name the key
+        loc = loc[:-1]
+    key = _key(loc)
+    if kind == "extra_forbidden":
+        return f"unknown config key '{key}'"
+    if kind == "invalid_key":  # a key that is not a string (loc ends with it)
+        return f"config key '{_key(loc[:-1])}{'.' if len(loc) > 1 else ''}{loc[-1]}' is not a string"
+    if kind == "literal_error" and isinstance(value, str):
+        choices = re.findall(r"'([^']*)'", error.get("ctx", {}).get("expected", ""))
+        return f"config key '{key}' must be one of {', '.join(choices)} (got {value!r})"
+    if kind == "literal_error":
+        kind = "string_type"  # every choice is a string
+    if kind in _MUST_BE:
+        return f"config key '{key}' must be {_MUST_BE[kind]}" + (", not empty" if value is None else "")
+    reason = error.get("ctx", {}).get("error")
+    if kind == "value_error" and isinstance(reason, _NamesItsKeys):
+        return str(reason)
+    if kind == "value_error" and isinstance(reason, ValueError):
+        return f"config key '{key}' {reason}"
+    return f"config key '{key}' is not valid: {error['msg']}"  # pragma: no cover (a type not used here)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """The configuration from YAML-shaped data (the file's key names); ConfigError names each bad key."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError("\n".join(_describe(error) for error in e.errors(include_url=False))) from None
 
 
 def load_config(path: str | Path | None) -> Config:
     """Load a YAML config file, or the embedded defaults when path is None."""
     if path is None:
-        return finalise(Config())
+        return config_from_dict({})
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
@@ -515,8 +587,4 @@ def load_config(path: str | Path | None) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must contain a mapping at the top level")
-    return finalise(_build(Config, data))
-
-
-def config_from_dict(data: dict) -> Config:
-    return finalise(_build(Config, data))
+    return config_from_dict(data)

@@ -2,7 +2,8 @@
 
 With `--workers N` (N > 1) the parent binds the socket, applies the migrations once, and starts
 N uvicorn workers that share the socket. Each worker builds its own application from
-`app_from_env` (the configuration travels in an environment variable as JSON). Workers share
+`app_from_env`: the configuration the parent validated travels in an environment variable, as
+the JSON of its model (the file's key names), and is validated again there. Workers share
 nothing but the database (and Redis, when configured): that is where every piece of state
 that matters lives. "listening on" is printed once, by the parent, when every worker serves.
 """
@@ -10,7 +11,6 @@ that matters lives. "listening on" is printed once, by the parent, when every wo
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import os
@@ -31,12 +31,11 @@ from sydent_lite.observability.logs import setup_from_config
 
 logger = logging.getLogger(__name__)
 
-# The worker processes' configuration (JSON, YAML key names), set by the parent.
+# The worker processes' configuration (JSON, YAML key names), set by the parent. The parent's
+# validated config, not the file: a worker restarted later runs what its siblings run even if
+# the file was edited meanwhile, and the embedded defaults (no file) travel the same way.
 CONFIG_ENV = "SYDENT_LITE_WORKER_CONFIG"
 APP_FACTORY = "sydent_lite.server:app_from_env"
-
-# Attribute names that are not the YAML key (a Python keyword).
-_KEY_FOR_ATTR = {"from_": "from"}
 
 
 class _NoUvicornBanner(logging.Filter):
@@ -84,21 +83,6 @@ class _Supervisor(Multiprocess):
             self.announced = True
             print(f"sydent-lite listening on {self._announce} ({len(self.processes)} workers)", flush=True)
         super().keep_subprocess_alive()
-
-
-def config_to_dict(config: Config) -> dict[str, Any]:
-    """The configuration as YAML-style data that `config_from_dict` reads back."""
-
-    def convert(value: Any) -> Any:
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            return {_KEY_FOR_ATTR.get(f.name, f.name): convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        if isinstance(value, dict):
-            return {k: convert(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [convert(v) for v in value]
-        return value
-
-    return convert(config)
 
 
 def app_from_env() -> Any:
@@ -169,7 +153,7 @@ def _serve_workers(config: Config, workers: int, file_limit: int) -> int:
         logger.debug("database preparation failed", exc_info=True)
         print(f"sydent-lite: cannot prepare the database: {e}", file=sys.stderr)
         return 1
-    os.environ[CONFIG_ENV] = json.dumps(config_to_dict(config))
+    os.environ[CONFIG_ENV] = config.model_dump_json(by_alias=True)
     uv_config = uvicorn.Config(APP_FACTORY, factory=True, workers=workers, **_uvicorn_options(config, file_limit))
     try:
         sock = uv_config.bind_socket()

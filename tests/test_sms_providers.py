@@ -23,12 +23,13 @@ from typing import Any, Iterator
 import httpx
 import pytest
 import uvicorn
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sydent_lite.config import ConfigError, OpenMarketConfig, SmsConfig, TwilioConfig, WebhookConfig
+from sydent_lite.config import ConfigError, OpenMarketConfig, SmsConfig, TwilioConfig, WebhookConfig, config_from_dict
 from sydent_lite.delivery.sms import (
     FileSmsProvider,
     OpenMarketSmsProvider,
@@ -39,7 +40,6 @@ from sydent_lite.delivery.sms import (
     WebhookSmsProvider,
     make_sms_provider,
     originator_for,
-    parse_originator,
 )
 
 # Distinctive values that must never show up in an error message or a log line.
@@ -221,17 +221,22 @@ HTTP_PROVIDERS = ["twilio", "openmarket", "webhook"]
 
 
 def test_parse_originator() -> None:
-    assert parse_originator("alpha:Matrix") == Originator("alpha", "Matrix")
-    assert parse_originator("long:+447700900000") == Originator("long", "+447700900000")
-    assert parse_originator("short:12345") == Originator("short", "12345")
+    # The config parses originators (their one home); providers get Originator values.
+    def parsed(spec: str) -> Originator:
+        return config_from_dict({"sms": {"originators": {"44": spec}}}).sms.originators["44"]
+
+    assert parsed("alpha:Matrix") == Originator("alpha", "Matrix")
+    assert parsed("long:+447700900000") == Originator("long", "+447700900000")
+    assert parsed("short:12345") == Originator("short", "12345")
     # Only the first colon separates.
-    assert parse_originator("alpha:A:B") == Originator("alpha", "A:B")
+    assert parsed("alpha:A:B") == Originator("alpha", "A:B")
 
 
 @pytest.mark.parametrize("spec", ["Matrix", "beta:Matrix", "alpha:", ":x", ""])
 def test_parse_originator_refuses_malformed(spec: str) -> None:
-    with pytest.raises(ConfigError):
-        parse_originator(spec)
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"sms": {"originators": {"44": spec}}})
+    assert "config key 'sms.originators.44' must look like alpha:NAME, long:NUMBER or short:CODE" in str(e.value)
 
 
 def test_originator_per_country_then_default_then_none() -> None:
@@ -544,6 +549,12 @@ async def test_http_client_settings() -> None:
     await provider.aclose()
 
 
-def test_make_sms_provider_refuses_unknown() -> None:
-    with pytest.raises(ConfigError, match="sms.provider"):
-        make_sms_provider(SmsConfig(provider="carrier-pigeon"))
+def test_unknown_provider_is_refused_by_the_config() -> None:
+    # Refused where it is read (no SmsConfig holds another name, so make_sms_provider needs no check).
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"sms": {"provider": "carrier-pigeon"}})
+    assert "config key 'sms.provider' must be one of file, twilio, openmarket, webhook (got 'carrier-pigeon')" in str(
+        e.value
+    )
+    with pytest.raises(ValidationError):
+        SmsConfig(provider="carrier-pigeon")  # type: ignore[arg-type]

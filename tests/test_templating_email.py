@@ -14,8 +14,9 @@ from typing import Any, Iterator
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
+from pydantic import ValidationError
 
-from sydent_lite.config import ConfigError, EmailConfig, SmtpConfig
+from sydent_lite.config import ConfigError, EmailConfig, SmtpConfig, config_from_dict
 from sydent_lite.delivery.email import (
     EmailSendError,
     MaildirEmailSender,
@@ -426,6 +427,14 @@ async def test_smtp_login(store: TemplateStore) -> None:
     finally:
         controller.stop()
     assert len(handler.received) == 1
+
+
+def test_unknown_transport_is_refused_by_the_config() -> None:
+    # Refused where it is read; make_email_sender is only ever handed smtp or maildir.
+    with pytest.raises(ConfigError, match=r"'email\.transport' must be one of smtp, maildir \(got 'smpt'\)"):
+        config_from_dict({"email": {"transport": "smpt"}})
+    with pytest.raises(ValidationError):
+        EmailConfig(transport="smpt")  # type: ignore[arg-type]
 
 
 def test_unusable_from_address_is_a_config_error() -> None:

@@ -14,6 +14,7 @@ import os
 from abc import ABC, abstractmethod
 from email.utils import parseaddr
 from pathlib import Path
+from typing import assert_never
 
 import aiosmtplib
 
@@ -126,8 +127,11 @@ class MaildirEmailSender(EmailSender):
 
 
 def make_email_sender(config: EmailConfig, from_header: str, server_name: str | None = None) -> EmailSender:
-    if config.transport == "smtp":
-        return SmtpEmailSender(config.smtp, from_header, ehlo_name(server_name) if server_name else None)
-    if config.transport == "maildir":
-        return MaildirEmailSender(config.maildir)
-    raise ConfigError(f"config key 'email.transport' must be smtp or maildir (got {config.transport!r})")
+    # The config admits only these transports (email.transport); mypy checks that each is served.
+    match config.transport:
+        case "smtp":
+            return SmtpEmailSender(config.smtp, from_header, ehlo_name(server_name) if server_name else None)
+        case "maildir":
+            return MaildirEmailSender(config.maildir)
+        case _:
+            assert_never(config.transport)

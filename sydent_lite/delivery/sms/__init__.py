@@ -12,14 +12,15 @@ full number); the caller answers 400 M_SEND_ERROR.
 
 from __future__ import annotations
 
-from sydent_lite.config import ConfigError, SmsConfig
+from typing import assert_never
+
+from sydent_lite.config import SmsConfig
 from sydent_lite.delivery.sms.base import (
     HttpSmsProvider,
     Originator,
     SmsProvider,
     SmsSendError,
     originator_for,
-    parse_originator,
 )
 from sydent_lite.delivery.sms.file import FileSmsProvider
 from sydent_lite.delivery.sms.openmarket import OpenMarketSmsProvider
@@ -37,19 +38,19 @@ __all__ = [
     "WebhookSmsProvider",
     "make_sms_provider",
     "originator_for",
-    "parse_originator",
 ]
 
 
 def make_sms_provider(config: SmsConfig) -> SmsProvider:
-    if config.provider == "file":
-        return FileSmsProvider(config.outbox)
-    if config.provider == "twilio":
-        return TwilioSmsProvider(config.twilio, config.timeout_seconds)
-    if config.provider == "openmarket":
-        return OpenMarketSmsProvider(config.openmarket, config.timeout_seconds)
-    if config.provider == "webhook":
-        return WebhookSmsProvider(config.webhook, config.timeout_seconds)
-    raise ConfigError(
-        f"config key 'sms.provider' must be file, twilio, openmarket or webhook (got {config.provider!r})"
-    )
+    # The config admits only these names (sms.provider); mypy checks that each has its class.
+    match config.provider:
+        case "file":
+            return FileSmsProvider(config.outbox)
+        case "twilio":
+            return TwilioSmsProvider(config.twilio, config.timeout_seconds)
+        case "openmarket":
+            return OpenMarketSmsProvider(config.openmarket, config.timeout_seconds)
+        case "webhook":
+            return WebhookSmsProvider(config.webhook, config.timeout_seconds)
+        case _:
+            assert_never(config.provider)

@@ -11,44 +11,26 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from sydent_lite.config import ConfigError, SmsConfig
+# Originators are parsed (and malformed ones refused) by the config: providers get Originator
+# values, re-exported here with the rest of what they share.
+from sydent_lite.config import Originator as Originator
+from sydent_lite.config import SmsConfig
 
 logger = logging.getLogger(__name__)
-
-ORIGINATOR_TYPES = ("alpha", "long", "short")
 
 
 class SmsSendError(Exception):
     """The SMS could not be handed over. The message never holds the text, a secret or the number."""
 
 
-@dataclass(frozen=True)
-class Originator:
-    """Who the SMS comes from: a sender name, a (long) phone number or a short code."""
-
-    type: str  # "alpha" | "long" | "short"
-    text: str
-
-
-def parse_originator(spec: str) -> Originator:
-    """Parse Sydent's originator form: "alpha:Matrix", "long:+447700900000" or "short:12345"."""
-    kind, sep, text = spec.partition(":")
-    if not sep or kind not in ORIGINATOR_TYPES or not text:
-        raise ConfigError(f"SMS originator must look like alpha:NAME, long:NUMBER or short:CODE (got {spec!r})")
-    return Originator(kind, text)
-
-
 def originator_for(config: SmsConfig, country_calling_code: int) -> Originator | None:
     """The sender for numbers of this country calling code, else the "default" one, else None."""
-    spec = config.originators.get(str(country_calling_code))
-    if spec is None:
-        spec = config.originators.get("default")
-    return parse_originator(spec) if spec is not None else None
+    originator = config.originators.get(str(country_calling_code))
+    return originator if originator is not None else config.originators.get("default")
 
 
 def masked(msisdn: str) -> str:
