@@ -87,4 +87,7 @@ def bulk_lookup_bodies(n: int, count: int = 32, size: int = 1000, bound_share: f
 def v1_lookup_paths(n: int, count: int = 2000) -> list[str]:
     """v1 /lookup paths of bound addresses (every answer is a signed association)."""
     rng = random.Random(13)
-    return [f"/_matrix/identity/api/v1/lookup?medium=email&address={address(rng.randrange(n)).replace('@', '%40')}" for _ in range(count)]
+    return [
+        f"/_matrix/identity/api/v1/lookup?medium=email&address={address(rng.randrange(n)).replace('@', '%40')}"
+        for _ in range(count)
+    ]

@@ -123,7 +123,9 @@ def run_wrk(
             bodies_file.write_text("\n".join(load.bodies) + "\n")
         script = _SCRIPT.format(
             method=_lua_string(load.method),
-            header_lines="\n".join(f"wrk.headers[{_lua_string(k)}] = {_lua_string(v)}" for k, v in load.headers.items()),
+            header_lines="\n".join(
+                f"wrk.headers[{_lua_string(k)}] = {_lua_string(v)}" for k, v in load.headers.items()
+            ),
             path=_lua_string(load.path),
             run_id=_lua_string(secrets.token_hex(4)),
             template=_lua_string(load.body_template) if load.body_template else "nil",
@@ -133,8 +135,14 @@ def run_wrk(
         script_file = tmpdir / "load.lua"
         script_file.write_text(script)
         cmd = [
-            wrk_path(), f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
-            f"--timeout={timeout_s}s", "-s", str(script_file), base_url,
+            wrk_path(),
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            f"--timeout={timeout_s}s",
+            "-s",
+            str(script_file),
+            base_url,
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + timeout_s + 30)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON ")), None)

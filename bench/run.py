@@ -121,12 +121,20 @@ def lite_config(workdir: Path, port: int, smtp_port: int, database_url: str) -> 
         "listen": {"host": "127.0.0.1", "port": port, "max_connections_per_ip": 100_000},
         "database": {"url": database_url},
         "signing_key_path": str(workdir / "signing.key"),
-        "email": {"transport": "smtp", "smtp": {"host": "127.0.0.1", "port": smtp_port}, "from": "bench@id.bench.example"},
+        "email": {
+            "transport": "smtp",
+            "smtp": {"host": "127.0.0.1", "port": smtp_port},
+            "from": "bench@id.bench.example",
+        },
         "rate_limits": {
-            "request_token_per_ip_per_minute": huge, "request_token_per_ip_burst": huge,
-            "store_invite_per_ip_per_minute": huge, "store_invite_per_ip_burst": huge,
-            "lookup_per_token_per_minute": huge, "lookup_per_token_burst": huge,
-            "lookup_addresses_per_minute": huge, "lookup_addresses_burst": huge,
+            "request_token_per_ip_per_minute": huge,
+            "request_token_per_ip_burst": huge,
+            "store_invite_per_ip_per_minute": huge,
+            "store_invite_per_ip_burst": huge,
+            "lookup_per_token_per_minute": huge,
+            "lookup_per_token_burst": huge,
+            "lookup_addresses_per_minute": huge,
+            "lookup_addresses_burst": huge,
         },
     }
     path = workdir / f"config-{port}.yaml"  # one per server: several may share a workdir (database)
@@ -158,8 +166,9 @@ THIS_BUILD = Build("sydent_lite")
 def export_build(ref: str, workdir: Path) -> Build:
     """`ref` of this repository, exported (git archive) into workdir: the "before" of a change."""
     repo = BENCH_DIR.parent
-    sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", ref], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    sha = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--short", ref], capture_output=True, text=True, check=True
+    ).stdout.strip()
     dest = workdir / f"build-{sha}"
     if not (dest / "sydent_lite").is_dir():
         dest.mkdir(parents=True, exist_ok=True)
@@ -176,8 +185,15 @@ def fit_config_to_build(config: Path, build: Build) -> None:
     data = json.loads(config.read_text())
     for _ in range(50):
         probe = subprocess.run(
-            [sys.executable, "-c", "import sys; from sydent_lite.config import load_config; load_config(sys.argv[1])",
-             str(config)], capture_output=True, text=True, env=build.env(),
+            [
+                sys.executable,
+                "-c",
+                "import sys; from sydent_lite.config import load_config; load_config(sys.argv[1])",
+                str(config),
+            ],
+            capture_output=True,
+            text=True,
+            env=build.env(),
         )
         found = re.search(r"unknown config key '([^']+)'", probe.stderr)
         if probe.returncode == 0 or found is None:
@@ -191,7 +207,13 @@ def fit_config_to_build(config: Path, build: Build) -> None:
 
 
 def prepare_lite(
-    workdir: Path, sydent_db: Path, key_file: Path, database_url: str, smtp_port: int, workers: int, label: str,
+    workdir: Path,
+    sydent_db: Path,
+    key_file: Path,
+    database_url: str,
+    smtp_port: int,
+    workers: int,
+    label: str,
     build: Build = THIS_BUILD,
 ) -> Server:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -204,8 +226,19 @@ def prepare_lite(
         log(f"{label}: importing {sydent_db.name} with `sydent-lite import-sydent`")
         t0 = time.monotonic()
         out = subprocess.run(
-            [*sydent_lite_cmd(), "import-sydent", str(sydent_db), "--signing-key", str(key_file), "--config", str(config)],
-            capture_output=True, text=True, check=False, env=env,
+            [
+                *sydent_lite_cmd(),
+                "import-sydent",
+                str(sydent_db),
+                "--signing-key",
+                str(key_file),
+                "--config",
+                str(config),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=env,
         )
         if out.returncode != 0:
             raise RuntimeError(f"import-sydent failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
@@ -213,7 +246,10 @@ def prepare_lite(
         marker.write_text(f"{sydent_db}|{database_url}")
     token = subprocess.run(
         [*sydent_lite_cmd(), "create-token", "--user-id", BENCH_USER, "--config", str(config)],
-        capture_output=True, text=True, check=True, env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
     ).stdout.strip()
     log_path = workdir / f"server-{workers}w.log"
 
@@ -222,13 +258,20 @@ def prepare_lite(
         if workers > 1:
             cmd += ["--workers", str(workers)]
         with log_path.open("ab") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True,
-                                    env=env)
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True, env=env
+            )
         wait_until_serving(proc, port, log_path)
         return proc
 
-    return Server(label=label, start=start, stop=stop_process, port=port, token=token,
-                  on_postgres=database_url.startswith("postgresql"))
+    return Server(
+        label=label,
+        start=start,
+        stop=stop_process,
+        port=port,
+        token=token,
+        on_postgres=database_url.startswith("postgresql"),
+    )
 
 
 def prepare_sydent(workdir: Path, n: int, key_line: str, smtp_port: int, venv_python: Path) -> tuple[Server, Path]:
@@ -238,9 +281,15 @@ def prepare_sydent(workdir: Path, n: int, key_line: str, smtp_port: int, venv_py
     # Sydent's own defaults (INFO logs, as ours), but for its mail rate limit (5 mails, then one
     # per 5 minutes per account): raised as far as ours is.
     config = sydent_ref.write_config(
-        workdir, port=port, smtp_port=smtp_port, server_name=dataset.SERVER_NAME, signing_key=key_line,
-        templates_dir=sydent_ref.templates_dir_for(venv_python.parent.parent), log_level="INFO",
-        email_ratelimit_burst=10**9, email_ratelimit_rate_hz=10**9,
+        workdir,
+        port=port,
+        smtp_port=smtp_port,
+        server_name=dataset.SERVER_NAME,
+        signing_key=key_line,
+        templates_dir=sydent_ref.templates_dir_for(venv_python.parent.parent),
+        log_level="INFO",
+        email_ratelimit_burst=10**9,
+        email_ratelimit_rate_hz=10**9,
     )
     db = workdir / "sydent.db"
     marker = workdir / "seeded"
@@ -272,17 +321,29 @@ def workload(name: str, server: Server, n: int) -> Workload:
     if name == "v2_get":
         return Workload(name, "GET", "/_matrix/identity/v2")
     if name == "v2_lookup":
-        return Workload(name, "POST", "/_matrix/identity/v2/lookup", auth, bodies=dataset.hashed_lookup_bodies(n, server.pepper))
+        return Workload(
+            name, "POST", "/_matrix/identity/v2/lookup", auth, bodies=dataset.hashed_lookup_bodies(n, server.pepper)
+        )
     if name == "v1_lookup":
         return Workload(name, "GET", "/", paths=dataset.v1_lookup_paths(n))
     if name == "v1_bulk_lookup":
         return Workload(name, "POST", "/_matrix/identity/api/v1/bulk_lookup", bodies=dataset.bulk_lookup_bodies(n))
     if name == "request_token":
         body = json.dumps({"client_secret": "cs-UNIQ__", "email": "rt-UNIQ__@mail.bench.example", "send_attempt": 1})
-        return Workload(name, "POST", "/_matrix/identity/v2/validate/email/requestToken", auth, body_template=body, sends_mail=True)
+        return Workload(
+            name, "POST", "/_matrix/identity/v2/validate/email/requestToken", auth, body_template=body, sends_mail=True
+        )
     if name == "store_invite":
-        body = json.dumps({"medium": "email", "address": "inv-UNIQ__@mail.bench.example", "room_id": "!room:hs.bench.example",
-                           "sender": BENCH_USER, "room_name": "Benchmark room", "sender_display_name": "Alice"})
+        body = json.dumps(
+            {
+                "medium": "email",
+                "address": "inv-UNIQ__@mail.bench.example",
+                "room_id": "!room:hs.bench.example",
+                "sender": BENCH_USER,
+                "room_name": "Benchmark room",
+                "sender_display_name": "Alice",
+            }
+        )
         return Workload(name, "POST", "/_matrix/identity/v2/store-invite", auth, body_template=body, sends_mail=True)
     raise ValueError(name)
 
@@ -307,8 +368,11 @@ def measure(server: Server, load: Workload, args: argparse.Namespace, sink: Coun
     proc = server.start()
     try:
         if not server.pepper:
-            details = httpx.get(f"{server.base_url}/_matrix/identity/v2/hash_details",
-                                headers={"Authorization": f"Bearer {server.token}"}, timeout=10).json()
+            details = httpx.get(
+                f"{server.base_url}/_matrix/identity/v2/hash_details",
+                headers={"Authorization": f"Bearer {server.token}"},
+                timeout=10,
+            ).json()
             server.pepper = details["lookup_pepper"]
             if load.name == "v2_lookup":  # the bodies carry the pepper
                 load = workload(load.name, server, args.associations_for_run)
@@ -339,19 +403,32 @@ def measure(server: Server, load: Workload, args: argparse.Namespace, sink: Coun
     if delivered is not None and delivered < result.ok:
         errors += result.ok - delivered  # an answer without its mail is a failure
     m = Measurement(
-        server=server.label, workload=load.name, round=rnd, rps=result.rps, p50_ms=result.p50_ms, p99_ms=result.p99_ms,
+        server=server.label,
+        workload=load.name,
+        round=rnd,
+        rps=result.rps,
+        p50_ms=result.p50_ms,
+        p99_ms=result.p99_ms,
         cpu_s_per_1k=cpu / (result.requests / 1000) if result.requests else float("nan"),
-        peak_rss_mib=rss, ok=result.ok, errors=errors, mails_delivered=delivered,
+        peak_rss_mib=rss,
+        ok=result.ok,
+        errors=errors,
+        mails_delivered=delivered,
         db_cpu_s_per_1k=db_cpu / (result.requests / 1000) if db_cpu is not None and result.requests else None,
     )
-    log(f"  {m.server:<28} {m.workload:<15} round {rnd}: {m.rps:9.1f} req/s  p50 {m.p50_ms:8.1f} ms  "
+    log(
+        f"  {m.server:<28} {m.workload:<15} round {rnd}: {m.rps:9.1f} req/s  p50 {m.p50_ms:8.1f} ms  "
         f"p99 {m.p99_ms:8.1f} ms  cpu/1k {m.cpu_s_per_1k:7.3f} s  rss {m.peak_rss_mib:6.1f} MiB  "
-        f"ok {m.ok} err {m.errors}" + (f" mails {delivered}" if delivered is not None else "")
-        + (f"  db cpu/1k {m.db_cpu_s_per_1k:.3f} s" if m.db_cpu_s_per_1k is not None else ""))
+        f"ok {m.ok} err {m.errors}"
+        + (f" mails {delivered}" if delivered is not None else "")
+        + (f"  db cpu/1k {m.db_cpu_s_per_1k:.3f} s" if m.db_cpu_s_per_1k is not None else "")
+    )
     return m
 
 
-def compare(servers: list[Server], names: list[str], n: int, args: argparse.Namespace, sink: CountingSmtpSink) -> list[Measurement]:
+def compare(
+    servers: list[Server], names: list[str], n: int, args: argparse.Namespace, sink: CountingSmtpSink
+) -> list[Measurement]:
     """Every workload, round after round, each server in turn (A B A B ...)."""
     args.associations_for_run = n
     out = []
@@ -374,7 +451,9 @@ def medians(ms: list[Measurement], server: str, name: str) -> dict[str, float] |
         "p50": statistics.median(m.p50_ms for m in rows),
         "p99": statistics.median(m.p99_ms for m in rows),
         "cpu": statistics.median(m.cpu_s_per_1k for m in rows),
-        "db_cpu": statistics.median(db) if (db := [m.db_cpu_s_per_1k for m in rows if m.db_cpu_s_per_1k is not None]) else float("nan"),
+        "db_cpu": statistics.median(db)
+        if (db := [m.db_cpu_s_per_1k for m in rows if m.db_cpu_s_per_1k is not None])
+        else float("nan"),
         "rss": statistics.median(m.peak_rss_mib for m in rows),
         "errors": sum(m.errors for m in rows),
         "ok": sum(m.ok for m in rows),
@@ -400,14 +479,18 @@ def comparison_table(ms: list[Measurement], a: str, b: str, names: list[str]) ->
 
 
 def single_table(ms: list[Measurement], labels: list[str], names: list[str]) -> str:
-    lines = ["| server | workload | req/s | p50 ms | p99 ms | CPU s/1k req | PostgreSQL CPU s/1k req | peak RSS MiB | errors |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| server | workload | req/s | p50 ms | p99 ms | CPU s/1k req | PostgreSQL CPU s/1k req | peak RSS MiB | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for label in labels:
         for name in names:
             x = medians(ms, label, name)
             if x is not None:
-                lines.append(f"| {label} | {name} | {x['rps']:,.1f} | {x['p50']:.1f} | {x['p99']:.1f} | {x['cpu']:.3f} | "
-                             f"{x['db_cpu']:.3f} | {x['rss']:.0f} | {x['errors']} |")
+                lines.append(
+                    f"| {label} | {name} | {x['rps']:,.1f} | {x['p50']:.1f} | {x['p99']:.1f} | {x['cpu']:.3f} | "
+                    f"{x['db_cpu']:.3f} | {x['rss']:.0f} | {x['errors']} |"
+                )
     return "\n".join(lines)
 
 
@@ -424,7 +507,9 @@ def scaling_lines(ms: list[Measurement], names: list[str], args: argparse.Namesp
             parts.append(f"{args.workers} workers / 1 worker at {big:,}: **{a['rps'] / b['rps']:.2f}×**")
         if b and c and c["rps"]:
             slower = 100 * (1 - b["rps"] / c["rps"])
-            parts.append(f"{big:,} against {small:,}, 1 worker: {abs(slower):.0f}% {'slower' if slower >= 0 else 'faster'}")
+            parts.append(
+                f"{big:,} against {small:,}, 1 worker: {abs(slower):.0f}% {'slower' if slower >= 0 else 'faster'}"
+            )
         if parts:
             out.append(f"- {name}: " + "; ".join(parts))
     return out
@@ -440,8 +525,10 @@ def machine() -> str:
     except OSError:
         pass
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB; {platform.platform()}; Python {platform.python_version()}; "
-            f"SQLite {sqlite3.sqlite_version}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB; {platform.platform()}; Python {platform.python_version()}; "
+        f"SQLite {sqlite3.sqlite_version}"
+    )
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -472,17 +559,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each run")
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, of: " + ", ".join(WORKLOADS))
-    p.add_argument("--postgres", metavar="URL", help="also run on PostgreSQL (databases bench_lite_* are created there)")
+    p.add_argument(
+        "--postgres", metavar="URL", help="also run on PostgreSQL (databases bench_lite_* are created there)"
+    )
     p.add_argument("--pg-associations", type=int, default=1_000_000)
-    p.add_argument("--pg-sizes", default="", help="comma-separated association counts for PostgreSQL (default: --associations and --pg-associations)")
+    p.add_argument(
+        "--pg-sizes",
+        default="",
+        help="comma-separated association counts for PostgreSQL (default: --associations and --pg-associations)",
+    )
     p.add_argument("--pg-workloads", default="v2_lookup,v1_bulk_lookup")
     p.add_argument("--workers", type=int, default=2, help="workers for the PostgreSQL multi-worker run")
     p.add_argument("--skip-sqlite", action="store_true", help="only the PostgreSQL runs")
     p.add_argument("--workdir", type=Path, default=BENCH_DIR / "work")
-    p.add_argument("--output", type=Path, default=None, help="write the Markdown report here (default: workdir/report.md)")
-    p.add_argument("--baseline", metavar="GIT_REF", action="append", default=[],
-                   help="also run sydent_lite as of this commit (exported from this repository), in the same rounds: "
-                        "a change's before and after in one run (repeatable)")
+    p.add_argument(
+        "--output", type=Path, default=None, help="write the Markdown report here (default: workdir/report.md)"
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="GIT_REF",
+        action="append",
+        default=[],
+        help="also run sydent_lite as of this commit (exported from this repository), in the same rounds: "
+        "a change's before and after in one run (repeatable)",
+    )
     args = p.parse_args(argv)
     names = [w for w in args.workloads.split(",") if w]
     unknown = set(names) - set(WORKLOADS)
@@ -502,54 +602,122 @@ def main(argv: list[str] | None = None) -> int:
     sink.start()
     log("installing/checking Sydent 2.6.1 in bench/.venvs/sydent")
     venv_python = sydent_ref.ensure_venv(BENCH_DIR / ".venvs" / "sydent")
-    report = [f"# Benchmark run {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}", "", f"Machine: {machine()}", "",
-              f"Load: wrk, {args.connections} connections, 2 threads, {args.seconds:.0f} s measured after {args.warmup:.0f} s "
-              f"warm-up, {args.rounds} rounds (servers alternating, each restarted per run); medians.", ""]
+    report = [
+        f"# Benchmark run {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+        "",
+        f"Machine: {machine()}",
+        "",
+        f"Load: wrk, {args.connections} connections, 2 threads, {args.seconds:.0f} s measured after {args.warmup:.0f} s "
+        f"warm-up, {args.rounds} rounds (servers alternating, each restarted per run); medians.",
+        "",
+    ]
     all_ms: list[Measurement] = []
     baselines = [export_build(ref, workdir) for ref in args.baseline]
     try:
         if not args.skip_sqlite:
             n = args.associations
             sydent, sydent_db = prepare_sydent(workdir / f"sydent-{n}", n, key_line, sink.port, venv_python)
-            lite = prepare_lite(workdir / f"lite-sqlite-{n}", sydent_db, key_file,
-                                f"sqlite:///{workdir / f'lite-sqlite-{n}' / 'sydent_lite.db'}", sink.port, 1, "sydent_lite")
+            lite = prepare_lite(
+                workdir / f"lite-sqlite-{n}",
+                sydent_db,
+                key_file,
+                f"sqlite:///{workdir / f'lite-sqlite-{n}' / 'sydent_lite.db'}",
+                sink.port,
+                1,
+                "sydent_lite",
+            )
             olds = []
             for build in baselines:
                 where = workdir / f"lite-sqlite-{n}-{build.label.rsplit('@', 1)[1]}"
-                olds.append(prepare_lite(where, sydent_db, key_file, f"sqlite:///{where / 'sydent_lite.db'}", sink.port, 1,
-                                         build.label, build))
+                olds.append(
+                    prepare_lite(
+                        where,
+                        sydent_db,
+                        key_file,
+                        f"sqlite:///{where / 'sydent_lite.db'}",
+                        sink.port,
+                        1,
+                        build.label,
+                        build,
+                    )
+                )
             log(f"SQLite, {n:,} associations: {', '.join(names)}")
             ms = compare([lite, *olds, sydent], names, n, args, sink)
             all_ms += ms
-            report += [f"## SQLite, {n:,} associations: sydent_lite / Sydent 2.6.1", "",
-                       "Cells with two values are sydent_lite / Sydent.", "", comparison_table(ms, lite.label, sydent.label, names), ""]
+            report += [
+                f"## SQLite, {n:,} associations: sydent_lite / Sydent 2.6.1",
+                "",
+                "Cells with two values are sydent_lite / Sydent.",
+                "",
+                comparison_table(ms, lite.label, sydent.label, names),
+                "",
+            ]
             for old in olds:
-                report += [f"## SQLite, {n:,} associations: {old.label} (before) / Sydent 2.6.1", "",
-                           comparison_table(ms, old.label, sydent.label, names), "",
-                           f"## SQLite, {n:,} associations: sydent_lite (after) / {old.label} (before)", "",
-                           comparison_table(ms, lite.label, old.label, names), ""]
+                report += [
+                    f"## SQLite, {n:,} associations: {old.label} (before) / Sydent 2.6.1",
+                    "",
+                    comparison_table(ms, old.label, sydent.label, names),
+                    "",
+                    f"## SQLite, {n:,} associations: sydent_lite (after) / {old.label} (before)",
+                    "",
+                    comparison_table(ms, lite.label, old.label, names),
+                    "",
+                ]
         if args.postgres:
             pg_names = [w for w in args.pg_workloads.split(",") if w]
             labels = []
             pg_ms: list[Measurement] = []
-            for n in [int(x) for x in args.pg_sizes.split(",")] if args.pg_sizes else (args.associations, args.pg_associations):
+            for n in (
+                [int(x) for x in args.pg_sizes.split(",")]
+                if args.pg_sizes
+                else (args.associations, args.pg_associations)
+            ):
                 _, sydent_db = prepare_sydent(workdir / f"sydent-{n}", n, key_line, sink.port, venv_python)
                 url = create_pg_database(args.postgres, f"bench_lite_{n}")
-                servers = [prepare_lite(workdir / f"lite-pg-{n}", sydent_db, key_file, url, sink.port, 1, f"PostgreSQL {n:,}, 1 worker")]
+                servers = [
+                    prepare_lite(
+                        workdir / f"lite-pg-{n}", sydent_db, key_file, url, sink.port, 1, f"PostgreSQL {n:,}, 1 worker"
+                    )
+                ]
                 for build in baselines:
                     sha = build.label.rsplit("@", 1)[1]
                     old_url = create_pg_database(args.postgres, f"bench_lite_{n}_{sha}")
-                    servers.append(prepare_lite(workdir / f"lite-pg-{n}-{sha}", sydent_db, key_file, old_url, sink.port, 1,
-                                                f"PostgreSQL {n:,}, 1 worker, {build.label}", build))
+                    servers.append(
+                        prepare_lite(
+                            workdir / f"lite-pg-{n}-{sha}",
+                            sydent_db,
+                            key_file,
+                            old_url,
+                            sink.port,
+                            1,
+                            f"PostgreSQL {n:,}, 1 worker, {build.label}",
+                            build,
+                        )
+                    )
                 if n == args.pg_associations and args.workers > 1:
-                    servers.append(prepare_lite(workdir / f"lite-pg-{n}", sydent_db, key_file, url, sink.port, args.workers,
-                                                f"PostgreSQL {n:,}, {args.workers} workers"))
+                    servers.append(
+                        prepare_lite(
+                            workdir / f"lite-pg-{n}",
+                            sydent_db,
+                            key_file,
+                            url,
+                            sink.port,
+                            args.workers,
+                            f"PostgreSQL {n:,}, {args.workers} workers",
+                        )
+                    )
                 log(f"PostgreSQL, {n:,} associations: {', '.join(pg_names)}")
                 pg_ms += compare(servers, pg_names, n, args, sink)
                 labels += [s.label for s in servers]
             all_ms += pg_ms
-            report += ["## sydent_lite on PostgreSQL", "", single_table(pg_ms, labels, pg_names), "",
-                       *scaling_lines(pg_ms, pg_names, args), ""]
+            report += [
+                "## sydent_lite on PostgreSQL",
+                "",
+                single_table(pg_ms, labels, pg_names),
+                "",
+                *scaling_lines(pg_ms, pg_names, args),
+                "",
+            ]
     finally:
         sink.stop()
     text = "\n".join(report)

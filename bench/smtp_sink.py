@@ -30,7 +30,9 @@ class _Counter:
 class CountingSmtpSink:
     def __init__(self, port: int) -> None:
         self._handler = _Counter()
-        self._controller = Controller(self._handler, hostname="127.0.0.1", port=port, server_hostname="sink.bench.example")
+        self._controller = Controller(
+            self._handler, hostname="127.0.0.1", port=port, server_hostname="sink.bench.example"
+        )
         self.port = port
 
     def start(self) -> None:

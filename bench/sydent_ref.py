@@ -108,10 +108,7 @@ _PINS: tuple[str, ...] = (
 
 # Printed by the venv's python to prove the install is usable (imports the
 # same modules Sydent's entry point does).
-_VENV_PROBE = (
-    "import importlib.metadata as m, sydent.sydent, prometheus_client;"
-    "print(m.version('matrix-sydent'))"
-)
+_VENV_PROBE = "import importlib.metadata as m, sydent.sydent, prometheus_client;print(m.version('matrix-sydent'))"
 
 
 # --------------------------------------------------------------------------
@@ -159,13 +156,10 @@ def ensure_venv(venv_dir: Path) -> Path:
     # Templates: take res/ from the sdist of the very same release.
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
-            [*pip, "download", "--no-deps", "--no-binary", ":all:", "-d", tmp,
-             f"matrix-sydent=={SYDENT_VERSION}"],
+            [*pip, "download", "--no-deps", "--no-binary", ":all:", "-d", tmp, f"matrix-sydent=={SYDENT_VERSION}"],
             check=True,
         )
-        sdists = list(Path(tmp).glob("matrix_sydent-*.tar.gz")) + list(
-            Path(tmp).glob("matrix-sydent-*.tar.gz")
-        )
+        sdists = list(Path(tmp).glob("matrix_sydent-*.tar.gz")) + list(Path(tmp).glob("matrix-sydent-*.tar.gz"))
         if not sdists:
             raise RuntimeError(f"no matrix-sydent sdist downloaded into {tmp}")
         with tarfile.open(sdists[0]) as tar:
@@ -182,8 +176,7 @@ def ensure_venv(venv_dir: Path) -> Path:
 
 def _run_in_venv(python: Path, code: str, stdin: str | None = None) -> str:
     """Run `code` with Sydent's python; return stdout, raise with stderr."""
-    r = subprocess.run([str(python), "-c", code], input=stdin,
-                       capture_output=True, text=True)
+    r = subprocess.run([str(python), "-c", code], input=stdin, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"venv script failed ({r.returncode}):\n{r.stderr[-4000:]}")
     return r.stdout
@@ -331,8 +324,7 @@ def init_db(python: Path, config: Path, workdir: Path) -> None:
     create a lookup pepper: `seed` stores one, or Sydent generates one at its
     first start.
     """
-    r = subprocess.run([str(python), "-c", _INIT_DB, str(config)], cwd=workdir,
-                       capture_output=True, text=True)
+    r = subprocess.run([str(python), "-c", _INIT_DB, str(config)], cwd=workdir, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"Sydent schema creation failed:\n{r.stderr[-4000:]}")
     version = int(r.stdout.strip().splitlines()[-1])
@@ -452,8 +444,7 @@ def seed(
                 address = _normalise_address(address, medium)
                 h = lookup_hash(address, medium, pepper)
                 local.append((next_id, medium, address, h, mxid, ts, not_before, not_after))
-                glob.append((medium, address, h, mxid, ts, not_before, not_after,
-                             server_name, next_id, sg))
+                glob.append((medium, address, h, mxid, ts, not_before, not_after, server_name, next_id, sg))
                 next_id += 1
             con.executemany(
                 "INSERT OR REPLACE INTO local_threepid_associations"
@@ -494,12 +485,10 @@ def create_token(db_path: Path, user_id: str) -> str:
     try:
         with con:
             con.execute(
-                "INSERT OR IGNORE INTO accounts (user_id, created_ts, consent_version)"
-                " VALUES (?, ?, NULL)",
+                "INSERT OR IGNORE INTO accounts (user_id, created_ts, consent_version) VALUES (?, ?, NULL)",
                 (user_id, int(time.time() * 1000)),
             )
-            con.execute("INSERT INTO tokens (user_id, token) VALUES (?, ?)",
-                        (user_id, token))
+            con.execute("INSERT INTO tokens (user_id, token) VALUES (?, ?)", (user_id, token))
     finally:
         con.close()
     return token
@@ -527,8 +516,7 @@ def _http_status(url: str, timeout: float = 2.0) -> int | None:
         return None
 
 
-def start(python: Path, config: Path, workdir: Path, port: int,
-          timeout: float = 60) -> subprocess.Popen[bytes]:
+def start(python: Path, config: Path, workdir: Path, port: int, timeout: float = 60) -> subprocess.Popen[bytes]:
     """Start Sydent and wait until GET /_matrix/identity/v2 answers 200.
 
     Runs `python -m sydent.sydent` (what the `sydent` console script does)
@@ -542,8 +530,12 @@ def start(python: Path, config: Path, workdir: Path, port: int,
     with out_path.open("ab") as out:
         proc = subprocess.Popen(
             [str(python), "-m", "sydent.sydent"],
-            cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}/_matrix/identity/v2"
     deadline = time.monotonic() + timeout
@@ -595,8 +587,7 @@ class SmtpSink:
     per connection (Sydent opens a new connection per mail).
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0,
-                 keep_messages: bool = True) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, keep_messages: bool = True) -> None:
         sink = self
         self.count = 0
         self.messages: list[tuple[str, list[str], bytes]] = []
@@ -637,8 +628,7 @@ class SmtpSink:
 
         self._server = Server((host, port), Handler)
         self.host, self.port = self._server.server_address[:2]
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        name="smtp-sink", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="smtp-sink", daemon=True)
 
     def _record(self, mail_from: str, rcpts: list[str], data: bytes) -> None:
         with self._lock:
@@ -668,11 +658,14 @@ class SmtpSink:
 
 def generate_signing_key(python: Path) -> str:
     """A fresh key as 'ed25519 0 <unpadded base64 seed>' (Synapse/Sydent format)."""
-    return _run_in_venv(python, (
-        "import signedjson.key as k;"
-        "s = k.generate_signing_key('0');"
-        "print(s.alg, s.version, k.encode_signing_key_base64(s))"
-    )).strip()
+    return _run_in_venv(
+        python,
+        (
+            "import signedjson.key as k;"
+            "s = k.generate_signing_key('0');"
+            "print(s.alg, s.version, k.encode_signing_key_base64(s))"
+        ),
+    ).strip()
 
 
 _SIGN = """
@@ -688,12 +681,12 @@ for line in sys.stdin:
 """
 
 
-def sign_json_batch(python: Path, signing_key: str, server_name: str,
-                    objs: Iterable[Mapping[str, Any]]) -> list[str]:
+def sign_json_batch(python: Path, signing_key: str, server_name: str, objs: Iterable[Mapping[str, Any]]) -> list[str]:
     """Matrix-sign each object under `server_name` / ed25519:<version>; JSON strings."""
     stdin = "".join(json.dumps(o) + "\n" for o in objs)
-    r = subprocess.run([str(python), "-c", _SIGN, signing_key, server_name],
-                       input=stdin, capture_output=True, text=True)
+    r = subprocess.run(
+        [str(python), "-c", _SIGN, signing_key, server_name], input=stdin, capture_output=True, text=True
+    )
     if r.returncode != 0:
         raise RuntimeError(f"signing failed:\n{r.stderr[-4000:]}")
     return r.stdout.splitlines()
@@ -710,8 +703,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _request(method: str, url: str, body: Any = None,
-             token: str | None = None) -> tuple[int, Any]:
+def _request(method: str, url: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -753,8 +745,7 @@ def _selftest(venv_dir: Path, keep: bool, timing_rows: int) -> int:
     try:
         workdir = tmp / "sydent"
         port = _free_port()
-        config = write_config(workdir, port=port, smtp_port=sink.port,
-                              server_name=server_name, signing_key=key)
+        config = write_config(workdir, port=port, smtp_port=sink.port, server_name=server_name, signing_key=key)
         init_db(python, config, workdir)
         db = workdir / "sydent.db"
 
@@ -762,17 +753,22 @@ def _selftest(venv_dir: Path, keep: bool, timing_rows: int) -> int:
         now = int(time.time() * 1000)
         n = 1000
         assocs: list[dict[str, Any]] = [
-            {"medium": "email", "address": f"user{i}@bench.example",
-             "mxid": f"@user{i}:hs.example", "ts": now - 60_000,
-             "not_before": now - 60_000,
-             "not_after": now - 60_000 + 100 * 365 * 24 * 3600 * 1000}
+            {
+                "medium": "email",
+                "address": f"user{i}@bench.example",
+                "mxid": f"@user{i}:hs.example",
+                "ts": now - 60_000,
+                "not_before": now - 60_000,
+                "not_after": now - 60_000 + 100 * 365 * 24 * 3600 * 1000,
+            }
             for i in range(n)
         ]
         signed = sign_json_batch(python, key, server_name, assocs)
-        pepper = "".join(secrets.choice(string.ascii_letters + string.digits)
-                         for _ in range(5))
-        rows = [(a["medium"], a["address"], a["mxid"], a["ts"], a["not_before"],
-                 a["not_after"], sg) for a, sg in zip(assocs, signed)]
+        pepper = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(5))
+        rows = [
+            (a["medium"], a["address"], a["mxid"], a["ts"], a["not_before"], a["not_after"], sg)
+            for a, sg in zip(assocs, signed)
+        ]
         print(f"seeded {seed(db, rows, pepper)} associations (pepper {pepper!r})")
         # The sender of store-invite must be the token's user (v2 auth).
         token = create_token(db, "@s:hs.example")
@@ -786,10 +782,8 @@ def _selftest(venv_dir: Path, keep: bool, timing_rows: int) -> int:
         check("GET /v2", st == 200, f"{st} {body}")
 
         # 2. hash_details
-        st, body = _request("GET", f"{base}/_matrix/identity/v2/hash_details",
-                            token=token)
-        check("hash_details", st == 200 and body.get("lookup_pepper") == pepper,
-              f"{st} {body}")
+        st, body = _request("GET", f"{base}/_matrix/identity/v2/hash_details", token=token)
+        check("hash_details", st == 200 and body.get("lookup_pepper") == pepper, f"{st} {body}")
 
         # 3. hashed v2 lookup: 1000 hashes, every 10th of a seeded address
         hashes, expected = [], {}
@@ -799,52 +793,70 @@ def _selftest(venv_dir: Path, keep: bool, timing_rows: int) -> int:
             hashes.append(h)
             if i % 10 == 0:
                 expected[h] = f"@user{i}:hs.example"
-        st, body = _request("POST", f"{base}/_matrix/identity/v2/lookup",
-                            {"algorithm": "sha256", "pepper": pepper,
-                             "addresses": hashes}, token=token)
+        st, body = _request(
+            "POST",
+            f"{base}/_matrix/identity/v2/lookup",
+            {"algorithm": "sha256", "pepper": pepper, "addresses": hashes},
+            token=token,
+        )
         mappings = body.get("mappings", {}) if st == 200 else {}
-        check("v2 lookup", st == 200 and mappings == expected,
-              f"{st}, {len(mappings)} mappings, all correct: {mappings == expected}")
+        check(
+            "v2 lookup",
+            st == 200 and mappings == expected,
+            f"{st}, {len(mappings)} mappings, all correct: {mappings == expected}",
+        )
 
         # 4. v1 single lookup returns the stored signed association
-        st, body = _request("GET", f"{base}/_matrix/identity/api/v1/lookup"
-                                   "?medium=email&address=user5@bench.example")
-        check("v1 lookup", st == 200 and body == json.loads(signed[5])
-              and body.get("mxid") == "@user5:hs.example",
-              f"{st}, mxid {body.get('mxid')}, equals seeded sgAssoc: "
-              f"{body == json.loads(signed[5])}")
+        st, body = _request("GET", f"{base}/_matrix/identity/api/v1/lookup?medium=email&address=user5@bench.example")
+        check(
+            "v1 lookup",
+            st == 200 and body == json.loads(signed[5]) and body.get("mxid") == "@user5:hs.example",
+            f"{st}, mxid {body.get('mxid')}, equals seeded sgAssoc: {body == json.loads(signed[5])}",
+        )
 
         # 5. v1 bulk lookup: 1000 pairs, 100 bound
-        pairs = [["email", f"user{i}@bench.example" if i % 10 == 0
-                  else f"nobody{i}@bench.example"] for i in range(1000)]
-        st, body = _request("POST", f"{base}/_matrix/identity/api/v1/bulk_lookup",
-                            {"threepids": pairs})
+        pairs = [
+            ["email", f"user{i}@bench.example" if i % 10 == 0 else f"nobody{i}@bench.example"] for i in range(1000)
+        ]
+        st, body = _request("POST", f"{base}/_matrix/identity/api/v1/bulk_lookup", {"threepids": pairs})
         got = {tuple(t) for t in body.get("threepids", [])} if st == 200 else set()
-        want = {("email", f"user{i}@bench.example", f"@user{i}:hs.example")
-                for i in range(0, 1000, 10)}
-        check("v1 bulk_lookup", st == 200 and got == want,
-              f"{st}, {len(got)} results, all correct: {got == want}")
+        want = {("email", f"user{i}@bench.example", f"@user{i}:hs.example") for i in range(0, 1000, 10)}
+        check("v1 bulk_lookup", st == 200 and got == want, f"{st}, {len(got)} results, all correct: {got == want}")
 
         # 6. v2 email requestToken sends exactly one mail
         before = sink.count
-        st, body = _request("POST", f"{base}/_matrix/identity/v2/validate/email/requestToken",
-                            {"client_secret": secrets.token_hex(16),
-                             "email": "new1@bench.example", "send_attempt": 1},
-                            token=token)
+        st, body = _request(
+            "POST",
+            f"{base}/_matrix/identity/v2/validate/email/requestToken",
+            {"client_secret": secrets.token_hex(16), "email": "new1@bench.example", "send_attempt": 1},
+            token=token,
+        )
         _wait_for(lambda: sink.count > before)
-        check("v2 requestToken", st == 200 and "sid" in body and sink.count == before + 1,
-              f"{st} {body}, mails {sink.count - before}")
+        check(
+            "v2 requestToken",
+            st == 200 and "sid" in body and sink.count == before + 1,
+            f"{st} {body}, mails {sink.count - before}",
+        )
 
         # 7. v2 store-invite sends one more mail
         before = sink.count
-        st, body = _request("POST", f"{base}/_matrix/identity/v2/store-invite",
-                            {"medium": "email", "address": "invitee1@bench.example",
-                             "room_id": "!r:hs.example", "sender": "@s:hs.example"},
-                            token=token)
+        st, body = _request(
+            "POST",
+            f"{base}/_matrix/identity/v2/store-invite",
+            {
+                "medium": "email",
+                "address": "invitee1@bench.example",
+                "room_id": "!r:hs.example",
+                "sender": "@s:hs.example",
+            },
+            token=token,
+        )
         _wait_for(lambda: sink.count > before)
-        check("v2 store-invite", st == 200 and bool(body.get("token"))
-              and sink.count == before + 1,
-              f"{st}, token {str(body.get('token'))[:16]}..., mails {sink.count - before}")
+        check(
+            "v2 store-invite",
+            st == 200 and bool(body.get("token")) and sink.count == before + 1,
+            f"{st}, token {str(body.get('token'))[:16]}..., mails {sink.count - before}",
+        )
         if sink.messages:
             rcpts = [m[1] for m in sink.messages]
             print(f"SMTP sink got {sink.count} mails, recipients {rcpts}")
@@ -857,8 +869,7 @@ def _selftest(venv_dir: Path, keep: bool, timing_rows: int) -> int:
     # Seed timing on a fresh DB (placeholder signatures of realistic size:
     # the time of seed() itself is what is measured).
     twork = tmp / "timing"
-    tconf = write_config(twork, port=_free_port(), smtp_port=sink.port,
-                         server_name=server_name, signing_key=key)
+    tconf = write_config(twork, port=_free_port(), smtp_port=sink.port, server_name=server_name, signing_key=key)
     init_db(python, tconf, twork)
     now = int(time.time() * 1000)
     fake_sig = "A" * 86
@@ -866,9 +877,17 @@ def _selftest(venv_dir: Path, keep: bool, timing_rows: int) -> int:
     def timing_rows_gen() -> Iterator[Row]:
         for i in range(timing_rows):
             a, m = f"user{i}@bench.example", f"@user{i}:hs.example"
-            sg = json.dumps({"address": a, "medium": "email", "mxid": m,
-                             "not_after": now + 10**12, "not_before": now, "ts": now,
-                             "signatures": {server_name: {"ed25519:0": fake_sig}}})
+            sg = json.dumps(
+                {
+                    "address": a,
+                    "medium": "email",
+                    "mxid": m,
+                    "not_after": now + 10**12,
+                    "not_before": now,
+                    "ts": now,
+                    "signatures": {server_name: {"ed25519:0": fake_sig}},
+                }
+            )
             yield ("email", a, m, now, now, now + 10**12, sg)
 
     rows_list = list(timing_rows_gen())
@@ -890,8 +909,7 @@ def _selftest(venv_dir: Path, keep: bool, timing_rows: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--selftest", action="store_true",
-                    help="build the venv, run Sydent and check the endpoints")
+    ap.add_argument("--selftest", action="store_true", help="build the venv, run Sydent and check the endpoints")
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV_DIR)
     ap.add_argument("--keep", action="store_true", help="keep the temp workdir")
     ap.add_argument("--timing-rows", type=int, default=100_000)

@@ -72,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", metavar="PATH", help="YAML config file (default: embedded defaults)")
         if name == "serve":
             p.add_argument(
-                "--workers", "-w", type=_positive_int, default=1, metavar="N",
+                "--workers",
+                "-w",
+                type=_positive_int,
+                default=1,
+                metavar="N",
                 help="worker processes sharing the port (state is in the database; use PostgreSQL for N > 1)",
             )
 
@@ -86,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--address", help="the email address or phone number (digits or +international)")
         p.add_argument("--mxid", help="a Matrix user ID: everything about that person")
 
-    p = with_config(sub.add_parser("create-token", help="print a new identity-server access token for a user (no homeserver needed)"))
+    p = with_config(
+        sub.add_parser(
+            "create-token", help="print a new identity-server access token for a user (no homeserver needed)"
+        )
+    )
     p.add_argument("--user-id", required=True, help="the Matrix user ID the token belongs to")
     p = sub.add_parser("generate-config", help="print a documented config file to start from")
     p.add_argument("--server-name", help="fill in server_name and public_baseurl")
@@ -122,7 +130,11 @@ def _cmd_admin(args: argparse.Namespace, config: Config) -> int:
                 print(operator.generate_key(config.signing_key_path))
             return 0
         if args.command == "bind":
-            print(operator.dumps(asyncio.run(operator.bind_by_hand(config, medium=args.medium, address=args.address, mxid=args.mxid))))
+            print(
+                operator.dumps(
+                    asyncio.run(operator.bind_by_hand(config, medium=args.medium, address=args.address, mxid=args.mxid))
+                )
+            )
             return 0
         if args.command == "import-sydent":
             from sydent_lite.admin.sydent_import import SydentImportError, import_sydent

@@ -9,12 +9,12 @@ Tests that need a differently configured server use `make_server`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
-
 from support.db import DatabaseFactory, postgres_disabled
 from support.homeserver import HomeserverStandIn
 from support.server import DEFAULT_TERMS, IdentityApi, SydentServer, User, write_terms
@@ -81,8 +81,9 @@ def db_factory(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 ServerFactory = Callable[..., SydentServer]
 
 
-def _new_server(db_factory: DatabaseFactory, smtp_sink: SmtpSink, homeserver: HomeserverStandIn,
-                workdir: Path, **kwargs: Any) -> SydentServer:
+def _new_server(
+    db_factory: DatabaseFactory, smtp_sink: SmtpSink, homeserver: HomeserverStandIn, workdir: Path, **kwargs: Any
+) -> SydentServer:
     db = db_factory.create()
     return SydentServer(
         workdir,
@@ -94,19 +95,37 @@ def _new_server(db_factory: DatabaseFactory, smtp_sink: SmtpSink, homeserver: Ho
 
 
 @pytest.fixture(scope="session")
-def idserver(db_factory: DatabaseFactory, smtp_sink: SmtpSink, homeserver: HomeserverStandIn,
-             terms_path: Path, tmp_path_factory: pytest.TempPathFactory, backend: str) -> Iterator[SydentServer]:
+def idserver(
+    db_factory: DatabaseFactory,
+    smtp_sink: SmtpSink,
+    homeserver: HomeserverStandIn,
+    terms_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    backend: str,
+) -> Iterator[SydentServer]:
     """The shared identity server of this backend, with terms of service, default templates."""
-    server = _new_server(db_factory, smtp_sink, homeserver, tmp_path_factory.mktemp(f"idserver-{backend}"),
-                         terms_path=terms_path, name=f"sydent_lite ({backend})")
+    server = _new_server(
+        db_factory,
+        smtp_sink,
+        homeserver,
+        tmp_path_factory.mktemp(f"idserver-{backend}"),
+        terms_path=terms_path,
+        name=f"sydent_lite ({backend})",
+    )
     server.start()
     yield server
     server.stop()
 
 
 @pytest.fixture
-def make_server(db_factory: DatabaseFactory, smtp_sink: SmtpSink, homeserver: HomeserverStandIn,
-                tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Iterator[ServerFactory]:
+def make_server(
+    db_factory: DatabaseFactory,
+    smtp_sink: SmtpSink,
+    homeserver: HomeserverStandIn,
+    tmp_path: Path,
+    backend: str,
+    request: pytest.FixtureRequest,
+) -> Iterator[ServerFactory]:
     """Start a dedicated server (fresh database of the current backend); stopped after the test.
 
     Keyword arguments go to `SydentServer` (terms_path, templates_dir, session_lifetime,
@@ -139,8 +158,7 @@ def client(idserver: SydentServer) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-def api(idserver: SydentServer, smtp: SmtpSink, homeserver: HomeserverStandIn,
-        client: httpx.Client) -> IdentityApi:
+def api(idserver: SydentServer, smtp: SmtpSink, homeserver: HomeserverStandIn, client: httpx.Client) -> IdentityApi:
     return IdentityApi(idserver, smtp, homeserver, client)
 
 
@@ -187,4 +205,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
                 report.sections.append((f"{value.name} output (last 60 lines)", value.output(60)))
         if os.environ.get("SYDENT_LITE_TEST_VERBOSE_LOGS") and "homeserver" in funcargs:
             hs = funcargs["homeserver"]
-            report.sections.append(("homeserver requests", "\n".join(f"{r.method} {r.path}" for r in hs.requests[-20:])))
+            report.sections.append(
+                ("homeserver requests", "\n".join(f"{r.method} {r.path}" for r in hs.requests[-20:]))
+            )

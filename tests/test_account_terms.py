@@ -10,7 +10,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from support.homeserver import OPENID_USERINFO_PATH, HomeserverStandIn
 from support.server import DEFAULT_TERMS, V2, IdentityApi, expected_policies, new_secret, unique_email
 from support.smtp import free_port
@@ -50,15 +49,20 @@ def test_register_with_openid_token(client: httpx.Client, homeserver: Homeserver
     assert token != openid["access_token"]
 
     # The identity server asked the homeserver, over HTTPS, who the OpenID token belongs to.
-    calls = [r for r in homeserver.requests_to(OPENID_USERINFO_PATH, "GET")
-             if r.query_value("access_token") == openid["access_token"]]
+    calls = [
+        r
+        for r in homeserver.requests_to(OPENID_USERINFO_PATH, "GET")
+        if r.query_value("access_token") == openid["access_token"]
+    ]
     assert len(calls) == 1
 
     # Terms are not accepted yet: the account endpoint refuses, but the token is known.
     assert_error(client.get(f"{V2}/account", headers=bearer(token)), 403, "M_TERMS_NOT_SIGNED")
 
 
-def test_register_then_account_after_terms(api: IdentityApi, client: httpx.Client, homeserver: HomeserverStandIn) -> None:
+def test_register_then_account_after_terms(
+    api: IdentityApi, client: httpx.Client, homeserver: HomeserverStandIn
+) -> None:
     user = api.register()
     resp = client.get(f"{V2}/account", headers=user.headers)
     assert resp.status_code == 200, resp.text
@@ -66,28 +70,43 @@ def test_register_then_account_after_terms(api: IdentityApi, client: httpx.Clien
 
 
 def test_register_with_unknown_openid_token(client: httpx.Client, homeserver: HomeserverStandIn) -> None:
-    body = {"access_token": "not-a-token-" + uuid.uuid4().hex, "token_type": "Bearer",
-            "matrix_server_name": homeserver.server_name, "expires_in": 3600}
+    body = {
+        "access_token": "not-a-token-" + uuid.uuid4().hex,
+        "token_type": "Bearer",
+        "matrix_server_name": homeserver.server_name,
+        "expires_in": 3600,
+    }
     assert_error(client.post(f"{V2}/account/register", json=body), 401, "M_UNAUTHORIZED")
 
 
 def test_register_user_of_another_server_is_refused(client: httpx.Client, homeserver: HomeserverStandIn) -> None:
     # The homeserver vouches for a user that is not on matrix_server_name.
-    for sub in ("@mallory:evil.example.test", f"@mallory:{homeserver.server_name}.evil.test",
-                "@mallory:127.0.0.1:1", "not-a-user-id", f"mallory:{homeserver.server_name}", ""):
+    for sub in (
+        "@mallory:evil.example.test",
+        f"@mallory:{homeserver.server_name}.evil.test",
+        "@mallory:127.0.0.1:1",
+        "not-a-user-id",
+        f"mallory:{homeserver.server_name}",
+        "",
+    ):
         openid = homeserver.openid_token(sub, raw=True)
         assert_error(client.post(f"{V2}/account/register", json=openid), 401, "M_UNAUTHORIZED")
 
 
 def test_register_with_unreachable_homeserver(client: httpx.Client) -> None:
-    body = {"access_token": "x" + uuid.uuid4().hex, "token_type": "Bearer",
-            "matrix_server_name": f"127.0.0.1:{free_port()}", "expires_in": 3600}
+    body = {
+        "access_token": "x" + uuid.uuid4().hex,
+        "token_type": "Bearer",
+        "matrix_server_name": f"127.0.0.1:{free_port()}",
+        "expires_in": 3600,
+    }
     assert_error(client.post(f"{V2}/account/register", json=body), 401, "M_UNAUTHORIZED")
 
 
 @pytest.mark.parametrize("host", ["[::127.0.0.1]", "[2002:7f00:1::1]", "[fec0::1]", "[64:ff9b:1::7f00:1]"])
-def test_register_refuses_ipv6_ranges_that_lead_elsewhere(client: httpx.Client, homeserver: HomeserverStandIn,
-                                                         host: str) -> None:
+def test_register_refuses_ipv6_ranges_that_lead_elsewhere(
+    client: httpx.Client, homeserver: HomeserverStandIn, host: str
+) -> None:
     # IPv4-compatible and 6to4 addresses of the homeserver's own 127.0.0.1, a site-local and a
     # local NAT64 address: refused as destinations before any connection is tried, although the
     # test servers allow-list 127.0.0.0/8 (the IPv6 ranges themselves are not allow-listed).
@@ -200,10 +219,14 @@ def test_post_terms_needs_a_token(client: httpx.Client) -> None:
 def test_post_terms_bad_body(api: IdentityApi, client: httpx.Client) -> None:
     user = api.register(accept_terms=False)
     assert_error(client.post(f"{V2}/terms", json={}, headers=user.headers), 400, "M_MISSING_PARAMS")
-    assert_error(client.post(f"{V2}/terms", json={"user_accepts": TOS["en"]["url"]}, headers=user.headers),
-                 400, "M_INVALID_PARAM")
-    assert_error(client.post(f"{V2}/terms", json={"user_accepts": [1, 2]}, headers=user.headers),
-                 400, "M_INVALID_PARAM")
+    assert_error(
+        client.post(f"{V2}/terms", json={"user_accepts": TOS["en"]["url"]}, headers=user.headers),
+        400,
+        "M_INVALID_PARAM",
+    )
+    assert_error(
+        client.post(f"{V2}/terms", json={"user_accepts": [1, 2]}, headers=user.headers), 400, "M_INVALID_PARAM"
+    )
 
 
 def authenticated_requests() -> list[tuple[str, str, dict[str, Any]]]:

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
-
 from support.db import allow_inserts, refuse_inserts, sql
 from support.homeserver import HomeserverStandIn
 from support.server import IdentityApi, SydentServer, unique_email
@@ -21,13 +20,20 @@ V1 = "/_matrix/identity/api/v1"
 def cli(server, *args: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
     return subprocess.run(
         [sys.executable, "-m", "sydent_lite", *args, "--config", str(server.config_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
 def test_generate_config_is_a_valid_config(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "sydent_lite", "generate-config", "--server-name", "id.test"],
-                         capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "sydent_lite", "generate-config", "--server-name", "id.test"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     data = yaml.safe_load(out)
     assert data["server_name"] == "id.test" and data["public_baseurl"] == "https://id.test"
     path = tmp_path / "c.yaml"
@@ -54,8 +60,10 @@ def test_delete_everything_about_a_person(make_server, api_for, homeserver, smtp
     user = api.register()
     first, second = unique_email("forgetme"), unique_email("forgetme2")
     # An invitation to the address before it is bound (delivered at bind, still stored).
-    resp = api.client.post(f"{V1}/store-invite", json={"medium": "email", "address": first, "room_id": "!r:hs.test",
-                                                        "sender": "@s:hs.test"})
+    resp = api.client.post(
+        f"{V1}/store-invite",
+        json={"medium": "email", "address": first, "room_id": "!r:hs.test", "sender": "@s:hs.test"},
+    )
     assert resp.status_code == 200, resp.text
     api.smtp.wait_for(first)  # the invite mail, out of the way of the validation mail
     _, assoc = api.bind_email(first, user)
@@ -106,17 +114,21 @@ def test_delete_by_address_and_bind_by_hand(make_server, api_for) -> None:  # ty
     assert usage.returncode == 2
 
 
-def test_bind_by_hand_queues_the_pending_invites(make_server: Callable[..., SydentServer],
-                                                 api_for: Callable[[SydentServer], IdentityApi],
-                                                 homeserver: HomeserverStandIn) -> None:
+def test_bind_by_hand_queues_the_pending_invites(
+    make_server: Callable[..., SydentServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    homeserver: HomeserverStandIn,
+) -> None:
     """`sydent-lite bind` goes the way /bind goes: the address's pending invites are queued in
     the bind's own transaction (a failure there leaves no binding), and the running server
     delivers them."""
     server = make_server(terms_path=None)
     api: IdentityApi = api_for(server)
     address = unique_email("handinvite")
-    resp = api.client.post(f"{V1}/store-invite", json={"medium": "email", "address": address,
-                                                        "room_id": "!r:hs.test", "sender": "@s:hs.test"})
+    resp = api.client.post(
+        f"{V1}/store-invite",
+        json={"medium": "email", "address": address, "room_id": "!r:hs.test", "sender": "@s:hs.test"},
+    )
     assert resp.status_code == 200, resp.text
     token = resp.json()["token"]
     api.smtp.wait_for(address)  # the invite mail

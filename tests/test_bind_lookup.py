@@ -16,8 +16,6 @@ import httpx
 import pytest
 import signedjson.key
 import signedjson.sign
-from unpaddedbase64 import decode_base64, encode_base64
-
 from support.server import (
     V1,
     V2,
@@ -30,6 +28,7 @@ from support.server import (
     sha256_address,
     unique_email,
 )
+from unpaddedbase64 import decode_base64, encode_base64
 
 ASSOCIATION_KEYS = {"address", "medium", "mxid", "not_before", "not_after", "ts", "signatures"}
 YEAR_MS = 365 * 24 * 3600 * 1000
@@ -51,8 +50,9 @@ def public_key(client: httpx.Client) -> str:
     return key
 
 
-def assert_signed_association(assoc: dict[str, Any], server: SydentServer, client: httpx.Client,
-                              *, address: str, mxid: str) -> None:
+def assert_signed_association(
+    assoc: dict[str, Any], server: SydentServer, client: httpx.Client, *, address: str, mxid: str
+) -> None:
     assert set(assoc) == ASSOCIATION_KEYS, assoc
     assert assoc["medium"] == "email"
     assert assoc["address"] == address
@@ -89,9 +89,11 @@ def test_batch_case_folding_matches_one_at_a_time() -> None:
     from sydent_lite.threepids import casefold_all
 
     rng = random.Random(7)
-    alphabet = "abcXYZ@.+-_ \n\tßİΣςé\u00ad\U0001F600"
+    alphabet = "abcXYZ@.+-_ \n\tßİΣςé\u00ad\U0001f600"
     for _ in range(1000):
-        addresses = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 14))) for _ in range(rng.randrange(0, 9))]
+        addresses = [
+            "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 14))) for _ in range(rng.randrange(0, 9))
+        ]
         assert casefold_all(addresses) == [a.casefold() for a in addresses], addresses
 
 
@@ -203,14 +205,16 @@ def test_bind_unvalidated_session(api: IdentityApi, user: User, v1: bool) -> Non
 def test_bind_unknown_session_or_wrong_secret(api: IdentityApi, user: User, v1: bool) -> None:
     who = None if v1 else user
     session = api.validated_email_session(unique_email("wrongsecret"), user=who, v1=v1)
-    assert_error(api.bind(session, user.user_id, user=who, v1=v1, client_secret=new_secret()), 404,
-                 "M_NO_VALID_SESSION")
+    assert_error(
+        api.bind(session, user.user_id, user=who, v1=v1, client_secret=new_secret()), 404, "M_NO_VALID_SESSION"
+    )
     assert_error(api.bind(session, user.user_id, user=who, v1=v1, sid="D" * 24), 404, "M_NO_VALID_SESSION")
     assert api.v1_lookup("email", session.email).json() == {}
 
 
-@pytest.mark.parametrize("mxid", ["not-an-mxid", "@no-server-part", "alice:example.test", "#room:example.test",
-                                  "@alice:example.test\n"])
+@pytest.mark.parametrize(
+    "mxid", ["not-an-mxid", "@no-server-part", "alice:example.test", "#room:example.test", "@alice:example.test\n"]
+)
 def test_bind_invalid_mxid(api: IdentityApi, mxid: str) -> None:
     session = api.validated_email_session(unique_email("badmxid"), v1=True)
     assert_error(api.bind(session, mxid, v1=True), 400, "M_INVALID_PARAM")
@@ -235,8 +239,9 @@ def test_v1_bind_then_lookup_returns_the_same_object(api: IdentityApi, idserver:
     assert resp.json() == assoc  # ts, not_before, not_after and signatures unchanged
 
     nobody = unique_email("nobody")
-    resp = api.client.post(f"{V1}/bulk_lookup",
-                           json={"threepids": [["email", email], ["email", nobody], ["msisdn", "447700900001"]]})
+    resp = api.client.post(
+        f"{V1}/bulk_lookup", json={"threepids": [["email", email], ["email", nobody], ["msisdn", "447700900001"]]}
+    )
     assert resp.status_code == 200, resp.text
     assert resp.json() == {"threepids": [["email", email, mxid]]}
 
@@ -249,18 +254,32 @@ def test_bulk_lookup_keeps_order_duplicates_and_addresses_as_given(api: Identity
     for email in emails:
         api.bind_email(email, user)
     given = [emails[0].upper(), emails[1], emails[2].title()]
-    plain = [["email", given[0]], ["email", unique_email("nobody")], ["email", given[1]], ["msisdn", given[2]],
-             ["email", given[2]], ["email", given[1]]]
-    expected = [["email", given[0], user.user_id], ["email", given[1], user.user_id],
-                ["email", given[2], user.user_id], ["email", given[1], user.user_id]]
+    plain = [
+        ["email", given[0]],
+        ["email", unique_email("nobody")],
+        ["email", given[1]],
+        ["msisdn", given[2]],
+        ["email", given[2]],
+        ["email", given[1]],
+    ]
+    expected = [
+        ["email", given[0], user.user_id],
+        ["email", given[1], user.user_id],
+        ["email", given[2], user.user_id],
+        ["email", given[1], user.user_id],
+    ]
     resp = api.client.post(f"{V1}/bulk_lookup", json={"threepids": plain})
     assert resp.status_code == 200, resp.text
     assert resp.json() == {"threepids": expected}
 
     # Strings no stored address can hold (NUL, a lone surrogate, a line break) match nothing and
     # spoil nothing for the pairs around them.
-    hostile = [["email", "nul\u0000@example.test"], ["email", "\ud800@example.test"], ["email\n", given[0]],
-               ["email", f"{given[0]}\n{given[1]}"]]
+    hostile = [
+        ["email", "nul\u0000@example.test"],
+        ["email", "\ud800@example.test"],
+        ["email\n", given[0]],
+        ["email", f"{given[0]}\n{given[1]}"],
+    ]
     body = json.dumps({"threepids": plain[:3] + hostile + plain[3:]})  # ASCII: the surrogate as \\ud800
     resp = api.client.post(f"{V1}/bulk_lookup", content=body, headers={"Content-Type": "application/json"})
     assert resp.status_code == 200, resp.text
@@ -391,8 +410,9 @@ def test_lookup_bad_requests(api: IdentityApi, user: User) -> None:
     assert_error(api.lookup(user, [], "md5", pepper), 400, "M_INVALID_PARAM")
     assert_error(api.lookup(user, [], "sha512", pepper), 400, "M_INVALID_PARAM")
     for addresses in ("a", [1, 2], [None], {"a": "b"}, [["x"]]):
-        resp = api.client.post(f"{V2}/lookup", headers=user.headers,
-                               json={"algorithm": "sha256", "pepper": pepper, "addresses": addresses})
+        resp = api.client.post(
+            f"{V2}/lookup", headers=user.headers, json={"algorithm": "sha256", "pepper": pepper, "addresses": addresses}
+        )
         assert_error(resp, 400, "M_INVALID_PARAM")
     for missing in ("algorithm", "pepper", "addresses"):
         body = {"algorithm": "sha256", "pepper": pepper, "addresses": []}
@@ -416,8 +436,9 @@ def test_lookup_size_limit(api: IdentityApi, user: User) -> None:
     pepper = api.hash_details(user)["lookup_pepper"]
     headers = {**user.headers, "Content-Type": "application/json"}
     for n, ok in ((10_000, True), (10_001, False)):
-        body = json.dumps({"algorithm": "sha256", "pepper": pepper, "addresses": _short_addresses(n)},
-                          separators=(",", ":")).encode()
+        body = json.dumps(
+            {"algorithm": "sha256", "pepper": pepper, "addresses": _short_addresses(n)}, separators=(",", ":")
+        ).encode()
         assert len(body) < 64 * 1024  # the count is what is being tested, not the body size
         resp = api.client.post(f"{V2}/lookup", content=body, headers=headers)
         if ok:
@@ -477,8 +498,7 @@ def test_email_addresses_are_case_folded(api: IdentityApi, user: User) -> None:
 # --- persistence --------------------------------------------------------------------------------------------
 
 
-def test_restart_keeps_bindings_pepper_key_and_tokens(api: IdentityApi, idserver: SydentServer,
-                                                        homeserver) -> None:
+def test_restart_keeps_bindings_pepper_key_and_tokens(api: IdentityApi, idserver: SydentServer, homeserver) -> None:
     user = api.register()
     email = unique_email("restart")
     _, assoc = api.bind_email(email, user)

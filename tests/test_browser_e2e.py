@@ -15,7 +15,6 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
-
 from support.db import DatabaseFactory
 from support.server import SydentServer, new_secret, unique_email
 
@@ -38,9 +37,19 @@ def browser() -> Iterator[object]:
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", f"--user-data-dir={profile}", "--window-size=1024,768"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--window-size=1024,768",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
@@ -55,8 +64,13 @@ def browser() -> Iterator[object]:
 def server(tmp_path_factory, smtp_sink, homeserver) -> Iterator[SydentServer]:  # type: ignore[no-untyped-def]
     # One backend is enough for what a browser sees.
     factory = DatabaseFactory("sqlite", tmp_path_factory.mktemp("browser-db"))
-    srv = SydentServer(tmp_path_factory.mktemp("browser-server"), database_url=factory.create().url,
-                       smtp_port=smtp_sink.port, ca_file=homeserver.ca_path, name="sydent_lite (browser)")
+    srv = SydentServer(
+        tmp_path_factory.mktemp("browser-server"),
+        database_url=factory.create().url,
+        smtp_port=smtp_sink.port,
+        ca_file=homeserver.ca_path,
+        name="sydent_lite (browser)",
+    )
     srv.start()
     yield srv
     srv.stop()
@@ -81,7 +95,7 @@ def client_site() -> Iterator[str]:
     received; `/app` is a hash-routed app that reads its parameters as Element Web does."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             parts = urlsplit(self.path)
             if parts.path == "/app":
                 body = HASH_ROUTED_APP
@@ -108,10 +122,12 @@ def other_site() -> Iterator[str]:
     """Another origin on loopback: `/frame?src=URL` is a page that shows URL in an iframe."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             src = parse_qs(urlsplit(self.path).query).get("src", [""])[0]
-            body = (f'<!DOCTYPE html><title>Win a prize</title><h1>Click the button</h1>'
-                    f'<iframe src="{html.escape(src, quote=True)}" width="600" height="400"></iframe>').encode()
+            body = (
+                f"<!DOCTYPE html><title>Win a prize</title><h1>Click the button</h1>"
+                f'<iframe src="{html.escape(src, quote=True)}" width="600" height="400"></iframe>'
+            ).encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/html")
             self.send_header("Content-Length", str(len(body)))
@@ -193,11 +209,14 @@ def test_a_wrong_code_shows_a_clear_failure(browser, server, smtp_sink) -> None:
 def test_pages_fit_a_phone_screen(browser, server, smtp_sink) -> None:  # type: ignore[no-untyped-def]
     browser.set_window_size(375, 812)
     try:
-        for url, shot in ((_mailed_link(server, smtp_sink), "validation-success-mobile.png"),
-                          (server.base_url + "/", "landing-mobile.png")):
+        for url, shot in (
+            (_mailed_link(server, smtp_sink), "validation-success-mobile.png"),
+            (server.base_url + "/", "landing-mobile.png"),
+        ):
             browser.get(url)
-            assert browser.execute_script(
-                "return document.documentElement.scrollWidth <= window.innerWidth"), f"{url} scrolls sideways"
+            assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth"), (
+                f"{url} scrolls sideways"
+            )
             assert browser.execute_script("return !!document.querySelector('meta[name=viewport]')")
             _shot(browser, shot)
     finally:

@@ -35,7 +35,9 @@ def database_url(db_factory) -> str:  # type: ignore[no-untyped-def]
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sydent_lite", *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "sydent_lite", *args], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
 
 
 def test_spec_sha256_test_vectors() -> None:
@@ -109,8 +111,14 @@ def test_in_memory_sqlite_is_refused_naming_the_key(tmp_path: Path, url: str) ->
 
 def _association(medium: str, address: str, pepper: str, mxid: str = "@a:hs.test") -> StoredAssociation:
     return StoredAssociation(
-        medium=medium, address=address, lookup_hash=lookup_hash(address, medium, pepper), mxid=mxid,
-        ts=1, not_before=1, not_after=2, signed_json="{}",
+        medium=medium,
+        address=address,
+        lookup_hash=lookup_hash(address, medium, pepper),
+        mxid=mxid,
+        ts=1,
+        not_before=1,
+        not_after=2,
+        signed_json="{}",
     )
 
 
@@ -150,15 +158,29 @@ def test_expired_sessions_are_cleaned_up_after_a_grace_period(database_url: str,
     from sydent_lite.storage.sessions import ValidationSession
 
     config = config_from_dict(
-        {"database": {"url": database_url}, "signing_key_path": str(tmp_path / "k"), "sessions": {"lifetime_seconds": 100}}
+        {
+            "database": {"url": database_url},
+            "signing_key_path": str(tmp_path / "k"),
+            "sessions": {"lifetime_seconds": 100},
+        }
     )
 
     def session(sid: str, age_ms: int) -> ValidationSession:
         t = now_ms() - age_ms
-        return ValidationSession(sid=sid, medium="email", address=f"{sid}@x.test", client_secret_hash="h",
-                                 token_hash="t",
-                                 send_attempt=1, next_link=None, brand=None, created_ts=t, mtime=t, validated=False,
-                                 validated_at=None)
+        return ValidationSession(
+            sid=sid,
+            medium="email",
+            address=f"{sid}@x.test",
+            client_secret_hash="h",
+            token_hash="t",
+            send_attempt=1,
+            next_link=None,
+            brand=None,
+            created_ts=t,
+            mtime=t,
+            validated=False,
+            validated_at=None,
+        )
 
     async def scenario() -> None:
         ctx = await build_context(config)
@@ -201,8 +223,16 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
     from sydent_lite.storage.association_changes import AssociationChangeStore
 
     def stored(address: str, mxid: str) -> StoredAssociation:
-        return StoredAssociation(medium="email", address=address, lookup_hash=lookup_hash(address, "email", "p"),
-                                 mxid=mxid, ts=1, not_before=1, not_after=2, signed_json="{}")
+        return StoredAssociation(
+            medium="email",
+            address=address,
+            lookup_hash=lookup_hash(address, "email", "p"),
+            mxid=mxid,
+            ts=1,
+            not_before=1,
+            not_after=2,
+            signed_json="{}",
+        )
 
     def new_index(database: Any, store: AssociationStore) -> LookupIndex:
         confirmer = MemoryConfirmer(store, "p") if hold_mxids else DatabaseConfirmer(store)
@@ -216,7 +246,10 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
             await store.upsert(stored("before@example.test", "@a:hs.test"))
             index = new_index(database, store)
             await index.load()
-            h_before, h_after = lookup_hash("before@example.test", "email", "p"), lookup_hash("after@example.test", "email", "p")
+            h_before, h_after = (
+                lookup_hash("before@example.test", "email", "p"),
+                lookup_hash("after@example.test", "email", "p"),
+            )
             assert await index.mxids([h_before, h_after]) == {h_before: "@a:hs.test"}
             both = ["before@example.test", "after@example.test"]
             assert await index.mxids_by_address("email", both) == {both[0]: "@a:hs.test"}
@@ -230,7 +263,9 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
 
             async with database.begin() as conn:  # an operator's hand-written SQL
                 await conn.execute(delete(associations).where(associations.c.address == "after@example.test"))
-                await conn.execute(text("UPDATE associations SET mxid = '@d:hs.test' WHERE address = 'before@example.test'"))
+                await conn.execute(
+                    text("UPDATE associations SET mxid = '@d:hs.test' WHERE address = 'before@example.test'")
+                )
             await index.catch_up()
             assert await index.mxids([h_before, h_after]) == {h_before: "@d:hs.test"}
             assert await index.mxids_by_address("email", both) == {both[0]: "@d:hs.test"}
@@ -261,7 +296,10 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
             await rebuild
             await fresh.catch_up()
             assert await fresh.mxids([h_before, h_after, *h_during]) == {
-                h_before: "@d:hs.test", h_during[0]: "@h:hs.test", h_during[1]: "@g:hs.test"}
+                h_before: "@d:hs.test",
+                h_during[0]: "@h:hs.test",
+                h_during[1]: "@g:hs.test",
+            }
             await store.upsert(stored("after@example.test", "@e:hs.test"))  # as it was, for what follows
             await fresh.catch_up()
 
@@ -286,9 +324,14 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
                 colliding = new_index(database, store)
                 await colliding.load()
                 unknown = lookup_hash("nobody@example.test", "email", "p")
-                assert await colliding.mxids([h_before, h_after, unknown]) == {h_before: "@d:hs.test", h_after: "@e:hs.test"}
+                assert await colliding.mxids([h_before, h_after, unknown]) == {
+                    h_before: "@d:hs.test",
+                    h_after: "@e:hs.test",
+                }
                 assert await colliding.mxids_by_address("email", [*both, "nobody@example.test"]) == {
-                    both[0]: "@d:hs.test", both[1]: "@e:hs.test"}
+                    both[0]: "@d:hs.test",
+                    both[1]: "@e:hs.test",
+                }
                 async with database.begin() as conn:
                     await conn.execute(delete(associations).where(associations.c.address == "after@example.test"))
                 await colliding.catch_up()
@@ -428,15 +471,29 @@ def test_racing_upserts_of_one_address_all_succeed(database_url: str) -> None:
             store = AssociationStore(database)
             for round_ in range(30):
                 address = f"race{round_}@example.test"
-                await asyncio.gather(*(
-                    store.upsert(StoredAssociation(
-                        medium="email", address=address, lookup_hash=lookup_hash(address, "email", "p"),
-                        mxid=f"@u{i}:hs.test", ts=i, not_before=i, not_after=i + 1, signed_json="{}"))
-                    for i in range(8)
-                ))
+                await asyncio.gather(
+                    *(
+                        store.upsert(
+                            StoredAssociation(
+                                medium="email",
+                                address=address,
+                                lookup_hash=lookup_hash(address, "email", "p"),
+                                mxid=f"@u{i}:hs.test",
+                                ts=i,
+                                not_before=i,
+                                not_after=i + 1,
+                                signed_json="{}",
+                            )
+                        )
+                        for i in range(8)
+                    )
+                )
                 async with database.connect() as conn:
-                    count = (await conn.execute(select(func.count()).select_from(associations)
-                                                .where(associations.c.address == address))).scalar()
+                    count = (
+                        await conn.execute(
+                            select(func.count()).select_from(associations).where(associations.c.address == address)
+                        )
+                    ).scalar()
                 assert count == 1
         finally:
             await database.dispose()
@@ -451,17 +508,28 @@ def test_associations_without_planner_statistics_are_analyzed_at_start(database_
 
     from sydent_lite.storage.database import analyze_if_never_analyzed
 
-    stats_sql = text("SELECT count(*) FROM pg_stats WHERE schemaname = current_schema()"
-                     " AND tablename = 'associations' AND attname = 'lookup_hash'")
+    stats_sql = text(
+        "SELECT count(*) FROM pg_stats WHERE schemaname = current_schema()"
+        " AND tablename = 'associations' AND attname = 'lookup_hash'"
+    )
 
     async def run() -> None:
         database = open_database(database_url)
         try:
             await migrate(database)
             address = "stats@example.test"
-            await AssociationStore(database).upsert(StoredAssociation(
-                medium="email", address=address, lookup_hash=lookup_hash(address, "email", "p"),
-                mxid="@s:hs.test", ts=1, not_before=1, not_after=2, signed_json="{}"))
+            await AssociationStore(database).upsert(
+                StoredAssociation(
+                    medium="email",
+                    address=address,
+                    lookup_hash=lookup_hash(address, "email", "p"),
+                    mxid="@s:hs.test",
+                    ts=1,
+                    not_before=1,
+                    not_after=2,
+                    signed_json="{}",
+                )
+            )
             async with database.connect() as conn:
                 assert (await conn.execute(stats_sql)).scalar() == 0
             await analyze_if_never_analyzed(database)

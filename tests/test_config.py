@@ -39,6 +39,7 @@ def test_example_config_loads_and_documents_every_key() -> None:
     assert config.server_name == "id.example.org"
     assert config.public_baseurl == "https://id.example.org"
     text = (REPO / "config.example.yaml").read_text()
+
     # Every settable key of every section appears in the example.
     def keys(model: BaseModel) -> list[str]:
         out = []
@@ -76,15 +77,23 @@ def test_example_config_loads_and_documents_every_key() -> None:
         ({"sessions": {"max_token_attempts": 0}}, "'sessions.max_token_attempts' must be between 1 and 100"),
         ({"sessions": {"max_token_attempts": 101}}, "'sessions.max_token_attempts' must be between 1 and 100"),
         ({"sessions": {"max_token_attempts": "5"}}, "'sessions.max_token_attempts' must be an integer"),
-        ({"rate_limits": {"submit_token_per_address_burst": 2.5}},
-         "'rate_limits.submit_token_per_address_burst' must be an integer"),
-        ({"rate_limits": {"submit_token_per_ip_per_minute": "60"}},
-         "'rate_limits.submit_token_per_ip_per_minute' must be a number"),
-        ({"invites": {"display_name_reveal_local_part": -1}},
-         "'invites.display_name_reveal_local_part' must be between 0 and 255"),
+        (
+            {"rate_limits": {"submit_token_per_address_burst": 2.5}},
+            "'rate_limits.submit_token_per_address_burst' must be an integer",
+        ),
+        (
+            {"rate_limits": {"submit_token_per_ip_per_minute": "60"}},
+            "'rate_limits.submit_token_per_ip_per_minute' must be a number",
+        ),
+        (
+            {"invites": {"display_name_reveal_local_part": -1}},
+            "'invites.display_name_reveal_local_part' must be between 0 and 255",
+        ),
         ({"invites": {"display_name_reveal_domain": "3"}}, "'invites.display_name_reveal_domain' must be an integer"),
-        ({"email": {"allowed_web_client_locations": "https://app.element.io"}},
-         "'email.allowed_web_client_locations' must be a list"),
+        (
+            {"email": {"allowed_web_client_locations": "https://app.element.io"}},
+            "'email.allowed_web_client_locations' must be a list",
+        ),
         ({"listen": {"header_timeout_seconds": 0}}, "'listen.header_timeout_seconds' must be positive"),
         ({"listen": {"body_timeout_seconds": -1}}, "'listen.body_timeout_seconds' must be positive"),
         ({"listen": {"max_headers": 5}}, "'listen.max_headers' must be at least 16"),
@@ -105,45 +114,65 @@ def test_bad_config_names_the_key(data: dict[Any, Any], message: str) -> None:
         # The whole message, word for word: operators (and scripts) read these.
         ({"email": {"transport": "smpt"}}, "config key 'email.transport' must be one of smtp, maildir (got 'smpt')"),
         ({"email": {"transport": 5}}, "config key 'email.transport' must be a string"),
-        ({"sms": {"provider": "sns"}},
-         "config key 'sms.provider' must be one of file, twilio, openmarket, webhook (got 'sns')"),
+        (
+            {"sms": {"provider": "sns"}},
+            "config key 'sms.provider' must be one of file, twilio, openmarket, webhook (got 'sns')",
+        ),
         ({"log_level": "verbose"}, "config key 'log_level' must be one of DEBUG, INFO, WARNING, ERROR (got 'VERBOSE')"),
         ({"log_format": "XML"}, "config key 'log_format' must be one of text, json (got 'xml')"),
         ({1: "x"}, "config key '1' is not a string"),
         ({"listen": {2: "x"}}, "config key 'listen.2' is not a string"),
         ({"listen": {"port": None}}, "config key 'listen.port' must be an integer, not empty"),
-        ({"listen": {"trusted_proxies": ["127.0.0.1", "x"]}},
-         "config key 'listen.trusted_proxies[1]' is not an IP network: 'x'"),
-        ({"listen": {"tls_private_key": "/k.pem"}},
-         "config keys 'listen.tls_certificate' and 'listen.tls_private_key' go together"),
+        (
+            {"listen": {"trusted_proxies": ["127.0.0.1", "x"]}},
+            "config key 'listen.trusted_proxies[1]' is not an IP network: 'x'",
+        ),
+        (
+            {"listen": {"tls_private_key": "/k.pem"}},
+            "config keys 'listen.tls_certificate' and 'listen.tls_private_key' go together",
+        ),
         ({"listen": {"max_header_bytes": 1000}}, "config key 'listen.max_header_bytes' must be at least 1024"),
-        ({"metrics": {"enabled": True, "port": 8090}},
-         "config key 'metrics.port' must differ from 'listen.port' (metrics are not public)"),
+        (
+            {"metrics": {"enabled": True, "port": 8090}},
+            "config key 'metrics.port' must differ from 'listen.port' (metrics are not public)",
+        ),
         ({"metrics": {"enabled": True, "port": 0}}, "config key 'metrics.port' must be between 1 and 65535"),
         ({"metrics": {"enabled": True, "path": "metrics"}}, "config key 'metrics.path' must start with /"),
-        ({"rate_limits": {"redis_url": "http://127.0.0.1:6379"}},
-         "config key 'rate_limits.redis_url' must be a redis://, rediss:// or unix:// URL"),
+        (
+            {"rate_limits": {"redis_url": "http://127.0.0.1:6379"}},
+            "config key 'rate_limits.redis_url' must be a redis://, rediss:// or unix:// URL",
+        ),
         ({"database": {"url": "mysql://x"}}, "config key 'database.url' must be a sqlite:/// or postgresql:// URL"),
         ({"sms": {"code_length": 3}}, "config key 'sms.code_length' must be between 4 and 12"),
         ({"sms": {"template": "Your code"}}, "config key 'sms.template' must contain {token}"),
-        ({"sms": {"originators": {44: "beta:x"}}},
-         "config key 'sms.originators.44' must look like alpha:NAME, long:NUMBER or short:CODE"),
+        (
+            {"sms": {"originators": {44: "beta:x"}}},
+            "config key 'sms.originators.44' must look like alpha:NAME, long:NUMBER or short:CODE",
+        ),
         ({"sms": {"originators": {"default": 5}}}, "config key 'sms.originators.default' must be a string"),
         ({"sms": {"webhook": {"headers": {"X-Key": 5}}}}, "config key 'sms.webhook.headers.X-Key' must be a string"),
-        ({"sms": {"provider": "twilio", "twilio": {"account_sid": "AC1"}}},
-         "sms.provider twilio needs 'sms.twilio.account_sid' and 'sms.twilio.auth_token'"),
-        ({"sms": {"provider": "openmarket"}},
-         "sms.provider openmarket needs 'sms.openmarket.username' and 'sms.openmarket.password'"),
+        (
+            {"sms": {"provider": "twilio", "twilio": {"account_sid": "AC1"}}},
+            "sms.provider twilio needs 'sms.twilio.account_sid' and 'sms.twilio.auth_token'",
+        ),
+        (
+            {"sms": {"provider": "openmarket"}},
+            "sms.provider openmarket needs 'sms.openmarket.username' and 'sms.openmarket.password'",
+        ),
         ({"sms": {"provider": "webhook"}}, "sms.provider webhook needs 'sms.webhook.url'"),
         ({"invites": {"onbind_retry_max_seconds": 0}}, "config keys 'invites.onbind_retry_*_seconds' must be positive"),
         ({"invites": {"expiry_seconds": 0}}, "config key 'invites.expiry_seconds' must be positive"),
-        ({"invites": {"onbind_max_destinations": 0}},
-         "config key 'invites.onbind_max_destinations' must be at least 1"),
+        (
+            {"invites": {"onbind_max_destinations": 0}},
+            "config key 'invites.onbind_max_destinations' must be at least 1",
+        ),
         ({"sessions": {"email_token_length": 7}}, "config key 'sessions.email_token_length' must be between 8 and 255"),
         # Newly worded with the move to pydantic (they named a Python type, or left out "not empty").
         ({"sms": {"originators": None}}, "config key 'sms.originators' must be a mapping, not empty"),
-        ({"federation": {"ip_allowlist": [None]}},
-         "config key 'federation.ip_allowlist[0]' must be a string, not empty"),
+        (
+            {"federation": {"ip_allowlist": [None]}},
+            "config key 'federation.ip_allowlist[0]' must be a string, not empty",
+        ),
     ],
 )
 def test_messages_word_for_word(data: dict[Any, Any], message: str) -> None:
@@ -163,11 +192,14 @@ def test_every_bad_key_is_named_at_once() -> None:
 
 
 def test_loose_spellings_that_are_accepted() -> None:
-    config = config_from_dict({
-        "log_level": "debug", "log_format": "JSON",  # any case, as before
-        "listen": {"header_timeout_seconds": 3},  # an integer where a number goes
-        "sms": {"originators": {44: "alpha:Matrix"}, "refused_countries": ["gb", "Fr"]},  # YAML's integer key
-    })
+    config = config_from_dict(
+        {
+            "log_level": "debug",
+            "log_format": "JSON",  # any case, as before
+            "listen": {"header_timeout_seconds": 3},  # an integer where a number goes
+            "sms": {"originators": {44: "alpha:Matrix"}, "refused_countries": ["gb", "Fr"]},  # YAML's integer key
+        }
+    )
     assert (config.log_level, config.log_format) == ("DEBUG", "json")
     assert config.listen.header_timeout_seconds == 3.0 and isinstance(config.listen.header_timeout_seconds, float)
     assert config.sms.originators == {"44": Originator("alpha", "Matrix")}
@@ -178,12 +210,24 @@ def test_loose_spellings_that_are_accepted() -> None:
     "data, server_name, base_url, email_from",
     [
         ({}, "127.0.0.1:8090", "http://127.0.0.1:8090", "Identity Server <noreply@localhost>"),
-        ({"listen": {"host": "::1", "port": 8443, "tls_certificate": "c.pem", "tls_private_key": "k.pem"}},
-         "[::1]:8443", "https://[::1]:8443", "Identity Server <noreply@localhost>"),
-        ({"server_name": "id.test:8443", "public_baseurl": "https://id.test/"},
-         "id.test:8443", "https://id.test", "Identity Server <noreply@id.test>"),
-        ({"server_name": "id.test", "email": {"from": "Me <me@id.test>"}},
-         "id.test", "http://127.0.0.1:8090", "Me <me@id.test>"),
+        (
+            {"listen": {"host": "::1", "port": 8443, "tls_certificate": "c.pem", "tls_private_key": "k.pem"}},
+            "[::1]:8443",
+            "https://[::1]:8443",
+            "Identity Server <noreply@localhost>",
+        ),
+        (
+            {"server_name": "id.test:8443", "public_baseurl": "https://id.test/"},
+            "id.test:8443",
+            "https://id.test",
+            "Identity Server <noreply@id.test>",
+        ),
+        (
+            {"server_name": "id.test", "email": {"from": "Me <me@id.test>"}},
+            "id.test",
+            "http://127.0.0.1:8090",
+            "Me <me@id.test>",
+        ),
     ],
 )
 def test_derived_values(data: dict[str, Any], server_name: str, base_url: str, email_from: str) -> None:
@@ -202,20 +246,29 @@ def test_loaded_config_is_read_only() -> None:
 def test_workers_get_the_config_back_as_it_was() -> None:
     # What `serve --workers N` hands each worker (server.CONFIG_ENV): the model's JSON, read back
     # as a config file would be; no hand-written inverse to forget a key or a renamed one.
-    config = config_from_dict({
-        **yaml.safe_load((REPO / "config.example.yaml").read_text()),
-        "email": {"from": "Me <me@id.test>", "transport": "smtp", "smtp": {"password": "pw", "timeout_seconds": 5}},
-        "sms": {"originators": {44: "alpha:Matrix", "default": "long:+447700900000"}, "refused_countries": ["gb"],
-                "provider": "webhook", "webhook": {"url": "https://hook.test/", "headers": {"X-Key": "k"}}},
-        "log_level": "debug",
-    })
+    config = config_from_dict(
+        {
+            **yaml.safe_load((REPO / "config.example.yaml").read_text()),
+            "email": {"from": "Me <me@id.test>", "transport": "smtp", "smtp": {"password": "pw", "timeout_seconds": 5}},
+            "sms": {
+                "originators": {44: "alpha:Matrix", "default": "long:+447700900000"},
+                "refused_countries": ["gb"],
+                "provider": "webhook",
+                "webhook": {"url": "https://hook.test/", "headers": {"X-Key": "k"}},
+            },
+            "log_level": "debug",
+        }
+    )
     dumped = json.loads(config.model_dump_json(by_alias=True))
     assert dumped["email"]["from"] == "Me <me@id.test>" and "from_" not in dumped["email"]
     assert dumped["sms"]["originators"] == {"44": "alpha:Matrix", "default": "long:+447700900000"}
     again = config_from_dict(dumped)
     assert again == config
     assert (again.effective_server_name, again.base_url, again.email_from) == (
-        config.effective_server_name, config.base_url, config.email_from)
+        config.effective_server_name,
+        config.base_url,
+        config.email_from,
+    )
     assert load_config(None) == config_from_dict(json.loads(load_config(None).model_dump_json(by_alias=True)))
 
 
@@ -231,12 +284,24 @@ def test_lookup_max_addresses_and_the_address_burst() -> None:
     with pytest.raises(ConfigError):
         config_from_dict({"lookup": {"max_addresses": 30_000}})  # above the default burst
     # Lowered together, raised together, or with rate limits off: fine.
-    assert config_from_dict({"rate_limits": {"lookup_addresses_burst": 5000},
-                             "lookup": {"max_addresses": 5000}}).lookup.max_addresses == 5000
-    assert config_from_dict({"rate_limits": {"lookup_addresses_burst": 50_000},
-                             "lookup": {"max_addresses": 50_000}}).lookup.max_addresses == 50_000
-    assert config_from_dict({"rate_limits": {"enabled": False, "lookup_addresses_burst": 10},
-                             "lookup": {"max_addresses": 20_000}}).lookup.max_addresses == 20_000
+    assert (
+        config_from_dict(
+            {"rate_limits": {"lookup_addresses_burst": 5000}, "lookup": {"max_addresses": 5000}}
+        ).lookup.max_addresses
+        == 5000
+    )
+    assert (
+        config_from_dict(
+            {"rate_limits": {"lookup_addresses_burst": 50_000}, "lookup": {"max_addresses": 50_000}}
+        ).lookup.max_addresses
+        == 50_000
+    )
+    assert (
+        config_from_dict(
+            {"rate_limits": {"enabled": False, "lookup_addresses_burst": 10}, "lookup": {"max_addresses": 20_000}}
+        ).lookup.max_addresses
+        == 20_000
+    )
     for bad in (0, -1, 100_001):
         with pytest.raises(ConfigError) as e:
             config_from_dict({"rate_limits": {"enabled": False}, "lookup": {"max_addresses": bad}})
@@ -273,7 +338,10 @@ def test_cli_refuses_bad_config_before_starting(tmp_path: Path) -> None:
     path.write_text("listen:\n  port: 8090\n  hostt: 0.0.0.0\n")
     proc = subprocess.run(
         [sys.executable, "-m", "sydent_lite", "serve", "--config", str(path)],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     assert proc.returncode == 2
     assert "unknown config key 'listen.hostt'" in proc.stderr
@@ -296,7 +364,10 @@ def test_unusable_tls_files_stop_start_up_naming_the_keys(tmp_path: Path) -> Non
     path.write_text(f"listen:\n  tls_certificate: {tmp_path}/missing.pem\n  tls_private_key: {tmp_path}/missing.key\n")
     proc = subprocess.run(
         [sys.executable, "-m", "sydent_lite", "serve", "--config", str(path)],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     assert proc.returncode == 2
     assert "cannot use listen.tls_certificate and listen.tls_private_key" in proc.stderr

@@ -59,8 +59,13 @@ ServerFactory = Callable[..., GuardedServer]
 
 
 @pytest.fixture
-def start_server(sqlite_dbs: DatabaseFactory, smtp_sink: SmtpSink, homeserver: HomeserverStandIn,
-                 tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ServerFactory]:
+def start_server(
+    sqlite_dbs: DatabaseFactory,
+    smtp_sink: SmtpSink,
+    homeserver: HomeserverStandIn,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> Iterator[ServerFactory]:
     """`start_server(listen={...}, file_limit=None, workers=1)`: a started server."""
     servers: list[GuardedServer] = []
     request.node.extra_sydent_servers = servers
@@ -130,8 +135,9 @@ def expect_refusal(sock: socket.socket, status: int) -> dict[str, Any]:
 
 def normal_client(server: SydentServer, **kwargs: Any) -> httpx.Client:
     transport = httpx.HTTPTransport(local_address=NORMAL, **kwargs.pop("transport_options", {}))
-    return httpx.Client(base_url=kwargs.pop("base_url", server.base_url), transport=transport,
-                        timeout=ANSWER_WITHIN, **kwargs)
+    return httpx.Client(
+        base_url=kwargs.pop("base_url", server.base_url), transport=transport, timeout=ANSWER_WITHIN, **kwargs
+    )
 
 
 def vm_rss_kib(pid: int) -> int:
@@ -244,8 +250,10 @@ def test_headers_dripping_in_are_cut_off(start_server: ServerFactory) -> None:
 
 def test_a_dripping_body_is_cut_off(start_server: ServerFactory) -> None:
     server = start_server({"body_idle_timeout_seconds": 2, "body_timeout_seconds": 3})
-    head = (b"POST " + V1.encode() + b"/validate/email/requestToken HTTP/1.1\r\nHost: id.test\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+    head = (
+        b"POST " + V1.encode() + b"/validate/email/requestToken HTTP/1.1\r\nHost: id.test\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    )
     with connect(server.port) as sock:
         sock.sendall(head)
         sent = 0
@@ -286,8 +294,9 @@ def test_a_32_mib_header_value_gets_431(start_server: ServerFactory) -> None:
     # A head just under the limit is served.
     with connect(server.port) as sock:
         filler = b"a" * (32 * 1024 - 200)
-        sock.sendall(b"GET /_matrix/identity/v2 HTTP/1.1\r\nHost: id.test\r\nX-Big: " + filler + b"\r\n"
-                     b"Connection: close\r\n\r\n")
+        sock.sendall(
+            b"GET /_matrix/identity/v2 HTTP/1.1\r\nHost: id.test\r\nX-Big: " + filler + b"\r\nConnection: close\r\n\r\n"
+        )
         assert read_until_closed(sock).startswith(b"HTTP/1.1 200 ")
 
 
@@ -325,7 +334,9 @@ def test_too_many_headers_get_431(start_server: ServerFactory) -> None:
     def request(extra_headers: int) -> bytes:
         lines = b"".join(b"X-H-%d: %d\r\n" % (i, i) for i in range(extra_headers))
         with connect(server.port) as sock:
-            sock.sendall(b"GET /_matrix/identity/v2 HTTP/1.1\r\nHost: id.test\r\nConnection: close\r\n" + lines + b"\r\n")
+            sock.sendall(
+                b"GET /_matrix/identity/v2 HTTP/1.1\r\nHost: id.test\r\nConnection: close\r\n" + lines + b"\r\n"
+            )
             return read_until_closed(sock)
 
     assert request(98).startswith(b"HTTP/1.1 200 ")  # 100 header fields in all
@@ -406,9 +417,11 @@ def tls_listen(files: dict[str, str], **limits: Any) -> dict[str, Any]:
 
 def tls_client(server: SydentServer, files: dict[str, str], source: str = NORMAL) -> httpx.Client:
     context = ssl.create_default_context(cafile=files["ca"])
-    return normal_client(server, base_url=f"https://127.0.0.1:{server.port}",
-                         transport_options={"verify": context}) if source == NORMAL else httpx.Client(
-        base_url=f"https://127.0.0.1:{server.port}", verify=context, timeout=ANSWER_WITHIN)
+    return (
+        normal_client(server, base_url=f"https://127.0.0.1:{server.port}", transport_options={"verify": context})
+        if source == NORMAL
+        else httpx.Client(base_url=f"https://127.0.0.1:{server.port}", verify=context, timeout=ANSWER_WITHIN)
+    )
 
 
 def tls_connect(server: SydentServer, files: dict[str, str], source: str = "127.0.0.1") -> ssl.SSLSocket:
@@ -433,18 +446,20 @@ def test_tls_half_request_gets_408_and_big_heads_431(start_server: ServerFactory
         expect_refusal(sock, 408)
     with tls_connect(server, tls_files) as sock:
         with contextlib.suppress(OSError):  # the server stops reading long before the end
-            sock.sendall(b"GET /_matrix/identity/v2 HTTP/1.1\r\nHost: id.test\r\nX-Big: " + b"a" * (1 << 19) + b"\r\n\r\n")
+            sock.sendall(
+                b"GET /_matrix/identity/v2 HTTP/1.1\r\nHost: id.test\r\nX-Big: " + b"a" * (1 << 19) + b"\r\n\r\n"
+            )
         expect_refusal(sock, 431)
     with tls_client(server, tls_files) as client:
         resp = client.get(V2)
         assert resp.status_code == 200 and resp.json() == {}
 
 
-def test_tls_many_unfinished_connections_leave_others_served(start_server: ServerFactory,
-                                                             tls_files: dict[str, str]) -> None:
+def test_tls_many_unfinished_connections_leave_others_served(
+    start_server: ServerFactory, tls_files: dict[str, str]
+) -> None:
     # More connections than descriptors, none of which ever starts its handshake.
-    server = start_server(tls_listen(tls_files, max_connections_per_ip=40, header_timeout_seconds=60),
-                          file_limit=256)
+    server = start_server(tls_listen(tls_files, max_connections_per_ip=40, header_timeout_seconds=60), file_limit=256)
     attack = []
     try:
         for _ in range(400):

@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from support.server import (
     EMAIL_FROM,
     V1,
@@ -29,6 +28,7 @@ from support.server import (
     unique_email,
 )
 from support.smtp import ReceivedMail
+
 from sydent_lite.http.routes.validation import next_link_with_sid
 
 SID_RE = re.compile(r"[0-9a-zA-Z]{24}")
@@ -157,13 +157,23 @@ def test_new_client_secret_starts_a_new_session(api: IdentityApi, user: User) ->
 
 @pytest.mark.parametrize(
     "email",
-    ["plainaddress", "@example.test", "user@", "user@@example.test", "user name@example.test",
-     "user@exa mple.test", "user@example.test\nBcc: victim@example.test",
-     # RFC 5321: a local part is at most 64 octets (characters are not octets).
-     "a" * 65 + "@example.test", "é" * 33 + "@example.test",
-     # RFC 2047 encoded words: a relay or mail client that decodes one reads another mailbox.
-     "=?utf-8?q?x?=@victim.org", "=?utf-8?q?victim=40example=2Etest?=@example.test",
-     "=?UTF-8?B?dmljdGltQGV4YW1wbGUudGVzdA==?=@example.test", "pre=?iso-8859-1?q?x?=post@example.test"],
+    [
+        "plainaddress",
+        "@example.test",
+        "user@",
+        "user@@example.test",
+        "user name@example.test",
+        "user@exa mple.test",
+        "user@example.test\nBcc: victim@example.test",
+        # RFC 5321: a local part is at most 64 octets (characters are not octets).
+        "a" * 65 + "@example.test",
+        "é" * 33 + "@example.test",
+        # RFC 2047 encoded words: a relay or mail client that decodes one reads another mailbox.
+        "=?utf-8?q?x?=@victim.org",
+        "=?utf-8?q?victim=40example=2Etest?=@example.test",
+        "=?UTF-8?B?dmljdGltQGV4YW1wbGUudGVzdA==?=@example.test",
+        "pre=?iso-8859-1?q?x?=post@example.test",
+    ],
     ids=lambda e: e[:40],
 )
 def test_invalid_email(api: IdentityApi, user: User, email: str) -> None:
@@ -248,7 +258,7 @@ def raw_headers(mail: ReceivedMail, name: str) -> list[str]:
     """The values of header `name` exactly as sent (UTF-8, no decoding of any kind)."""
     head = mail.normalised().split("\n\n", 1)[0]
     prefix = f"{name.lower()}:"
-    return [line[len(prefix):].strip() for line in head.split("\n") if line.lower().startswith(prefix)]
+    return [line[len(prefix) :].strip() for line in head.split("\n") if line.lower().startswith(prefix)]
 
 
 def test_mail_goes_to_the_address_as_typed_and_the_folded_one_is_bound(api: IdentityApi, user: User) -> None:
@@ -302,10 +312,17 @@ def test_case_variants_are_one_session(api: IdentityApi) -> None:
 
 
 def test_case_variants_share_the_per_address_limit(make_server, api_for) -> None:
-    server = make_server(terms_path=None, extra_config={"rate_limits": {
-        "enabled": True, "request_token_per_ip_burst": 50, "request_token_per_address_burst": 2,
-        "request_token_per_address_per_hour": 1.0,
-    }})
+    server = make_server(
+        terms_path=None,
+        extra_config={
+            "rate_limits": {
+                "enabled": True,
+                "request_token_per_ip_burst": 50,
+                "request_token_per_address_burst": 2,
+                "request_token_per_address_per_hour": 1.0,
+            }
+        },
+    )
     api = api_for(server)
     local = f"alice.{new_secret()[-8:]}"
     # Each a new session (a new client secret), each mailed to its own spelling ...
@@ -342,8 +359,10 @@ def test_submit_token_v1_json_and_form(api: IdentityApi) -> None:
     assert resp.status_code == 200 and resp.json() == {"success": True}, resp.text
 
     session = api.start_email_session(unique_email("submitv1form"), v1=True)
-    resp = api.client.post(f"{V1}/validate/email/submitToken",
-                           data={"sid": session.sid, "client_secret": session.client_secret, "token": session.token})
+    resp = api.client.post(
+        f"{V1}/validate/email/submitToken",
+        data={"sid": session.sid, "client_secret": session.client_secret, "token": session.token},
+    )
     assert resp.status_code == 200 and resp.json() == {"success": True}, resp.text
 
 
@@ -393,8 +412,10 @@ def test_link_with_wrong_token_or_unknown_session(api: IdentityApi, idserver: Sy
 
 # Element Web's registration next_link (matrix-react-sdk makeRegistrationUrl): a hash route
 # whose own query Element reads, `sid` included (MatrixChat.startRegistration).
-ELEMENT_NEXT_LINK = ("https://app.element.test/#/register?client_secret=c1&hs_url=https%3A%2F%2Fhs.test"
-                     "&is_url=https%3A%2F%2Fid.test&session_id=s1")
+ELEMENT_NEXT_LINK = (
+    "https://app.element.test/#/register?client_secret=c1&hs_url=https%3A%2F%2Fhs.test"
+    "&is_url=https%3A%2F%2Fid.test&session_id=s1"
+)
 
 
 @pytest.mark.parametrize(
@@ -405,14 +426,15 @@ ELEMENT_NEXT_LINK = ("https://app.element.test/#/register?client_secret=c1&hs_ur
         ("https://client.example.test/done?step=2#top", "https://client.example.test/done?step=2&sid={sid}#top"),
         ("https://client.example.test/done#top", "https://client.example.test/done?sid={sid}#top"),
         (ELEMENT_NEXT_LINK, ELEMENT_NEXT_LINK + "&sid={sid}"),
-        ("https://app.element.test/#/register/email-validated",
-         "https://app.element.test/#/register/email-validated?sid={sid}"),
+        (
+            "https://app.element.test/#/register/email-validated",
+            "https://app.element.test/#/register/email-validated?sid={sid}",
+        ),
         ("https://client.example.test/done?sid=forged&a=1", "https://client.example.test/done?a=1&sid={sid}"),
     ],
     ids=["no-query", "query", "query-and-anchor", "anchor", "element-route", "route-no-query", "sid-given"],
 )
-def test_link_redirects_to_next_link_with_the_sid(api: IdentityApi, user: User, next_link: str,
-                                                  expected: str) -> None:
+def test_link_redirects_to_next_link_with_the_sid(api: IdentityApi, user: User, next_link: str, expected: str) -> None:
     session = api.start_email_session(unique_email("next"), user=user, next_link=next_link)
     resp = api.client.get(session.mail.link)
     assert resp.status_code == 302, resp.text
@@ -432,8 +454,13 @@ def test_next_link_gets_the_sid_where_sydent_puts_it() -> None:
 
 @pytest.mark.parametrize(
     "next_link",
-    ["javascript:alert(document.cookie)", "JavaScript:alert(1)", "data:text/html,<script>alert(1)</script>",
-     "//evil.example.test/phish", "ftp://files.example.test/x"],
+    [
+        "javascript:alert(document.cookie)",
+        "JavaScript:alert(1)",
+        "data:text/html,<script>alert(1)</script>",
+        "//evil.example.test/phish",
+        "ftp://files.example.test/x",
+    ],
 )
 def test_link_never_redirects_to_other_schemes(api: IdentityApi, user: User, next_link: str) -> None:
     email = unique_email("badnext")
@@ -561,11 +588,19 @@ def test_guessing_the_token_kills_the_session(make_server, api_for) -> None:
 
 
 def test_email_budget_is_per_address_and_taken_before_comparing(make_server, api_for) -> None:
-    server = make_server(terms_path=None, extra_config={"rate_limits": {
-        "enabled": True, "request_token_per_address_burst": 50, "request_token_per_ip_burst": 50,
-        "submit_token_per_ip_burst": 200, "submit_token_per_address_burst": 3,
-        "submit_token_per_address_per_day": 1.0,
-    }})
+    server = make_server(
+        terms_path=None,
+        extra_config={
+            "rate_limits": {
+                "enabled": True,
+                "request_token_per_address_burst": 50,
+                "request_token_per_ip_burst": 50,
+                "submit_token_per_ip_burst": 200,
+                "submit_token_per_address_burst": 3,
+                "submit_token_per_address_per_day": 1.0,
+            }
+        },
+    )
     api = api_for(server)
     user = api.register()
     victim = unique_email("budget")

@@ -14,7 +14,6 @@ import ssl
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -89,9 +88,7 @@ def _route(srv: HttpsServer, seen: Seen) -> tuple[int, dict[str, str], bytes, bo
     return js(404, {"errcode": "M_NOT_FOUND"})
 
 
-async def _handle(
-    srv: HttpsServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
+async def _handle(srv: HttpsServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     srv.connections += 1
     try:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -146,9 +143,7 @@ def _serve(cert: trustme.LeafCert) -> Iterator[HttpsServer]:
         srv.loop = loop
 
         async def start() -> None:
-            srv.server = await asyncio.start_server(
-                lambda r, w: _handle(srv, r, w), "127.0.0.1", 0, ssl=ctx
-            )
+            srv.server = await asyncio.start_server(lambda r, w: _handle(srv, r, w), "127.0.0.1", 0, ssl=ctx)
             srv.port = srv.server.sockets[0].getsockname()[1]
             ready.set()
 
@@ -291,17 +286,13 @@ class FakeDns:
         return self.srv.get(qname, [])
 
     async def resolve(self, name: str) -> ResolvedServer:
-        return await resolve_server_name(
-            name, fetch_well_known=self.fetch_well_known, srv_lookup=self.srv_lookup
-        )
+        return await resolve_server_name(name, fetch_well_known=self.fetch_well_known, srv_lookup=self.srv_lookup)
 
 
 async def test_resolve_ip_literals() -> None:
     dns = FakeDns()
     assert await dns.resolve("1.2.3.4") == ResolvedServer("1.2.3.4", 8448, "1.2.3.4", "1.2.3.4")
-    assert await dns.resolve("1.2.3.4:99") == ResolvedServer(
-        "1.2.3.4", 99, "1.2.3.4", "1.2.3.4:99"
-    )
+    assert await dns.resolve("1.2.3.4:99") == ResolvedServer("1.2.3.4", 99, "1.2.3.4", "1.2.3.4:99")
     assert await dns.resolve("[::1]:8443") == ResolvedServer("::1", 8443, "::1", "[::1]:8443")
     assert await dns.resolve("[::1]") == ResolvedServer("::1", 8448, "::1", "[::1]")
     assert dns.calls == []  # no .well-known, no SRV for IP literals
@@ -317,13 +308,9 @@ async def test_resolve_hostname_with_port_is_direct() -> None:
 
 async def test_resolve_well_known_ip_literal() -> None:
     dns = FakeDns(well_known={"example.org": {"m.server": "5.6.7.8:9000"}})
-    assert await dns.resolve("example.org") == ResolvedServer(
-        "5.6.7.8", 9000, "5.6.7.8", "5.6.7.8:9000"
-    )
+    assert await dns.resolve("example.org") == ResolvedServer("5.6.7.8", 9000, "5.6.7.8", "5.6.7.8:9000")
     dns = FakeDns(well_known={"example.org": {"m.server": "[2001:db8::1]"}})
-    assert await dns.resolve("example.org") == ResolvedServer(
-        "2001:db8::1", 8448, "2001:db8::1", "[2001:db8::1]"
-    )
+    assert await dns.resolve("example.org") == ResolvedServer("2001:db8::1", 8448, "2001:db8::1", "[2001:db8::1]")
     assert dns.calls == ["wk:example.org"]
 
 
@@ -344,9 +331,7 @@ async def test_resolve_well_known_then_matrix_fed_srv() -> None:
         },
     )
     # Connect to the SRV target; certificate and Host are the delegated name.
-    assert await dns.resolve("example.org") == ResolvedServer(
-        "fed.target", 8450, "deleg.example", "deleg.example"
-    )
+    assert await dns.resolve("example.org") == ResolvedServer("fed.target", 8450, "deleg.example", "deleg.example")
     assert dns.calls == ["wk:example.org", "srv:_matrix-fed._tcp.deleg.example"]
 
 
@@ -355,9 +340,7 @@ async def test_resolve_well_known_then_legacy_srv() -> None:
         well_known={"example.org": {"m.server": "deleg.example"}},
         srv={"_matrix._tcp.deleg.example": [("legacy.target", 8451)]},
     )
-    assert await dns.resolve("example.org") == ResolvedServer(
-        "legacy.target", 8451, "deleg.example", "deleg.example"
-    )
+    assert await dns.resolve("example.org") == ResolvedServer("legacy.target", 8451, "deleg.example", "deleg.example")
     assert dns.calls == [
         "wk:example.org",
         "srv:_matrix-fed._tcp.deleg.example",
@@ -367,32 +350,24 @@ async def test_resolve_well_known_then_legacy_srv() -> None:
 
 async def test_resolve_well_known_without_srv() -> None:
     dns = FakeDns(well_known={"example.org": {"m.server": "deleg.example"}})
-    assert await dns.resolve("example.org") == ResolvedServer(
-        "deleg.example", 8448, "deleg.example", "deleg.example"
-    )
+    assert await dns.resolve("example.org") == ResolvedServer("deleg.example", 8448, "deleg.example", "deleg.example")
 
 
 async def test_resolve_no_well_known_matrix_fed_srv() -> None:
     dns = FakeDns(srv={"_matrix-fed._tcp.example.org": [("fed.target", 443)]})
     # SRV delegation: the target must prove it serves <hostname> via TLS.
-    assert await dns.resolve("example.org") == ResolvedServer(
-        "fed.target", 443, "example.org", "example.org"
-    )
+    assert await dns.resolve("example.org") == ResolvedServer("fed.target", 443, "example.org", "example.org")
     assert dns.calls == ["wk:example.org", "srv:_matrix-fed._tcp.example.org"]
 
 
 async def test_resolve_no_well_known_legacy_srv() -> None:
     dns = FakeDns(srv={"_matrix._tcp.example.org": [("legacy.target", 8449)]})
-    assert await dns.resolve("example.org") == ResolvedServer(
-        "legacy.target", 8449, "example.org", "example.org"
-    )
+    assert await dns.resolve("example.org") == ResolvedServer("legacy.target", 8449, "example.org", "example.org")
 
 
 async def test_resolve_fallback_8448() -> None:
     dns = FakeDns()
-    assert await dns.resolve("example.org") == ResolvedServer(
-        "example.org", 8448, "example.org", "example.org"
-    )
+    assert await dns.resolve("example.org") == ResolvedServer("example.org", 8448, "example.org", "example.org")
     assert dns.calls == [
         "wk:example.org",
         "srv:_matrix-fed._tcp.example.org",
@@ -400,17 +375,13 @@ async def test_resolve_fallback_8448() -> None:
     ]
 
 
-@pytest.mark.parametrize(
-    "body", [{"m.server": 42}, {"m.server": "bad name!"}, {"other": "x"}, {"m.server": ""}]
-)
+@pytest.mark.parametrize("body", [{"m.server": 42}, {"m.server": "bad name!"}, {"other": "x"}, {"m.server": ""}])
 async def test_resolve_invalid_well_known_skips_to_srv(body: dict) -> None:
     dns = FakeDns(
         well_known={"example.org": body},
         srv={"_matrix-fed._tcp.example.org": [("fed.target", 443)]},
     )
-    assert await dns.resolve("example.org") == ResolvedServer(
-        "fed.target", 443, "example.org", "example.org"
-    )
+    assert await dns.resolve("example.org") == ResolvedServer("fed.target", 443, "example.org", "example.org")
 
 
 async def test_resolve_invalid_name_raises() -> None:
@@ -564,9 +535,7 @@ async def test_allow_listed_ipv6_with_a_public_ipv4_inside_is_allowed(
 async def test_allowlist_exception(server: HttpsServer, ca_file: str) -> None:
     client = FederationClient(loopback_config(ca_file=ca_file))
     try:
-        status, body = await client.request_json(
-            "POST", f"127.0.0.1:{server.port}", "/json", json_body={"a": 1}
-        )
+        status, body = await client.request_json("POST", f"127.0.0.1:{server.port}", "/json", json_body={"a": 1})
     finally:
         await client.aclose()
     assert (status, body) == (200, {"ok": True})
@@ -682,9 +651,7 @@ async def test_pools_per_name_are_bounded(
 # OpenID exchange
 
 
-async def test_openid_success(
-    server: HttpsServer, fed: FederationClient, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_openid_success(server: HttpsServer, fed: FederationClient, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     name = f"127.0.0.1:{server.port}"
     assert await exchange_openid_token(fed, name, "good") == f"@alice:{name}"
@@ -705,17 +672,13 @@ async def test_openid_success(
         ("bad-sub", "invalid user ID"),
     ],
 )
-async def test_openid_rejections(
-    server: HttpsServer, fed: FederationClient, token: str, message: str
-) -> None:
+async def test_openid_rejections(server: HttpsServer, fed: FederationClient, token: str, message: str) -> None:
     with pytest.raises(OpenIdError, match=message) as info:
         await exchange_openid_token(fed, f"127.0.0.1:{server.port}", token)
     assert token not in str(info.value)
 
 
-async def test_openid_server_name_must_match_exactly(
-    server: HttpsServer, fed: FederationClient
-) -> None:
+async def test_openid_server_name_must_match_exactly(server: HttpsServer, fed: FederationClient) -> None:
     # The user is @alice:127.0.0.1:<port>; asking "localhost:<port>" must not accept it.
     with pytest.raises(OpenIdError, match="another server"):
         await exchange_openid_token(fed, f"localhost:{server.port}", "good")

@@ -40,15 +40,18 @@ async def crash(request: Request) -> Response:
 
 @pytest.fixture(scope="module")
 def front_door() -> Iterator[httpx.Client]:
-    app = starlette_app([
-        Route("/ok", ok, methods=["GET", "POST"]),
-        Route("/matrix", matrix_error, methods=["GET"]),
-        Route("/http", http_error, methods=["GET"]),
-        Route("/crash", crash, methods=["GET"]),
-    ])
+    app = starlette_app(
+        [
+            Route("/ok", ok, methods=["GET", "POST"]),
+            Route("/matrix", matrix_error, methods=["GET"]),
+            Route("/http", http_error, methods=["GET"]),
+            Route("/crash", crash, methods=["GET"]),
+        ]
+    )
     app.state.marker = "the app"
-    server = uvicorn.Server(uvicorn.Config(FrontDoor(app), host="127.0.0.1", port=0, log_config=None,
-                                           lifespan="off", ws="none"))
+    server = uvicorn.Server(
+        uvicorn.Config(FrontDoor(app), host="127.0.0.1", port=0, log_config=None, lifespan="off", ws="none")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -109,4 +112,6 @@ def test_what_no_exact_route_matches_goes_through_starlette(front_door: httpx.Cl
     _assert_common_headers(resp)
     # A request id given by the caller is kept on every road.
     for method, path in (("GET", "/ok"), ("GET", "/nowhere"), ("GET", "/crash")):
-        assert front_door.request(method, path, headers={"X-Request-Id": "abc-123"}).headers["x-request-id"] == "abc-123"
+        assert (
+            front_door.request(method, path, headers={"X-Request-Id": "abc-123"}).headers["x-request-id"] == "abc-123"
+        )

@@ -17,8 +17,13 @@ def test_health_reports_a_lost_database(tmp_path: Path, smtp_sink, homeserver) -
     # PostgreSQL, because a database can vanish under a running server there.
     factory = DatabaseFactory("postgres", tmp_path / "db")
     database = factory.create()
-    server = SydentServer(tmp_path / "server", database_url=database.url, smtp_port=smtp_sink.port,
-                          ca_file=homeserver.ca_path, name="sydent_lite (health)")
+    server = SydentServer(
+        tmp_path / "server",
+        database_url=database.url,
+        smtp_port=smtp_sink.port,
+        ca_file=homeserver.ca_path,
+        name="sydent_lite (health)",
+    )
     server.start()
     try:
         assert server.client.get("/_sydent_lite/health").status_code == 200

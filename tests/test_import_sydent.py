@@ -146,7 +146,14 @@ class SydentBuilder:
 
     @staticmethod
     def assoc(medium: str, address: str, mxid: str, ts: int) -> dict[str, Any]:
-        return {"medium": medium, "address": address, "mxid": mxid, "ts": ts, "not_before": ts, "not_after": ts + LIFETIME}
+        return {
+            "medium": medium,
+            "address": address,
+            "mxid": mxid,
+            "ts": ts,
+            "not_before": ts,
+            "not_after": ts + LIFETIME,
+        }
 
     def bind_local(self, a: dict[str, Any]) -> int:
         # LocalAssociationStore.addOrUpdateAssociation: insert or replace (one row per 3PID).
@@ -165,8 +172,18 @@ class SydentBuilder:
         self.db.execute(
             "insert or ignore into global_threepid_associations (medium, address, lookup_hash, mxid, ts, notBefore,"
             " notAfter, originServer, originId, sgAssoc) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (a["medium"], a["address"].casefold() if a["medium"] == "email" else a["address"], "h", a["mxid"],
-             a["ts"], a["not_before"], a["not_after"], origin, origin_id, sg),
+            (
+                a["medium"],
+                a["address"].casefold() if a["medium"] == "email" else a["address"],
+                "h",
+                a["mxid"],
+                a["ts"],
+                a["not_before"],
+                a["not_after"],
+                origin,
+                origin_id,
+                sg,
+            ),
         )
         return sg
 
@@ -258,14 +275,20 @@ def build_sydent_db(path: Path, server_name: str, key: Any) -> SydentFixture:
         " values (?, ?, ?, ?, ?, ?)",
         (1234567, "email", "validated@example.test", "sydentsecret1", now - 60_000, 1),
     )
-    b.db.execute("insert into threepid_token_auths (id, validationSession, token, sendAttemptNumber) values (10, 1234567, 'firsttoken', 1)")
-    b.db.execute("insert into threepid_token_auths (id, validationSession, token, sendAttemptNumber) values (11, 1234567, 'latesttoken', 2)")
+    b.db.execute(
+        "insert into threepid_token_auths (id, validationSession, token, sendAttemptNumber) values (10, 1234567, 'firsttoken', 1)"
+    )
+    b.db.execute(
+        "insert into threepid_token_auths (id, validationSession, token, sendAttemptNumber) values (11, 1234567, 'latesttoken', 2)"
+    )
     b.db.execute(
         "insert into threepid_validation_sessions ('id', 'medium', 'address', 'clientSecret', 'mtime')"
         " values (?, ?, ?, ?, ?)",
         (2345678, "msisdn", "447700900123", "sydentsecret2", now - 60_000),
     )
-    b.db.execute("insert into threepid_token_auths (validationSession, token, sendAttemptNumber) values (2345678, '123456', 1)")
+    b.db.execute(
+        "insert into threepid_token_auths (validationSession, token, sendAttemptNumber) values (2345678, '123456', 1)"
+    )
     b.db.execute(
         "insert into threepid_validation_sessions ('id', 'medium', 'address', 'clientSecret', 'mtime')"
         " values (?, ?, ?, ?, ?)",
@@ -277,17 +300,23 @@ def build_sydent_db(path: Path, server_name: str, key: Any) -> SydentFixture:
         " values (?, ?, ?, ?, ?)",
         (4567890, "email", "pending@example.test", "sydentsecret4", now - 60_000),
     )
-    b.db.execute("insert into threepid_token_auths (validationSession, token, sendAttemptNumber)"
-                 " values (4567890, 'SydentMailedToken4567890abcdefgh', 1)")
+    b.db.execute(
+        "insert into threepid_token_auths (validationSession, token, sendAttemptNumber)"
+        " values (4567890, 'SydentMailedToken4567890abcdefgh', 1)"
+    )
 
     # Accounts (AccountStore), tokens, accepted terms (TermsStore).
     for user, created in ((ALICE, now - 100 * DAY), (BOB, now - 50 * DAY), (CAROL, now - 10 * DAY)):
-        b.db.execute("insert or ignore into accounts (user_id, created_ts, consent_version) values (?, ?, ?)",
-                     (user, created, None))
+        b.db.execute(
+            "insert or ignore into accounts (user_id, created_ts, consent_version) values (?, ?, ?)",
+            (user, created, None),
+        )
     for user, token in ((ALICE, ALICE_TOKEN_1), (ALICE, ALICE_TOKEN_2), (CAROL, CAROL_TOKEN)):
         b.db.execute("insert into tokens (user_id, token) values (?, ?)", (user, token))
-    b.db.executemany("insert or ignore into accepted_terms_urls (user_id, url) values (?, ?)",
-                     [(ALICE, u) for u in TERMS_EN] + [(BOB, TERMS_EN[0])])
+    b.db.executemany(
+        "insert or ignore into accepted_terms_urls (user_id, url) values (?, ?)",
+        [(ALICE, u) for u in TERMS_EN] + [(BOB, TERMS_EN[0])],
+    )
     b.close()
     return fx
 
@@ -352,10 +381,22 @@ async def _prepare_ours(url: str, now: int) -> None:
         await migrate(engine)
         store = AssociationStore(engine)
         pepper = await load_pepper(ServerStateStore(engine), store)
-        for address, mxid, ts in (("newerhere@example.test", "@mine:hs.test", now - 3600_000),
-                                  ("olderhere@example.test", "@stale:hs.test", now - 30 * DAY)):
-            await store.upsert(StoredAssociation("email", address, lookup_hash(address, "email", pepper), mxid, ts, ts,
-                                                 ts + LIFETIME, json.dumps({"mxid": mxid, "ts": ts})))
+        for address, mxid, ts in (
+            ("newerhere@example.test", "@mine:hs.test", now - 3600_000),
+            ("olderhere@example.test", "@stale:hs.test", now - 30 * DAY),
+        ):
+            await store.upsert(
+                StoredAssociation(
+                    "email",
+                    address,
+                    lookup_hash(address, "email", pepper),
+                    mxid,
+                    ts,
+                    ts,
+                    ts + LIFETIME,
+                    json.dumps({"mxid": mxid, "ts": ts}),
+                )
+            )
     finally:
         await engine.dispose()
 
@@ -391,8 +432,14 @@ def verify(signed_json: str, server_name: str, key: Any) -> dict[str, Any]:
 def test_import_then_serve(db_factory, smtp_sink, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     db = db_factory.create()
     # The server that will serve the imported data: its name is Sydent's server.name.
-    server = SydentServer(tmp_path / "server", database_url=db.url, smtp_port=smtp_sink.port, ca_file=None,
-                          terms_path=write_terms(tmp_path / "terms.yaml"), name="sydent_lite (imported)")
+    server = SydentServer(
+        tmp_path / "server",
+        database_url=db.url,
+        smtp_port=smtp_sink.port,
+        ca_file=None,
+        terms_path=write_terms(tmp_path / "terms.yaml"),
+        name="sydent_lite (imported)",
+    )
     sydent_key = signedjson.key.generate_signing_key("1")
     fx = build_sydent_db(tmp_path / "sydent.db", server.server_name, sydent_key)
     key_file = write_key(tmp_path / "sydent.signing.key", sydent_key)
@@ -428,8 +475,9 @@ def test_import_then_serve(db_factory, smtp_sink, tmp_path: Path) -> None:  # ty
             assert row["signed_json"] == fx.sg_assoc[threepid]
     # The one Sydent had not pushed yet: signed now, with Sydent's key, as Sydent would have.
     resigned = json.loads(rows[("email", "localonly@example.test")]["signed_json"])
-    assert resigned == signedjson.sign.sign_json(SydentBuilder.assoc("email", "localonly@example.test", BOB, fx.now - 3 * DAY),
-                                                 server.server_name, sydent_key)
+    assert resigned == signedjson.sign.sign_json(
+        SydentBuilder.assoc("email", "localonly@example.test", BOB, fx.now - 3 * DAY), server.server_name, sydent_key
+    )
     # Bound here after Sydent's binding: ours stays.
     assert rows[("email", "newerhere@example.test")]["mxid"] == "@mine:hs.test"
     assert ("email", "unbound@example.test") not in rows
@@ -438,12 +486,20 @@ def test_import_then_serve(db_factory, smtp_sink, tmp_path: Path) -> None:  # ty
     now_s = fx.now // 1000
     inv = {r["token"]: r for r in select_all(db.url, select(invites))}
     assert inv["invitetokenpending"] == {
-        "token": "invitetokenpending", "medium": "email", "address": "invitee@example.test", "room_id": "!room:hs.test",
-        "sender": ALICE, "ephemeral_public_key": "", "created_ts": (now_s - 3600) * 1000,
-        "callback_id": None, "delivered_ts": None,
+        "token": "invitetokenpending",
+        "medium": "email",
+        "address": "invitee@example.test",
+        "room_id": "!room:hs.test",
+        "sender": ALICE,
+        "ephemeral_public_key": "",
+        "created_ts": (now_s - 3600) * 1000,
+        "callback_id": None,
+        "delivered_ts": None,
     }
     assert (inv["invitetokensent"]["created_ts"], inv["invitetokensent"]["delivered_ts"]) == (
-        (now_s - 7200) * 1000, (now_s - 3600) * 1000)
+        (now_s - 7200) * 1000,
+        (now_s - 3600) * 1000,
+    )
     keys = {r["public_key"]: r["created_ts"] for r in select_all(db.url, select(ephemeral_public_keys))}
     assert keys == {fx.ephemeral_keys[0]: (now_s - 3600) * 1000, fx.ephemeral_keys[1]: (now_s - 7200) * 1000}
 
@@ -452,12 +508,23 @@ def test_import_then_serve(db_factory, smtp_sink, tmp_path: Path) -> None:  # ty
     assert set(sessions) == {"1234567", "2345678", "4567890"}
     s = sessions["1234567"]
     assert (s["medium"], s["address"], s["token_hash"], s["send_attempt"], s["validated"]) == (
-        "email", "validated@example.test", hash_secret("latesttoken"), 2, True)
+        "email",
+        "validated@example.test",
+        hash_secret("latesttoken"),
+        2,
+        True,
+    )
     assert s["client_secret_hash"] == hash_secret("sydentsecret1") and "sydentsecret1" not in repr(s)
     assert s["mtime"] == s["validated_at"] == s["created_ts"] == fx.now - 60_000
     s = sessions["2345678"]
-    assert (s["medium"], s["token_hash"], s["send_attempt"], s["validated"], s["validated_at"],
-            s["failed_attempts"]) == ("msisdn", hash_secret("123456"), 1, False, None, 0)
+    assert (
+        s["medium"],
+        s["token_hash"],
+        s["send_attempt"],
+        s["validated"],
+        s["validated_at"],
+        s["failed_attempts"],
+    ) == ("msisdn", hash_secret("123456"), 1, False, None, 0)
     for clear in ("latesttoken", "SydentMailedToken4567890abcdefgh"):
         assert all(clear not in repr(table) for table in dump(db.url).values()), clear
 
@@ -516,32 +583,49 @@ def test_import_then_serve(db_factory, smtp_sink, tmp_path: Path) -> None:  # ty
         details = c.get(f"{V2}/hash_details", headers=alice)
         assert details.status_code == 200, details.text
         h = sha256_address("both@example.test", "email", details.json()["lookup_pepper"])
-        resp = c.post(f"{V2}/lookup", headers=alice, json={"algorithm": "sha256", "pepper": details.json()["lookup_pepper"],
-                                                            "addresses": [h]})
+        resp = c.post(
+            f"{V2}/lookup",
+            headers=alice,
+            json={"algorithm": "sha256", "pepper": details.json()["lookup_pepper"], "addresses": [h]},
+        )
         assert resp.json() == {"mappings": {h: ALICE}}, resp.text
         resp = c.get(f"{V2}/hash_details", headers={"Authorization": f"Bearer {CAROL_TOKEN}"})
         assert resp.status_code == 403 and resp.json()["errcode"] == "M_TERMS_NOT_SIGNED"
 
         # Sessions in flight keep working: the validated one, and the one waiting for its code.
-        resp = c.get(f"{V2}/3pid/getValidated3pid", params={"sid": "1234567", "client_secret": "sydentsecret1"},
-                     headers=alice)
-        assert resp.json() == {"medium": "email", "address": "validated@example.test",
-                               "validated_at": fx.now - 60_000}, resp.text
-        resp = c.post(f"{V2}/validate/msisdn/submitToken",
-                      json={"sid": "2345678", "client_secret": "sydentsecret2", "token": "123456"}, headers=alice)
+        resp = c.get(
+            f"{V2}/3pid/getValidated3pid", params={"sid": "1234567", "client_secret": "sydentsecret1"}, headers=alice
+        )
+        assert resp.json() == {
+            "medium": "email",
+            "address": "validated@example.test",
+            "validated_at": fx.now - 60_000,
+        }, resp.text
+        resp = c.post(
+            f"{V2}/validate/msisdn/submitToken",
+            json={"sid": "2345678", "client_secret": "sydentsecret2", "token": "123456"},
+            headers=alice,
+        )
         assert resp.json() == {"success": True}, resp.text
         # The link Sydent mailed (its v1 path) still validates, though only the token's hash was imported.
-        resp = c.get(f"{V1}/validate/email/submitToken",
-                     params={"token": "SydentMailedToken4567890abcdefgh", "client_secret": "sydentsecret4",
-                             "sid": "4567890"})
+        resp = c.get(
+            f"{V1}/validate/email/submitToken",
+            params={"token": "SydentMailedToken4567890abcdefgh", "client_secret": "sydentsecret4", "sid": "4567890"},
+        )
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html"), resp.text
         resp = c.get(f"{V1}/3pid/getValidated3pid", params={"sid": "4567890", "client_secret": "sydentsecret4"})
         assert resp.status_code == 200 and resp.json()["address"] == "pending@example.test", resp.text
 
         # Sydent's invites carry no ephemeral key of their own: the key from Sydent's mail signs.
         mailed_key = signedjson.key.generate_signing_key("0")
-        resp = c.post(f"{V1}/sign-ed25519", json={"mxid": "@invitee:hs.test", "token": "invitetokenpending",
-                                                  "private_key": signedjson.key.encode_signing_key_base64(mailed_key)})
+        resp = c.post(
+            f"{V1}/sign-ed25519",
+            json={
+                "mxid": "@invitee:hs.test",
+                "token": "invitetokenpending",
+                "private_key": signedjson.key.encode_signing_key_base64(mailed_key),
+            },
+        )
         assert resp.status_code == 200, resp.text
         signedjson.sign.verify_signed_json(resp.json(), server.server_name, signedjson.key.get_verify_key(mailed_key))
     finally:
@@ -566,10 +650,26 @@ def test_a_different_key_of_ours_is_never_replaced(db_factory, tmp_path: Path) -
 
     # Through the command line: a message, exit status 2, nothing changed.
     config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump({"server_name": "id.test", "database": {"url": db.url},
-                                           "signing_key_path": str(ours_path)}))
-    proc = subprocess.run([sys.executable, "-m", "sydent_lite", "import-sydent", str(fx.path), "--signing-key",
-                           str(key_file), "--config", str(config_path)], capture_output=True, text=True, timeout=120, check=False)
+    config_path.write_text(
+        yaml.safe_dump({"server_name": "id.test", "database": {"url": db.url}, "signing_key_path": str(ours_path)})
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sydent_lite",
+            "import-sydent",
+            str(fx.path),
+            "--signing-key",
+            str(key_file),
+            "--config",
+            str(config_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 2 and str(ours_path) in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert dump(db.url) == before and ours_path.read_bytes() == ours_bytes
 
@@ -591,12 +691,18 @@ def test_without_sydents_key_ours_signs(db_factory, tmp_path: Path) -> None:  # 
     fx = build_sydent_db(tmp_path / "sydent.db", "id.test", signedjson.key.generate_signing_key("0"))
     ours_path = tmp_path / "signing.key"
     config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump({"server_name": "id.test", "database": {"url": db.url},
-                                           "signing_key_path": str(ours_path)}))
+    config_path.write_text(
+        yaml.safe_dump({"server_name": "id.test", "database": {"url": db.url}, "signing_key_path": str(ours_path)})
+    )
 
     def cli() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "sydent_lite", "import-sydent", str(fx.path), "--config",
-                               str(config_path)], capture_output=True, text=True, timeout=120, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "sydent_lite", "import-sydent", str(fx.path), "--config", str(config_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
 
     proc = cli()
     assert proc.returncode == 0, proc.stderr

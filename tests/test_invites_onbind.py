@@ -17,8 +17,9 @@ import shutil
 import time
 import urllib.parse
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -89,8 +90,15 @@ def invite_fields(hs: HomeserverStandIn, address: str, **extra: Any) -> dict[str
     return body
 
 
-def post_store_invite(api: IdentityApi, body: dict[str, Any], *, user: User | None = None, v1: bool = False,
-                      form: bool = False, as_sender: bool = True) -> httpx.Response:
+def post_store_invite(
+    api: IdentityApi,
+    body: dict[str, Any],
+    *,
+    user: User | None = None,
+    v1: bool = False,
+    form: bool = False,
+    as_sender: bool = True,
+) -> httpx.Response:
     """POST store-invite. On v2 with a user the body's `sender` becomes (in place, so the caller's
     dict says what was sent) that user, the only sender v2 accepts, unless `as_sender` is False."""
     if user is not None and not v1 and as_sender and "sender" in body:
@@ -102,8 +110,9 @@ def post_store_invite(api: IdentityApi, body: dict[str, Any], *, user: User | No
     return api.client.post(path, json=body, headers=headers)
 
 
-def store_invite(api: IdentityApi, body: dict[str, Any], *, user: User | None = None, v1: bool = False,
-                 form: bool = False) -> dict[str, Any]:
+def store_invite(
+    api: IdentityApi, body: dict[str, Any], *, user: User | None = None, v1: bool = False, form: bool = False
+) -> dict[str, Any]:
     """store-invite, expecting success; returns the answer."""
     resp = post_store_invite(api, body, user=user, v1=v1, form=form)
     assert resp.status_code == 200, resp.text
@@ -114,8 +123,9 @@ def ephemeral_key(answer: dict[str, Any]) -> str:
     return answer["public_keys"][1]["public_key"]
 
 
-def assert_store_invite_answer(answer: dict[str, Any], server: SydentServer, client: httpx.Client,
-                               address: str) -> None:
+def assert_store_invite_answer(
+    answer: dict[str, Any], server: SydentServer, client: httpx.Client, address: str
+) -> None:
     assert set(answer) == STORE_INVITE_KEYS, answer
     assert isinstance(answer["token"], str) and TOKEN_RE.fullmatch(answer["token"]), answer["token"]
 
@@ -165,8 +175,15 @@ def verify_our_signature(obj: dict[str, Any], server: SydentServer, our_key: str
     signedjson.sign.verify_signed_json(obj, server.server_name, verify_key_from(our_key))  # raises if invalid
 
 
-def assert_onbind_body(req: RecordedRequest, server: SydentServer, our_key: str, *, address: str, mxid: str,
-                       invites: dict[str, dict[str, Any]]) -> None:
+def assert_onbind_body(
+    req: RecordedRequest,
+    server: SydentServer,
+    our_key: str,
+    *,
+    address: str,
+    mxid: str,
+    invites: dict[str, dict[str, Any]],
+) -> None:
     """`invites`: token -> the store-invite body it came from."""
     assert req.method == "POST", req.method
     assert req.path == ONBIND_PATH
@@ -276,8 +293,9 @@ def test_store_invite_v2_needs_token_and_terms(api: IdentityApi, homeserver: Hom
     api.smtp.wait_for(address)
 
 
-def test_store_invite_v2_answer(api: IdentityApi, user: User, idserver: SydentServer,
-                                homeserver: HomeserverStandIn) -> None:
+def test_store_invite_v2_answer(
+    api: IdentityApi, user: User, idserver: SydentServer, homeserver: HomeserverStandIn
+) -> None:
     address = f"florence.{uuid.uuid4().hex[:10]}@bobsburgers{uuid.uuid4().hex[:6]}.example.test"
     answer = store_invite(api, invite_fields(homeserver, address), user=user)
     assert_store_invite_answer(answer, idserver, api.client, address)
@@ -346,8 +364,9 @@ def visible_text(part: str) -> str:
     return flat.replace("( ", "(").replace(" )", ")").replace(" .", ".")
 
 
-def test_default_invite_mail_calls_only_a_v2_sender_verified(api: IdentityApi, user: User,
-                                                             homeserver: HomeserverStandIn) -> None:
+def test_default_invite_mail_calls_only_a_v2_sender_verified(
+    api: IdentityApi, user: User, homeserver: HomeserverStandIn
+) -> None:
     """v2: the token's user is the sender, shown in brackets under the name. v1: nobody vouches
     for the sender, and the mail says so instead of showing the claimed ID as if checked."""
     unchecked = "(not verified: this identity server could not check who sent this invitation)"
@@ -391,13 +410,15 @@ def test_invite_mail_cuts_long_names_as_sydent(api: IdentityApi, user: User, hom
 
 def test_invite_mail_subjects(api: IdentityApi, user: User, homeserver: HomeserverStandIn) -> None:
     space = unique_email("invspace")
-    store_invite(api, invite_fields(homeserver, space, sender_display_name="Space Bob", room_type="m.space",
-                                    room_name="The Space"), user=user)
+    store_invite(
+        api,
+        invite_fields(homeserver, space, sender_display_name="Space Bob", room_type="m.space", room_name="The Space"),
+        user=user,
+    )
     assert api.smtp.wait_for(space).message["Subject"] == "Space Bob has invited you to a space"
 
     room = unique_email("invroom")
-    store_invite(api, invite_fields(homeserver, room, sender_display_name="Room Bob", room_type="m.other"),
-                 user=user)
+    store_invite(api, invite_fields(homeserver, room, sender_display_name="Room Bob", room_type="m.other"), user=user)
     assert api.smtp.wait_for(room).message["Subject"] == "Room Bob has invited you to chat"
 
     # Without a display name the sender's ID stands in.
@@ -409,32 +430,51 @@ def test_invite_mail_subjects(api: IdentityApi, user: User, homeserver: Homeserv
     assert fields["sender"] in mail.text
 
 
-def test_invite_subjects_from_config(make_server: Callable[..., SydentServer],
-                                     api_for: Callable[[SydentServer], IdentityApi],
-                                     homeserver: HomeserverStandIn) -> None:
-    server = make_server(extra_config={"email": {
-        "invite_subject": "Invitation from %(sender_display_name)s to %(room_name)s",
-        "invite_subject_space": "Space %(room_name)s via %(sender_display_name)s",
-    }})
+def test_invite_subjects_from_config(
+    make_server: Callable[..., SydentServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    homeserver: HomeserverStandIn,
+) -> None:
+    server = make_server(
+        extra_config={
+            "email": {
+                "invite_subject": "Invitation from %(sender_display_name)s to %(room_name)s",
+                "invite_subject_space": "Space %(room_name)s via %(sender_display_name)s",
+            }
+        }
+    )
     api = api_for(server)
     room = unique_email("cfgroom")
     store_invite(api, invite_fields(homeserver, room, sender_display_name="Ann", room_name="Lobby"), v1=True)
     assert api.smtp.wait_for(room).message["Subject"] == "Invitation from Ann to Lobby"
     space = unique_email("cfgspace")
-    store_invite(api, invite_fields(homeserver, space, sender_display_name="Ann", room_name="Orbit",
-                                    room_type="m.space"), v1=True)
+    store_invite(
+        api,
+        invite_fields(homeserver, space, sender_display_name="Ann", room_name="Orbit", room_type="m.space"),
+        v1=True,
+    )
     assert api.smtp.wait_for(space).message["Subject"] == "Space Orbit via Ann"
 
 
 def test_store_invite_extra_fields_are_fine(api: IdentityApi, user: User, homeserver: HomeserverStandIn) -> None:
     address = unique_email("invextra")
     fields = invite_fields(
-        homeserver, address,
-        room_alias="#somewhere:example.org", room_avatar_url="mxc://example.org/s0meM3dia",
-        room_join_rules="public", sender_avatar_url="mxc://example.org/an0th3r",
-        guest_access_token="guest-token", guest_user_id="@guest:example.org",
-        **{"org.example.custom": "custom value", "a_number": 5, "a_list": [1, 2], "an_object": {"k": "v"},
-           "a_bool": True, "a_null": None},
+        homeserver,
+        address,
+        room_alias="#somewhere:example.org",
+        room_avatar_url="mxc://example.org/s0meM3dia",
+        room_join_rules="public",
+        sender_avatar_url="mxc://example.org/an0th3r",
+        guest_access_token="guest-token",
+        guest_user_id="@guest:example.org",
+        **{
+            "org.example.custom": "custom value",
+            "a_number": 5,
+            "a_list": [1, 2],
+            "an_object": {"k": "v"},
+            "a_bool": True,
+            "a_null": None,
+        },
     )
     answer = store_invite(api, fields, user=user)
     assert TOKEN_RE.fullmatch(answer["token"])
@@ -445,15 +485,29 @@ def test_store_invite_extra_fields_are_fine(api: IdentityApi, user: User, homese
 
 # matrix-is-tester's test_store_invite body, as it sends it (room_id an event-like "$..." ID).
 IS_TESTER_INVITE = {
-    "medium": "email", "address": "ian@fake.test", "room_id": "$aroom:fake.test", "sender": "@sender:fake.test",
-    "room_alias": "#alias:fake.test", "room_avatar_url": "mxc://fake.test/roomavatar", "room_name": "my excellent room",
-    "sender_display_name": "Ian Sender", "sender_avatar_url": "mxc://fake.test/iansavatar",
+    "medium": "email",
+    "address": "ian@fake.test",
+    "room_id": "$aroom:fake.test",
+    "sender": "@sender:fake.test",
+    "room_alias": "#alias:fake.test",
+    "room_avatar_url": "mxc://fake.test/roomavatar",
+    "room_name": "my excellent room",
+    "sender_display_name": "Ian Sender",
+    "sender_avatar_url": "mxc://fake.test/iansavatar",
 }
 # A template that shows what reached it, as matrix-is-tester's own (a JSON mail) lets it check.
 FIELDS_PROBE_TEMPLATE = INVITE_PROBE_TEMPLATE + "".join(
     f"FIELD {name}: {{{{ {name}|safe }}}}\n"
-    for name in ("room_id", "sender", "room_alias", "room_avatar_url", "room_name", "sender_display_name",
-                 "sender_avatar_url", "bracketed_verified_sender")
+    for name in (
+        "room_id",
+        "sender",
+        "room_alias",
+        "room_avatar_url",
+        "room_name",
+        "sender_display_name",
+        "sender_avatar_url",
+        "bracketed_verified_sender",
+    )
 )
 
 
@@ -472,8 +526,9 @@ def assert_is_tester_answer(api: IdentityApi, answer: dict[str, Any], address: s
         assert resp.status_code == 200 and resp.json()["valid"] is True, (entry, resp.text)
 
 
-def test_what_matrix_is_tester_sends(make_server: Callable[..., SydentServer],
-                                     api_for: Callable[[SydentServer], IdentityApi], tmp_path: Path) -> None:
+def test_what_matrix_is_tester_sends(
+    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi], tmp_path: Path
+) -> None:
     """Its store-invite tests, on a server of their own (the suite's fixed addresses): v1 as it
     sends them; v2 the same, with the sender being the token's user."""
     root = tmp_path / "templates"
@@ -496,16 +551,21 @@ def test_what_matrix_is_tester_sends(make_server: Callable[..., SydentServer],
     fields = probe_fields(api.smtp.wait_for("ian@fake.test"))
     assert fields == {**sent, "sender": inviter.user_id, "bracketed_verified_sender": f"({inviter.user_id}) "}
     # A sender on another server than the token's user's (the suite's @sender:fake.test): refused.
-    body = assert_error(post_store_invite(api, dict(IS_TESTER_INVITE), user=inviter, as_sender=False), 403,
-                        "M_UNAUTHORIZED")
+    body = assert_error(
+        post_store_invite(api, dict(IS_TESTER_INVITE), user=inviter, as_sender=False), 403, "M_UNAUTHORIZED"
+    )
     assert "sender" in body["error"]
     api.smtp.assert_no_mail("ian@fake.test")
 
     # test_store_invite_bound_threepid: M_THREEPID_IN_USE (not a complaint about the room ID).
     owner = api.register("some_mxid")
     api.bind_email("already_here@fake.test", owner)
-    bound = {"medium": "email", "address": "already_here@fake.test", "room_id": "$aroom:fake.test",
-             "sender": "@sender:fake.test"}
+    bound = {
+        "medium": "email",
+        "address": "already_here@fake.test",
+        "room_id": "$aroom:fake.test",
+        "sender": "@sender:fake.test",
+    }
     body = assert_error(post_store_invite(api, dict(bound), v1=True), 400, "M_THREEPID_IN_USE")
     assert body["mxid"] == owner.user_id
     body = assert_error(post_store_invite(api, dict(bound), user=inviter), 400, "M_THREEPID_IN_USE")
@@ -513,8 +573,9 @@ def test_what_matrix_is_tester_sends(make_server: Callable[..., SydentServer],
     api.smtp.assert_no_mail("already_here@fake.test")
 
 
-@pytest.mark.parametrize("room_id", ["$aroom:fake.test", "#alias:fake.test", "room without sigil", "!" + "r" * 254,
-                                     "é☕/?&#%"])
+@pytest.mark.parametrize(
+    "room_id", ["$aroom:fake.test", "#alias:fake.test", "room without sigil", "!" + "r" * 254, "é☕/?&#%"]
+)
 def test_store_invite_takes_any_room_id(api: IdentityApi, user: User, room_id: str) -> None:
     """Sydent takes any string: a room ID is only echoed (the mail, its join link URL-quoted, the
     onbind callback). 1-255 characters, storable ones."""
@@ -530,8 +591,9 @@ def test_store_invite_takes_any_room_id(api: IdentityApi, user: User, room_id: s
 def test_store_invite_refuses_unusable_room_ids(api: IdentityApi, user: User, room_id: str) -> None:
     address = unique_email("badroom")
     raw = json.dumps({"medium": "email", "address": address, "room_id": room_id, "sender": user.user_id})
-    resp = api.client.post(f"{V2}/store-invite", content=raw.encode(), headers={**user.headers,
-                                                                                  "Content-Type": "application/json"})
+    resp = api.client.post(
+        f"{V2}/store-invite", content=raw.encode(), headers={**user.headers, "Content-Type": "application/json"}
+    )
     assert_error(resp, 400, "M_INVALID_PARAM")
     api.smtp.assert_no_mail(address, wait=0.2)
 
@@ -541,8 +603,9 @@ def test_store_invite_refuses_unusable_room_ids(api: IdentityApi, user: User, ro
 
 @pytest.mark.parametrize("missing", ["medium", "address", "room_id", "sender"])
 @pytest.mark.parametrize("v1", [False, True], ids=["v2", "v1"])
-def test_store_invite_missing_fields(api: IdentityApi, user: User, homeserver: HomeserverStandIn,
-                                     missing: str, v1: bool) -> None:
+def test_store_invite_missing_fields(
+    api: IdentityApi, user: User, homeserver: HomeserverStandIn, missing: str, v1: bool
+) -> None:
     address = unique_email("invmissing")
     body = invite_fields(homeserver, address)
     del body[missing]
@@ -557,9 +620,18 @@ def test_store_invite_msisdn_is_unrecognized(api: IdentityApi, user: User, homes
     assert_error(post_store_invite(api, body, v1=True), 400, "M_UNRECOGNIZED")
 
 
-@pytest.mark.parametrize("address", ["plainaddress", "user@@example.test", "@example.test", "user@",
-                                     "user@example.test\nBcc: victim@example.test", "v" * 65 + "@example.test",
-                                     "=?utf-8?q?victim=40example=2Etest?=@example.test"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "plainaddress",
+        "user@@example.test",
+        "@example.test",
+        "user@",
+        "user@example.test\nBcc: victim@example.test",
+        "v" * 65 + "@example.test",
+        "=?utf-8?q?victim=40example=2Etest?=@example.test",
+    ],
+)
 def test_store_invite_bad_email(api: IdentityApi, user: User, homeserver: HomeserverStandIn, address: str) -> None:
     assert_error(post_store_invite(api, invite_fields(homeserver, address), user=user), 400, "M_INVALID_EMAIL")
     assert_error(post_store_invite(api, invite_fields(homeserver, address), v1=True), 400, "M_INVALID_EMAIL")
@@ -608,8 +680,16 @@ def test_ephemeral_isvalid(api: IdentityApi, user: User, homeserver: HomeserverS
         assert ephemeral_is_valid(api.client, key[:-2], prefix) is False
 
 
-def check_sign_answer(resp: httpx.Response, server: SydentServer, *, mxid: str, sender: str, token: str,
-                      ephemeral_public: str, our_key: str) -> None:
+def check_sign_answer(
+    resp: httpx.Response,
+    server: SydentServer,
+    *,
+    mxid: str,
+    sender: str,
+    token: str,
+    ephemeral_public: str,
+    our_key: str,
+) -> None:
     assert resp.status_code == 200, resp.text
     signed = resp.json()
     assert set(signed) == SIGN_KEYS, signed
@@ -622,8 +702,12 @@ def check_sign_answer(resp: httpx.Response, server: SydentServer, *, mxid: str, 
         signedjson.sign.verify_signed_json(signed, server.server_name, verify_key_from(our_key))
 
 
-def test_sign_ed25519(make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi],
-                      homeserver: HomeserverStandIn, probe_templates: Path) -> None:
+def test_sign_ed25519(
+    make_server: Callable[..., SydentServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    homeserver: HomeserverStandIn,
+    probe_templates: Path,
+) -> None:
     server = make_server(templates_dir=probe_templates)
     api = api_for(server)
     our_key = public_key(api.client)
@@ -638,8 +722,13 @@ def test_sign_ed25519(make_server: Callable[..., SydentServer], api_for: Callabl
     assert encode_base64(seed.verify_key.encode(), urlsafe=True) == ephemeral_public
 
     mxid = homeserver.user_id("accepter")
-    expected = {"mxid": mxid, "sender": fields["sender"], "token": token, "ephemeral_public": ephemeral_public,
-                "our_key": our_key}
+    expected = {
+        "mxid": mxid,
+        "sender": fields["sender"],
+        "token": token,
+        "ephemeral_public": ephemeral_public,
+        "our_key": our_key,
+    }
     body = {"mxid": mxid, "token": token, "private_key": private_key}
 
     # v1: no authentication; JSON and form.
@@ -657,19 +746,24 @@ def test_sign_ed25519(make_server: Callable[..., SydentServer], api_for: Callabl
     assert_error(api.client.post(f"{V2}/sign-ed25519", json=unknown, headers=user.headers), 404, "M_UNRECOGNIZED")
     # Bad private key.
     for bad in ("not base64!", "AAAA"):
-        assert_error(api.client.post(f"{V2}/sign-ed25519", json=dict(body, private_key=bad), headers=user.headers),
-                     400, "M_INVALID_PARAM")
+        assert_error(
+            api.client.post(f"{V2}/sign-ed25519", json=dict(body, private_key=bad), headers=user.headers),
+            400,
+            "M_INVALID_PARAM",
+        )
     # Missing fields (private_key too, on v1 and v2: spec, Sydent).
     for missing in ("mxid", "token", "private_key"):
         partial = {k: v for k, v in body.items() if k != missing}
-        err = assert_error(api.client.post(f"{V2}/sign-ed25519", json=partial, headers=user.headers),
-                           400, "M_MISSING_PARAMS")
+        err = assert_error(
+            api.client.post(f"{V2}/sign-ed25519", json=partial, headers=user.headers), 400, "M_MISSING_PARAMS"
+        )
         assert missing in err["error"], err
         assert_error(api.client.post(f"{V1}/sign-ed25519", json=partial), 400, "M_MISSING_PARAMS")
 
 
-def test_sign_ed25519_v2_on_the_shared_server(api: IdentityApi, user: User, idserver: SydentServer,
-                                              homeserver: HomeserverStandIn) -> None:
+def test_sign_ed25519_v2_on_the_shared_server(
+    api: IdentityApi, user: User, idserver: SydentServer, homeserver: HomeserverStandIn
+) -> None:
     address = unique_email("invsign2")
     fields = invite_fields(homeserver, address)
     answer = store_invite(api, fields, user=user)
@@ -677,16 +771,24 @@ def test_sign_ed25519_v2_on_the_shared_server(api: IdentityApi, user: User, idse
     mxid = homeserver.user_id("joiner")
     body = {"mxid": mxid, "token": answer["token"], "private_key": private_key}
     resp = api.client.post(f"{V2}/sign-ed25519", json=body, headers=user.headers)
-    check_sign_answer(resp, idserver, mxid=mxid, sender=fields["sender"], token=answer["token"],
-                      ephemeral_public=ephemeral_key(answer), our_key=public_key(api.client))
+    check_sign_answer(
+        resp,
+        idserver,
+        mxid=mxid,
+        sender=fields["sender"],
+        token=answer["token"],
+        ephemeral_public=ephemeral_key(answer),
+        our_key=public_key(api.client),
+    )
     # Terms apply to v2 signing too.
     newcomer = api.register(accept_terms=False)
     resp = api.client.post(f"{V2}/sign-ed25519", json=body, headers=newcomer.headers)
     assert_error(resp, 403, "M_TERMS_NOT_SIGNED")
 
 
-def test_element_join_posts_the_mailed_sign_url(api: IdentityApi, user: User, idserver: SydentServer,
-                                               homeserver: HomeserverStandIn) -> None:
+def test_element_join_posts_the_mailed_sign_url(
+    api: IdentityApi, user: User, idserver: SydentServer, homeserver: HomeserverStandIn
+) -> None:
     address = unique_email("invelement")
     fields = invite_fields(homeserver, address, room_name="Element room")
     answer = store_invite(api, fields, user=user)
@@ -694,31 +796,42 @@ def test_element_join_posts_the_mailed_sign_url(api: IdentityApi, user: User, id
     assert url.startswith(f"{idserver.base_url}{V1}/sign-ed25519?"), url
     assert sign_url_params(url).keys() == {"token", "private_key"}, url
     mxid = homeserver.user_id("element" + uuid.uuid4().hex[:6])
-    expected = {"mxid": mxid, "sender": fields["sender"], "token": answer["token"],
-                "ephemeral_public": ephemeral_key(answer), "our_key": public_key(api.client)}
+    expected = {
+        "mxid": mxid,
+        "sender": fields["sender"],
+        "token": answer["token"],
+        "ephemeral_public": ephemeral_key(answer),
+        "our_key": public_key(api.client),
+    }
 
     # matrix-js-sdk: no body, no Content-Type; the parameters in the query string only.
     resp = element_join(api.client, url, mxid)
     assert "content-type" not in resp.request.headers and resp.request.content == b""
     check_sign_answer(resp, idserver, **expected)
     # Older clients: the JSON body `null`.
-    check_sign_answer(element_join(api.client, url, mxid, content=b"null",
-                                   headers={"Content-Type": "application/json"}), idserver, **expected)
+    check_sign_answer(
+        element_join(api.client, url, mxid, content=b"null", headers={"Content-Type": "application/json"}),
+        idserver,
+        **expected,
+    )
     # Body values win over the query string.
     other = homeserver.user_id("bodywins" + uuid.uuid4().hex[:6])
-    check_sign_answer(element_join(api.client, url, mxid, json={"mxid": other}), idserver,
-                      **dict(expected, mxid=other))
+    check_sign_answer(element_join(api.client, url, mxid, json={"mxid": other}), idserver, **dict(expected, mxid=other))
     # The same on v2, with its authentication.
     v2_url = url.replace(f"{V1}/sign-ed25519", f"{V2}/sign-ed25519")
     assert_error(element_join(api.client, v2_url, mxid), 401, "M_UNAUTHORIZED")
     check_sign_answer(element_join(api.client, v2_url, mxid, headers=user.headers), idserver, **expected)
     # Other endpoints keep their body rules.
-    assert_error(api.client.post(f"{V1}/store-invite", content=b"null",
-                                 headers={"Content-Type": "application/json"}), 400, "M_BAD_JSON")
+    assert_error(
+        api.client.post(f"{V1}/store-invite", content=b"null", headers={"Content-Type": "application/json"}),
+        400,
+        "M_BAD_JSON",
+    )
 
 
-def test_sign_ed25519_needs_the_invites_own_private_key(api: IdentityApi, user: User, idserver: SydentServer,
-                                                        homeserver: HomeserverStandIn) -> None:
+def test_sign_ed25519_needs_the_invites_own_private_key(
+    api: IdentityApi, user: User, idserver: SydentServer, homeserver: HomeserverStandIn
+) -> None:
     # The attack: the invite token is public (the state key of m.room.third_party_invite), so
     # Mallory, with an account of her own, asks us to sign the invitation for herself.
     address = unique_email("invvictim")
@@ -730,18 +843,25 @@ def test_sign_ed25519_needs_the_invites_own_private_key(api: IdentityApi, user: 
 
     for prefix, headers in ((V2, mallory.headers), (V1, {})):
         path = f"{prefix}/sign-ed25519"
-        err = assert_error(api.client.post(path, json={"mxid": mxid, "token": token}, headers=headers),
-                           400, "M_MISSING_PARAMS")
+        err = assert_error(
+            api.client.post(path, json={"mxid": mxid, "token": token}, headers=headers), 400, "M_MISSING_PARAMS"
+        )
         assert "private_key" in err["error"], err
         forged = encode_base64(signedjson.key.generate_signing_key("0").encode())
-        assert_error(api.client.post(path, json={"mxid": mxid, "token": token, "private_key": forged},
-                                     headers=headers), 400, "M_INVALID_PARAM")
+        assert_error(
+            api.client.post(path, json={"mxid": mxid, "token": token, "private_key": forged}, headers=headers),
+            400,
+            "M_INVALID_PARAM",
+        )
         # Nor does the private key of another invitation (Mallory's own) sign this one.
         own = unique_email("invmallory")
         store_invite(api, invite_fields(homeserver, own), user=mallory)
         own_key = sign_url_params(sign_url(api.smtp.wait_for(own)))["private_key"]
-        assert_error(api.client.post(path, json={"mxid": mxid, "token": token, "private_key": own_key},
-                                     headers=headers), 400, "M_INVALID_PARAM")
+        assert_error(
+            api.client.post(path, json={"mxid": mxid, "token": token, "private_key": own_key}, headers=headers),
+            400,
+            "M_INVALID_PARAM",
+        )
 
     # The invitee, with the link from the mail, still joins.
     resp = element_join(api.client, victim_url, homeserver.user_id("invitee"))
@@ -749,9 +869,11 @@ def test_sign_ed25519_needs_the_invites_own_private_key(api: IdentityApi, user: 
     signedjson.sign.verify_signed_json(resp.json(), idserver.server_name, verify_key_from(ephemeral_key(answer)))
 
 
-def test_the_database_holds_no_ephemeral_private_key(make_server: Callable[..., SydentServer],
-                                                     api_for: Callable[[SydentServer], IdentityApi],
-                                                     homeserver: HomeserverStandIn) -> None:
+def test_the_database_holds_no_ephemeral_private_key(
+    make_server: Callable[..., SydentServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    homeserver: HomeserverStandIn,
+) -> None:
     server = make_server()
     api = api_for(server)
     address = unique_email("invnokey")
@@ -779,8 +901,11 @@ def test_the_database_holds_no_ephemeral_private_key(make_server: Callable[..., 
     assert private_key not in everything
 
 
-def test_invites_expire(make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi],
-                        homeserver: HomeserverStandIn) -> None:
+def test_invites_expire(
+    make_server: Callable[..., SydentServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    homeserver: HomeserverStandIn,
+) -> None:
     server = make_server(extra_config={"invites": {"expiry_seconds": 2}})
     api = api_for(server)
     user = api.register()
@@ -801,8 +926,9 @@ def test_invites_expire(make_server: Callable[..., SydentServer], api_for: Calla
 # --- the whole flow: invite, bind, onbind ----------------------------------------------------------------------
 
 
-def test_invite_then_bind_sends_onbind(api: IdentityApi, user: User, idserver: SydentServer,
-                                       homeserver: HomeserverStandIn) -> None:
+def test_invite_then_bind_sends_onbind(
+    api: IdentityApi, user: User, idserver: SydentServer, homeserver: HomeserverStandIn
+) -> None:
     our_key = public_key(api.client)
     address = unique_email("invitee")
     other_address = unique_email("bystander")
@@ -828,8 +954,9 @@ def test_invite_then_bind_sends_onbind(api: IdentityApi, user: User, idserver: S
     since = time.time()
     api.bind_email(address, invitee)
     req = homeserver.wait_for_onbind(invitee.user_id)
-    assert_onbind_body(req, idserver, our_key, address=address, mxid=invitee.user_id,
-                       invites={a1["token"]: first, a2["token"]: second})
+    assert_onbind_body(
+        req, idserver, our_key, address=address, mxid=invitee.user_id, invites={a1["token"]: first, a2["token"]: second}
+    )
     assert b1["token"] not in req.body.decode()
 
     # Delivered once; a later bind of the same address sends nothing again.
@@ -843,8 +970,9 @@ def test_invite_then_bind_sends_onbind(api: IdentityApi, user: User, idserver: S
     bystander = api.register()
     api.bind_email(other_address, bystander)
     req = homeserver.wait_for_onbind(bystander.user_id)
-    assert_onbind_body(req, idserver, our_key, address=other_address, mxid=bystander.user_id,
-                       invites={b1["token"]: elsewhere})
+    assert_onbind_body(
+        req, idserver, our_key, address=other_address, mxid=bystander.user_id, invites={b1["token"]: elsewhere}
+    )
     for token in (a1["token"], a2["token"]):
         assert token not in req.body.decode()
 
@@ -862,7 +990,8 @@ FAST_RETRY = {"invites": {"onbind_retry_initial_seconds": 0.5, "onbind_retry_max
 
 
 def test_onbind_is_retried_until_the_homeserver_accepts(
-    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi],
+    make_server: Callable[..., SydentServer],
+    api_for: Callable[[SydentServer], IdentityApi],
     homeserver: HomeserverStandIn,
 ) -> None:
     server = make_server(extra_config=FAST_RETRY)
@@ -886,8 +1015,9 @@ def test_onbind_is_retried_until_the_homeserver_accepts(
         assert all(g >= 0.3 for g in gaps), gaps
         # Every attempt carries the same invitation.
         for call in calls[:4]:
-            assert_onbind_body(call, server, our_key, address=address, mxid=invitee.user_id,
-                               invites={answer["token"]: fields})
+            assert_onbind_body(
+                call, server, our_key, address=address, mxid=invitee.user_id, invites={answer["token"]: fields}
+            )
         # Accepted: no further attempts (well past the maximum backoff).
         time.sleep(3.0)
         assert len(homeserver.onbind_requests(invitee.user_id)) == 4
@@ -896,7 +1026,8 @@ def test_onbind_is_retried_until_the_homeserver_accepts(
 
 
 def test_onbind_survives_a_restart(
-    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi],
+    make_server: Callable[..., SydentServer],
+    api_for: Callable[[SydentServer], IdentityApi],
     homeserver: HomeserverStandIn,
 ) -> None:
     server = make_server(extra_config=FAST_RETRY)
@@ -911,8 +1042,10 @@ def test_onbind_survives_a_restart(
     homeserver.set_onbind_status(invitee.user_id, 503)
     try:
         api.bind_email(address, invitee)
-        wait_until(lambda: any(c.status == 503 for c in homeserver.onbind_requests(invitee.user_id)),
-                   what="a first (refused) onbind attempt")
+        wait_until(
+            lambda: any(c.status == 503 for c in homeserver.onbind_requests(invitee.user_id)),
+            what="a first (refused) onbind attempt",
+        )
         server.stop()
         time.sleep(0.3)  # let any in-flight request land before counting
         assert all(c.status == 503 for c in homeserver.onbind_requests(invitee.user_id))
@@ -924,8 +1057,9 @@ def test_onbind_survives_a_restart(
         server.start()
         success = homeserver.wait_for_onbind(invitee.user_id, timeout=20.0)
         assert success.time > stopped_at
-        assert_onbind_body(success, server, our_key, address=address, mxid=invitee.user_id,
-                           invites={answer["token"]: fields})
+        assert_onbind_body(
+            success, server, our_key, address=address, mxid=invitee.user_id, invites={answer["token"]: fields}
+        )
         # Exactly once: nothing more after the homeserver accepted it, even across another restart.
         time.sleep(3.0)
         server.restart()
@@ -941,7 +1075,8 @@ def test_onbind_survives_a_restart(
 
 
 def test_a_bind_whose_callback_cannot_be_queued_stores_nothing(
-    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi],
+    make_server: Callable[..., SydentServer],
+    api_for: Callable[[SydentServer], IdentityApi],
     homeserver: HomeserverStandIn,
 ) -> None:
     """The association and the callback of the address's pending invites commit together.
@@ -983,7 +1118,8 @@ def test_a_bind_whose_callback_cannot_be_queued_stores_nothing(
 
 
 def test_invites_a_crash_left_unqueued_are_delivered_at_start(
-    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi],
+    make_server: Callable[..., SydentServer],
+    api_for: Callable[[SydentServer], IdentityApi],
     homeserver: HomeserverStandIn,
 ) -> None:
     """An older version committed the association, then queued the callback in a second
@@ -995,8 +1131,10 @@ def test_invites_a_crash_left_unqueued_are_delivered_at_start(
     our_key = public_key(api.client)
     address = unique_email("crashed")
     pending = invite_fields(homeserver, address)
-    tokens = {name: store_invite(api, invite_fields(homeserver, address) if name != "pending" else pending,
-                                 v1=True)["token"] for name in ("pending", "expired", "imported")}
+    tokens = {
+        name: store_invite(api, invite_fields(homeserver, address) if name != "pending" else pending, v1=True)["token"]
+        for name in ("pending", "expired", "imported")
+    }
     for _ in tokens:
         api.smtp.wait_for(address)  # the invite mails
     invitee = api.register()
@@ -1017,8 +1155,9 @@ def test_invites_a_crash_left_unqueued_are_delivered_at_start(
 
         req = homeserver.wait_for_onbind(invitee.user_id)
         assert req.time >= restarted
-        assert_onbind_body(req, server, our_key, address=address, mxid=invitee.user_id,
-                           invites={tokens["pending"]: pending})
+        assert_onbind_body(
+            req, server, our_key, address=address, mxid=invitee.user_id, invites={tokens["pending"]: pending}
+        )
         # The association as it was bound (from its stored signed JSON), not a new one.
         assert {k: req.json[k] for k in ("ts", "not_before", "not_after")} == {
             k: association[k] for k in ("ts", "not_before", "not_after")

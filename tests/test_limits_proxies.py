@@ -62,7 +62,7 @@ def redis_url(db: int) -> str:
 
     try:
         _run(flush())
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         if os.environ.get("CI"):
             pytest.fail(f"Redis at {url} is not reachable: {e} (CI is set: the Redis tests must run)", pytrace=False)
         pytest.skip(f"Redis at {url} is not reachable: {e}")
@@ -96,8 +96,13 @@ Pair = tuple[SydentServer, SydentServer, ScratchDatabase]
 
 
 @pytest.fixture
-def pair_factory(pg: DatabaseFactory, smtp_sink: SmtpSink, homeserver: HomeserverStandIn, tmp_path: Path,
-                 request: pytest.FixtureRequest) -> Iterator[Callable[..., Pair]]:
+def pair_factory(
+    pg: DatabaseFactory,
+    smtp_sink: SmtpSink,
+    homeserver: HomeserverStandIn,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> Iterator[Callable[..., Pair]]:
     """`pair(extra_config, extra_config_b=None)`: servers A and B on one fresh PostgreSQL
     database, both started (B with its own config when given)."""
     servers: list[SydentServer] = []
@@ -107,8 +112,14 @@ def pair_factory(pg: DatabaseFactory, smtp_sink: SmtpSink, homeserver: Homeserve
         db = pg.create()
         made = []
         for label, extra in (("A", extra_config), ("B", extra_config_b or extra_config)):
-            server = SydentServer(tmp_path / f"{label}{len(servers)}", database_url=db.url, smtp_port=smtp_sink.port,
-                                  ca_file=homeserver.ca_path, extra_config=extra, name=f"sydent_lite {label}")
+            server = SydentServer(
+                tmp_path / f"{label}{len(servers)}",
+                database_url=db.url,
+                smtp_port=smtp_sink.port,
+                ca_file=homeserver.ca_path,
+                extra_config=extra,
+                name=f"sydent_lite {label}",
+            )
             servers.append(server)
             made.append(server)
         made[0].start()  # creates the schema and the pepper
@@ -133,18 +144,29 @@ def assert_limited(resp: httpx.Response) -> None:
 
 def v1_lookup(server: SydentServer, headers: dict[str, str] | None = None) -> httpx.Response:
     with server.new_client() as c:
-        return c.get(f"{V1}/lookup", params={"medium": "email", "address": "nobody@example.test"}, headers=headers or {})
+        return c.get(
+            f"{V1}/lookup", params={"medium": "email", "address": "nobody@example.test"}, headers=headers or {}
+        )
 
 
 def request_token(server: SydentServer, email: str, headers: dict[str, str] | None = None) -> httpx.Response:
     with server.new_client() as c:
-        return c.post(f"{V1}/validate/email/requestToken", headers=headers or {},
-                      json={"email": email, "client_secret": "s" + uuid.uuid4().hex, "send_attempt": 1})
+        return c.post(
+            f"{V1}/validate/email/requestToken",
+            headers=headers or {},
+            json={"email": email, "client_secret": "s" + uuid.uuid4().hex, "send_attempt": 1},
+        )
 
 
 def test_limits_hold_across_processes_in_the_database(pair_factory, smtp: SmtpSink) -> None:  # type: ignore[no-untyped-def]
-    a, b, db = pair_factory(limits(lookup_per_token_burst=3, lookup_per_token_per_minute=1.0,
-                                   request_token_per_ip_burst=3, request_token_per_ip_per_minute=1.0))
+    a, b, db = pair_factory(
+        limits(
+            lookup_per_token_burst=3,
+            lookup_per_token_per_minute=1.0,
+            request_token_per_ip_burst=3,
+            request_token_per_ip_per_minute=1.0,
+        )
+    )
     # v1 lookup, per client IP: 3 in all over A and B, then 429 on either.
     answers = [v1_lookup(s) for s in (a, b, a)]
     assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
@@ -163,8 +185,15 @@ def test_limits_hold_across_processes_in_the_database(pair_factory, smtp: SmtpSi
 
 def test_limits_hold_across_processes_in_redis(pair_factory, smtp: SmtpSink) -> None:  # type: ignore[no-untyped-def]
     url = redis_url(11)
-    a, b, db = pair_factory(limits(redis_url=url, lookup_per_token_burst=3, lookup_per_token_per_minute=1.0,
-                                   request_token_per_address_burst=2, request_token_per_address_per_hour=1.0))
+    a, b, db = pair_factory(
+        limits(
+            redis_url=url,
+            lookup_per_token_burst=3,
+            lookup_per_token_per_minute=1.0,
+            request_token_per_address_burst=2,
+            request_token_per_address_per_hour=1.0,
+        )
+    )
     answers = [v1_lookup(s) for s in (b, a, b)]
     assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
     assert_limited(v1_lookup(a))
@@ -181,17 +210,30 @@ def test_limits_hold_across_processes_in_redis(pair_factory, smtp: SmtpSink) -> 
     assert run_sql(db, "SELECT key FROM rate_limit_buckets") == []
 
 
-def store_invite(server: SydentServer, hs: HomeserverStandIn, address: str,
-                 headers: dict[str, str] | None = None) -> httpx.Response:
-    body = {"medium": "email", "address": address, "room_id": f"!r{uuid.uuid4().hex[:8]}:{hs.server_name}",
-            "sender": hs.user_id("inviter")}
+def store_invite(
+    server: SydentServer, hs: HomeserverStandIn, address: str, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    body = {
+        "medium": "email",
+        "address": address,
+        "room_id": f"!r{uuid.uuid4().hex[:8]}:{hs.server_name}",
+        "sender": hs.user_id("inviter"),
+    }
     with server.new_client() as c:
         return c.post(f"{V1}/store-invite", json=body, headers=headers or {})
 
 
-def test_store_invite_limits_per_ip_and_per_address(pair_factory, smtp: SmtpSink, homeserver: HomeserverStandIn) -> None:  # type: ignore[no-untyped-def]
-    a, b, _ = pair_factory(limits(store_invite_per_address_burst=2, store_invite_per_address_per_hour=1.0,
-                                  store_invite_per_ip_burst=4, store_invite_per_ip_per_minute=1.0))
+def test_store_invite_limits_per_ip_and_per_address(
+    pair_factory, smtp: SmtpSink, homeserver: HomeserverStandIn
+) -> None:  # type: ignore[no-untyped-def]
+    a, b, _ = pair_factory(
+        limits(
+            store_invite_per_address_burst=2,
+            store_invite_per_address_per_hour=1.0,
+            store_invite_per_ip_burst=4,
+            store_invite_per_ip_per_minute=1.0,
+        )
+    )
     address = unique_email("invited")
     assert store_invite(a, homeserver, address).status_code == 200
     assert store_invite(b, homeserver, address.upper()).status_code == 200  # one address, however spelt
@@ -221,7 +263,9 @@ def test_lookup_limits_per_token(pair_factory, smtp: SmtpSink, homeserver: Homes
         # bulk_lookup (v1, per client IP) is limited too.
         codes = []
         for api in (api_a, api_b, api_a):
-            codes.append(api.client.post(f"{V1}/bulk_lookup", json={"threepids": [["email", "x@example.test"]]}).status_code)
+            codes.append(
+                api.client.post(f"{V1}/bulk_lookup", json={"threepids": [["email", "x@example.test"]]}).status_code
+            )
         assert codes == [200, 200, 429]
     finally:
         api_a.client.close()
@@ -231,8 +275,10 @@ def test_lookup_limits_per_token(pair_factory, smtp: SmtpSink, homeserver: Homes
 def test_forwarded_for_only_from_trusted_proxies(pair_factory, smtp: SmtpSink) -> None:  # type: ignore[no-untyped-def]
     # A trusts the proxy on 127.0.0.0/8 (where the test runs), B trusts only some other network.
     base = limits(lookup_per_token_burst=2, lookup_per_token_per_minute=1.0)
-    a, b, _ = pair_factory({**base, "listen": {"trusted_proxies": ["127.0.0.0/8", "10.0.0.0/8"]}},
-                           {**base, "listen": {"trusted_proxies": ["192.0.2.0/24"]}})
+    a, b, _ = pair_factory(
+        {**base, "listen": {"trusted_proxies": ["127.0.0.0/8", "10.0.0.0/8"]}},
+        {**base, "listen": {"trusted_proxies": ["192.0.2.0/24"]}},
+    )
 
     def xff(value: str) -> dict[str, str]:
         return {"X-Forwarded-For": value}
@@ -261,8 +307,14 @@ def test_forwarded_for_only_from_trusted_proxies(pair_factory, smtp: SmtpSink) -
 
 def make_request(peer: str | None, forwarded: list[str] | None = None) -> Request:
     headers = [(b"x-forwarded-for", v.encode()) for v in forwarded or []]
-    scope = {"type": "http", "method": "GET", "path": "/", "headers": headers, "query_string": b"",
-             "client": (peer, 1234) if peer is not None else None}
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "headers": headers,
+        "query_string": b"",
+        "client": (peer, 1234) if peer is not None else None,
+    }
     return Request(scope)
 
 
@@ -476,18 +528,27 @@ def xff(value: str) -> dict[str, str]:
 def test_ipv6_clients_are_limited_by_their_64(make_server, homeserver: HomeserverStandIn, smtp: SmtpSink) -> None:  # type: ignore[no-untyped-def]
     # Every per-client-IP limit, burst 2. The clients are behind our proxy (the test runs on
     # 127.0.0.1), which names them in X-Forwarded-For as nginx would.
-    server = make_server(extra_config={
-        **limits(request_token_per_ip_burst=2, request_token_per_ip_per_minute=1.0,
-                 store_invite_per_ip_burst=2, store_invite_per_ip_per_minute=1.0,
-                 lookup_per_token_burst=2, lookup_per_token_per_minute=1.0,
-                 register_per_ip_burst=2, register_per_ip_per_minute=1.0),
-        "listen": {"trusted_proxies": ["127.0.0.0/8"]},
-    })
+    server = make_server(
+        extra_config={
+            **limits(
+                request_token_per_ip_burst=2,
+                request_token_per_ip_per_minute=1.0,
+                store_invite_per_ip_burst=2,
+                store_invite_per_ip_per_minute=1.0,
+                lookup_per_token_burst=2,
+                lookup_per_token_per_minute=1.0,
+                register_per_ip_burst=2,
+                register_per_ip_per_minute=1.0,
+            ),
+            "listen": {"trusted_proxies": ["127.0.0.0/8"]},
+        }
+    )
 
     def register(headers: dict[str, str]) -> httpx.Response:
         with server.new_client() as c:
-            return c.post(f"{V2}/account/register", json=homeserver.openid_token("u" + uuid.uuid4().hex[:12]),
-                          headers=headers)
+            return c.post(
+                f"{V2}/account/register", json=homeserver.openid_token("u" + uuid.uuid4().hex[:12]), headers=headers
+            )
 
     def bulk(headers: dict[str, str]) -> httpx.Response:
         with server.new_client() as c:
@@ -514,8 +575,13 @@ def test_ipv6_clients_are_limited_by_their_64(make_server, homeserver: Homeserve
 # --- /account/register: no reflector -------------------------------------------------------------
 
 
-def register_at(server: SydentServer, hs: HomeserverStandIn, *, headers: dict[str, str] | None = None,
-                server_name: str | None = None) -> tuple[httpx.Response, str]:
+def register_at(
+    server: SydentServer,
+    hs: HomeserverStandIn,
+    *,
+    headers: dict[str, str] | None = None,
+    server_name: str | None = None,
+) -> tuple[httpx.Response, str]:
     body = hs.openid_token("u" + uuid.uuid4().hex[:12])
     if server_name is not None:
         body["matrix_server_name"] = server_name
@@ -542,18 +608,21 @@ def test_register_is_limited_per_client_before_any_outbound_request(make_server,
 
 
 def test_register_is_limited_per_homeserver_however_spelt(make_server, homeserver: HomeserverStandIn) -> None:  # type: ignore[no-untyped-def]
-    server = make_server(extra_config={
-        **limits(register_per_server_burst=3, register_per_server_per_minute=1.0),
-        "listen": {"trusted_proxies": ["127.0.0.0/8"]},
-    })
+    server = make_server(
+        extra_config={
+            **limits(register_per_server_burst=3, register_per_server_per_minute=1.0),
+            "listen": {"trusted_proxies": ["127.0.0.0/8"]},
+        }
+    )
     # Three clients register with the homeserver: its budget is spent.
     for i in range(3):
         resp, _ = register_at(server, homeserver, headers=xff(f"203.0.113.{i + 1}"))
         assert resp.status_code == 200, resp.text
     # Anyone else, naming that host in any spelling or on any port, is refused before we call it.
     tokens = set()
-    for i, name in enumerate([homeserver.server_name, "127.0.0.1:1", f"[::ffff:127.0.0.1]:{homeserver.port}",
-                              "127.0.0.1"]):
+    for i, name in enumerate(
+        [homeserver.server_name, "127.0.0.1:1", f"[::ffff:127.0.0.1]:{homeserver.port}", "127.0.0.1"]
+    ):
         resp, token = register_at(server, homeserver, headers=xff(f"198.51.100.{i + 1}"), server_name=name)
         assert_limited(resp)
         tokens.add(token)

@@ -53,8 +53,13 @@ def test_encoded_word_in_a_display_name_is_shown_as_typed(
     api: IdentityApi, user: User, homeserver: HomeserverStandIn
 ) -> None:
     address = f"ew.{uuid.uuid4().hex[:12]}@example.test"
-    fields = {"medium": "email", "address": address, "room_id": f"!r{uuid.uuid4().hex[:8]}:{homeserver.server_name}",
-              "sender": user.user_id, "sender_display_name": ENCODED_WORD}
+    fields = {
+        "medium": "email",
+        "address": address,
+        "room_id": f"!r{uuid.uuid4().hex[:8]}:{homeserver.server_name}",
+        "sender": user.user_id,
+        "sender_display_name": ENCODED_WORD,
+    }
     resp = store_invite(api, user, fields)
     assert resp.status_code == 200, resp.text
     mail = api.smtp.wait_for(address)
@@ -70,8 +75,14 @@ def test_invite_with_the_longest_room_id_and_a_long_address_is_delivered(
     # 255 characters, most of which a URL must percent-encode (several times their length).
     room_id = "!" + ("é:ü/" * 64)[:254]
     assert len(room_id) == 255
-    fields = {"medium": "email", "address": address, "room_id": room_id, "sender": user.user_id,
-              "sender_display_name": "Long Room Alice", "room_name": "A room"}
+    fields = {
+        "medium": "email",
+        "address": address,
+        "room_id": room_id,
+        "sender": user.user_id,
+        "sender_display_name": "Long Room Alice",
+        "room_name": "A room",
+    }
     resp = store_invite(api, user, fields)
     assert resp.status_code == 200, resp.text
     mail = api.smtp.wait_for(address)

@@ -76,16 +76,29 @@ async def _before_0006(url: str, ephemeral: Any) -> None:
                 ("pendingmail", "email", "pending@example.test", "secretmail", LONG_TOKEN),
                 ("pendingsms", "msisdn", "447700900123", "secretsms", "123456"),
             ):
-                await conn.execute(insert, {"sid": sid, "medium": medium, "address": address,
-                                            "secret": sha256(secret), "token": token, "now": NOW, "validated": False})
+                await conn.execute(
+                    insert,
+                    {
+                        "sid": sid,
+                        "medium": medium,
+                        "address": address,
+                        "secret": sha256(secret),
+                        "token": token,
+                        "now": NOW,
+                        "validated": False,
+                    },
+                )
             await conn.execute(
                 text(
                     "INSERT INTO invites (token, medium, address, room_id, sender, ephemeral_public_key,"
                     " ephemeral_private_key, created_ts) VALUES ('oldinvite', 'email', 'invitee@example.test',"
                     " '!room:hs.test', '@alice:hs.test', :public, :private, :now)"
                 ),
-                {"public": encode_base64(ephemeral.verify_key.encode()), "private": encode_base64(ephemeral.encode()),
-                 "now": NOW},
+                {
+                    "public": encode_base64(ephemeral.verify_key.encode()),
+                    "private": encode_base64(ephemeral.encode()),
+                    "now": NOW,
+                },
             )
     finally:
         await database.dispose()
@@ -121,17 +134,22 @@ def test_0006_and_0007_keep_what_was_pending(  # type: ignore[no-untyped-def]
         {"sid": "pendingsms", "token_hash": sha256("123456"), "failed_attempts": 0},
     ]
 
-    server = SydentServer(tmp_path / "server", database_url=db.url, smtp_port=smtp_sink.port, ca_file=None,
-                          name="sydent_lite (migrated)")
+    server = SydentServer(
+        tmp_path / "server", database_url=db.url, smtp_port=smtp_sink.port, ca_file=None, name="sydent_lite (migrated)"
+    )
     server.start()
     try:
         c = server.client
         # The link mailed before the upgrade, and the code sent by SMS, still validate.
-        resp = c.get(f"{V1}/validate/email/submitToken",
-                     params={"sid": "pendingmail", "client_secret": "secretmail", "token": LONG_TOKEN})
+        resp = c.get(
+            f"{V1}/validate/email/submitToken",
+            params={"sid": "pendingmail", "client_secret": "secretmail", "token": LONG_TOKEN},
+        )
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html"), resp.text
-        resp = c.post(f"{V1}/validate/msisdn/submitToken",
-                      json={"sid": "pendingsms", "client_secret": "secretsms", "token": "123456"})
+        resp = c.post(
+            f"{V1}/validate/msisdn/submitToken",
+            json={"sid": "pendingsms", "client_secret": "secretsms", "token": "123456"},
+        )
         assert resp.status_code == 200 and resp.json() == {"success": True}, resp.text
         # The invitation's key is gone from the database, but the one in its mail still signs;
         # no other key does.

@@ -196,8 +196,12 @@ class WebhookStandIn:
                     parsed = None
                 with outer._lock:
                     outer.requests.append(
-                        {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
-                         "body": body, "json": parsed}
+                        {
+                            "path": self.path,
+                            "headers": {k.lower(): v for k, v in self.headers.items()},
+                            "body": body,
+                            "json": parsed,
+                        }
                     )
                     status, delay = outer.status, outer.delay
                 if delay:
@@ -264,12 +268,26 @@ class Phone:
         assert self._outbox is not None, "this server does not use the file provider"
         return self._outbox
 
-    def request_token(self, country: str, phone_number: str, client_secret: str, send_attempt: Any = 1, *,
-                      user: User | None = None, v1: bool = False, form: bool = False,
-                      next_link: str | None = None, body: dict[str, Any] | None = None) -> httpx.Response:
+    def request_token(
+        self,
+        country: str,
+        phone_number: str,
+        client_secret: str,
+        send_attempt: Any = 1,
+        *,
+        user: User | None = None,
+        v1: bool = False,
+        form: bool = False,
+        next_link: str | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> httpx.Response:
         if body is None:
-            body = {"client_secret": client_secret, "country": country, "phone_number": phone_number,
-                    "send_attempt": send_attempt}
+            body = {
+                "client_secret": client_secret,
+                "country": country,
+                "phone_number": phone_number,
+                "send_attempt": send_attempt,
+            }
             if next_link is not None:
                 body["next_link"] = next_link
         path = f"{V1 if v1 else V2}/validate/msisdn/requestToken"
@@ -278,8 +296,18 @@ class Phone:
             return self.client.post(path, data={k: str(v) for k, v in body.items()}, headers=headers)
         return self.client.post(path, json=body, headers=headers)
 
-    def start(self, country: str, phone_number: str, msisdn: str, *, client_secret: str | None = None,
-              send_attempt: int = 1, user: User | None = None, v1: bool = False, **kwargs: Any) -> MsisdnSession:
+    def start(
+        self,
+        country: str,
+        phone_number: str,
+        msisdn: str,
+        *,
+        client_secret: str | None = None,
+        send_attempt: int = 1,
+        user: User | None = None,
+        v1: bool = False,
+        **kwargs: Any,
+    ) -> MsisdnSession:
         """requestToken, expecting success, and the SMS it sent."""
         secret = client_secret or new_secret()
         resp = self.request_token(country, phone_number, secret, send_attempt, user=user, v1=v1, **kwargs)
@@ -289,9 +317,17 @@ class Phone:
         sms = self.outbox.wait_for(msisdn) if self._outbox is not None else None
         return MsisdnSession(msisdn, secret, body["sid"], sms, body)
 
-    def submit(self, session: MsisdnSession, token: str | None = None, *, user: User | None = None,
-               v1: bool = False, form: bool = False, client_secret: str | None = None,
-               sid: str | None = None) -> httpx.Response:
+    def submit(
+        self,
+        session: MsisdnSession,
+        token: str | None = None,
+        *,
+        user: User | None = None,
+        v1: bool = False,
+        form: bool = False,
+        client_secret: str | None = None,
+        sid: str | None = None,
+    ) -> httpx.Response:
         body = {
             "sid": sid or session.sid,
             "client_secret": client_secret or session.client_secret,
@@ -303,15 +339,17 @@ class Phone:
             return self.client.post(path, data=body, headers=headers)
         return self.client.post(path, json=body, headers=headers)
 
-    def validated(self, country: str, phone_number: str, msisdn: str, *, user: User | None = None,
-                  v1: bool = False) -> MsisdnSession:
+    def validated(
+        self, country: str, phone_number: str, msisdn: str, *, user: User | None = None, v1: bool = False
+    ) -> MsisdnSession:
         session = self.start(country, phone_number, msisdn, user=user, v1=v1)
         resp = self.submit(session, user=user, v1=v1)
         assert resp.status_code == 200 and resp.json() == {"success": True}, resp.text
         return session
 
-    def get_validated(self, session: MsisdnSession, *, user: User | None = None, v1: bool = False,
-                      client_secret: str | None = None) -> httpx.Response:
+    def get_validated(
+        self, session: MsisdnSession, *, user: User | None = None, v1: bool = False, client_secret: str | None = None
+    ) -> httpx.Response:
         params = {"sid": session.sid, "client_secret": client_secret or session.client_secret}
         headers = user.headers if user is not None else {}
         return self.client.get(f"{V1 if v1 else V2}/3pid/getValidated3pid", params=params, headers=headers)
@@ -339,8 +377,14 @@ def sms_server_config(outbox: Path, **sms: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def sms_server(db_factory: Any, smtp_sink: SmtpSink, homeserver: HomeserverStandIn, terms_path: Path,
-               tmp_path_factory: pytest.TempPathFactory, backend: str) -> Iterator[SydentServer]:
+def sms_server(
+    db_factory: Any,
+    smtp_sink: SmtpSink,
+    homeserver: HomeserverStandIn,
+    terms_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    backend: str,
+) -> Iterator[SydentServer]:
     """A server of this module (terms of service, file SMS provider, per-country originators)."""
     workdir = tmp_path_factory.mktemp(f"msisdn-{backend}")
     outbox = workdir / "sms_outbox"
@@ -372,15 +416,13 @@ def phone_user(phone: Phone) -> User:
 
 
 @pytest.fixture
-def make_phone(make_server: Any, smtp_sink: SmtpSink, homeserver: HomeserverStandIn,
-               tmp_path: Path) -> Iterator[Any]:
+def make_phone(make_server: Any, smtp_sink: SmtpSink, homeserver: HomeserverStandIn, tmp_path: Path) -> Iterator[Any]:
     """`make_phone(sms={...}, **server_kwargs)`: a dedicated server (file provider into a fresh
     outbox unless `sms` says otherwise, no terms) and a Phone for it."""
     clients: list[httpx.Client] = []
     count = [0]
 
-    def make(sms: dict[str, Any] | None = None, extra_config: dict[str, Any] | None = None,
-             **kwargs: Any) -> Phone:
+    def make(sms: dict[str, Any] | None = None, extra_config: dict[str, Any] | None = None, **kwargs: Any) -> Phone:
         count[0] += 1
         sms = dict(sms or {})
         outbox: SmsOutbox | None = None
@@ -413,7 +455,8 @@ def webhook() -> Iterator[WebhookStandIn]:
 
 
 @pytest.mark.parametrize(
-    "v1,form", [(True, False), (True, True), (False, False), (False, True)],
+    "v1,form",
+    [(True, False), (True, True), (False, False), (False, True)],
     ids=["v1-json", "v1-form", "v2-json", "v2-form"],
 )
 def test_request_token_answers_and_sends_the_code(phone: Phone, phone_user: User, v1: bool, form: bool) -> None:
@@ -631,14 +674,20 @@ def test_send_attempt_as_a_digit_string(phone: Phone, phone_user: User) -> None:
     assert resp.status_code == 200 and resp.json() == expected, resp.text
     second = phone.outbox.wait_for(msisdn)
     if second.code != first.code:  # 6 digits: they may happen to be equal
-        assert_error(phone.submit(MsisdnSession(msisdn, secret, expected["sid"], first), user=phone_user),
-                     400, "M_TOKEN_INCORRECT")
+        assert_error(
+            phone.submit(MsisdnSession(msisdn, secret, expected["sid"], first), user=phone_user),
+            400,
+            "M_TOKEN_INCORRECT",
+        )
     resp = phone.submit(MsisdnSession(msisdn, secret, expected["sid"], second), user=phone_user)
     assert resp.status_code == 200 and resp.json() == {"success": True}, resp.text
 
 
-@pytest.mark.parametrize("value", [" 1", "1.0", "+1", "--1", "²", "１"],
-                         ids=["space", "decimal-point", "plus", "double-minus", "superscript-two", "fullwidth-one"])
+@pytest.mark.parametrize(
+    "value",
+    [" 1", "1.0", "+1", "--1", "²", "１"],
+    ids=["space", "decimal-point", "plus", "double-minus", "superscript-two", "fullwidth-one"],
+)
 def test_send_attempt_string_that_is_no_decimal_integer(phone: Phone, value: str) -> None:
     national, msisdn = random_gb()
     assert_error(phone.request_token("GB", national, new_secret(), value, v1=True), 400, "M_INVALID_PARAM")
@@ -707,11 +756,13 @@ def test_refused_country_covers_numbers_outside_the_metadata(make_phone: Any) ->
 
 
 def test_webhook_provider_posts_the_sms(make_phone: Any, webhook: WebhookStandIn) -> None:
-    p = make_phone(sms={
-        "provider": "webhook",
-        "webhook": {"url": webhook.url, "headers": {"X-Api-Key": "k3y-for-tests"}},
-        "originators": {"44": "short:12345"},
-    })
+    p = make_phone(
+        sms={
+            "provider": "webhook",
+            "webhook": {"url": webhook.url, "headers": {"X-Api-Key": "k3y-for-tests"}},
+            "originators": {"44": "short:12345"},
+        }
+    )
     national, msisdn = random_gb()
     secret = new_secret()
     resp = p.request_token("GB", national, secret, v1=True)
@@ -825,8 +876,7 @@ def test_wrong_code_or_secret_is_token_incorrect(phone: Phone, phone_user: User)
     assert_error(phone.submit(session, user=phone_user, sid="A" * 24), 404, "M_NO_VALID_SESSION")
 
     assert_error(phone.get_validated(session, user=phone_user), 400, "M_SESSION_NOT_VALIDATED")
-    assert_error(phone.get_validated(session, user=phone_user, client_secret=new_secret()), 404,
-                 "M_NO_VALID_SESSION")
+    assert_error(phone.get_validated(session, user=phone_user, client_secret=new_secret()), 404, "M_NO_VALID_SESSION")
     assert_error(phone.bind(session, phone_user.user_id, user=phone_user), 400, "M_SESSION_NOT_VALIDATED")
 
     resp = phone.submit(session, user=phone_user)
@@ -850,8 +900,9 @@ def test_get_submit_token(phone: Phone, prefix: str) -> None:
 
     national, msisdn = random_gb()
     linked = phone.start("GB", national, msisdn, v1=True, next_link=next_link)
-    resp = phone.client.get(path, params={"sid": linked.sid, "client_secret": linked.client_secret,
-                                          "token": linked.code})
+    resp = phone.client.get(
+        path, params={"sid": linked.sid, "client_secret": linked.client_secret, "token": linked.code}
+    )
     assert resp.status_code == 302, resp.text
     assert resp.headers["location"] == f"{next_link}&sid={linked.sid}"  # one rule for both media
     assert phone.get_validated(linked, v1=True).json()["address"] == msisdn
@@ -875,8 +926,9 @@ def test_sessions_expire(make_phone: Any) -> None:
 # --- bind and lookups -----------------------------------------------------------------------------
 
 
-def assert_signed_msisdn_association(assoc: dict[str, Any], server: SydentServer, client: httpx.Client,
-                                     *, msisdn: str, mxid: str) -> None:
+def assert_signed_msisdn_association(
+    assoc: dict[str, Any], server: SydentServer, client: httpx.Client, *, msisdn: str, mxid: str
+) -> None:
     assert set(assoc) == ASSOCIATION_KEYS, assoc
     assert assoc["medium"] == "msisdn"
     assert assoc["address"] == msisdn
@@ -944,8 +996,12 @@ def test_unbind_with_session(phone: Phone, phone_user: User) -> None:
     national, msisdn = random_gb()
     session = phone.validated("GB", national, msisdn, user=phone_user)
     assert phone.bind(session, phone_user.user_id, user=phone_user).status_code == 200
-    body = {"sid": session.sid, "client_secret": session.client_secret, "mxid": phone_user.user_id,
-            "threepid": {"medium": "msisdn", "address": "+" + msisdn}}
+    body = {
+        "sid": session.sid,
+        "client_secret": session.client_secret,
+        "mxid": phone_user.user_id,
+        "threepid": {"medium": "msisdn", "address": "+" + msisdn},
+    }
     # The session is for exactly this threepid: another spelling of the address is not it.
     assert_error(phone.client.post(f"{V2}/3pid/unbind", json=body), 403, "M_FORBIDDEN")
     assert phone.lookup_sha256(phone_user, msisdn) == phone_user.user_id
@@ -961,12 +1017,16 @@ def test_unbind_with_session(phone: Phone, phone_user: User) -> None:
 
 
 def test_request_token_is_rate_limited_per_number(make_phone: Any) -> None:
-    p = make_phone(extra_config={"rate_limits": {
-        "enabled": True,
-        "request_token_per_address_burst": 2,
-        "request_token_per_address_per_hour": 1.0,
-        "request_token_per_ip_burst": 100,
-    }})
+    p = make_phone(
+        extra_config={
+            "rate_limits": {
+                "enabled": True,
+                "request_token_per_address_burst": 2,
+                "request_token_per_address_per_hour": 1.0,
+                "request_token_per_ip_burst": 100,
+            }
+        }
+    )
     national, msisdn = random_gb()
     # The same number, typed three ways, each with a new client secret (so each would send an SMS).
     ways = [("GB", national), ("US", "+" + msisdn), ("FR", "+44 " + national[1:])]
@@ -984,8 +1044,10 @@ def test_request_token_is_rate_limited_per_number(make_phone: Any) -> None:
     assert resp.status_code == 200, resp.text
     p.outbox.wait_for(other)
     # So is an email address.
-    resp = p.client.post(f"{V1}/validate/email/requestToken",
-                         json={"client_secret": new_secret(), "email": unique_email("notlimited"), "send_attempt": 1})
+    resp = p.client.post(
+        f"{V1}/validate/email/requestToken",
+        json={"client_secret": new_secret(), "email": unique_email("notlimited"), "send_attempt": 1},
+    )
     assert resp.status_code == 200, resp.text
 
 
@@ -999,14 +1061,15 @@ def test_request_token_is_rate_limited_per_number(make_phone: Any) -> None:
 def wrong_codes(code: str, n: int) -> list[str]:
     """`n` distinct codes of the same length as `code`, none of them `code`."""
     width = len(code)
-    candidates = (f"{(int(code) + 1 + i) % 10 ** width:0{width}d}" for i in range(n))
+    candidates = (f"{(int(code) + 1 + i) % 10**width:0{width}d}" for i in range(n))
     out = [c for c in candidates if c != code]
     assert len(out) == n
     return out
 
 
-def msisdn_page(phone: Phone, session: MsisdnSession, code: str, prefix: str = V1,
-                headers: dict[str, str] | None = None) -> httpx.Response:
+def msisdn_page(
+    phone: Phone, session: MsisdnSession, code: str, prefix: str = V1, headers: dict[str, str] | None = None
+) -> httpx.Response:
     """The GET form of submitToken (a person following a link)."""
     params = {"sid": session.sid, "client_secret": session.client_secret, "token": code}
     return phone.client.get(f"{prefix}/validate/msisdn/submitToken", params=params, headers=headers or {})
@@ -1140,11 +1203,16 @@ GUESSING_LIMITS = {
 
 def test_per_number_budget_stops_guessing_across_fresh_sessions(make_phone: Any) -> None:
     # Dead sessions are cheap to replace: the number's own budget is what bounds the guesses.
-    p = make_phone(extra_config={
-        "sessions": {"max_token_attempts": 3},
-        "rate_limits": {**GUESSING_LIMITS, "submit_token_per_address_burst": 7,
-                        "submit_token_per_address_per_day": 1.0},
-    })
+    p = make_phone(
+        extra_config={
+            "sessions": {"max_token_attempts": 3},
+            "rate_limits": {
+                **GUESSING_LIMITS,
+                "submit_token_per_address_burst": 7,
+                "submit_token_per_address_per_day": 1.0,
+            },
+        }
+    )
     mallory = p.api.register()
     national, victim = random_gb()
     first = p.start("GB", national, victim, v1=True)
@@ -1175,10 +1243,12 @@ def test_per_number_budget_stops_guessing_across_fresh_sessions(make_phone: Any)
 
 
 def test_submit_token_is_limited_per_client_address(make_phone: Any) -> None:
-    p = make_phone(extra_config={
-        "listen": {"trusted_proxies": ["127.0.0.1"]},
-        "rate_limits": {**GUESSING_LIMITS, "submit_token_per_ip_burst": 4, "submit_token_per_ip_per_minute": 1.0},
-    })
+    p = make_phone(
+        extra_config={
+            "listen": {"trusted_proxies": ["127.0.0.1"]},
+            "rate_limits": {**GUESSING_LIMITS, "submit_token_per_ip_burst": 4, "submit_token_per_ip_per_minute": 1.0},
+        }
+    )
     national, msisdn = random_gb()
     session = p.start("GB", national, msisdn, v1=True)
     mallory = {"X-Forwarded-For": "203.0.113.7"}
@@ -1188,13 +1258,17 @@ def test_submit_token_is_limited_per_client_address(make_phone: Any) -> None:
     assert_error(p.client.post(path, json=body, headers=mallory), 400, "M_TOKEN_INCORRECT")
     assert_error(p.client.post(path, json=dict(body, sid="C" * 24), headers=mallory), 404, "M_NO_VALID_SESSION")
     assert_html(p.client.get(path, params=body, headers=mallory), 400)
-    assert_error(p.client.post(f"{V2}/validate/msisdn/submitToken", json=body,
-                               headers={**mallory, **p.api.register().headers}), 400, "M_TOKEN_INCORRECT")
+    assert_error(
+        p.client.post(f"{V2}/validate/msisdn/submitToken", json=body, headers={**mallory, **p.api.register().headers}),
+        400,
+        "M_TOKEN_INCORRECT",
+    )
     limited = assert_error(p.client.post(path, json=body, headers=mallory), 429, "M_LIMIT_EXCEEDED")
     assert limited["retry_after_ms"] > 0, limited
     assert_html(p.client.get(path, params=body, headers=mallory), 429)
     # Another client is not affected; the session is intact.
     holder = {"X-Forwarded-For": "198.51.100.9"}
-    resp = p.client.post(path, json={"sid": session.sid, "client_secret": session.client_secret,
-                                      "token": session.code}, headers=holder)
+    resp = p.client.post(
+        path, json={"sid": session.sid, "client_secret": session.client_secret, "token": session.code}, headers=holder
+    )
     assert resp.status_code == 200 and resp.json() == {"success": True}, resp.text

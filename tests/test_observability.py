@@ -34,7 +34,6 @@ SUBMIT_TOKEN_ROUTE = f"{V2}/validate/email/submitToken"
 BIND_ROUTE = f"{V2}/3pid/bind"
 
 
-
 # --- helpers --------------------------------------------------------------------------------------
 
 
@@ -81,8 +80,9 @@ def wired(module: str, name: str) -> bool:
 
 def test_metrics_listener_counts_requests_by_route_and_status(make_server, api_for) -> None:  # type: ignore[no-untyped-def]
     metrics_port = free_port()
-    server = make_server(extra_config={"metrics": {"enabled": True, "host": "127.0.0.1", "port": metrics_port,
-                                                   "path": "/metrics"}})
+    server = make_server(
+        extra_config={"metrics": {"enabled": True, "host": "127.0.0.1", "port": metrics_port, "path": "/metrics"}}
+    )
     api: IdentityApi = api_for(server)
     url = f"http://127.0.0.1:{metrics_port}/metrics"
 
@@ -182,8 +182,9 @@ def test_request_id_is_echoed_when_plain_and_replaced_otherwise(client: httpx.Cl
     b = client.get("/_matrix/identity/versions").headers["x-request-id"]
     assert a != b
     assert HEX16.fullmatch(client.get("/nothing/here").headers["x-request-id"])
-    preflight = client.options(f"{V2}/3pid/bind", headers={"Origin": "https://app.example",
-                                                             "Access-Control-Request-Method": "POST"})
+    preflight = client.options(
+        f"{V2}/3pid/bind", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    )
     assert HEX16.fullmatch(preflight.headers["x-request-id"])
     assert "x-request-id" in preflight.headers.get("access-control-expose-headers", "").lower()
 
@@ -200,9 +201,11 @@ def test_logs_carry_the_request_id_and_no_secrets(api: IdentityApi, idserver: Sy
     # A refused submitToken (wrong token) and an unknown session: the error paths log too.
     wrong = api.submit_token(session, token="wrong" + session.token[5:], user=user)
     assert wrong.status_code in (200, 400, 404), wrong.text
-    assert api.client.get(f"{V2}/3pid/getValidated3pid",
-                          params={"sid": "nope", "client_secret": session.client_secret},
-                          headers=user.headers).status_code in (400, 404)
+    assert api.client.get(
+        f"{V2}/3pid/getValidated3pid",
+        params={"sid": "nope", "client_secret": session.client_secret},
+        headers=user.headers,
+    ).status_code in (400, 404)
 
     line_re = re.compile(
         rf"\S+ \S+ INFO sydent_lite\.access \[{re.escape(request_id)}\] GET /_matrix/identity/versions 200 [\d.]+ms"
@@ -252,8 +255,20 @@ def test_redaction_masks_obvious_secrets_at_info_and_above(log_capture) -> None:
     except ValueError:
         logger.exception("boom")
     out = stream.getvalue()
-    for secret in ("AT123", "CS456", "TK789", "SG000", "CS-json", "TK-json", "424242", "syt_BEARER",
-                   "alice.smith", "PGPASS", "EXC-TOKEN", "bob@"):
+    for secret in (
+        "AT123",
+        "CS456",
+        "TK789",
+        "SG000",
+        "CS-json",
+        "TK-json",
+        "424242",
+        "syt_BEARER",
+        "alice.smith",
+        "PGPASS",
+        "EXC-TOKEN",
+        "bob@",
+    ):
         assert secret not in out, (secret, out)
     assert "sid=abc" in out and "'sid': 'S1'" in out  # not secret
     assert "a...@mail.example.org" in out and "b...@example.net" in out
@@ -358,10 +373,12 @@ def test_multiprocess_mode_sums_over_workers(tmp_path: Path) -> None:
     )
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
     subprocess.run([sys.executable, "-c", script, "2"], env=env, check=True)
-    out = subprocess.run([sys.executable, "-c", script, "5", "render"], env=env, check=True,
-                         capture_output=True, text=True).stdout
-    samples = {(s.name, frozenset(s.labels.items())): s.value
-               for f in text_string_to_metric_families(out) for s in f.samples}
+    out = subprocess.run(
+        [sys.executable, "-c", script, "5", "render"], env=env, check=True, capture_output=True, text=True
+    ).stdout
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value for f in text_string_to_metric_families(out) for s in f.samples
+    }
     assert value(samples, "sydent_requests_total", route="/r", method="GET", status="200") == 7
     assert value(samples, "sydent_onbind_pending") == 5  # most recent, not the sum
 
@@ -405,8 +422,9 @@ def test_access_lines_through_the_fast_lane_look_like_records(fmt: str, installe
     # The same text as the logging machinery makes of a record with these fields.
     record = logging.LogRecord("sydent_lite.access", logging.INFO, __file__, 1, "GET /x 200 1.5ms", None, None)
     record.request_id = "rid-1"
-    assert handler.line_formatter.format_line(record.created, "INFO", "sydent_lite.access", "rid-1", record.getMessage()) \
-        == handler.format(record)
+    assert handler.line_formatter.format_line(
+        record.created, "INFO", "sydent_lite.access", "rid-1", record.getMessage()
+    ) == handler.format(record)
 
     handler.access("sydent_lite.access", "rid-2", "GET /y 404 0.1ms")  # no event loop: written at once
     assert "GET /y 404 0.1ms" in stream.getvalue() and "rid-2" in stream.getvalue()

@@ -41,12 +41,20 @@ def queue_callbacks_to(server: SydentServer, destination: str, count: int) -> No
     now = now_ms()
     rows, args = [], []
     for i in range(count):
-        body = {"medium": "email", "address": f"victim{i}@example.test", "mxid": f"@victim{i}:{destination}",
-                "invites": []}
+        body = {
+            "medium": "email",
+            "address": f"victim{i}@example.test",
+            "mxid": f"@victim{i}:{destination}",
+            "invites": [],
+        }
         rows.append("(?, ?, 0, ?, 0, ?)")
         args += [destination, json.dumps(body), now - 60_000 + i, now]
-    sql(server.database_url, "INSERT INTO onbind_callbacks (destination, body, attempts, next_attempt_ts,"
-                             " claimed_until, created_ts) VALUES " + ", ".join(rows), *args)
+    sql(
+        server.database_url,
+        "INSERT INTO onbind_callbacks (destination, body, attempts, next_attempt_ts,"
+        " claimed_until, created_ts) VALUES " + ", ".join(rows),
+        *args,
+    )
 
 
 def pending_bind(api: IdentityApi, homeserver: HomeserverStandIn) -> tuple[User, EmailSession, str]:
@@ -60,13 +68,17 @@ def pending_bind(api: IdentityApi, homeserver: HomeserverStandIn) -> tuple[User,
 
 
 def test_a_tarpit_does_not_delay_another_homeservers_invites(
-    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi],
-    homeserver: HomeserverStandIn, tarpit: TarpitHomeserver,
+    make_server: Callable[..., SydentServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    homeserver: HomeserverStandIn,
+    tarpit: TarpitHomeserver,
 ) -> None:
-    server = make_server(extra_config={
-        "federation": {"timeout_seconds": TIMEOUT},
-        "invites": {"onbind_max_in_flight_per_destination": PER_DESTINATION},
-    })
+    server = make_server(
+        extra_config={
+            "federation": {"timeout_seconds": TIMEOUT},
+            "invites": {"onbind_max_in_flight_per_destination": PER_DESTINATION},
+        }
+    )
     api = api_for(server)
     invitee, session, token = pending_bind(api, homeserver)
     server.stop()
@@ -87,20 +99,29 @@ def test_a_tarpit_does_not_delay_another_homeservers_invites(
 
 
 def test_a_failing_destination_backs_off_before_any_of_its_callbacks_is_tried_again(
-    make_server: Callable[..., SydentServer], homeserver: HomeserverStandIn, tmp_path: Path,
+    make_server: Callable[..., SydentServer],
+    homeserver: HomeserverStandIn,
+    tmp_path: Path,
 ) -> None:
     failing = HomeserverStandIn(tmp_path / "failing", ca=homeserver.ca).start()
     try:
         failing.set_handler("POST", ONBIND_PATH, lambda r: (503, {"errcode": "M_UNKNOWN", "error": "down"}))
-        server = make_server(extra_config={"invites": {
-            "onbind_retry_initial_seconds": 1, "onbind_retry_max_seconds": 2,
-            "onbind_max_in_flight_per_destination": PER_DESTINATION,
-        }})
+        server = make_server(
+            extra_config={
+                "invites": {
+                    "onbind_retry_initial_seconds": 1,
+                    "onbind_retry_max_seconds": 2,
+                    "onbind_max_in_flight_per_destination": PER_DESTINATION,
+                }
+            }
+        )
         server.stop()
         queue_callbacks_to(server, failing.server_name, 8)
         server.start()
-        wait_until(lambda: len(failing.requests_to(ONBIND_PATH)) >= PER_DESTINATION + 1,
-                   what="the first attempts after the destination's backoff")
+        wait_until(
+            lambda: len(failing.requests_to(ONBIND_PATH)) >= PER_DESTINATION + 1,
+            what="the first attempts after the destination's backoff",
+        )
         calls = sorted(failing.requests_to(ONBIND_PATH), key=lambda r: r.time)
         # The first two (the cap) failed; the next callback, never tried before, still waited the
         # destination's backoff (1 s) instead of going out with them.
@@ -109,8 +130,11 @@ def test_a_failing_destination_backs_off_before_any_of_its_callbacks_is_tried_ag
 
         # The homeserver recovers: a success resets the backoff, and every callback goes out once.
         failing.set_handler("POST", ONBIND_PATH, None)
-        wait_until(lambda: sql(server.database_url, "SELECT count(*) AS n FROM onbind_callbacks")[0]["n"] == 0,
-                   timeout=30, what="every callback delivered")
+        wait_until(
+            lambda: sql(server.database_url, "SELECT count(*) AS n FROM onbind_callbacks")[0]["n"] == 0,
+            timeout=30,
+            what="every callback delivered",
+        )
         delivered = [r.json["mxid"] for r in failing.requests_to(ONBIND_PATH) if r.status == 200]
         assert sorted(delivered) == sorted(f"@victim{i}:{failing.server_name}" for i in range(8))
     finally:
@@ -118,13 +142,17 @@ def test_a_failing_destination_backs_off_before_any_of_its_callbacks_is_tried_ag
 
 
 def test_destinations_served_at_once_are_capped_and_a_backing_off_one_frees_its_slot(
-    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi],
-    homeserver: HomeserverStandIn, tarpit: TarpitHomeserver,
+    make_server: Callable[..., SydentServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    homeserver: HomeserverStandIn,
+    tarpit: TarpitHomeserver,
 ) -> None:
-    server = make_server(extra_config={
-        "federation": {"timeout_seconds": TIMEOUT},
-        "invites": {"onbind_max_destinations": 1, "onbind_retry_initial_seconds": 60},
-    })
+    server = make_server(
+        extra_config={
+            "federation": {"timeout_seconds": TIMEOUT},
+            "invites": {"onbind_max_destinations": 1, "onbind_retry_initial_seconds": 60},
+        }
+    )
     api = api_for(server)
     invitee, session, token = pending_bind(api, homeserver)
     server.stop()

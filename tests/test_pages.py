@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from support.server import DEFAULT_TERMS, V1, V2, new_secret, unique_email, write_terms
+
 from sydent_lite.resources import templates_dir
 from sydent_lite.templating import EMAIL_TEMPLATE, INVITE_TEMPLATE, PAGE_TEMPLATE, TemplateStore
 
@@ -61,8 +61,15 @@ def test_landing_page(idserver, client) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_landing_page_escapes_terms(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    terms = {"master_version": "1", "docs": {"tos": {"version": HOSTILE, "langs": {
-        "en": {"name": HOSTILE, "url": 'https://terms.test/"><script>alert(1)</script>'}}}}}
+    terms = {
+        "master_version": "1",
+        "docs": {
+            "tos": {
+                "version": HOSTILE,
+                "langs": {"en": {"name": HOSTILE, "url": 'https://terms.test/"><script>alert(1)</script>'}},
+            }
+        },
+    }
     server = make_server(terms_path=write_terms(tmp_path / "terms.yaml", terms))
     with server.new_client() as client:
         page = client.get("/").text
@@ -72,15 +79,28 @@ def test_landing_page_escapes_terms(make_server, tmp_path: Path) -> None:  # typ
 
 def _render(store: TemplateStore, name: str, brand: str) -> email.message.EmailMessage:
     variables = {
-        "token": "TOKEN123", "link": "https://id.test/_matrix/identity/v2/validate/email/submitToken?a=1&b=2",
-        "server_name": "id.test", "ipaddress": "203.0.113.9", "sender": "@evil:hs.test",
-        "sender_display_name": HOSTILE + NON_ASCII, "room_name": HOSTILE + NON_ASCII * 20,
-        "room_type": "m.space", "join_link": "https://app.test/#/room/%21r%3Ahs.test?email=a%40b.test",
-        "bracketed_room_name": " (" + HOSTILE + ")", "web_client_location": "https://app.test",
-        "ephemeral_private_key": "KEY", "room_id": "!r:hs.test",
+        "token": "TOKEN123",
+        "link": "https://id.test/_matrix/identity/v2/validate/email/submitToken?a=1&b=2",
+        "server_name": "id.test",
+        "ipaddress": "203.0.113.9",
+        "sender": "@evil:hs.test",
+        "sender_display_name": HOSTILE + NON_ASCII,
+        "room_name": HOSTILE + NON_ASCII * 20,
+        "room_type": "m.space",
+        "join_link": "https://app.test/#/room/%21r%3Ahs.test?email=a%40b.test",
+        "bracketed_room_name": " (" + HOSTILE + ")",
+        "web_client_location": "https://app.test",
+        "ephemeral_private_key": "KEY",
+        "room_id": "!r:hs.test",
     }
-    raw = store.render_email(name, brand, to="invitee@example.test", from_="Id <id@id.test>",
-                             subject=NON_ASCII + " subject", variables=variables)
+    raw = store.render_email(
+        name,
+        brand,
+        to="invitee@example.test",
+        from_="Id <id@id.test>",
+        subject=NON_ASCII + " subject",
+        variables=variables,
+    )
     for line in raw.split(b"\r\n"):
         assert len(line) <= 998, "SMTP refuses lines over 998 octets"
     return email.message_from_bytes(raw, policy=email.policy.default)  # type: ignore[return-value]
@@ -157,9 +177,12 @@ def test_validation_pages_headers(api, api_path: str) -> None:  # type: ignore[n
 
 
 def test_next_link_redirect_sends_no_referrer(api) -> None:  # type: ignore[no-untyped-def]
-    session = api.start_email_session(unique_email("page"), client_secret=new_secret(), v1=True,
-                                      next_link="https://app.example.test/welcome")
-    resp = api.client.get(f"{V1}/validate/email/submitToken",
-                          params={"sid": session.sid, "client_secret": session.client_secret, "token": session.token})
+    session = api.start_email_session(
+        unique_email("page"), client_secret=new_secret(), v1=True, next_link="https://app.example.test/welcome"
+    )
+    resp = api.client.get(
+        f"{V1}/validate/email/submitToken",
+        params={"sid": session.sid, "client_secret": session.client_secret, "token": session.token},
+    )
     assert resp.status_code == 302 and resp.headers["location"] == f"https://app.example.test/welcome?sid={session.sid}"
     assert resp.headers.get("referrer-policy") == "no-referrer"

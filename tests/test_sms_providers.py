@@ -16,9 +16,10 @@ import socket
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -103,8 +104,13 @@ class ProviderStandIn:
     async def _endpoint(self, request: Request) -> Response:
         body = await request.body()
         self.requests.append(
-            Recorded(request.method, request.url.path, request.url.query,
-                     {k.lower(): v for k, v in request.headers.items()}, body)
+            Recorded(
+                request.method,
+                request.url.path,
+                request.url.query,
+                {k.lower(): v for k, v in request.headers.items()},
+                body,
+            )
         )
         answer = self.answer
         if answer.delay:
@@ -115,15 +121,16 @@ class ProviderStandIn:
         media = None if isinstance(answer.body, (bytes, str)) else "application/json"
         return Response(content, status_code=answer.status, headers=answer.headers, media_type=media)
 
-    def start(self) -> "ProviderStandIn":
+    def start(self) -> ProviderStandIn:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self._app, log_level="warning", access_log=False, lifespan="off")
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
-                                        name="sms-provider-stand-in", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="sms-provider-stand-in", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + 15
         while not self._server.started:
@@ -181,8 +188,9 @@ def sms_config(provider: str, base_url: str, timeout: float = 5.0, **kwargs: Any
         timeout_seconds=timeout,
         twilio=TwilioConfig(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, api_base_url=base_url),
         openmarket=OpenMarketConfig(username=OM_USER, password=OM_PASSWORD, api_base_url=base_url),
-        webhook=WebhookConfig(url=f"{base_url}/hooks/sms?key=q-s3cr3t",
-                              headers={"Authorization": HOOK_SECRET, "X-Tenant": "matrix"}),
+        webhook=WebhookConfig(
+            url=f"{base_url}/hooks/sms?key=q-s3cr3t", headers={"Authorization": HOOK_SECRET, "X-Tenant": "matrix"}
+        ),
         **kwargs,
     )
 
@@ -252,8 +260,9 @@ def test_originator_per_country_then_default_then_none() -> None:
 # --- Twilio -------------------------------------------------------------------------------------
 
 
-async def test_twilio_sends_the_messages_resource_request(standin: ProviderStandIn,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+async def test_twilio_sends_the_messages_resource_request(
+    standin: ProviderStandIn, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     standin.answer = Answer(201, {"sid": "SM" + "0" * 32, "status": "queued"})
     config = sms_config("twilio", standin.base_url, originators={"44": "alpha:MatrixUK", "default": "short:12345"})
@@ -304,9 +313,15 @@ async def test_twilio_without_an_originator_fails_at_send_time(standin: Provider
 
 
 async def test_twilio_error_names_twilios_code_but_not_its_message(standin: ProviderStandIn) -> None:
-    standin.answer = Answer(400, {"code": 21211, "status": 400,
-                                  "message": f"The 'To' number +{MSISDN} is not a valid phone number.",
-                                  "more_info": "https://www.twilio.com/docs/errors/21211"})
+    standin.answer = Answer(
+        400,
+        {
+            "code": 21211,
+            "status": 400,
+            "message": f"The 'To' number +{MSISDN} is not a valid phone number.",
+            "more_info": "https://www.twilio.com/docs/errors/21211",
+        },
+    )
     message = await send_failing(TwilioSmsProvider(sms_config("twilio", standin.base_url).twilio, 5.0))
     assert "twilio" in message and "400" in message and "21211" in message
     assert "valid phone number" not in message
@@ -323,8 +338,9 @@ async def test_twilio_error_names_twilios_code_but_not_its_message(standin: Prov
         (33, {"ton": 1, "address": "+33700000000"}),  # long number
     ],
 )
-async def test_openmarket_sends_sydents_request(standin: ProviderStandIn, caplog: pytest.LogCaptureFixture,
-                                                calling_code: int, expected_source: dict) -> None:
+async def test_openmarket_sends_sydents_request(
+    standin: ProviderStandIn, caplog: pytest.LogCaptureFixture, calling_code: int, expected_source: dict
+) -> None:
     caplog.set_level(logging.DEBUG)
     standin.answer = Answer(202, "", headers={"X-Request-Id": "om-req-42", "ttl": "259200"})
     originators = {"44": "alpha:MatrixUK", "1": "short:12345", "33": "long:+33700000000"}
@@ -362,8 +378,9 @@ async def test_openmarket_without_originator_sends_no_source(standin: ProviderSt
         await provider.aclose()
     (req,) = standin.requests
     assert req.path == "/sms/v4/mt"
-    assert req.json == {"mobileTerminate": {"message": {"content": TEXT, "type": "text"},
-                                            "destination": {"address": MSISDN}}}
+    assert req.json == {
+        "mobileTerminate": {"message": {"content": TEXT, "type": "text"}, "destination": {"address": MSISDN}}
+    }
 
 
 @pytest.mark.parametrize("status", [200, 201, 202, 204])
@@ -377,8 +394,11 @@ async def test_openmarket_any_2xx_is_success(standin: ProviderStandIn, status: i
 
 
 async def test_openmarket_error_names_code_and_request_id(standin: ProviderStandIn) -> None:
-    standin.answer = Answer(400, {"error": {"code": 1203, "description": f"bad destination {MSISDN}: {TEXT}"}},
-                            headers={"X-Request-Id": "om-req-99"})
+    standin.answer = Answer(
+        400,
+        {"error": {"code": 1203, "description": f"bad destination {MSISDN}: {TEXT}"}},
+        headers={"X-Request-Id": "om-req-99"},
+    )
     message = await send_failing(make_sms_provider(sms_config("openmarket", standin.base_url)))
     assert "openmarket" in message and "400" in message and "1203" in message and "om-req-99" in message
     assert "bad destination" not in message
@@ -387,8 +407,9 @@ async def test_openmarket_error_names_code_and_request_id(standin: ProviderStand
 # --- webhook ------------------------------------------------------------------------------------
 
 
-async def test_webhook_posts_json_with_the_configured_headers(standin: ProviderStandIn,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
+async def test_webhook_posts_json_with_the_configured_headers(
+    standin: ProviderStandIn, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     config = sms_config("webhook", standin.base_url, originators={"44": "long:+447700900000"})
     provider = make_sms_provider(config)
@@ -430,12 +451,15 @@ async def test_webhook_body_is_json_whatever_the_headers_say(standin: ProviderSt
 
 @pytest.mark.parametrize("provider_name", HTTP_PROVIDERS)
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 429, 500, 502, 503])
-async def test_error_status_is_a_safe_send_error(standin: ProviderStandIn, caplog: pytest.LogCaptureFixture,
-                                                 provider_name: str, status: int) -> None:
+async def test_error_status_is_a_safe_send_error(
+    standin: ProviderStandIn, caplog: pytest.LogCaptureFixture, provider_name: str, status: int
+) -> None:
     caplog.set_level(logging.DEBUG)
     # The provider echoes everything back, as some do: none of it may reach the message.
-    echo = {"message": f"{TEXT} to +{MSISDN} ({AUTH_TOKEN} {OM_PASSWORD} {HOOK_SECRET})",
-            "error": {"description": TEXT}}
+    echo = {
+        "message": f"{TEXT} to +{MSISDN} ({AUTH_TOKEN} {OM_PASSWORD} {HOOK_SECRET})",
+        "error": {"description": TEXT},
+    }
     standin.answer = Answer(status, echo)
     message = await send_failing(make_sms_provider(sms_config(provider_name, standin.base_url)))
     assert provider_name in message
@@ -475,8 +499,9 @@ async def test_timeout(standin: ProviderStandIn, caplog: pytest.LogCaptureFixtur
 
 
 @pytest.mark.parametrize("provider_name", HTTP_PROVIDERS)
-async def test_proxy_environment_is_ignored(standin: ProviderStandIn, closed_port: int,
-                                            monkeypatch: pytest.MonkeyPatch, provider_name: str) -> None:
+async def test_proxy_environment_is_ignored(
+    standin: ProviderStandIn, closed_port: int, monkeypatch: pytest.MonkeyPatch, provider_name: str
+) -> None:
     for var in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.setenv(var, f"http://127.0.0.1:{closed_port}")
     monkeypatch.delenv("NO_PROXY", raising=False)
@@ -528,8 +553,12 @@ async def test_file_provider_unwritable_outbox(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("provider_name", "cls"),
-    [("file", FileSmsProvider), ("twilio", TwilioSmsProvider), ("openmarket", OpenMarketSmsProvider),
-     ("webhook", WebhookSmsProvider)],
+    [
+        ("file", FileSmsProvider),
+        ("twilio", TwilioSmsProvider),
+        ("openmarket", OpenMarketSmsProvider),
+        ("webhook", WebhookSmsProvider),
+    ],
 )
 async def test_make_sms_provider_picks_the_class(provider_name: str, cls: type, tmp_path: Path) -> None:
     config = sms_config(provider_name, "https://sms.example.invalid", outbox=str(tmp_path / "outbox"))

@@ -26,8 +26,9 @@ import json
 import re
 import shutil
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -94,13 +95,15 @@ def subject(raw: bytes) -> str:
 
 def assert_same_mail(ours: str, sydents: str, what: str) -> None:
     if ours != sydents:
-        diff = "\n".join(difflib.unified_diff(sydents.splitlines(), ours.splitlines(), "Sydent 2.6.1", "ours",
-                                              lineterm="", n=2))
+        diff = "\n".join(
+            difflib.unified_diff(sydents.splitlines(), ours.splitlines(), "Sydent 2.6.1", "ours", lineterm="", n=2)
+        )
         raise AssertionError(f"{what}: our mail differs from Sydent's\n{diff}")
 
 
-def sydent_brand_server(make_server: Callable[..., SydentServer], templates: Path = STOCK,
-                        **config: Any) -> SydentServer:
+def sydent_brand_server(
+    make_server: Callable[..., SydentServer], templates: Path = STOCK, **config: Any
+) -> SydentServer:
     extra = json.loads(json.dumps(SYDENT_CONF))
     for section, values in config.items():
         extra.setdefault(section, {}).update(values)
@@ -172,8 +175,9 @@ def check_validation(api: IdentityApi, entry: dict[str, Any], user: User) -> Rec
 # --- Sydent's stock folder (Jinja templates) -----------------------------------------------------------
 
 
-def test_invite_mails_are_sydents(make_server: Callable[..., SydentServer],
-                                  api_for: Callable[[SydentServer], IdentityApi]) -> None:
+def test_invite_mails_are_sydents(
+    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi]
+) -> None:
     """Mails 09-14: rooms and spaces, both stock brands (11 asks for matrix-org), Sydent's cuts of
     long names, an invite's own web client, no optional fields, v1 and v2 (verified sender)."""
     api = api_for(sydent_brand_server(make_server))
@@ -184,8 +188,9 @@ def test_invite_mails_are_sydents(make_server: Callable[..., SydentServer],
         check_invite(api, entry, alice)
 
 
-def test_validation_mails_are_sydents(make_server: Callable[..., SydentServer],
-                                      api_for: Callable[[SydentServer], IdentityApi]) -> None:
+def test_validation_mails_are_sydents(
+    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi]
+) -> None:
     """Mails 01-07 and 15 (v2), both stock brands (02 asks for matrix-org). Mail 08 is Sydent
     mailing again for a repeated send_attempt, which the spec forbids: we send nothing."""
     api = api_for(sydent_brand_server(make_server))
@@ -196,15 +201,17 @@ def test_validation_mails_are_sydents(make_server: Callable[..., SydentServer],
         check_validation(api, entry, alice)
 
 
-def test_the_response_page_is_sydents(make_server: Callable[..., SydentServer],
-                                      api_for: Callable[[SydentServer], IdentityApi]) -> None:
+def test_the_response_page_is_sydents(
+    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi]
+) -> None:
     api = api_for(sydent_brand_server(make_server))
     address = unique_email("page")
     session = api.start_email_session(address, v1=True)
     for brand in ("vector-im", "matrix-org"):
-        resp = api.client.get(f"{V2}/validate/email/submitToken",
-                              params={"sid": session.sid, "client_secret": session.client_secret,
-                                      "token": "wrong", "brand": brand})
+        resp = api.client.get(
+            f"{V2}/validate/email/submitToken",
+            params={"sid": session.sid, "client_secret": session.client_secret, "token": "wrong", "brand": brand},
+        )
         stock = (STOCK / brand / "verify_response_template.html").read_text(encoding="utf-8")
         before, _, after = stock.partition("%(message)s")
         assert resp.text.startswith(before) and resp.text.endswith(after), (brand, resp.text)
@@ -213,9 +220,9 @@ def test_the_response_page_is_sydents(make_server: Callable[..., SydentServer],
 # --- a folder with only Sydent's legacy templates ------------------------------------------------------
 
 
-def test_a_legacy_only_brand_renders_as_sydent_did(make_server: Callable[..., SydentServer],
-                                                   api_for: Callable[[SydentServer], IdentityApi],
-                                                   tmp_path: Path) -> None:
+def test_a_legacy_only_brand_renders_as_sydent_did(
+    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi], tmp_path: Path
+) -> None:
     """Fixture mails 16 and 17 came from a Sydent whose only brand folder held the legacy
     `*.eml` templates: we render the same, never the packaged default in their place."""
     server = sydent_brand_server(make_server, legacy_folder(tmp_path), email={"default_brand": "matrix-org"})
@@ -227,9 +234,11 @@ def test_a_legacy_only_brand_renders_as_sydent_did(make_server: Callable[..., Sy
     check_invite(api, invite, user)
     # The legacy page too.
     session = api.start_email_session(unique_email("legacypage"), v1=True)
-    page = api.client.get(f"{V1}/validate/email/submitToken",
-                          params={"sid": session.sid, "client_secret": session.client_secret, "token": "x"}).text
-    assert page.startswith("<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\" />\n<title></title>"), page
+    page = api.client.get(
+        f"{V1}/validate/email/submitToken",
+        params={"sid": session.sid, "client_secret": session.client_secret, "token": "x"},
+    ).text
+    assert page.startswith('<!DOCTYPE html>\n<html>\n<head>\n<meta charset="utf-8" />\n<title></title>'), page
 
 
 def test_a_legacy_template_takes_no_escaped_value_from_the_request(
@@ -240,25 +249,37 @@ def test_a_legacy_template_takes_no_escaped_value_from_the_request(
     us). Here the request's field is dropped and the escaped display name is shown."""
     api = api_for(sydent_brand_server(make_server, legacy_folder(tmp_path), email={"default_brand": "matrix-org"}))
     address = unique_email("forhtml")
-    resp = api.client.post(f"{V1}/store-invite", json={
-        "medium": "email", "address": address, "room_id": "!r:hs.test", "sender": "@s:hs.test",
-        "sender_display_name": "<b>Eve</b>", "room_name": "Lobby",
-        "sender_display_name_forhtml": '<a href="https://evil.example.test">Your bank</a>',
-        "bracketed_room_name_forhtml": "<script>alert(1)</script>"})
+    resp = api.client.post(
+        f"{V1}/store-invite",
+        json={
+            "medium": "email",
+            "address": address,
+            "room_id": "!r:hs.test",
+            "sender": "@s:hs.test",
+            "sender_display_name": "<b>Eve</b>",
+            "room_name": "Lobby",
+            "sender_display_name_forhtml": '<a href="https://evil.example.test">Your bank</a>',
+            "bracketed_room_name_forhtml": "<script>alert(1)</script>",
+        },
+    )
     assert resp.status_code == 200, resp.text
     mail = api.smtp.wait_for(address)
     page = mail.message.get_body(preferencelist=("html",)).get_content()  # type: ignore[union-attr]
     assert "evil.example.test" not in page and "<script>" not in page and "<b>" not in page, page
-    assert "&lt;b&gt;Eve&lt;/b&gt; <span class=\"low-contrast\"></span> has invited you" in page, page
+    assert '&lt;b&gt;Eve&lt;/b&gt; <span class="low-contrast"></span> has invited you' in page, page
     assert "(Lobby) " in page
 
 
-@pytest.mark.parametrize("broken", [
-    "Subject: %(subject_header_value)s\n\nA 100% sure invitation from %(sender_display_name)s\n",
-    "Subject: %(subject_header_value)s\n\nEverything we know: %s\n",
-    "Subject: %(subject_header_value)s\n\n%(token\n",
-    "Subject: {{ subject_header_value }}\n\n{{ token }}\n",
-], ids=["bare-percent", "positional", "unclosed", "jinja-without-j2"])
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "Subject: %(subject_header_value)s\n\nA 100% sure invitation from %(sender_display_name)s\n",
+        "Subject: %(subject_header_value)s\n\nEverything we know: %s\n",
+        "Subject: %(subject_header_value)s\n\n%(token\n",
+        "Subject: {{ subject_header_value }}\n\n{{ token }}\n",
+    ],
+    ids=["bare-percent", "positional", "unclosed", "jinja-without-j2"],
+)
 def test_a_broken_legacy_template_stops_start_up_naming_the_file(
     make_server: Callable[..., SydentServer], tmp_path: Path, broken: str
 ) -> None:
@@ -267,8 +288,9 @@ def test_a_broken_legacy_template_stops_start_up_naming_the_file(
     root = legacy_folder(tmp_path)
     shutil.copytree(root / "matrix-org", root / "acme")
     (root / "acme" / "invite_template.eml").write_text(broken, encoding="utf-8")
-    server = make_server(start=False, templates_dir=root, terms_path=None,
-                         extra_config={"email": {"default_brand": "matrix-org"}})
+    server = make_server(
+        start=False, templates_dir=root, terms_path=None, extra_config={"email": {"default_brand": "matrix-org"}}
+    )
     with pytest.raises(ServerStartError) as failed:
         server.start()
     assert str(root / "acme" / "invite_template.eml") in str(failed.value)
@@ -277,15 +299,21 @@ def test_a_broken_legacy_template_stops_start_up_naming_the_file(
 # --- the sender, verified or not ----------------------------------------------------------------
 
 
-def test_v2_refuses_to_invite_in_someone_elses_name(api: IdentityApi, user: User,
-                                                      homeserver: HomeserverStandIn) -> None:
+def test_v2_refuses_to_invite_in_someone_elses_name(
+    api: IdentityApi, user: User, homeserver: HomeserverStandIn
+) -> None:
     """@frank's token with `sender: @mallory` (or any other user, here or on another server):
     403 M_UNAUTHORIZED, as Sydent; no mail, nothing stored."""
     others = ("@mallory:hs.test", homeserver.user_id("mallory"), user.user_id.upper(), f"@{user.localpart}:hs.test")
     for sender in others:
         address = unique_email("impersonated")
-        body = {"medium": "email", "address": address, "room_id": "!r:hs.test", "sender": sender,
-                "sender_display_name": "Frank"}
+        body = {
+            "medium": "email",
+            "address": address,
+            "room_id": "!r:hs.test",
+            "sender": sender,
+            "sender_display_name": "Frank",
+        }
         resp = api.client.post(f"{V2}/store-invite", json=body, headers=user.headers)
         assert resp.status_code == 403 and resp.json()["errcode"] == "M_UNAUTHORIZED", (sender, resp.text)
         api.smtp.assert_no_mail(address, wait=0.2)
@@ -295,14 +323,21 @@ def test_v2_refuses_to_invite_in_someone_elses_name(api: IdentityApi, user: User
     assert "invites" not in assoc or assoc["invites"] == [], assoc
 
 
-def test_v1_names_no_verified_sender(make_server: Callable[..., SydentServer],
-                                     api_for: Callable[[SydentServer], IdentityApi]) -> None:
+def test_v1_names_no_verified_sender(
+    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi]
+) -> None:
     """Sydent's templates show `bracketed_verified_sender` as the verified sender: on v1 it is
     empty, even when the request sends one of its own."""
     api = api_for(sydent_brand_server(make_server))
     address = unique_email("v1sender")
-    body = {"medium": "email", "address": address, "room_id": "!r:hs.test", "sender": "@mallory:hs.test",
-            "sender_display_name": "Your Bank", "bracketed_verified_sender": "(@security:bank.test) "}
+    body = {
+        "medium": "email",
+        "address": address,
+        "room_id": "!r:hs.test",
+        "sender": "@mallory:hs.test",
+        "sender_display_name": "Your Bank",
+        "bracketed_verified_sender": "(@security:bank.test) ",
+    }
     resp = api.client.post(f"{V1}/store-invite", json=body)
     assert resp.status_code == 200, resp.text
     mail = api.smtp.wait_for(address)
@@ -320,16 +355,32 @@ def join_link_base(mail: ReceivedMail) -> str:
     return match.group(1)
 
 
-@pytest.mark.parametrize("location", [
-    "javascript:alert(1)//", "data:text/html,<script>alert(1)</script>", "ftp://files.example.test",
-    "https://app.element.io@evil.example.test", "https://evil.example.test/?next=", "https://evil.example.test/#",
-    "https://\u0435lement.example.test", "https://evil.example.test/ phishing", "//evil.example.test", "https:",
-    "https://evil.example.test:99999", "https://" + "e" * 250 + ".test",
-])
+@pytest.mark.parametrize(
+    "location",
+    [
+        "javascript:alert(1)//",
+        "data:text/html,<script>alert(1)</script>",
+        "ftp://files.example.test",
+        "https://app.element.io@evil.example.test",
+        "https://evil.example.test/?next=",
+        "https://evil.example.test/#",
+        "https://\u0435lement.example.test",
+        "https://evil.example.test/ phishing",
+        "//evil.example.test",
+        "https:",
+        "https://evil.example.test:99999",
+        "https://" + "e" * 250 + ".test",
+    ],
+)
 def test_a_web_client_location_that_is_no_http_base_url_is_ignored(api: IdentityApi, user: User, location: str) -> None:
     address = unique_email("wcl")
-    body = {"medium": "email", "address": address, "room_id": "!r:hs.test", "sender": user.user_id,
-            "org.matrix.web_client_location": location}
+    body = {
+        "medium": "email",
+        "address": address,
+        "room_id": "!r:hs.test",
+        "sender": user.user_id,
+        "org.matrix.web_client_location": location,
+    }
     resp = api.client.post(f"{V2}/store-invite", json=body, headers=user.headers)
     assert resp.status_code == 200, resp.text
     mail = api.smtp.wait_for(address)
@@ -337,19 +388,35 @@ def test_a_web_client_location_that_is_no_http_base_url_is_ignored(api: Identity
     assert "evil" not in mail.raw.decode("utf-8") and "javascript" not in mail.raw.decode("utf-8")
 
 
-def test_web_client_locations_can_be_limited(make_server: Callable[..., SydentServer],
-                                             api_for: Callable[[SydentServer], IdentityApi]) -> None:
-    server = make_server(terms_path=None, extra_config={"email": {
-        "allowed_web_client_locations": ["https://chat.example.test", "https://Element.Example.test/web/"]}})
+def test_web_client_locations_can_be_limited(
+    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi]
+) -> None:
+    server = make_server(
+        terms_path=None,
+        extra_config={
+            "email": {
+                "allowed_web_client_locations": ["https://chat.example.test", "https://Element.Example.test/web/"]
+            }
+        },
+    )
     api = api_for(server)
-    for location, expected in [("https://chat.example.test", "https://chat.example.test"),
-                               ("https://element.example.test/web", "https://element.example.test/web"),
-                               ("https://other.example.test", "https://app.element.io"),
-                               ("http://chat.example.test", "https://app.element.io")]:
+    for location, expected in [
+        ("https://chat.example.test", "https://chat.example.test"),
+        ("https://element.example.test/web", "https://element.example.test/web"),
+        ("https://other.example.test", "https://app.element.io"),
+        ("http://chat.example.test", "https://app.element.io"),
+    ]:
         address = unique_email("allowed")
-        resp = api.client.post(f"{V1}/store-invite", json={
-            "medium": "email", "address": address, "room_id": "!r:hs.test", "sender": "@s:hs.test",
-            "org.matrix.web_client_location": location})
+        resp = api.client.post(
+            f"{V1}/store-invite",
+            json={
+                "medium": "email",
+                "address": address,
+                "room_id": "!r:hs.test",
+                "sender": "@s:hs.test",
+                "org.matrix.web_client_location": location,
+            },
+        )
         assert resp.status_code == 200, resp.text
         assert join_link_base(api.smtp.wait_for(address)) == expected, location
 
@@ -366,35 +433,51 @@ def test_a_bad_allowed_web_client_location_stops_start_up(make_server: Callable[
 def test_display_name_is_masked_as_sydent(api: IdentityApi, user: User) -> None:
     """Sydent's defaults, 3 and 3, on the address as typed."""
     suffix = unique_email("x").split("@")[0].split(".")[1][:8]
-    for address, expected in [(f"David.{suffix}@Example.test", "Dav...@Exa..."),
-                              (f"ab{suffix}@xy.test", "ab{}...@xy....".format(suffix[0])),
-                              ]:
-        resp = api.client.post(f"{V1}/store-invite", json={
-            "medium": "email", "address": address, "room_id": "!r:hs.test", "sender": "@s:hs.test"})
+    for address, expected in [
+        (f"David.{suffix}@Example.test", "Dav...@Exa..."),
+        (f"ab{suffix}@xy.test", f"ab{suffix[0]}...@xy...."),
+    ]:
+        resp = api.client.post(
+            f"{V1}/store-invite",
+            json={"medium": "email", "address": address, "room_id": "!r:hs.test", "sender": "@s:hs.test"},
+        )
         assert resp.status_code == 200, resp.text
         assert resp.json()["display_name"] == expected, address
         api.smtp.wait_for(address.casefold())
 
 
-def test_display_name_lengths_are_settable(make_server: Callable[..., SydentServer],
-                                           api_for: Callable[[SydentServer], IdentityApi]) -> None:
-    api = api_for(make_server(terms_path=None, extra_config={"invites": {
-        "display_name_reveal_local_part": 1, "display_name_reveal_domain": 0}}))
-    resp = api.client.post(f"{V1}/store-invite", json={
-        "medium": "email", "address": "florence@bobsburgers.example.test", "room_id": "!r:hs.test",
-        "sender": "@s:hs.test"})
+def test_display_name_lengths_are_settable(
+    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi]
+) -> None:
+    api = api_for(
+        make_server(
+            terms_path=None,
+            extra_config={"invites": {"display_name_reveal_local_part": 1, "display_name_reveal_domain": 0}},
+        )
+    )
+    resp = api.client.post(
+        f"{V1}/store-invite",
+        json={
+            "medium": "email",
+            "address": "florence@bobsburgers.example.test",
+            "room_id": "!r:hs.test",
+            "sender": "@s:hs.test",
+        },
+    )
     assert resp.status_code == 200 and resp.json()["display_name"] == "f...@...", resp.text
 
 
-def test_link_values_are_url_quoted(make_server: Callable[..., SydentServer],
-                                    api_for: Callable[[SydentServer], IdentityApi]) -> None:
+def test_link_values_are_url_quoted(
+    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi]
+) -> None:
     """Any room ID as sent (matrix-is-tester's `$aroom:fake.test`, or one with `&` and `#`) stays
     one query value in the join link of Sydent's template."""
     api = api_for(sydent_brand_server(make_server))
     address = unique_email("roomid")
     room_id = "$a&room=#x:fake.test"
-    resp = api.client.post(f"{V1}/store-invite", json={
-        "medium": "email", "address": address, "room_id": room_id, "sender": "@s:hs.test"})
+    resp = api.client.post(
+        f"{V1}/store-invite", json={"medium": "email", "address": address, "room_id": room_id, "sender": "@s:hs.test"}
+    )
     assert resp.status_code == 200, resp.text
     link = re.search(r"https://app\.element\.test/#/room/(\S+)", api.smtp.wait_for(address).text)
     assert link, "no join link"

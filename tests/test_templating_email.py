@@ -7,9 +7,10 @@ import email.policy
 import mailbox
 import re
 import socket
+from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -194,8 +195,9 @@ def test_long_lines_of_a_single_part_template_are_reencoded(tmp_path: Path) -> N
     for name in (EMAIL_TEMPLATE, INVITE_TEMPLATE, PAGE_TEMPLATE):
         (brand / name).write_text((templates_dir() / "default" / name).read_text())
     # A Sydent-era template: one text part, no MIME headers at all.
-    (brand / EMAIL_TEMPLATE).write_text("From: {{ from }}\nTo: {{ to }}\nSubject: {{ subject_header_value }}\n\n"
-                                        "Open {{ link|safe }} now.\n")
+    (brand / EMAIL_TEMPLATE).write_text(
+        "From: {{ from }}\nTo: {{ to }}\nSubject: {{ subject_header_value }}\n\nOpen {{ link|safe }} now.\n"
+    )
     raw = render(TemplateStore(tmp_path, "plain"), variables={"link": LINK + "&x=" + "y" * 1500})
     assert max(len(line) for line in raw.split(b"\r\n")) <= MAX_LINE_OCTETS
     msg = parse(raw)
@@ -286,20 +288,20 @@ class Recorder:
         self.received: list[tuple[str, list[str], bytes]] = []
         self.mail_options: list[str] = []
 
-    async def handle_MAIL(self, server, session, envelope, address, mail_options):  # noqa: N802
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if self.refuse_at == "MAIL":
             return "550 5.7.1 sender refused"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
 
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self.refuse_at == "RCPT":
             return f"550 5.1.1 <{address}> unknown"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+    async def handle_DATA(self, server, session, envelope):
         if self.refuse_at == "DATA":
             return "550 5.7.1 content refused"
         content = envelope.original_content if envelope.original_content is not None else envelope.content
@@ -363,7 +365,12 @@ async def test_longest_real_values_stay_within_the_line_limit(
     handler, port = smtp_server
     link = (
         "https://identity.some-long-subdomain.example.test:8443/_matrix/identity/v2/validate/email/submitToken?"
-        + "token=" + "T" * 255 + "&client_secret=" + "c" * 255 + "&sid=" + "s" * 24
+        + "token="
+        + "T" * 255
+        + "&client_secret="
+        + "c" * 255
+        + "&sid="
+        + "s" * 24
     )
     raw = render(store, variables={"token": "T" * 255, "link": link})
     assert max(len(line) for line in raw.split(b"\r\n")) <= 998
@@ -473,14 +480,25 @@ def test_template_missing_from_a_custom_folder_comes_from_the_packaged_default(t
     write_brand(tmp_path, "default", "D")
     store = TemplateStore(tmp_path, "default")
     raw = store.render_email(
-        "invite_template.eml.j2", None, to="a@example.test", from_=FROM, subject="s",
-        variables={"token": "TOK123", "join_link": "https://x.test/j", "sender": "@s:hs.test",
-                   "sender_display_name": "S", "room_name": "R", "server_name": "id.test"},
+        "invite_template.eml.j2",
+        None,
+        to="a@example.test",
+        from_=FROM,
+        subject="s",
+        variables={
+            "token": "TOK123",
+            "join_link": "https://x.test/j",
+            "sender": "@s:hs.test",
+            "sender_display_name": "S",
+            "room_name": "R",
+            "server_name": "id.test",
+        },
     )
     assert b"TOK123" in raw and b"https://x.test/j" in raw
     # ... while the folder's own templates are still used.
-    assert TemplateStore(tmp_path, "default").render_page(PAGE_TEMPLATE, None, "m") != \
-        TemplateStore(None, "default").render_page(PAGE_TEMPLATE, None, "m")
+    assert TemplateStore(tmp_path, "default").render_page(PAGE_TEMPLATE, None, "m") != TemplateStore(
+        None, "default"
+    ).render_page(PAGE_TEMPLATE, None, "m")
 
 
 # --- Sydent's legacy %(name)s templates -----------------------------------------------------------
@@ -491,7 +509,9 @@ def write_legacy_brand(root: Path, brand: str, body: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "verification_template.eml").write_text(
         "From: %(from)s\nTo: %(to)s\nSubject: %(subject_header_value)s\nContent-Type: text/plain; charset=UTF-8\n\n"
-        + body, encoding="utf-8")
+        + body,
+        encoding="utf-8",
+    )
 
 
 def test_legacy_template_gets_sydents_forhtml_and_forurl_variants(tmp_path: Path) -> None:
@@ -500,15 +520,19 @@ def test_legacy_template_gets_sydents_forhtml_and_forurl_variants(tmp_path: Path
     body = parse(raw).get_content().replace("\r\n", "\n")
     # html.escape (quote=True) and urllib.parse.quote (safe="/"), as Sydent's sendEmail; an
     # unknown variable reads as "" (Sydent: a 500); the final newline is kept, as Sydent does.
-    assert body == ('https://x.test/a b?c=1&d="é"/|https%3A//x.test/a%20b%3Fc%3D1%26d%3D%22%C3%A9%22/|'
-                    'https://x.test/a b?c=1&amp;d=&quot;é&quot;/|tok123||100%\n'), body
+    assert body == (
+        'https://x.test/a b?c=1&d="é"/|https%3A//x.test/a%20b%3Fc%3D1%26d%3D%22%C3%A9%22/|'
+        "https://x.test/a b?c=1&amp;d=&quot;é&quot;/|tok123||100%\n"
+    ), body
 
 
 def test_legacy_variants_cannot_be_sent_in(tmp_path: Path) -> None:
     """Sydent lets a request field named `<name>_forhtml` replace the escaped form; not here."""
     write_legacy_brand(tmp_path, "default", "%(room_name_forhtml)s|%(extra_forurl)s|%(extra_forhtml_forhtml)s\n")
-    raw = render(TemplateStore(tmp_path, "default"), variables={
-        "room_name": "<b>", "room_name_forhtml": "<script>", "extra_forurl": "/../", "extra_forhtml": "<i>"})
+    raw = render(
+        TemplateStore(tmp_path, "default"),
+        variables={"room_name": "<b>", "room_name_forhtml": "<script>", "extra_forurl": "/../", "extra_forhtml": "<i>"},
+    )
     assert parse(raw).get_content().replace("\r\n", "\n") == "&lt;b&gt;||\n"
 
 
@@ -524,13 +548,16 @@ def test_jinja_wins_over_legacy_and_legacy_wins_over_the_packaged_default(tmp_pa
     assert store.mail_template_path(INVITE_TEMPLATE, "old") == templates_dir().resolve() / "default" / INVITE_TEMPLATE
 
 
-@pytest.mark.parametrize("body, why", [
-    ("A 100% sure thing %(token)s\n", "line 6"),
-    ("All we have: %s\n", "line 6"),
-    ("%(token)d\n", "real number"),
-    ("%(token\n", "incomplete"),
-    ("{{ token }}\n", ".j2"),
-])
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        ("A 100% sure thing %(token)s\n", "line 6"),
+        ("All we have: %s\n", "line 6"),
+        ("%(token)d\n", "real number"),
+        ("%(token\n", "incomplete"),
+        ("{{ token }}\n", ".j2"),
+    ],
+)
 def test_broken_legacy_template_fails_at_start_up_naming_the_file(tmp_path: Path, body: str, why: str) -> None:
     write_brand(tmp_path, "default", "D")
     write_legacy_brand(tmp_path, "other", body)
@@ -566,26 +593,42 @@ def test_brands_are_the_folders_found_at_start_up(tmp_path: Path) -> None:
 # --- invitation values (Sydent's) -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("address, local, domain, expected", [
-    ("david@example.com", 3, 3, "dav...@exa..."),
-    ("Invitee.Two@Example.TEST", 4, 5, "Invi...@Examp..."),
-    ("ab@xy", 3, 3, "a...@x..."),
-    ("ab@x.io", 3, 3, "a...@x.i..."),
-    ("a@b", 3, 3, "...@..."),
-    ("abcdefgh@example.com", 20, 20, "abc...@exa..."),  # never a whole part, however many are allowed
-    ('"a@b"@example.com', 3, 3, '"a@...@exa...'),  # the domain is after the last @
-    ("david@example.com", 0, 0, "...@..."),
-])
+@pytest.mark.parametrize(
+    "address, local, domain, expected",
+    [
+        ("david@example.com", 3, 3, "dav...@exa..."),
+        ("Invitee.Two@Example.TEST", 4, 5, "Invi...@Examp..."),
+        ("ab@xy", 3, 3, "a...@x..."),
+        ("ab@x.io", 3, 3, "a...@x.i..."),
+        ("a@b", 3, 3, "...@..."),
+        ("abcdefgh@example.com", 20, 20, "abc...@exa..."),  # never a whole part, however many are allowed
+        ('"a@b"@example.com', 3, 3, '"a@...@exa...'),  # the domain is after the last @
+        ("david@example.com", 0, 0, "...@..."),
+    ],
+)
 def test_redact_address_as_sydent(address: str, local: int, domain: int, expected: str) -> None:
     assert redact_address(address, local, domain) == expected
 
 
-@pytest.mark.parametrize("url, ok", [
-    ("https://app.element.io", True), ("http://chat.example.test:8080/element/", True), ("HTTPS://X.TEST", True),
-    ("javascript:alert(1)", False), ("https://user@evil.test", False), ("https://x.test/?a", False),
-    ("https://x.test/#", False), ("https://x.test/a b", False), ("https://\u0435.test", False), ("x.test", False),
-    ("https://x.test:0x50", False), ("https://x.test/\"onmouseover=", False), ("https://x.test/<b>", False),
-    ("https://", False), ("https://" + "x" * 250 + ".test", False),
-])
+@pytest.mark.parametrize(
+    "url, ok",
+    [
+        ("https://app.element.io", True),
+        ("http://chat.example.test:8080/element/", True),
+        ("HTTPS://X.TEST", True),
+        ("javascript:alert(1)", False),
+        ("https://user@evil.test", False),
+        ("https://x.test/?a", False),
+        ("https://x.test/#", False),
+        ("https://x.test/a b", False),
+        ("https://\u0435.test", False),
+        ("x.test", False),
+        ("https://x.test:0x50", False),
+        ('https://x.test/"onmouseover=', False),
+        ("https://x.test/<b>", False),
+        ("https://", False),
+        ("https://" + "x" * 250 + ".test", False),
+    ],
+)
 def test_web_client_base(url: str, ok: bool) -> None:
     assert (web_client_base(url) is not None) == ok

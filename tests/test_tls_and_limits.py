@@ -7,7 +7,6 @@ from pathlib import Path
 
 import httpx
 import trustme
-
 from support.server import new_secret, unique_email
 
 V2 = "/_matrix/identity/v2"
@@ -70,7 +69,9 @@ def test_request_token_is_rate_limited_per_address(make_server, smtp) -> None:  
 
 def test_request_token_is_rate_limited_per_client_ip(make_server, smtp) -> None:  # type: ignore[no-untyped-def]
     server = make_server(
-        extra_config={"rate_limits": {"enabled": True, "request_token_per_ip_burst": 3, "request_token_per_ip_per_minute": 1.0}}
+        extra_config={
+            "rate_limits": {"enabled": True, "request_token_per_ip_burst": 3, "request_token_per_ip_per_minute": 1.0}
+        }
     )
     with server.new_client() as client:
         codes = [
@@ -101,23 +102,37 @@ def test_x_forwarded_for_only_from_trusted_proxies(make_server, smtp) -> None:  
     with trusted.new_client() as client:
         assert [_request_token(client, f"198.51.100.{i}") for i in range(3)] == [200, 200, 200]
         # ... and the right-most untrusted hop is the client, whatever the client claimed before it.
-        assert [_request_token(client, f"203.0.113.7, 198.51.100.50") for _ in range(3)] == [200, 200, 429]
+        assert [_request_token(client, "203.0.113.7, 198.51.100.50") for _ in range(3)] == [200, 200, 429]
         assert _request_token(client, "203.0.113.8, 198.51.100.50, 127.0.0.1") == 429
         assert _request_token(client, "not-an-ip") == 200  # malformed: the peer's own budget
 
 
 def test_store_invite_and_lookup_limits(make_server, smtp) -> None:  # type: ignore[no-untyped-def]
-    server = make_server(terms_path=None, extra_config={"rate_limits": {
-        "enabled": True, "store_invite_per_address_burst": 2, "store_invite_per_address_per_hour": 1.0,
-        "lookup_per_token_burst": 3, "lookup_per_token_per_minute": 1.0}})
+    server = make_server(
+        terms_path=None,
+        extra_config={
+            "rate_limits": {
+                "enabled": True,
+                "store_invite_per_address_burst": 2,
+                "store_invite_per_address_per_hour": 1.0,
+                "lookup_per_token_burst": 3,
+                "lookup_per_token_per_minute": 1.0,
+            }
+        },
+    )
     address = unique_email("invlimit")
     with server.new_client() as client:
         codes = []
         for _ in range(3):
-            codes.append(client.post(f"{V1}/store-invite", json={
-                "medium": "email", "address": address, "room_id": "!r:hs.test", "sender": "@s:hs.test"}))
+            codes.append(
+                client.post(
+                    f"{V1}/store-invite",
+                    json={"medium": "email", "address": address, "room_id": "!r:hs.test", "sender": "@s:hs.test"},
+                )
+            )
         assert [r.status_code for r in codes] == [200, 200, 429], [r.text for r in codes]
         assert codes[2].json()["errcode"] == "M_LIMIT_EXCEEDED" and codes[2].json()["retry_after_ms"] > 0
-        lookups = [client.get(f"{V1}/lookup", params={"medium": "email", "address": address}).status_code
-                   for _ in range(4)]
+        lookups = [
+            client.get(f"{V1}/lookup", params={"medium": "email", "address": address}).status_code for _ in range(4)
+        ]
         assert lookups == [200, 200, 200, 429]

@@ -59,8 +59,9 @@ def pg(tmp_path: Path) -> Iterator[DatabaseFactory]:
 class Cluster:
     """Two servers (A, B) on one database, one signing key, one server name."""
 
-    def __init__(self, db: ScratchDatabase, a: SydentServer, b: SydentServer, smtp: SmtpSink,
-                 hs: HomeserverStandIn) -> None:
+    def __init__(
+        self, db: ScratchDatabase, a: SydentServer, b: SydentServer, smtp: SmtpSink, hs: HomeserverStandIn
+    ) -> None:
         self.db = db
         self.a = a
         self.b = b
@@ -84,8 +85,13 @@ def start_all(servers: list[SydentServer]) -> None:
 
 
 @pytest.fixture
-def cluster_factory(pg: DatabaseFactory, smtp_sink: SmtpSink, homeserver: HomeserverStandIn, tmp_path: Path,
-                    request: pytest.FixtureRequest) -> Iterator[Callable[..., Cluster]]:
+def cluster_factory(
+    pg: DatabaseFactory,
+    smtp_sink: SmtpSink,
+    homeserver: HomeserverStandIn,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> Iterator[Callable[..., Cluster]]:
     from sydent_lite.signing import load_or_create_signing_key
 
     clusters: list[Cluster] = []
@@ -100,8 +106,12 @@ def cluster_factory(pg: DatabaseFactory, smtp_sink: SmtpSink, homeserver: Homese
         servers: list[SydentServer] = []
         for label in ("A", "B"):
             server = SydentServer(
-                tmp_path / f"cluster{n}" / label, database_url=db.url, smtp_port=smtp_sink.port,
-                ca_file=homeserver.ca_path, extra_config=extra_config, name=f"sydent_lite {label} (cluster {n})",
+                tmp_path / f"cluster{n}" / label,
+                database_url=db.url,
+                smtp_port=smtp_sink.port,
+                ca_file=homeserver.ca_path,
+                extra_config=extra_config,
+                name=f"sydent_lite {label} (cluster {n})",
             )
             servers.append(server)
         shared = {"server_name": servers[0].server_name, "signing_key_path": str(key_path)}
@@ -173,9 +183,14 @@ def test_session_started_on_one_process_is_finished_on_the_other(cluster_factory
 
     # Unbind on B (the v2 way: token, sid and secret); gone on A.
     resp = c.api_b.client.post(
-        f"{V2}/3pid/unbind", headers=user.headers,
-        json={"sid": session.sid, "client_secret": session.client_secret, "mxid": user.user_id,
-              "threepid": {"medium": "email", "address": email}},
+        f"{V2}/3pid/unbind",
+        headers=user.headers,
+        json={
+            "sid": session.sid,
+            "client_secret": session.client_secret,
+            "mxid": user.user_id,
+            "threepid": {"medium": "email", "address": email},
+        },
     )
     assert resp.status_code == 200, resp.text
     assert c.api_a.lookup_email(user, email) is None
@@ -200,7 +215,8 @@ def test_concurrent_binds_of_one_address_leave_one_association(cluster_factory, 
         with api.server.new_client() as client:  # a connection per thread
             barrier.wait()
             results[user.user_id] = client.post(
-                f"{V2}/3pid/bind", headers=user.headers,
+                f"{V2}/3pid/bind",
+                headers=user.headers,
                 json={"sid": session.sid, "client_secret": session.client_secret, "mxid": user.user_id},
             )
 
@@ -227,8 +243,9 @@ def test_concurrent_binds_of_one_address_leave_one_association(cluster_factory, 
     assert c.api_a.lookup_email(asker, email) == c.api_b.lookup_email(asker, email) == winner
 
     # The invitation went out once, in one callback, to one of the contenders.
-    wait_until(lambda: any(r.status is not None for r in homeserver.onbind_requests(address=email)),
-               what="the onbind callback")
+    wait_until(
+        lambda: any(r.status is not None for r in homeserver.onbind_requests(address=email)), what="the onbind callback"
+    )
     time.sleep(2.0)  # a second callback would be on its way by now
     calls = homeserver.onbind_requests(address=email)
     assert len(calls) == 1, [(r.json["mxid"], r.status) for r in calls]
@@ -296,8 +313,10 @@ def test_a_dead_workers_claim_is_taken_over(cluster_factory, homeserver: Homeser
     try:
         c.api_b.bind_email(address, invitee)
         homeserver.wait_for_onbind(invitee.user_id, successful=False)
-        wait_until(lambda: run_sql(c.db, "SELECT attempts FROM onbind_callbacks")[0]["attempts"] == 1,
-                   what="first attempt recorded")
+        wait_until(
+            lambda: run_sql(c.db, "SELECT attempts FROM onbind_callbacks")[0]["attempts"] == 1,
+            what="first attempt recorded",
+        )
         homeserver.set_onbind_status(invitee.user_id, None)
         # As if a worker had claimed the callback (due now) and died: the lease runs 3 s more.
         lease_until = now_ms() + 3000
@@ -314,8 +333,9 @@ def test_a_dead_workers_claim_is_taken_over(cluster_factory, homeserver: Homeser
         homeserver.reset_onbind(invitee.user_id)
 
 
-def test_servers_starting_together_repair_a_crashed_bind_once(cluster_factory: Callable[..., Cluster],
-                                                              homeserver: HomeserverStandIn) -> None:
+def test_servers_starting_together_repair_a_crashed_bind_once(
+    cluster_factory: Callable[..., Cluster], homeserver: HomeserverStandIn
+) -> None:
     """Binds an older version left without their callback (a crash between its two transactions)
     are queued at start-up; two servers starting at once queue each one once."""
     c = cluster_factory(FAST_RETRY)
@@ -379,20 +399,33 @@ def child_pids(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc to count worker processes")
-def test_serve_with_two_workers(pg: DatabaseFactory, smtp_sink: SmtpSink, homeserver: HomeserverStandIn,
-                                tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_serve_with_two_workers(
+    pg: DatabaseFactory,
+    smtp_sink: SmtpSink,
+    homeserver: HomeserverStandIn,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
     db = pg.create()
-    server = WorkersServer(tmp_path / "workers", database_url=db.url, smtp_port=smtp_sink.port,
-                           ca_file=homeserver.ca_path, name="sydent_lite --workers 2",
-                           extra_config={"rate_limits": {"enabled": True, "lookup_per_token_burst": 3,
-                                                         "lookup_per_token_per_minute": 1.0}})
+    server = WorkersServer(
+        tmp_path / "workers",
+        database_url=db.url,
+        smtp_port=smtp_sink.port,
+        ca_file=homeserver.ca_path,
+        name="sydent_lite --workers 2",
+        extra_config={
+            "rate_limits": {"enabled": True, "lookup_per_token_burst": 3, "lookup_per_token_per_minute": 1.0}
+        },
+    )
     request.node.extra_sydent_servers = [server]
     server.start()
     try:
         assert server.proc is not None
         assert server.output().count("listening on") == 1, server.output()
         workers = child_pids(server.proc.pid)
-        python_workers = [p for p in workers if "python" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+        python_workers = [
+            p for p in workers if "python" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
+        ]
         assert len(python_workers) >= 2, (workers, server.output())
 
         def fresh() -> IdentityApi:  # a new connection each time: requests spread over the workers
@@ -410,8 +443,13 @@ def test_serve_with_two_workers(pg: DatabaseFactory, smtp_sink: SmtpSink, homese
         codes = []
         for _ in range(3):
             with server.new_client() as c:
-                codes.append(c.post(f"{V2}/lookup", headers=user.headers,
-                                    json={"algorithm": "none", "pepper": pepper, "addresses": [f"{email} email"]}).status_code)
+                codes.append(
+                    c.post(
+                        f"{V2}/lookup",
+                        headers=user.headers,
+                        json={"algorithm": "none", "pepper": pepper, "addresses": [f"{email} email"]},
+                    ).status_code
+                )
         assert codes == [200, 200, 429], codes
     finally:
         pid = server.proc.pid if server.proc else None
@@ -419,7 +457,9 @@ def test_serve_with_two_workers(pg: DatabaseFactory, smtp_sink: SmtpSink, homese
         server.stop()
     # SIGTERM to the parent stops the workers too.
     for kid in kids:
-        wait_until(lambda k=kid: not Path(f"/proc/{k}").exists() or _is_zombie(k), timeout=15, what=f"worker {kid} gone")
+        wait_until(
+            lambda k=kid: not Path(f"/proc/{k}").exists() or _is_zombie(k), timeout=15, what=f"worker {kid} gone"
+        )
 
 
 def _is_zombie(pid: int) -> bool:
@@ -429,10 +469,16 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
-def test_workers_refuse_a_database_they_cannot_reach(smtp_sink: SmtpSink, homeserver: HomeserverStandIn,
-                                                     tmp_path: Path) -> None:
-    server = WorkersServer(tmp_path / "nodb", database_url="postgresql://postgres@127.0.0.1:1/none",
-                           smtp_port=smtp_sink.port, ca_file=homeserver.ca_path, name="sydent_lite --workers 2 (no db)")
+def test_workers_refuse_a_database_they_cannot_reach(
+    smtp_sink: SmtpSink, homeserver: HomeserverStandIn, tmp_path: Path
+) -> None:
+    server = WorkersServer(
+        tmp_path / "nodb",
+        database_url="postgresql://postgres@127.0.0.1:1/none",
+        smtp_port=smtp_sink.port,
+        ca_file=homeserver.ca_path,
+        name="sydent_lite --workers 2 (no db)",
+    )
     with pytest.raises(Exception, match="exited with status 1"):
         server.start(timeout=60)
     assert "cannot prepare the database" in server.output()

@@ -44,9 +44,7 @@ def _hs_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HomeserverS
 
 
 @pytest.fixture(scope="module")
-def _hs2_module(
-    tmp_path_factory: pytest.TempPathFactory, _hs_module: HomeserverStandIn
-) -> Iterator[HomeserverStandIn]:
+def _hs2_module(tmp_path_factory: pytest.TempPathFactory, _hs_module: HomeserverStandIn) -> Iterator[HomeserverStandIn]:
     # Same CA (one ca_file for the client) and the same key id "ed25519:hs1", different key.
     hs = HomeserverStandIn(tmp_path_factory.mktemp("xmatrix-hs2"), ca=_hs_module.ca).start()
     yield hs
@@ -70,9 +68,7 @@ def hs2(_hs2_module: HomeserverStandIn) -> Iterator[HomeserverStandIn]:
 
 @pytest.fixture
 async def fed(_hs_module: HomeserverStandIn) -> AsyncIterator[FederationClient]:
-    client = FederationClient(
-        FederationConfig(ca_file=str(_hs_module.ca_path), ip_allowlist=["127.0.0.0/8"])
-    )
+    client = FederationClient(FederationConfig(ca_file=str(_hs_module.ca_path), ip_allowlist=["127.0.0.0/8"]))
     yield client
     await client.aclose()
 
@@ -116,9 +112,7 @@ def key_response(
         "valid_until_ts": valid_until_ts if valid_until_ts is not None else int(time.time() * 1000) + DAY_MS,
         "verify_keys": verify_keys
         if verify_keys is not None
-        else {
-            f"{k.alg}:{k.version}": {"key": encode_base64(k.verify_key.encode())} for _, k in signers
-        },
+        else {f"{k.alg}:{k.version}": {"key": encode_base64(k.verify_key.encode())} for _, k in signers},
         "old_verify_keys": old_verify_keys or {},
     }
     for name, key in signers:
@@ -338,18 +332,23 @@ async def test_signature_by_another_key(hs: HomeserverStandIn, keys: ServerKeySt
         await verify(keys, header)
 
 
-async def test_origin_is_not_the_signer(
-    hs: HomeserverStandIn, hs2: HomeserverStandIn, keys: ServerKeyStore
-) -> None:
+async def test_origin_is_not_the_signer(hs: HomeserverStandIn, hs2: HomeserverStandIn, keys: ServerKeyStore) -> None:
     # hs2 signs a request and claims it comes from hs (whose key has the same id).
-    obj = {"method": "POST", "uri": UNBIND_URI, "origin": hs.server_name, "destination_is": OUR_NAME,
-           "content": UNBIND_BODY}
+    obj = {
+        "method": "POST",
+        "uri": UNBIND_URI,
+        "origin": hs.server_name,
+        "destination_is": OUR_NAME,
+        "content": UNBIND_BODY,
+    }
     sig = signedjson.sign.sign_json(obj, hs.server_name, hs2.signing_key)["signatures"][hs.server_name][hs2.key_id]
     header = f'X-Matrix origin="{hs.server_name}",key="{hs2.key_id}",sig="{sig}",destination="{OUR_NAME}"'
     with pytest.raises(XMatrixError, match="Invalid request signature"):
         await verify(keys, header)
     # hs2's genuine header, with only the origin swapped.
-    swapped = replace_param(hs2.x_matrix_authorization("POST", UNBIND_URI, OUR_NAME, UNBIND_BODY), "origin", hs.server_name)
+    swapped = replace_param(
+        hs2.x_matrix_authorization("POST", UNBIND_URI, OUR_NAME, UNBIND_BODY), "origin", hs.server_name
+    )
     with pytest.raises(XMatrixError, match="Invalid request signature"):
         await verify(keys, swapped)
     # ...while hs2's own header verifies as hs2.
@@ -377,7 +376,9 @@ async def test_unknown_key_id(hs: HomeserverStandIn, keys: ServerKeyStore) -> No
 
 
 async def test_non_ed25519_key_id(hs: HomeserverStandIn, keys: ServerKeyStore) -> None:
-    header = replace_param(hs.x_matrix_authorization("POST", UNBIND_URI, OUR_NAME, UNBIND_BODY), "key", "curve25519:hs1")
+    header = replace_param(
+        hs.x_matrix_authorization("POST", UNBIND_URI, OUR_NAME, UNBIND_BODY), "key", "curve25519:hs1"
+    )
     with pytest.raises(XMatrixError):
         await verify(keys, header)
 
@@ -510,9 +511,7 @@ async def test_key_only_in_old_verify_keys(hs: HomeserverStandIn, keys: ServerKe
 
 
 @pytest.mark.parametrize("status, body", [(404, {"errcode": "M_UNRECOGNIZED"}), (500, {}), (200, ["not", "a dict"])])
-async def test_key_fetch_error_answers(
-    hs: HomeserverStandIn, keys: ServerKeyStore, status: int, body: Any
-) -> None:
+async def test_key_fetch_error_answers(hs: HomeserverStandIn, keys: ServerKeyStore, status: int, body: Any) -> None:
     hs.set_handler("GET", KEY_SERVER_PATH, lambda _r: (status, body))
     with pytest.raises(XMatrixError, match="Could not fetch"):
         await get_key(keys, hs)
@@ -530,14 +529,22 @@ async def test_second_verification_uses_cache(hs: HomeserverStandIn, keys: Serve
     header = hs.x_matrix_authorization("POST", UNBIND_URI, OUR_NAME, UNBIND_BODY)
     await verify(keys, header)
     await verify(keys, header)
-    await verify(keys, hs.x_matrix_authorization("POST", UNBIND_URI, OUR_NAME, UNBIND_BODY, destination_field="destination"))
+    await verify(
+        keys, hs.x_matrix_authorization("POST", UNBIND_URI, OUR_NAME, UNBIND_BODY, destination_field="destination")
+    )
     assert key_fetches(hs) == 1
 
 
 async def test_refetch_after_valid_until(hs: HomeserverStandIn, keys: ServerKeyStore, clock: FakeClock) -> None:
     # Keys valid for 24 h from "now" on the injected clock, like the stand-in's own answer.
-    hs.set_handler("GET", KEY_SERVER_PATH, lambda _r: (200, key_response(
-        hs.server_name, [(hs.server_name, hs.signing_key)], valid_until_ts=clock.now + DAY_MS)))
+    hs.set_handler(
+        "GET",
+        KEY_SERVER_PATH,
+        lambda _r: (
+            200,
+            key_response(hs.server_name, [(hs.server_name, hs.signing_key)], valid_until_ts=clock.now + DAY_MS),
+        ),
+    )
     header = hs.x_matrix_authorization("POST", UNBIND_URI, OUR_NAME, UNBIND_BODY)
     await verify(keys, header)
     clock.advance(DAY_MS - 60_000)
@@ -549,9 +556,7 @@ async def test_refetch_after_valid_until(hs: HomeserverStandIn, keys: ServerKeyS
 
 
 async def test_cache_capped_at_seven_days(hs: HomeserverStandIn, keys: ServerKeyStore, clock: FakeClock) -> None:
-    body = key_response(
-        hs.server_name, [(hs.server_name, hs.signing_key)], valid_until_ts=clock.now + 365 * DAY_MS
-    )
+    body = key_response(hs.server_name, [(hs.server_name, hs.signing_key)], valid_until_ts=clock.now + 365 * DAY_MS)
     hs.set_handler("GET", KEY_SERVER_PATH, lambda _r: (200, body))
     await get_key(keys, hs)
     clock.advance(7 * DAY_MS - 1000)
@@ -565,16 +570,20 @@ async def test_cache_capped_at_seven_days(hs: HomeserverStandIn, keys: ServerKey
 async def test_expired_cache_and_expired_refetch(hs: HomeserverStandIn, keys: ServerKeyStore, clock: FakeClock) -> None:
     await get_key(keys, hs)
     clock.advance(DAY_MS + 1000)  # cache expired; the server now only serves stale keys
-    hs.set_handler("GET", KEY_SERVER_PATH, lambda _r: (200, key_response(
-        hs.server_name, [(hs.server_name, hs.signing_key)], valid_until_ts=clock.now - 1)))
+    hs.set_handler(
+        "GET",
+        KEY_SERVER_PATH,
+        lambda _r: (
+            200,
+            key_response(hs.server_name, [(hs.server_name, hs.signing_key)], valid_until_ts=clock.now - 1),
+        ),
+    )
     with pytest.raises(XMatrixError):
         await get_key(keys, hs)
     assert key_fetches(hs) == 2
 
 
-async def test_unknown_key_refetch_rate_limited(
-    hs: HomeserverStandIn, keys: ServerKeyStore, clock: FakeClock
-) -> None:
+async def test_unknown_key_refetch_rate_limited(hs: HomeserverStandIn, keys: ServerKeyStore, clock: FakeClock) -> None:
     await get_key(keys, hs)
     assert key_fetches(hs) == 1
     # Unknown key ids right after a fetch: no refetch (a forger cannot make us hammer hs).

@@ -9,13 +9,13 @@ session); ../shared/notes/homeserver-interop.md ("Homeserver-signed unbind": Syn
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
 import signedjson.key
 import signedjson.sign
-
 from support.homeserver import KEY_SERVER_PATH, OPENID_USERINFO_PATH, HomeserverStandIn, RecordedRequest
 from support.server import V1, V2, IdentityApi, SydentServer, User, unique_email
 
@@ -34,17 +34,33 @@ def unbind_body(mxid: str, address: str) -> dict[str, Any]:
     return {"mxid": mxid, "threepid": {"medium": "email", "address": address}}
 
 
-def x_matrix(hs: HomeserverStandIn, *, uri: str, destination: str, content: Any,
-             destination_field: str = "destination_is", method: str = "POST",
-             signing_key: Any = None, key_id: str | None = None, header_destination: str | None = None) -> str:
+def x_matrix(
+    hs: HomeserverStandIn,
+    *,
+    uri: str,
+    destination: str,
+    content: Any,
+    destination_field: str = "destination_is",
+    method: str = "POST",
+    signing_key: Any = None,
+    key_id: str | None = None,
+    header_destination: str | None = None,
+) -> str:
     """An X-Matrix header from the stand-in, with the knobs to get it wrong on purpose."""
     key = signing_key or hs.signing_key
-    obj: dict[str, Any] = {"method": method, "uri": uri, "origin": hs.server_name, destination_field: destination,
-                           "content": content}
+    obj: dict[str, Any] = {
+        "method": method,
+        "uri": uri,
+        "origin": hs.server_name,
+        destination_field: destination,
+        "content": content,
+    }
     signed = signedjson.sign.sign_json(obj, hs.server_name, key)
     sig = signed["signatures"][hs.server_name][f"{key.alg}:{key.version}"]
-    return (f'X-Matrix origin="{hs.server_name}",key="{key_id or hs.key_id}",sig="{sig}",'
-            f'destination="{header_destination or destination}"')
+    return (
+        f'X-Matrix origin="{hs.server_name}",key="{key_id or hs.key_id}",sig="{sig}",'
+        f'destination="{header_destination or destination}"'
+    )
 
 
 def post_unbind(client: httpx.Client, prefix: str, body: dict[str, Any], authorization: str | None) -> httpx.Response:
@@ -63,8 +79,9 @@ def assert_bound(api: IdentityApi, address: str, assoc: dict[str, Any], viewer: 
 
 @pytest.mark.parametrize("style", ["destination_is", "destination"])
 @pytest.mark.parametrize("prefix", [V2, V1], ids=["v2", "v1"])
-def test_homeserver_signed_unbind(api: IdentityApi, idserver: SydentServer, homeserver: HomeserverStandIn,
-                                  prefix: str, style: str) -> None:
+def test_homeserver_signed_unbind(
+    api: IdentityApi, idserver: SydentServer, homeserver: HomeserverStandIn, prefix: str, style: str
+) -> None:
     user = api.register()
     address = unique_email("xunbind")
     _, assoc = api.bind_email(address, user)
@@ -73,8 +90,9 @@ def test_homeserver_signed_unbind(api: IdentityApi, idserver: SydentServer, home
     assert api.lookup_email(user, address) == user.user_id
 
     body = unbind_body(user.user_id, address)
-    auth = homeserver.x_matrix_authorization("POST", f"{prefix}/3pid/unbind", idserver.server_name, body,
-                                             destination_field=style)
+    auth = homeserver.x_matrix_authorization(
+        "POST", f"{prefix}/3pid/unbind", idserver.server_name, body, destination_field=style
+    )
     resp = post_unbind(api.client, prefix, body, auth)
     assert resp.status_code == 200, resp.text
     assert resp.json() == {}
@@ -86,7 +104,9 @@ def test_homeserver_signed_unbind(api: IdentityApi, idserver: SydentServer, home
 
 
 def test_homeserver_signed_unbind_for_another_user_leaves_the_binding(
-    api: IdentityApi, idserver: SydentServer, homeserver: HomeserverStandIn,
+    api: IdentityApi,
+    idserver: SydentServer,
+    homeserver: HomeserverStandIn,
 ) -> None:
     user = api.register()
     address = unique_email("xother")
@@ -129,25 +149,33 @@ CASES: dict[str, Forger] = {
     "signature_for_another_method": lambda b, us, hs: x_matrix(hs, uri=URI, destination=us, content=b, method="PUT"),
     "signature_for_another_uri": lambda b, us, hs: x_matrix(hs, uri=f"{V1}/3pid/bind", destination=us, content=b),
     "unknown_key_id": lambda b, us, hs: x_matrix(
-        hs, uri=URI, destination=us, content=b,
-        signing_key=signedjson.key.generate_signing_key("unknown"), key_id="ed25519:unknown"),
-    "destination_is_another_server": lambda b, us, hs: x_matrix(
-        hs, uri=URI, destination=OTHER_SERVER, content=b),
+        hs,
+        uri=URI,
+        destination=us,
+        content=b,
+        signing_key=signedjson.key.generate_signing_key("unknown"),
+        key_id="ed25519:unknown",
+    ),
+    "destination_is_another_server": lambda b, us, hs: x_matrix(hs, uri=URI, destination=OTHER_SERVER, content=b),
     "destination_another_server_spec_style": lambda b, us, hs: x_matrix(
-        hs, uri=URI, destination=OTHER_SERVER, content=b, destination_field="destination"),
+        hs, uri=URI, destination=OTHER_SERVER, content=b, destination_field="destination"
+    ),
     "header_destination_another_server": lambda b, us, hs: x_matrix(
-        hs, uri=URI, destination=us, content=b, header_destination=OTHER_SERVER),
+        hs, uri=URI, destination=us, content=b, header_destination=OTHER_SERVER
+    ),
     "missing_header": lambda b, us, hs: None,
     "bearer_instead_of_x_matrix": lambda b, us, hs: "Bearer not-an-x-matrix-header",
     "garbled_header": lambda b, us, hs: "X-Matrix this is not a header",
     "empty_signature": lambda b, us, hs: (
-        f'X-Matrix origin="{hs.server_name}",key="{hs.key_id}",sig="",destination="{us}"'),
+        f'X-Matrix origin="{hs.server_name}",key="{hs.key_id}",sig="",destination="{us}"'
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_homeserver_signed_unbind_refused(api: IdentityApi, idserver: SydentServer,
-                                          homeserver: HomeserverStandIn, case: str) -> None:
+def test_homeserver_signed_unbind_refused(
+    api: IdentityApi, idserver: SydentServer, homeserver: HomeserverStandIn, case: str
+) -> None:
     user = api.register()
     address = unique_email("xrefused")
     _, assoc = api.bind_email(address, user)
@@ -174,8 +202,9 @@ def test_unbind_without_session_or_header_is_forbidden(api: IdentityApi, prefix:
     assert_bound(api, address, assoc, user)
 
 
-def test_mxid_on_another_server_than_the_origin(api: IdentityApi, idserver: SydentServer,
-                                                homeserver: HomeserverStandIn) -> None:
+def test_mxid_on_another_server_than_the_origin(
+    api: IdentityApi, idserver: SydentServer, homeserver: HomeserverStandIn
+) -> None:
     address = unique_email("xforeign")
     victim = "@victim:" + OTHER_SERVER
     session = api.validated_email_session(address, v1=True)
@@ -194,9 +223,11 @@ def _key_requests(hs: HomeserverStandIn, since: float) -> list[RecordedRequest]:
     return [r for r in hs.requests_since(since) if r.path.startswith(KEY_SERVER_PATH)]
 
 
-def test_expired_homeserver_key_is_refused(make_server: Callable[..., SydentServer],
-                                           api_for: Callable[[SydentServer], IdentityApi],
-                                           homeserver: HomeserverStandIn) -> None:
+def test_expired_homeserver_key_is_refused(
+    make_server: Callable[..., SydentServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    homeserver: HomeserverStandIn,
+) -> None:
     server = make_server()  # a fresh server: nothing cached about the stand-in's keys
     api = api_for(server)
     user = api.register()
@@ -227,9 +258,11 @@ def test_expired_homeserver_key_is_refused(make_server: Callable[..., SydentServ
             homeserver.set_handler("GET", path, None)
 
 
-def test_blocked_homeserver_address(make_server: Callable[..., SydentServer],
-                                    api_for: Callable[[SydentServer], IdentityApi],
-                                    homeserver: HomeserverStandIn) -> None:
+def test_blocked_homeserver_address(
+    make_server: Callable[..., SydentServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    homeserver: HomeserverStandIn,
+) -> None:
     # 127.0.0.1 is not allowed any more: the stand-in may not be contacted.
     server = make_server(extra_config={"federation": {"ip_allowlist": []}})
     api = api_for(server)
@@ -252,6 +285,7 @@ def test_blocked_homeserver_address(make_server: Callable[..., SydentServer],
 
     time.sleep(0.3)
     seen = homeserver.requests_since(since)
-    contacted = [(r.method, r.path) for r in seen
-                 if r.path == OPENID_USERINFO_PATH or r.path.startswith(KEY_SERVER_PATH)]
+    contacted = [
+        (r.method, r.path) for r in seen if r.path == OPENID_USERINFO_PATH or r.path.startswith(KEY_SERVER_PATH)
+    ]
     assert contacted == [], contacted

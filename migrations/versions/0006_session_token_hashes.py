@@ -13,6 +13,7 @@ Revision ID: 0006
 Revises: 0005
 Create Date: 2026-12-02
 """
+
 import hashlib
 
 import sqlalchemy as sa

@@ -133,9 +133,7 @@ class FederationClient:
         target = await resolve_server_name(
             server_name, fetch_well_known=self._fetch_well_known, srv_lookup=self._srv_lookup
         )
-        return await self._request(
-            method, target, path, params=params, json_body=json_body, headers=headers
-        )
+        return await self._request(method, target, path, params=params, json_body=json_body, headers=headers)
 
     async def aclose(self) -> None:
         pools, self._pools = list(self._pools.values()), OrderedDict()

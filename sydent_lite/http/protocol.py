@@ -198,7 +198,9 @@ def configure(limits: Limits) -> Limits:
         logger.warning(
             "listen.max_connections %d does not fit under the open-file limit %d: using %d "
             "(raise the limit: LimitNOFILE= in the systemd unit, ulimit -n)",
-            limits.max_connections, file_limit, fitting,
+            limits.max_connections,
+            file_limit,
+            fitting,
         )
         limits = dataclasses.replace(limits, max_connections=fitting)
     _limits = limits

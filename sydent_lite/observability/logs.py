@@ -129,7 +129,7 @@ class TextFormatter(logging.Formatter):
         self._second = -1
         self._second_text = ""
 
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return self.time_text(record.created, record.msecs)
 
     def time_text(self, created: float, msecs: float) -> str:
@@ -174,7 +174,13 @@ class JsonFormatter(logging.Formatter):
 
     def format_line(self, created: float, level: str, name: str, request_id: str, message: str) -> str:
         """What `format` makes of a record with these fields (no exception, no stack)."""
-        out = {"ts": self._ts(created, _msecs(created)), "level": level, "logger": name, "request_id": request_id, "message": message}
+        out = {
+            "ts": self._ts(created, _msecs(created)),
+            "level": level,
+            "logger": name,
+            "request_id": request_id,
+            "message": message,
+        }
         return json.dumps(out, ensure_ascii=False)
 
 
@@ -271,7 +277,9 @@ def make_handler(fmt: str = "text", stream: TextIO | None = None) -> LogHandler:
     """A stream handler with the request id and redaction filters and the chosen format."""
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)} (got {fmt!r})")
-    handler = LogHandler(stream if stream is not None else sys.stderr, JsonFormatter() if fmt == "json" else TextFormatter())
+    handler = LogHandler(
+        stream if stream is not None else sys.stderr, JsonFormatter() if fmt == "json" else TextFormatter()
+    )
     handler.addFilter(RequestIdFilter())
     handler.addFilter(RedactingFilter())
     handler._sydent_lite = True  # type: ignore[attr-defined]

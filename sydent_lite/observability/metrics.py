@@ -76,11 +76,14 @@ for _kind in EMAIL_KINDS:
 for _api in LOOKUP_APIS:
     LOOKUPS.labels(api=_api)
 
+
 @functools.lru_cache(maxsize=4096)
 def _request_children(route: str, method: str, status: int):  # type: ignore[no-untyped-def]
     # labels() looks the child up under a lock on every call; the set of (route, method,
     # status) is small and fixed, so resolve each once.
-    return REQUESTS.labels(route=route, method=method, status=str(status)), REQUEST_DURATION.labels(route=route, method=method)
+    return REQUESTS.labels(route=route, method=method, status=str(status)), REQUEST_DURATION.labels(
+        route=route, method=method
+    )
 
 
 def observe_request(route: str, method: str, status: int, seconds: float) -> None:

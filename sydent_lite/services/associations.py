@@ -131,4 +131,3 @@ class AssociationService:
                 by_hash[lookup_hash(address, medium, self.pepper)] = query
         found = await self._index.mxids(by_hash)
         return {by_hash[h]: mxid for h, mxid in found.items()}
-

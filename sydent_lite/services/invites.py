@@ -27,8 +27,15 @@ logger = logging.getLogger(__name__)
 INVITE_TOKEN_LENGTH = 32
 # Spec store-invite fields that reach templates even when absent (as "", as Sydent does).
 OPTIONAL_FIELDS = (
-    "room_alias", "room_avatar_url", "room_join_rules", "room_name", "sender_display_name",
-    "sender_avatar_url", "room_type", "guest_access_token", "guest_user_id",
+    "room_alias",
+    "room_avatar_url",
+    "room_join_rules",
+    "room_name",
+    "sender_display_name",
+    "sender_avatar_url",
+    "room_type",
+    "guest_access_token",
+    "guest_user_id",
 )
 # Values put into the join link are cut short: SMTP refuses lines over 998 octets.
 _LINK_FIELD_MAX = 64
@@ -176,8 +183,14 @@ class InviteService:
                 fields["address"], invites.display_name_reveal_local_part, invites.display_name_reveal_domain
             ),
             "public_keys": [
-                {"public_key": self._signer.public_key_base64, "key_validity_url": f"{base}/_matrix/identity/v2/pubkey/isvalid"},
-                {"public_key": ephemeral_public, "key_validity_url": f"{base}/_matrix/identity/v2/pubkey/ephemeral/isvalid"},
+                {
+                    "public_key": self._signer.public_key_base64,
+                    "key_validity_url": f"{base}/_matrix/identity/v2/pubkey/isvalid",
+                },
+                {
+                    "public_key": ephemeral_public,
+                    "key_validity_url": f"{base}/_matrix/identity/v2/pubkey/ephemeral/isvalid",
+                },
             ],
             "public_key": self._signer.public_key_base64,
         }
@@ -212,7 +225,7 @@ class InviteService:
         `bracketed_verified_sender` "(<sender>) " (v2 only: "" on v1), each with the trailing
         space Sydent's templates expect; `web_client_location`; "" for fields not sent. Ours
         besides: `verified_sender`, `server_name`, `join_link`."""
-        variables: dict[str, str] = {name: "" for name in OPTIONAL_FIELDS}
+        variables: dict[str, str] = dict.fromkeys(OPTIONAL_FIELDS, "")
         variables.update(fields)
         display_name = variables["sender_display_name"]
         if len(display_name) > SENDER_DISPLAY_NAME_MAX:
@@ -247,7 +260,11 @@ class InviteService:
         params = {"email": address, "signurl": sign_url}
         base = f"{location.rstrip('/')}/#/room/{quote(variables['room_id'], safe='')}"
         with_extras = dict(params)
-        for key, field in (("room_name", "room_name"), ("inviter_name", "sender_display_name"), ("room_type", "room_type")):
+        for key, field in (
+            ("room_name", "room_name"),
+            ("inviter_name", "sender_display_name"),
+            ("room_type", "room_type"),
+        ):
             if variables.get(field):
                 with_extras[key] = variables[field][:_LINK_FIELD_MAX]
         link = f"{base}?{urlencode(with_extras)}"

@@ -200,7 +200,12 @@ class OnbindDelivery:
             await self._store.reschedule(callback.id, attempts, now + delay)
             logger.info(
                 "onbind callback %d to %s failed (%s, attempt %d); retrying in %.1fs, the destination in %.1fs",
-                callback.id, callback.destination, problem, attempts, delay / 1000, (state.retry_at - now) / 1000,
+                callback.id,
+                callback.destination,
+                problem,
+                attempts,
+                delay / 1000,
+                (state.retry_at - now) / 1000,
             )
         except Exception:
             # The claim lapses and the callback is tried again.

@@ -41,7 +41,11 @@ class Terms:
             if not isinstance(langs, dict) or not langs:
                 raise ConfigError(f"{where} needs a 'langs' mapping")
             for lang, info in langs.items():
-                if not isinstance(info, dict) or not isinstance(info.get("name"), str) or not isinstance(info.get("url"), str):
+                if (
+                    not isinstance(info, dict)
+                    or not isinstance(info.get("name"), str)
+                    or not isinstance(info.get("url"), str)
+                ):
                     raise ConfigError(f"{where}.langs.{lang} needs 'name' and 'url' strings")
             doc["version"] = str(doc["version"])
         return cls(docs)

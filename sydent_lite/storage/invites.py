@@ -105,14 +105,18 @@ async def _claim_into(conn: AsyncConnection, callback_id: int, request: Callback
     unqueued = _unqueued(request.medium, request.address, request.not_before_ts)
     await conn.execute(update(invites).where(*unqueued).values(callback_id=callback_id))
     rows = (
-        await conn.execute(
-            select(invites)
-            # SQLite reuses the id of a delivered (deleted) callback: its invites are
-            # told apart by their delivered_ts.
-            .where(invites.c.callback_id == callback_id, invites.c.delivered_ts.is_(None))
-            .order_by(invites.c.created_ts)
+        (
+            await conn.execute(
+                select(invites)
+                # SQLite reuses the id of a delivered (deleted) callback: its invites are
+                # told apart by their delivered_ts.
+                .where(invites.c.callback_id == callback_id, invites.c.delivered_ts.is_(None))
+                .order_by(invites.c.created_ts)
+            )
         )
-    ).mappings().all()
+        .mappings()
+        .all()
+    )
     if not rows:
         await conn.execute(delete(onbind_callbacks).where(onbind_callbacks.c.id == callback_id))
         return None

@@ -15,9 +15,10 @@ import os
 import sqlite3
 import urllib.parse
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Coroutine
+from typing import Any
 
 import pytest
 
@@ -53,7 +54,7 @@ def _asyncpg_url(url: str) -> str:
     return url
 
 
-def run_sql(db: "ScratchDatabase", sql: str, *args: Any) -> list[Any]:
+def run_sql(db: ScratchDatabase, sql: str, *args: Any) -> list[Any]:
     """Rows of one statement on a scratch PostgreSQL database ($1-style parameters)."""
     return run_sql_at(db.url, sql, *args)
 
@@ -96,13 +97,21 @@ def refuse_inserts(url: str, table: str) -> None:
     """Make every INSERT into `table` fail (a trigger), as a full disk or a lost connection
     would at that point; `allow_inserts` takes it away again."""
     if url.startswith("sqlite"):
-        sql(url, f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} BEGIN"
-                 " SELECT RAISE(ABORT, 'refused by the test'); END")
+        sql(
+            url,
+            f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} BEGIN"
+            " SELECT RAISE(ABORT, 'refused by the test'); END",
+        )
     else:
-        sql(url, f"CREATE FUNCTION refuse_{table}() RETURNS trigger AS $$ BEGIN"
-                 " RAISE EXCEPTION 'refused by the test'; END $$ LANGUAGE plpgsql")
-        sql(url, f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table}"
-                 f" FOR EACH ROW EXECUTE FUNCTION refuse_{table}()")
+        sql(
+            url,
+            f"CREATE FUNCTION refuse_{table}() RETURNS trigger AS $$ BEGIN"
+            " RAISE EXCEPTION 'refused by the test'; END $$ LANGUAGE plpgsql",
+        )
+        sql(
+            url,
+            f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION refuse_{table}()",
+        )
 
 
 def allow_inserts(url: str, table: str) -> None:
@@ -137,7 +146,7 @@ def postgres_problem(admin_url: str) -> str | None:
         try:
             _run(probe())
             _reachability[admin_url] = None
-        except Exception as e:  # noqa: BLE001 - any failure means "not usable"
+        except Exception as e:
             _reachability[admin_url] = f"{type(e).__name__}: {e}"
     return _reachability[admin_url]
 
@@ -231,7 +240,7 @@ class DatabaseFactory:
             db = self.created.pop()
             try:
                 db.drop()
-            except Exception as e:  # noqa: BLE001 - keep dropping the others
+            except Exception as e:
                 errors.append(f"{db.name}: {e}")
         if errors:
             raise RuntimeError("could not drop test databases: " + "; ".join(errors))

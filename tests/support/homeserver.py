@@ -25,9 +25,10 @@ import threading
 import time
 import urllib.parse
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import signedjson.key
 import signedjson.sign
@@ -109,7 +110,7 @@ class HomeserverStandIn:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    def start(self, timeout: float = 15.0) -> "HomeserverStandIn":
+    def start(self, timeout: float = 15.0) -> HomeserverStandIn:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
@@ -234,8 +235,9 @@ class HomeserverStandIn:
             return JSONResponse({}, status_code=status)
         return JSONResponse({"errcode": "M_UNKNOWN", "error": f"stand-in answers {status}"}, status_code=status)
 
-    def onbind_requests(self, mxid: str | None = None, address: str | None = None,
-                        since: float | None = None) -> list[RecordedRequest]:
+    def onbind_requests(
+        self, mxid: str | None = None, address: str | None = None, since: float | None = None
+    ) -> list[RecordedRequest]:
         """Requests to the onbind path (any method) whose body names `mxid` / `address`."""
         out = []
         for r in self.requests_to(ONBIND_PATH):
@@ -251,8 +253,9 @@ class HomeserverStandIn:
             out.append(r)
         return out
 
-    def wait_for_onbind(self, mxid: str, *, address: str | None = None, successful: bool = True,
-                        timeout: float = 20.0) -> RecordedRequest:
+    def wait_for_onbind(
+        self, mxid: str, *, address: str | None = None, successful: bool = True, timeout: float = 20.0
+    ) -> RecordedRequest:
         """The first onbind callback for `mxid` (that was answered 2xx, if `successful`)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -304,10 +307,7 @@ class HomeserverStandIn:
             obj["content"] = content
         signed = self.sign_json(obj)
         sig = signed["signatures"][self.server_name][self.key_id]
-        return (
-            f'X-Matrix origin="{self.server_name}",key="{self.key_id}",sig="{sig}",'
-            f'destination="{destination}"'
-        )
+        return f'X-Matrix origin="{self.server_name}",key="{self.key_id}",sig="{sig}",destination="{destination}"'
 
     # --- the ASGI endpoint ----------------------------------------------------------------
 
@@ -347,9 +347,7 @@ class HomeserverStandIn:
                 )
             return JSONResponse({"sub": sub})
 
-        if record.method == "GET" and (
-            record.path == KEY_SERVER_PATH or record.path.startswith(KEY_SERVER_PATH + "/")
-        ):
+        if record.method == "GET" and (record.path == KEY_SERVER_PATH or record.path.startswith(KEY_SERVER_PATH + "/")):
             return JSONResponse(self.server_keys())
 
         return JSONResponse({"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}, status_code=404)
@@ -391,7 +389,7 @@ class TarpitHomeserver:
         assert self.port is not None, "not started"
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> "TarpitHomeserver":
+    def start(self) -> TarpitHomeserver:
         self._ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._ssl.load_cert_chain(str(self.cert_path))
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -78,7 +78,7 @@ def write_terms(path: Path, terms: dict[str, Any] = DEFAULT_TERMS) -> Path:
 
 def sha256_address(address: str, medium: str, pepper: str) -> str:
     """The spec's sha256 lookup hash: URL-safe unpadded base64 of sha256("<address> <medium> <pepper>")."""
-    digest = hashlib.sha256(f"{address} {medium} {pepper}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{address} {medium} {pepper}".encode()).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
@@ -200,7 +200,7 @@ class SydentServer:
         """Extra arguments of `sydent-lite serve` (subclasses: `--workers N`)."""
         return []
 
-    def start(self, timeout: float = 30.0) -> "SydentServer":
+    def start(self, timeout: float = 30.0) -> SydentServer:
         assert self.proc is None, "already running"
         self.write_config()
         self._ready.clear()
@@ -265,7 +265,7 @@ class SydentServer:
             t.join(timeout=5)
         self.proc = None
 
-    def restart(self) -> "SydentServer":
+    def restart(self) -> SydentServer:
         self.stop()
         return self.start()
 
@@ -318,8 +318,9 @@ class EmailSession:
 class IdentityApi:
     """Client-side flows against one identity server."""
 
-    def __init__(self, server: SydentServer, smtp: SmtpSink, homeserver: HomeserverStandIn,
-                 client: httpx.Client | None = None) -> None:
+    def __init__(
+        self, server: SydentServer, smtp: SmtpSink, homeserver: HomeserverStandIn, client: httpx.Client | None = None
+    ) -> None:
         self.server = server
         self.smtp = smtp
         self.hs = homeserver
@@ -380,8 +381,9 @@ class IdentityApi:
             return self.client.post(path, data={k: str(v) for k, v in body.items()}, params=params, headers=headers)
         return self.client.post(path, json=body, params=params, headers=headers)
 
-    def start_email_session(self, email: str, *, user: User | None = None, v1: bool = False,
-                            client_secret: str | None = None, **kwargs: Any) -> EmailSession:
+    def start_email_session(
+        self, email: str, *, user: User | None = None, v1: bool = False, client_secret: str | None = None, **kwargs: Any
+    ) -> EmailSession:
         """requestToken, expecting success, and the mail it sent."""
         secret = client_secret or new_secret()
         resp = self.request_email_token(email, secret, user=user, v1=v1, **kwargs)
@@ -390,8 +392,16 @@ class IdentityApi:
         mail = self.smtp.wait_for(email)
         return EmailSession(email, secret, sid, mail)
 
-    def submit_token(self, session: EmailSession, token: str | None = None, *, user: User | None = None,
-                     v1: bool = False, client_secret: str | None = None, sid: str | None = None) -> httpx.Response:
+    def submit_token(
+        self,
+        session: EmailSession,
+        token: str | None = None,
+        *,
+        user: User | None = None,
+        v1: bool = False,
+        client_secret: str | None = None,
+        sid: str | None = None,
+    ) -> httpx.Response:
         body = {
             "sid": sid or session.sid,
             "client_secret": client_secret or session.client_secret,
@@ -400,8 +410,9 @@ class IdentityApi:
         headers = user.headers if user is not None else {}
         return self.client.post(f"{V1 if v1 else V2}/validate/email/submitToken", json=body, headers=headers)
 
-    def validated_email_session(self, email: str, *, user: User | None = None, v1: bool = False,
-                                **kwargs: Any) -> EmailSession:
+    def validated_email_session(
+        self, email: str, *, user: User | None = None, v1: bool = False, **kwargs: Any
+    ) -> EmailSession:
         """A session for `email` whose token has been submitted (POST)."""
         session = self.start_email_session(email, user=user, v1=v1, **kwargs)
         resp = self.submit_token(session, user=user, v1=v1)
@@ -409,16 +420,31 @@ class IdentityApi:
         assert resp.json() == {"success": True}, resp.text
         return session
 
-    def get_validated(self, session: EmailSession, *, user: User | None = None, v1: bool = False,
-                      client_secret: str | None = None, sid: str | None = None) -> httpx.Response:
+    def get_validated(
+        self,
+        session: EmailSession,
+        *,
+        user: User | None = None,
+        v1: bool = False,
+        client_secret: str | None = None,
+        sid: str | None = None,
+    ) -> httpx.Response:
         params = {"sid": sid or session.sid, "client_secret": client_secret or session.client_secret}
         headers = user.headers if user is not None else {}
         return self.client.get(f"{V1 if v1 else V2}/3pid/getValidated3pid", params=params, headers=headers)
 
     # --- associations and lookups -----------------------------------------------------------------
 
-    def bind(self, session: EmailSession, mxid: str, *, user: User | None = None, v1: bool = False,
-             client_secret: str | None = None, sid: str | None = None) -> httpx.Response:
+    def bind(
+        self,
+        session: EmailSession,
+        mxid: str,
+        *,
+        user: User | None = None,
+        v1: bool = False,
+        client_secret: str | None = None,
+        sid: str | None = None,
+    ) -> httpx.Response:
         body = {"sid": sid or session.sid, "client_secret": client_secret or session.client_secret, "mxid": mxid}
         headers = user.headers if user is not None else {}
         return self.client.post(f"{V1 if v1 else V2}/3pid/bind", json=body, headers=headers)
@@ -435,8 +461,9 @@ class IdentityApi:
         assert resp.status_code == 200, resp.text
         return resp.json()
 
-    def lookup(self, user: User, addresses: list[str], algorithm: str = "sha256",
-               pepper: str | None = None) -> httpx.Response:
+    def lookup(
+        self, user: User, addresses: list[str], algorithm: str = "sha256", pepper: str | None = None
+    ) -> httpx.Response:
         if pepper is None:
             pepper = self.hash_details(user)["lookup_pepper"]
         body = {"algorithm": algorithm, "pepper": pepper, "addresses": addresses}

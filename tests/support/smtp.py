@@ -84,24 +84,24 @@ class ReceivedMail:
 
 
 class _Handler:
-    def __init__(self, sink: "SmtpSink") -> None:
+    def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
 
-    async def handle_MAIL(self, server, session, envelope, address, mail_options):  # noqa: N802
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if self.sink.mode == "refuse":
             return "550 5.7.1 Refused by the test sink"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
 
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self.sink.mode == "refuse":
             return "550 5.1.1 Refused by the test sink"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 OK"
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+    async def handle_DATA(self, server, session, envelope):
         if self.sink.mode == "refuse":
             return "550 5.7.1 Refused by the test sink"
         content = envelope.original_content if envelope.original_content is not None else envelope.content
@@ -125,7 +125,7 @@ class SmtpSink:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    def start(self) -> "SmtpSink":
+    def start(self) -> SmtpSink:
         if self._controller is None:
             self._controller = Controller(
                 _Handler(self),

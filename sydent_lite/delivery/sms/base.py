@@ -55,9 +55,7 @@ class HttpSmsProvider(SmsProvider):
 
     def __init__(self, timeout_seconds: float, client: httpx.AsyncClient | None = None) -> None:
         self._timeout = timeout_seconds
-        self._client = client or httpx.AsyncClient(
-            timeout=timeout_seconds, follow_redirects=False, trust_env=False
-        )
+        self._client = client or httpx.AsyncClient(timeout=timeout_seconds, follow_redirects=False, trust_env=False)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -76,8 +74,9 @@ class HttpSmsProvider(SmsProvider):
             async with asyncio.timeout(self._timeout):
                 response = await self._client.post(url, **kwargs)
         except (TimeoutError, httpx.TimeoutException) as e:
-            raise SmsSendError(f"{where}: no answer within {self._timeout:g}s ({type(e).__name__}) "
-                               f"sending to {masked(msisdn)}") from None
+            raise SmsSendError(
+                f"{where}: no answer within {self._timeout:g}s ({type(e).__name__}) sending to {masked(msisdn)}"
+            ) from None
         except (httpx.HTTPError, httpx.InvalidURL, OSError) as e:
             # Connection refused/reset, DNS, TLS, protocol errors. Only the type: httpx's
             # messages can quote the URL.

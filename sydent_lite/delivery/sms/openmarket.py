@@ -34,8 +34,9 @@ def _request_id(response: httpx.Response) -> str | None:
 class OpenMarketSmsProvider(HttpSmsProvider):
     name = "openmarket"
 
-    def __init__(self, config: OpenMarketConfig, timeout_seconds: float,
-                 client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self, config: OpenMarketConfig, timeout_seconds: float, client: httpx.AsyncClient | None = None
+    ) -> None:
         super().__init__(timeout_seconds, client)
         self._url = f"{config.api_base_url.rstrip('/')}/sms/v4/mt"
         creds = base64.b64encode(f"{config.username}:{config.password}".encode()).decode("ascii")
@@ -53,8 +54,12 @@ class OpenMarketSmsProvider(HttpSmsProvider):
         headers = {"Authorization": self._authorization, "Content-Type": "application/json"}
         response = await self._post(self._url, msisdn, json=body, headers=headers)
         ttl = response.headers.get("ttl")
-        logger.info("openmarket accepted SMS for %s (ttl: %s, request ID: %s)",
-                    masked(msisdn), safe_code(ttl) or "?", _request_id(response) or "?")
+        logger.info(
+            "openmarket accepted SMS for %s (ttl: %s, request ID: %s)",
+            masked(msisdn),
+            safe_code(ttl) or "?",
+            _request_id(response) or "?",
+        )
 
     def _error_detail(self, response: httpx.Response) -> str:
         # OpenMarket answers {"error": {"code": 1234, "description": "..."}}; keep the code.

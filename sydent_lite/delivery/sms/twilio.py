@@ -44,8 +44,9 @@ class TwilioSmsProvider(HttpSmsProvider):
         if originator is None:
             raise SmsSendError("twilio needs an originator (set sms.originators.default or one per country)")
         form = {"To": "+" + msisdn, "From": twilio_from(originator), "Body": text}
-        response = await self._post(self._url, msisdn, data=form, auth=self._auth,
-                                    headers={"Accept": "application/json"})
+        response = await self._post(
+            self._url, msisdn, data=form, auth=self._auth, headers={"Accept": "application/json"}
+        )
         body = json_or_none(response)
         sid = safe_code(body.get("sid")) if isinstance(body, dict) else None
         logger.info("twilio accepted SMS for %s (message %s)", masked(msisdn), sid or "?")

@@ -51,7 +51,9 @@ async def store_invite(request: Request, ctx: AppContext, v2: bool) -> Response:
     ip = client_subject(client_ip(request, ctx.config.listen.trusted_proxies))
     await ctx.rate_limiter.check(f"si-ip:{ip}", rl.store_invite_per_ip_per_minute / 60, rl.store_invite_per_ip_burst)
     await ctx.rate_limiter.check(
-        f"si-addr:{fields['address'].casefold()}", rl.store_invite_per_address_per_hour / 3600, rl.store_invite_per_address_burst
+        f"si-addr:{fields['address'].casefold()}",
+        rl.store_invite_per_address_per_hour / 3600,
+        rl.store_invite_per_address_burst,
     )
     return JSONResponse(await ctx.invites.store_invite(fields, brand, verified_sender=verified_sender))
 

@@ -152,8 +152,11 @@ async def submit_token_page(request: Request, ctx: AppContext, v2: bool) -> Resp
             sid, client_secret, token, _medium(request), client_ip=client_ip(request)
         )
     except SessionLocked as e:
-        return page("This validation link is no longer valid: too many incorrect codes were tried. "
-                    "Please ask for a new one from your Matrix client.", e.status)
+        return page(
+            "This validation link is no longer valid: too many incorrect codes were tried. "
+            "Please ask for a new one from your Matrix client.",
+            e.status,
+        )
     except MatrixError as e:
         sid_param = params.get("sid", "")
         if brand is None and OPAQUE_ID_RE.match(sid_param):
