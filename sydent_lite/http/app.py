@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sydent_lite.config import Config
 from sydent_lite.context import AppContext, build_context
-from sydent_lite.errors import MatrixError
+from sydent_lite.errors import ErrorCode, MatrixError
 from sydent_lite.http.routes import all_routes
 from sydent_lite.memory import release_free_memory
 from sydent_lite.observability import metrics
@@ -212,15 +212,15 @@ async def _matrix_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        return JSONResponse({"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}, status_code=404)
+        return JSONResponse({"errcode": ErrorCode.UNRECOGNIZED, "error": "Unrecognized request"}, status_code=404)
     if exc.status_code == 405:
         # RFC 9110: a 405 names the methods the resource has (OPTIONS too: answered on every path).
         return JSONResponse(
-            {"errcode": "M_UNRECOGNIZED", "error": "Method not allowed"},
+            {"errcode": ErrorCode.UNRECOGNIZED, "error": "Method not allowed"},
             status_code=405,
             headers={"Allow": _allowed_methods(request)},
         )
-    return JSONResponse({"errcode": "M_UNKNOWN", "error": str(exc.detail)}, status_code=exc.status_code)
+    return JSONResponse({"errcode": ErrorCode.UNKNOWN, "error": str(exc.detail)}, status_code=exc.status_code)
 
 
 def _allowed_methods(request: Request) -> str:
@@ -237,7 +237,7 @@ def _allowed_methods(request: Request) -> str:
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"errcode": "M_UNKNOWN", "error": "Internal server error"}, status_code=500)
+    return JSONResponse({"errcode": ErrorCode.UNKNOWN, "error": "Internal server error"}, status_code=500)
 
 
 EXCEPTION_HANDLERS: dict[type[Exception], Callable[[Request, Exception], Awaitable[Response]]] = {

@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl
 
 from starlette.requests import ClientDisconnect, Request
 
-from sydent_lite.errors import MatrixError, invalid_param, missing_params
+from sydent_lite.errors import ErrorCode, MatrixError, invalid_param, missing_params
 from sydent_lite.secrets_util import OPAQUE_ID_RE
 
 # Every endpoint's body cap but the lookups' (sized from lookup.max_addresses: routes/lookup.py).
@@ -24,19 +24,19 @@ _ITEM_BYTES = b",[{"
 async def _read_limited(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise MatrixError(413, "M_TOO_LARGE", "Request body too large")
+        raise MatrixError(413, ErrorCode.TOO_LARGE, "Request body too large")
     chunks = []
     size = 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > max_bytes:
-                raise MatrixError(413, "M_TOO_LARGE", "Request body too large")
+                raise MatrixError(413, ErrorCode.TOO_LARGE, "Request body too large")
             chunks.append(chunk)
     except ClientDisconnect:
         # The client went away mid-body: nobody reads the answer, and it is not our error
         # (no traceback in the log). 400 for the access line.
-        raise MatrixError(400, "M_UNKNOWN", "The client disconnected before sending its request") from None
+        raise MatrixError(400, ErrorCode.UNKNOWN, "The client disconnected before sending its request") from None
     return b"".join(chunks)
 
 
@@ -62,7 +62,7 @@ async def read_body(
     """
     raw = await _read_limited(request, max_bytes)
     if max_items is not None and len(raw) > MAX_BODY_BYTES and _item_bytes(raw) > max_items:
-        raise MatrixError(400, "M_TOO_LARGE", "Request body holds more entries than this endpoint takes")
+        raise MatrixError(400, ErrorCode.TOO_LARGE, "Request body holds more entries than this endpoint takes")
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     # As Sydent: a body that looks like JSON is JSON whatever its Content-Type says (curl -d
     # labels everything as a form); only other bodies are read as form fields.
@@ -71,21 +71,21 @@ async def read_body(
         try:
             return dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
         except UnicodeDecodeError:
-            raise MatrixError(400, "M_NOT_JSON", "Body is not valid UTF-8") from None
+            raise MatrixError(400, ErrorCode.NOT_JSON, "Body is not valid UTF-8") from None
     if not raw.strip():
         if allow_empty:
             return {}
-        raise MatrixError(400, "M_NOT_JSON", "Request body must be a JSON object")
+        raise MatrixError(400, ErrorCode.NOT_JSON, "Request body must be a JSON object")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise MatrixError(400, "M_NOT_JSON", "Request body is not valid JSON") from None
+        raise MatrixError(400, ErrorCode.NOT_JSON, "Request body is not valid JSON") from None
     except RecursionError:
-        raise MatrixError(400, "M_BAD_JSON", "Request body is nested too deeply") from None
+        raise MatrixError(400, ErrorCode.BAD_JSON, "Request body is nested too deeply") from None
     if body is None and allow_empty:
         return {}
     if not isinstance(body, dict):
-        raise MatrixError(400, "M_BAD_JSON", "Request body must be a JSON object")
+        raise MatrixError(400, ErrorCode.BAD_JSON, "Request body must be a JSON object")
     return body
 
 

@@ -13,7 +13,7 @@ from unpaddedbase64 import encode_base64
 
 from sydent_lite.config import Config, ConfigError
 from sydent_lite.delivery.email import EmailSender, EmailSendError
-from sydent_lite.errors import MatrixError, invalid_param
+from sydent_lite.errors import ErrorCode, MatrixError, invalid_param
 from sydent_lite.observability import metrics
 from sydent_lite.secrets_util import now_ms, random_string, secrets_equal
 from sydent_lite.signing import ServerSigner
@@ -140,11 +140,13 @@ class InviteService:
         who is the `sender`; None on v1, where nobody vouches for the sender."""
         medium = fields["medium"]
         if medium != "email":
-            raise MatrixError(400, "M_UNRECOGNIZED", "Only email invitations are supported")
+            raise MatrixError(400, ErrorCode.UNRECOGNIZED, "Only email invitations are supported")
         address = normalise_email(fields["address"])
         bound = await self._associations.get(medium, address)
         if bound is not None:
-            raise MatrixError(400, "M_THREEPID_IN_USE", "This address is already bound to a Matrix ID", mxid=bound.mxid)
+            raise MatrixError(
+                400, ErrorCode.THREEPID_IN_USE, "This address is already bound to a Matrix ID", mxid=bound.mxid
+            )
 
         token = random_string(INVITE_TOKEN_LENGTH)
         ephemeral = signedjson.key.generate_signing_key("0")
@@ -292,7 +294,7 @@ class InviteService:
         except EmailSendError as e:
             metrics.EMAILS_FAILED.labels(kind="invite").inc()
             logger.warning("invitation mail not sent: %s", e)
-            raise MatrixError(400, "M_EMAIL_SEND_ERROR", "The invitation email could not be sent") from None
+            raise MatrixError(400, ErrorCode.EMAIL_SEND_ERROR, "The invitation email could not be sent") from None
         metrics.EMAILS_SENT.labels(kind="invite").inc()
 
     async def ephemeral_key_is_valid(self, public_key: str) -> bool:
@@ -303,7 +305,7 @@ class InviteService:
         hold: the token alone is public (it is the state key of the room's invite event)."""
         invite = await self._store.get(token)
         if invite is None or invite.created_ts < now_ms() - self._expiry_ms:
-            raise MatrixError(404, "M_UNRECOGNIZED", "Didn't recognise token")
+            raise MatrixError(404, ErrorCode.UNRECOGNIZED, "Didn't recognise token")
         try:
             key = signedjson.key.decode_signing_key_base64("ed25519", "0", private_key)
         except Exception:

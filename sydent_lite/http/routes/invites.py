@@ -7,7 +7,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sydent_lite.context import AppContext
-from sydent_lite.errors import MatrixError, invalid_param
+from sydent_lite.errors import ErrorCode, MatrixError, invalid_param
 from sydent_lite.http.auth import require_user
 from sydent_lite.http.client_ip import client_ip
 from sydent_lite.http.request import get_str, query_params, read_body, require_fields
@@ -44,7 +44,7 @@ async def store_invite(request: Request, ctx: AppContext, v2: bool) -> Response:
         raise invalid_param("'sender' is not a Matrix user ID")
     if verified_sender is not None and fields["sender"] != verified_sender:
         # As Sydent (since 2.3): nobody invites in someone else's name.
-        raise MatrixError(403, "M_UNAUTHORIZED", "'sender' is not the user of the access token")
+        raise MatrixError(403, ErrorCode.UNAUTHORIZED, "'sender' is not the user of the access token")
     brand = fields.pop("brand", None) or get_str(query_params(request), "brand", required=False, max_length=64)
     # Shared by every worker (see services/ratelimit.py): per client IP, per invited address.
     rl = ctx.config.rate_limits

@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sydent_lite.context import AppContext
-from sydent_lite.errors import MatrixError, invalid_param
+from sydent_lite.errors import ErrorCode, MatrixError, invalid_param
 from sydent_lite.http.auth import require_user
 from sydent_lite.http.client_ip import client_ip
 from sydent_lite.http.request import (
@@ -94,7 +94,7 @@ async def lookup_v2(request: Request, ctx: AppContext, v2: bool) -> Response:
         raise invalid_param("'addresses' must be a list of strings")
     assert algorithm is not None and pepper is not None
     if len(addresses) > max_addresses:
-        raise MatrixError(400, "M_TOO_LARGE", f"At most {max_addresses} addresses per lookup")
+        raise MatrixError(400, ErrorCode.TOO_LARGE, f"At most {max_addresses} addresses per lookup")
     await _limit_addresses(ctx, who, len(addresses))
     if not is_storable("".join(addresses)):  # checked at once: almost every list passes
         # A string no database can hold cannot match a stored one either.
@@ -130,7 +130,7 @@ def _threepid_pairs(value: object, max_addresses: int) -> list[list[str]]:
     if not set(map(type, strings)) <= {str}:
         raise invalid_param("'threepids' must be a list of [medium, address] pairs")
     if len(value) > max_addresses:
-        raise MatrixError(400, "M_TOO_LARGE", f"At most {max_addresses} threepids per lookup")
+        raise MatrixError(400, ErrorCode.TOO_LARGE, f"At most {max_addresses} threepids per lookup")
     if is_storable("".join(strings)):
         return value
     # A string no database can hold cannot match a stored one either.

@@ -7,7 +7,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sydent_lite.context import AppContext
-from sydent_lite.errors import MatrixError
+from sydent_lite.errors import ErrorCode, MatrixError
 from sydent_lite.http.request import get_str, query_params
 from sydent_lite.http.routes import versioned
 from sydent_lite.secrets_util import secrets_equal
@@ -15,7 +15,7 @@ from sydent_lite.secrets_util import secrets_equal
 
 async def get_pubkey(request: Request, ctx: AppContext, v2: bool) -> Response:
     if request.path_params["key_id"] != ctx.signer.key_id:
-        raise MatrixError(404, "M_NOT_FOUND", "The public key was not found")
+        raise MatrixError(404, ErrorCode.NOT_FOUND, "The public key was not found")
     return JSONResponse({"public_key": ctx.signer.public_key_base64})
 
 

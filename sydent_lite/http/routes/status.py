@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sydent_lite.context import AppContext
+from sydent_lite.errors import ErrorCode
 from sydent_lite.http.pages import html_page
 from sydent_lite.http.routes import versioned
 from sydent_lite.templating import LANDING_TEMPLATE
@@ -53,7 +54,8 @@ async def health(request: Request) -> Response:
     except Exception:
         logger.warning("health check: the database did not answer")
         return JSONResponse(
-            {"status": "unavailable", "errcode": "M_UNKNOWN", "error": "The database is not reachable"}, status_code=503
+            {"status": "unavailable", "errcode": ErrorCode.UNKNOWN, "error": "The database is not reachable"},
+            status_code=503,
         )
     return JSONResponse({"status": "ok"})
 

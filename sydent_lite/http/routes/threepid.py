@@ -7,7 +7,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sydent_lite.context import AppContext
-from sydent_lite.errors import MatrixError, invalid_param
+from sydent_lite.errors import ErrorCode, MatrixError, invalid_param
 from sydent_lite.http.auth import require_homeserver, require_user
 from sydent_lite.http.request import (
     get_opaque_id,
@@ -40,7 +40,7 @@ async def bind(request: Request, ctx: AppContext, v2: bool) -> Response:
         raise invalid_param("'mxid' is not a valid Matrix user ID")
     assert mxid is not None
     if user_id is not None and mxid != user_id:
-        raise MatrixError(403, "M_UNAUTHORIZED", "This user is prohibited from binding to the mxid")
+        raise MatrixError(403, ErrorCode.UNAUTHORIZED, "This user is prohibited from binding to the mxid")
     session = await ctx.sessions.validated_session(sid, client_secret)
     return JSONResponse(await ctx.associations.bind(session.medium, session.address, mxid))
 
@@ -62,20 +62,20 @@ async def unbind(request: Request, ctx: AppContext, v2: bool) -> Response:
         # No session: the homeserver of `mxid` must have signed the request (X-Matrix).
         origin = await require_homeserver(request, ctx, body)
         if not is_valid_user_id(mxid) or user_id_server(mxid) != origin:
-            raise MatrixError(403, "M_FORBIDDEN", "The homeserver may only unbind its own users")
+            raise MatrixError(403, ErrorCode.FORBIDDEN, "The homeserver may only unbind its own users")
         await ctx.associations.unbind(medium, address, mxid)
         return JSONResponse({})
     require_fields(body, "sid", "client_secret")
     try:
         session = await ctx.sessions.validated_session(get_opaque_id(body, "sid"), get_opaque_id(body, "client_secret"))
     except MatrixError as e:
-        if e.status >= 500 or e.errcode in ("M_MISSING_PARAMS", "M_INVALID_PARAM"):
+        if e.status >= 500 or e.errcode in (ErrorCode.MISSING_PARAMS, ErrorCode.INVALID_PARAM):
             raise
         # The session is this request's credential: any fault in it is a 403 (spec), which
         # homeservers pass on to the user rather than reading as "unbind not supported".
-        raise MatrixError(403, "M_FORBIDDEN", f"Cannot unbind with this session: {e.error}") from None
+        raise MatrixError(403, ErrorCode.FORBIDDEN, f"Cannot unbind with this session: {e.error}") from None
     if (session.medium, session.address) != (medium, address):
-        raise MatrixError(403, "M_FORBIDDEN", "This session was not for the 3PID being unbound")
+        raise MatrixError(403, ErrorCode.FORBIDDEN, "This session was not for the 3PID being unbound")
     await ctx.associations.unbind(medium, address, mxid)
     return JSONResponse({})
 

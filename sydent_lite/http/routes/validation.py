@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sydent_lite.context import AppContext
-from sydent_lite.errors import MatrixError
+from sydent_lite.errors import ErrorCode, MatrixError
 from sydent_lite.http.auth import require_user
 from sydent_lite.http.client_ip import client_ip as forwarded_client_ip
 from sydent_lite.http.pages import html_page, redirect_from_page
@@ -163,10 +163,12 @@ async def submit_token_page(request: Request, ctx: AppContext, v2: bool) -> Resp
             stored = await ctx.sessions.get_session(sid_param)
             brand = stored.brand if stored else None
         messages = {
-            "M_NO_VALID_SESSION": "This validation link is not valid: no such session was found.",
-            "M_SESSION_EXPIRED": "This validation link has expired. Please ask for a new one from your Matrix client.",
-            "M_TOKEN_INCORRECT": "This validation link is not valid: the code is incorrect.",
-            "M_LIMIT_EXCEEDED": "Too many attempts to validate this address. Please try again later.",
+            ErrorCode.NO_VALID_SESSION: "This validation link is not valid: no such session was found.",
+            ErrorCode.SESSION_EXPIRED: (
+                "This validation link has expired. Please ask for a new one from your Matrix client."
+            ),
+            ErrorCode.TOKEN_INCORRECT: "This validation link is not valid: the code is incorrect.",
+            ErrorCode.LIMIT_EXCEEDED: "Too many attempts to validate this address. Please try again later.",
         }
         return page(messages.get(e.errcode, "This validation link is incomplete or malformed."), e.status)
     if brand is None:
