@@ -102,17 +102,13 @@ def is_storable(value: str) -> bool:
 
 
 def require_fields(source: dict[str, Any], *names: str) -> None:
+    """400 M_MISSING_PARAMS naming every one of `names` that is absent (or null) at once."""
     missing = [n for n in names if source.get(n) is None]
     if missing:
         raise missing_params(*missing)
 
 
-def get_str(source: dict[str, Any], name: str, *, required: bool = True, max_length: int = 2048) -> str | None:
-    value = source.get(name)
-    if value is None:
-        if required:
-            raise missing_params(name)
-        return None
+def _checked_str(value: object, name: str, max_length: int) -> str:
     if not isinstance(value, str):
         raise invalid_param(f"'{name}' must be a string")
     if len(value) > max_length:
@@ -122,10 +118,26 @@ def get_str(source: dict[str, Any], name: str, *, required: bool = True, max_len
     return value
 
 
-def get_opaque_id(source: dict[str, Any], name: str) -> str:
+def require_str(source: dict[str, Any], name: str, *, max_length: int = 2048) -> str:
+    """`source[name]`, a string of at most `max_length` characters that a database can store:
+    400 M_MISSING_PARAMS when absent or null, 400 M_INVALID_PARAM otherwise."""
+    value = source.get(name)
+    if value is None:
+        raise missing_params(name)
+    return _checked_str(value, name, max_length)
+
+
+def optional_str(source: dict[str, Any], name: str, *, max_length: int = 2048) -> str | None:
+    """As `require_str`, but None when absent or null."""
+    value = source.get(name)
+    if value is None:
+        return None
+    return _checked_str(value, name, max_length)
+
+
+def require_opaque_id(source: dict[str, Any], name: str) -> str:
     """A sid or client_secret: spec `[0-9a-zA-Z.=_-]`, 1-255 characters."""
-    value = get_str(source, name)
-    assert value is not None
+    value = require_str(source, name)
     if not OPAQUE_ID_RE.match(value):
         raise invalid_param(f"'{name}' must be 1-255 characters from [0-9a-zA-Z.=_-]")
     return value
@@ -133,13 +145,13 @@ def get_opaque_id(source: dict[str, Any], name: str) -> str:
 
 # An integer written as text: form-encoded bodies carry every number so, and matrix-js-sdk sends
 # send_attempt as "1". ASCII digits with an optional minus, nothing else: no spaces, signs,
-# points, exponents or other scripts' digits (int() takes " 1", "1_0" and "١"; str.isdigit()
-# takes "²", which int() does not). Leading zeros read as decimal ("01" is 1). At most 20
+# points, exponents or other scripts' digits (int() takes " 1", "1_0" and Arabic-Indic digits;
+# str.isdigit() takes "²", which int() does not). Leading zeros read as decimal ("01" is 1). At most 20
 # characters, checked before int() is called.
 _DECIMAL_RE = re.compile(r"-?[0-9]{1,19}")
 
 
-def get_int(source: dict[str, Any], name: str) -> int:
+def require_int(source: dict[str, Any], name: str) -> int:
     value = source.get(name)
     if value is None:
         raise missing_params(name)

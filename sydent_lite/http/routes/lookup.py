@@ -14,11 +14,11 @@ from sydent_lite.http.auth import require_user
 from sydent_lite.http.client_ip import client_ip
 from sydent_lite.http.request import (
     MAX_BODY_BYTES,
-    get_str,
     is_storable,
     query_params,
     read_body,
     require_fields,
+    require_str,
 )
 from sydent_lite.http.routes import versioned
 from sydent_lite.observability import metrics
@@ -87,12 +87,11 @@ async def lookup_v2(request: Request, ctx: AppContext, v2: bool) -> Response:
         request, allow_form=False, max_bytes=lookup_body_limit(max_addresses), max_items=_v2_items(max_addresses)
     )
     require_fields(body, "algorithm", "pepper", "addresses")
-    algorithm = get_str(body, "algorithm", max_length=64)
-    pepper = get_str(body, "pepper", max_length=256)
+    algorithm = require_str(body, "algorithm", max_length=64)
+    pepper = require_str(body, "pepper", max_length=256)
     addresses = body["addresses"]
     if not isinstance(addresses, list) or not set(map(type, addresses)) <= {str}:
         raise invalid_param("'addresses' must be a list of strings")
-    assert algorithm is not None and pepper is not None
     if len(addresses) > max_addresses:
         raise MatrixError(400, ErrorCode.TOO_LARGE, f"At most {max_addresses} addresses per lookup")
     await _limit_addresses(ctx, who, len(addresses))
@@ -110,8 +109,7 @@ async def lookup_v1(request: Request, ctx: AppContext, v2: bool) -> Response:
     await _limit_addresses(ctx, who, 1)
     params = query_params(request)
     require_fields(params, "medium", "address")
-    medium, address = get_str(params, "medium", max_length=16), get_str(params, "address", max_length=512)
-    assert medium is not None and address is not None
+    medium, address = require_str(params, "medium", max_length=16), require_str(params, "address", max_length=512)
     signed = await ctx.associations.signed_association_json(medium, stored_address(medium, address))
     _LOOKUPS_V1.inc()
     # The stored text as is: no parse and re-encode of a document we wrote ourselves.

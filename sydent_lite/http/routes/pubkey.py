@@ -8,7 +8,7 @@ from starlette.routing import Route
 
 from sydent_lite.context import AppContext
 from sydent_lite.errors import ErrorCode, MatrixError
-from sydent_lite.http.request import get_str, query_params
+from sydent_lite.http.request import query_params, require_str
 from sydent_lite.http.routes import versioned
 from sydent_lite.secrets_util import secrets_equal
 
@@ -20,14 +20,12 @@ async def get_pubkey(request: Request, ctx: AppContext, v2: bool) -> Response:
 
 
 async def pubkey_isvalid(request: Request, ctx: AppContext, v2: bool) -> Response:
-    public_key = get_str(query_params(request), "public_key")
-    assert public_key is not None
+    public_key = require_str(query_params(request), "public_key")
     return JSONResponse({"valid": secrets_equal(public_key, ctx.signer.public_key_base64)})
 
 
 async def ephemeral_isvalid(request: Request, ctx: AppContext, v2: bool) -> Response:
-    public_key = get_str(query_params(request), "public_key", max_length=128)
-    assert public_key is not None
+    public_key = require_str(query_params(request), "public_key", max_length=128)
     return JSONResponse({"valid": await ctx.invites.ephemeral_key_is_valid(public_key)})
 
 
