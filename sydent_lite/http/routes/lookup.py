@@ -6,7 +6,6 @@ from itertools import chain
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from sydent_lite.context import AppContext
 from sydent_lite.errors import ErrorCode, MatrixError, invalid_param
@@ -20,7 +19,7 @@ from sydent_lite.http.request import (
     require_fields,
     require_str,
 )
-from sydent_lite.http.routes import versioned
+from sydent_lite.http.routes import Route, versioned
 from sydent_lite.observability import metrics
 from sydent_lite.services.ratelimit import client_subject
 from sydent_lite.threepids import stored_address

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from sydent_lite.context import AppContext
 from sydent_lite.errors import ErrorCode, MatrixError
 from sydent_lite.http.request import query_params, require_str
-from sydent_lite.http.routes import versioned
+from sydent_lite.http.routes import Route, versioned
 from sydent_lite.secrets_util import secrets_equal
 
 
@@ -31,7 +30,7 @@ async def ephemeral_isvalid(request: Request, ctx: AppContext, v2: bool) -> Resp
 
 def routes() -> list[Route]:
     return [
-        # isvalid routes first: "/pubkey/{key_id}" would otherwise swallow them.
+        # Static paths win over "/pubkey/{key_id}" (sydent_lite.http.app), whatever the order.
         *versioned("/pubkey/isvalid", pubkey_isvalid, ["GET"]),
         *versioned("/pubkey/ephemeral/isvalid", ephemeral_isvalid, ["GET"]),
         *versioned("/pubkey/{key_id}", get_pubkey, ["GET"]),

@@ -8,12 +8,11 @@ import logging
 from sqlalchemy import text
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from sydent_lite.context import AppContext
 from sydent_lite.errors import ErrorCode
 from sydent_lite.http.pages import html_page
-from sydent_lite.http.routes import versioned
+from sydent_lite.http.routes import Route, versioned
 from sydent_lite.templating import LANDING_TEMPLATE
 
 logger = logging.getLogger(__name__)
@@ -66,8 +65,8 @@ async def status(request: Request, ctx: AppContext, v2: bool) -> Response:
 
 def routes() -> list[Route]:
     return [
-        Route("/", landing_page, methods=["GET"]),
-        Route("/_sydent_lite/health", health, methods=["GET"]),
-        Route("/_matrix/identity/versions", versions, methods=["GET"]),
+        Route("/", landing_page, ["GET"]),
+        Route("/_sydent_lite/health", health, ["GET"]),
+        Route("/_matrix/identity/versions", versions, ["GET"]),
         *versioned("", status, ["GET"]),
     ]

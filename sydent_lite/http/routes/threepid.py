@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from sydent_lite.context import AppContext
 from sydent_lite.errors import ErrorCode, MatrixError, invalid_param
@@ -16,7 +15,7 @@ from sydent_lite.http.request import (
     require_opaque_id,
     require_str,
 )
-from sydent_lite.http.routes import versioned
+from sydent_lite.http.routes import Route, versioned
 from sydent_lite.threepids import is_valid_user_id, user_id_server
 
 

@@ -7,7 +7,6 @@ from urllib.parse import quote, unquote_plus, urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from sydent_lite.context import AppContext
 from sydent_lite.errors import ErrorCode, MatrixError
@@ -23,7 +22,7 @@ from sydent_lite.http.request import (
     require_opaque_id,
     require_str,
 )
-from sydent_lite.http.routes import versioned
+from sydent_lite.http.routes import Route, versioned
 from sydent_lite.secrets_util import OPAQUE_ID_RE
 from sydent_lite.services.sessions import SessionLocked
 
