@@ -126,10 +126,7 @@ class Dispatcher:
         self._templated.append((prefix, resource))
         return resource
 
-    def _resolve(self, path: str) -> tuple[_Resource | None, dict[str, str]]:
-        resource = self._static.get(path)
-        if resource is not None:
-            return resource, {}
+    def _resolve_templated(self, path: str) -> tuple[_Resource | None, dict[str, str]]:
         for prefix, resource in self._templated:
             if path.startswith(prefix):
                 value = path[len(prefix) :]
@@ -168,7 +165,10 @@ class Dispatcher:
         root_path: str = scope.get("root_path", "")
         if root_path and path.startswith(root_path):
             path = path[len(root_path) :]
-        resource, path_params = self._resolve(path)
+        resource = self._static.get(path)
+        path_params: dict[str, str] = {}
+        if resource is None:
+            resource, path_params = self._resolve_templated(path)
         try:
             method = scope["method"]
             endpoint = resource.endpoints.get(method) if resource is not None else None
