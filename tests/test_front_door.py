@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from typing import Literal
 
 import httpx
 import pytest
@@ -55,7 +56,7 @@ ROUTES = [
 
 
 class Served:
-    def __init__(self, app: Dispatcher, lifespan: str = "off") -> None:
+    def __init__(self, app: Dispatcher, lifespan: Literal["on", "off"] = "off") -> None:
         self.server = uvicorn.Server(
             # proxy_headers off, as sydent_lite.server runs it: X-Forwarded-For is the app's to judge.
             uvicorn.Config(
