@@ -6,10 +6,9 @@ go around `_execute` to its worker thread (which inline connections never start)
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -46,19 +45,24 @@ def test_renamed_attributes_are_refused(monkeypatch: pytest.MonkeyPatch) -> None
         check_aiosqlite_internals()
 
 
+class _WorkerThreadReply:
+    """What awaiting aiosqlite's worker thread does to a coroutine: it suspends."""
+
+    def __await__(self) -> Generator[None, None, None]:
+        yield
+
+
 def _through_the_worker_thread(method: Callable[..., Any]) -> Callable[..., Any]:
-    """`method` as an aiosqlite that queues it for its thread itself, not through _execute."""
+    """`method` as an aiosqlite that hands it to its thread itself, not through _execute."""
 
     @functools.wraps(method)
     async def queued(self: aiosqlite.Connection) -> Any:
-        future = asyncio.get_event_loop().create_future()
-        self._tx.put_nowait((future, functools.partial(method, self)))
-        return await future
+        await _WorkerThreadReply()
+        return method(self)
 
     return queued
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # get_event_loop() outside a loop, as aiosqlite does
 def test_a_call_that_goes_around_execute_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aiosqlite.Connection, "commit", _through_the_worker_thread(aiosqlite.Connection.commit))
     with pytest.raises(AiosqliteChanged, match=re.escape("commit goes around Connection._execute")):
