@@ -39,7 +39,7 @@ import httpx
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-# The bench's own modules sit beside this script, importable only after the line above (E402).
+# The bench's own modules sit beside this script: importable only after the line above (E402).
 import dataset  # noqa: E402
 import procstat  # noqa: E402
 import sydent_ref  # noqa: E402
