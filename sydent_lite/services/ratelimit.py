@@ -75,6 +75,8 @@ LIMITS: dict[str, Limit] = {
         "store_invite_per_ip", "Too many requests from this client address: store-invite per client address"
     ),
     "si-addr": Limit("store_invite_per_address", "Too many requests for this address: store-invite per address"),
+    "si-sender": Limit("store_invite_per_sender", "Too many invitations from this user: store-invite per sender"),
+    "sms-country": Limit("sms_per_country", "Too many text messages to this country: SMS per country"),
     "lookup": Limit("lookup_per_token", "Too many lookups: lookup requests per user (v2) or client address (v1)"),
     "lookup-addr": Limit(
         "lookup_addresses", "Too many addresses looked up: addresses per user (v2) or client address (v1)"
