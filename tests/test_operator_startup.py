@@ -14,13 +14,16 @@ import subprocess
 import sys
 from collections.abc import Callable
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy.engine import make_url
+from support.db import DatabaseFactory
 from support.homeserver import HomeserverStandIn
 from support.server import REPO_ROOT, V2, SydentServer, new_secret, unique_email
 from support.smtp import SmtpSink
+from test_workers import WorkersServer
 
 from sydent_lite.config import config_from_dict
 from sydent_lite.observability.summary import config_summary, database_summary
@@ -106,6 +109,25 @@ def test_the_start_up_line_summarises_the_config_and_no_log_holds_a_secret(
     assert "not sent" in written  # the failed mail was logged: its line is among those checked
     for name, secret in {**SECRETS, **tokens}.items():
         assert secret not in written, name
+
+
+def test_with_workers_the_line_is_written_once_by_the_parent(
+    db_factory: DatabaseFactory, smtp_sink: SmtpSink, homeserver: HomeserverStandIn, tmp_path: Path
+) -> None:
+    server = WorkersServer(
+        tmp_path / "workers",
+        database_url=db_factory.create().url,
+        smtp_port=smtp_sink.port,
+        ca_file=homeserver.ca_path,
+        name="sydent_lite --workers 2",
+    )
+    server.start()
+    try:
+        assert "(2 workers)" in server.output()  # every worker has started
+        lines = [line for line in server.output().splitlines() if "starting; configuration:" in line]
+        assert len(lines) == 1 and ", workers=2, " in lines[0], server.output()
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize(
