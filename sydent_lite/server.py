@@ -28,6 +28,7 @@ from sydent_lite.http.protocol import PROTOCOL, configure, limits_from_config
 from sydent_lite.memory import limit_malloc_arenas
 from sydent_lite.observability import cleanup_multiprocess, prepare_multiprocess
 from sydent_lite.observability.logs import setup_from_config
+from sydent_lite.observability.sentry import setup_sentry
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ def app_from_env() -> Any:
     config = config_from_dict(json.loads(raw))
     os.environ.pop(CONFIG_ENV, None)  # holds secrets; nothing this worker starts needs it
     setup_from_config(config)  # the same logging as the parent's
+    setup_sentry(config)  # each worker reports its own errors
     configure(limits_from_config(config.listen))  # this process's connections
     return create_app(config)
 
@@ -135,6 +137,9 @@ def serve(config: Config, workers: int = 1) -> int:
     limit_malloc_arenas()
     # Fail on a bad key, terms or templates file (or TLS certificate) before binding the port.
     load_static_parts(config)
+    # ConfigError (sentry-sdk missing, a bad DSN) before the port is bound; workers start
+    # their own reporting.
+    setup_sentry(config, start=workers <= 1)
     limits = limits_from_config(config.listen)
     file_limit = raise_file_limit()  # before the workers start: they inherit it
     if workers <= 1:
