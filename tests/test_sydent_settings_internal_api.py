@@ -43,7 +43,9 @@ def test_bind_and_unbind(make_server: Any, api_for: Any) -> None:
     address = unique_email()
     with internal:
         # An address as typed: stored case-folded, as /3pid/bind stores it.
-        resp = internal.post(f"{INTERNAL}/bind", json={"medium": "email", "address": address.upper(), "mxid": user.user_id})
+        resp = internal.post(
+            f"{INTERNAL}/bind", json={"medium": "email", "address": address.upper(), "mxid": user.user_id}
+        )
         assert resp.status_code == 200, resp.text
         signed = resp.json()
         assert (signed["medium"], signed["address"], signed["mxid"]) == ("email", address, user.user_id)

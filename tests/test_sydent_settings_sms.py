@@ -33,7 +33,12 @@ def us() -> str:
 
 
 def request_token(api: IdentityApi, number: str, send_attempt: int = 1, secret: str | None = None) -> httpx.Response:
-    body = {"client_secret": secret or new_secret(), "country": "", "phone_number": number, "send_attempt": send_attempt}
+    body = {
+        "client_secret": secret or new_secret(),
+        "country": "",
+        "phone_number": number,
+        "send_attempt": send_attempt,
+    }
     return api.client.post(f"{V1}/validate/msisdn/requestToken", json=body)
 
 
@@ -93,7 +98,11 @@ def test_limit_per_country(make_server: Any, api_for: Any, tmp_path: Path) -> No
         make_server,
         api_for,
         tmp_path,
-        rate_limits={"enabled": True, "request_token_per_ip_burst": 100, "sms_per_country_per_hour": {"fr": 2, "default": 1}},
+        rate_limits={
+            "enabled": True,
+            "request_token_per_ip_burst": 100,
+            "sms_per_country_per_hour": {"fr": 2, "default": 1},
+        },
     )
     assert_sent(api, outbox, fr())
     assert_sent(api, outbox, fr())

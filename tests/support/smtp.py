@@ -108,7 +108,9 @@ class _Handler:
         content = envelope.original_content if envelope.original_content is not None else envelope.content
         if isinstance(content, str):  # only with decode_data=True, which we do not use
             content = content.encode("utf-8")
-        mail = ReceivedMail(envelope.mail_from, list(envelope.rcpt_tos), bytes(content), ehlo_name=session.host_name or "")
+        mail = ReceivedMail(
+            envelope.mail_from, list(envelope.rcpt_tos), bytes(content), ehlo_name=session.host_name or ""
+        )
         self.sink._record(mail)
         return "250 Message accepted for delivery"
 
