@@ -149,7 +149,10 @@ def test_bad_config_names_the_key(data: dict[Any, Any], message: str) -> None:
             {"sms": {"originators": {44: "beta:x"}}},
             "config key 'sms.originators.44' must look like alpha:NAME, long:NUMBER or short:CODE",
         ),
-        ({"sms": {"originators": {"default": 5}}}, "config key 'sms.originators.default' must be a string or a list of strings"),
+        (
+            {"sms": {"originators": {"default": 5}}},
+            "config key 'sms.originators.default' must be a string or a list of strings",
+        ),
         ({"sms": {"webhook": {"headers": {"X-Key": 5}}}}, "config key 'sms.webhook.headers.X-Key' must be a string"),
         (
             {"sms": {"provider": "twilio", "twilio": {"account_sid": "AC1"}}},

@@ -10,11 +10,11 @@ from typing import Any
 
 import httpx
 import pytest
+from support.homeserver import HomeserverStandIn
+from support.server import V1, V2, IdentityApi, SydentServer, unique_email
+from support.smtp import SmtpSink
 
 from sydent_lite.config import ConfigError, config_from_dict
-from tests.support.homeserver import HomeserverStandIn
-from tests.support.server import V1, V2, IdentityApi, SydentServer, unique_email
-from tests.support.smtp import SmtpSink
 
 NOT_ALLOWED = {"errcode": "M_UNAUTHORIZED", "error": "This homeserver is not authorized to access this server."}
 V1_OFF = {"access": {"v1_enabled": False}}

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.support.db import allow_inserts, refuse_inserts
-from tests.support.homeserver import HomeserverStandIn
-from tests.support.server import REPO_ROOT, V2, IdentityApi, SydentServer, unique_email, wait_until
-from tests.support.smtp import SmtpSink
+from support.db import allow_inserts, refuse_inserts
+from support.homeserver import HomeserverStandIn
+from support.server import REPO_ROOT, V2, IdentityApi, SydentServer, unique_email, wait_until
+from support.smtp import SmtpSink
 
 
 def test_email_hostname_is_the_ehlo_name(make_server: Any, api_for: Any, smtp: SmtpSink) -> None:

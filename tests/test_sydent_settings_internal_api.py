@@ -14,12 +14,12 @@ import httpx
 import pytest
 import signedjson.key
 import signedjson.sign
+from support.homeserver import HomeserverStandIn
+from support.server import REPO_ROOT, V1, V2, IdentityApi, SydentServer, unique_email
+from support.smtp import SmtpSink, free_port
 from unpaddedbase64 import decode_base64
 
 from sydent_lite.config import ConfigError, config_from_dict
-from tests.support.homeserver import HomeserverStandIn
-from tests.support.server import REPO_ROOT, V1, V2, IdentityApi, SydentServer, unique_email
-from tests.support.smtp import SmtpSink, free_port
 
 INTERNAL = "/_matrix/identity/internal"
 

@@ -11,11 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
-
-from tests.support.db import sql
-from tests.support.homeserver import HomeserverStandIn
-from tests.support.server import V1, V2, IdentityApi, SydentServer, unique_email, wait_until
-from tests.support.smtp import SmtpSink
+from support.db import sql
+from support.homeserver import HomeserverStandIn
+from support.server import V1, V2, IdentityApi, SydentServer, unique_email, wait_until
+from support.smtp import SmtpSink
 
 NOT_ALLOWED = {"errcode": "M_UNAUTHORIZED", "error": "Invite not allowed"}
 

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-from tests.support.server import V1, IdentityApi, new_secret, wait_until
+from support.server import V1, IdentityApi, new_secret, wait_until
 
 
 def gb() -> str:
