@@ -30,6 +30,8 @@ from sydent_lite.memory import limit_malloc_arenas
 from sydent_lite.observability import cleanup_multiprocess, prepare_multiprocess
 from sydent_lite.observability.logs import setup_from_config
 from sydent_lite.observability.sentry import setup_sentry
+from sydent_lite.observability.summary import config_summary
+from sydent_lite.version import package_version
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +158,8 @@ def serve(config: Config, workers: int = 1) -> int:
     # ConfigError (sentry-sdk missing, a bad DSN) before the port is bound; workers start
     # their own reporting.
     setup_sentry(config, start=workers <= 1)
+    # Once, by the process the operator started (workers do not repeat it).
+    logger.info("sydent-lite %s starting; %s", package_version(), config_summary(config, workers))
     limits = limits_from_config(config.listen)
     file_limit = raise_file_limit()  # before the workers start: they inherit it
     if workers <= 1:

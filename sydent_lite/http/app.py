@@ -313,7 +313,8 @@ def create_app(config: Config, context_factory: Callable[[Config], object] = bui
                 await metrics_server.stop()
             await ctx.aclose()
 
-    return FrontDoor(starlette_app(all_routes(config.access), lifespan=lifespan))
+    routes: list[BaseRoute] = [*all_routes(config.access)]  # the ones config.access leaves on
+    return FrontDoor(starlette_app(routes, lifespan=lifespan))
 
 
 def starlette_app(routes: list[BaseRoute], lifespan: Callable[[Starlette], Any] | None = None) -> Starlette:

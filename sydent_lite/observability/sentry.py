@@ -11,10 +11,10 @@ tagged with our server name.
 from __future__ import annotations
 
 import logging
-from importlib import metadata
 from typing import Any
 
 from sydent_lite.config import Config, ConfigError
+from sydent_lite.version import package_version
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +51,9 @@ def setup_sentry(config: Config, *, start: bool = True) -> bool:
         raise ConfigError(f"config key 'sentry_dsn' is not a usable Sentry DSN: {type(e).__name__}") from None
     if not start:
         return False
-    try:
-        release = metadata.version("sydent-lite")
-    except metadata.PackageNotFoundError:  # pragma: no cover (run from a source tree)
-        release = None
     sentry_sdk.init(
         dsn=config.sentry_dsn,
-        release=release,
+        release=package_version(),
         send_default_pii=False,
         include_local_variables=False,
         include_source_context=False,
