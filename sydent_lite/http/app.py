@@ -319,6 +319,18 @@ def create_app(config: Config, context_factory: Callable[[Config], object] = bui
             except BaseException:
                 await ctx.aclose()
                 raise
+        internal_api = None
+        if config.internal_api.enabled:
+            from sydent_lite.http.internal_api import InternalApiServer
+
+            internal_api = InternalApiServer(config.internal_api, ctx)
+            try:
+                await internal_api.start()
+            except BaseException:
+                if metrics_server is not None:
+                    await metrics_server.stop()
+                await ctx.aclose()
+                raise
         # Pending callbacks live in the database: a restarted server picks them up here.
         tasks = [
             asyncio.create_task(_periodic_cleanup(ctx)),
@@ -333,12 +345,14 @@ def create_app(config: Config, context_factory: Callable[[Config], object] = bui
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if internal_api is not None:
+                await internal_api.stop()
             if metrics_server is not None:
                 await metrics_server.stop()
             await ctx.aclose()
 
     return Dispatcher(
-        all_routes(),
+        all_routes(config.access),  # the ones config.access leaves on
         lifespan=lifespan,
         trusted_proxies=config.listen.trusted_proxies,
         log_client_address=config.log_client_address,
