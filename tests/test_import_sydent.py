@@ -326,6 +326,7 @@ FIRST_RUN = {
     "associations_already_present": 0,
     "associations_newer_here_kept": 1,
     "associations_resigned": 1,
+    "associations_signature_repaired": 0,
     "associations_unbound_in_sydent": 1,
     "associations_unusable_skipped": 0,
     "invites_imported": 2,
@@ -341,7 +342,13 @@ FIRST_RUN = {
     "terms_acceptances_already_present": 0,
     "signing_key_imported": 1,
     "signing_key_already_present": 0,
+    "lookup_pepper_from_sydent": 1,
     "sydent_rows_unreadable_skipped": 0,
+    "erased_associations_skipped": 0,
+    "erased_sessions_skipped": 0,
+    "erased_invites_skipped": 0,
+    "erased_account_tokens_skipped": 0,
+    "erased_terms_acceptances_skipped": 0,
 }
 
 
@@ -552,6 +559,7 @@ def test_import_then_serve(db_factory, smtp_sink, tmp_path: Path) -> None:  # ty
         "account_tokens_already_present": 3,
         "terms_acceptances_already_present": 3,
         "signing_key_already_present": 1,
+        "lookup_pepper_from_sydent": 1,
     }
 
     # And the real server serves it all.
@@ -685,8 +693,8 @@ def test_a_key_that_did_not_sign_sydents_associations_is_refused(db_factory, tmp
 
 
 def test_without_sydents_key_ours_signs(db_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """No --signing-key: our key stays (created if needed) and Sydent's own associations are
-    re-signed with it; the peer's keep the peer's signature. Via the command line."""
+    """--new-signing-key: a new key of ours and Sydent's own associations re-signed with it;
+    the peer's keep the peer's signature. Via the command line."""
     db = db_factory.create()
     fx = build_sydent_db(tmp_path / "sydent.db", "id.test", signedjson.key.generate_signing_key("0"))
     ours_path = tmp_path / "signing.key"
@@ -697,7 +705,16 @@ def test_without_sydents_key_ours_signs(db_factory, tmp_path: Path) -> None:  # 
 
     def cli() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "sydent_lite", "import-sydent", str(fx.path), "--config", str(config_path)],
+            [
+                sys.executable,
+                "-m",
+                "sydent_lite",
+                "import-sydent",
+                str(fx.path),
+                "--config",
+                str(config_path),
+                "--new-signing-key",
+            ],
             capture_output=True,
             text=True,
             timeout=120,
