@@ -25,6 +25,7 @@ import pytest
 import signedjson.key
 import signedjson.sign
 import yaml
+from signedjson.types import SigningKey
 from sqlalchemy import select
 from support.db import allow_inserts, refuse_inserts
 from support.server import SydentServer
@@ -65,7 +66,9 @@ FACTS: dict[str, Any] = json.loads((FIXTURES / "facts.json").read_text(encoding=
 REPO = Path(__file__).resolve().parent.parent
 V1 = "/_matrix/identity/api/v1"
 V2 = "/_matrix/identity/v2"
-SYDENT_KEY = parse_signing_key_value(FACTS["signing_key_in_conf"])
+_key = parse_signing_key_value(FACTS["signing_key_in_conf"])
+assert _key is not None
+SYDENT_KEY: SigningKey = _key
 SERVER_NAME = FACTS["server_name"]
 # The stored (case-folded) address of each association Sydent held, and its facts.
 STORED = {f["address_casefolded"]: f for f in FACTS["associations"].values() if f["expected_mxid"]}
@@ -124,7 +127,8 @@ async def _select(url: str, query: Any) -> list[dict[str, Any]]:
 
 
 def select_all(url: str, query: Any) -> list[dict[str, Any]]:
-    return run(_select(url, query))
+    rows: list[dict[str, Any]] = run(_select(url, query))
+    return rows
 
 
 def dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
@@ -175,8 +179,15 @@ def test_one_command_then_serve_as_sydent(db_factory, smtp_sink, homeserver, tmp
     assert config.metrics.enabled and config.metrics.port == 18092
     assert load_or_create_signing_key(config.signing_key_path).encode() == SYDENT_KEY.encode()
 
+    # The same command again: our config is kept as it is, nothing changes.
+    before = dump(db.url)
+    again = one_command(folder, out, db.url)
+    assert again.returncode == 0 and f"using the existing {out} as it is" in again.stdout, again.stderr
+    assert printed_counts(again.stdout)["associations_already_present"] == len(BOUND)
+    assert dump(db.url) == before and yaml.safe_load(out.read_text()) == written
+
     # Served from that config (the test's own ports, mail sink and homeserver stand-in).
-    overrides = {
+    overrides: dict[str, dict[str, Any]] = {
         "listen": {"trusted_proxies": []},
         "metrics": {"enabled": False},
         "rate_limits": {"enabled": False},
@@ -348,14 +359,8 @@ def test_an_import_that_fails_half_way_leaves_the_database_as_it_was(db_factory,
     db = db_factory.create()
     folder = sydent_folder(tmp_path)
     config = our_config(db.url, tmp_path / "signing.key")
-    run(import_sydent(config, folder / "sydent.db", folder / "sydent.conf"))  # creates the schema
-    run(operator.delete_person(config, MatrixUser("@nobody:hs.test")))
-    empty = {name: [] for name in ("associations", "invites", "validation_sessions", "accounts", "accepted_terms")}
-    for table in empty:
-        from support.db import sql
-
-        sql(db.url, f"DELETE FROM {table}")
-    sql(db.url, f"DELETE FROM server_state WHERE name = '{PEPPER_KEY}'")
+    run(migrate_database(db.url))
+    run(operator.delete_person(config, MatrixUser("@nobody:hs.test")))  # something of ours: an erasure
     before = dump(db.url)
 
     refuse_inserts(db.url, "accepted_terms")  # the last table written: everything else went in first
@@ -370,9 +375,9 @@ def test_an_import_that_fails_half_way_leaves_the_database_as_it_was(db_factory,
 # --- a running server ----------------------------------------------------------------------------
 
 
-def test_import_refused_while_a_server_runs_and_no_server_starts_during_one(
+def test_import_refused_while_a_server_runs_and_no_server_starts_during_one(  # type: ignore[no-untyped-def]
     db_factory, smtp_sink, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     db = db_factory.create()
     folder = sydent_folder(tmp_path)
     server = SydentServer(tmp_path / "server", database_url=db.url, smtp_port=smtp_sink.port, ca_file=None)
