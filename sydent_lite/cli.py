@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from sydent_lite.config import Config, ConfigError, load_config
 from sydent_lite.observability.logs import setup_from_config
 from sydent_lite.signing import SigningKeyError
+from sydent_lite.storage.inline_sqlite import AiosqliteChanged
 
 if TYPE_CHECKING:
     from signedjson.types import SigningKey
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _cmd_serve(config, args.workers)
         return _cmd_migrate(config)
-    except (ConfigError, SigningKeyError) as e:
+    except (ConfigError, SigningKeyError, AiosqliteChanged) as e:
         print(f"sydent-lite: {e}", file=sys.stderr)
         return 2
 
