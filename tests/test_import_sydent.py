@@ -365,12 +365,12 @@ def make_config(url: str, server_name: str, key_path: Path) -> Any:
     return config_from_dict({"server_name": server_name, "database": {"url": url}, "signing_key_path": str(key_path)})
 
 
-async def _dump(url: str) -> dict[str, list[tuple]]:
+async def _dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
     engine = open_database(url)
     try:
         async with engine.connect() as conn:
             names = await conn.run_sync(lambda c: inspect(c).get_table_names())
-            out = {}
+            out: dict[str, list[tuple[Any, ...]]] = {}
             for name in sorted(names):
                 rows = (await conn.execute(text(f'SELECT * FROM "{name}"'))).all()
                 out[name] = sorted((tuple(r) for r in rows), key=repr)
@@ -379,8 +379,9 @@ async def _dump(url: str) -> dict[str, list[tuple]]:
         await engine.dispose()
 
 
-def dump(url: str) -> dict[str, list[tuple]]:
-    return run(_dump(url))
+def dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    tables: dict[str, list[tuple[Any, ...]]] = run(_dump(url))
+    return tables
 
 
 async def _prepare_ours(url: str, now: int) -> None:
@@ -420,7 +421,8 @@ async def _select(url: str, query: Any) -> list[dict[str, Any]]:
 
 
 def select_all(url: str, query: Any) -> list[dict[str, Any]]:
-    return run(_select(url, query))
+    rows: list[dict[str, Any]] = run(_select(url, query))
+    return rows
 
 
 def write_key(path: Path, key: Any) -> Path:
@@ -430,7 +432,7 @@ def write_key(path: Path, key: Any) -> Path:
 
 
 def verify(signed_json: str, server_name: str, key: Any) -> dict[str, Any]:
-    obj = json.loads(signed_json)
+    obj: dict[str, Any] = json.loads(signed_json)
     signedjson.sign.verify_signed_json(obj, server_name, signedjson.key.get_verify_key(key))
     return obj
 
