@@ -538,6 +538,19 @@ def test_sydent_conf_is_read_as_sydent_reads_it(tmp_path: Path) -> None:
     assert settings.signing_key is not None and settings.signing_key.encode() == SYDENT_KEY.encode()
     assert settings.sydent_db == FIXTURES / "sydent.db"
 
+    # Old files kept settings in [DEFAULT]; Sydent 2.6.1 puts its defaults into each section
+    # before reading the file, so those win (checked with the real Sydent): said, not used.
+    old = tmp_path / "old.conf"
+    old.write_text(
+        f"[DEFAULT]\nserver.name = old.example\nemail.smtphost = mail.old.example\n"
+        f"[crypto]\ned25519.signingkey = {FACTS['signing_key_in_conf']}\n"
+    )
+    settings = settings_from_sydent(
+        read_sydent_conf(old), database_url="sqlite:////tmp/x.db", signing_key_path=tmp_path / "k"
+    )
+    assert settings.data["server_name"] == os.uname()[1] and settings.data["email"]["smtp"]["host"] == "localhost"
+    assert "not mapped: [DEFAULT] server.name: Sydent 2.6.1 did not use it" in "\n".join(settings.report())
+
 
 # Every option Sydent 2.6.1 reads (sydent/config/*.py: cfg.get/getint/getfloat/getboolean/has_option;
 # originators.<cc> and smsrule.<cc> by prefix, [peer.<name>] by section).

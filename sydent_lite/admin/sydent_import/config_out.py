@@ -20,7 +20,7 @@ from signedjson.types import SigningKey
 from sydent_lite.admin.sydent_import.errors import SydentImportError
 from sydent_lite.admin.sydent_import.keys import parse_signing_key_value
 from sydent_lite.admin.sydent_import.ownership import give_to_folder_owner
-from sydent_lite.admin.sydent_import.settings_map import Conversion, NoEquivalent, convert_option
+from sydent_lite.admin.sydent_import.settings_map import Conversion, NoEquivalent, convert_option, setting_for
 from sydent_lite.admin.sydent_import.sydent_conf import SYDENT_DEFAULTS, SydentConf
 from sydent_lite.config import Config, ConfigError, config_from_dict
 
@@ -63,7 +63,14 @@ def settings_from_sydent(conf: SydentConf, *, database_url: str, signing_key_pat
     unmapped: list[str] = []
     options = [(s, o) for s in conf.sections() for o in conf.options(s)]
     options += [k for k in _FALLBACKS if k not in options]
+    inherited = set(conf.parser.defaults())  # [DEFAULT] keys: configparser shows them in every section
+    for option in sorted(inherited):
+        # Sydent puts its defaults into each section before reading the file: they win over [DEFAULT].
+        if any(option in entries for entries in SYDENT_DEFAULTS.values()):
+            unmapped.append(f"[DEFAULT] {option}: Sydent 2.6.1 did not use it (its default in the section wins)")
     for section, option in options:
+        if option in inherited and setting_for(section, option) is None:
+            continue  # not this section's option: its own section (if any) reads it
         value = conf.get(section, option, fallback=_FALLBACKS.get((section, option)))
         assert value is not None
         if (section, option) == ("crypto", "ed25519.signingkey") or (section, option) == ("db", "db.file"):
