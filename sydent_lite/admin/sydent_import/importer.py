@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from signedjson.types import SigningKey
-from sqlalchemy import text
+from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sydent_lite.admin.sydent_import.counts import ImportCounts
@@ -26,13 +26,14 @@ from sydent_lite.admin.sydent_import.write import write_import
 from sydent_lite.config import Config
 from sydent_lite.context import operator_context
 from sydent_lite.secrets_util import now_ms
-from sydent_lite.services.hashing import PEPPER_KEY, load_pepper
+from sydent_lite.services.hashing import HASHED_WITH_KEY, PEPPER_KEY, load_pepper, lookup_hash
 from sydent_lite.signing import ServerSigner
 from sydent_lite.storage.associations import AssociationStore
+from sydent_lite.storage.batching import chunks
 from sydent_lite.storage.dialect import insert_for
 from sydent_lite.storage.serving_lock import ServingLockBusy, take_serving_lock
 from sydent_lite.storage.state import ServerStateStore
-from sydent_lite.storage.tables import server_state
+from sydent_lite.storage.tables import associations, server_state
 
 logger = logging.getLogger(__name__)
 
@@ -98,11 +99,11 @@ async def import_sydent(
             async with ctx.database.begin() as conn:  # all or nothing
                 plan, data, erased = await drop_erased(conn, plan, data)
                 if data.pepper is not None and pepper == data.pepper:
-                    await _set_state(conn, PEPPER_KEY, pepper)
+                    await _adopt_pepper(conn, pepper)
                     counts.lookup_pepper_from_sydent = 1
                 await write_import(conn, plan, data, pepper, now_ms(), counts)
-            # Sydent's pepper: every hash of ours computed before under another is recomputed
-            # (a no-op if none was); a server starting after a failure here does the same.
+            # A no-op (every hash is under the pepper we serve); it also holds for a database
+            # an older version left half-hashed.
             await load_pepper(state, AssociationStore(ctx.database))
             # Fresh statistics for the planner: a big import changes the tables' shape at once,
             # and autovacuum (if it runs at all) gets to it later.
@@ -127,6 +128,24 @@ async def import_sydent(
         )
     logger.info("import from %s: %s", sydent_db, ", ".join(f"{k}={v}" for k, v in counts.as_dict().items() if v))
     return counts
+
+
+async def _adopt_pepper(conn: AsyncConnection, pepper: str) -> None:
+    """Sydent's pepper becomes ours, in the import's transaction: the hashes of associations we
+    had (none, when importing before the first start) are recomputed under it first."""
+    hashed_with = (
+        await conn.execute(select(server_state.c.value).where(server_state.c.name == HASHED_WITH_KEY))
+    ).scalar_one_or_none()
+    if hashed_with != pepper:
+        ours = (await conn.execute(select(associations.c.id, associations.c.medium, associations.c.address))).all()
+        rehash = update(associations).where(associations.c.id == bindparam("row_id"))
+        for chunk in chunks(ours, 1000):
+            await conn.execute(
+                rehash.values(lookup_hash=bindparam("new_hash")),
+                [{"row_id": i, "new_hash": lookup_hash(a, m, pepper)} for i, m, a in chunk],
+            )
+        await _set_state(conn, HASHED_WITH_KEY, pepper)
+    await _set_state(conn, PEPPER_KEY, pepper)
 
 
 async def _set_state(conn: AsyncConnection, name: str, value: str) -> None:
