@@ -33,6 +33,8 @@ _FALLBACKS = {
     ("email", "email.third_party_invite_keyword_blocklist"): "",
     ("sms", "msisdn.ratelimit.burst"): "5",
     ("sms", "msisdn.ratelimit.rate_hz"): repr(1.0 / (60.0 * 60.0)),
+    ("sms", "country.ratelimit.burst"): "50",
+    ("sms", "country.ratelimit.rate_hz"): repr(1.0 / 60.0),
 }
 
 

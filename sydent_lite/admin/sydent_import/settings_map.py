@@ -216,6 +216,21 @@ def _per_hour(key: str) -> Converter:
     return convert
 
 
+def _country_rate(value: str, c: Conversion) -> dict[str, Any]:
+    return {"rate_limits.sms_per_country_per_hour": {"default": max(1, round(_float(value) * 3600))}}
+
+
+def _country_burst(value: str, c: Conversion) -> dict[str, Any]:
+    _int(value)
+    rate = c.conf.get("sms", "country.ratelimit.rate_hz")
+    if rate is not None and _int(value) != max(1, round(_float(rate) * 3600)):
+        c.notes.append(
+            f"[sms] country.ratelimit.burst = {value}: our burst per country is the hourly number "
+            "(rate_limits.sms_per_country_per_hour)"
+        )
+    return {}
+
+
 def _sms_username(value: str, c: Conversion) -> dict[str, Any]:
     if not value:
         return {}
@@ -435,16 +450,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "sms",
         "country.ratelimit.burst",
-        None,
-        None,
-        "no per-country SMS limit key in this build (the limits per address and per client IP apply)",
+        "rate_limits.sms_per_country_per_hour",
+        _country_burst,
+        "our burst per country is the hourly number",
     ),
     Setting(
         "sms",
         "country.ratelimit.rate_hz",
-        None,
-        None,
-        "no per-country SMS limit key in this build (the limits per address and per client IP apply)",
+        "rate_limits.sms_per_country_per_hour",
+        _country_rate,
+        "per second -> per hour, as `default` (each country its own bucket; Sydent: each calling code)",
     ),
     Setting(
         "crypto",
