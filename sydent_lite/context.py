@@ -45,6 +45,7 @@ from sydent_lite.storage.database import (
 )
 from sydent_lite.storage.invites import InviteStore
 from sydent_lite.storage.people import PeopleStore
+from sydent_lite.storage.serving_lock import ServingLock, take_serving_lock
 from sydent_lite.storage.sessions import SessionStore
 from sydent_lite.storage.state import ServerStateStore
 from sydent_lite.templating import TemplateStore
@@ -68,8 +69,11 @@ class AppContext:
     rate_limiter: RateLimiter
     lookup_index: LookupIndex
     access: HomeserverAllowList
+    serving_lock: ServingLock | None = None
 
     async def aclose(self) -> None:
+        if self.serving_lock is not None:
+            await self.serving_lock.release()
         await self.sessions.aclose()
         await self.federation.aclose()
         await self.rate_limiter.aclose()
@@ -99,6 +103,8 @@ async def build_context(config: Config) -> AppContext:
     signer, terms, templates = load_static_parts(config)
     database = open_database(config.database.url)
     await migrate(database)
+    # Held while serving: an import-sydent refuses to run meanwhile (storage.serving_lock).
+    serving_lock = await take_serving_lock(database, config.database.url, exclusive=False)
     await analyze_if_never_analyzed(database)
     association_store = AssociationStore(database)
     account_store = AccountStore(database)
@@ -142,6 +148,7 @@ async def build_context(config: Config) -> AppContext:
         rate_limiter=rate_limiter,
         lookup_index=lookup_index,
         access=access,
+        serving_lock=serving_lock,
     )
 
 
