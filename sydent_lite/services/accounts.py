@@ -6,7 +6,7 @@ import ipaddress
 import logging
 
 from sydent_lite.config import RateLimitConfig
-from sydent_lite.errors import MatrixError, invalid_param, unauthorized
+from sydent_lite.errors import ErrorCode, MatrixError, invalid_param, unauthorized
 from sydent_lite.federation.client import FederationClient
 from sydent_lite.federation.openid import OpenIdError, exchange_openid_token
 from sydent_lite.federation.resolver import parse_server_name
@@ -82,4 +82,4 @@ class AccountService:
 
     async def logout(self, token: str) -> None:
         if not await self._store.delete_token(hash_secret(token)):
-            raise MatrixError(401, "M_UNKNOWN_TOKEN", "Unrecognised access token")
+            raise MatrixError(401, ErrorCode.UNKNOWN_TOKEN, "Unrecognised access token")

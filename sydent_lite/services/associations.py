@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from operator import itemgetter
 from typing import Any
 
-from sydent_lite.errors import MatrixError, invalid_param
+from sydent_lite.errors import ErrorCode, MatrixError, invalid_param
 from sydent_lite.secrets_util import now_ms
 from sydent_lite.services.hashing import lookup_hash
 from sydent_lite.services.lookup_index import LookupIndex
@@ -114,13 +114,13 @@ class AssociationService:
             # for, known to be supported (checked above).
             raise MatrixError(
                 400,
-                "M_INVALID_PEPPER",
+                ErrorCode.INVALID_PEPPER,
                 "Unknown or invalid pepper - has it been rotated?",
                 algorithm=algorithm,
                 lookup_pepper=self.pepper,
             )
         if len(addresses) > self._max_addresses:
-            raise MatrixError(400, "M_TOO_LARGE", f"At most {self._max_addresses} addresses per lookup")
+            raise MatrixError(400, ErrorCode.TOO_LARGE, f"At most {self._max_addresses} addresses per lookup")
         await self._index.catch_up()
         if algorithm == "sha256":
             return await self._index.mxids(addresses)

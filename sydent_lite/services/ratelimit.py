@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Protocol
 
-from sydent_lite.errors import MatrixError
+from sydent_lite.errors import ErrorCode, MatrixError
 from sydent_lite.observability import metrics
 from sydent_lite.token_bucket import refill, take_amount
 
@@ -291,7 +291,9 @@ class RateLimiter:
         if not self.enabled or cost <= 0:
             return
         if cost > burst:
-            raise MatrixError(400, "M_TOO_LARGE", f"Too large for this server's rate limit: at most {burst} at once")
+            raise MatrixError(
+                400, ErrorCode.TOO_LARGE, f"Too large for this server's rate limit: at most {burst} at once"
+            )
         while True:
             if self._spend_lease(key, cost):
                 return
@@ -325,7 +327,7 @@ class RateLimiter:
         retry_ms = max(1, math.ceil(missing / rate_per_second * 1000)) if rate_per_second > 0 else 60_000
         limit = limit_of(key)
         metrics.RATE_LIMITED.labels(limit=limit.name).inc()
-        raise MatrixError(429, "M_LIMIT_EXCEEDED", limit.refusal, retry_after_ms=retry_ms)
+        raise MatrixError(429, ErrorCode.LIMIT_EXCEEDED, limit.refusal, retry_after_ms=retry_ms)
 
     def _spend_lease(self, key: str, cost: int) -> bool:
         in_hand, expires = self._leases.get(key, (0, 0.0))

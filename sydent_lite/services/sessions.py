@@ -11,6 +11,7 @@ from sydent_lite.config import Config
 from sydent_lite.delivery.email import EmailSender, EmailSendError
 from sydent_lite.delivery.sms import SmsProvider, SmsSendError, originator_for
 from sydent_lite.errors import (
+    ErrorCode,
     MatrixError,
     no_valid_session,
     session_expired,
@@ -31,7 +32,7 @@ SID_LENGTH = 24
 class TokenIncorrect(MatrixError):
     def __init__(self) -> None:
         # One answer for a wrong token and a wrong client secret: a guesser learns nothing.
-        super().__init__(400, "M_TOKEN_INCORRECT", "The token or client secret is incorrect")
+        super().__init__(400, ErrorCode.TOKEN_INCORRECT, "The token or client secret is incorrect")
 
 
 class SessionLocked(MatrixError):
@@ -41,7 +42,7 @@ class SessionLocked(MatrixError):
     def __init__(self) -> None:
         super().__init__(
             400,
-            "M_SESSION_EXPIRED",
+            ErrorCode.SESSION_EXPIRED,
             "Too many incorrect codes were tried for this validation session: request a new code",
         )
 
@@ -113,7 +114,7 @@ class SessionService:
         refused = number.region in sms.refused_countries if number.region else False
         # An allow-list admits only its countries; a number of no known country is not in it.
         if refused or (sms.allowed_countries and number.region not in sms.allowed_countries):
-            raise MatrixError(400, "M_DESTINATION_REJECTED", "This server does not send SMS to that country")
+            raise MatrixError(400, ErrorCode.DESTINATION_REJECTED, "This server does not send SMS to that country")
 
         async def send(sid: str, token: str) -> None:
             # Taken only when an SMS is about to leave (a retry of the same send_attempt sends
@@ -125,7 +126,7 @@ class SessionService:
             except SmsSendError as e:
                 metrics.SMS_FAILED.inc()
                 logger.warning("validation SMS for session %s not sent: %s", sid, e)
-                raise MatrixError(400, "M_SEND_ERROR", "The validation SMS could not be sent") from None
+                raise MatrixError(400, ErrorCode.SEND_ERROR, "The validation SMS could not be sent") from None
             metrics.SMS_SENT.inc()
 
         digits = "0123456789"
@@ -228,7 +229,7 @@ class SessionService:
         except EmailSendError as e:
             metrics.EMAILS_FAILED.labels(kind="validation").inc()
             logger.warning("validation mail for session %s not sent: %s", sid, e)
-            raise MatrixError(400, "M_EMAIL_SEND_ERROR", "The validation email could not be sent") from None
+            raise MatrixError(400, ErrorCode.EMAIL_SEND_ERROR, "The validation email could not be sent") from None
         metrics.EMAILS_SENT.labels(kind="validation").inc()
 
     # --- submitToken and checks ---------------------------------------------------------
