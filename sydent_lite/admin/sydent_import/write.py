@@ -25,7 +25,7 @@ from sqlalchemy import Row, Table, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sydent_lite.admin.sydent_import.counts import CopiedKind, ImportCounts
-from sydent_lite.admin.sydent_import.plan import AssociationPlan, ChosenAssociation
+from sydent_lite.admin.sydent_import.plan import ChosenAssociation
 from sydent_lite.admin.sydent_import.read import (
     SydentData,
     SydentEphemeralKey,
@@ -50,11 +50,8 @@ _CHUNK = 500
 _MAX_EPHEMERAL_KEY = 64  # ephemeral_public_keys.public_key: longer ones were never ours to check
 
 
-async def write_import(
-    conn: AsyncConnection, plan: AssociationPlan, data: SydentData, pepper: str, now: int, counts: ImportCounts
-) -> None:
-    """The planned associations, then every other table (`now`: for rows Sydent kept no time of)."""
-    await _write_associations(conn, plan.chosen, pepper, counts)
+async def write_other_tables(conn: AsyncConnection, data: SydentData, now: int, counts: ImportCounts) -> None:
+    """Every table but the associations (`now`: for rows Sydent kept no time of)."""
     counts.sessions_without_token_skipped += sum(1 for s in data.sessions if s.token is None)
     for copy in _copies(data, now):
         imported, present = await _insert_new_rows(conn, copy)
@@ -64,9 +61,10 @@ async def write_import(
 # --- associations ---------------------------------------------------------------------------------
 
 
-async def _write_associations(
+async def write_associations(
     conn: AsyncConnection, chosen: list[ChosenAssociation], pepper: str, counts: ImportCounts
 ) -> None:
+    """One batch of planned associations (each 3PID once in a batch, and in one batch only)."""
     key = ("medium", "address")
     compared = ("mxid", "ts", "not_before", "not_after", "signed_json")
     ours = await _rows_by_key(conn, associations, key, [(c.medium, c.address) for c in chosen], compared)
