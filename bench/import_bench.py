@@ -67,9 +67,22 @@ async def _pg(admin_url: str, sql: str) -> None:
         await conn.close()
 
 
-def run_import(source: Path, config: Path, db: Path, key: Path) -> tuple[float, int, str]:
+def run_import(source: Path, config: Path, db: Path, key: Path, profile: Path | None) -> tuple[float, int, str]:
     env = dict(os.environ, PYTHONPATH=str(source))
     cmd = [sys.executable, "-m", "sydent_lite", "import-sydent", str(db), "--signing-key", str(key)]
+    if profile is not None:  # py-spy's collapsed stacks (its own overhead is in the time then)
+        cmd = [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "-r",
+            "50",
+            "-f",
+            "raw",
+            "-o",
+            str(profile),
+            "--",
+            *cmd,
+        ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.monotonic()
     out = subprocess.run([*cmd, "--config", str(config)], capture_output=True, text=True, env=env, cwd=source)
@@ -89,6 +102,7 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/import-bench"))
     p.add_argument("--pg", default=DEFAULT_PG)
     p.add_argument("--rerun", action="store_true", help="import a second time (nothing changes)")
+    p.add_argument("--profile", type=Path, help="run the first import under py-spy, stacks to this file")
     args = p.parse_args()
     db, key = sydent_db(args.work, args.assocs)
     run_dir = args.work / f"run-{args.target}-{args.assocs}-{os.getpid()}"
@@ -111,9 +125,9 @@ def main() -> int:
         )
     )
     try:
-        runs = [run_import(args.source, config, db, key)]
+        runs = [run_import(args.source, config, db, key, args.profile)]
         if args.rerun:
-            runs.append(run_import(args.source, config, db, key))
+            runs.append(run_import(args.source, config, db, key, None))
     finally:
         if args.target == "postgres":
             asyncio.run(_pg(args.pg, f'DROP DATABASE IF EXISTS "{pg_name}"'))

@@ -16,12 +16,13 @@ from signedjson.types import SigningKey
 from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from sydent_lite.admin.sydent_import import read
 from sydent_lite.admin.sydent_import.counts import ImportCounts
 from sydent_lite.admin.sydent_import.erased import drop_erased, drop_erased_associations
 from sydent_lite.admin.sydent_import.errors import SydentImportError
 from sydent_lite.admin.sydent_import.keys import ServingKey, choose_serving_key, install, read_signing_key_file
 from sydent_lite.admin.sydent_import.plan import AssociationPlanner, check_sydent_signed, own_names
-from sydent_lite.admin.sydent_import.read import SydentSource, association_batches
+from sydent_lite.admin.sydent_import.read import SydentSource
 from sydent_lite.admin.sydent_import.write import write_associations, write_other_tables
 from sydent_lite.config import Config
 from sydent_lite.context import operator_context
@@ -85,7 +86,7 @@ async def import_sydent(
                         await _adopt_pepper(conn, pepper)
                         counts.lookup_pepper_from_sydent = 1
                     # One batch of 3PIDs at a time: the import holds a batch, never the table.
-                    for batch in association_batches(source.association_groups(), _batch_rows()):
+                    for batch in read.association_batches(source.association_groups(), _batch_rows()):
                         chosen, erased = await drop_erased_associations(conn, planner.plan(batch))
                         counts.erased_associations_skipped += erased
                         await write_associations(conn, chosen, pepper, counts)

@@ -64,13 +64,14 @@ async def write_other_tables(conn: AsyncConnection, data: SydentData, now: int, 
 async def write_associations(
     conn: AsyncConnection, chosen: list[ChosenAssociation], pepper: str, counts: ImportCounts
 ) -> None:
-    """One batch of planned associations (each 3PID once in a batch, and in one batch only)."""
-    key = ("medium", "address")
-    compared = ("mxid", "ts", "not_before", "not_after", "signed_json")
-    ours = await _rows_by_key(conn, associations, key, [(c.medium, c.address) for c in chosen], compared)
-    new_rows = []
-    for c in chosen:
-        values = {
+    """One batch of planned associations (each 3PID once in a batch, and in one batch only).
+
+    New 3PIDs go in first (ON CONFLICT DO NOTHING RETURNING says which did); only the others
+    are read back to compare. Reading every key first would ask PostgreSQL about a table this
+    transaction keeps growing, whose statistics still say it is empty: a sequential scan per
+    batch, quadratic in the import."""
+    rows = {
+        (c.medium, c.address): {
             "medium": c.medium,
             "address": c.address,
             "lookup_hash": lookup_hash(c.address, c.medium, pepper),
@@ -80,43 +81,70 @@ async def write_associations(
             "not_after": c.not_after,
             "signed_json": c.signed_json,
         }
+        for c in chosen
+    }
+    inserted: set[tuple[str, str]] = set()
+    for chunk in chunks(list(rows.values()), _CHUNK):
+        stmt = insert_for(conn, associations).on_conflict_do_nothing()
+        result = await conn.execute(stmt.returning(associations.c.medium, associations.c.address), list(chunk))
+        inserted.update((m, a) for m, a in result.all())
+    existing = [c for c in chosen if (c.medium, c.address) not in inserted]
+    for c in chosen:
+        if (c.medium, c.address) in inserted:
+            counts.associations_imported += 1
+            counts.associations_resigned += int(c.resigned)
+    if existing:
+        await _merge_existing(conn, existing, rows, counts)
+
+
+async def _merge_existing(
+    conn: AsyncConnection,
+    chosen: list[ChosenAssociation],
+    rows: dict[tuple[str, str], dict[str, Any]],
+    counts: ImportCounts,
+) -> None:
+    """The planned associations whose 3PID we have: ours is kept unless it is older (or the
+    same binding under another key's signature)."""
+    key = ("medium", "address")
+    compared = ("mxid", "ts", "not_before", "not_after", "signed_json")
+    ours = await _rows_by_key(conn, associations, key, [(c.medium, c.address) for c in chosen], compared)
+    for c in chosen:
+        values = rows[(c.medium, c.address)]
         existing = ours.get((c.medium, c.address))
-        if existing is not None:
-            if tuple(existing)[len(key) :] == (c.mxid, c.ts, c.not_before, c.not_after, c.signed_json):
-                counts.associations_already_present += 1
-                continue
-            if tuple(existing)[len(key) : len(key) + 4] == (c.mxid, c.ts, c.not_before, c.not_after):
-                # The same binding signed with another key (an earlier import without Sydent's
-                # key): the signature we serve now (Sydent's, or made with the key we serve) goes in.
-                result = await conn.execute(
-                    update(associations)
-                    .where(
-                        associations.c.medium == c.medium,
-                        associations.c.address == c.address,
-                        associations.c.ts == c.ts,
-                        associations.c.signed_json == existing.signed_json,
-                    )
-                    .values(signed_json=c.signed_json)
-                )
-                counts.associations_signature_repaired += result.rowcount
-                continue
-            if existing.ts >= c.ts:
-                counts.associations_newer_here_kept += 1
-                continue
-            # Ours is older: replace it, unless it changed meanwhile (never overwrite newer).
+        if existing is None:  # gone since the insert said it was there: nothing else writes meanwhile
+            raise RuntimeError(f"association of a {c.medium} vanished during the import")
+        if tuple(existing)[len(key) :] == (c.mxid, c.ts, c.not_before, c.not_after, c.signed_json):
+            counts.associations_already_present += 1
+            continue
+        if tuple(existing)[len(key) : len(key) + 4] == (c.mxid, c.ts, c.not_before, c.not_after):
+            # The same binding signed with another key (an earlier import without Sydent's
+            # key): the signature we serve now (Sydent's, or made with the key we serve) goes in.
             result = await conn.execute(
                 update(associations)
-                .where(associations.c.medium == c.medium, associations.c.address == c.address, associations.c.ts < c.ts)
-                .values(**values)
+                .where(
+                    associations.c.medium == c.medium,
+                    associations.c.address == c.address,
+                    associations.c.ts == c.ts,
+                    associations.c.signed_json == existing.signed_json,
+                )
+                .values(signed_json=c.signed_json)
             )
-            if result.rowcount == 0:
-                counts.associations_newer_here_kept += 1
-                continue
-        else:
-            new_rows.append(values)
+            counts.associations_signature_repaired += result.rowcount
+            continue
+        if existing.ts >= c.ts:
+            counts.associations_newer_here_kept += 1
+            continue
+        # Ours is older: replace it, unless it changed meanwhile (never overwrite newer).
+        result = await conn.execute(
+            update(associations)
+            .where(associations.c.medium == c.medium, associations.c.address == c.address, associations.c.ts < c.ts)
+            .values(**values)
+        )
+        if result.rowcount == 0:
+            counts.associations_newer_here_kept += 1
+            continue
         counts.associations_imported += 1
         counts.associations_resigned += int(c.resigned)
-    await _insert(conn, associations, new_rows)
 
 
 # --- every other table: rows copied when their key is new ----------------------------------------
