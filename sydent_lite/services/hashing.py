@@ -1,4 +1,4 @@
-"""Lookup hashing (spec "Association lookup"): the pepper and the sha256 lookup hash."""
+"""Lookup hashing (spec "Association lookup"): the sha256 lookup hash, and the pepper at start."""
 
 from __future__ import annotations
 
@@ -6,15 +6,14 @@ import base64
 import hashlib
 import logging
 
-from sydent_lite.secrets_util import random_string
+from sydent_lite.secrets_util import now_ms, random_string
 from sydent_lite.storage.associations import AssociationStore
+from sydent_lite.storage.peppers import HASHED_WITH_KEY, PEPPER_KEY, PepperStore
 from sydent_lite.storage.state import ServerStateStore
 
 logger = logging.getLogger(__name__)
 
-PEPPER_KEY = "lookup_pepper"
-# The pepper the stored lookup_hash column was computed with.
-HASHED_WITH_KEY = "lookup_hashes_pepper"
+__all__ = ["HASHED_WITH_KEY", "PEPPER_KEY", "load_pepper", "lookup_hash", "recompute_slot"]
 
 
 def lookup_hash(address: str, medium: str, pepper: str) -> str:
@@ -23,18 +22,36 @@ def lookup_hash(address: str, medium: str, pepper: str) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
-async def load_pepper(state: ServerStateStore, associations: AssociationStore) -> str:
-    """The current pepper (created on first start), with every stored hash computed under it."""
+async def recompute_slot(peppers: PepperStore, slot: int, pepper: str) -> int:
+    """Write every association's hash of hash slot `slot` with `pepper` (in batches)."""
+    count = 0
+    async for batch in peppers.iter_all():
+        await peppers.write_hashes(slot, [(i, lookup_hash(a, m, pepper)) for i, m, a in batch])
+        count += len(batch)
+    return count
+
+
+async def load_pepper(state: ServerStateStore, associations: AssociationStore, now: int | None = None) -> str:
+    """The current pepper, with the schedule made on first start (services.peppers).
+
+    A pepper set the old way (server_state `lookup_pepper` changed by hand, so that it differs
+    from `lookup_hashes_pepper`) becomes the only live pepper, every hash recomputed for it.
+    """
+    from sydent_lite.services.peppers import view_of
+
+    now = now_ms() if now is None else now
+    store = PepperStore(associations.database)
     pepper = await state.get_or_create(PEPPER_KEY, random_string(32))
-    hashed_with = await state.get(HASHED_WITH_KEY)
-    if hashed_with != pepper:
-        if hashed_with is not None:
-            logger.info("lookup pepper changed: recomputing lookup hashes")
-        count = 0
-        async for batch in associations.iter_threepids():
-            await associations.set_hashes({i: lookup_hash(a, m, pepper) for i, m, a in batch})
-            count += len(batch)
-        await state.set(HASHED_WITH_KEY, pepper)
+    if await state.get(HASHED_WITH_KEY) != pepper:
+        if await store.rows():
+            logger.info("lookup pepper set by hand: recomputing lookup hashes")
+        count = await recompute_slot(store, 0, pepper)
+        await store.set_current_pepper(pepper, now)
         if count:
             logger.info("recomputed %d lookup hashes", count)
-    return pepper
+        return pepper
+    rows = await store.rows()
+    if not rows:  # upgraded from before the schedule: the stored hashes are this pepper's
+        await store.create_first(pepper, now)
+        rows = await store.rows()
+    return view_of(rows, now).current.pepper
