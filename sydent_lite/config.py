@@ -340,7 +340,7 @@ class LookupConfig(_Section):
     # Lookup pepper rotation (services.peppers). A new pepper every this many seconds (0: only
     # by hand, `sydent-lite pepper rotate`); the default, a day, bounds what a leaked batch of
     # hashes is good for to a day, at the cost of one rehash of every association a day.
-    pepper_rotation_seconds: Annotated[int, _rule(lambda n: n == 0 or n >= 60, "must be 0 or at least 60")] = 86_400
+    pepper_rotation_seconds: Annotated[int, _rule(lambda n: n >= 0, "must not be negative")] = 86_400
     # After a rotation, lookups made with the previous pepper are still answered for this long.
     previous_pepper_grace_seconds: Annotated[int, _rule(lambda n: n >= 0, "must not be negative")] = 3_600
     # A prepared pepper becomes current this long after its hashes are written: every worker
