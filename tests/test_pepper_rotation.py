@@ -425,3 +425,44 @@ def test_a_bind_after_the_rehash_passed_its_row_still_gets_the_new_hash(database
     pepper, column = asyncio.run(go())
     rows = {r["address"]: r["h"] for r in sql(database_url, f"SELECT address, {column} AS h FROM associations")}
     assert rows == {a: lookup_hash(a, "email", pepper) for a in ("before@people.test", "after@people.test")}
+
+
+@pytest.mark.parametrize("both_keys", [False, True])
+def test_a_pepper_written_by_an_import_becomes_the_current_one(database_url: str, both_keys: bool) -> None:
+    """An import (Sydent's pepper) writes server_state's `lookup_pepper` (and perhaps
+    `lookup_hashes_pepper`), or calls set_current_pepper: after a rotation too, that pepper is
+    the current one from then on, alone, with every hash recomputed for it."""
+    from sydent_lite.services.hashing import HASHED_WITH_KEY, PEPPER_KEY, load_pepper, lookup_hash
+    from sydent_lite.services.peppers import RotationSettings, prepare_pepper, start_or_resume
+    from sydent_lite.storage.associations import AssociationStore, StoredAssociation
+    from sydent_lite.storage.database import migrate, open_database
+    from sydent_lite.storage.peppers import PepperStore
+    from sydent_lite.storage.state import ServerStateStore
+
+    async def go() -> None:
+        database = open_database(database_url)
+        try:
+            await migrate(database)
+            state, store, peppers = ServerStateStore(database), AssociationStore(database), PepperStore(database)
+            first = await load_pepper(state, store)
+            h = lookup_hash("a@people.test", "email", first)
+            await store.upsert(StoredAssociation("email", "a@people.test", h, "@a:hs.test", 1, 1, 2, "{}"))
+            row = await start_or_resume(peppers, "t")
+            assert row is not None
+            await prepare_pepper(peppers, row, "t", RotationSettings(activation_delay_seconds=0))
+            assert await load_pepper(state, store) == row.pepper  # rotated: the new one is current
+            await state.set(PEPPER_KEY, "sydentpepper")
+            if both_keys:
+                await state.set(HASHED_WITH_KEY, "sydentpepper")
+            assert await load_pepper(state, store) == "sydentpepper"
+            rows = await peppers.rows()
+            assert [(r.pepper, r.slot) for r in rows] == [("sydentpepper", 0)]
+            stored = await store.get("email", "a@people.test")
+            assert stored is not None and stored.lookup_hash == lookup_hash("a@people.test", "email", "sydentpepper")
+            assert await load_pepper(state, store) == "sydentpepper"  # and it stays
+            await peppers.set_current_pepper("another", 5)
+            assert await load_pepper(state, store) == "another"
+        finally:
+            await database.dispose()
+
+    asyncio.run(go())

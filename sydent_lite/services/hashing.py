@@ -34,24 +34,27 @@ async def recompute_slot(peppers: PepperStore, slot: int, pepper: str) -> int:
 async def load_pepper(state: ServerStateStore, associations: AssociationStore, now: int | None = None) -> str:
     """The current pepper, with the schedule made on first start (services.peppers).
 
-    A pepper set the old way (server_state `lookup_pepper` changed by hand, so that it differs
-    from `lookup_hashes_pepper`) becomes the only live pepper, every hash recomputed for it.
+    A pepper set from outside the schedule, the old way (server_state `lookup_pepper` set by
+    hand or by an import, to a pepper the schedule has never had, or differing from
+    `lookup_hashes_pepper`), becomes the only live pepper, every hash recomputed for it
+    (PepperStore.set_current_pepper is the direct way).
     """
     from sydent_lite.services.peppers import view_of
 
     now = now_ms() if now is None else now
     store = PepperStore(associations.database)
     pepper = await state.get_or_create(PEPPER_KEY, random_string(32))
-    if await state.get(HASHED_WITH_KEY) != pepper:
-        if await store.rows():
-            logger.info("lookup pepper set by hand: recomputing lookup hashes")
+    rows = await store.rows()
+    if not rows and await state.get(HASHED_WITH_KEY) == pepper:
+        # Upgraded from before the schedule: the stored hashes are this pepper's.
+        await store.create_first(pepper, now)
+        rows = await store.rows()
+    elif await state.get(HASHED_WITH_KEY) != pepper or all(r.pepper != pepper for r in rows):
+        if rows:
+            logger.info("lookup pepper set from outside the schedule: recomputing lookup hashes")
         count = await recompute_slot(store, 0, pepper)
         await store.set_current_pepper(pepper, now)
         if count:
             logger.info("recomputed %d lookup hashes", count)
         return pepper
-    rows = await store.rows()
-    if not rows:  # upgraded from before the schedule: the stored hashes are this pepper's
-        await store.create_first(pepper, now)
-        rows = await store.rows()
     return view_of(rows, now).current.pepper

@@ -209,15 +209,20 @@ class LookupPeppers:
             done.set_result(index)
             return done
         task = self._loading.get(row.id)
-        if task is None or (task.done() and task.exception() is not None):
+        if task is None:
             task = self._loading[row.id] = asyncio.create_task(self._load(row))
         return asyncio.shield(task)
 
     async def _load(self, row: PepperRow) -> LookupIndex:
         index = LookupIndex(self._changes, self._associations, self._make_confirmer(row.pepper, row.slot))
-        await index.load()
+        try:
+            await index.load()
+        except BaseException:
+            logger.warning("loading the lookup index of pepper %d failed; will retry", row.id, exc_info=True)
+            raise
+        finally:
+            self._loading.pop(row.id, None)
         self._indexes[row.id] = index
-        self._loading.pop(row.id, None)
         return index
 
     async def index_for(self, pepper: str) -> tuple[LookupIndex, str] | None:
@@ -259,7 +264,8 @@ class LookupPeppers:
         wanted = {r.id: r for r in self._wanted()}
         for row in wanted.values():
             if row.id not in self._indexes and row.id not in self._loading:
-                self._index(row)  # in the background: lookups go on meanwhile
+                # In the background: lookups go on meanwhile (a failure is logged, retried next time).
+                self._loading[row.id] = asyncio.create_task(self._load(row))
         for row_id in [i for i in self._indexes if i not in wanted]:
             del self._indexes[row_id]
             logger.info("lookup pepper %d retired: its index is dropped", row_id)

@@ -77,6 +77,12 @@ async def live_peppers_on(conn: AsyncConnection, now: int) -> tuple[str | None, 
     return tuple(row.pepper if row is not None else None for row in latest_per_slot(rows, now))  # type: ignore[return-value]
 
 
+async def _set_state_keys(conn: AsyncConnection, pepper: str) -> None:
+    for name in (PEPPER_KEY, HASHED_WITH_KEY):
+        stmt = insert_for(conn, server_state).values(name=name, value=pepper)
+        await conn.execute(stmt.on_conflict_do_update(index_elements=["name"], set_={"value": pepper}))
+
+
 async def _rows_on(conn: AsyncConnection) -> list[PepperRow]:
     return [PepperRow(*r) for r in await conn.execute(select(*_COLUMNS).order_by(peppers.c.id))]
 
@@ -110,9 +116,7 @@ class PepperStore:
             await _take_write_lock(conn)
             await conn.execute(delete(peppers))
             await conn.execute(insert(peppers).values(pepper=pepper, slot=0, created_ms=now, activates_ms=now))
-            for name in (PEPPER_KEY, HASHED_WITH_KEY):
-                stmt = insert_for(conn, server_state).values(name=name, value=pepper)
-                await conn.execute(stmt.on_conflict_do_update(index_elements=["name"], set_={"value": pepper}))
+            await _set_state_keys(conn, pepper)
 
     async def start_rotation(self, pepper: str, now: int, claimer: str, lease_ms: int) -> PepperRow | None:
         """Insert `pepper` as the one being prepared, claimed by `claimer`; None if a rotation
@@ -188,6 +192,10 @@ class PepperStore:
                 await conn.execute(
                     update(peppers).where(peppers.c.id.in_(others)).values(retires_ms=activates_ms + grace_ms)
                 )
+            # The schedule stays a few rows long (every lookup reads it): retired ones go. The
+            # old keys follow the schedule, so that only a pepper set from outside differs.
+            await conn.execute(delete(peppers).where(peppers.c.retires_ms < activates_ms))
+            await _set_state_keys(conn, me.pepper)
         return True
 
     # --- the associations' hash slots ---------------------------------------------------------
