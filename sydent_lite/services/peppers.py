@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -54,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 SCHEDULE_POLL_SECONDS = 2.0
 PEPPER_LENGTH = 32
-REHASH_BATCH = 1000
+REHASH_BATCH = 5000
 # A rehash claim lasts this long unless renewed (every batch): a process that died mid-way is
 # taken over after it.
 CLAIM_MS = 60_000
@@ -109,13 +110,13 @@ async def prepare_pepper(
     after = row.rehashed_through
     done = 0
     while True:
-        if not await store.record_progress(row.id, claimer, after, clock(), CLAIM_MS):
-            logger.warning("lookup pepper rehash: the claim was lost; another process continues it")
-            return None
         batch = await store.threepids_after(after, REHASH_BATCH)
         if not batch:
             break
-        await store.write_hashes(row.slot, [(i, lookup_hash(a, m, row.pepper)) for i, m, a in batch])
+        hashes = [(i, lookup_hash(a, m, row.pepper)) for i, m, a in batch]
+        if not await store.write_rehash_batch(row.id, claimer, row.slot, hashes, clock(), CLAIM_MS):
+            logger.warning("lookup pepper rehash: the claim was lost; another process continues it")
+            return None
         after = batch[-1][0]
         done += len(batch)
         if progress is not None:
@@ -173,6 +174,8 @@ class LookupPeppers:
         self._loading: dict[int, asyncio.Task[LookupIndex]] = {}
         self._rehash: asyncio.Task[PepperRow | None] | None = None
         self._claimer = random_string(16)
+        # When this process loads each upcoming pepper's index (see step).
+        self._load_at: dict[int, int] = {}
 
     # --- the schedule ---------------------------------------------------------------------------
 
@@ -262,10 +265,20 @@ class LookupPeppers:
     async def step(self) -> None:
         await self.refresh_schedule()
         wanted = {r.id: r for r in self._wanted()}
+        now = self._clock()
         for row in wanted.values():
-            if row.id not in self._indexes and row.id not in self._loading:
+            if row.id in self._indexes or row.id in self._loading:
+                continue
+            # An upcoming pepper's index is loaded at a moment drawn in the first third of the
+            # time left before it is current: the processes of a host do not all load at once
+            # (a load is a scan of the table and a core for a while).
+            left = (row.activates_ms or now) - now
+            load_at = self._load_at.setdefault(row.id, now + int(random.uniform(0, max(0, left) / 3)))
+            if now >= load_at:
                 # In the background: lookups go on meanwhile (a failure is logged, retried next time).
                 self._loading[row.id] = asyncio.create_task(self._load(row))
+        for row_id in [i for i in self._load_at if i not in wanted]:
+            del self._load_at[row_id]
         for row_id in [i for i in self._indexes if i not in wanted]:
             del self._indexes[row_id]
             logger.info("lookup pepper %d retired: its index is dropped", row_id)

@@ -167,16 +167,6 @@ class PepperStore:
             found = (await conn.execute(select(*_COLUMNS).where(peppers.c.id == row_id))).first()
         return PepperRow(*found) if found else None
 
-    async def record_progress(self, row_id: int, claimer: str, through: int, now: int, lease_ms: int) -> bool:
-        """Every row up to id `through` is rehashed; renews the claim. False if it was lost."""
-        async with self._db.begin() as conn:
-            result = await conn.execute(
-                update(peppers)
-                .where(peppers.c.id == row_id, peppers.c.claimed_by == claimer, peppers.c.activates_ms.is_(None))
-                .values(rehashed_through=through, claimed_until_ms=now + lease_ms)
-            )
-        return result.rowcount == 1
-
     async def schedule(self, row_id: int, claimer: str, activates_ms: int, grace_ms: int) -> bool:
         """The rehash is done: pepper `row_id` becomes current at `activates_ms`, and the one it
         replaces stays accepted until `activates_ms + grace_ms`. False if the claim was lost."""
@@ -215,20 +205,25 @@ class PepperStore:
         """Set slot `slot`'s hash of these rows (a row deleted meanwhile is skipped)."""
         if not id_to_hash:
             return
-        column = SLOT_COLUMNS[slot]
         async with self._db.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                # One statement for the batch (an UPDATE per row costs a round trip each).
-                await conn.execute(
-                    text(
-                        f"UPDATE associations AS a SET {column} = u.h"
-                        " FROM unnest(CAST(:ids AS integer[]), CAST(:hs AS text[])) AS u(id, h) WHERE a.id = u.id"
-                    ),
-                    {"ids": [i for i, _ in id_to_hash], "hs": [h for _, h in id_to_hash]},
-                )
-            else:
-                stmt = update(assoc).where(assoc.c.id == bindparam("row_id")).values({column: bindparam("h")})
-                await conn.execute(stmt, [{"row_id": i, "h": h} for i, h in id_to_hash])
+            await _write_hashes_on(conn, slot, id_to_hash)
+
+    async def write_rehash_batch(
+        self, row_id: int, claimer: str, slot: int, id_to_hash: Sequence[tuple[int, str]], now: int, lease_ms: int
+    ) -> bool:
+        """One batch of a rehash and its progress (the batch's last id), in one transaction, if
+        `claimer` still holds the claim (renewed). False, nothing written, if it was lost."""
+        async with self._db.begin() as conn:
+            result = await conn.execute(
+                update(peppers)
+                .where(peppers.c.id == row_id, peppers.c.claimed_by == claimer, peppers.c.activates_ms.is_(None))
+                .values(rehashed_through=id_to_hash[-1][0], claimed_until_ms=now + lease_ms)
+            )
+            if result.rowcount != 1:
+                await conn.rollback()
+                return False
+            await _write_hashes_on(conn, slot, id_to_hash)
+        return True
 
     async def max_association_id(self) -> int:
         async with self._db.connect() as conn:
@@ -239,3 +234,19 @@ class PepperStore:
         while rows := await self.threepids_after(after, batch):
             yield rows
             after = rows[-1][0]
+
+
+async def _write_hashes_on(conn: AsyncConnection, slot: int, id_to_hash: Sequence[tuple[int, str]]) -> None:
+    column = SLOT_COLUMNS[slot]
+    if conn.dialect.name == "postgresql":
+        # One statement for the batch (an UPDATE per row costs a round trip each).
+        await conn.execute(
+            text(
+                f"UPDATE associations AS a SET {column} = u.h"
+                " FROM unnest(CAST(:ids AS integer[]), CAST(:hs AS text[])) AS u(id, h) WHERE a.id = u.id"
+            ),
+            {"ids": [i for i, _ in id_to_hash], "hs": [h for _, h in id_to_hash]},
+        )
+    else:
+        stmt = update(assoc).where(assoc.c.id == bindparam("row_id")).values({column: bindparam("h")})
+        await conn.execute(stmt, [{"row_id": i, "h": h} for i, h in id_to_hash])
