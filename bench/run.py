@@ -657,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         help="only the rotation scenario (bench/rotation.py): needs --postgres; --associations, --workers",
     )
     p.add_argument("--rotation-steady-seconds", type=float, default=20.0)
-    p.add_argument("--rotation-activate-in", type=int, default=30, help="pepper rotate --activate-in")
+    p.add_argument("--rotation-activate-in", type=int, default=60, help="pepper rotate --activate-in")
     args = p.parse_args(argv)
     if args.rotation:
         if not args.postgres:

@@ -344,8 +344,8 @@ class LookupConfig(_Section):
     # After a rotation, lookups made with the previous pepper are still answered for this long.
     previous_pepper_grace_seconds: Annotated[int, _rule(lambda n: n >= 0, "must not be negative")] = 3_600
     # A prepared pepper becomes current this long after its hashes are written: every worker
-    # must load it before then (a few seconds a million associations, polled every 2 s).
-    pepper_activation_delay_seconds: Annotated[int, _rule(lambda n: n >= 0, "must not be negative")] = 60
+    # loads it before then, each at a moment drawn in the first half (not all at once).
+    pepper_activation_delay_seconds: Annotated[int, _rule(lambda n: n >= 0, "must not be negative")] = 300
 
     @model_validator(mode="after")
     def _rotation_rules(self) -> Self:

@@ -30,7 +30,7 @@ hash itself, so every row ends up with it, written by the rehash or by its bind.
 Memory: during the window from loading the next pepper to the previous one's retirement, a
 process holds two lookup indexes: 64 bytes an association more (two slot filters), plus the
 in-memory mxid table on PostgreSQL (~85 bytes more): ~150 bytes an association (150 MB at
-1,000,000) for activation delay + grace, by default a minute plus an hour a day.
+1,000,000) for activation delay + grace, by default five minutes plus an hour a day.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class RotationSettings:
 
     rotation_seconds: int = 0
     grace_seconds: int = 3600
-    activation_delay_seconds: int = 60
+    activation_delay_seconds: int = 300
 
 
 @dataclass(frozen=True)
@@ -269,11 +269,11 @@ class LookupPeppers:
         for row in wanted.values():
             if row.id in self._indexes or row.id in self._loading:
                 continue
-            # An upcoming pepper's index is loaded at a moment drawn in the first third of the
-            # time left before it is current: the processes of a host do not all load at once
-            # (a load is a scan of the table and a core for a while).
+            # An upcoming pepper's index is loaded at a moment drawn in the first half of the
+            # time left before it is current: the processes do not all load at once (a load
+            # is a scan of the table and a core for a while: ~0.7 s of CPU per 100,000).
             left = (row.activates_ms or now) - now
-            load_at = self._load_at.setdefault(row.id, now + int(random.uniform(0, max(0, left) / 3)))
+            load_at = self._load_at.setdefault(row.id, now + int(random.uniform(0, max(0, left) / 2)))
             if now >= load_at:
                 # In the background: lookups go on meanwhile (a failure is logged, retried next time).
                 self._loading[row.id] = asyncio.create_task(self._load(row))
