@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import itertools
 import json
 import re
 import shutil
@@ -943,7 +944,7 @@ def test_invite_then_bind_sends_onbind(
 
     # The invitee gets the mails, with the invitation codes.
     mails = [api.smtp.wait_for(address), api.smtp.wait_for(address)]
-    for mail, answer in zip(mails, (a1, a2)):
+    for mail, answer in zip(mails, (a1, a2), strict=True):
         assert mail.rcpt_tos == [address]
         assert answer["token"] in mail.text
     assert b1["token"] in api.smtp.wait_for(other_address).text
@@ -1011,7 +1012,7 @@ def test_onbind_is_retried_until_the_homeserver_accepts(
         assert [c.status for c in calls[:3]] == [503, 503, 503], [(c.status, c.time) for c in calls]
         assert calls[3] is success
         # Backoff, not a tight loop: attempts are spaced by about the configured delays.
-        gaps = [b.time - a.time for a, b in zip(calls, calls[1:4])]
+        gaps = [b.time - a.time for a, b in itertools.pairwise(calls[:4])]
         assert all(g >= 0.3 for g in gaps), gaps
         # Every attempt carries the same invitation.
         for call in calls[:4]:
