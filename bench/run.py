@@ -587,7 +587,7 @@ def rotation_main(args: argparse.Namespace) -> int:
         label = f"PostgreSQL {n:,}, {args.workers} workers"
         log_path = where / "server.log"
 
-        def start() -> subprocess.Popen:
+        def start() -> subprocess.Popen[bytes]:
             cmd = [*sydent_lite_cmd(), "serve", "--config", str(config), "--workers", str(args.workers)]
             with log_path.open("ab") as out:
                 proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=where, start_new_session=True)

@@ -321,7 +321,7 @@ def test_after_the_grace_window_the_previous_pepper_is_refused_naming_the_curren
     new = api.hash_details(user)["lookup_pepper"]
 
     def refused() -> bool:
-        return api.lookup(user, [sha256_address(email, "email", old)], "sha256", old).status_code == 400
+        return bool(api.lookup(user, [sha256_address(email, "email", old)], "sha256", old).status_code == 400)
 
     wait_until(refused, 30, "the previous pepper refused")
     for algorithm, address in (("sha256", sha256_address(email, "email", old)), ("none", f"{email} email")):
