@@ -466,3 +466,54 @@ def test_a_pepper_written_by_an_import_becomes_the_current_one(database_url: str
             await database.dispose()
 
     asyncio.run(go())
+
+
+def test_a_stalled_rehash_is_taken_over_where_it_stopped(database_url: str) -> None:
+    """A rehasher that stops (its process died) keeps its claim for a while; then another takes
+    over from its progress and finishes, and the first one, should it wake, writes nothing."""
+    from sydent_lite.services.hashing import load_pepper, lookup_hash
+    from sydent_lite.services.peppers import CLAIM_MS, RotationSettings, prepare_pepper, start_or_resume
+    from sydent_lite.storage.associations import AssociationStore, StoredAssociation
+    from sydent_lite.storage.database import migrate, open_database
+    from sydent_lite.storage.peppers import PepperStore
+    from sydent_lite.storage.state import ServerStateStore
+
+    async def go() -> tuple[str, str]:
+        database = open_database(database_url)
+        try:
+            await migrate(database)
+            state, store, peppers = ServerStateStore(database), AssociationStore(database), PepperStore(database)
+            pepper = await load_pepper(state, store)
+            for i in range(5):
+                a = f"p{i}@people.test"
+                await store.upsert(
+                    StoredAssociation("email", a, lookup_hash(a, "email", pepper), "@a:hs.test", 1, 1, 2, "{}")
+                )
+            row = await start_or_resume(peppers, "first")
+            assert row is not None
+            first_batch = await peppers.threepids_after(0, 2)
+            hashes = [(i, lookup_hash(a, m, row.pepper)) for i, m, a in first_batch]
+            assert await peppers.write_rehash_batch(row.id, "first", row.slot, hashes, now_ms(), CLAIM_MS)
+            assert await start_or_resume(peppers, "second") is None  # the claim holds
+            later = now_ms() + CLAIM_MS + 1
+            taken = await start_or_resume(peppers, "second", clock=lambda: later)
+            assert taken is not None and taken.rehashed_through == first_batch[-1][0]
+            assert not await peppers.write_rehash_batch(row.id, "first", row.slot, hashes, later, CLAIM_MS)
+            done = await prepare_pepper(peppers, taken, "second", RotationSettings(activation_delay_seconds=0))
+            assert done is not None and done.activates_ms is not None
+            return row.pepper, ("lookup_hash", "lookup_hash_b")[row.slot]
+        finally:
+            await database.dispose()
+
+    def now_ms() -> int:
+        return int(time.time() * 1000)
+
+    pepper, column = asyncio.run(go())
+    rows = sql(database_url, f"SELECT address, {column} AS h FROM associations")
+    assert len(rows) == 5 and all(r["h"] == lookup_hash_of(r["address"], pepper) for r in rows), rows
+
+
+def lookup_hash_of(address: str, pepper: str) -> str:
+    from sydent_lite.services.hashing import lookup_hash
+
+    return lookup_hash(address, "email", pepper)

@@ -134,19 +134,16 @@ async def prepare_pepper(
     return next((r for r in await store.rows() if r.id == row.id), None)
 
 
-async def start_or_resume(
-    store: PepperStore, claimer: str, clock: Callable[[], int] = now_ms, force: bool = False
-) -> PepperRow | None:
+async def start_or_resume(store: PepperStore, claimer: str, clock: Callable[[], int] = now_ms) -> PepperRow | None:
     """The pepper to prepare: a new one, or one whose rehash stalled (its claim expired).
-    None if a rotation is already under way elsewhere. `force`: start even if the current pepper
-    is young (the operator's `pepper rotate`); the scheduler checks the period itself."""
+    None if a rotation is already under way elsewhere. Whether one is due is the caller's
+    question (the scheduler checks the period; `pepper rotate` does not)."""
     now = clock()
     view = view_of(await store.rows(), now)
     if view.preparing is not None:
         return await store.claim(view.preparing.id, claimer, now, CLAIM_MS)
     if view.next is not None:
         return None
-    del force
     return await store.start_rotation(random_string(PEPPER_LENGTH), now, claimer, CLAIM_MS)
 
 
