@@ -10,6 +10,7 @@ from sydent_lite.config import Config, ConfigError, load_config
 from sydent_lite.observability.logs import setup_from_config
 from sydent_lite.signing import SigningKeyError
 from sydent_lite.storage.inline_sqlite import AiosqliteChanged
+from sydent_lite.version import package_version
 
 
 def _cmd_serve(config: Config, workers: int) -> int:
@@ -64,6 +65,7 @@ def _positive_int(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sydent-lite", description="A Matrix identity server.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("serve", "run the server (applies migrations, creates the signing key if missing)"),

@@ -29,6 +29,8 @@ from sydent_lite.http.protocol import PROTOCOL, configure, limits_from_config
 from sydent_lite.memory import limit_malloc_arenas
 from sydent_lite.observability import cleanup_multiprocess, prepare_multiprocess
 from sydent_lite.observability.logs import setup_from_config
+from sydent_lite.observability.summary import config_summary
+from sydent_lite.version import package_version
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +153,8 @@ def serve(config: Config, workers: int = 1) -> int:
         logger.warning("%s", warning)
     # Fail on a bad key, terms or templates file (or TLS certificate) before binding the port.
     load_static_parts(config)
+    # Once, by the process the operator started (workers do not repeat it).
+    logger.info("sydent-lite %s starting; %s", package_version(), config_summary(config, workers))
     limits = limits_from_config(config.listen)
     file_limit = raise_file_limit()  # before the workers start: they inherit it
     if workers <= 1:

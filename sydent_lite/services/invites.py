@@ -288,7 +288,7 @@ class InviteService:
         except ValueError:
             raise invalid_param("The invitation contains characters that cannot go into an email") from None
         try:
-            await self._email.send(address, message)
+            await self._email.send(address, message, kind="invite")
         except EmailSendError as e:
             metrics.EMAILS_FAILED.labels(kind="invite").inc()
             logger.warning("invitation mail not sent: %s", e)

@@ -210,7 +210,7 @@ class SessionService:
             },
         )
         try:
-            await self._email.send(mailbox, message)
+            await self._email.send(mailbox, message, kind="validation")
         except EmailSendError as e:
             metrics.EMAILS_FAILED.labels(kind="validation").inc()
             logger.warning("validation mail for session %s not sent: %s", sid, e)
