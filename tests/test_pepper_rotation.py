@@ -517,3 +517,43 @@ def lookup_hash_of(address: str, pepper: str) -> str:
     from sydent_lite.services.hashing import lookup_hash
 
     return lookup_hash(address, "email", pepper)
+
+
+def test_rows_imported_after_a_rotation_get_every_live_peppers_hash(database_url: str) -> None:
+    """import-sydent writes `lookup_hash` with the current pepper; after a rotation the current
+    pepper's slot may be the other one, and a previous pepper may still be live:
+    hash_for_live_peppers puts each live pepper's hash in its slot."""
+    from sydent_lite.services.hashing import hash_for_live_peppers, load_pepper, lookup_hash
+    from sydent_lite.services.peppers import RotationSettings, prepare_pepper, start_or_resume
+    from sydent_lite.storage.associations import AssociationStore, StoredAssociation
+    from sydent_lite.storage.database import migrate, open_database
+    from sydent_lite.storage.peppers import PepperStore
+    from sydent_lite.storage.state import ServerStateStore
+
+    async def go() -> tuple[str, str, int]:
+        database = open_database(database_url)
+        try:
+            await migrate(database)
+            state, store, peppers = ServerStateStore(database), AssociationStore(database), PepperStore(database)
+            first = await load_pepper(state, store)
+            assert await hash_for_live_peppers(store) == 0  # one live pepper, in slot 0: nothing to do
+            row = await start_or_resume(peppers, "t")
+            assert row is not None and row.slot == 1
+            await prepare_pepper(peppers, row, "t", RotationSettings(activation_delay_seconds=0))
+            current = await load_pepper(state, store)
+            assert current == row.pepper
+            a = "imported@people.test"  # as the import writes it
+            await store.upsert(
+                StoredAssociation("email", a, lookup_hash(a, "email", current), "@i:hs.test", 1, 1, 2, "{}")
+            )
+            assert await hash_for_live_peppers(store) == 1
+            return first, current, row.slot
+        finally:
+            await database.dispose()
+
+    first, current, _ = asyncio.run(go())
+    (found,) = sql(database_url, "SELECT lookup_hash, lookup_hash_b FROM associations")
+    assert found == {
+        "lookup_hash": lookup_hash_of("imported@people.test", first),  # the previous one, in its grace window
+        "lookup_hash_b": lookup_hash_of("imported@people.test", current),
+    }

@@ -13,7 +13,7 @@ from sydent_lite.storage.state import ServerStateStore
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HASHED_WITH_KEY", "PEPPER_KEY", "load_pepper", "lookup_hash", "recompute_slot"]
+__all__ = ["HASHED_WITH_KEY", "PEPPER_KEY", "hash_for_live_peppers", "load_pepper", "lookup_hash", "recompute_slot"]
 
 
 def lookup_hash(address: str, medium: str, pepper: str) -> str:
@@ -58,3 +58,21 @@ async def load_pepper(state: ServerStateStore, associations: AssociationStore, n
             logger.info("recomputed %d lookup hashes", count)
         return pepper
     return view_of(rows, now).current.pepper
+
+
+async def hash_for_live_peppers(associations: AssociationStore, now: int | None = None) -> int:
+    """After rows were written with only `lookup_hash` under the current pepper (an import):
+    unless that is where every live pepper's hashes belong (one live pepper, in slot 0), write
+    every live pepper's slot again. Returns the rows rewritten (0: nothing needed)."""
+    from sydent_lite.storage.peppers import latest_per_slot
+
+    now = now_ms() if now is None else now
+    store = PepperStore(associations.database)
+    live = latest_per_slot(await store.rows(), now)
+    if live[1] is None and live[0] is not None:
+        return 0
+    count = 0
+    for row in live:
+        if row is not None:
+            count = await recompute_slot(store, row.slot, row.pepper)
+    return count

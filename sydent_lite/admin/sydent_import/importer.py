@@ -16,7 +16,7 @@ from sydent_lite.admin.sydent_import.write import write_import
 from sydent_lite.config import Config
 from sydent_lite.context import operator_context
 from sydent_lite.secrets_util import now_ms
-from sydent_lite.services.hashing import load_pepper
+from sydent_lite.services.hashing import hash_for_live_peppers, load_pepper
 from sydent_lite.signing import ServerSigner
 from sydent_lite.storage.associations import AssociationStore
 from sydent_lite.storage.state import ServerStateStore
@@ -46,6 +46,9 @@ async def import_sydent(config: Config, sydent_db: Path, signing_key_file: Path 
         pepper = await load_pepper(ServerStateStore(ctx.database), AssociationStore(ctx.database))
         async with ctx.database.begin() as conn:  # all or nothing
             await write_import(conn, plan, data, pepper, now_ms(), counts)
+        # The rows went into `lookup_hash` under the current pepper: after a rotation that is
+        # not (or not the only) slot lookups read.
+        await hash_for_live_peppers(AssociationStore(ctx.database))
         # Fresh statistics for the planner: a big import changes the tables' shape at once,
         # and autovacuum (if it runs at all) gets to it later.
         async with ctx.database.begin() as conn:
