@@ -12,6 +12,7 @@ from sydent_lite.delivery.email import make_email_sender
 from sydent_lite.delivery.sms import make_sms_provider
 from sydent_lite.federation.client import FederationClient
 from sydent_lite.federation.xmatrix import ServerKeyStore
+from sydent_lite.services.access import HomeserverAllowList
 from sydent_lite.services.accounts import AccountService
 from sydent_lite.services.associations import AssociationService
 from sydent_lite.services.hashing import load_pepper
@@ -67,6 +68,7 @@ class AppContext:
     onbind_queue: OnbindQueue
     rate_limiter: RateLimiter
     peppers: LookupPeppers
+    access: HomeserverAllowList
 
     async def aclose(self) -> None:
         await self.peppers.aclose()
@@ -127,6 +129,7 @@ async def build_context(config: Config) -> AppContext:
     onbind = OnbindDelivery(config.invites, invite_store, federation, config.federation.timeout_seconds)
     onbind_queue = OnbindQueue(signer, config.invites, invite_store, on_queued=onbind.notify)
     rate_limiter = RateLimiter.from_config(config.rate_limits, database)
+    access = HomeserverAllowList(config.access)
 
     return AppContext(
         config=config,
@@ -135,7 +138,7 @@ async def build_context(config: Config) -> AppContext:
         templates=templates,
         federation=federation,
         server_keys=ServerKeyStore(federation),
-        accounts=AccountService(account_store, federation, rate_limiter, config.rate_limits),
+        accounts=AccountService(account_store, federation, rate_limiter, config.rate_limits, access),
         terms=TermsService(terms, account_store),
         sessions=SessionService(config, SessionStore(database), templates, email_sender, sms_provider, rate_limiter),
         associations=AssociationService(association_store, signer, peppers, onbind_queue, config.lookup.max_addresses),
@@ -144,6 +147,7 @@ async def build_context(config: Config) -> AppContext:
         onbind_queue=onbind_queue,
         rate_limiter=rate_limiter,
         peppers=peppers,
+        access=access,
     )
 
 

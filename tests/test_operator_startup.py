@@ -164,7 +164,17 @@ def test_the_summary_of_a_production_config() -> None:
         "configuration: server_name=id.example.org, public_baseurl=https://id.example.org, "
         "database=postgresql db.internal/sydent, listen=http://[::1]:8090, workers=4, "
         "email=smtp mail.internal:587 starttls, sms=twilio, rate_limits=on (redis), "
-        "metrics=on 127.0.0.1:9092/metrics, v1=on"
+        "metrics=on 127.0.0.1:9092/metrics, v1=on, homeserver_allow_list=off, internal_api=off, sentry=off"
     )
+    sydent_like = config_from_dict(
+        {
+            "access": {"v1_enabled": False, "homeserver_allow_list": ["a.example", "b.example"]},
+            "internal_api": {"enabled": True, "host": "::1"},
+            "sentry_dsn": "https://sentry-key@sentry.example/1",
+        }
+    )
+    summary = config_summary(sydent_like, 1)
+    assert "v1=off, homeserver_allow_list=2, internal_api=on [::1]:8091, sentry=on" in summary
+    assert "sentry-key" not in summary
     off = config_from_dict({"rate_limits": {"enabled": False}})
     assert "email=maildir data/outbox, sms=file, rate_limits=off, metrics=off" in config_summary(off, 1)

@@ -136,7 +136,9 @@ def make_email_sender(config: EmailConfig, from_header: str, server_name: str | 
     # The config admits only these transports (email.transport); mypy checks that each is served.
     match config.transport:
         case "smtp":
-            return SmtpEmailSender(config.smtp, from_header, ehlo_name(server_name) if server_name else None)
+            # email.hostname as given (Sydent's), else derived from the server name.
+            local_hostname = config.hostname or (ehlo_name(server_name) if server_name else None)
+            return SmtpEmailSender(config.smtp, from_header, local_hostname)
         case "maildir":
             return MaildirEmailSender(config.maildir)
         case _:

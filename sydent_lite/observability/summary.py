@@ -60,12 +60,15 @@ def _metrics(config: Config) -> str:
 
 
 def _v1(config: Config) -> str:
-    # access.v1_enabled / v1_associations_enabled come with Sydent's enable_v1_* settings
-    # (issue 16); until then v1 is always served. getattr keeps this right on either side.
-    access = getattr(config, "access", None)
-    if access is None or getattr(access, "v1_enabled", True):
-        return "on" if getattr(access, "v1_associations_enabled", True) else "on without bind"
+    access = config.access
+    if access.v1_enabled:
+        return "on" if access.v1_associations_enabled else "on without bind"
     return "off"
+
+
+def _internal_api(config: Config) -> str:
+    api = config.internal_api
+    return f"on {_host_port(api.host, api.port)}" if api.enabled else "off"
 
 
 def config_summary(config: Config, workers: int) -> str:
@@ -81,5 +84,12 @@ def config_summary(config: Config, workers: int) -> str:
         ("rate_limits", _rate_limits(config)),
         ("metrics", _metrics(config)),
         ("v1", _v1(config)),
+        (
+            "homeserver_allow_list",
+            str(len(config.access.homeserver_allow_list)) if config.access.homeserver_allow_list else "off",
+        ),
+        ("internal_api", _internal_api(config)),
+        # Whether, never where: the DSN holds Sentry's key.
+        ("sentry", "on" if config.sentry_dsn else "off"),
     ]
     return "configuration: " + ", ".join(f"{name}={value}" for name, value in fields)

@@ -195,7 +195,9 @@ class OnbindDelivery:
         try:
             if problem is None:
                 state.failures, state.retry_at = 0, 0
-                await self._store.mark_delivered(callback.id, now_ms())
+                await self._store.mark_delivered(
+                    callback.id, now_ms(), delete_invites=self._config.delete_tokens_on_bind
+                )
                 logger.info("onbind callback %d delivered to %s", callback.id, callback.destination)
                 return
             now = now_ms()

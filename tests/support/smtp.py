@@ -36,6 +36,7 @@ class ReceivedMail:
     rcpt_tos: list[str]
     raw: bytes
     received_at: float = field(default_factory=time.time)
+    ehlo_name: str = ""  # the name the client gave in EHLO/HELO
 
     @property
     def message(self) -> EmailMessage:
@@ -107,7 +108,10 @@ class _Handler:
         content = envelope.original_content if envelope.original_content is not None else envelope.content
         if isinstance(content, str):  # only with decode_data=True, which we do not use
             content = content.encode("utf-8")
-        self.sink._record(ReceivedMail(envelope.mail_from, list(envelope.rcpt_tos), bytes(content)))
+        mail = ReceivedMail(
+            envelope.mail_from, list(envelope.rcpt_tos), bytes(content), ehlo_name=session.host_name or ""
+        )
+        self.sink._record(mail)
         return "250 Message accepted for delivery"
 
 
