@@ -131,6 +131,10 @@ def _keys_as_strings(value: Any) -> Any:
     return value
 
 
+def _empty_is_none(value: Any) -> Any:
+    return None if isinstance(value, str) and not value.strip() else value
+
+
 def _upper(value: Any) -> Any:
     return value.upper() if isinstance(value, str) else value
 
@@ -602,7 +606,8 @@ class Config(_Section):
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     signing_key_path: str = "data/signing.key"
     email: EmailConfig = Field(default_factory=EmailConfig)
-    terms_path: str | None = None
+    # None or empty: no terms (an empty value means no terms to Sydent too).
+    terms_path: Annotated[str | None, BeforeValidator(_empty_is_none)] = None
     federation: FederationConfig = Field(default_factory=FederationConfig)
     rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)
     lookup: LookupConfig = Field(default_factory=LookupConfig)

@@ -46,6 +46,7 @@ from sydent_lite.storage.database import (
 from sydent_lite.storage.invites import InviteStore
 from sydent_lite.storage.people import PeopleStore
 from sydent_lite.storage.peppers import PepperStore
+from sydent_lite.storage.serving_lock import ServingLock, take_serving_lock
 from sydent_lite.storage.sessions import SessionStore
 from sydent_lite.storage.state import ServerStateStore
 from sydent_lite.templating import TemplateStore
@@ -69,9 +70,12 @@ class AppContext:
     rate_limiter: RateLimiter
     peppers: LookupPeppers
     access: HomeserverAllowList
+    serving_lock: ServingLock | None = None
 
     async def aclose(self) -> None:
         await self.peppers.aclose()
+        if self.serving_lock is not None:
+            await self.serving_lock.release()
         await self.sessions.aclose()
         await self.federation.aclose()
         await self.rate_limiter.aclose()
@@ -101,6 +105,8 @@ async def build_context(config: Config) -> AppContext:
     signer, terms, templates = load_static_parts(config)
     database = open_database(config.database.url)
     await migrate(database)
+    # Held while serving: an import-sydent refuses to run meanwhile (storage.serving_lock).
+    serving_lock = await take_serving_lock(database, config.database.url, exclusive=False)
     await analyze_if_never_analyzed(database)
     association_store = AssociationStore(database)
     account_store = AccountStore(database)
@@ -148,6 +154,7 @@ async def build_context(config: Config) -> AppContext:
         rate_limiter=rate_limiter,
         peppers=peppers,
         access=access,
+        serving_lock=serving_lock,
     )
 
 

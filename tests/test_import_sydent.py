@@ -328,6 +328,7 @@ FIRST_RUN = {
     "associations_already_present": 0,
     "associations_newer_here_kept": 1,
     "associations_resigned": 1,
+    "associations_signature_repaired": 0,
     "associations_unbound_in_sydent": 1,
     "associations_unusable_skipped": 0,
     "invites_imported": 2,
@@ -343,7 +344,13 @@ FIRST_RUN = {
     "terms_acceptances_already_present": 0,
     "signing_key_imported": 1,
     "signing_key_already_present": 0,
+    "lookup_pepper_from_sydent": 1,
     "sydent_rows_unreadable_skipped": 0,
+    "erased_associations_skipped": 0,
+    "erased_sessions_skipped": 0,
+    "erased_invites_skipped": 0,
+    "erased_account_tokens_skipped": 0,
+    "erased_terms_acceptances_skipped": 0,
 }
 
 
@@ -358,12 +365,12 @@ def make_config(url: str, server_name: str, key_path: Path) -> Any:
     return config_from_dict({"server_name": server_name, "database": {"url": url}, "signing_key_path": str(key_path)})
 
 
-async def _dump(url: str) -> dict[str, list[tuple]]:
+async def _dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
     engine = open_database(url)
     try:
         async with engine.connect() as conn:
             names = await conn.run_sync(lambda c: inspect(c).get_table_names())
-            out = {}
+            out: dict[str, list[tuple[Any, ...]]] = {}
             for name in sorted(names):
                 rows = (await conn.execute(text(f'SELECT * FROM "{name}"'))).all()
                 out[name] = sorted((tuple(r) for r in rows), key=repr)
@@ -372,8 +379,9 @@ async def _dump(url: str) -> dict[str, list[tuple]]:
         await engine.dispose()
 
 
-def dump(url: str) -> dict[str, list[tuple]]:
-    return run(_dump(url))
+def dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    tables: dict[str, list[tuple[Any, ...]]] = run(_dump(url))
+    return tables
 
 
 async def _prepare_ours(url: str, now: int) -> None:
@@ -413,7 +421,8 @@ async def _select(url: str, query: Any) -> list[dict[str, Any]]:
 
 
 def select_all(url: str, query: Any) -> list[dict[str, Any]]:
-    return run(_select(url, query))
+    rows: list[dict[str, Any]] = run(_select(url, query))
+    return rows
 
 
 def write_key(path: Path, key: Any) -> Path:
@@ -423,7 +432,7 @@ def write_key(path: Path, key: Any) -> Path:
 
 
 def verify(signed_json: str, server_name: str, key: Any) -> dict[str, Any]:
-    obj = json.loads(signed_json)
+    obj: dict[str, Any] = json.loads(signed_json)
     signedjson.sign.verify_signed_json(obj, server_name, signedjson.key.get_verify_key(key))
     return obj
 
@@ -554,6 +563,7 @@ def test_import_then_serve(db_factory, smtp_sink, tmp_path: Path) -> None:  # ty
         "account_tokens_already_present": 3,
         "terms_acceptances_already_present": 3,
         "signing_key_already_present": 1,
+        "lookup_pepper_from_sydent": 1,
     }
 
     # And the real server serves it all.
@@ -687,8 +697,8 @@ def test_a_key_that_did_not_sign_sydents_associations_is_refused(db_factory, tmp
 
 
 def test_without_sydents_key_ours_signs(db_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """No --signing-key: our key stays (created if needed) and Sydent's own associations are
-    re-signed with it; the peer's keep the peer's signature. Via the command line."""
+    """--new-signing-key: a new key of ours and Sydent's own associations re-signed with it;
+    the peer's keep the peer's signature. Via the command line."""
     db = db_factory.create()
     fx = build_sydent_db(tmp_path / "sydent.db", "id.test", signedjson.key.generate_signing_key("0"))
     ours_path = tmp_path / "signing.key"
@@ -699,7 +709,16 @@ def test_without_sydents_key_ours_signs(db_factory, tmp_path: Path) -> None:  # 
 
     def cli() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "sydent_lite", "import-sydent", str(fx.path), "--config", str(config_path)],
+            [
+                sys.executable,
+                "-m",
+                "sydent_lite",
+                "import-sydent",
+                str(fx.path),
+                "--config",
+                str(config_path),
+                "--new-signing-key",
+            ],
             capture_output=True,
             text=True,
             timeout=120,

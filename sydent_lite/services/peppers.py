@@ -23,7 +23,7 @@ At most two peppers are live at once (one per hash slot): a rotation starts only
 previous one's grace window (a rotation started earlier, by hand, ends that window at once).
 
 The rehash never blocks anything: it reads ids in order, a batch at a time, and writes only
-the new slot's column (no change-log row: migration 0008). Binds keep hashing for every live
+the new slot's column (no change-log row: migration 0009). Binds keep hashing for every live
 pepper; one that raced the start of a rotation sees it (storage.peppers) and writes the new
 hash itself, so every row ends up with it, written by the rehash or by its bind.
 

@@ -1,4 +1,4 @@
-"""The lookup pepper schedule (table `lookup_peppers`, migration 0008) and the rehash's writes.
+"""The lookup pepper schedule (table `lookup_peppers`, migration 0009) and the rehash's writes.
 
 Every worker reads the schedule; the times in it are what make them switch together. What is
 written here, and under which lock, is what keeps a rotation and concurrent binds from missing

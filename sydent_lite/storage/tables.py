@@ -64,8 +64,8 @@ associations = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("medium", String(16), nullable=False),
     Column("address", String(512), nullable=False),
-    # The hashes under the two live peppers (lookup_peppers.slot 0 and 1, migration 0008);
-    # "" (or NULL, in rows older than 0008) in a slot no live pepper owns.
+    # The hashes under the two live peppers (lookup_peppers.slot 0 and 1, migration 0009);
+    # "" (or NULL, in rows older than 0009) in a slot no live pepper owns.
     Column("lookup_hash", String(64), nullable=False),
     Column("lookup_hash_b", String(64), nullable=True),
     Column("mxid", String(255), nullable=False),
@@ -94,7 +94,7 @@ association_changes = Table(
     sqlite_autoincrement=True,
 )
 
-# Every lookup pepper there has been (migration 0008): which hash slot of `associations` it
+# Every lookup pepper there has been (migration 0009): which hash slot of `associations` it
 # owns, when it became (or becomes) current, when its grace window ends, and the rehash that
 # prepares it (progress and claim).
 lookup_peppers = Table(
@@ -171,4 +171,14 @@ rate_limit_buckets = Table(
     Column("key", String(255), primary_key=True),
     Column("tokens", Float, nullable=False),
     Column("updated_ms", BigInteger, nullable=False),
+)
+
+# What an operator erased (`associations delete`): a SHA-256 of "<kind>\0<value>" (kind: a
+# medium, or "mxid"), never the address or user ID itself. An import from Sydent skips what
+# Sydent still holds of an erased person, so an erasure survives re-running the import.
+erasures = Table(
+    "erasures",
+    metadata,
+    Column("subject_hash", String(64), primary_key=True),
+    Column("erased_ts", BigInteger, nullable=False),
 )

@@ -12,16 +12,16 @@ The change log carries both slots' hashes. Its update trigger now fires only whe
 other than the two hashes is written: a rehash (hundreds of thousands of single-column
 UPDATEs) is not logged; every bind writes every column (ts at least) and is.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-02
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008"
-down_revision = "0007"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
