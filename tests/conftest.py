@@ -3,7 +3,9 @@
 Every API test runs once per database backend (`backend`: sqlite, postgres). One identity
 server per backend (`idserver`, with terms of service) is shared by the whole session; tests
 keep out of each other's way by using unique email addresses, client secrets and users.
-Tests that need a differently configured server use `make_server`.
+Tests that need a differently configured server use `make_server` (a subprocess) or, where no
+real process is needed, `make_inprocess_server` (the app in this process, on a fake clock that
+the test advances: support.inprocess).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import httpx
 import pytest
 from support.db import DatabaseFactory, postgres_disabled
 from support.homeserver import HomeserverStandIn
+from support.inprocess import InProcessServer
 from support.server import DEFAULT_TERMS, IdentityApi, SydentServer, User, write_terms
 from support.smtp import SmtpSink
 
@@ -82,10 +85,15 @@ ServerFactory = Callable[..., SydentServer]
 
 
 def _new_server(
-    db_factory: DatabaseFactory, smtp_sink: SmtpSink, homeserver: HomeserverStandIn, workdir: Path, **kwargs: Any
+    db_factory: DatabaseFactory,
+    smtp_sink: SmtpSink,
+    homeserver: HomeserverStandIn,
+    workdir: Path,
+    server_class: type[SydentServer] = SydentServer,
+    **kwargs: Any,
 ) -> SydentServer:
     db = db_factory.create()
-    return SydentServer(
+    return server_class(
         workdir,
         database_url=db.url,
         smtp_port=smtp_sink.port,
@@ -117,6 +125,32 @@ def idserver(
     server.stop()
 
 
+def _server_factory(
+    server_class: type[SydentServer],
+    db_factory: DatabaseFactory,
+    smtp_sink: SmtpSink,
+    homeserver: HomeserverStandIn,
+    tmp_path: Path,
+    backend: str,
+    request: pytest.FixtureRequest,
+) -> Iterator[Callable[..., Any]]:
+    servers: list[SydentServer] = []
+    request.node.extra_sydent_servers = servers  # for the failure report
+
+    def make(start: bool = True, **kwargs: Any) -> SydentServer:
+        kwargs.setdefault("name", f"sydent_lite #{len(servers) + 1} ({backend})")
+        workdir = tmp_path / f"server{len(servers) + 1}"
+        server = _new_server(db_factory, smtp_sink, homeserver, workdir, server_class, **kwargs)
+        servers.append(server)
+        if start:
+            server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
 @pytest.fixture
 def make_server(
     db_factory: DatabaseFactory,
@@ -131,20 +165,24 @@ def make_server(
     Keyword arguments go to `SydentServer` (terms_path, templates_dir, session_lifetime,
     extra_config, ...). The server is started unless `start=False`.
     """
-    servers: list[SydentServer] = []
-    request.node.extra_sydent_servers = servers  # for the failure report
+    yield from _server_factory(SydentServer, db_factory, smtp_sink, homeserver, tmp_path, backend, request)
 
-    def make(start: bool = True, **kwargs: Any) -> SydentServer:
-        kwargs.setdefault("name", f"sydent_lite #{len(servers) + 1} ({backend})")
-        server = _new_server(db_factory, smtp_sink, homeserver, tmp_path / f"server{len(servers) + 1}", **kwargs)
-        servers.append(server)
-        if start:
-            server.start()
-        return server
 
-    yield make
-    for server in servers:
-        server.stop()
+InProcessServerFactory = Callable[..., InProcessServer]
+
+
+@pytest.fixture
+def make_inprocess_server(
+    db_factory: DatabaseFactory,
+    smtp_sink: SmtpSink,
+    homeserver: HomeserverStandIn,
+    tmp_path: Path,
+    backend: str,
+    request: pytest.FixtureRequest,
+) -> Iterator[InProcessServerFactory]:
+    """As `make_server`, but the server runs in this process on a fake clock (`server.clock`,
+    or `clock=` a FakeClock to share one): for contracts that need no process of their own."""
+    yield from _server_factory(InProcessServer, db_factory, smtp_sink, homeserver, tmp_path, backend, request)
 
 
 # --- clients ------------------------------------------------------------------------------------

@@ -43,8 +43,8 @@ def test_generate_config_is_a_valid_config(tmp_path: Path) -> None:
     assert load_config(path).server_name == "id.test"
 
 
-def test_keys_show_and_generate(make_server) -> None:  # type: ignore[no-untyped-def]
-    server = make_server()
+def test_keys_show_and_generate(make_inprocess_server) -> None:  # type: ignore[no-untyped-def]
+    server = make_inprocess_server()
     with server.new_client() as client:
         public_key = client.get("/_matrix/identity/v2/pubkey/ed25519:0").json()["public_key"]
     shown = cli(server, "keys", "show")
@@ -54,8 +54,8 @@ def test_keys_show_and_generate(make_server) -> None:  # type: ignore[no-untyped
     assert cli(server, "keys", "show").stdout == shown.stdout  # untouched
 
 
-def test_delete_everything_about_a_person(make_server, api_for, homeserver, smtp) -> None:  # type: ignore[no-untyped-def]
-    server = make_server(terms_path=None)
+def test_delete_everything_about_a_person(make_inprocess_server, api_for, homeserver, smtp) -> None:  # type: ignore[no-untyped-def]
+    server = make_inprocess_server(terms_path=None)
     api: IdentityApi = api_for(server)
     user = api.register()
     first, second = unique_email("forgetme"), unique_email("forgetme2")
@@ -95,8 +95,8 @@ def test_delete_everything_about_a_person(make_server, api_for, homeserver, smtp
     assert assoc["mxid"] == user.user_id
 
 
-def test_delete_by_address_and_bind_by_hand(make_server, api_for) -> None:  # type: ignore[no-untyped-def]
-    server = make_server(terms_path=None)
+def test_delete_by_address_and_bind_by_hand(make_inprocess_server, api_for) -> None:  # type: ignore[no-untyped-def]
+    server = make_inprocess_server(terms_path=None)
     api: IdentityApi = api_for(server)
     address = unique_email("byhand")
     bound = cli(server, "bind", "--medium", "email", "--address", address.upper(), "--mxid", "@hand:hs.test")

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import signedjson.key
 import signedjson.sign
+from support.asserts import assert_error, assert_signed_association, public_key
 from support.server import (
     V1,
     V2,
@@ -24,49 +25,10 @@ from support.server import (
     SydentServer,
     User,
     new_secret,
-    now_ms,
     sha256_address,
     unique_email,
 )
 from unpaddedbase64 import decode_base64, encode_base64
-
-ASSOCIATION_KEYS = {"address", "medium", "mxid", "not_before", "not_after", "ts", "signatures"}
-YEAR_MS = 365 * 24 * 3600 * 1000
-
-
-def assert_error(resp: httpx.Response, status: int, errcode: str) -> dict[str, Any]:
-    assert resp.status_code == status, f"{resp.request.method} {resp.request.url}: {resp.status_code} {resp.text}"
-    assert resp.headers.get("content-type", "").startswith("application/json"), resp.headers
-    body = resp.json()
-    assert body.get("errcode") == errcode, body
-    return body
-
-
-def public_key(client: httpx.Client) -> str:
-    resp = client.get(f"{V2}/pubkey/ed25519:0")
-    assert resp.status_code == 200, resp.text
-    key = resp.json()["public_key"]
-    assert isinstance(key, str)
-    return key
-
-
-def assert_signed_association(
-    assoc: dict[str, Any], server: SydentServer, client: httpx.Client, *, address: str, mxid: str
-) -> None:
-    assert set(assoc) == ASSOCIATION_KEYS, assoc
-    assert assoc["medium"] == "email"
-    assert assoc["address"] == address
-    assert assoc["mxid"] == mxid
-    ts = assoc["ts"]
-    assert isinstance(ts, int) and abs(ts - now_ms()) < 60_000, ts
-    assert assoc["not_before"] == ts
-    assert isinstance(assoc["not_after"], int)
-    assert 99 * YEAR_MS <= assoc["not_after"] - ts <= 101 * YEAR_MS, assoc
-    # Signed by us alone, with ed25519:0, under our server_name.
-    assert set(assoc["signatures"]) == {server.server_name}, assoc["signatures"]
-    assert set(assoc["signatures"][server.server_name]) == {"ed25519:0"}
-    verify_key = signedjson.key.decode_verify_key_bytes("ed25519:0", decode_base64(public_key(client)))
-    signedjson.sign.verify_signed_json(assoc, server.server_name, verify_key)  # raises if invalid
 
 
 def none_address(address: str, medium: str = "email") -> str:

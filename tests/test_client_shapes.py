@@ -16,7 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
+from support.asserts import assert_error
 from support.homeserver import HomeserverStandIn
+from support.inprocess import InProcessServer
 from support.server import (
     V1,
     V2,
@@ -33,15 +35,6 @@ from support.smtp import ReceivedMail
 # The lookups' body cap with the default lookup.max_addresses (10,000): 64 KiB + 128 bytes an
 # address, as docs/api-behaviour.md states it.
 LOOKUP_BODY_CAP = 64 * 1024 + 10_000 * 128
-
-
-def assert_error(resp: httpx.Response, status: int, errcode: str) -> dict[str, Any]:
-    assert resp.status_code == status, f"{resp.request.method} {resp.request.url}: {resp.status_code} {resp.text[:300]}"
-    assert resp.headers.get("content-type", "").startswith("application/json"), resp.headers
-    body = resp.json()
-    assert body.get("errcode") == errcode, body
-    assert isinstance(body.get("error"), str), body
-    return body
 
 
 def post_without_content_type(
@@ -363,9 +356,9 @@ def test_lookup_bodies_of_many_tiny_values_are_refused_before_parsing(
 
 
 def test_lookup_max_addresses_setting(
-    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi]
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
 ) -> None:
-    server = make_server(extra_config={"lookup": {"max_addresses": 100}})
+    server = make_inprocess_server(extra_config={"lookup": {"max_addresses": 100}})
     api = api_for(server)
     user = api.register()
     pepper = api.hash_details(user)["lookup_pepper"]

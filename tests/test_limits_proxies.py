@@ -525,10 +525,12 @@ def xff(value: str) -> dict[str, str]:
     return {"X-Forwarded-For": value}
 
 
-def test_ipv6_clients_are_limited_by_their_64(make_server, homeserver: HomeserverStandIn, smtp: SmtpSink) -> None:  # type: ignore[no-untyped-def]
+def test_ipv6_clients_are_limited_by_their_64(
+    make_inprocess_server, homeserver: HomeserverStandIn, smtp: SmtpSink
+) -> None:  # type: ignore[no-untyped-def]
     # Every per-client-IP limit, burst 2. The clients are behind our proxy (the test runs on
     # 127.0.0.1), which names them in X-Forwarded-For as nginx would.
-    server = make_server(
+    server = make_inprocess_server(
         extra_config={
             **limits(
                 request_token_per_ip_burst=2,
@@ -593,8 +595,10 @@ def userinfo_calls(hs: HomeserverStandIn, tokens: set[str]) -> int:
     return sum(r.query_value("access_token") in tokens for r in hs.requests_to(OPENID_USERINFO_PATH, "GET"))
 
 
-def test_register_is_limited_per_client_before_any_outbound_request(make_server, homeserver: HomeserverStandIn) -> None:  # type: ignore[no-untyped-def]
-    server = make_server(extra_config=limits(register_per_ip_burst=3, register_per_ip_per_minute=1.0))
+def test_register_is_limited_per_client_before_any_outbound_request(
+    make_inprocess_server, homeserver: HomeserverStandIn
+) -> None:  # type: ignore[no-untyped-def]
+    server = make_inprocess_server(extra_config=limits(register_per_ip_burst=3, register_per_ip_per_minute=1.0))
     answers, tokens = [], set()
     for _ in range(8):
         resp, token = register_at(server, homeserver)
@@ -607,8 +611,8 @@ def test_register_is_limited_per_client_before_any_outbound_request(make_server,
     assert userinfo_calls(homeserver, tokens) == 3
 
 
-def test_register_is_limited_per_homeserver_however_spelt(make_server, homeserver: HomeserverStandIn) -> None:  # type: ignore[no-untyped-def]
-    server = make_server(
+def test_register_is_limited_per_homeserver_however_spelt(make_inprocess_server, homeserver: HomeserverStandIn) -> None:  # type: ignore[no-untyped-def]
+    server = make_inprocess_server(
         extra_config={
             **limits(register_per_server_burst=3, register_per_server_per_minute=1.0),
             "listen": {"trusted_proxies": ["127.0.0.0/8"]},
@@ -635,8 +639,8 @@ def test_register_is_limited_per_homeserver_however_spelt(make_server, homeserve
 # --- lookups: per user, and per address ----------------------------------------------------------
 
 
-def test_lookup_limit_is_per_user_so_registering_again_is_no_new_budget(make_server, api_for) -> None:  # type: ignore[no-untyped-def]
-    server = make_server(extra_config=limits(lookup_per_token_burst=2, lookup_per_token_per_minute=1.0))
+def test_lookup_limit_is_per_user_so_registering_again_is_no_new_budget(make_inprocess_server, api_for) -> None:  # type: ignore[no-untyped-def]
+    server = make_inprocess_server(extra_config=limits(lookup_per_token_burst=2, lookup_per_token_per_minute=1.0))
     api = api_for(server)
     first = api.register()
     pepper = api.hash_details(first)["lookup_pepper"]
@@ -665,9 +669,9 @@ def assert_too_large(resp: httpx.Response) -> None:
     assert resp.json()["errcode"] == "M_TOO_LARGE", resp.text
 
 
-def test_v1_lookups_count_addresses_per_client(make_server) -> None:  # type: ignore[no-untyped-def]
+def test_v1_lookups_count_addresses_per_client(make_inprocess_server) -> None:  # type: ignore[no-untyped-def]
     # The per-request limit (100 in a burst) is nowhere near: the addresses are what count.
-    server = make_server(extra_config=small_address_budget())
+    server = make_inprocess_server(extra_config=small_address_budget())
     assert bulk_lookup(server, 600).status_code == 200
     assert_limited(bulk_lookup(server, 600))  # 400 left, and none of them taken
     assert bulk_lookup(server, 400).status_code == 200
@@ -676,8 +680,8 @@ def test_v1_lookups_count_addresses_per_client(make_server) -> None:  # type: ig
     assert_too_large(bulk_lookup(server, 1001))
 
 
-def test_v2_lookups_count_addresses_per_user(make_server, api_for) -> None:  # type: ignore[no-untyped-def]
-    server = make_server(extra_config=small_address_budget())
+def test_v2_lookups_count_addresses_per_user(make_inprocess_server, api_for) -> None:  # type: ignore[no-untyped-def]
+    server = make_inprocess_server(extra_config=small_address_budget())
     api = api_for(server)
     user = api.register()
     pepper = api.hash_details(user)["lookup_pepper"]

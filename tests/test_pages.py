@@ -60,7 +60,7 @@ def test_landing_page(idserver, client) -> None:  # type: ignore[no-untyped-def]
     assert_safe_html(page)
 
 
-def test_landing_page_escapes_terms(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_landing_page_escapes_terms(make_inprocess_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     terms = {
         "master_version": "1",
         "docs": {
@@ -70,7 +70,7 @@ def test_landing_page_escapes_terms(make_server, tmp_path: Path) -> None:  # typ
             }
         },
     }
-    server = make_server(terms_path=write_terms(tmp_path / "terms.yaml", terms))
+    server = make_inprocess_server(terms_path=write_terms(tmp_path / "terms.yaml", terms))
     with server.new_client() as client:
         page = client.get("/").text
     assert_safe_html(page)

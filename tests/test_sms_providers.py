@@ -29,6 +29,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from support.smtp import free_port
 
 from sydent_lite.config import ConfigError, OpenMarketConfig, SmsConfig, TwilioConfig, WebhookConfig, config_from_dict
 from sydent_lite.delivery.sms import (
@@ -172,11 +173,7 @@ def standin(standin_server: ProviderStandIn) -> Iterator[ProviderStandIn]:
 @pytest.fixture
 def closed_port() -> int:
     """A local port nothing listens on (bound, then released)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    return free_port()
 
 
 # --- configs and helpers ------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -16,6 +15,7 @@ import pytest
 import signedjson.key
 import signedjson.sign
 from support.homeserver import KEY_SERVER_PATH, HomeserverStandIn
+from support.smtp import free_port
 from unpaddedbase64 import encode_base64
 
 from sydent_lite.config import FederationConfig
@@ -159,12 +159,6 @@ async def verify(keys: ServerKeyStore, authorization: str | None, **kwargs: Any)
     args: dict[str, Any] = {"method": "POST", "uri": UNBIND_URI, "content": UNBIND_BODY, "our_server_name": OUR_NAME}
     args.update(kwargs)
     return await verify_request(keys, authorization=authorization, **args)
-
-
-def closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- header parsing -----------------------------------------------------------------------------
@@ -385,7 +379,7 @@ async def test_non_ed25519_key_id(hs: HomeserverStandIn, keys: ServerKeyStore) -
 
 async def test_unreachable_origin(fed: FederationClient, clock: FakeClock) -> None:
     keys = ServerKeyStore(fed, clock=clock)
-    origin = f"127.0.0.1:{closed_port()}"
+    origin = f"127.0.0.1:{free_port()}"
     header = sign_request(signedjson.key.generate_signing_key("k"), origin, content=UNBIND_BODY)
     with pytest.raises(XMatrixError, match="Could not fetch"):
         await verify(keys, header)

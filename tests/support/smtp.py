@@ -23,9 +23,12 @@ LINK_RE = re.compile(r"https?://[^\s<>\"'()]+/_matrix/identity/v2/validate/email
 
 
 def free_port() -> int:
+    """A local port nothing listens on now (bound, then released): for a server to listen on,
+    or for a client to find closed."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 @dataclass
