@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -67,7 +67,7 @@ def terms_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session", params=_backend_params())
 def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
+    return cast("str", request.param)
 
 
 @pytest.fixture(scope="session")
@@ -90,9 +90,12 @@ def _new_server(
     homeserver: HomeserverStandIn,
     workdir: Path,
     server_class: type[SydentServer] = SydentServer,
+    migrated: bool = True,
     **kwargs: Any,
 ) -> SydentServer:
-    db = db_factory.create()
+    # Migrated already (a copy of a template) unless `migrated=False`: the shared server, so
+    # that a server migrating an empty database at its start is still what every session runs.
+    db = db_factory.create(migrated=migrated)
     return server_class(
         workdir,
         database_url=db.url,
@@ -117,6 +120,7 @@ def idserver(
         smtp_sink,
         homeserver,
         tmp_path_factory.mktemp(f"idserver-{backend}"),
+        migrated=False,
         terms_path=terms_path,
         name=f"sydent_lite ({backend})",
     )

@@ -6,13 +6,15 @@ Contract: docs/api-behaviour.md, "Authentication (v2)"; spec v2_auth.yaml and v2
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 from support.asserts import assert_error
 from support.homeserver import OPENID_USERINFO_PATH, HomeserverStandIn
-from support.server import DEFAULT_TERMS, V2, IdentityApi, expected_policies, new_secret, unique_email
+from support.inprocess import InProcessServer
+from support.server import DEFAULT_TERMS, V2, IdentityApi, SydentServer, expected_policies, new_secret, unique_email
 from support.smtp import free_port
 
 TOS = DEFAULT_TERMS["docs"]["terms_of_service"]["langs"]
@@ -288,7 +290,9 @@ def test_acceptance_belongs_to_the_user(api: IdentityApi, client: httpx.Client) 
     assert_error(client.get(f"{V2}/account", headers=other.headers), 403, "M_TERMS_NOT_SIGNED")
 
 
-def test_server_without_terms(make_inprocess_server, api_for) -> None:
+def test_server_without_terms(
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
+) -> None:
     server = make_inprocess_server(terms_path=None)
     api = api_for(server)
     resp = api.client.get(f"{V2}/terms")

@@ -12,7 +12,9 @@ from pathlib import Path
 import yaml
 from support.db import allow_inserts, refuse_inserts, sql
 from support.homeserver import HomeserverStandIn
+from support.inprocess import InProcessServer
 from support.server import IdentityApi, SydentServer, unique_email
+from support.smtp import SmtpSink
 
 V1 = "/_matrix/identity/api/v1"
 
@@ -43,7 +45,7 @@ def test_generate_config_is_a_valid_config(tmp_path: Path) -> None:
     assert load_config(path).server_name == "id.test"
 
 
-def test_keys_show_and_generate(make_inprocess_server) -> None:  # type: ignore[no-untyped-def]
+def test_keys_show_and_generate(make_inprocess_server: Callable[..., InProcessServer]) -> None:
     server = make_inprocess_server()
     with server.new_client() as client:
         public_key = client.get("/_matrix/identity/v2/pubkey/ed25519:0").json()["public_key"]
@@ -54,7 +56,12 @@ def test_keys_show_and_generate(make_inprocess_server) -> None:  # type: ignore[
     assert cli(server, "keys", "show").stdout == shown.stdout  # untouched
 
 
-def test_delete_everything_about_a_person(make_inprocess_server, api_for, homeserver, smtp) -> None:  # type: ignore[no-untyped-def]
+def test_delete_everything_about_a_person(
+    make_inprocess_server: Callable[..., InProcessServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    homeserver: HomeserverStandIn,
+    smtp: SmtpSink,
+) -> None:
     server = make_inprocess_server(terms_path=None)
     api: IdentityApi = api_for(server)
     user = api.register()
@@ -95,7 +102,9 @@ def test_delete_everything_about_a_person(make_inprocess_server, api_for, homese
     assert assoc["mxid"] == user.user_id
 
 
-def test_delete_by_address_and_bind_by_hand(make_inprocess_server, api_for) -> None:  # type: ignore[no-untyped-def]
+def test_delete_by_address_and_bind_by_hand(
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
+) -> None:
     server = make_inprocess_server(terms_path=None)
     api: IdentityApi = api_for(server)
     address = unique_email("byhand")

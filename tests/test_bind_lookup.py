@@ -17,6 +17,7 @@ import pytest
 import signedjson.key
 import signedjson.sign
 from support.asserts import assert_error, assert_signed_association, public_key
+from support.homeserver import HomeserverStandIn
 from support.server import (
     V1,
     V2,
@@ -146,7 +147,7 @@ def test_bind_needs_a_token_on_v2(api: IdentityApi, user: User) -> None:
     assert api.v1_lookup("email", session.email).json() == {}
 
 
-def test_bind_someone_elses_mxid_on_v2(api: IdentityApi, user: User, homeserver) -> None:
+def test_bind_someone_elses_mxid_on_v2(api: IdentityApi, user: User, homeserver: HomeserverStandIn) -> None:
     session = api.validated_email_session(unique_email("other"), user=user)
     for mxid in (homeserver.user_id("somebody_else"), "@" + user.localpart + ":evil.example.test"):
         assert_error(api.bind(session, mxid, user=user), 403, "M_UNAUTHORIZED")
@@ -460,7 +461,9 @@ def test_email_addresses_are_case_folded(api: IdentityApi, user: User) -> None:
 # --- persistence --------------------------------------------------------------------------------------------
 
 
-def test_restart_keeps_bindings_pepper_key_and_tokens(api: IdentityApi, idserver: SydentServer, homeserver) -> None:
+def test_restart_keeps_bindings_pepper_key_and_tokens(
+    api: IdentityApi, idserver: SydentServer, homeserver: HomeserverStandIn
+) -> None:
     user = api.register()
     email = unique_email("restart")
     _, assoc = api.bind_email(email, user)

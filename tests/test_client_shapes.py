@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -250,7 +250,10 @@ def book(n: int, tag: str) -> list[str]:
     return [f"firstname.lastname{i}.{tag}@example.test" for i in range(n)]
 
 
-def spread(filler: list[str], wanted: list[str]) -> list[str]:
+T = TypeVar("T")
+
+
+def spread(filler: list[T], wanted: list[T]) -> list[T]:
     """filler with the wanted ones at its start, middle and end."""
     out = list(filler)
     for position, item in zip((0, len(out) // 2, len(out)), wanted, strict=False):
@@ -297,7 +300,7 @@ def test_v1_bulk_lookup_of_10000_pairs(api: IdentityApi, bound: tuple[User, list
     user, emails = bound
     pairs = spread(
         [["email", a] for a in book(10_000 - len(emails), new_secret()[-8:])], [["email", e] for e in emails]
-    )  # type: ignore[list-item]
+    )
     assert len(pairs) == 10_000
     resp = post_json(api.client, f"{V1}/bulk_lookup", {"threepids": pairs})
     assert resp.status_code == 200, resp.text[:300]

@@ -296,7 +296,9 @@ def test_case_variants_are_one_session(api: IdentityApi) -> None:
     assert resend.rcpt_tos == [shouted] and resend.sid == first.sid
 
 
-def test_case_variants_share_the_per_address_limit(make_inprocess_server, api_for) -> None:
+def test_case_variants_share_the_per_address_limit(
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
+) -> None:
     server = make_inprocess_server(
         terms_path=None,
         extra_config={
@@ -545,7 +547,9 @@ def test_sessions_expire(
 # sessions.max_token_attempts wrong tokens; the address's budget bounds guesses across sessions.
 
 
-def test_guessing_the_token_kills_the_session(make_inprocess_server, api_for) -> None:
+def test_guessing_the_token_kills_the_session(
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
+) -> None:
     server = make_inprocess_server(terms_path=None)
     api = api_for(server)
     mallory = api.register()
@@ -575,7 +579,9 @@ def test_guessing_the_token_kills_the_session(make_inprocess_server, api_for) ->
     assert_html(api.client.get(fresh.mail.link), 200)
 
 
-def test_email_budget_is_per_address_and_taken_before_comparing(make_inprocess_server, api_for) -> None:
+def test_email_budget_is_per_address_and_taken_before_comparing(
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
+) -> None:
     server = make_inprocess_server(
         terms_path=None,
         extra_config={
@@ -672,7 +678,11 @@ def custom_templates(tmp_path: Path) -> Path:
     return root
 
 
-def test_brand_template_is_sent_byte_for_byte(make_inprocess_server, api_for, custom_templates: Path) -> None:
+def test_brand_template_is_sent_byte_for_byte(
+    make_inprocess_server: Callable[..., InProcessServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    custom_templates: Path,
+) -> None:
     server = make_inprocess_server(templates_dir=custom_templates, terms_path=None)
     api = api_for(server)
     email = unique_email("fixed")
@@ -702,7 +712,11 @@ def test_brand_template_is_sent_byte_for_byte(make_inprocess_server, api_for, cu
     assert api.get_validated(EmailSession(email, secret, sid, mail), v1=True).status_code == 200
 
 
-def test_unknown_brand_falls_back_to_default(make_inprocess_server, api_for, custom_templates: Path) -> None:
+def test_unknown_brand_falls_back_to_default(
+    make_inprocess_server: Callable[..., InProcessServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    custom_templates: Path,
+) -> None:
     server = make_inprocess_server(templates_dir=custom_templates, terms_path=None)
     api = api_for(server)
     for brand in (None, "no-such-brand", "", "..", "../templates", "default/../fixedbrand", "/etc"):
@@ -718,7 +732,11 @@ def test_unknown_brand_falls_back_to_default(make_inprocess_server, api_for, cus
         assert "CUSTOM-DEFAULT-PAGE: " in page, f"brand {brand!r}: {page}"
 
 
-def test_brand_query_parameter_picks_the_page(make_inprocess_server, api_for, custom_templates: Path) -> None:
+def test_brand_query_parameter_picks_the_page(
+    make_inprocess_server: Callable[..., InProcessServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    custom_templates: Path,
+) -> None:
     server = make_inprocess_server(templates_dir=custom_templates, terms_path=None)
     api = api_for(server)
     # Requested with the default brand; the link opened with ?brand=fixedbrand shows that page,
@@ -735,7 +753,12 @@ def test_brand_query_parameter_picks_the_page(make_inprocess_server, api_for, cu
 
 
 @pytest.mark.parametrize("where", ["query", "body"])
-def test_brand_from_query_string_or_body(make_inprocess_server, api_for, custom_templates: Path, where: str) -> None:
+def test_brand_from_query_string_or_body(
+    make_inprocess_server: Callable[..., InProcessServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    custom_templates: Path,
+    where: str,
+) -> None:
     # Sydent clients put `brand` in the query string; others in the JSON body. Either works.
     server = make_inprocess_server(templates_dir=custom_templates, terms_path=None)
     api = api_for(server)

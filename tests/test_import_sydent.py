@@ -18,14 +18,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import signedjson.key
 import signedjson.sign
 import yaml
 from sqlalchemy import inspect, select, text
+from support.db import DatabaseFactory
 from support.server import DEFAULT_TERMS, SydentServer, sha256_address, write_terms
+from support.smtp import SmtpSink
 
 from sydent_lite.admin.sydent_import import (
     SigningKeyMismatch,
@@ -356,7 +358,7 @@ def make_config(url: str, server_name: str, key_path: Path) -> Any:
     return config_from_dict({"server_name": server_name, "database": {"url": url}, "signing_key_path": str(key_path)})
 
 
-async def _dump(url: str) -> dict[str, list[tuple]]:
+async def _dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
     engine = open_database(url)
     try:
         async with engine.connect() as conn:
@@ -370,8 +372,8 @@ async def _dump(url: str) -> dict[str, list[tuple]]:
         await engine.dispose()
 
 
-def dump(url: str) -> dict[str, list[tuple]]:
-    return run(_dump(url))
+def dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    return cast("dict[str, list[tuple[Any, ...]]]", run(_dump(url)))
 
 
 async def _prepare_ours(url: str, now: int) -> None:
@@ -411,7 +413,7 @@ async def _select(url: str, query: Any) -> list[dict[str, Any]]:
 
 
 def select_all(url: str, query: Any) -> list[dict[str, Any]]:
-    return run(_select(url, query))
+    return cast("list[dict[str, Any]]", run(_select(url, query)))
 
 
 def write_key(path: Path, key: Any) -> Path:
@@ -423,13 +425,13 @@ def write_key(path: Path, key: Any) -> Path:
 def verify(signed_json: str, server_name: str, key: Any) -> dict[str, Any]:
     obj = json.loads(signed_json)
     signedjson.sign.verify_signed_json(obj, server_name, signedjson.key.get_verify_key(key))
-    return obj
+    return cast("dict[str, Any]", obj)
 
 
 # --- the tests ------------------------------------------------------------------------------------
 
 
-def test_import_then_serve(db_factory, smtp_sink, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_import_then_serve(db_factory: DatabaseFactory, smtp_sink: SmtpSink, tmp_path: Path) -> None:
     db = db_factory.create()
     # The server that will serve the imported data: its name is Sydent's server.name.
     server = SydentServer(
@@ -632,7 +634,7 @@ def test_import_then_serve(db_factory, smtp_sink, tmp_path: Path) -> None:  # ty
         server.stop()
 
 
-def test_a_different_key_of_ours_is_never_replaced(db_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_different_key_of_ours_is_never_replaced(db_factory: DatabaseFactory, tmp_path: Path) -> None:
     db = db_factory.create()
     sydent_key = signedjson.key.generate_signing_key("0")
     fx = build_sydent_db(tmp_path / "sydent.db", "id.test", sydent_key)
@@ -674,7 +676,7 @@ def test_a_different_key_of_ours_is_never_replaced(db_factory, tmp_path: Path) -
     assert dump(db.url) == before and ours_path.read_bytes() == ours_bytes
 
 
-def test_a_key_that_did_not_sign_sydents_associations_is_refused(db_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_key_that_did_not_sign_sydents_associations_is_refused(db_factory: DatabaseFactory, tmp_path: Path) -> None:
     db = db_factory.create()
     fx = build_sydent_db(tmp_path / "sydent.db", "id.test", signedjson.key.generate_signing_key("0"))
     ours_path = tmp_path / "signing.key"
@@ -684,7 +686,7 @@ def test_a_key_that_did_not_sign_sydents_associations_is_refused(db_factory, tmp
     assert not ours_path.exists()
 
 
-def test_without_sydents_key_ours_signs(db_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_without_sydents_key_ours_signs(db_factory: DatabaseFactory, tmp_path: Path) -> None:
     """No --signing-key: our key stays (created if needed) and Sydent's own associations are
     re-signed with it; the peer's keep the peer's signature. Via the command line."""
     db = db_factory.create()
@@ -726,7 +728,7 @@ def test_without_sydents_key_ours_signs(db_factory, tmp_path: Path) -> None:  # 
     assert dump(db.url) == before
 
 
-def test_not_a_sydent_database(db_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_not_a_sydent_database(db_factory: DatabaseFactory, tmp_path: Path) -> None:
     config = make_config(db_factory.create().url, "id.test", tmp_path / "signing.key")
     with pytest.raises(FileNotFoundError):
         run(import_sydent(config, tmp_path / "missing.db"))

@@ -10,6 +10,7 @@ the invites of the bound address).
 from __future__ import annotations
 
 import asyncio
+import functools
 import html
 import json
 import re
@@ -19,7 +20,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -101,11 +102,11 @@ def store_invite(
     """store-invite, expecting success; returns the answer."""
     resp = post_store_invite(api, body, user=user, v1=v1, form=form)
     assert resp.status_code == 200, resp.text
-    return resp.json()
+    return cast("dict[str, Any]", resp.json())
 
 
 def ephemeral_key(answer: dict[str, Any]) -> str:
-    return answer["public_keys"][1]["public_key"]
+    return cast("str", answer["public_keys"][1]["public_key"])
 
 
 def assert_store_invite_answer(
@@ -1002,16 +1003,22 @@ def test_onbind_is_retried_until_the_homeserver_accepts(
         assert len(rows) == 1, rows
         return rows[0]
 
+    def attempts_are(n: int) -> bool:
+        return bool(callback()["attempts"] == n)
+
+    def calls_exceed(n: int) -> bool:
+        return len(calls()) > n
+
     try:
         api.bind_email(address, invitee)
         wait_until(lambda: len(calls()) == 1, what="the first onbind attempt")
         # Backoff, not a tight loop: each failure puts the next attempt off by the configured
         # delay, doubling up to the maximum, and nothing is sent before it is due.
         for failures, delay_s in enumerate([5, 10, 20], start=1):
-            wait_until(lambda n=failures: callback()["attempts"] == n, what=f"failure {failures} recorded")
+            wait_until(functools.partial(attempts_are, failures), what=f"failure {failures} recorded")
             due = callback()["next_attempt_ts"]
             assert due - clock.time_ms() in range(delay_s * 1000 - 1000, delay_s * 1000 + 1), (due, clock.time_ms())
-            advance_until(clock, lambda n=failures: len(calls()) > n, step=0.5, what=f"attempt {failures + 1}")
+            advance_until(clock, functools.partial(calls_exceed, failures), step=0.5, what=f"attempt {failures + 1}")
             assert clock.time_ms() >= due, "sent before it was due"
         success = homeserver.wait_for_onbind(invitee.user_id)
         assert [c.status for c in calls()] == [503, 503, 503, 200]

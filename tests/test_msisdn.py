@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -77,11 +77,11 @@ class Sms:
 
     @property
     def to(self) -> str:
-        return self.raw["to"]
+        return cast("str", self.raw["to"])
 
     @property
     def text(self) -> str:
-        return self.raw["text"]
+        return cast("str", self.raw["text"])
 
     @property
     def originator(self) -> Any:
@@ -91,7 +91,7 @@ class Sms:
     def code(self) -> str:
         runs = re.findall(r"\d+", self.text)
         assert len(runs) == 1, f"expected exactly one run of digits (the code) in {self.text!r}"
-        return runs[0]
+        return cast("str", runs[0])
 
 
 class SmsOutbox:
@@ -346,7 +346,7 @@ class Phone:
         assert resp.status_code == 200, resp.text
         mappings = resp.json()["mappings"]
         assert set(mappings) <= {h}, mappings
-        return mappings.get(h)
+        return cast("str | None", mappings.get(h))
 
 
 def sms_server_config(outbox: Path, **sms: Any) -> dict[str, Any]:
@@ -964,17 +964,18 @@ def test_unbind_with_session(phone: Phone, phone_user: User) -> None:
     national, msisdn = random_gb()
     session = phone.validated("GB", national, msisdn, user=phone_user)
     assert phone.bind(session, phone_user.user_id, user=phone_user).status_code == 200
+    threepid = {"medium": "msisdn", "address": "+" + msisdn}
     body = {
         "sid": session.sid,
         "client_secret": session.client_secret,
         "mxid": phone_user.user_id,
-        "threepid": {"medium": "msisdn", "address": "+" + msisdn},
+        "threepid": threepid,
     }
     # The session is for exactly this threepid: another spelling of the address is not it.
     assert_error(phone.client.post(f"{V2}/3pid/unbind", json=body), 403, "M_FORBIDDEN")
     assert phone.lookup_sha256(phone_user, msisdn) == phone_user.user_id
 
-    body["threepid"]["address"] = msisdn
+    threepid["address"] = msisdn
     resp = phone.client.post(f"{V2}/3pid/unbind", json=body)
     assert resp.status_code == 200 and resp.json() == {}, resp.text
     assert phone.lookup_sha256(phone_user, msisdn) is None
@@ -1056,7 +1057,9 @@ def failed_attempts(server: SydentServer, sid: str) -> int:
         database = open_database(server.database_url)
         try:
             async with database.connect() as conn:
-                return (await conn.execute(select(vs.c.failed_attempts).where(vs.c.sid == sid))).scalar_one()
+                return cast(
+                    "int", (await conn.execute(select(vs.c.failed_attempts).where(vs.c.sid == sid))).scalar_one()
+                )
         finally:
             await database.dispose()
 
@@ -1148,7 +1151,7 @@ def test_concurrent_guesses_never_exceed_the_limit(make_phone: Any) -> None:
             body = {"sid": session.sid, "client_secret": session.client_secret, "token": code}
             resp = c.post(f"{V1}/validate/msisdn/submitToken", json=body)
             assert resp.status_code == 400, resp.text
-            return resp.json()["errcode"]
+            return cast("str", resp.json()["errcode"])
 
     from collections import Counter
     from concurrent.futures import ThreadPoolExecutor

@@ -28,7 +28,7 @@ import shutil
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -65,7 +65,7 @@ def fixture_mails(kind: str, instance: str | None = None) -> list[dict[str, Any]
 
 
 def sydent_mail(entry: dict[str, Any]) -> bytes:
-    return (FIXTURES / entry["file"]).read_bytes()
+    return cast("bytes", (FIXTURES / entry["file"]).read_bytes())
 
 
 def normalise(raw: bytes, *, token: str | None = None, homeserver: str | None = None) -> str:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -151,13 +152,13 @@ def store_invite(api: IdentityApi, user: User, address: str) -> dict[str, Any]:
     resp = api.client.post(f"{V2}/store-invite", json=invite_body(api.hs, address, user.user_id), headers=user.headers)
     assert resp.status_code == 200, resp.text
     api.smtp.wait_for(address)  # the invitation mail
-    return resp.json()
+    return cast("dict[str, Any]", resp.json())
 
 
 # --- state shared through the database -------------------------------------------------------------
 
 
-def test_session_started_on_one_process_is_finished_on_the_other(cluster_factory) -> None:  # type: ignore[no-untyped-def]
+def test_session_started_on_one_process_is_finished_on_the_other(cluster_factory: Callable[..., Cluster]) -> None:
     c = cluster_factory()
     user = c.api_a.register()  # registered on A: the token works on B
     assert c.api_b.hash_details(user) == c.api_a.hash_details(user)  # one pepper
@@ -196,7 +197,9 @@ def test_session_started_on_one_process_is_finished_on_the_other(cluster_factory
     assert c.api_a.lookup_email(user, email) is None
 
 
-def test_concurrent_binds_of_one_address_leave_one_association(cluster_factory, homeserver: HomeserverStandIn) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_binds_of_one_address_leave_one_association(
+    cluster_factory: Callable[..., Cluster], homeserver: HomeserverStandIn
+) -> None:
     c = cluster_factory()
     email = unique_email("contested")
     # A pending invitation: whichever bind comes first queues its onbind, the others find it taken.
@@ -272,7 +275,9 @@ async def test_concurrent_migrations_take_turns(pg: DatabaseFactory) -> None:
 # --- background work: onbind callbacks --------------------------------------------------------------
 
 
-def test_each_onbind_callback_is_delivered_once(cluster_factory, homeserver: HomeserverStandIn) -> None:  # type: ignore[no-untyped-def]
+def test_each_onbind_callback_is_delivered_once(
+    cluster_factory: Callable[..., Cluster], homeserver: HomeserverStandIn
+) -> None:
     c = cluster_factory(FAST_RETRY)
     inviter = c.api_a.register()
     invitees = []
@@ -302,7 +307,9 @@ def test_each_onbind_callback_is_delivered_once(cluster_factory, homeserver: Hom
             homeserver.reset_onbind(user.user_id)
 
 
-def test_a_dead_workers_claim_is_taken_over(cluster_factory, homeserver: HomeserverStandIn) -> None:  # type: ignore[no-untyped-def]
+def test_a_dead_workers_claim_is_taken_over(
+    cluster_factory: Callable[..., Cluster], homeserver: HomeserverStandIn
+) -> None:
     # Retries far apart: only the lapsed claim can bring the callback back within the test.
     c = cluster_factory({"invites": {"onbind_retry_initial_seconds": 600, "onbind_retry_max_seconds": 600}})
     inviter = c.api_a.register()
@@ -457,9 +464,11 @@ def test_serve_with_two_workers(
         server.stop()
     # SIGTERM to the parent stops the workers too.
     for kid in kids:
-        wait_until(
-            lambda k=kid: not Path(f"/proc/{k}").exists() or _is_zombie(k), timeout=15, what=f"worker {kid} gone"
-        )
+        wait_until(functools.partial(_gone, kid), timeout=15, what=f"worker {kid} gone")
+
+
+def _gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists() or _is_zombie(pid)
 
 
 def _is_zombie(pid: int) -> bool:

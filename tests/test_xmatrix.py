@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import signedjson.key
 import signedjson.sign
+from signedjson.types import SigningKey
 from support.homeserver import KEY_SERVER_PATH, HomeserverStandIn
 from support.smtp import free_port
 from unpaddedbase64 import encode_base64
@@ -100,7 +101,7 @@ def key_fetches(hs: HomeserverStandIn) -> int:
 
 def key_response(
     server_name: str,
-    signers: list[tuple[str, signedjson.key.SigningKey]],
+    signers: list[tuple[str, SigningKey]],
     *,
     verify_keys: dict[str, Any] | None = None,
     old_verify_keys: dict[str, Any] | None = None,
@@ -120,12 +121,12 @@ def key_response(
     return body
 
 
-def verify_entry(key: signedjson.key.SigningKey) -> dict[str, str]:
+def verify_entry(key: SigningKey) -> dict[str, str]:
     return {"key": encode_base64(key.verify_key.encode())}
 
 
 def sign_request(
-    signing_key: signedjson.key.SigningKey,
+    signing_key: SigningKey,
     origin: str,
     *,
     method: str = "POST",
@@ -634,11 +635,11 @@ class ScriptedClient:
     """Answers key requests for any server name with a fresh, correctly signed response."""
 
     def __init__(self) -> None:
-        self.signing_keys: dict[str, signedjson.key.SigningKey] = {}
+        self.signing_keys: dict[str, SigningKey] = {}
         self.fetches: list[str] = []
         self.gate: asyncio.Event | None = None
 
-    def key_for(self, server_name: str) -> signedjson.key.SigningKey:
+    def key_for(self, server_name: str) -> SigningKey:
         return self.signing_keys.setdefault(server_name, signedjson.key.generate_signing_key("k1"))
 
     async def request_json(self, method: str, server_name: str, path: str, **_kw: Any) -> tuple[int, object]:
