@@ -28,14 +28,15 @@ import httpx
 import pytest
 import signedjson.key
 import signedjson.sign
+from support.clock import FakeClock, advance_until
 from support.db import DatabaseFactory, ScratchDatabase, run_sql
 from support.homeserver import HomeserverStandIn
+from support.inprocess import InProcessServer
 from support.server import (
     V2,
     IdentityApi,
     SydentServer,
     User,
-    now_ms,
     unique_email,
     wait_until,
 )
@@ -61,9 +62,16 @@ class Cluster:
     """Two servers (A, B) on one database, one signing key, one server name."""
 
     def __init__(
-        self, db: ScratchDatabase, a: SydentServer, b: SydentServer, smtp: SmtpSink, hs: HomeserverStandIn
+        self,
+        db: ScratchDatabase,
+        a: SydentServer,
+        b: SydentServer,
+        smtp: SmtpSink,
+        hs: HomeserverStandIn,
+        clock: FakeClock | None = None,
     ) -> None:
         self.db = db
+        self.clock = clock  # the one both run on, when they run in this process
         self.a = a
         self.b = b
         self.servers = [a, b]
@@ -98,21 +106,27 @@ def cluster_factory(
     clusters: list[Cluster] = []
     request.node.extra_sydent_servers = []  # shown when a test fails
 
-    def make(extra_config: dict[str, Any] | None = None) -> Cluster:
+    def make(extra_config: dict[str, Any] | None = None, in_process: bool = False) -> Cluster:
+        """`in_process`: both servers in this process, on one FakeClock (each with its own app,
+        connections and delivery loop: what workers share is the database)."""
         n = len(clusters) + 1
+        clock = FakeClock() if in_process else None
         db = pg.create()
         key_path = tmp_path / f"cluster{n}" / "signing.key"
         key_path.parent.mkdir(parents=True, exist_ok=True)
         load_or_create_signing_key(str(key_path))  # one key for both, as the deployment guide says
         servers: list[SydentServer] = []
         for label in ("A", "B"):
-            server = SydentServer(
-                tmp_path / f"cluster{n}" / label,
-                database_url=db.url,
-                smtp_port=smtp_sink.port,
-                ca_file=homeserver.ca_path,
-                extra_config=extra_config,
-                name=f"sydent_lite {label} (cluster {n})",
+            options: dict[str, Any] = {
+                "database_url": db.url,
+                "smtp_port": smtp_sink.port,
+                "ca_file": homeserver.ca_path,
+                "extra_config": extra_config,
+                "name": f"sydent_lite {label} (cluster {n})",
+            }
+            workdir = tmp_path / f"cluster{n}" / label
+            server = (
+                InProcessServer(workdir, clock=clock, **options) if in_process else SydentServer(workdir, **options)
             )
             servers.append(server)
         shared = {"server_name": servers[0].server_name, "signing_key_path": str(key_path)}
@@ -120,7 +134,7 @@ def cluster_factory(
             server.extra_config = {**server.extra_config, **shared}
         request.node.extra_sydent_servers.extend(servers)
         start_all(servers)
-        cluster = Cluster(db, servers[0], servers[1], smtp_sink, homeserver)
+        cluster = Cluster(db, servers[0], servers[1], smtp_sink, homeserver, clock)
         clusters.append(cluster)
         return cluster
 
@@ -310,13 +324,22 @@ def test_each_onbind_callback_is_delivered_once(
 def test_a_dead_workers_claim_is_taken_over(
     cluster_factory: Callable[..., Cluster], homeserver: HomeserverStandIn
 ) -> None:
-    # Retries far apart: only the lapsed claim can bring the callback back within the test.
-    c = cluster_factory({"invites": {"onbind_retry_initial_seconds": 600, "onbind_retry_max_seconds": 600}})
+    # Retries far apart: only the lapsed claim can bring the callback back. In this process, on
+    # one fake clock: the lease and the servers' idle polls (30 s) pass in their time, not ours.
+    c = cluster_factory(
+        {"invites": {"onbind_retry_initial_seconds": 3600, "onbind_retry_max_seconds": 3600}}, in_process=True
+    )
+    clock = c.clock
+    assert clock is not None
     inviter = c.api_a.register()
     address = unique_email("orphan")
     token = store_invite(c.api_a, inviter, address)["token"]
     invitee = c.api_b.register()
     homeserver.set_onbind_status(invitee.user_id, 503)
+
+    def statuses() -> list[int | None]:
+        return [r.status for r in homeserver.onbind_requests(invitee.user_id)]
+
     try:
         c.api_b.bind_email(address, invitee)
         homeserver.wait_for_onbind(invitee.user_id, successful=False)
@@ -325,17 +348,22 @@ def test_a_dead_workers_claim_is_taken_over(
             what="first attempt recorded",
         )
         homeserver.set_onbind_status(invitee.user_id, None)
-        # As if a worker had claimed the callback (due now) and died: the lease runs 3 s more.
-        lease_until = now_ms() + 3000
-        run_sql(c.db, "UPDATE onbind_callbacks SET next_attempt_ts = $1, claimed_until = $2", now_ms(), lease_until)
-        time.sleep(1.5)
-        assert [r.status for r in homeserver.onbind_requests(invitee.user_id)] == [503], "a live claim was ignored"
-        success = homeserver.wait_for_onbind(invitee.user_id, timeout=45.0)
-        assert success.time * 1000 >= lease_until - 100  # not before the lease lapsed
+        # As if a worker had claimed the callback (due now) and died: its lease runs 5 minutes more.
+        now = clock.time_ms()
+        lease_until = now + 300_000
+        run_sql(c.db, "UPDATE onbind_callbacks SET next_attempt_ts = $1, claimed_until = $2", now, lease_until)
+        # Both servers look at the queue several times meanwhile (every 30 s): a live claim is left alone.
+        advance_until(clock, lambda: len(statuses()) > 1 or clock.time_ms() >= lease_until - 10_000, step=5.0)
+        assert statuses() == [503], "a live claim was ignored"
+        advance_until(clock, lambda: 200 in statuses(), step=5.0, what="the lapsed claim taken over")
+        assert clock.time_ms() >= lease_until, "taken before the lease lapsed"
+        success = homeserver.wait_for_onbind(invitee.user_id)
         assert [inv["token"] for inv in success.json["invites"]] == [token]
-        time.sleep(2.0)
-        assert [r.status for r in homeserver.onbind_requests(invitee.user_id)] == [503, 200]
-        assert run_sql(c.db, "SELECT count(*) AS n FROM onbind_callbacks")[0]["n"] == 0
+        wait_until(lambda: run_sql(c.db, "SELECT count(*) AS n FROM onbind_callbacks")[0]["n"] == 0, what="done")
+        for _ in range(10):  # well past any retry or poll: delivered once
+            clock.advance(60)
+            time.sleep(0.02)
+        assert statuses() == [503, 200]
     finally:
         homeserver.reset_onbind(invitee.user_id)
 
