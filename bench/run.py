@@ -39,6 +39,7 @@ import httpx
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
+# The bench's own modules sit beside this script: importable only after the line above (E402).
 import dataset  # noqa: E402
 import procstat  # noqa: E402
 import sydent_ref  # noqa: E402
@@ -54,7 +55,8 @@ SLOW_WORKLOADS = ("v2_lookup", "v1_bulk_lookup", "request_token", "store_invite"
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def log(message: str) -> None:
@@ -69,8 +71,8 @@ class Server:
     """How to start one server under test, and what the load needs to know about it."""
 
     label: str
-    start: Callable[[], subprocess.Popen]
-    stop: Callable[[subprocess.Popen], None]
+    start: Callable[[], subprocess.Popen[bytes]]
+    stop: Callable[[subprocess.Popen[bytes]], None]
     port: int
     token: str
     pepper: str = ""
@@ -81,7 +83,7 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
 
-def wait_until_serving(proc: subprocess.Popen, port: int, log_path: Path, timeout: float = 120) -> None:
+def wait_until_serving(proc: subprocess.Popen[bytes], port: int, log_path: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -95,7 +97,7 @@ def wait_until_serving(proc: subprocess.Popen, port: int, log_path: Path, timeou
     raise RuntimeError(f"server did not answer within {timeout}s; log tail:\n{log_path.read_text()[-3000:]}")
 
 
-def stop_process(proc: subprocess.Popen) -> None:
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -253,7 +255,7 @@ def prepare_lite(
     ).stdout.strip()
     log_path = workdir / f"server-{workers}w.log"
 
-    def start() -> subprocess.Popen:
+    def start() -> subprocess.Popen[bytes]:
         cmd = [*sydent_lite_cmd(), "serve", "--config", str(config)]
         if workers > 1:
             cmd += ["--workers", str(workers)]
@@ -303,7 +305,7 @@ def prepare_sydent(workdir: Path, n: int, key_line: str, smtp_port: int, venv_py
         marker.write_text(str(n))
     token = sydent_ref.create_token(db, BENCH_USER)
 
-    def start() -> subprocess.Popen:
+    def start() -> subprocess.Popen[bytes]:
         return sydent_ref.start(venv_python, config, workdir, port)
 
     return Server(label="Sydent 2.6.1", start=start, stop=sydent_ref.stop, port=port, token=token), db
@@ -462,7 +464,8 @@ def medians(ms: list[Measurement], server: str, name: str) -> dict[str, float] |
 
 def comparison_table(ms: list[Measurement], a: str, b: str, names: list[str]) -> str:
     lines = [
-        f"| workload | req/s {a} | req/s {b} | ×req/s | p50 ms | p99 ms | p99 {b}/{a} | CPU s/1k req | peak RSS MiB | errors |",
+        f"| workload | req/s {a} | req/s {b} | ×req/s | p50 ms | p99 ms | p99 {b}/{a} "  # noqa: RUF001 - the multiplication sign is meant
+        "| CPU s/1k req | peak RSS MiB | errors |",
         "|---|---:|---:|---:|---|---|---:|---|---|---|",
     ]
     for name in names:
@@ -470,9 +473,10 @@ def comparison_table(ms: list[Measurement], a: str, b: str, names: list[str]) ->
         if x is None or y is None or not x["rps"] or not y["rps"]:
             continue
         lines.append(
-            f"| {name} | {x['rps']:,.1f} | {y['rps']:,.1f} | **{x['rps'] / y['rps']:.1f}×** | "
+            f"| {name} | {x['rps']:,.1f} | {y['rps']:,.1f} | **{x['rps'] / y['rps']:.1f}×** | "  # noqa: RUF001 - the multiplication sign is meant
             f"{x['p50']:.1f} / {y['p50']:.1f} | {x['p99']:.1f} / {y['p99']:.1f} | {y['p99'] / x['p99']:.1f} | "
-            f"{x['cpu']:.3f} / {y['cpu']:.3f} | {x['rss']:.0f} / {y['rss']:.0f} ({x['rss'] / y['rss']:.2f}×) | "
+            f"{x['cpu']:.3f} / {y['cpu']:.3f} | {x['rss']:.0f} / {y['rss']:.0f} "
+            f"({x['rss'] / y['rss']:.2f}×) | "  # noqa: RUF001 - the multiplication sign is meant
             f"{x['errors']} / {y['errors']} |"
         )
     return "\n".join(lines)
@@ -480,7 +484,8 @@ def comparison_table(ms: list[Measurement], a: str, b: str, names: list[str]) ->
 
 def single_table(ms: list[Measurement], labels: list[str], names: list[str]) -> str:
     lines = [
-        "| server | workload | req/s | p50 ms | p99 ms | CPU s/1k req | PostgreSQL CPU s/1k req | peak RSS MiB | errors |",
+        "| server | workload | req/s | p50 ms | p99 ms | CPU s/1k req | PostgreSQL CPU s/1k req "
+        "| peak RSS MiB | errors |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label in labels:
@@ -504,7 +509,8 @@ def scaling_lines(ms: list[Measurement], names: list[str], args: argparse.Namesp
         a, b, c = medians(ms, many, name), medians(ms, one, name), medians(ms, f"PostgreSQL {small:,}, 1 worker", name)
         parts = []
         if a and b and b["rps"]:
-            parts.append(f"{args.workers} workers / 1 worker at {big:,}: **{a['rps'] / b['rps']:.2f}×**")
+            ratio = a["rps"] / b["rps"]
+            parts.append(f"{args.workers} workers / 1 worker at {big:,}: **{ratio:.2f}×**")  # noqa: RUF001 - the multiplication sign is meant
         if b and c and c["rps"]:
             slower = 100 * (1 - b["rps"] / c["rps"])
             parts.append(
@@ -607,7 +613,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Machine: {machine()}",
         "",
-        f"Load: wrk, {args.connections} connections, 2 threads, {args.seconds:.0f} s measured after {args.warmup:.0f} s "
+        f"Load: wrk, {args.connections} connections, 2 threads, {args.seconds:.0f} s measured "
+        f"after {args.warmup:.0f} s "
         f"warm-up, {args.rounds} rounds (servers alternating, each restarted per run); medians.",
         "",
     ]

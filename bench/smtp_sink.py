@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
 # RFC 5321's 1,000-octet line limit is aiosmtpd's default; Sydent's stock templates have longer
 # lines, which real MTAs take (Postfix folds them). Accept them rather than fail Sydent's mail.
@@ -21,7 +21,7 @@ class _Counter:
         self.count = 0
         self._lock = threading.Lock()
 
-    async def handle_DATA(self, server, session, envelope) -> str:  # type: ignore[no-untyped-def]
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         with self._lock:
             self.count += len(envelope.rcpt_tos)
         return "250 OK"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import binascii
 import configparser
+import contextlib
 import hashlib
 import http.client
 import json
@@ -560,17 +561,13 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM Sydent's process group, wait up to 10 s, then SIGKILL it."""
     if proc.poll() is not None:
         return
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)  # start() made pid == pgid
-    except ProcessLookupError:
-        pass
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait()
 
 
@@ -767,7 +764,7 @@ def _selftest(venv_dir: Path, keep: bool, timing_rows: int) -> int:
         pepper = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(5))
         rows = [
             (a["medium"], a["address"], a["mxid"], a["ts"], a["not_before"], a["not_after"], sg)
-            for a, sg in zip(assocs, signed)
+            for a, sg in zip(assocs, signed, strict=True)
         ]
         print(f"seeded {seed(db, rows, pepper)} associations (pepper {pepper!r})")
         # The sender of store-invite must be the token's user (v2 auth).

@@ -9,6 +9,7 @@ import sys
 from sydent_lite.config import Config, ConfigError, load_config
 from sydent_lite.observability.logs import setup_from_config
 from sydent_lite.signing import SigningKeyError
+from sydent_lite.storage.inline_sqlite import AiosqliteChanged
 
 
 def _cmd_serve(config: Config, workers: int) -> int:
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _cmd_serve(config, args.workers)
         return _cmd_migrate(config)
-    except (ConfigError, SigningKeyError) as e:
+    except (ConfigError, SigningKeyError, AiosqliteChanged) as e:
         print(f"sydent-lite: {e}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,7 @@ them ("config key 'listen.port' must be an integer"). Values derived from others
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
@@ -285,12 +286,19 @@ class FederationConfig(_Section):
     max_response_bytes: int = 1024 * 1024
 
 
+def _redis_installed(url: str) -> bool:
+    # redis is an optional dependency (the `redis` extra): say so at start-up, not at the first
+    # rate-limited request.
+    return not url or importlib.util.find_spec("redis") is not None
+
+
 RedisUrl = Annotated[
     str,
     _rule(
         lambda url: not url or url.startswith(("redis://", "rediss://", "unix://")),
         "must be a redis://, rediss:// or unix:// URL",
     ),
+    _rule(_redis_installed, "needs the redis package: pip install 'sydent-lite[redis]'"),
 ]
 
 

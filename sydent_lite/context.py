@@ -39,6 +39,7 @@ from sydent_lite.storage.associations import AssociationStore
 from sydent_lite.storage.database import (
     Database,
     analyze_if_never_analyzed,
+    check_driver,
     migrate,
     open_database,
 )
@@ -80,7 +81,9 @@ def load_signer(config: Config) -> ServerSigner:
 
 
 def load_static_parts(config: Config) -> tuple[ServerSigner, Terms, TemplateStore]:
-    """Everything that can fail on a bad file, checked before the server binds its port."""
+    """Everything that can fail on a bad file (or an unsupported database driver), checked
+    before the server binds its port."""
+    check_driver(config.database.url)
     signer = load_signer(config)
     terms = Terms.load(config.terms_path)
     check_subject_format(config.email.invite_subject, "email.invite_subject")

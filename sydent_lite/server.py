@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 from typing import Any
 
@@ -56,7 +57,7 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self._announce = announce
 
-    async def startup(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         if self.started:
             print(f"sydent-lite listening on {self._announce}", flush=True)
@@ -65,7 +66,7 @@ class _Server(uvicorn.Server):
 class _Supervisor(Multiprocess):
     """uvicorn's worker supervisor, announcing once when every worker has started."""
 
-    def __init__(self, config: uvicorn.Config, sockets: list, announce: str) -> None:  # type: ignore[type-arg]
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket], announce: str) -> None:
         super().__init__(config, sockets=sockets)  # uvicorn >= 0.30 (health-checked workers)
         self._announce = announce
         self.announced = False
@@ -131,8 +132,23 @@ def _migrate_once(config: Config) -> None:
     asyncio.run(migrate_database(config.database.url))
 
 
+def sqlite_workers_warning(database_url: str, workers: int) -> str | None:
+    """What to tell an operator who runs several workers on SQLite (None: nothing)."""
+    if workers <= 1 or not database_url.startswith("sqlite"):
+        return None
+    return (
+        f"SQLite with --workers {workers}: one process writes at a time, and a worker waiting for "
+        "another's write stops serving meanwhile (up to 5 s; SQLite runs on the event loop). "
+        "Use PostgreSQL for more than one process (docs/deployment.md)."
+    )
+
+
 def serve(config: Config, workers: int = 1) -> int:
     limit_malloc_arenas()
+    # Allowed (it works, slowly under writes): said once, at start-up, where operators look.
+    warning = sqlite_workers_warning(config.database.url, workers)
+    if warning:
+        logger.warning("%s", warning)
     # Fail on a bad key, terms or templates file (or TLS certificate) before binding the port.
     load_static_parts(config)
     limits = limits_from_config(config.listen)

@@ -140,7 +140,7 @@ _PERCENT_SPEC = re.compile(r"%(%|\()?")
 _VARIANTS = ("_forhtml", "_forurl")
 
 
-class _Blank(dict):  # type: ignore[type-arg]
+class _Blank(dict[str, object]):
     """A %-format mapping in which a variable nobody set reads as "" (as Jinja's Undefined)."""
 
     def __missing__(self, key: str) -> str:
@@ -237,7 +237,7 @@ class TemplateStore:
         # auto_reload off: each template is compiled once, here. An operator's folder gets
         # Sydent's other settings too (its templates' final newline is dropped, as Sydent does);
         # the packaged templates keep theirs.
-        common: dict[str, Any] = dict(autoescape=True, auto_reload=False, undefined=Undefined)
+        common: dict[str, Any] = {"autoescape": True, "auto_reload": False, "undefined": Undefined}
         packaged_env = Environment(loader=FileSystemLoader(str(self._packaged)), keep_trailing_newline=True, **common)
         custom_env = Environment(loader=FileSystemLoader(str(self.root)), keep_trailing_newline=False, **common)
         # What a brand lacks (say, a Sydent folder from before invites had a template) comes

@@ -263,7 +263,7 @@ def test_rebinding_replaces_the_association(api: IdentityApi) -> None:
     email = unique_email("rebind")
     alice = api.register()
     bob = api.register()
-    _, first = api.bind_email(email, alice)
+    api.bind_email(email, alice)
     assert api.lookup_email(alice, email) == alice.user_id
 
     _, second = api.bind_email(email, bob)
@@ -418,7 +418,7 @@ def test_lookup_many_with_some_bound(api: IdentityApi, user: User) -> None:
     pepper = api.hash_details(user)["lookup_pepper"]
     filler = [sha256_address(f"filler{i}@example.test", "email", pepper) for i in range(1200)]
     wanted = [sha256_address(e, "email", pepper) for e in emails]
-    resp = api.lookup(user, filler[:600] + [wanted[0]] + filler[600:] + [wanted[1]], "sha256", pepper)
+    resp = api.lookup(user, [*filler[:600], wanted[0], *filler[600:], wanted[1]], "sha256", pepper)
     assert resp.status_code == 200, resp.text[:300]
     assert resp.json() == {"mappings": {wanted[0]: user.user_id, wanted[1]: user.user_id}}
 

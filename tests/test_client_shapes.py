@@ -107,8 +107,8 @@ def test_email_send_attempt_negative_string_is_a_number_too(api: IdentityApi) ->
         "0x1",
         "1_000",
         "²",
-        "١",
-        "１",
+        "١",  # noqa: RUF001 - an Arabic-Indic digit is the point
+        "１",  # noqa: RUF001 - a fullwidth digit is the point
         "99999999999999999999",
         1.0,
         True,

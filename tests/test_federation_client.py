@@ -243,7 +243,7 @@ def test_parse_server_name_valid(name: str, expected: tuple[str, int | None]) ->
         "matrix.org:65536",
         "matrix.org:123456",
         "matrix.org:+80",
-        "matrix.org:８０",
+        "matrix.org:８０",  # noqa: RUF001 - fullwidth digits are the point
         "matrix.org:80\n",
         "matrix.org\n",
         "ex ample.org",

@@ -106,7 +106,7 @@ CREATE TABLE tokens(token TEXT NOT NULL PRIMARY KEY, user_id TEXT NOT NULL);
 CREATE TABLE accepted_terms_urls(user_id TEXT NOT NULL, url TEXT NOT NULL);
 CREATE UNIQUE INDEX accepted_terms_urls_idx ON accepted_terms_urls (user_id, url);
 PRAGMA user_version = 5;
-"""
+"""  # noqa: E501 - Sydent's schema, verbatim
 
 DAY = 24 * 3600 * 1000
 LIFETIME = 100 * 365 * DAY  # Sydent's THREEPID_ASSOCIATION_LIFETIME_MS
@@ -278,10 +278,12 @@ def build_sydent_db(path: Path, server_name: str, key: Any) -> SydentFixture:
         (1234567, "email", "validated@example.test", "sydentsecret1", now - 60_000, 1),
     )
     b.db.execute(
-        "insert into threepid_token_auths (id, validationSession, token, sendAttemptNumber) values (10, 1234567, 'firsttoken', 1)"
+        "insert into threepid_token_auths (id, validationSession, token, sendAttemptNumber)"
+        " values (10, 1234567, 'firsttoken', 1)"
     )
     b.db.execute(
-        "insert into threepid_token_auths (id, validationSession, token, sendAttemptNumber) values (11, 1234567, 'latesttoken', 2)"
+        "insert into threepid_token_auths (id, validationSession, token, sendAttemptNumber)"
+        " values (11, 1234567, 'latesttoken', 2)"
     )
     b.db.execute(
         "insert into threepid_validation_sessions ('id', 'medium', 'address', 'clientSecret', 'mtime')"

@@ -929,7 +929,7 @@ def test_invite_then_bind_sends_onbind(
 
     # The invitee gets the mails, with the invitation codes.
     mails = [api.smtp.wait_for(address), api.smtp.wait_for(address)]
-    for mail, answer in zip(mails, (a1, a2)):
+    for mail, answer in zip(mails, (a1, a2), strict=True):
         assert mail.rcpt_tos == [address]
         assert answer["token"] in mail.text
     assert b1["token"] in api.smtp.wait_for(other_address).text

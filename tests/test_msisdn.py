@@ -667,7 +667,7 @@ def test_send_attempt_as_a_digit_string(phone: Phone, phone_user: User) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [" 1", "1.0", "+1", "--1", "²", "１"],
+    [" 1", "1.0", "+1", "--1", "²", "１"],  # noqa: RUF001 - a fullwidth digit is the point
     ids=["space", "decimal-point", "plus", "double-minus", "superscript-two", "fullwidth-one"],
 )
 def test_send_attempt_string_that_is_no_decimal_integer(phone: Phone, value: str) -> None:

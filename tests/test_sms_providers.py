@@ -56,6 +56,7 @@ from sydent_lite.delivery.sms import (
 CODE = "839274"
 TEXT = f"Your code is {CODE}"
 MSISDN = "447700900913"
+ALPHA_SENDER = Originator("alpha", "Matrix")
 ACCOUNT_SID = "AC0123456789abcdef0123456789abcdef"
 AUTH_TOKEN = "tw-auth-token-s3cr3t-9f8e7d"
 OM_USER = "om-user"
@@ -215,7 +216,7 @@ def assert_logs_safe(caplog: pytest.LogCaptureFixture) -> None:
         assert record.exc_info is None
 
 
-async def send_failing(provider: SmsProvider, originator: Originator | None = Originator("alpha", "Matrix")) -> str:
+async def send_failing(provider: SmsProvider, originator: Originator | None = ALPHA_SENDER) -> str:
     try:
         with pytest.raises(SmsSendError) as info:
             await provider.send(MSISDN, TEXT, originator)

@@ -41,7 +41,7 @@ HOSTILE = '<script>alert("x")</script>&<img src=x onerror=alert(1)>'
 
 
 def render(store: TemplateStore, brand: str | None = None, **overrides: Any) -> bytes:
-    kwargs: dict[str, Any] = dict(to="alice@example.test", from_=FROM, subject="Confirm your email address")
+    kwargs: dict[str, Any] = {"to": "alice@example.test", "from_": FROM, "subject": "Confirm your email address"}
     variables = {"token": "tok123", "link": LINK, "server_name": "id.example.test", "ipaddress": "192.0.2.1"}
     variables.update(overrides.pop("variables", {}))
     kwargs.update(overrides)

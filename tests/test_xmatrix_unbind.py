@@ -78,7 +78,7 @@ def test_homeserver_signed_unbind(
 ) -> None:
     user = api.register()
     address = unique_email("xunbind")
-    _, assoc = api.bind_email(address, user)
+    api.bind_email(address, user)
     keep = unique_email("xkeep")
     _, keep_assoc = api.bind_email(keep, user)
     assert api.lookup_email(user, address) == user.user_id

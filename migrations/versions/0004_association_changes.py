@@ -2,9 +2,10 @@
 
 Every INSERT, UPDATE and DELETE on `associations` (from a bind, an unbind, an import, an
 operator command or a hand-written SQL statement alike) appends "association N now has this
-lookup hash" (present) or "... no longer has it" here. Each server process keeps the hash -> mxid map in
-memory (which hashes exist, and the rows that hold them) and applies the rows it has not seen yet before answering a lookup, so a bind made by
-any process is visible to every process's next lookup.
+lookup hash" (present) or "... no longer has it" here. Each server process keeps the
+hash -> mxid map in memory (which hashes exist, and the rows that hold them) and applies the
+rows it has not seen yet before answering a lookup, so a bind made by any process is visible
+to every process's next lookup.
 
 Ids must be in commit order, or a reader could move past an id whose transaction commits
 later: SQLite has one writer at a time; on PostgreSQL the trigger holds an EXCLUSIVE lock on
@@ -27,14 +28,18 @@ _SQLITE_NOW_MS = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
 
 _SQLITE_TRIGGERS = [
     f"""CREATE TRIGGER associations_log_insert AFTER INSERT ON associations BEGIN
-        INSERT INTO association_changes (lookup_hash, association_id, present, created_ms) VALUES (NEW.lookup_hash, NEW.id, TRUE, {_SQLITE_NOW_MS});
+        INSERT INTO association_changes (lookup_hash, association_id, present, created_ms)
+            VALUES (NEW.lookup_hash, NEW.id, TRUE, {_SQLITE_NOW_MS});
     END""",
     f"""CREATE TRIGGER associations_log_update AFTER UPDATE ON associations BEGIN
-        INSERT INTO association_changes (lookup_hash, association_id, present, created_ms) VALUES (OLD.lookup_hash, OLD.id, FALSE, {_SQLITE_NOW_MS});
-        INSERT INTO association_changes (lookup_hash, association_id, present, created_ms) VALUES (NEW.lookup_hash, NEW.id, TRUE, {_SQLITE_NOW_MS});
+        INSERT INTO association_changes (lookup_hash, association_id, present, created_ms)
+            VALUES (OLD.lookup_hash, OLD.id, FALSE, {_SQLITE_NOW_MS});
+        INSERT INTO association_changes (lookup_hash, association_id, present, created_ms)
+            VALUES (NEW.lookup_hash, NEW.id, TRUE, {_SQLITE_NOW_MS});
     END""",
     f"""CREATE TRIGGER associations_log_delete AFTER DELETE ON associations BEGIN
-        INSERT INTO association_changes (lookup_hash, association_id, present, created_ms) VALUES (OLD.lookup_hash, OLD.id, FALSE, {_SQLITE_NOW_MS});
+        INSERT INTO association_changes (lookup_hash, association_id, present, created_ms)
+            VALUES (OLD.lookup_hash, OLD.id, FALSE, {_SQLITE_NOW_MS});
     END""",
 ]
 
@@ -46,10 +51,12 @@ BEGIN
     -- Held until commit: ids are handed out in commit order.
     LOCK TABLE association_changes IN EXCLUSIVE MODE;
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        INSERT INTO association_changes (lookup_hash, association_id, present, created_ms) VALUES (OLD.lookup_hash, OLD.id, FALSE, now_ms);
+        INSERT INTO association_changes (lookup_hash, association_id, present, created_ms)
+            VALUES (OLD.lookup_hash, OLD.id, FALSE, now_ms);
     END IF;
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
-        INSERT INTO association_changes (lookup_hash, association_id, present, created_ms) VALUES (NEW.lookup_hash, NEW.id, TRUE, now_ms);
+        INSERT INTO association_changes (lookup_hash, association_id, present, created_ms)
+            VALUES (NEW.lookup_hash, NEW.id, TRUE, now_ms);
     END IF;
     RETURN NULL;
 END

@@ -1,4 +1,5 @@
-"""Delivering rendered validation mail: SMTP for real use, a Maildir for the embedded defaults.
+"""Delivering rendered mail (validation and invitation): SMTP for real use, a Maildir for the
+embedded defaults.
 
 The message arrives fully rendered (headers included, CRLF line endings) and is sent verbatim:
 what the operator's template produced is exactly what the recipient gets.

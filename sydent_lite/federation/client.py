@@ -142,7 +142,7 @@ class FederationClient:
 
     # -- internals ----------------------------------------------------------------------------
 
-    async def _fetch_well_known(self, hostname: str) -> dict | None:
+    async def _fetch_well_known(self, hostname: str) -> dict[str, Any] | None:
         # Same safe path as any request. Redirects are not followed (policy: never follow
         # redirects), so a redirecting .well-known counts as "no delegation".
         target = ResolvedServer(hostname, self.WELL_KNOWN_PORT, hostname, hostname)

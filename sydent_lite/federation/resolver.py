@@ -12,6 +12,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import dns.asyncresolver
 import dns.exception
@@ -27,7 +28,7 @@ _IPV4_SHAPE = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
 _IPV6_CHARS = re.compile(r"[0-9A-Fa-f:.]{2,45}")
 _PORT = re.compile(r"[0-9]{1,5}")
 
-FetchWellKnown = Callable[[str], Awaitable["dict | None"]]
+FetchWellKnown = Callable[[str], Awaitable["dict[str, Any] | None"]]
 SrvLookup = Callable[[str], Awaitable["list[tuple[str, int]]"]]
 
 

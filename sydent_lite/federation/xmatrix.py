@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import nacl.exceptions
-import nacl.signing
 import signedjson.key
 import signedjson.sign
 from canonicaljson import encode_canonical_json
+from signedjson.types import VerifyKey
 from unpaddedbase64 import decode_base64
 
 from sydent_lite.federation.client import (
@@ -59,7 +59,6 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # to accept colons; base64 adds '/' and '+'): any visible ASCII except '"' and ','.
 _BARE_VALUE = re.compile(r"[\x21\x23-\x2b\x2d-\x7e]+")
 _SCHEME = re.compile(r"X-Matrix[ \t]+", re.IGNORECASE)
-_OWS = re.compile(r"[ \t]*")
 # "<algorithm>:<version>"; the spec restricts versions to [a-zA-Z0-9_], but servers in the
 # wild use a few more characters. The id is only ever used as a dictionary key.
 _KEY_ID = re.compile(r"[A-Za-z0-9_]{1,32}:[A-Za-z0-9_.+/=-]{1,128}")
@@ -102,6 +101,13 @@ def _parse_quoted(header: str, pos: int) -> tuple[str, int]:
     raise ValueError("unterminated quoted value")
 
 
+def _skip_ows(header: str, pos: int) -> int:
+    """The position after the optional whitespace (spaces and tabs) at `pos`."""
+    while pos < len(header) and header[pos] in " \t":
+        pos += 1
+    return pos
+
+
 def parse_x_matrix(header: str) -> XMatrixAuth:
     """Parse an `Authorization` header value of the X-Matrix scheme.
 
@@ -117,7 +123,7 @@ def parse_x_matrix(header: str) -> XMatrixAuth:
     params: dict[str, str] = {}
     pos = scheme.end()
     while True:
-        pos = _OWS.match(header, pos).end()  # type: ignore[union-attr]
+        pos = _skip_ows(header, pos)
         if pos >= len(header):
             break
         if header[pos] == ",":  # empty list element (RFC 9110 #rule)
@@ -127,10 +133,10 @@ def parse_x_matrix(header: str) -> XMatrixAuth:
         if name_match is None:
             raise ValueError("invalid parameter name")
         name = name_match.group().lower()
-        pos = _OWS.match(header, name_match.end()).end()  # type: ignore[union-attr]
+        pos = _skip_ows(header, name_match.end())
         if pos >= len(header) or header[pos] != "=":
             raise ValueError("parameter without value")
-        pos = _OWS.match(header, pos + 1).end()  # type: ignore[union-attr]
+        pos = _skip_ows(header, pos + 1)
         if pos < len(header) and header[pos] == '"':
             value, pos = _parse_quoted(header, pos)
         else:
@@ -138,7 +144,7 @@ def parse_x_matrix(header: str) -> XMatrixAuth:
             if value_match is None:
                 raise ValueError("invalid parameter value")
             value, pos = value_match.group(), value_match.end()
-        pos = _OWS.match(header, pos).end()  # type: ignore[union-attr]
+        pos = _skip_ows(header, pos)
         if pos < len(header) and header[pos] != ",":
             raise ValueError("junk after parameter value")
         if name in _KNOWN_PARAMS:
@@ -165,7 +171,7 @@ def parse_x_matrix(header: str) -> XMatrixAuth:
 
 @dataclass
 class _ServerKeys:
-    verify_keys: dict[str, nacl.signing.VerifyKey]  # usable for requests, self-signed
+    verify_keys: dict[str, VerifyKey]  # usable for requests, self-signed
     old_key_ids: frozenset[str]  # listed in old_verify_keys only: not valid for requests
     valid_until_ms: int
 
@@ -195,7 +201,7 @@ class ServerKeyStore:
         self._last_fetch: OrderedDict[str, int] = OrderedDict()  # fetch start, oldest first
         self._inflight: dict[str, asyncio.Task[_ServerKeys | None]] = {}
 
-    async def get_verify_key(self, server_name: str, key_id: str) -> nacl.signing.VerifyKey:
+    async def get_verify_key(self, server_name: str, key_id: str) -> VerifyKey:
         """The verify key `key_id` of `server_name` (a signedjson VerifyKey: .alg, .version).
 
         XMatrixError if it cannot be obtained or is not valid for signing requests.
@@ -228,7 +234,7 @@ class ServerKeyStore:
     # -- internals --------------------------------------------------------------------------
 
     @staticmethod
-    def _pick(keys: _ServerKeys, key_id: str) -> nacl.signing.VerifyKey | None:
+    def _pick(keys: _ServerKeys, key_id: str) -> VerifyKey | None:
         return keys.verify_keys.get(key_id)
 
     def _cached(self, server_name: str) -> _ServerKeys | None:
@@ -309,7 +315,7 @@ class ServerKeyStore:
         if not isinstance(own_sigs, dict):
             raise _BadKeyResponse("not signed by the server")
 
-        usable: dict[str, nacl.signing.VerifyKey] = {}
+        usable: dict[str, VerifyKey] = {}
         for key_id, entry in verify_keys.items():
             key = _decode_key(key_id, entry)
             if key is None or key_id not in own_sigs:
@@ -332,7 +338,7 @@ class _BadKeyResponse(Exception):
     pass
 
 
-def _decode_key(key_id: object, entry: object) -> nacl.signing.VerifyKey | None:
+def _decode_key(key_id: object, entry: object) -> VerifyKey | None:
     if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
         return None
     if not key_id.startswith("ed25519:") or not isinstance(entry, dict):

@@ -133,8 +133,8 @@ def get_opaque_id(source: dict[str, Any], name: str) -> str:
 
 # An integer written as text: form-encoded bodies carry every number so, and matrix-js-sdk sends
 # send_attempt as "1". ASCII digits with an optional minus, nothing else: no spaces, signs,
-# points, exponents or other scripts' digits (int() takes " 1", "1_0" and "١"; str.isdigit()
-# takes "²", which int() does not). Leading zeros read as decimal ("01" is 1). At most 20
+# points, exponents or other scripts' digits (int() takes " 1", "1_0" and "١", an Arabic-Indic 1;  # noqa: RUF003
+# str.isdigit() takes "²", which int() does not). Leading zeros read as decimal ("01" is 1). At most 20
 # characters, checked before int() is called.
 _DECIMAL_RE = re.compile(r"-?[0-9]{1,19}")
 

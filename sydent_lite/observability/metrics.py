@@ -78,7 +78,7 @@ for _api in LOOKUP_APIS:
 
 
 @functools.lru_cache(maxsize=4096)
-def _request_children(route: str, method: str, status: int):  # type: ignore[no-untyped-def]
+def _request_children(route: str, method: str, status: int) -> tuple[Counter, Histogram]:
     # labels() looks the child up under a lock on every call; the set of (route, method,
     # status) is small and fixed, so resolve each once.
     return REQUESTS.labels(route=route, method=method, status=str(status)), REQUEST_DURATION.labels(
@@ -115,7 +115,7 @@ def render() -> bytes:
     """The exposition text: this process's metrics, or every worker's in multiprocess mode."""
     if multiprocess_dir():
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # unannotated upstream
         return generate_latest(registry)
     return generate_latest(REGISTRY)
 

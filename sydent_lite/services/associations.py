@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Sequence
 from operator import itemgetter
+from typing import Any
 
 from sydent_lite.clock import SYSTEM_CLOCK, Clock
 from sydent_lite.errors import MatrixError, invalid_param
@@ -43,7 +44,7 @@ class AssociationService:
         # Queues the onbind callback of the bound address's pending invites, in the bind's transaction.
         self._onbind = onbind
 
-    async def bind(self, medium: str, address: str, mxid: str) -> dict:
+    async def bind(self, medium: str, address: str, mxid: str) -> dict[str, Any]:
         """Bind the (validated) 3PID to `mxid`, replacing any other binding of it; returns the
         signed association. Its pending invites are queued for the homeserver with it."""
         ts = self._clock.time_ms()

@@ -43,7 +43,7 @@ _LINK_FIELD_MAX = 64
 _LINK_MAX = 900
 
 
-class _Fields(dict):
+class _Fields(dict[str, str]):
     """%-format mapping for subjects: a field the request did not send reads as ""."""
 
     def __missing__(self, key: str) -> str:

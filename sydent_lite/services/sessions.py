@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlencode
@@ -94,7 +95,7 @@ class SessionService:
         async def send(sid: str, token: str) -> None:
             await self._send_validation_mail(sid, mailbox, token, client_secret, brand, client_ip)
 
-        token_factory = lambda: random_string(self._config.sessions.email_token_length)  # noqa: E731
+        token_factory = functools.partial(random_string, self._config.sessions.email_token_length)
         return await self._request_token(
             "email", address, client_secret, send_attempt, next_link, brand, client_ip, token_factory, send
         )
@@ -125,7 +126,7 @@ class SessionService:
             metrics.SMS_SENT.inc()
 
         digits = "0123456789"
-        token_factory = lambda: random_string(self._config.sms.code_length, digits)  # noqa: E731
+        token_factory = functools.partial(random_string, self._config.sms.code_length, digits)
         sid = await self._request_token(
             "msisdn", number.msisdn, client_secret, send_attempt, next_link, brand, client_ip, token_factory, send
         )

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from sydent_lite.resources import migrations_dir
-from sydent_lite.storage.inline_sqlite import inline_creator
+from sydent_lite.storage.inline_sqlite import check_aiosqlite_internals, inline_creator
 from sydent_lite.storage.readers import HotReader, PgReader, SqliteReader
 
 if TYPE_CHECKING:
@@ -91,6 +91,13 @@ class Database:
 # How long a write waits for another process's write to finish (it blocks this process's loop
 # meanwhile: keep it short; several processes belong on PostgreSQL).
 SQLITE_BUSY_TIMEOUT_MS = 5000
+
+
+def check_driver(url: str) -> None:
+    """Raise AiosqliteChanged if `url` is SQLite's and the installed aiosqlite cannot run inline
+    (open_database checks it too; this lets start-up fail before anything else happens)."""
+    if async_database_url(url).startswith("sqlite"):
+        check_aiosqlite_internals()
 
 
 def open_database(url: str) -> Database:

@@ -216,7 +216,8 @@ class InviteStore:
         cb = onbind_callbacks.c
         becomes_due = case((cb.claimed_until > cb.next_attempt_ts, cb.claimed_until), else_=cb.next_attempt_ts)
         async with self._db.connect() as conn:
-            return (await conn.execute(select(func.min(becomes_due)).where(becomes_due > now))).scalar()
+            first: int | None = (await conn.execute(select(func.min(becomes_due)).where(becomes_due > now))).scalar()
+        return first
 
     async def claim(self, callback_id: int, now: int, lease_until: int) -> bool:
         """Take the callback for this worker until lease_until; False if another worker has it."""

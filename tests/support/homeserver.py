@@ -229,8 +229,10 @@ class HomeserverStandIn:
             queue = self._onbind_queue.get(mxid) if isinstance(mxid, str) else None
             if queue:
                 status = queue.pop(0)
+            elif isinstance(mxid, str):
+                status = self._onbind_status.get(mxid, 200)
             else:
-                status = self._onbind_status.get(mxid, 200) if isinstance(mxid, str) else 200
+                status = 200
         if 200 <= status < 300:
             return JSONResponse({}, status_code=status)
         return JSONResponse({"errcode": "M_UNKNOWN", "error": f"stand-in answers {status}"}, status_code=status)

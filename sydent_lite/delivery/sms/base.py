@@ -46,7 +46,7 @@ class SmsProvider(ABC):
     async def send(self, msisdn: str, text: str, originator: Originator | None) -> None:
         """Hand the SMS over for delivery to `msisdn` (E.164 digits, no '+'), or raise SmsSendError."""
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - a default, for providers that hold nothing
         """Release connections and other resources."""
 
 

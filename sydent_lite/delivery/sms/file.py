@@ -9,6 +9,7 @@ import os
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from sydent_lite.delivery.sms.base import Originator, SmsProvider, SmsSendError, masked
 
@@ -23,7 +24,7 @@ class FileSmsProvider(SmsProvider):
     def __init__(self, outbox_dir: str | Path) -> None:
         self._dir = Path(outbox_dir)
 
-    def _write(self, record: dict) -> Path:
+    def _write(self, record: dict[str, Any]) -> Path:
         self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Nanosecond timestamp (fixed width, so lexical order is time order), then a random
         # part so two messages of the same instant never collide.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from typing import Any
 
 import httpx
 
@@ -43,7 +44,7 @@ class OpenMarketSmsProvider(HttpSmsProvider):
         self._authorization = "Basic " + creds
 
     async def send(self, msisdn: str, text: str, originator: Originator | None) -> None:
-        body: dict = {
+        body: dict[str, Any] = {
             "mobileTerminate": {
                 "message": {"content": text, "type": "text"},
                 "destination": {"address": msisdn},
