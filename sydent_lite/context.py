@@ -67,6 +67,7 @@ class AppContext:
     onbind_queue: OnbindQueue
     rate_limiter: RateLimiter
     lookup_index: LookupIndex
+    clock: Clock  # what every service above reads the time from
 
     async def aclose(self) -> None:
         await self.sessions.aclose()
@@ -142,6 +143,7 @@ async def build_context(config: Config, clock: Clock = SYSTEM_CLOCK) -> AppConte
         onbind_queue=onbind_queue,
         rate_limiter=rate_limiter,
         lookup_index=lookup_index,
+        clock=clock,
     )
 
 
