@@ -10,6 +10,7 @@ the test advances: support.inprocess).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +34,20 @@ def _backend_params() -> list[Any]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "postgres: runs against PostgreSQL")
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_put_back() -> Iterator[None]:
+    """What a test does to the root logger (cli.main() run in this process installs our
+    handler on the stderr pytest captures, and closes after the test) ends with the test: under
+    xdist any module's tests can come next on the same worker."""
+    from sydent_lite.observability import logs
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logs._active_handler
+    yield
+    root.handlers[:], level, logs._active_handler = saved
+    root.setLevel(level)
 
 
 # --- shared infrastructure (session) ----------------------------------------------------------
