@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from typing import TYPE_CHECKING
 
 from sydent_lite.config import Config, ConfigError, load_config
 from sydent_lite.observability.logs import setup_from_config
 from sydent_lite.signing import SigningKeyError
 from sydent_lite.storage.inline_sqlite import AiosqliteChanged
+from sydent_lite.version import package_version
+
+if TYPE_CHECKING:
+    from signedjson.types import SigningKey
 
 
 def _cmd_serve(config: Config, workers: int) -> int:
@@ -64,6 +69,7 @@ def _positive_int(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sydent-lite", description="A Matrix identity server.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("serve", "run the server (applies migrations, creates the signing key if missing)"),
@@ -110,15 +116,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--medium", choices=["email", "msisdn"], required=True)
     p.add_argument("--address", required=True)
     p.add_argument("--mxid", required=True)
-    p = with_config(sub.add_parser("import-sydent", help="move a Sydent server's data (SQLite database) here"))
-    p.add_argument("sydent_db", metavar="PATH_TO_SYDENT_SQLITE_DB")
-    p.add_argument("--signing-key", metavar="FILE", help="Sydent's signing key file, so its signatures stay valid")
+    p = sub.add_parser(
+        "import-sydent",
+        help="move a Sydent server here: its settings (--sydent-config) and data (its SQLite database)",
+    )
+    p.add_argument(
+        "--config",
+        "-c",
+        metavar="PATH",
+        help="our YAML config; with --sydent-config, the file to write (default sydent-lite.yaml; "
+        "an existing one is used as it is)",
+    )
+    p.add_argument("sydent_db", nargs="?", metavar="PATH_TO_SYDENT_SQLITE_DB", help="default: sydent.conf's db.file")
+    p.add_argument("--sydent-config", metavar="SYDENT_CONF", help="Sydent's sydent.conf: settings, key and database")
+    p.add_argument(
+        "--sydent-dir",
+        metavar="DIR",
+        help="Sydent's working directory, for the relative paths in sydent.conf (default: sydent.conf's folder)",
+    )
+    p.add_argument(
+        "--database-url", metavar="URL", help="with --sydent-config: our database (default: SQLite beside the config)"
+    )
+    p.add_argument(
+        "--signing-key",
+        metavar="FILE",
+        help="Sydent's signing key (a key file, or sydent.conf), so its signatures stay valid",
+    )
+    p.add_argument(
+        "--new-signing-key",
+        action="store_true",
+        help="import without Sydent's key: re-sign with a new key (signatures clients kept stop verifying)",
+    )
+    p.add_argument(
+        "--new-pepper",
+        action="store_true",
+        help="do not carry Sydent's lookup pepper over (clients' cached lookup hashes stop matching)",
+    )
     return parser
 
 
 def _cmd_admin(args: argparse.Namespace, config: Config) -> int:
     """The operator commands (lazy imports: `serve` should not pay for them)."""
-    from pathlib import Path
 
     from sydent_lite.admin import operator
     from sydent_lite.errors import MatrixError
@@ -138,16 +176,7 @@ def _cmd_admin(args: argparse.Namespace, config: Config) -> int:
             )
             return 0
         if args.command == "import-sydent":
-            from sydent_lite.admin.sydent_import import SydentImportError, import_sydent
-
-            key = Path(args.signing_key) if args.signing_key else None
-            try:
-                counts = asyncio.run(import_sydent(config, Path(args.sydent_db), key))
-            except SydentImportError as e:
-                print(f"sydent-lite: {e}", file=sys.stderr)
-                return 2
-            print("\n".join(counts.lines()))
-            return 0
+            return _cmd_import(args, config)
         # associations show|delete
         if (args.mxid is None) == (args.address is None) or (args.address is not None and args.medium is None):
             print("sydent-lite: give either --mxid, or --medium with --address", file=sys.stderr)
@@ -164,6 +193,78 @@ def _cmd_admin(args: argparse.Namespace, config: Config) -> int:
         return 2
 
 
+def _cmd_import(args: argparse.Namespace, config: Config, signing_key: SigningKey | None = None) -> int:
+    """The plain import: Sydent's database into ours, with `config` (ours)."""
+    from pathlib import Path
+
+    from sydent_lite.admin.sydent_import import SydentImportError, import_sydent
+    from sydent_lite.admin.sydent_import.ownership import give_database_to_folder_owner
+
+    if args.sydent_db is None:
+        print("sydent-lite: give Sydent's database (PATH_TO_SYDENT_SQLITE_DB) or --sydent-config", file=sys.stderr)
+        return 2
+    if args.signing_key and args.new_signing_key:
+        print("sydent-lite: --signing-key and --new-signing-key exclude each other", file=sys.stderr)
+        return 2
+    key_file = Path(args.signing_key) if args.signing_key else None
+    try:
+        counts = asyncio.run(
+            import_sydent(
+                config,
+                Path(args.sydent_db),
+                key_file,
+                signing_key=None if key_file is not None else signing_key,
+                new_signing_key=args.new_signing_key,
+                new_pepper=args.new_pepper,
+            )
+        )
+    except SydentImportError as e:
+        print(f"sydent-lite: {e}", file=sys.stderr)
+        return 2
+    give_database_to_folder_owner(config.database.url)
+    print("\n".join(counts.lines()))
+    return 0
+
+
+def _cmd_import_sydent_conf(args: argparse.Namespace) -> int:
+    """`import-sydent --sydent-config`: our config from sydent.conf (written unless it exists), then the data."""
+    from pathlib import Path
+
+    from sydent_lite.admin.sydent_import import SydentImportError
+    from sydent_lite.admin.sydent_import.config_out import settings_from_sydent, write_config
+    from sydent_lite.admin.sydent_import.sydent_conf import read_sydent_conf
+
+    out = Path(args.config or "sydent-lite.yaml")
+    try:
+        conf = read_sydent_conf(Path(args.sydent_config), Path(args.sydent_dir) if args.sydent_dir else None)
+        existing = load_config(out) if out.exists() else None
+        if existing is not None:
+            database_url, key_path = existing.database.url, Path(existing.signing_key_path)
+        else:
+            here = out.resolve().parent
+            database_url = args.database_url or f"sqlite:///{here / 'sydent_lite.db'}"
+            key_path = here / "signing.key"
+        settings = settings_from_sydent(conf, database_url=database_url, signing_key_path=key_path)
+    except (SydentImportError, ConfigError, FileNotFoundError) as e:
+        print(f"sydent-lite: {e}", file=sys.stderr)
+        return 2
+    for line in settings.report():
+        print(line)
+    if existing is None:
+        write_config(settings, out, conf.path)
+        print(f"wrote {out} from {conf.path}")
+        config = load_config(out)
+    else:
+        print(f"using the existing {out} as it is (remove it to write it again from {conf.path})")
+        config = existing
+    setup_from_config(config)
+    if args.sydent_db is None:
+        args.sydent_db = str(settings.sydent_db)
+    if settings.signing_key is None and not args.signing_key and not args.new_signing_key:
+        print(f"note: {conf.path} has no [crypto] ed25519.signingkey (Sydent makes one at its first start)")
+    return _cmd_import(args, config, settings.signing_key)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate-config":
@@ -171,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(generate_config(args.server_name), end="")
         return 0
+    if args.command == "import-sydent" and args.sydent_config:
+        try:
+            return _cmd_import_sydent_conf(args)
+        except SigningKeyError as e:
+            print(f"sydent-lite: {e}", file=sys.stderr)
+            return 2
     try:
         config = load_config(args.config)
     except ConfigError as e:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeVar, cast, get_args
 
+import phonenumbers
 import yaml
 from pydantic import (
     AfterValidator,
@@ -130,6 +131,10 @@ def _keys_as_strings(value: Any) -> Any:
     return value
 
 
+def _empty_is_none(value: Any) -> Any:
+    return None if isinstance(value, str) and not value.strip() else value
+
+
 def _upper(value: Any) -> Any:
     return value.upper() if isinstance(value, str) else value
 
@@ -138,7 +143,45 @@ def _lower(value: Any) -> Any:
     return value.lower() if isinstance(value, str) else value
 
 
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+
+
+def _is_ehlo_name(value: str) -> bool:
+    """RFC 5321 4.1.1.1: a domain, or an address literal ([192.0.2.1], [IPv6:2001:db8::1])."""
+    if value.startswith("[") and value.endswith("]"):
+        literal = value[1:-1]
+        if literal[:5].lower() == "ipv6:":
+            literal = literal[5:]
+        try:
+            ipaddress.ip_address(literal)
+        except ValueError:
+            return False
+        return True
+    return bool(_HOSTNAME.match(value))
+
+
+def _is_country(code: str) -> bool:
+    # phonenumbers' regions: a typo in an allow list would otherwise refuse a whole country.
+    return code in phonenumbers.SUPPORTED_REGIONS
+
+
+def _country_keys(value: Any) -> Any:
+    # ISO codes in any case ("gb"); "default" as it is.
+    if isinstance(value, dict):
+        return {k.upper() if isinstance(k, str) and k.lower() != "default" else k: v for k, v in value.items()}
+    return value
+
+
 Port = Annotated[int, _between(1, 65535)]
+Country = Annotated[
+    str, BeforeValidator(_upper), _rule(_is_country, "must be an ISO 3166-1 alpha-2 country code (e.g. GB)")
+]
+CountryKey = Annotated[
+    str,
+    _rule(lambda k: k == "default" or _is_country(k), 'must be an ISO 3166-1 alpha-2 country code or "default"'),
+]
 PositiveSeconds = Annotated[float, _POSITIVE]
 IpNetwork = Annotated[str, AfterValidator(_ip_network)]
 StringMapping = Annotated[dict[str, str], BeforeValidator(_keys_as_strings)]
@@ -175,12 +218,30 @@ def parse_originator(value: object) -> Originator:
     return Originator(cast(OriginatorType, kind), text)
 
 
-def _originator_spec(originator: Originator) -> str:
-    return str(originator)
+def parse_originators(value: object) -> tuple[Originator, ...]:
+    """One originator or several: a list, or a string of them separated by commas (Sydent's
+    `originators.<cc> = long:+44..., long:+44...`)."""
+    if isinstance(value, str):
+        items: list[object] = [part.strip() for part in value.split(",")]
+    elif isinstance(value, Originator):
+        items = [value]
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        raise ValueError("must be a string or a list of strings")
+    if not items:
+        raise ValueError("must name at least one originator")
+    return tuple(parse_originator(item) for item in items)
+
+
+def _originators_spec(originators: tuple[Originator, ...]) -> list[str]:
+    return [str(o) for o in originators]
 
 
 # Parsed while loading (delivery gets Originator values), written back in the file's form.
-OriginatorSpec = Annotated[Originator, PlainValidator(parse_originator), PlainSerializer(_originator_spec)]
+OriginatorSpecs = Annotated[
+    tuple[Originator, ...], PlainValidator(parse_originators), PlainSerializer(_originators_spec)
+]
 
 
 # --- the sections -------------------------------------------------------------------------------
@@ -260,6 +321,9 @@ class EmailConfig(_Section):
     transport: EmailTransport = "maildir"
     maildir: str = "data/outbox"
     smtp: SmtpConfig = Field(default_factory=SmtpConfig)
+    # Our name in SMTP EHLO/HELO and in Message-IDs (Sydent's email.hostname). None: the host
+    # of server_name (an IP literal as [address]).
+    hostname: Annotated[str, _rule(_is_ehlo_name, "must be a host name or an [address] literal")] | None = None
     # None: "Identity Server <noreply@{server host}>" (Config.email_from). The key is `from`.
     from_: str | None = Field(default=None, alias="from")
     templates_dir: str | None = None
@@ -320,6 +384,15 @@ class RateLimitConfig(_Section):
     store_invite_per_ip_burst: int = 20
     store_invite_per_address_per_hour: float = 10.0
     store_invite_per_address_burst: int = 5
+    # ... and per inviter (the `sender` Matrix ID), as Sydent's email.ratelimit_sender.*
+    # (5 at once, then one per 5 minutes).
+    store_invite_per_sender_per_hour: float = 12.0
+    store_invite_per_sender_burst: int = 5
+    # SMS sent per destination country (ISO 3166-1 alpha-2, or "default" for every country
+    # not listed), per hour; the burst is the same number. Empty: no limit per country.
+    sms_per_country_per_hour: Annotated[
+        dict[CountryKey, Annotated[int, _at_least(1)]], BeforeValidator(_country_keys)
+    ] = Field(default_factory=dict)
     # lookup / bulk_lookup requests, per user (v2; every token of the user) or client IP (v1).
     lookup_per_token_per_minute: float = 600.0
     lookup_per_token_burst: int = 100
@@ -403,10 +476,13 @@ class SmsConfig(_Section):
     # The SMS text; {token} is the code (as Sydent's bodyTemplate).
     template: Annotated[str, _rule(lambda t: "{token}" in t, "must contain {token}")] = "Your code is {token}"
     # Sender per country calling code ("44") or "default", as Sydent: "alpha:Matrix",
-    # "long:+447700900000" or "short:12345".
-    originators: Annotated[dict[str, OriginatorSpec], BeforeValidator(_keys_as_strings)] = Field(default_factory=dict)
+    # "long:+447700900000" or "short:12345", or a list of them (a number always gets the same
+    # one of the list, picked from its digits as Sydent does).
+    originators: Annotated[dict[str, OriginatorSpecs], BeforeValidator(_keys_as_strings)] = Field(default_factory=dict)
     # ISO 3166-1 alpha-2 codes we never send to (400 M_DESTINATION_REJECTED); any case.
     refused_countries: list[Annotated[str, AfterValidator(str.upper)]] = Field(default_factory=list)
+    # Not empty: we send only to these countries (ISO 3166-1 alpha-2), others as refused.
+    allowed_countries: list[Country] = Field(default_factory=list)
     timeout_seconds: float = 15.0
     twilio: TwilioConfig = Field(default_factory=TwilioConfig)
     openmarket: OpenMarketConfig = Field(default_factory=OpenMarketConfig)
@@ -442,6 +518,64 @@ class InviteConfig(_Section):
     # characters of the local part and of the domain it shows (`dav...@exa...`).
     display_name_reveal_local_part: Annotated[int, _between(0, 255)] = 3
     display_name_reveal_domain: Annotated[int, _between(0, 255)] = 3
+    # Invite abuse (Sydent's email.third_party_invite_*_blocklist): store-invite is refused
+    # (403 M_UNAUTHORIZED) from users of these homeservers (the `sender`'s server name, exactly,
+    # any case), for these rooms (exact room IDs), or when a keyword (any case) appears in a
+    # field the inviter wrote (room name, sender display name, ...; see docs/api-behaviour.md).
+    blocked_homeservers: list[str] = Field(default_factory=list)
+    blocked_room_ids: list[str] = Field(default_factory=list)
+    blocked_keywords: list[Annotated[str, _rule(bool, "must not be empty (it would match every invite)")]] = Field(
+        default_factory=list
+    )
+    # Once an onbind callback has delivered an address's invites, delete them (as Sydent's
+    # delete_tokens_on_bind); false keeps them, marked delivered, until expiry_seconds.
+    delete_tokens_on_bind: bool = True
+
+
+class AccessConfig(_Section):
+    # Not empty: only users of these homeservers (server names, any case) may register
+    # (/account/register), bind and store invites (Sydent's homeserver_allow_list). v1 has no
+    # user to check, so as in Sydent it requires v1_enabled: false.
+    homeserver_allow_list: list[Annotated[str, AfterValidator(str.lower)]] = Field(default_factory=list)
+    # false: no /_matrix/identity/api/v1 endpoint at all (Sydent's enable_v1_access).
+    v1_enabled: bool = True
+    # false: no v1 /3pid/bind (Sydent's enable_v1_associations); off whenever v1 is.
+    v1_associations_enabled: bool = True
+
+    @property
+    def v1_bind_enabled(self) -> bool:
+        return self.v1_enabled and self.v1_associations_enabled
+
+    @model_validator(mode="after")
+    def _rules(self) -> Self:
+        if self.homeserver_allow_list and self.v1_enabled:
+            raise _NamesItsKeys(
+                "config key 'access.homeserver_allow_list' needs 'access.v1_enabled: false': v1 requests carry no "
+                "user whose homeserver could be checked"
+            )
+        return self
+
+
+def is_loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class InternalApiConfig(_Section):
+    # Sydent's internal API (/_matrix/identity/internal/bind and /unbind): binds any address to
+    # any Matrix ID without authentication, so it listens on a loopback address only.
+    enabled: bool = False
+    host: Annotated[
+        str,
+        _rule(
+            is_loopback_host, "must be a loopback address (127.0.0.1, ::1 or localhost): the API has no authentication"
+        ),
+    ] = "127.0.0.1"
+    port: Port = 8091
 
 
 class Config(_Section):
@@ -452,7 +586,8 @@ class Config(_Section):
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     signing_key_path: str = "data/signing.key"
     email: EmailConfig = Field(default_factory=EmailConfig)
-    terms_path: str | None = None
+    # None or empty: no terms (an empty value means no terms to Sydent too).
+    terms_path: Annotated[str | None, BeforeValidator(_empty_is_none)] = None
     federation: FederationConfig = Field(default_factory=FederationConfig)
     rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)
     lookup: LookupConfig = Field(default_factory=LookupConfig)
@@ -460,6 +595,10 @@ class Config(_Section):
     invites: InviteConfig = Field(default_factory=InviteConfig)
     sms: SmsConfig = Field(default_factory=SmsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    access: AccessConfig = Field(default_factory=AccessConfig)
+    internal_api: InternalApiConfig = Field(default_factory=InternalApiConfig)
+    # Unhandled errors reported to Sentry (needs the `sentry` extra: pip install sydent-lite[sentry]).
+    sentry_dsn: str | None = None
     # Any case in the file ("debug"); kept in the case shown here.
     log_level: Annotated[LogLevel, BeforeValidator(_upper)] = "INFO"
     log_format: Annotated[LogFormat, BeforeValidator(_lower)] = "text"
@@ -486,6 +625,11 @@ class Config(_Section):
     def _rules_across_sections(self) -> Self:
         if self.metrics.enabled and self.metrics.port == self.listen.port:
             raise _NamesItsKeys("config key 'metrics.port' must differ from 'listen.port' (metrics are not public)")
+        if self.internal_api.enabled and self.internal_api.port in (
+            self.listen.port,
+            self.metrics.port if self.metrics.enabled else None,
+        ):
+            raise _NamesItsKeys("config key 'internal_api.port' must differ from 'listen.port' and 'metrics.port'")
         max_addresses = self.lookup.max_addresses
         burst = self.rate_limits.lookup_addresses_burst
         if self.rate_limits.enabled and burst < max_addresses:

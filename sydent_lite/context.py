@@ -13,6 +13,7 @@ from sydent_lite.delivery.email import make_email_sender
 from sydent_lite.delivery.sms import make_sms_provider
 from sydent_lite.federation.client import FederationClient
 from sydent_lite.federation.xmatrix import ServerKeyStore
+from sydent_lite.services.access import HomeserverAllowList
 from sydent_lite.services.accounts import AccountService
 from sydent_lite.services.associations import AssociationService
 from sydent_lite.services.hashing import load_pepper
@@ -45,6 +46,7 @@ from sydent_lite.storage.database import (
 )
 from sydent_lite.storage.invites import InviteStore
 from sydent_lite.storage.people import PeopleStore
+from sydent_lite.storage.serving_lock import ServingLock, take_serving_lock
 from sydent_lite.storage.sessions import SessionStore
 from sydent_lite.storage.state import ServerStateStore
 from sydent_lite.templating import TemplateStore
@@ -67,9 +69,13 @@ class AppContext:
     onbind_queue: OnbindQueue
     rate_limiter: RateLimiter
     lookup_index: LookupIndex
+    access: HomeserverAllowList
     clock: Clock  # what every service above reads the time from
+    serving_lock: ServingLock | None = None
 
     async def aclose(self) -> None:
+        if self.serving_lock is not None:
+            await self.serving_lock.release()
         await self.sessions.aclose()
         await self.federation.aclose()
         await self.rate_limiter.aclose()
@@ -100,6 +106,8 @@ async def build_context(config: Config, clock: Clock = SYSTEM_CLOCK) -> AppConte
     signer, terms, templates = load_static_parts(config)
     database = open_database(config.database.url)
     await migrate(database)
+    # Held while serving: an import-sydent refuses to run meanwhile (storage.serving_lock).
+    serving_lock = await take_serving_lock(database, config.database.url, exclusive=False)
     await analyze_if_never_analyzed(database)
     association_store = AssociationStore(database)
     account_store = AccountStore(database)
@@ -122,6 +130,7 @@ async def build_context(config: Config, clock: Clock = SYSTEM_CLOCK) -> AppConte
     onbind = OnbindDelivery(config.invites, invite_store, federation, config.federation.timeout_seconds, clock)
     onbind_queue = OnbindQueue(signer, config.invites, invite_store, on_queued=onbind.notify, clock=clock)
     rate_limiter = RateLimiter.from_config(config.rate_limits, database, clock)
+    access = HomeserverAllowList(config.access)
 
     return AppContext(
         config=config,
@@ -130,7 +139,7 @@ async def build_context(config: Config, clock: Clock = SYSTEM_CLOCK) -> AppConte
         templates=templates,
         federation=federation,
         server_keys=ServerKeyStore(federation, clock=clock.time_ms),
-        accounts=AccountService(account_store, federation, rate_limiter, config.rate_limits, clock),
+        accounts=AccountService(account_store, federation, rate_limiter, config.rate_limits, access, clock),
         terms=TermsService(terms, account_store),
         sessions=SessionService(
             config, SessionStore(database), templates, email_sender, sms_provider, rate_limiter, clock
@@ -143,6 +152,8 @@ async def build_context(config: Config, clock: Clock = SYSTEM_CLOCK) -> AppConte
         onbind_queue=onbind_queue,
         rate_limiter=rate_limiter,
         lookup_index=lookup_index,
+        access=access,
+        serving_lock=serving_lock,
         clock=clock,
     )
 

@@ -29,6 +29,9 @@ from sydent_lite.http.protocol import PROTOCOL, configure, limits_from_config
 from sydent_lite.memory import limit_malloc_arenas
 from sydent_lite.observability import cleanup_multiprocess, prepare_multiprocess
 from sydent_lite.observability.logs import setup_from_config
+from sydent_lite.observability.sentry import setup_sentry
+from sydent_lite.observability.summary import config_summary
+from sydent_lite.version import package_version
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +98,7 @@ def app_from_env() -> Any:
     config = config_from_dict(json.loads(raw))
     os.environ.pop(CONFIG_ENV, None)  # holds secrets; nothing this worker starts needs it
     setup_from_config(config)  # the same logging as the parent's
+    setup_sentry(config)  # each worker reports its own errors
     configure(limits_from_config(config.listen))  # this process's connections
     return create_app(config)
 
@@ -151,6 +155,11 @@ def serve(config: Config, workers: int = 1) -> int:
         logger.warning("%s", warning)
     # Fail on a bad key, terms or templates file (or TLS certificate) before binding the port.
     load_static_parts(config)
+    # ConfigError (sentry-sdk missing, a bad DSN) before the port is bound; workers start
+    # their own reporting.
+    setup_sentry(config, start=workers <= 1)
+    # Once, by the process the operator started (workers do not repeat it).
+    logger.info("sydent-lite %s starting; %s", package_version(), config_summary(config, workers))
     limits = limits_from_config(config.listen)
     file_limit = raise_file_limit()  # before the workers start: they inherit it
     if workers <= 1:

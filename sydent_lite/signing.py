@@ -48,9 +48,22 @@ class ServerSigner:
 def load_or_create_signing_key(path: str | Path) -> SigningKey:
     """Read a key file in Synapse/Sydent format ("ed25519 <version> <seed>"), creating it if absent."""
     path = Path(path)
-    if path.exists():
+    try:
+        exists = path.exists()
+    except PermissionError:  # a folder on the way we may not enter
+        raise SigningKeyError(
+            f"cannot reach signing key file {path}: permission denied on a folder on its way"
+            f" (this process runs as uid {os.geteuid()})"
+        ) from None
+    if exists:
         try:
-            keys = signedjson.key.read_signing_keys(path.read_text().splitlines())
+            text = path.read_text()
+        except PermissionError:
+            raise SigningKeyError(_unreadable(path)) from None
+        except OSError as e:
+            raise SigningKeyError(f"cannot read signing key file {path}: {e.strerror}") from None
+        try:
+            keys = signedjson.key.read_signing_keys(text.splitlines())
         except Exception:
             raise SigningKeyError(
                 f"signing key file {path} is not in 'ed25519 <version> <base64 seed>' format"
@@ -62,6 +75,25 @@ def load_or_create_signing_key(path: str | Path) -> SigningKey:
     write_key_file(path, key)
     logger.info("created a new signing key at %s", path)
     return key
+
+
+def _unreadable(path: Path) -> str:
+    """Why we cannot read the key file, with who owns it and who we are (the usual cause: an
+    operator command run as root wrote it, and the server runs as its own user)."""
+    import pwd
+
+    def user(uid: int) -> str:
+        try:
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return str(uid)
+
+    st = path.stat()
+    return (
+        f"cannot read signing key file {path}: permission denied (owner {user(st.st_uid)}, mode "
+        f"{st.st_mode & 0o777:03o}; this process runs as {user(os.geteuid())}): "
+        f"`chown {user(os.geteuid())}: {path}`, or run operator commands as the service user"
+    )
 
 
 def write_key_file(path: str | Path, key: SigningKey) -> None:

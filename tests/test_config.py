@@ -149,7 +149,10 @@ def test_bad_config_names_the_key(data: dict[Any, Any], message: str) -> None:
             {"sms": {"originators": {44: "beta:x"}}},
             "config key 'sms.originators.44' must look like alpha:NAME, long:NUMBER or short:CODE",
         ),
-        ({"sms": {"originators": {"default": 5}}}, "config key 'sms.originators.default' must be a string"),
+        (
+            {"sms": {"originators": {"default": 5}}},
+            "config key 'sms.originators.default' must be a string or a list of strings",
+        ),
         ({"sms": {"webhook": {"headers": {"X-Key": 5}}}}, "config key 'sms.webhook.headers.X-Key' must be a string"),
         (
             {"sms": {"provider": "twilio", "twilio": {"account_sid": "AC1"}}},
@@ -202,7 +205,7 @@ def test_loose_spellings_that_are_accepted() -> None:
     )
     assert (config.log_level, config.log_format) == ("DEBUG", "json")
     assert config.listen.header_timeout_seconds == 3.0 and isinstance(config.listen.header_timeout_seconds, float)
-    assert config.sms.originators == {"44": Originator("alpha", "Matrix")}
+    assert config.sms.originators == {"44": (Originator("alpha", "Matrix"),)}
     assert config.sms.refused_countries == ["GB", "FR"]
 
 
@@ -261,7 +264,7 @@ def test_workers_get_the_config_back_as_it_was() -> None:
     )
     dumped = json.loads(config.model_dump_json(by_alias=True))
     assert dumped["email"]["from"] == "Me <me@id.test>" and "from_" not in dumped["email"]
-    assert dumped["sms"]["originators"] == {"44": "alpha:Matrix", "default": "long:+447700900000"}
+    assert dumped["sms"]["originators"] == {"44": ["alpha:Matrix"], "default": ["long:+447700900000"]}
     again = config_from_dict(dumped)
     assert again == config
     assert (again.effective_server_name, again.base_url, again.email_from) == (

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import signedjson.key
@@ -330,6 +330,7 @@ FIRST_RUN = {
     "associations_already_present": 0,
     "associations_newer_here_kept": 1,
     "associations_resigned": 1,
+    "associations_signature_repaired": 0,
     "associations_unbound_in_sydent": 1,
     "associations_unusable_skipped": 0,
     "invites_imported": 2,
@@ -345,7 +346,13 @@ FIRST_RUN = {
     "terms_acceptances_already_present": 0,
     "signing_key_imported": 1,
     "signing_key_already_present": 0,
+    "lookup_pepper_from_sydent": 1,
     "sydent_rows_unreadable_skipped": 0,
+    "erased_associations_skipped": 0,
+    "erased_sessions_skipped": 0,
+    "erased_invites_skipped": 0,
+    "erased_account_tokens_skipped": 0,
+    "erased_terms_acceptances_skipped": 0,
 }
 
 
@@ -365,7 +372,7 @@ async def _dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
     try:
         async with engine.connect() as conn:
             names = await conn.run_sync(lambda c: inspect(c).get_table_names())
-            out = {}
+            out: dict[str, list[tuple[Any, ...]]] = {}
             for name in sorted(names):
                 rows = (await conn.execute(text(f'SELECT * FROM "{name}"'))).all()
                 out[name] = sorted((tuple(r) for r in rows), key=repr)
@@ -375,7 +382,8 @@ async def _dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
 
 
 def dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
-    return cast("dict[str, list[tuple[Any, ...]]]", run(_dump(url)))
+    tables: dict[str, list[tuple[Any, ...]]] = run(_dump(url))
+    return tables
 
 
 async def _prepare_ours(url: str, now: int) -> None:
@@ -415,7 +423,8 @@ async def _select(url: str, query: Any) -> list[dict[str, Any]]:
 
 
 def select_all(url: str, query: Any) -> list[dict[str, Any]]:
-    return cast("list[dict[str, Any]]", run(_select(url, query)))
+    rows: list[dict[str, Any]] = run(_select(url, query))
+    return rows
 
 
 def write_key(path: Path, key: Any) -> Path:
@@ -425,9 +434,9 @@ def write_key(path: Path, key: Any) -> Path:
 
 
 def verify(signed_json: str, server_name: str, key: Any) -> dict[str, Any]:
-    obj = json.loads(signed_json)
+    obj: dict[str, Any] = json.loads(signed_json)
     signedjson.sign.verify_signed_json(obj, server_name, signedjson.key.get_verify_key(key))
-    return cast("dict[str, Any]", obj)
+    return obj
 
 
 # --- the tests ------------------------------------------------------------------------------------
@@ -556,6 +565,7 @@ def test_import_then_serve(db_factory: DatabaseFactory, smtp_sink: SmtpSink, tmp
         "account_tokens_already_present": 3,
         "terms_acceptances_already_present": 3,
         "signing_key_already_present": 1,
+        "lookup_pepper_from_sydent": 1,
     }
 
     # And the real server serves it all.
@@ -689,8 +699,8 @@ def test_a_key_that_did_not_sign_sydents_associations_is_refused(db_factory: Dat
 
 
 def test_without_sydents_key_ours_signs(db_factory: DatabaseFactory, tmp_path: Path) -> None:
-    """No --signing-key: our key stays (created if needed) and Sydent's own associations are
-    re-signed with it; the peer's keep the peer's signature. Via the command line."""
+    """--new-signing-key: a new key of ours and Sydent's own associations re-signed with it;
+    the peer's keep the peer's signature. Via the command line."""
     db = db_factory.create()
     fx = build_sydent_db(tmp_path / "sydent.db", "id.test", signedjson.key.generate_signing_key("0"))
     ours_path = tmp_path / "signing.key"
@@ -701,7 +711,16 @@ def test_without_sydents_key_ours_signs(db_factory: DatabaseFactory, tmp_path: P
 
     def cli() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "sydent_lite", "import-sydent", str(fx.path), "--config", str(config_path)],
+            [
+                sys.executable,
+                "-m",
+                "sydent_lite",
+                "import-sydent",
+                str(fx.path),
+                "--config",
+                str(config_path),
+                "--new-signing-key",
+            ],
             capture_output=True,
             text=True,
             timeout=120,

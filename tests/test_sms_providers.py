@@ -237,7 +237,8 @@ HTTP_PROVIDERS = ["twilio", "openmarket", "webhook"]
 def test_parse_originator() -> None:
     # The config parses originators (their one home); providers get Originator values.
     def parsed(spec: str) -> Originator:
-        return config_from_dict({"sms": {"originators": {"44": spec}}}).sms.originators["44"]
+        (originator,) = config_from_dict({"sms": {"originators": {"44": spec}}}).sms.originators["44"]
+        return originator
 
     assert parsed("alpha:Matrix") == Originator("alpha", "Matrix")
     assert parsed("long:+447700900000") == Originator("long", "+447700900000")

@@ -19,11 +19,14 @@ from sydent_lite.threepids import is_valid_user_id, normalise_address
 
 
 def generate_config(server_name: str | None) -> str:
-    """The documented example config, with `server_name`/`public_baseurl` filled in."""
+    """The documented example config, with `server_name`, `public_baseurl` and `email.from`
+    (noreply@ the server's host) filled in."""
     text = example_config().read_text(encoding="utf-8")
     if server_name:
         text = text.replace("server_name: id.example.org", f"server_name: {server_name}", 1)
         text = text.replace("public_baseurl: https://id.example.org", f"public_baseurl: https://{server_name}", 1)
+        host = server_name.rsplit(":", 1)[0] if not server_name.endswith("]") else server_name
+        text = text.replace("noreply@id.example.org", f"noreply@{host}", 1)
     return text
 
 

@@ -15,13 +15,17 @@ import os
 from abc import ABC, abstractmethod
 from email.utils import parseaddr
 from pathlib import Path
-from typing import assert_never
+from typing import Literal, assert_never
 
 import aiosmtplib
 
 from sydent_lite.config import ConfigError, EmailConfig, SmtpConfig
 
 logger = logging.getLogger(__name__)
+
+
+# What a message is, for the log line that says it was sent (its text is the caller's).
+MailKind = Literal["validation", "invite"]
 
 
 class EmailSendError(Exception):
@@ -35,8 +39,9 @@ def _domain(address: str) -> str:
 
 class EmailSender(ABC):
     @abstractmethod
-    async def send(self, to_addr: str, message: bytes) -> None:
-        """Deliver `message` (a complete RFC 5322 message) to `to_addr`, or raise EmailSendError."""
+    async def send(self, to_addr: str, message: bytes, kind: MailKind = "validation") -> None:
+        """Deliver `message` (a complete RFC 5322 message, a `kind` mail) to `to_addr`, or raise
+        EmailSendError."""
 
 
 def ehlo_name(server_name: str) -> str:
@@ -64,7 +69,7 @@ class SmtpEmailSender(EmailSender):
         if "@" not in self._envelope_from:
             raise ConfigError(f"config key 'email.from' has no usable email address: {from_header!r}")
 
-    async def send(self, to_addr: str, message: bytes) -> None:
+    async def send(self, to_addr: str, message: bytes, kind: MailKind = "validation") -> None:
         cfg = self._smtp
         where = f"{cfg.host}:{cfg.port}"
         client = aiosmtplib.SMTP(
@@ -101,7 +106,7 @@ class SmtpEmailSender(EmailSender):
             # Connection refused/reset, timeouts (TimeoutError is an OSError), TLS failures,
             # STARTTLS or SMTPUTF8 not offered, an address aiosmtplib cannot send.
             raise EmailSendError(f"cannot send mail through {where}: {type(e).__name__}: {e}") from None
-        logger.info("sent validation mail to a recipient at %s via SMTP", _domain(to_addr))
+        logger.info("sent %s mail to a recipient at %s via SMTP", kind, _domain(to_addr))
 
 
 class MaildirEmailSender(EmailSender):
@@ -119,19 +124,21 @@ class MaildirEmailSender(EmailSender):
         # (and a newcomer's grep) would see the stray carriage returns.
         mailbox.Maildir(os.fspath(self._path), create=True).add(message.replace(b"\r\n", b"\n"))
 
-    async def send(self, to_addr: str, message: bytes) -> None:
+    async def send(self, to_addr: str, message: bytes, kind: MailKind = "validation") -> None:
         try:
             await asyncio.to_thread(self._write, message)
         except OSError as e:
             raise EmailSendError(f"cannot write to maildir {self._path}: {e.strerror}") from None
-        logger.info("stored validation mail for a recipient at %s in the maildir", _domain(to_addr))
+        logger.info("stored %s mail for a recipient at %s in the maildir", kind, _domain(to_addr))
 
 
 def make_email_sender(config: EmailConfig, from_header: str, server_name: str | None = None) -> EmailSender:
     # The config admits only these transports (email.transport); mypy checks that each is served.
     match config.transport:
         case "smtp":
-            return SmtpEmailSender(config.smtp, from_header, ehlo_name(server_name) if server_name else None)
+            # email.hostname as given (Sydent's), else derived from the server name.
+            local_hostname = config.hostname or (ehlo_name(server_name) if server_name else None)
+            return SmtpEmailSender(config.smtp, from_header, local_hostname)
         case "maildir":
             return MaildirEmailSender(config.maildir)
         case _:

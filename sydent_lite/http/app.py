@@ -281,6 +281,18 @@ def create_app(config: Config, context_factory: Callable[[Config], object] = bui
             except BaseException:
                 await ctx.aclose()
                 raise
+        internal_api = None
+        if config.internal_api.enabled:
+            from sydent_lite.http.internal_api import InternalApiServer
+
+            internal_api = InternalApiServer(config.internal_api, ctx)
+            try:
+                await internal_api.start()
+            except BaseException:
+                if metrics_server is not None:
+                    await metrics_server.stop()
+                await ctx.aclose()
+                raise
         # Pending callbacks live in the database: a restarted server picks them up here.
         tasks = [
             asyncio.create_task(_periodic_cleanup(ctx)),
@@ -295,11 +307,14 @@ def create_app(config: Config, context_factory: Callable[[Config], object] = bui
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if internal_api is not None:
+                await internal_api.stop()
             if metrics_server is not None:
                 await metrics_server.stop()
             await ctx.aclose()
 
-    return FrontDoor(starlette_app(all_routes(), lifespan=lifespan))
+    routes: list[BaseRoute] = [*all_routes(config.access)]  # the ones config.access leaves on
+    return FrontDoor(starlette_app(routes, lifespan=lifespan))
 
 
 def starlette_app(routes: list[BaseRoute], lifespan: Callable[[Starlette], Any] | None = None) -> Starlette:

@@ -1,7 +1,7 @@
 """Prometheus metrics, and the small listener that serves them.
 
 Label values are always from small fixed sets (route templates, methods, status codes, mail
-kinds, lookup APIs), never addresses, user IDs or raw URLs, so the number of series is bounded.
+kinds, lookup APIs, rate-limit names), never addresses, user IDs or raw URLs, so the number of series is bounded.
 
 The metrics listener is separate from the API listener (`metrics.host`/`metrics.port`) so it
 can stay on a private interface; it answers `GET <metrics.path>` and nothing else.
@@ -60,6 +60,13 @@ SMS_FAILED = Counter("sydent_sms_failed_total", "Validation SMS the provider did
 # api: "v2" (hashed /v2/lookup), "v1" (/api/v1/lookup), "v1_bulk" (/api/v1/bulk_lookup).
 LOOKUP_APIS = ("v2", "v1", "v1_bulk")
 LOOKUPS = Counter("sydent_lookups_total", "Addresses looked up (one per address asked about), by API.", ["api"])
+
+# limit: the name of the rate limit that refused (services.ratelimit.LIMITS), never its subject.
+RATE_LIMITED = Counter(
+    "sydent_rate_limited_total",
+    "Requests refused with 429 M_LIMIT_EXCEEDED, by the limit that tripped (its keys: rate_limits.<limit>_*).",
+    ["limit"],
+)
 
 # Read from the database at scrape time (`refresh_onbind_pending`): every worker sees the same
 # queue, so with several workers the most recently read value is the right one.

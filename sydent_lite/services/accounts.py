@@ -12,6 +12,7 @@ from sydent_lite.federation.client import FederationClient
 from sydent_lite.federation.openid import OpenIdError, exchange_openid_token
 from sydent_lite.federation.resolver import parse_server_name
 from sydent_lite.secrets_util import hash_secret, random_string
+from sydent_lite.services.access import HomeserverAllowList
 from sydent_lite.services.ratelimit import RateLimiter, client_subject
 from sydent_lite.storage.accounts import AccountStore
 
@@ -39,8 +40,10 @@ class AccountService:
         federation: FederationClient,
         rate_limiter: RateLimiter | None = None,
         limits: RateLimitConfig | None = None,
+        allow_list: HomeserverAllowList | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self._allow_list = allow_list
         self._store = store
         self._clock = clock
         self._federation = federation
@@ -48,6 +51,9 @@ class AccountService:
         self._limits = limits if limits is not None else RateLimitConfig()
 
     async def register(self, matrix_server_name: str, openid_token: str, client_ip: str = "") -> str:
+        # A homeserver not on the allow-list is refused before anything is counted or asked.
+        if self._allow_list is not None:
+            self._allow_list.check_server(matrix_server_name)
         # Every registration sends a request to the named server: without limits, anyone could
         # make us send requests to any host, as often as they liked. Both are checked before it.
         rl = self._limits
@@ -66,6 +72,8 @@ class AccountService:
         except OpenIdError as e:
             logger.info("OpenID exchange with %s failed: %s", matrix_server_name, e)
             raise unauthorized(f"Could not verify the OpenID token: {e}") from None
+        if self._allow_list is not None:
+            self._allow_list.check_user(user_id)  # the OpenID `sub`'s server, whatever was asked
         token = random_string(TOKEN_LENGTH)
         await self._store.add_token(hash_secret(token), user_id, self._clock.time_ms())
         logger.info("registered an identity-server token for a user of %s", matrix_server_name)

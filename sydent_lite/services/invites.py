@@ -113,6 +113,36 @@ def web_client_base(url: str) -> tuple[str, str, str] | None:
     return parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/")
 
 
+# Sydent's answer to a blocked invitation (store_invite_servlet.py).
+INVITE_NOT_ALLOWED = "Invite not allowed"
+# Fields the inviter does not write: the same in every invitation, so a keyword in them would
+# block all of them ("mail" in medium "email"). The brand picks a template folder.
+_KEYWORD_EXEMPT = frozenset({"medium", "brand"})
+_WEB_CLIENT_FIELD = "org.matrix.web_client_location"
+_SCHEME = re.compile(r"^https?://", re.IGNORECASE)
+
+
+def blocked_keyword(fields: dict[str, str], keywords: frozenset[str]) -> tuple[str, str] | None:
+    """(keyword, field) of the first blocked keyword found in what the inviter wrote, or None.
+
+    As Sydent: case-insensitive substring matches in every string field of the request (room
+    name, sender display name, room alias, sender, address, ...). The web client location that
+    Synapse adds to every invitation is matched without its scheme: Sydent learnt that a
+    keyword "http" (to block links in room names) otherwise refused every invitation
+    (sydent#540).
+    """
+    for name, value in fields.items():
+        if name in _KEYWORD_EXEMPT:
+            continue
+        if name == _WEB_CLIENT_FIELD:
+            value = _SCHEME.sub("", value)
+        folded = value.casefold()
+        for keyword in keywords:
+            if keyword in folded:
+                return keyword, name
+    return None
+
+
 class InviteService:
     def __init__(
         self,
@@ -131,6 +161,25 @@ class InviteService:
         self._templates = templates
         self._email = email
         self._clock = clock
+        invites = config.invites
+        self._blocked_servers = frozenset(server.lower() for server in invites.blocked_homeservers)
+        self._blocked_rooms = frozenset(invites.blocked_room_ids)
+        self._blocked_keywords = frozenset(keyword.casefold() for keyword in invites.blocked_keywords)
+
+    def check_allowed(self, fields: dict[str, str]) -> None:
+        """Refuse (403 M_UNAUTHORIZED, as Sydent) an invitation from a blocked homeserver, to
+        a blocked room, or with a blocked keyword in what the inviter wrote."""
+        if user_id_server(fields["sender"]).lower() in self._blocked_servers:
+            logger.info("refused an invitation from a user of %s: blocked homeserver", user_id_server(fields["sender"]))
+            raise MatrixError(403, "M_UNAUTHORIZED", INVITE_NOT_ALLOWED)
+        if fields["room_id"] in self._blocked_rooms:
+            logger.info("refused an invitation to a blocked room")
+            raise MatrixError(403, "M_UNAUTHORIZED", INVITE_NOT_ALLOWED)
+        found = blocked_keyword(fields, self._blocked_keywords) if self._blocked_keywords else None
+        if found is not None:
+            # The keyword is the operator's; the field's value (an address, a name) is not logged.
+            logger.info("refused an invitation: blocked keyword %r in field %r", *found)
+            raise MatrixError(403, "M_UNAUTHORIZED", INVITE_NOT_ALLOWED)
 
     @property
     def _expiry_ms(self) -> int:
@@ -291,7 +340,7 @@ class InviteService:
         except ValueError:
             raise invalid_param("The invitation contains characters that cannot go into an email") from None
         try:
-            await self._email.send(address, message)
+            await self._email.send(address, message, kind="invite")
         except EmailSendError as e:
             metrics.EMAILS_FAILED.labels(kind="invite").inc()
             logger.warning("invitation mail not sent: %s", e)

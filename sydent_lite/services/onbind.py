@@ -10,6 +10,13 @@ callbacks is tried again, and its task ends until then. Every callback keeps its
 in the database as well. A tarpit therefore holds at most its own few connections, for at most
 one timeout each, then waits; everyone else's callbacks go out meanwhile.
 
+Failures are logged at INFO while they may be a passing glitch, and at WARNING from a
+callback's WARN_AFTER_ATTEMPTS-th failed attempt on (counted in the database, so across
+restarts and workers): with the default backoff (5 s doubling) that is about 75 s and four
+retries after its first failure, and then at most once per retry (an hour apart at most by
+default). Each line names the callback's id, the destination and the count; never the body,
+which carries the invites' tokens.
+
 Workers coordinate through the database only: a callback is claimed (a lease on `claimed_until`)
 right before it is sent, so two workers never send the same one, and a dead worker's claims lapse.
 The backoff of a destination is this worker's own.
@@ -40,6 +47,8 @@ IDLE_POLL_SECONDS = 30.0
 MIN_POLL_SECONDS = 0.05
 # A destination whose queue could not be read (database trouble) is left alone this long.
 ERROR_PAUSE_SECONDS = 5.0
+# A callback that has failed this many times is no glitch: its failures are logged at WARNING.
+WARN_AFTER_ATTEMPTS = 5
 
 
 @dataclass
@@ -190,7 +199,9 @@ class OnbindDelivery:
         try:
             if problem is None:
                 state.failures, state.retry_at = 0, 0
-                await self._store.mark_delivered(callback.id, self._clock.time_ms())
+                await self._store.mark_delivered(
+                    callback.id, self._clock.time_ms(), delete_invites=self._config.delete_tokens_on_bind
+                )
                 logger.info("onbind callback %d delivered to %s", callback.id, callback.destination)
                 return
             now = self._clock.time_ms()
@@ -202,12 +213,14 @@ class OnbindDelivery:
             attempts = callback.attempts + 1
             delay = self.retry_delay_ms(attempts)
             await self._store.reschedule(callback.id, attempts, now + delay)
-            logger.info(
-                "onbind callback %d to %s failed (%s, attempt %d); retrying in %.1fs, the destination in %.1fs",
+            logger.log(
+                logging.WARNING if attempts >= WARN_AFTER_ATTEMPTS else logging.INFO,
+                "onbind callback %d to %s failed %d time%s (%s); retrying in %.1fs, the destination in %.1fs",
                 callback.id,
                 callback.destination,
-                problem,
                 attempts,
+                "" if attempts == 1 else "s",
+                problem,
                 delay / 1000,
                 (state.retry_at - now) / 1000,
             )

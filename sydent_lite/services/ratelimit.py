@@ -17,6 +17,12 @@ which have no business sitting in a rate-limit table or in Redis.
 Limits per client address count an IPv6 client by its /64 (`client_subject`): one host or home
 network is normally given a whole /64, so counting each of its addresses alone would give it
 2**64 budgets.
+
+A key's kind (the part before its first ':', e.g. `rt-addr`) names the limit it counts for
+(`LIMITS`): a 429 says which limit tripped in its `error`, and counts under that limit's name
+in `sydent_rate_limited_total{limit}`. The name is the limit's config keys' stem
+(`rate_limits.<name>_*`), so an operator reading either knows what to tune; it never carries
+the key's subject (an address, a user).
 """
 
 from __future__ import annotations
@@ -26,12 +32,15 @@ import hashlib
 import ipaddress
 import logging
 import math
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Protocol
 
 from sydent_lite.clock import SYSTEM_CLOCK, Clock
 from sydent_lite.errors import MatrixError
+from sydent_lite.observability import metrics
 from sydent_lite.token_bucket import refill, take_amount
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,6 +52,55 @@ logger = logging.getLogger(__name__)
 _MAX_KEYS = 100_000
 # Without a configuration to derive it from: buckets untouched this long are full again.
 _DEFAULT_HORIZON_MS = 24 * 60 * 60 * 1000
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One rate limit as operators and clients see it."""
+
+    name: str  # the metric label and the config keys' stem: rate_limits.<name>_*
+    refusal: str  # the 429's `error`: what tripped, never whose
+
+
+# Bucket key kind -> its limit. Subjects: a client address (an IPv4 address or IPv6 /64), a 3PID
+# address, a user (v2 lookups), a homeserver host.
+LIMITS: dict[str, Limit] = {
+    "rt-ip": Limit(
+        "request_token_per_ip", "Too many requests from this client address: requestToken per client address"
+    ),
+    "rt-addr": Limit("request_token_per_address", "Too many requests for this address: requestToken per address"),
+    "st-ip": Limit("submit_token_per_ip", "Too many requests from this client address: submitToken per client address"),
+    "st-addr": Limit("submit_token_per_address", "Too many requests for this address: submitToken per address"),
+    "si-ip": Limit(
+        "store_invite_per_ip", "Too many requests from this client address: store-invite per client address"
+    ),
+    "si-addr": Limit("store_invite_per_address", "Too many requests for this address: store-invite per address"),
+    "si-sender": Limit("store_invite_per_sender", "Too many invitations from this user: store-invite per sender"),
+    "sms-country": Limit("sms_per_country", "Too many text messages to this country: SMS per country"),
+    "lookup": Limit("lookup_per_token", "Too many lookups: lookup requests per user (v2) or client address (v1)"),
+    "lookup-addr": Limit(
+        "lookup_addresses", "Too many addresses looked up: addresses per user (v2) or client address (v1)"
+    ),
+    "reg-ip": Limit("register_per_ip", "Too many requests from this client address: register per client address"),
+    "reg-server": Limit("register_per_server", "Too many requests for this homeserver: register per homeserver"),
+}
+_KIND = re.compile(r"[a-z][a-z0-9-]{0,31}")
+_OTHER = Limit("other", "Too many requests")
+
+for _limit in LIMITS.values():
+    metrics.RATE_LIMITED.labels(limit=_limit.name)  # the series exist from the start (at 0)
+
+
+def limit_of(key: str) -> Limit:
+    """The limit a bucket key counts for. A kind without a row in LIMITS (a limit added since)
+    is named by its kind: a constant in the code, so label values stay bounded; a key without
+    a kind is "other", whatever it holds."""
+    kind, colon, _ = key.partition(":")
+    if kind in LIMITS:
+        return LIMITS[kind]
+    if colon and _KIND.fullmatch(kind):
+        return Limit(kind, f"Too many requests: {kind}")
+    return _OTHER
 
 
 class RateLimitStore(Protocol):
@@ -232,7 +290,8 @@ class RateLimiter:
 
     async def check(self, key: str, rate_per_second: float, burst: int, cost: int = 1) -> None:
         """Take `cost` tokens for `key` (all or none) or raise 429 M_LIMIT_EXCEEDED with
-        retry_after_ms; 400 M_TOO_LARGE when `cost` exceeds what the bucket can ever hold."""
+        retry_after_ms, naming the limit (`limit_of(key)`); 400 M_TOO_LARGE when `cost` exceeds
+        what the bucket can ever hold."""
         if not self.enabled or cost <= 0:
             return
         if cost > burst:
@@ -268,7 +327,9 @@ class RateLimiter:
             return
         missing = need - tokens
         retry_ms = max(1, math.ceil(missing / rate_per_second * 1000)) if rate_per_second > 0 else 60_000
-        raise MatrixError(429, "M_LIMIT_EXCEEDED", "Too many requests; try again later", retry_after_ms=retry_ms)
+        limit = limit_of(key)
+        metrics.RATE_LIMITED.labels(limit=limit.name).inc()
+        raise MatrixError(429, "M_LIMIT_EXCEEDED", limit.refusal, retry_after_ms=retry_ms)
 
     def _spend_lease(self, key: str, cost: int) -> bool:
         in_hand, expires = self._leases.get(key, (0, 0.0))

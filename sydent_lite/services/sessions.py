@@ -112,13 +112,19 @@ class SessionService:
         client_ip: str,
     ) -> tuple[str, PhoneNumber]:
         number = parse_phone_number(country, phone_number)
-        if number.region and number.region in self._config.sms.refused_countries:
+        sms = self._config.sms
+        refused = number.region in sms.refused_countries if number.region else False
+        # An allow-list admits only its countries; a number of no known country is not in it.
+        if refused or (sms.allowed_countries and number.region not in sms.allowed_countries):
             raise MatrixError(400, "M_DESTINATION_REJECTED", "This server does not send SMS to that country")
 
         async def send(sid: str, token: str) -> None:
-            text = self._config.sms.template.replace("{token}", token)
+            # Taken only when an SMS is about to leave (a retry of the same send_attempt sends
+            # nothing and costs nothing).
+            await self._check_country_limit(number.region)
+            text = sms.template.replace("{token}", token)
             try:
-                await self._sms.send(number.msisdn, text, originator_for(self._config.sms, number.calling_code))
+                await self._sms.send(number.msisdn, text, originator_for(sms, number.calling_code, number.msisdn))
             except SmsSendError as e:
                 metrics.SMS_FAILED.inc()
                 logger.warning("validation SMS for session %s not sent: %s", sid, e)
@@ -181,6 +187,14 @@ class SessionService:
         )
         return sid
 
+    async def _check_country_limit(self, region: str | None) -> None:
+        """rate_limits.sms_per_country_per_hour: each country its own bucket, at its own limit
+        or else at "default"'s (as Sydent's country.ratelimit.*, one bucket per country)."""
+        per_country = self._config.rate_limits.sms_per_country_per_hour
+        per_hour = (per_country.get(region) if region else None) or per_country.get("default")
+        if per_hour is not None:
+            await self._limits.check(f"sms-country:{region or '?'}", per_hour / 3600, per_hour)
+
     async def _check_limits(self, address: str, client_ip: str) -> None:
         rl = self._config.rate_limits
         await self._limits.check(
@@ -213,7 +227,7 @@ class SessionService:
             },
         )
         try:
-            await self._email.send(mailbox, message)
+            await self._email.send(mailbox, message, kind="validation")
         except EmailSendError as e:
             metrics.EMAILS_FAILED.labels(kind="validation").inc()
             logger.warning("validation mail for session %s not sent: %s", sid, e)

@@ -229,13 +229,23 @@ class InviteStore:
             )
         return result.rowcount == 1
 
-    async def mark_delivered(self, callback_id: int, now: int) -> None:
+    async def mark_delivered(self, callback_id: int, now: int, *, delete_invites: bool = False) -> None:
+        """The callback reached the homeserver: drop it, and mark its invites delivered or, with
+        `delete_invites`, delete them (Sydent's delete_tokens_on_bind). Their ephemeral public
+        keys stay valid until the invites would have expired (pubkey/ephemeral/isvalid): a join
+        signed with one must keep verifying for servers that see it later."""
+        carried = (invites.c.callback_id == callback_id, invites.c.delivered_ts.is_(None))
         async with self._db.begin() as conn:
-            await conn.execute(
-                update(invites)
-                .where(invites.c.callback_id == callback_id, invites.c.delivered_ts.is_(None))
-                .values(delivered_ts=now)
-            )
+            if delete_invites:
+                keys = select(invites.c.ephemeral_public_key, invites.c.created_ts).where(
+                    *carried,
+                    invites.c.ephemeral_public_key != "",
+                    ~exists().where(ephemeral_public_keys.c.public_key == invites.c.ephemeral_public_key),
+                )
+                await conn.execute(ephemeral_public_keys.insert().from_select(["public_key", "created_ts"], keys))
+                await conn.execute(delete(invites).where(*carried))
+            else:
+                await conn.execute(update(invites).where(*carried).values(delivered_ts=now))
             await conn.execute(delete(onbind_callbacks).where(onbind_callbacks.c.id == callback_id))
 
     async def reschedule(self, callback_id: int, attempts: int, next_attempt_ts: int) -> None:

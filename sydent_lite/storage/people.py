@@ -13,7 +13,9 @@ from typing import TypeAlias
 from sqlalchemy import ColumnElement, delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from sydent_lite.secrets_util import now_ms
 from sydent_lite.storage.database import Database
+from sydent_lite.storage.erasures import MXID, record_erasures, subject_hash
 from sydent_lite.storage.tables import (
     accepted_terms,
     accounts,
@@ -107,7 +109,8 @@ class PeopleStore:
     async def delete_person(self, person: Person) -> Removed:
         """Everything stored about the person, in one transaction: each 3PID's association,
         pending invites (with their undelivered onbind callbacks) and validation sessions;
-        for a Matrix user, all their 3PIDs so, and their access tokens and terms acceptances."""
+        for a Matrix user, all their 3PIDs so, and their access tokens and terms acceptances.
+        The erasure is recorded (hashed: storage.erasures)."""
         async with self._database.begin() as conn:
             removed = Removed(associations=await _bindings_on(conn, person))
             if isinstance(person, MatrixUser):
@@ -121,4 +124,9 @@ class PeopleStore:
                 removed.tokens = result.rowcount
                 result = await conn.execute(delete(accepted_terms).where(accepted_terms.c.user_id == person.mxid))
                 removed.terms = result.rowcount
+            # Kept (hashed) so that an import from Sydent, which still holds the person, skips them.
+            erased = [subject_hash(t.medium, t.address) for t in threepids]
+            if isinstance(person, MatrixUser):
+                erased.append(subject_hash(MXID, person.mxid))
+            await record_erasures(conn, erased, now_ms())
         return removed

@@ -150,3 +150,13 @@ rate_limit_buckets = Table(
     Column("tokens", Float, nullable=False),
     Column("updated_ms", BigInteger, nullable=False),
 )
+
+# What an operator erased (`associations delete`): a SHA-256 of "<kind>\0<value>" (kind: a
+# medium, or "mxid"), never the address or user ID itself. An import from Sydent skips what
+# Sydent still holds of an erased person, so an erasure survives re-running the import.
+erasures = Table(
+    "erasures",
+    metadata,
+    Column("subject_hash", String(64), primary_key=True),
+    Column("erased_ts", BigInteger, nullable=False),
+)

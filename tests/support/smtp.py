@@ -41,6 +41,7 @@ class ReceivedMail:
     rcpt_tos: list[str]
     raw: bytes
     received_at: float = field(default_factory=time.time)
+    ehlo_name: str = ""  # the name the client gave in EHLO/HELO
 
     @property
     def message(self) -> EmailMessage:
@@ -117,7 +118,10 @@ class _Handler:
         if isinstance(content, str):  # only with decode_data=True, which we do not use
             content = content.encode("utf-8")
         assert envelope.mail_from is not None and content is not None
-        self.sink._record(ReceivedMail(envelope.mail_from, list(envelope.rcpt_tos), bytes(content)))
+        mail = ReceivedMail(
+            envelope.mail_from, list(envelope.rcpt_tos), bytes(content), ehlo_name=session.host_name or ""
+        )
+        self.sink._record(mail)
         return "250 Message accepted for delivery"
 
 

@@ -1,4 +1,10 @@
-"""`import_sydent`: read Sydent's database, choose the key, plan, write; all or nothing."""
+"""`import_sydent`: read Sydent's database, choose the key, plan, write; all or nothing.
+
+The import holds the serving lock (storage.serving_lock) exclusively from start to end: it
+refuses to run while a server is up on the database, and no server starts meanwhile. The
+database is written in one transaction; the key file (if one is installed) is written just
+before it, so a failure leaves the database as it was and a rerun finds the key in place.
+"""
 
 from __future__ import annotations
 
@@ -6,59 +12,142 @@ import asyncio
 import logging
 from pathlib import Path
 
-from sqlalchemy import text
+from signedjson.types import SigningKey
+from sqlalchemy import bindparam, select, text, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sydent_lite.admin.sydent_import.counts import ImportCounts
-from sydent_lite.admin.sydent_import.keys import choose_serving_key, install
+from sydent_lite.admin.sydent_import.erased import drop_erased
+from sydent_lite.admin.sydent_import.errors import SydentImportError
+from sydent_lite.admin.sydent_import.keys import choose_serving_key, install, read_signing_key_file
 from sydent_lite.admin.sydent_import.plan import plan_associations
 from sydent_lite.admin.sydent_import.read import read_sydent_database
 from sydent_lite.admin.sydent_import.write import write_import
 from sydent_lite.config import Config
 from sydent_lite.context import operator_context
 from sydent_lite.secrets_util import now_ms
-from sydent_lite.services.hashing import load_pepper
+from sydent_lite.services.hashing import HASHED_WITH_KEY, PEPPER_KEY, load_pepper, lookup_hash
 from sydent_lite.signing import ServerSigner
 from sydent_lite.storage.associations import AssociationStore
+from sydent_lite.storage.batching import chunks
+from sydent_lite.storage.dialect import insert_for
+from sydent_lite.storage.serving_lock import ServingLockBusy, take_serving_lock
 from sydent_lite.storage.state import ServerStateStore
+from sydent_lite.storage.tables import associations, server_state
 
 logger = logging.getLogger(__name__)
 
 
-async def import_sydent(config: Config, sydent_db: Path, signing_key_file: Path | None = None) -> ImportCounts:
+async def import_sydent(
+    config: Config,
+    sydent_db: Path,
+    signing_key_file: Path | None = None,
+    *,
+    signing_key: SigningKey | None = None,
+    new_signing_key: bool = False,
+    new_pepper: bool = False,
+) -> ImportCounts:
     """Import a Sydent SQLite database into ours; returns what it did, counted.
 
+    Sydent's key comes as a file (`signing_key_file`: a key file or sydent.conf) or as a key
+    (`signing_key`, read from sydent.conf). Without either, the key we already have must be
+    the one that signed Sydent's associations, unless `new_signing_key`. Sydent's lookup
+    pepper becomes ours unless `new_pepper`.
+
     Raises FileNotFoundError (no such database or key file), SydentImportError (not a Sydent
-    database, unreadable key, a key that did not sign Sydent's associations) and
-    SigningKeyMismatch (our key file holds another key) before writing anything.
+    database, no or an unreadable key, a key that did not sign Sydent's associations, a server
+    running) and SigningKeyMismatch (our key file holds another key) before writing anything.
     """
     counts = ImportCounts()
     data = await asyncio.to_thread(read_sydent_database, Path(sydent_db))
     counts.sydent_rows_unreadable_skipped = data.skipped_rows
-
-    # The key we serve from now on: Sydent's (installed if we have none), or ours.
-    serving = choose_serving_key(Path(config.signing_key_path), signing_key_file)
-    counts.signing_key_already_present = int(serving.already_present)
-    signer = ServerSigner(config.effective_server_name, serving.key)
-    plan = plan_associations(data, signer, serving.sydents)
-    counts.signing_key_imported = int(install(serving))
+    given_as = "the key in sydent.conf"
+    if signing_key is None and signing_key_file is not None:
+        signing_key, given_as = read_signing_key_file(Path(signing_key_file)), str(signing_key_file)
 
     async with operator_context(config) as ctx:
-        pepper = await load_pepper(ServerStateStore(ctx.database), AssociationStore(ctx.database))
-        async with ctx.database.begin() as conn:  # all or nothing
-            await write_import(conn, plan, data, pepper, now_ms(), counts)
-        # Fresh statistics for the planner: a big import changes the tables' shape at once,
-        # and autovacuum (if it runs at all) gets to it later.
-        async with ctx.database.begin() as conn:
-            await conn.execute(text("ANALYZE"))
+        try:
+            lock = await take_serving_lock(ctx.database, config.database.url, exclusive=True)
+        except ServingLockBusy as e:
+            raise SydentImportError(f"refusing to import: {e} (import before the first start)") from None
+        try:
+            # The key we serve from now on: Sydent's (installed if we have none), or ours.
+            our_key_path = Path(config.signing_key_path)
+            serving = choose_serving_key(our_key_path, signing_key, given_as, new_signing_key)
+            counts.signing_key_already_present = int(serving.already_present)
+            signer = ServerSigner(config.effective_server_name, serving.key)
+            # Without Sydent's key, the one we have must be it (a rerun), unless a new key was asked for.
+            checked_key = serving.sydents if serving.sydents is not None else None
+            if checked_key is None and serving.install_at is None and not new_signing_key:
+                checked_key = serving.key
+            try:
+                plan = plan_associations(data, signer, checked_key)
+            except SydentImportError:
+                if serving.sydents is not None:
+                    raise
+                raise SydentImportError(
+                    f"{our_key_path} (signing_key_path) holds a key ({signer.key_id}) that did not sign Sydent's "
+                    "associations, and no Sydent key was given: give --signing-key (Sydent's sydent.conf), or "
+                    "--new-signing-key to re-sign them with this key (signatures clients kept stop verifying)"
+                ) from None
+            counts.signing_key_imported = int(install(serving))
+
+            state = ServerStateStore(ctx.database)
+            pepper = data.pepper if data.pepper is not None and not new_pepper else None
+            if pepper is None:
+                pepper = await load_pepper(state, AssociationStore(ctx.database))
+            async with ctx.database.begin() as conn:  # all or nothing
+                plan, data, erased = await drop_erased(conn, plan, data)
+                if data.pepper is not None and pepper == data.pepper:
+                    await _adopt_pepper(conn, pepper)
+                    counts.lookup_pepper_from_sydent = 1
+                await write_import(conn, plan, data, pepper, now_ms(), counts)
+            # A no-op (every hash is under the pepper we serve); it also holds for a database
+            # an older version left half-hashed.
+            await load_pepper(state, AssociationStore(ctx.database))
+            # Fresh statistics for the planner: a big import changes the tables' shape at once,
+            # and autovacuum (if it runs at all) gets to it later.
+            async with ctx.database.begin() as conn:
+                await conn.execute(text("ANALYZE"))
+        finally:
+            await lock.release()
 
     counts.associations_unbound_in_sydent = plan.unbound
     counts.associations_unusable_skipped = plan.unusable
-    if signing_key_file is None and counts.associations_resigned:
+    counts.erased_associations_skipped = erased.associations
+    counts.erased_sessions_skipped = erased.sessions
+    counts.erased_invites_skipped = erased.invites
+    counts.erased_account_tokens_skipped = erased.account_tokens
+    counts.erased_terms_acceptances_skipped = erased.terms_acceptances
+    if serving.sydents is None and counts.associations_resigned:
         logger.warning(
-            "no --signing-key: %d association(s) Sydent signed were re-signed with our key %s; "
+            "--new-signing-key: %d association(s) Sydent signed were re-signed with our key %s; "
             "signatures clients saved from Sydent will not verify against it",
             counts.associations_resigned,
             signer.key_id,
         )
     logger.info("import from %s: %s", sydent_db, ", ".join(f"{k}={v}" for k, v in counts.as_dict().items() if v))
     return counts
+
+
+async def _adopt_pepper(conn: AsyncConnection, pepper: str) -> None:
+    """Sydent's pepper becomes ours, in the import's transaction: the hashes of associations we
+    had (none, when importing before the first start) are recomputed under it first."""
+    hashed_with = (
+        await conn.execute(select(server_state.c.value).where(server_state.c.name == HASHED_WITH_KEY))
+    ).scalar_one_or_none()
+    if hashed_with != pepper:
+        ours = (await conn.execute(select(associations.c.id, associations.c.medium, associations.c.address))).all()
+        rehash = update(associations).where(associations.c.id == bindparam("row_id"))
+        for chunk in chunks(ours, 1000):
+            await conn.execute(
+                rehash.values(lookup_hash=bindparam("new_hash")),
+                [{"row_id": i, "new_hash": lookup_hash(a, m, pepper)} for i, m, a in chunk],
+            )
+        await _set_state(conn, HASHED_WITH_KEY, pepper)
+    await _set_state(conn, PEPPER_KEY, pepper)
+
+
+async def _set_state(conn: AsyncConnection, name: str, value: str) -> None:
+    stmt = insert_for(conn, server_state).values(name=name, value=value)
+    await conn.execute(stmt.on_conflict_do_update(index_elements=["name"], set_={"value": value}))

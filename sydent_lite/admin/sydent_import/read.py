@@ -85,6 +85,7 @@ class SydentData:
     sessions: list[SydentSession] = field(default_factory=list)
     tokens: list[SydentToken] = field(default_factory=list)
     terms: list[tuple[str, str]] = field(default_factory=list)  # user_id, url
+    pepper: str | None = None  # hashing_metadata.lookup_pepper: what clients hashed with
     skipped_rows: int = 0
 
 
@@ -297,6 +298,15 @@ def _read_terms(db: sqlite3.Connection, tables: set[str], data: SydentData) -> N
         data.terms.append((user_id, url))
 
 
+def _read_pepper(db: sqlite3.Connection, tables: set[str], data: SydentData) -> None:
+    # Sydent keeps one row (id 0), written at its first start (sydent/db/hashing_metadata.py).
+    if "hashing_metadata" not in tables:
+        return
+    row = db.execute("SELECT lookup_pepper FROM hashing_metadata ORDER BY id LIMIT 1").fetchone()
+    pepper = _text(row["lookup_pepper"]) if row is not None else None
+    data.pepper = pepper if pepper and _storable(pepper) else None
+
+
 _READERS: tuple[Callable[[sqlite3.Connection, set[str], SydentData], None], ...] = (
     _read_local_associations,
     _read_global_associations,
@@ -305,4 +315,5 @@ _READERS: tuple[Callable[[sqlite3.Connection, set[str], SydentData], None], ...]
     _read_sessions,
     _read_tokens,
     _read_terms,
+    _read_pepper,
 )

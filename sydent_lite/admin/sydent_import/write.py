@@ -1,8 +1,10 @@
 """Writing an import into our database, in the caller's transaction.
 
 Nothing of ours is overwritten by older data, and writing the same import twice changes
-nothing: an association replaces ours only if it is newer; every other row goes in only if
-its key is not in the table yet.
+nothing: an association replaces ours only if it is newer (or is the same binding, whose
+signature made with another key is replaced by the one we serve now: a rerun with Sydent's
+key repairs an import made without it); every other row goes in only if its key is not in
+the table yet.
 
 What becomes of Sydent's rows:
 - invites: Sydent keeps no per-invite ephemeral key ("" for the public one); its seconds
@@ -84,6 +86,21 @@ async def _write_associations(
         if existing is not None:
             if tuple(existing)[len(key) :] == (c.mxid, c.ts, c.not_before, c.not_after, c.signed_json):
                 counts.associations_already_present += 1
+                continue
+            if tuple(existing)[len(key) : len(key) + 4] == (c.mxid, c.ts, c.not_before, c.not_after):
+                # The same binding signed with another key (an earlier import without Sydent's
+                # key): the signature we serve now (Sydent's, or made with the key we serve) goes in.
+                result = await conn.execute(
+                    update(associations)
+                    .where(
+                        associations.c.medium == c.medium,
+                        associations.c.address == c.address,
+                        associations.c.ts == c.ts,
+                        associations.c.signed_json == existing.signed_json,
+                    )
+                    .values(signed_json=c.signed_json)
+                )
+                counts.associations_signature_repaired += result.rowcount
                 continue
             if existing.ts >= c.ts:
                 counts.associations_newer_here_kept += 1

@@ -5,7 +5,7 @@
 - `openmarket`: OpenMarket's SMS API v4, as Sydent uses it;
 - `webhook`: a JSON POST to a URL of one's own.
 
-`make_sms_provider(config.sms)` picks one; `originator_for(config.sms, calling_code)` the sender.
+`make_sms_provider(config.sms)` picks one; `originator_for(config.sms, calling_code, msisdn)` the sender.
 A provider failure is an `SmsSendError`, whose message is safe to log (no code, no secret, no
 full number); the caller answers 400 M_SEND_ERROR.
 """

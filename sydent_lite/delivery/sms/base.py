@@ -27,10 +27,17 @@ class SmsSendError(Exception):
     """The SMS could not be handed over. The message never holds the text, a secret or the number."""
 
 
-def originator_for(config: SmsConfig, country_calling_code: int) -> Originator | None:
-    """The sender for numbers of this country calling code, else the "default" one, else None."""
-    originator = config.originators.get(str(country_calling_code))
-    return originator if originator is not None else config.originators.get("default")
+def originator_for(config: SmsConfig, country_calling_code: int, msisdn: str = "") -> Originator | None:
+    """The sender for numbers of this country calling code, else the "default" one, else None.
+
+    Of several, the one Sydent picks (msisdnvalidator.py): the sum of the number's digits,
+    modulo how many there are. A number always gets the same sender, so the codes of repeated
+    requests come from one sender, while numbers are spread over all of them.
+    """
+    originators = config.originators.get(str(country_calling_code)) or config.originators.get("default")
+    if not originators:
+        return None
+    return originators[sum(int(d) for d in msisdn if d.isdigit()) % len(originators)]
 
 
 def masked(msisdn: str) -> str:

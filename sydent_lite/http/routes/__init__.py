@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from sydent_lite.config import AccessConfig
 from sydent_lite.context import AppContext
 
 V1_PREFIX = "/_matrix/identity/api/v1"
@@ -34,7 +35,20 @@ def versioned(path: str, handler: Handler, methods: list[str], *, v1: bool = Tru
     return routes
 
 
-def all_routes() -> list[Route]:
+def enabled(routes: list[Route], access: AccessConfig) -> list[Route]:
+    """The routes the config leaves on, as Sydent mounts them: access.v1_enabled false drops
+    every /_matrix/identity/api/v1 path, access.v1_associations_enabled false v1 /3pid/bind.
+    A dropped path is an unknown one (404 M_UNRECOGNIZED)."""
+
+    def on(route: Route) -> bool:
+        if route.path == V1_PREFIX or route.path.startswith(V1_PREFIX + "/"):
+            return access.v1_enabled and (route.path != V1_PREFIX + "/3pid/bind" or access.v1_bind_enabled)
+        return True
+
+    return [route for route in routes if on(route)]
+
+
+def all_routes(access: AccessConfig | None = None) -> list[Route]:
     from sydent_lite.http.routes import (
         account,
         invites,
@@ -49,4 +63,4 @@ def all_routes() -> list[Route]:
     routes: list[Route] = []
     for module in (status, account, terms, validation, threepid, lookup, pubkey, invites):
         routes.extend(module.routes())
-    return routes
+    return enabled(routes, access) if access is not None else routes

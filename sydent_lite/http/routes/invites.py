@@ -45,6 +45,9 @@ async def store_invite(request: Request, ctx: AppContext, v2: bool) -> Response:
     if verified_sender is not None and fields["sender"] != verified_sender:
         # As Sydent (since 2.3): nobody invites in someone else's name.
         raise MatrixError(403, "M_UNAUTHORIZED", "'sender' is not the user of the access token")
+    # Who may invite, and what: the allow-list (v2; v1 is off with one) and the blocks.
+    ctx.access.check_user(fields["sender"])
+    ctx.invites.check_allowed(fields)
     brand = fields.pop("brand", None) or get_str(query_params(request), "brand", required=False, max_length=64)
     # Shared by every worker (see services/ratelimit.py): per client IP, per invited address.
     rl = ctx.config.rate_limits
@@ -54,6 +57,10 @@ async def store_invite(request: Request, ctx: AppContext, v2: bool) -> Response:
         f"si-addr:{fields['address'].casefold()}",
         rl.store_invite_per_address_per_hour / 3600,
         rl.store_invite_per_address_burst,
+    )
+    # ... and per inviter, as Sydent: one user cannot mail many addresses from many IPs.
+    await ctx.rate_limiter.check(
+        f"si-sender:{fields['sender']}", rl.store_invite_per_sender_per_hour / 3600, rl.store_invite_per_sender_burst
     )
     return JSONResponse(await ctx.invites.store_invite(fields, brand, verified_sender=verified_sender))
 

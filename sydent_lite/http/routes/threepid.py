@@ -41,6 +41,7 @@ async def bind(request: Request, ctx: AppContext, v2: bool) -> Response:
     assert mxid is not None
     if user_id is not None and mxid != user_id:
         raise MatrixError(403, "M_UNAUTHORIZED", "This user is prohibited from binding to the mxid")
+    ctx.access.check_user(mxid)
     session = await ctx.sessions.validated_session(sid, client_secret)
     return JSONResponse(await ctx.associations.bind(session.medium, session.address, mxid))
 
