@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from operator import itemgetter
 from typing import Any
 
+from sydent_lite.clock import SYSTEM_CLOCK, Clock
 from sydent_lite.errors import ErrorCode, MatrixError, invalid_param
-from sydent_lite.secrets_util import now_ms
 from sydent_lite.services.hashing import lookup_hash
 from sydent_lite.services.lookup_index import LookupIndex
 from sydent_lite.services.onbind_queue import OnbindQueue
@@ -33,8 +33,10 @@ class AssociationService:
         index: LookupIndex,
         onbind: OnbindQueue | None = None,
         max_addresses: int = DEFAULT_MAX_LOOKUP_ADDRESSES,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._store = store
+        self._clock = clock
         self._max_addresses = max_addresses
         self._index = index
         self._signer = signer
@@ -45,7 +47,7 @@ class AssociationService:
     async def bind(self, medium: str, address: str, mxid: str) -> dict[str, Any]:
         """Bind the (validated) 3PID to `mxid`, replacing any other binding of it; returns the
         signed association. Its pending invites are queued for the homeserver with it."""
-        ts = now_ms()
+        ts = self._clock.time_ms()
         signed = self._signer.sign(
             {
                 "medium": medium,
