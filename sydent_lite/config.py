@@ -622,6 +622,8 @@ class Config(_Section):
     # Any case in the file ("debug"); kept in the case shown here.
     log_level: Annotated[LogLevel, BeforeValidator(_upper)] = "INFO"
     log_format: Annotated[LogFormat, BeforeValidator(_lower)] = "text"
+    # The access line starts with the client's address (listen.trusted_proxies honoured).
+    log_client_address: bool = True
 
     # Derived values: computed once, while validating; not settable from YAML.
     _server_name: str = PrivateAttr()

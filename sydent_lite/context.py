@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from sydent_lite.clock import SYSTEM_CLOCK, Clock
 from sydent_lite.config import Config
 from sydent_lite.delivery.email import make_email_sender
 from sydent_lite.delivery.sms import make_sms_provider
@@ -70,6 +71,7 @@ class AppContext:
     rate_limiter: RateLimiter
     peppers: LookupPeppers
     access: HomeserverAllowList
+    clock: Clock  # what every service above reads the time from
     serving_lock: ServingLock | None = None
 
     async def aclose(self) -> None:
@@ -101,7 +103,8 @@ def load_static_parts(config: Config) -> tuple[ServerSigner, Terms, TemplateStor
     return signer, terms, templates
 
 
-async def build_context(config: Config) -> AppContext:
+async def build_context(config: Config, clock: Clock = SYSTEM_CLOCK) -> AppContext:
+    """Every service reads the time from `clock` (tests pass a fake one)."""
     signer, terms, templates = load_static_parts(config)
     database = open_database(config.database.url)
     await migrate(database)
@@ -125,16 +128,17 @@ async def build_context(config: Config) -> AppContext:
         AssociationChangeStore(database),
         make_confirmer,
         rotation_settings(config),
+        clock,
     )
     await peppers.start()
     federation = FederationClient(config.federation)
     email_sender = make_email_sender(config.email, config.email_from, config.effective_server_name)
     sms_provider = make_sms_provider(config.sms)
     invite_store = InviteStore(database)
-    invites = InviteService(config, invite_store, association_store, signer, templates, email_sender)
-    onbind = OnbindDelivery(config.invites, invite_store, federation, config.federation.timeout_seconds)
-    onbind_queue = OnbindQueue(signer, config.invites, invite_store, on_queued=onbind.notify)
-    rate_limiter = RateLimiter.from_config(config.rate_limits, database)
+    invites = InviteService(config, invite_store, association_store, signer, templates, email_sender, clock)
+    onbind = OnbindDelivery(config.invites, invite_store, federation, config.federation.timeout_seconds, clock)
+    onbind_queue = OnbindQueue(signer, config.invites, invite_store, on_queued=onbind.notify, clock=clock)
+    rate_limiter = RateLimiter.from_config(config.rate_limits, database, clock)
     access = HomeserverAllowList(config.access)
 
     return AppContext(
@@ -143,11 +147,15 @@ async def build_context(config: Config) -> AppContext:
         signer=signer,
         templates=templates,
         federation=federation,
-        server_keys=ServerKeyStore(federation),
-        accounts=AccountService(account_store, federation, rate_limiter, config.rate_limits, access),
+        server_keys=ServerKeyStore(federation, clock=clock.time_ms),
+        accounts=AccountService(account_store, federation, rate_limiter, config.rate_limits, access, clock),
         terms=TermsService(terms, account_store),
-        sessions=SessionService(config, SessionStore(database), templates, email_sender, sms_provider, rate_limiter),
-        associations=AssociationService(association_store, signer, peppers, onbind_queue, config.lookup.max_addresses),
+        sessions=SessionService(
+            config, SessionStore(database), templates, email_sender, sms_provider, rate_limiter, clock
+        ),
+        associations=AssociationService(
+            association_store, signer, peppers, onbind_queue, config.lookup.max_addresses, clock
+        ),
         invites=invites,
         onbind=onbind,
         onbind_queue=onbind_queue,
@@ -155,6 +163,7 @@ async def build_context(config: Config) -> AppContext:
         peppers=peppers,
         access=access,
         serving_lock=serving_lock,
+        clock=clock,
     )
 
 

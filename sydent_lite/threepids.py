@@ -10,7 +10,7 @@ import email_validator
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 
-from sydent_lite.errors import MatrixError
+from sydent_lite.errors import ErrorCode, MatrixError
 
 MAX_ADDRESS_LENGTH = 512
 # RFC 5321 4.5.3.1.1: a local part is at most 64 octets.
@@ -43,17 +43,21 @@ def check_email(address: object) -> str:
     which a mail server may well hold for someone else.
     """
     if not isinstance(address, str) or len(address) > MAX_ADDRESS_LENGTH:
-        raise MatrixError(400, "M_INVALID_EMAIL", "The email address is not valid")
+        raise MatrixError(400, ErrorCode.INVALID_EMAIL, "The email address is not valid")
     if _ENCODED_WORD_RE.search(address):
-        raise MatrixError(400, "M_INVALID_EMAIL", "The email address is not valid: it holds an encoded word (=?...?=)")
+        raise MatrixError(
+            400, ErrorCode.INVALID_EMAIL, "The email address is not valid: it holds an encoded word (=?...?=)"
+        )
     local_part = address.rpartition("@")[0]  # a domain never holds "@"; a quoted local part may
     if len(local_part.encode("utf-8", "surrogatepass")) > MAX_LOCAL_PART_OCTETS:
-        raise MatrixError(400, "M_INVALID_EMAIL", "The email address is not valid: its local part is over 64 octets")
+        raise MatrixError(
+            400, ErrorCode.INVALID_EMAIL, "The email address is not valid: its local part is over 64 octets"
+        )
     try:
         # Syntax only: no DNS, and special-use domains (.test, localhost) are fine for operators.
         validate_email(address, check_deliverability=False, globally_deliverable=False, test_environment=True)
     except EmailNotValidError:
-        raise MatrixError(400, "M_INVALID_EMAIL", "The email address is not valid") from None
+        raise MatrixError(400, ErrorCode.INVALID_EMAIL, "The email address is not valid") from None
     return address
 
 
@@ -70,7 +74,7 @@ def normalise_address(medium: str, address: str) -> str:
         return normalise_email(address)
     if medium == "msisdn":
         return parse_phone_number("", address if address.startswith("+") else "+" + address).msisdn
-    raise MatrixError(400, "M_UNRECOGNIZED", f"unknown medium {medium!r}")
+    raise MatrixError(400, ErrorCode.UNRECOGNIZED, f"unknown medium {medium!r}")
 
 
 def stored_addresses(medium: str, addresses: Sequence[str]) -> list[str]:
@@ -119,7 +123,7 @@ class PhoneNumber:
 
 def parse_phone_number(country: str, phone_number: str) -> PhoneNumber:
     """Parse a number as a person types it, in the context of `country`."""
-    invalid = MatrixError(400, "M_INVALID_ADDRESS", "The phone number is not valid")
+    invalid = MatrixError(400, ErrorCode.INVALID_ADDRESS, "The phone number is not valid")
     if len(phone_number) > 64 or len(country) > 8:
         raise invalid
     try:

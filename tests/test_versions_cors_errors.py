@@ -58,7 +58,7 @@ UNAUTHENTICATED_POST = [
 def assert_error(resp: httpx.Response, status: int, errcode: str) -> dict[str, Any]:
     assert resp.status_code == status, f"{resp.request.method} {resp.request.url}: {resp.status_code} {resp.text}"
     assert resp.headers.get("content-type", "").startswith("application/json"), resp.headers
-    body = resp.json()
+    body: dict[str, Any] = resp.json()
     assert body.get("errcode") == errcode, body
     assert isinstance(body.get("error"), str), body
     return body

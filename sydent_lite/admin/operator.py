@@ -11,7 +11,7 @@ import signedjson.key
 
 from sydent_lite.config import Config
 from sydent_lite.context import load_signer, operator_context
-from sydent_lite.errors import MatrixError
+from sydent_lite.errors import ErrorCode, MatrixError
 from sydent_lite.resources import example_config
 from sydent_lite.signing import load_or_create_signing_key
 from sydent_lite.storage.people import MatrixUser, Person, Removed, ThreePid
@@ -86,7 +86,7 @@ async def bind_by_hand(config: Config, *, medium: str, address: str, mxid: str) 
     """Bind as an operator (as Sydent's script does): sign and store, replacing any other. The
     same path as /bind: the address's pending invites are queued for the homeserver with it."""
     if not is_valid_user_id(mxid):
-        raise MatrixError(400, "M_INVALID_PARAM", f"{mxid!r} is not a Matrix user ID")
+        raise MatrixError(400, ErrorCode.INVALID_PARAM, f"{mxid!r} is not a Matrix user ID")
     address = normalise_address(medium, address)
     async with operator_context(config) as ctx:
         associations = await ctx.associations()

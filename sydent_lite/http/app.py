@@ -1,29 +1,28 @@
-"""The ASGI application: routes, Matrix errors, CORS, request ids and request metrics."""
+"""The ASGI application: one dispatcher for every route, Matrix errors, CORS, request ids,
+request metrics and access lines; the lifespan that builds the context and its background tasks."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
-import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from typing import Any
+import traceback
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
 
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
+from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Match, Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from sydent_lite.config import Config
 from sydent_lite.context import AppContext, build_context
-from sydent_lite.errors import MatrixError
-from sydent_lite.http.routes import all_routes
+from sydent_lite.errors import ErrorCode, MatrixError
+from sydent_lite.http.client_ip import scope_client_ip
+from sydent_lite.http.routes import Endpoint, Route, all_routes
 from sydent_lite.memory import release_free_memory
 from sydent_lite.observability import metrics
 from sydent_lite.observability.logs import (
@@ -53,58 +52,97 @@ UNMATCHED_ROUTE = "unmatched"
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 ACCESS_LOGGER_NAME = access_logger.name
 
-
-def _is_plain_function(endpoint: object) -> bool:
-    # Starlette's own test for "wrap this in request_response" (not an ASGI app or endpoint class).
-    while isinstance(endpoint, functools.partial):
-        endpoint = endpoint.func
-    return inspect.isfunction(endpoint) or inspect.ismethod(endpoint)
+Lifespan = Callable[["Dispatcher"], AbstractAsyncContextManager[None]]
 
 
-class FrontDoor:
-    """The outermost ASGI app. Per request: a request id (logs, X-Request-Id header), the CORS
-    headers, the request metrics and an access line.
+@dataclass
+class _Resource:
+    """One path (or `prefix{name}` template): its endpoint per method, and its `Allow` header."""
 
-    Every identity-server path is static. A request for one of them, with one of its methods,
-    goes straight to the endpoint, with the application's error handlers around it; Starlette's
-    middleware, router and endpoint wrappers (seven layers, each wrapping `send` again) were a
-    third of the CPU of a small request. Everything else (OPTIONS aside: unknown paths, wrong
-    methods, trailing slashes) goes through the Starlette application, whose router answers
-    404 and 405 (with `Allow`); it redirects no trailing slash (see `starlette_app`).
+    template: str
+    param: str | None = None
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)
+    allow: str = ""
+
+
+class Dispatcher:
+    """The ASGI app. Per request: a request id (logs, X-Request-Id header), the CORS headers,
+    the request metrics and an access line; the endpoint for the path and method, or the
+    answer for none.
+
+    Every path is static (but `/pubkey/{key_id}`, one trailing segment), so dispatch is a dict
+    lookup on the path, then on the method: unknown path 404, known path with another method
+    405 with `Allow`, OPTIONS on any path the CORS preflight. A trailing slash is another path
+    (404): no identity-server path ends in one, and a redirected POST is one more round trip
+    that some clients do not follow. GET routes answer HEAD (uvicorn drops the body).
+    Starlette's middleware, router and endpoint wrappers (seven layers, each wrapping `send`
+    again) were a third of the CPU of a small request; here there is one wrapper.
+
+    Endpoints raise MatrixError for a Matrix error answer; any other exception is logged and
+    answered 500 M_UNKNOWN, without its text.
 
     Metrics and the access line name the matched route *template*
     (`/_matrix/identity/v2/3pid/bind`) or "unmatched", never the raw path or query string, so
-    they carry no tokens or addresses and the number of series stays bounded.
+    they carry no tokens or addresses and the number of series stays bounded. The access line
+    starts with the client's address (`scope_client_ip`: `trusted_proxies` honoured), as
+    nginx and Sydent write it, unless `log_client_address` is off.
     """
 
-    def __init__(self, app: Starlette) -> None:
-        self.app = app
-        self.routes: list[BaseRoute] = app.routes
-        self._exact: dict[tuple[str, str], Route] = {}
-        for route in self.routes:
-            if isinstance(route, Route) and not route.param_convertors and _is_plain_function(route.endpoint):
-                for method in route.methods or ():
-                    self._exact.setdefault((route.path, method), route)
+    def __init__(
+        self,
+        routes: Iterable[Route],
+        *,
+        lifespan: Lifespan | None = None,
+        trusted_proxies: Sequence[str] = (),
+        log_client_address: bool = True,
+    ) -> None:
+        self.state = State()  # endpoints find the context at request.app.state.ctx
+        self._lifespan_context = lifespan
+        self._trusted_proxies = tuple(trusted_proxies)
+        self._log_client_address = log_client_address
+        self._static: dict[str, _Resource] = {}
+        self._templated: list[tuple[str, _Resource]] = []  # (prefix, resource)
+        by_template: dict[str, _Resource] = {}
+        for route in routes:
+            resource = by_template.get(route.path)
+            if resource is None:
+                resource = by_template[route.path] = self._add_resource(route.path)
+            for method in route.methods:
+                resource.endpoints.setdefault(method, route.endpoint)
+                if method == "GET":
+                    resource.endpoints.setdefault("HEAD", route.endpoint)
+        for resource in by_template.values():
+            # RFC 9110: a 405 names the methods the resource has (OPTIONS too: answered on every path).
+            resource.allow = ", ".join(sorted({*resource.endpoints, "OPTIONS"}))
 
-    def _route_template(self, scope: Scope) -> str:
-        # Starlette's router records the route it matched; requests that never reached it
-        # (OPTIONS) are matched here.
-        path = getattr(scope.get("route"), "path", None)
-        if isinstance(path, str):
-            return path
-        for route in self.routes:
-            try:
-                match, _ = route.matches(scope)
-            except (KeyError, TypeError, ValueError, UnicodeError):  # a path no route can parse
-                continue
-            if match != Match.NONE:
-                return str(getattr(route, "path", UNMATCHED_ROUTE))
-        return UNMATCHED_ROUTE
+    def _add_resource(self, path: str) -> _Resource:
+        if "{" not in path:
+            resource = self._static[path] = _Resource(path)
+            return resource
+        prefix, _, name = path.rpartition("{")
+        if not (prefix.endswith("/") and name.endswith("}") and "{" not in prefix and name[:-1].isidentifier()):
+            raise ValueError(f"route {path!r}: only a last segment `{{name}}` may be a parameter")
+        resource = _Resource(path, param=name[:-1])
+        self._templated.append((prefix, resource))
+        return resource
+
+    def _resolve_templated(self, path: str) -> tuple[_Resource | None, dict[str, str]]:
+        for prefix, resource in self._templated:
+            if path.startswith(prefix):
+                value = path[len(prefix) :]
+                if value and "/" not in value and resource.param is not None:
+                    return resource, {resource.param: value}
+        return None, {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        else:  # uvicorn runs with ws="none"
+            raise RuntimeError(f"unsupported ASGI scope type {scope['type']!r}")
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         incoming = None
         for name, value in scope["headers"]:
             if name == b"x-request-id":
@@ -113,7 +151,7 @@ class FrontDoor:
         request_id = request_id_from_header(incoming)
         reset_token = REQUEST_ID.set(request_id)
         start = time.perf_counter()
-        status = 500  # unless a response starts: an exception escaped every handler
+        status = 500  # unless a response starts: an exception escaped
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status
@@ -123,50 +161,93 @@ class FrontDoor:
                 message["headers"] = [*message.get("headers", ()), *RESPONSE_HEADERS, request_id_header]
             await send(message)
 
+        path: str = scope["path"]
+        root_path: str = scope.get("root_path", "")
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path) :]
+        resource = self._static.get(path)
+        path_params: dict[str, str] = {}
+        if resource is None:
+            resource, path_params = self._resolve_templated(path)
         try:
             method = scope["method"]
-            if method == "OPTIONS":
+            endpoint = resource.endpoints.get(method) if resource is not None else None
+            if endpoint is not None:
+                response: Response = await self._call_endpoint(endpoint, path_params, scope, receive, send_with_headers)
+            elif method == "OPTIONS":
                 # Spec "Web browser clients": OPTIONS is answered on every path (CORS preflight).
-                await JSONResponse({})(scope, receive, send_with_headers)
-                return
-            route = None if scope.get("root_path") else self._exact.get((scope["path"], method))
-            if route is None:
-                await self.app(scope, receive, send_with_headers)
+                response = JSONResponse({})
+            elif resource is None:
+                response = JSONResponse(
+                    {"errcode": ErrorCode.UNRECOGNIZED, "error": "Unrecognized request"}, status_code=404
+                )
             else:
-                await self._call_endpoint(route, scope, receive, send_with_headers)
+                response = JSONResponse(
+                    {"errcode": ErrorCode.UNRECOGNIZED, "error": "Method not allowed"},
+                    status_code=405,
+                    headers={"Allow": resource.allow},
+                )
+            await response(scope, receive, send_with_headers)
         finally:
             elapsed = time.perf_counter() - start
             try:
-                self._observe(scope, status, elapsed, request_id)
+                self._observe(scope, resource.template if resource else UNMATCHED_ROUTE, status, elapsed, request_id)
             finally:
                 REQUEST_ID.reset(reset_token)
 
-    async def _call_endpoint(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
-        """What Starlette's stack does for a matched route, without its layers."""
-        scope["app"] = self.app  # endpoints find the context at request.app.state
-        scope["route"] = route
-        request = Request(scope, receive, send)
+    async def _call_endpoint(
+        self, endpoint: Endpoint, path_params: dict[str, str], scope: Scope, receive: Receive, send: Send
+    ) -> Response:
+        scope["app"] = self
+        if path_params:
+            scope["path_params"] = path_params
         try:
-            response = await route.endpoint(request)
+            return await endpoint(Request(scope, receive, send))
+        except MatrixError as exc:
+            return JSONResponse(exc.to_json(), status_code=exc.status)
         except Exception as exc:
-            # The handler Starlette would pick: the one for the nearest class in the MRO.
-            handler = next(EXCEPTION_HANDLERS[c] for c in type(exc).__mro__ if c in EXCEPTION_HANDLERS)
-            response = await handler(request, exc)
-        await response(scope, receive, send)
+            logger.error("unhandled error on %s %s", scope["method"], scope["path"], exc_info=exc)
+            return JSONResponse({"errcode": ErrorCode.UNKNOWN, "error": "Internal server error"}, status_code=500)
 
-    def _observe(self, scope: Scope, status: int, elapsed: float, request_id: str) -> None:
-        route = self._route_template(scope)
+    def _observe(self, scope: Scope, route: str, status: int, elapsed: float, request_id: str) -> None:
         method = scope["method"] if scope["method"] in _KNOWN_METHODS else "other"
         if route == HEALTH_PATH:
-            access_logger.debug("%s %s %d %.1fms", method, route, status, elapsed * 1000)
+            if access_logger.isEnabledFor(logging.DEBUG):
+                access_logger.debug("%s%s %s %d %.1fms", self._client(scope), method, route, status, elapsed * 1000)
             return
         metrics.observe_request(route, method, status, elapsed)
         lane = access_lane(access_logger)
         if lane is not None:
-            lane.access(ACCESS_LOGGER_NAME, request_id, f"{method} {route} {status} {elapsed * 1000:.1f}ms")
+            line = f"{self._client(scope)}{method} {route} {status} {elapsed * 1000:.1f}ms"
+            lane.access(ACCESS_LOGGER_NAME, request_id, line)
         elif access_logger.isEnabledFor(logging.INFO):
-            # Built only from the route template, method and status: nothing to redact.
-            access_logger.info("%s %s %d %.1fms", method, route, status, elapsed * 1000, extra=_PRE_REDACTED)
+            # Built only from the client address, route template, method and status: nothing to redact.
+            access_logger.info(
+                "%s%s %s %d %.1fms", self._client(scope), method, route, status, elapsed * 1000, extra=_PRE_REDACTED
+            )
+
+    def _client(self, scope: Scope) -> str:
+        """The access line's first field: the client address and a space, or nothing."""
+        if not self._log_client_address:
+            return ""
+        return scope_client_ip(scope, self._trusted_proxies) + " "
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        """The ASGI lifespan protocol around `lifespan(self)`, as Starlette's router runs it:
+        a failed start-up or shutdown is reported with its traceback, then raised."""
+        started = False
+        await receive()  # lifespan.startup
+        context = self._lifespan_context(self) if self._lifespan_context else contextlib.nullcontext()
+        try:
+            async with context:
+                await send({"type": "lifespan.startup.complete"})
+                started = True
+                await receive()  # lifespan.shutdown
+        except BaseException:
+            failed = "lifespan.shutdown.failed" if started else "lifespan.startup.failed"
+            await send({"type": failed, "message": traceback.format_exc()})
+            raise
+        await send({"type": "lifespan.shutdown.complete"})
 
 
 _PRE_REDACTED = {"_sydent_redacted": True}
@@ -204,49 +285,6 @@ async def _deliver_onbind(ctx: AppContext) -> None:
     await ctx.onbind.run()
 
 
-async def _matrix_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, MatrixError)
-    return JSONResponse(exc.to_json(), status_code=exc.status)
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    if exc.status_code == 404:
-        return JSONResponse({"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}, status_code=404)
-    if exc.status_code == 405:
-        # RFC 9110: a 405 names the methods the resource has (OPTIONS too: answered on every path).
-        return JSONResponse(
-            {"errcode": "M_UNRECOGNIZED", "error": "Method not allowed"},
-            status_code=405,
-            headers={"Allow": _allowed_methods(request)},
-        )
-    return JSONResponse({"errcode": "M_UNKNOWN", "error": str(exc.detail)}, status_code=exc.status_code)
-
-
-def _allowed_methods(request: Request) -> str:
-    # Every route of this path, not only the one Starlette's router picked (a path may have
-    # one route per method). Only wrong methods come here: not a hot path.
-    methods = {"OPTIONS"}
-    for route in request.app.routes:
-        if isinstance(route, Route) and route.methods:
-            match, _ = route.matches(request.scope)
-            if match != Match.NONE:
-                methods |= route.methods
-    return ", ".join(sorted(methods))
-
-
-async def _unexpected_error(request: Request, exc: Exception) -> Response:
-    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"errcode": "M_UNKNOWN", "error": "Internal server error"}, status_code=500)
-
-
-EXCEPTION_HANDLERS: dict[type[Exception], Callable[[Request, Exception], Awaitable[Response]]] = {
-    MatrixError: _matrix_error,
-    HTTPException: _http_error,
-    Exception: _unexpected_error,
-}
-
-
 def _metrics_server(config: Config, ctx: AppContext) -> metrics.MetricsServer | None:
     """The Prometheus listener of `metrics.*` in the config, if enabled.
 
@@ -263,9 +301,9 @@ def _metrics_server(config: Config, ctx: AppContext) -> metrics.MetricsServer | 
     return metrics.MetricsServer(cfg.host, cfg.port, cfg.path, before_scrape=before_scrape)
 
 
-def create_app(config: Config, context_factory: Callable[[Config], object] = build_context) -> ASGIApp:
+def create_app(config: Config, context_factory: Callable[[Config], object] = build_context) -> Dispatcher:
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Dispatcher) -> AsyncIterator[None]:
         ctx: AppContext = await context_factory(config)  # type: ignore[misc]
         app.state.ctx = ctx
         # Everything alive now (modules, the app, the lookup index) lives as long as the
@@ -313,19 +351,9 @@ def create_app(config: Config, context_factory: Callable[[Config], object] = bui
                 await metrics_server.stop()
             await ctx.aclose()
 
-    routes: list[BaseRoute] = [*all_routes(config.access)]  # the ones config.access leaves on
-    return FrontDoor(starlette_app(routes, lifespan=lifespan))
-
-
-def starlette_app(routes: list[BaseRoute], lifespan: Callable[[Starlette], Any] | None = None) -> Starlette:
-    """Starlette with our routes and Matrix error handlers (wrap it in a FrontDoor to serve)."""
-    app = Starlette(
-        routes=routes,
-        exception_handlers=EXCEPTION_HANDLERS,
+    return Dispatcher(
+        all_routes(config.access),  # the ones config.access leaves on
         lifespan=lifespan,
+        trusted_proxies=config.listen.trusted_proxies,
+        log_client_address=config.log_client_address,
     )
-    # A trailing slash on a known path is an unknown path (404 M_UNRECOGNIZED), not a bodiless
-    # 307 to the path without it: no identity-server path ends in a slash, and a redirected POST
-    # is one more round trip that some clients do not follow.
-    app.router.redirect_slashes = False
-    return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.requests import Request
 
 from sydent_lite.context import AppContext
-from sydent_lite.errors import MatrixError, unauthorized
+from sydent_lite.errors import ErrorCode, MatrixError, unauthorized
 from sydent_lite.federation.xmatrix import XMatrixError, verify_request
 
 
@@ -27,7 +27,9 @@ async def require_user(request: Request, ctx: AppContext, *, terms: bool = True)
     if user_id is None:
         raise unauthorized()
     if terms and not await ctx.terms.has_accepted_all(user_id):
-        raise MatrixError(403, "M_TERMS_NOT_SIGNED", "Please accept our updated terms of service before continuing")
+        raise MatrixError(
+            403, ErrorCode.TERMS_NOT_SIGNED, "Please accept our updated terms of service before continuing"
+        )
     return user_id
 
 
@@ -46,4 +48,4 @@ async def require_homeserver(request: Request, ctx: AppContext, body: object) ->
             our_server_name=ctx.config.effective_server_name,
         )
     except XMatrixError as e:
-        raise MatrixError(403, "M_FORBIDDEN", f"Invalid homeserver signature: {e}") from None
+        raise MatrixError(403, ErrorCode.FORBIDDEN, f"Invalid homeserver signature: {e}") from None

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from starlette.requests import Request
+from starlette.types import Scope
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -38,15 +39,21 @@ def _is_trusted(ip: Address, networks: Sequence[Network]) -> bool:
 
 
 def client_ip(request: Request, trusted_proxies: Sequence[str]) -> str:
-    peer = request.client.host if request.client else "unknown"
+    return scope_client_ip(request.scope, trusted_proxies)
+
+
+def scope_client_ip(scope: Scope, trusted_proxies: Sequence[str]) -> str:
+    """`client_ip` from the ASGI scope alone (the access line has no Request to hand)."""
+    client = scope.get("client")
+    peer: str = client[0] if client else "unknown"
     if not trusted_proxies:
         return peer  # the common case, without parsing anything
     networks = _networks(tuple(trusted_proxies))
     peer_ip = _parse(peer)
     if peer_ip is None or not networks or not _is_trusted(peer_ip, networks):
         return peer  # anyone can write X-Forwarded-For: only our own proxies are believed
-    hops = [h.strip() for h in ",".join(request.headers.getlist("x-forwarded-for")).split(",")]
-    hops = [h for h in hops if h]
+    forwarded = ",".join(value.decode("latin-1") for name, value in scope["headers"] if name == b"x-forwarded-for")
+    hops = [h for h in (h.strip() for h in forwarded.split(",")) if h]
     # Right to left: the first hop that is not one of our proxies is the client. What lies
     # left of it was written by the client and means nothing.
     last: Address = peer_ip

@@ -18,12 +18,12 @@ import socket
 import uvicorn
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from sydent_lite.config import InternalApiConfig
 from sydent_lite.context import AppContext
 from sydent_lite.errors import invalid_param
-from sydent_lite.http.request import get_str, read_body, require_fields
+from sydent_lite.http.request import read_body, require_fields, require_str
+from sydent_lite.http.routes import Route
 from sydent_lite.observability import multiprocess_dir
 from sydent_lite.threepids import is_valid_user_id, normalise_address, stored_address
 
@@ -35,10 +35,9 @@ PREFIX = "/_matrix/identity/internal"
 async def _threepid_and_mxid(request: Request) -> tuple[str, str, str]:
     body = await read_body(request)
     require_fields(body, "medium", "address", "mxid")
-    medium = get_str(body, "medium", max_length=16)
-    address = get_str(body, "address", max_length=512)
-    mxid = get_str(body, "mxid", max_length=255)
-    assert medium is not None and address is not None and mxid is not None
+    medium = require_str(body, "medium", max_length=16)
+    address = require_str(body, "address", max_length=512)
+    mxid = require_str(body, "mxid", max_length=255)
     if not is_valid_user_id(mxid):
         raise invalid_param("'mxid' is not a valid Matrix user ID")
     return medium, address, mxid
@@ -66,8 +65,8 @@ async def unbind(request: Request) -> Response:
 
 def routes() -> list[Route]:
     return [
-        Route(f"{PREFIX}/bind", bind, methods=["POST"]),
-        Route(f"{PREFIX}/unbind", unbind, methods=["POST"]),
+        Route(f"{PREFIX}/bind", bind, ["POST"]),
+        Route(f"{PREFIX}/unbind", unbind, ["POST"]),
     ]
 
 
@@ -78,9 +77,11 @@ class InternalApiServer:
     """
 
     def __init__(self, config: InternalApiConfig, ctx: AppContext) -> None:
-        from sydent_lite.http.app import starlette_app  # the app module starts us
+        from sydent_lite.http.app import Dispatcher  # the app module starts us
 
-        app = starlette_app(list(routes()))
+        # The same dispatcher as the public API's: request ids, access lines (the caller's
+        # address: the loopback one of the automation) and metrics under its own routes.
+        app = Dispatcher(routes())
         app.state.ctx = ctx
         self.host = config.host
         self.port = config.port

@@ -52,6 +52,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from sydent_lite.config import ConfigError, ListenConfig
+from sydent_lite.errors import ErrorCode
 from sydent_lite.http.file_limit import connections_that_fit, raise_file_limit
 
 logger = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ class _LimitExceeded(Exception):
 
 
 def _refusal(status: int, reason: bytes, message: str, extra_headers: bytes = b"") -> bytes:
-    body = json.dumps({"errcode": "M_UNKNOWN", "error": message}).encode()
+    body = json.dumps({"errcode": ErrorCode.UNKNOWN, "error": message}).encode()
     return b"".join(
         [
             b"HTTP/1.1 %d %s\r\n" % (status, reason),

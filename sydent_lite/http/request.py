@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl
 
 from starlette.requests import ClientDisconnect, Request
 
-from sydent_lite.errors import MatrixError, invalid_param, missing_params
+from sydent_lite.errors import ErrorCode, MatrixError, invalid_param, missing_params
 from sydent_lite.secrets_util import OPAQUE_ID_RE
 
 # Every endpoint's body cap but the lookups' (sized from lookup.max_addresses: routes/lookup.py).
@@ -24,19 +24,19 @@ _ITEM_BYTES = b",[{"
 async def _read_limited(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise MatrixError(413, "M_TOO_LARGE", "Request body too large")
+        raise MatrixError(413, ErrorCode.TOO_LARGE, "Request body too large")
     chunks = []
     size = 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > max_bytes:
-                raise MatrixError(413, "M_TOO_LARGE", "Request body too large")
+                raise MatrixError(413, ErrorCode.TOO_LARGE, "Request body too large")
             chunks.append(chunk)
     except ClientDisconnect:
         # The client went away mid-body: nobody reads the answer, and it is not our error
         # (no traceback in the log). 400 for the access line.
-        raise MatrixError(400, "M_UNKNOWN", "The client disconnected before sending its request") from None
+        raise MatrixError(400, ErrorCode.UNKNOWN, "The client disconnected before sending its request") from None
     return b"".join(chunks)
 
 
@@ -62,7 +62,7 @@ async def read_body(
     """
     raw = await _read_limited(request, max_bytes)
     if max_items is not None and len(raw) > MAX_BODY_BYTES and _item_bytes(raw) > max_items:
-        raise MatrixError(400, "M_TOO_LARGE", "Request body holds more entries than this endpoint takes")
+        raise MatrixError(400, ErrorCode.TOO_LARGE, "Request body holds more entries than this endpoint takes")
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     # As Sydent: a body that looks like JSON is JSON whatever its Content-Type says (curl -d
     # labels everything as a form); only other bodies are read as form fields.
@@ -71,21 +71,21 @@ async def read_body(
         try:
             return dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
         except UnicodeDecodeError:
-            raise MatrixError(400, "M_NOT_JSON", "Body is not valid UTF-8") from None
+            raise MatrixError(400, ErrorCode.NOT_JSON, "Body is not valid UTF-8") from None
     if not raw.strip():
         if allow_empty:
             return {}
-        raise MatrixError(400, "M_NOT_JSON", "Request body must be a JSON object")
+        raise MatrixError(400, ErrorCode.NOT_JSON, "Request body must be a JSON object")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise MatrixError(400, "M_NOT_JSON", "Request body is not valid JSON") from None
+        raise MatrixError(400, ErrorCode.NOT_JSON, "Request body is not valid JSON") from None
     except RecursionError:
-        raise MatrixError(400, "M_BAD_JSON", "Request body is nested too deeply") from None
+        raise MatrixError(400, ErrorCode.BAD_JSON, "Request body is nested too deeply") from None
     if body is None and allow_empty:
         return {}
     if not isinstance(body, dict):
-        raise MatrixError(400, "M_BAD_JSON", "Request body must be a JSON object")
+        raise MatrixError(400, ErrorCode.BAD_JSON, "Request body must be a JSON object")
     return body
 
 
@@ -102,17 +102,13 @@ def is_storable(value: str) -> bool:
 
 
 def require_fields(source: dict[str, Any], *names: str) -> None:
+    """400 M_MISSING_PARAMS naming every one of `names` that is absent (or null) at once."""
     missing = [n for n in names if source.get(n) is None]
     if missing:
         raise missing_params(*missing)
 
 
-def get_str(source: dict[str, Any], name: str, *, required: bool = True, max_length: int = 2048) -> str | None:
-    value = source.get(name)
-    if value is None:
-        if required:
-            raise missing_params(name)
-        return None
+def _checked_str(value: object, name: str, max_length: int) -> str:
     if not isinstance(value, str):
         raise invalid_param(f"'{name}' must be a string")
     if len(value) > max_length:
@@ -122,10 +118,26 @@ def get_str(source: dict[str, Any], name: str, *, required: bool = True, max_len
     return value
 
 
-def get_opaque_id(source: dict[str, Any], name: str) -> str:
+def require_str(source: dict[str, Any], name: str, *, max_length: int = 2048) -> str:
+    """`source[name]`, a string of at most `max_length` characters that a database can store:
+    400 M_MISSING_PARAMS when absent or null, 400 M_INVALID_PARAM otherwise."""
+    value = source.get(name)
+    if value is None:
+        raise missing_params(name)
+    return _checked_str(value, name, max_length)
+
+
+def optional_str(source: dict[str, Any], name: str, *, max_length: int = 2048) -> str | None:
+    """As `require_str`, but None when absent or null."""
+    value = source.get(name)
+    if value is None:
+        return None
+    return _checked_str(value, name, max_length)
+
+
+def require_opaque_id(source: dict[str, Any], name: str) -> str:
     """A sid or client_secret: spec `[0-9a-zA-Z.=_-]`, 1-255 characters."""
-    value = get_str(source, name)
-    assert value is not None
+    value = require_str(source, name)
     if not OPAQUE_ID_RE.match(value):
         raise invalid_param(f"'{name}' must be 1-255 characters from [0-9a-zA-Z.=_-]")
     return value
@@ -139,7 +151,7 @@ def get_opaque_id(source: dict[str, Any], name: str) -> str:
 _DECIMAL_RE = re.compile(r"-?[0-9]{1,19}")
 
 
-def get_int(source: dict[str, Any], name: str) -> int:
+def require_int(source: dict[str, Any], name: str) -> int:
     value = source.get(name)
     if value is None:
         raise missing_params(name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from sydent_lite.config import AccessConfig
-from sydent_lite.errors import MatrixError
+from sydent_lite.errors import ErrorCode, MatrixError
 from sydent_lite.threepids import user_id_server
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class HomeserverAllowList:
     def check_server(self, server_name: str) -> None:
         if self._allowed and server_name.lower() not in self._allowed:
             logger.info("refused a request from a user of %s: not in access.homeserver_allow_list", server_name)
-            raise MatrixError(403, "M_UNAUTHORIZED", NOT_ALLOWED)
+            raise MatrixError(403, ErrorCode.UNAUTHORIZED, NOT_ALLOWED)
 
     def check_user(self, user_id: str) -> None:
         if self._allowed:

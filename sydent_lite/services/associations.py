@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from operator import itemgetter
 from typing import Any
 
-from sydent_lite.errors import MatrixError, invalid_param
-from sydent_lite.secrets_util import now_ms
+from sydent_lite.clock import SYSTEM_CLOCK, Clock
+from sydent_lite.errors import ErrorCode, MatrixError, invalid_param
 from sydent_lite.services.hashing import lookup_hash
 from sydent_lite.services.onbind_queue import OnbindQueue
 from sydent_lite.services.peppers import LookupPeppers
@@ -32,9 +32,11 @@ class AssociationService:
         peppers: LookupPeppers,
         onbind: OnbindQueue | None = None,
         max_addresses: int = DEFAULT_MAX_LOOKUP_ADDRESSES,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         """`peppers`: the schedule, and the lookup index of each pepper answered for."""
         self._store = store
+        self._clock = clock
         self._max_addresses = max_addresses
         self._peppers = peppers
         self._signer = signer
@@ -44,7 +46,7 @@ class AssociationService:
     async def bind(self, medium: str, address: str, mxid: str) -> dict[str, Any]:
         """Bind the (validated) 3PID to `mxid`, replacing any other binding of it; returns the
         signed association. Its pending invites are queued for the homeserver with it."""
-        ts = now_ms()
+        ts = self._clock.time_ms()
         signed = self._signer.sign(
             {
                 "medium": medium,
@@ -74,7 +76,7 @@ class AssociationService:
 
         live = self._peppers.live_peppers()
         callback = self._onbind.request_for(signed) if self._onbind is not None else None
-        queued = await self._store.bind(hashed_for(live), callback, live, hashed_for, now_ms())
+        queued = await self._store.bind(hashed_for(live), callback, live, hashed_for, ts)
         logger.info("bound a %s address to a user of %s", medium, mxid.split(":", 1)[-1])
         if queued is not None and self._onbind is not None:
             self._onbind.queued()
@@ -128,13 +130,13 @@ class AssociationService:
             # for, known to be supported (checked above).
             raise MatrixError(
                 400,
-                "M_INVALID_PEPPER",
+                ErrorCode.INVALID_PEPPER,
                 "Unknown or invalid pepper - has it been rotated?",
                 algorithm=algorithm,
                 lookup_pepper=self._peppers.current_pepper,
             )
         if len(addresses) > self._max_addresses:
-            raise MatrixError(400, "M_TOO_LARGE", f"At most {self._max_addresses} addresses per lookup")
+            raise MatrixError(400, ErrorCode.TOO_LARGE, f"At most {self._max_addresses} addresses per lookup")
         index, pepper = resolved
         await index.catch_up()
         if algorithm == "sha256":

@@ -11,11 +11,12 @@ import signedjson.key
 import signedjson.sign
 from unpaddedbase64 import encode_base64
 
+from sydent_lite.clock import SYSTEM_CLOCK, Clock
 from sydent_lite.config import Config, ConfigError
 from sydent_lite.delivery.email import EmailSender, EmailSendError
-from sydent_lite.errors import MatrixError, invalid_param
+from sydent_lite.errors import ErrorCode, MatrixError, invalid_param
 from sydent_lite.observability import metrics
-from sydent_lite.secrets_util import now_ms, random_string, secrets_equal
+from sydent_lite.secrets_util import random_string, secrets_equal
 from sydent_lite.signing import ServerSigner
 from sydent_lite.storage.associations import AssociationStore
 from sydent_lite.storage.invites import InviteStore, StoredInvite
@@ -151,6 +152,7 @@ class InviteService:
         signer: ServerSigner,
         templates: TemplateStore,
         email: EmailSender,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._config = config
         self._store = store
@@ -158,6 +160,7 @@ class InviteService:
         self._signer = signer
         self._templates = templates
         self._email = email
+        self._clock = clock
         invites = config.invites
         self._blocked_servers = frozenset(server.lower() for server in invites.blocked_homeservers)
         self._blocked_rooms = frozenset(invites.blocked_room_ids)
@@ -168,15 +171,15 @@ class InviteService:
         a blocked room, or with a blocked keyword in what the inviter wrote."""
         if user_id_server(fields["sender"]).lower() in self._blocked_servers:
             logger.info("refused an invitation from a user of %s: blocked homeserver", user_id_server(fields["sender"]))
-            raise MatrixError(403, "M_UNAUTHORIZED", INVITE_NOT_ALLOWED)
+            raise MatrixError(403, ErrorCode.UNAUTHORIZED, INVITE_NOT_ALLOWED)
         if fields["room_id"] in self._blocked_rooms:
             logger.info("refused an invitation to a blocked room")
-            raise MatrixError(403, "M_UNAUTHORIZED", INVITE_NOT_ALLOWED)
+            raise MatrixError(403, ErrorCode.UNAUTHORIZED, INVITE_NOT_ALLOWED)
         found = blocked_keyword(fields, self._blocked_keywords) if self._blocked_keywords else None
         if found is not None:
             # The keyword is the operator's; the field's value (an address, a name) is not logged.
             logger.info("refused an invitation: blocked keyword %r in field %r", *found)
-            raise MatrixError(403, "M_UNAUTHORIZED", INVITE_NOT_ALLOWED)
+            raise MatrixError(403, ErrorCode.UNAUTHORIZED, INVITE_NOT_ALLOWED)
 
     @property
     def _expiry_ms(self) -> int:
@@ -189,11 +192,13 @@ class InviteService:
         who is the `sender`; None on v1, where nobody vouches for the sender."""
         medium = fields["medium"]
         if medium != "email":
-            raise MatrixError(400, "M_UNRECOGNIZED", "Only email invitations are supported")
+            raise MatrixError(400, ErrorCode.UNRECOGNIZED, "Only email invitations are supported")
         address = normalise_email(fields["address"])
         bound = await self._associations.get(medium, address)
         if bound is not None:
-            raise MatrixError(400, "M_THREEPID_IN_USE", "This address is already bound to a Matrix ID", mxid=bound.mxid)
+            raise MatrixError(
+                400, ErrorCode.THREEPID_IN_USE, "This address is already bound to a Matrix ID", mxid=bound.mxid
+            )
 
         token = random_string(INVITE_TOKEN_LENGTH)
         ephemeral = signedjson.key.generate_signing_key("0")
@@ -219,7 +224,7 @@ class InviteService:
                 room_id=fields["room_id"],
                 sender=fields["sender"],
                 ephemeral_public_key=ephemeral_public,
-                created_ts=now_ms(),
+                created_ts=self._clock.time_ms(),
             )
         )
         base = self._config.base_url
@@ -341,18 +346,18 @@ class InviteService:
         except EmailSendError as e:
             metrics.EMAILS_FAILED.labels(kind="invite").inc()
             logger.warning("invitation mail not sent: %s", e)
-            raise MatrixError(400, "M_EMAIL_SEND_ERROR", "The invitation email could not be sent") from None
+            raise MatrixError(400, ErrorCode.EMAIL_SEND_ERROR, "The invitation email could not be sent") from None
         metrics.EMAILS_SENT.labels(kind="invite").inc()
 
     async def ephemeral_key_is_valid(self, public_key: str) -> bool:
-        return await self._store.ephemeral_key_exists(public_key, now_ms() - self._expiry_ms)
+        return await self._store.ephemeral_key_exists(public_key, self._clock.time_ms() - self._expiry_ms)
 
     async def sign_ed25519(self, mxid: str, token: str, private_key: str) -> dict[str, Any]:
         """Sign {mxid, sender, token} with the invitation's ephemeral key, which the caller must
         hold: the token alone is public (it is the state key of the room's invite event)."""
         invite = await self._store.get(token)
-        if invite is None or invite.created_ts < now_ms() - self._expiry_ms:
-            raise MatrixError(404, "M_UNRECOGNIZED", "Didn't recognise token")
+        if invite is None or invite.created_ts < self._clock.time_ms() - self._expiry_ms:
+            raise MatrixError(404, ErrorCode.UNRECOGNIZED, "Didn't recognise token")
         try:
             key = signedjson.key.decode_signing_key_base64("ed25519", "0", private_key)
         except Exception:
@@ -368,4 +373,4 @@ class InviteService:
         )
 
     async def expire(self) -> tuple[int, int]:
-        return await self._store.delete_older_than(now_ms() - self._expiry_ms)
+        return await self._store.delete_older_than(self._clock.time_ms() - self._expiry_ms)

@@ -42,7 +42,7 @@ from collections.abc import Collection, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import compress, islice, repeat
 
-from sydent_lite.secrets_util import now_ms
+from sydent_lite.clock import SYSTEM_CLOCK, Clock
 from sydent_lite.services.lookup_confirmers import CandidateConfirmer, row_hash
 from sydent_lite.storage.association_changes import CHANGES_PER_READ, AssociationChangeStore, Change
 from sydent_lite.storage.associations import AssociationStore
@@ -118,10 +118,15 @@ class _Held:
 
 class LookupIndex:
     def __init__(
-        self, changes: AssociationChangeStore, associations: AssociationStore, confirmer: CandidateConfirmer
+        self,
+        changes: AssociationChangeStore,
+        associations: AssociationStore,
+        confirmer: CandidateConfirmer,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         """`confirmer`: where candidates are confirmed (services.lookup_confirmers)."""
         self._store = changes
+        self._clock = clock
         self._associations = associations
         self._held = _Held(SlotFilter((), 0), SlotFilter((), 0), confirmer.empty())
         self._lock = asyncio.Lock()
@@ -232,7 +237,7 @@ class LookupIndex:
     async def run(self) -> None:
         """Background: keep up with other processes' binds, reload after falling behind pruning."""
         while True:
-            await asyncio.sleep(BACKGROUND_REFRESH_SECONDS)
+            await self._clock.sleep(BACKGROUND_REFRESH_SECONDS)
             try:
                 await self.maintain()
             except Exception:
@@ -251,4 +256,4 @@ class LookupIndex:
             await self.catch_up()
 
     async def prune(self) -> int:
-        return await self._store.prune(now_ms() - KEEP_CHANGES_MS)
+        return await self._store.prune(self._clock.time_ms() - KEEP_CHANGES_MS)

@@ -43,6 +43,7 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from sydent_lite.clock import SYSTEM_CLOCK, Clock
 from sydent_lite.secrets_util import now_ms, random_string
 from sydent_lite.services.hashing import lookup_hash
 from sydent_lite.services.lookup_confirmers import CandidateConfirmer
@@ -158,14 +159,15 @@ class LookupPeppers:
         changes: AssociationChangeStore,
         make_confirmer: Callable[[str, int], CandidateConfirmer],
         settings: RotationSettings,
-        clock: Callable[[], int] = now_ms,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._store = store
         self._associations = associations
         self._changes = changes
         self._make_confirmer = make_confirmer
         self.settings = settings
-        self._clock = clock
+        self._time = clock
+        self._clock = clock.time_ms
         self._rows: list[PepperRow] = []
         self._indexes: dict[int, LookupIndex] = {}
         self._loading: dict[int, asyncio.Task[LookupIndex]] = {}
@@ -214,7 +216,7 @@ class LookupPeppers:
         return asyncio.shield(task)
 
     async def _load(self, row: PepperRow) -> LookupIndex:
-        index = LookupIndex(self._changes, self._associations, self._make_confirmer(row.pepper, row.slot))
+        index = LookupIndex(self._changes, self._associations, self._make_confirmer(row.pepper, row.slot), self._time)
         try:
             await index.load()
         except BaseException:
@@ -253,7 +255,7 @@ class LookupPeppers:
         """Poll the schedule: load the indexes of new peppers, drop retired ones, keep each index
         current, and rotate when it is time."""
         while True:
-            await asyncio.sleep(SCHEDULE_POLL_SECONDS)
+            await self._time.sleep(SCHEDULE_POLL_SECONDS)
             try:
                 await self.step()
             except Exception:
@@ -310,4 +312,5 @@ class LookupPeppers:
                 await task
 
     async def prune(self) -> int:
-        return await LookupIndex(self._changes, self._associations, self._make_confirmer("", 0)).prune()
+        confirmer = self._make_confirmer("", 0)
+        return await LookupIndex(self._changes, self._associations, confirmer, self._time).prune()

@@ -7,17 +7,19 @@ import logging
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlencode
 
+from sydent_lite.clock import SYSTEM_CLOCK, Clock
 from sydent_lite.config import Config
 from sydent_lite.delivery.email import EmailSender, EmailSendError
 from sydent_lite.delivery.sms import SmsProvider, SmsSendError, originator_for
 from sydent_lite.errors import (
+    ErrorCode,
     MatrixError,
     no_valid_session,
     session_expired,
     session_not_validated,
 )
 from sydent_lite.observability import metrics
-from sydent_lite.secrets_util import hash_secret, now_ms, random_string, secrets_equal
+from sydent_lite.secrets_util import hash_secret, random_string, secrets_equal
 from sydent_lite.services.ratelimit import RateLimiter, client_subject
 from sydent_lite.storage.sessions import SessionStore, ValidationSession
 from sydent_lite.templating import TemplateStore
@@ -31,7 +33,7 @@ SID_LENGTH = 24
 class TokenIncorrect(MatrixError):
     def __init__(self) -> None:
         # One answer for a wrong token and a wrong client secret: a guesser learns nothing.
-        super().__init__(400, "M_TOKEN_INCORRECT", "The token or client secret is incorrect")
+        super().__init__(400, ErrorCode.TOKEN_INCORRECT, "The token or client secret is incorrect")
 
 
 class SessionLocked(MatrixError):
@@ -41,7 +43,7 @@ class SessionLocked(MatrixError):
     def __init__(self) -> None:
         super().__init__(
             400,
-            "M_SESSION_EXPIRED",
+            ErrorCode.SESSION_EXPIRED,
             "Too many incorrect codes were tried for this validation session: request a new code",
         )
 
@@ -55,6 +57,7 @@ class SessionService:
         email_sender: EmailSender,
         sms_provider: SmsProvider,
         rate_limiter: RateLimiter,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._config = config
         self._store = store
@@ -62,6 +65,7 @@ class SessionService:
         self._email = email_sender
         self._sms = sms_provider
         self._limits = rate_limiter
+        self._clock = clock
         self._lifetime_ms = config.sessions.lifetime_seconds * 1000
 
     def _expired(self, session: ValidationSession, now: int) -> bool:
@@ -113,7 +117,7 @@ class SessionService:
         refused = number.region in sms.refused_countries if number.region else False
         # An allow-list admits only its countries; a number of no known country is not in it.
         if refused or (sms.allowed_countries and number.region not in sms.allowed_countries):
-            raise MatrixError(400, "M_DESTINATION_REJECTED", "This server does not send SMS to that country")
+            raise MatrixError(400, ErrorCode.DESTINATION_REJECTED, "This server does not send SMS to that country")
 
         async def send(sid: str, token: str) -> None:
             # Taken only when an SMS is about to leave (a retry of the same send_attempt sends
@@ -125,7 +129,7 @@ class SessionService:
             except SmsSendError as e:
                 metrics.SMS_FAILED.inc()
                 logger.warning("validation SMS for session %s not sent: %s", sid, e)
-                raise MatrixError(400, "M_SEND_ERROR", "The validation SMS could not be sent") from None
+                raise MatrixError(400, ErrorCode.SEND_ERROR, "The validation SMS could not be sent") from None
             metrics.SMS_SENT.inc()
 
         digits = "0123456789"
@@ -148,7 +152,7 @@ class SessionService:
         send: Callable[[str, str], Awaitable[None]],
     ) -> str:
         secret_hash = hash_secret(client_secret)
-        now = now_ms()
+        now = self._clock.time_ms()
         existing = await self._store.find(medium, address, secret_hash)
         # An expired or dead session is never handed back: the same key starts a new one.
         if existing is not None and not self._expired(existing, now) and not self._dead(existing):
@@ -228,7 +232,7 @@ class SessionService:
         except EmailSendError as e:
             metrics.EMAILS_FAILED.labels(kind="validation").inc()
             logger.warning("validation mail for session %s not sent: %s", sid, e)
-            raise MatrixError(400, "M_EMAIL_SEND_ERROR", "The validation email could not be sent") from None
+            raise MatrixError(400, ErrorCode.EMAIL_SEND_ERROR, "The validation email could not be sent") from None
         metrics.EMAILS_SENT.labels(kind="validation").inc()
 
     # --- submitToken and checks ---------------------------------------------------------
@@ -262,7 +266,7 @@ class SessionService:
         # session's holder can use up (and so kill) the session.
         if not secrets_equal(session.client_secret_hash, hash_secret(client_secret)):
             raise TokenIncorrect()
-        now = now_ms()
+        now = self._clock.time_ms()
         if self._expired(session, now):
             raise session_expired()
         token_hash = hash_secret(token)
@@ -294,7 +298,7 @@ class SessionService:
     async def delete_expired(self) -> int:
         """Forget sessions expired for a whole further lifetime (until then they still answer
         M_SESSION_EXPIRED rather than M_NO_VALID_SESSION)."""
-        return await self._store.delete_expired(now_ms() - 2 * self._lifetime_ms)
+        return await self._store.delete_expired(self._clock.time_ms() - 2 * self._lifetime_ms)
 
     async def get_session(self, sid: str) -> ValidationSession | None:
         return await self._store.get(sid)
@@ -304,7 +308,7 @@ class SessionService:
         session = await self._session_with_secret(sid, client_secret)
         if session is None:
             raise no_valid_session()
-        if self._expired(session, now_ms()):
+        if self._expired(session, self._clock.time_ms()):
             raise session_expired()
         if not session.validated:
             raise session_not_validated()

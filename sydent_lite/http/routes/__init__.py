@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from sydent_lite.config import AccessConfig
 from sydent_lite.context import AppContext
@@ -14,10 +14,24 @@ from sydent_lite.context import AppContext
 V1_PREFIX = "/_matrix/identity/api/v1"
 V2_PREFIX = "/_matrix/identity/v2"
 
+Endpoint = Callable[[Request], Awaitable[Response]]
 Handler = Callable[[Request, AppContext, bool], Awaitable[Response]]
 
 
-def _bound(handler: Handler, v2: bool) -> Callable[[Request], Awaitable[Response]]:
+@dataclass(frozen=True)
+class Route:
+    """`methods` of `path` answered by `endpoint` (sydent_lite.http.app dispatches them).
+
+    A path is static, or ends in one `{name}` segment (`/pubkey/{key_id}`: any non-empty text
+    without a `/`, as `request.path_params["key_id"]`).
+    """
+
+    path: str
+    endpoint: Endpoint
+    methods: Sequence[str]
+
+
+def _bound(handler: Handler, v2: bool) -> Endpoint:
     async def endpoint(request: Request) -> Response:
         return await handler(request, request.app.state.ctx, v2)
 
@@ -29,9 +43,9 @@ def versioned(path: str, handler: Handler, methods: list[str], *, v1: bool = Tru
     """Routes for `path` under the v2 and/or v1 prefix; the handler learns which one via `v2`."""
     routes = []
     if v2:
-        routes.append(Route(V2_PREFIX + path, _bound(handler, True), methods=methods))
+        routes.append(Route(V2_PREFIX + path, _bound(handler, True), methods))
     if v1:
-        routes.append(Route(V1_PREFIX + path, _bound(handler, False), methods=methods))
+        routes.append(Route(V1_PREFIX + path, _bound(handler, False), methods))
     return routes
 
 

@@ -4,22 +4,20 @@ from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from sydent_lite.context import AppContext
 from sydent_lite.errors import unauthorized
 from sydent_lite.http.auth import access_token, require_user
 from sydent_lite.http.client_ip import client_ip
-from sydent_lite.http.request import get_str, read_body, require_fields
-from sydent_lite.http.routes import versioned
+from sydent_lite.http.request import read_body, require_fields, require_str
+from sydent_lite.http.routes import Route, versioned
 
 
 async def register(request: Request, ctx: AppContext, v2: bool) -> Response:
     body = await read_body(request, allow_form=False)
     require_fields(body, "access_token", "matrix_server_name")
-    openid_token = get_str(body, "access_token")
-    server_name = get_str(body, "matrix_server_name", max_length=255)
-    assert openid_token is not None and server_name is not None
+    openid_token = require_str(body, "access_token")
+    server_name = require_str(body, "matrix_server_name", max_length=255)
     ip = client_ip(request, ctx.config.listen.trusted_proxies)
     token = await ctx.accounts.register(server_name, openid_token, ip)
     # `access_token` too, for clients written against Sydent's early answer.

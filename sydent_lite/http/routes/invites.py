@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from sydent_lite.context import AppContext
-from sydent_lite.errors import MatrixError, invalid_param
+from sydent_lite.errors import ErrorCode, MatrixError, invalid_param
 from sydent_lite.http.auth import require_user
 from sydent_lite.http.client_ip import client_ip
-from sydent_lite.http.request import get_str, query_params, read_body, require_fields
-from sydent_lite.http.routes import versioned
+from sydent_lite.http.request import optional_str, query_params, read_body, require_fields, require_str
+from sydent_lite.http.routes import Route, versioned
 from sydent_lite.services.ratelimit import client_subject
 from sydent_lite.threepids import is_valid_user_id
 
@@ -30,9 +29,7 @@ async def store_invite(request: Request, ctx: AppContext, v2: bool) -> Response:
     fields = {}
     for name in body:
         if isinstance(name, str) and len(name) <= 64 and isinstance(body[name], str):
-            value = get_str(body, name, max_length=2048)
-            assert value is not None
-            fields[name] = value
+            fields[name] = require_str(body, name, max_length=2048)
     for name in REQUIRED:
         if name not in fields:
             raise invalid_param(f"'{name}' must be a string")
@@ -44,11 +41,11 @@ async def store_invite(request: Request, ctx: AppContext, v2: bool) -> Response:
         raise invalid_param("'sender' is not a Matrix user ID")
     if verified_sender is not None and fields["sender"] != verified_sender:
         # As Sydent (since 2.3): nobody invites in someone else's name.
-        raise MatrixError(403, "M_UNAUTHORIZED", "'sender' is not the user of the access token")
+        raise MatrixError(403, ErrorCode.UNAUTHORIZED, "'sender' is not the user of the access token")
     # Who may invite, and what: the allow-list (v2; v1 is off with one) and the blocks.
     ctx.access.check_user(fields["sender"])
     ctx.invites.check_allowed(fields)
-    brand = fields.pop("brand", None) or get_str(query_params(request), "brand", required=False, max_length=64)
+    brand = fields.pop("brand", None) or optional_str(query_params(request), "brand", max_length=64)
     # Shared by every worker (see services/ratelimit.py): per client IP, per invited address.
     rl = ctx.config.rate_limits
     ip = client_subject(client_ip(request, ctx.config.listen.trusted_proxies))
@@ -78,12 +75,11 @@ async def sign_ed25519(request: Request, ctx: AppContext, v2: bool) -> Response:
     params = {name: body[name] if body.get(name) is not None else query.get(name) for name in SIGN_FIELDS}
     # The spec requires private_key on v1 and v2: the token alone is public (room state).
     require_fields(params, *SIGN_FIELDS)
-    mxid = get_str(params, "mxid", max_length=255)
-    token = get_str(params, "token", max_length=255)
-    private_key = get_str(params, "private_key", max_length=128)
+    mxid = require_str(params, "mxid", max_length=255)
+    token = require_str(params, "token", max_length=255)
+    private_key = require_str(params, "private_key", max_length=128)
     if not is_valid_user_id(mxid):
         raise invalid_param("'mxid' is not a valid Matrix user ID")
-    assert mxid is not None and token is not None and private_key is not None
     return JSONResponse(await ctx.invites.sign_ed25519(mxid, token, private_key))
 
 

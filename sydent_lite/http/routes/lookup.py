@@ -6,21 +6,20 @@ from itertools import chain
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from sydent_lite.context import AppContext
-from sydent_lite.errors import MatrixError, invalid_param
+from sydent_lite.errors import ErrorCode, MatrixError, invalid_param
 from sydent_lite.http.auth import require_user
 from sydent_lite.http.client_ip import client_ip
 from sydent_lite.http.request import (
     MAX_BODY_BYTES,
-    get_str,
     is_storable,
     query_params,
     read_body,
     require_fields,
+    require_str,
 )
-from sydent_lite.http.routes import versioned
+from sydent_lite.http.routes import Route, versioned
 from sydent_lite.observability import metrics
 from sydent_lite.services.ratelimit import client_subject
 from sydent_lite.threepids import stored_address
@@ -87,14 +86,13 @@ async def lookup_v2(request: Request, ctx: AppContext, v2: bool) -> Response:
         request, allow_form=False, max_bytes=lookup_body_limit(max_addresses), max_items=_v2_items(max_addresses)
     )
     require_fields(body, "algorithm", "pepper", "addresses")
-    algorithm = get_str(body, "algorithm", max_length=64)
-    pepper = get_str(body, "pepper", max_length=256)
+    algorithm = require_str(body, "algorithm", max_length=64)
+    pepper = require_str(body, "pepper", max_length=256)
     addresses = body["addresses"]
     if not isinstance(addresses, list) or not set(map(type, addresses)) <= {str}:
         raise invalid_param("'addresses' must be a list of strings")
-    assert algorithm is not None and pepper is not None
     if len(addresses) > max_addresses:
-        raise MatrixError(400, "M_TOO_LARGE", f"At most {max_addresses} addresses per lookup")
+        raise MatrixError(400, ErrorCode.TOO_LARGE, f"At most {max_addresses} addresses per lookup")
     await _limit_addresses(ctx, who, len(addresses))
     if not is_storable("".join(addresses)):  # checked at once: almost every list passes
         # A string no database can hold cannot match a stored one either.
@@ -110,8 +108,7 @@ async def lookup_v1(request: Request, ctx: AppContext, v2: bool) -> Response:
     await _limit_addresses(ctx, who, 1)
     params = query_params(request)
     require_fields(params, "medium", "address")
-    medium, address = get_str(params, "medium", max_length=16), get_str(params, "address", max_length=512)
-    assert medium is not None and address is not None
+    medium, address = require_str(params, "medium", max_length=16), require_str(params, "address", max_length=512)
     signed = await ctx.associations.signed_association_json(medium, stored_address(medium, address))
     _LOOKUPS_V1.inc()
     # The stored text as is: no parse and re-encode of a document we wrote ourselves.
@@ -130,7 +127,7 @@ def _threepid_pairs(value: object, max_addresses: int) -> list[list[str]]:
     if not set(map(type, strings)) <= {str}:
         raise invalid_param("'threepids' must be a list of [medium, address] pairs")
     if len(value) > max_addresses:
-        raise MatrixError(400, "M_TOO_LARGE", f"At most {max_addresses} threepids per lookup")
+        raise MatrixError(400, ErrorCode.TOO_LARGE, f"At most {max_addresses} threepids per lookup")
     if is_storable("".join(strings)):
         return value
     # A string no database can hold cannot match a stored one either.

@@ -8,11 +8,11 @@ import logging
 from sqlalchemy import text
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from sydent_lite.context import AppContext
+from sydent_lite.errors import ErrorCode
 from sydent_lite.http.pages import html_page
-from sydent_lite.http.routes import versioned
+from sydent_lite.http.routes import Route, versioned
 from sydent_lite.templating import LANDING_TEMPLATE
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ async def health(request: Request) -> Response:
     except Exception:
         logger.warning("health check: the database did not answer")
         return JSONResponse(
-            {"status": "unavailable", "errcode": "M_UNKNOWN", "error": "The database is not reachable"}, status_code=503
+            {"status": "unavailable", "errcode": ErrorCode.UNKNOWN, "error": "The database is not reachable"},
+            status_code=503,
         )
     return JSONResponse({"status": "ok"})
 
@@ -64,8 +65,8 @@ async def status(request: Request, ctx: AppContext, v2: bool) -> Response:
 
 def routes() -> list[Route]:
     return [
-        Route("/", landing_page, methods=["GET"]),
-        Route("/_sydent_lite/health", health, methods=["GET"]),
-        Route("/_matrix/identity/versions", versions, methods=["GET"]),
+        Route("/", landing_page, ["GET"]),
+        Route("/_sydent_lite/health", health, ["GET"]),
+        Route("/_matrix/identity/versions", versions, ["GET"]),
         *versioned("", status, ["GET"]),
     ]

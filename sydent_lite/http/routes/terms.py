@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from sydent_lite.context import AppContext
 from sydent_lite.errors import invalid_param, missing_params
 from sydent_lite.http.auth import require_user
 from sydent_lite.http.request import read_body
-from sydent_lite.http.routes import versioned
+from sydent_lite.http.routes import Route, versioned
 
 
 async def get_terms(request: Request, ctx: AppContext, v2: bool) -> Response:

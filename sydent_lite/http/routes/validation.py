@@ -7,22 +7,22 @@ from urllib.parse import quote, unquote_plus, urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from sydent_lite.context import AppContext
-from sydent_lite.errors import MatrixError
+from sydent_lite.errors import ErrorCode, MatrixError
 from sydent_lite.http.auth import require_user
 from sydent_lite.http.client_ip import client_ip as forwarded_client_ip
 from sydent_lite.http.pages import html_page, redirect_from_page
 from sydent_lite.http.request import (
-    get_int,
-    get_opaque_id,
-    get_str,
+    optional_str,
     query_params,
     read_body,
     require_fields,
+    require_int,
+    require_opaque_id,
+    require_str,
 )
-from sydent_lite.http.routes import versioned
+from sydent_lite.http.routes import Route, versioned
 from sydent_lite.secrets_util import OPAQUE_ID_RE
 from sydent_lite.services.sessions import SessionLocked
 
@@ -39,15 +39,12 @@ async def request_token(request: Request, ctx: AppContext, v2: bool) -> Response
         await require_user(request, ctx)
     body = await read_body(request)
     require_fields(body, "client_secret", "email", "send_attempt")
-    client_secret = get_opaque_id(body, "client_secret")
-    send_attempt = get_int(body, "send_attempt")
-    email = get_str(body, "email", max_length=512)
-    next_link = get_str(body, "next_link", required=False)
+    client_secret = require_opaque_id(body, "client_secret")
+    send_attempt = require_int(body, "send_attempt")
+    email = require_str(body, "email", max_length=512)
+    next_link = optional_str(body, "next_link")
     # Sydent reads `brand` from the query string; clients also put it in the body.
-    brand = get_str(body, "brand", required=False, max_length=64) or get_str(
-        query_params(request), "brand", required=False, max_length=64
-    )
-    assert email is not None
+    brand = optional_str(body, "brand", max_length=64) or optional_str(query_params(request), "brand", max_length=64)
     sid = await ctx.sessions.request_email_token(
         client_secret=client_secret,
         email=email,
@@ -64,13 +61,12 @@ async def request_msisdn_token(request: Request, ctx: AppContext, v2: bool) -> R
         await require_user(request, ctx)
     body = await read_body(request)
     require_fields(body, "client_secret", "country", "phone_number", "send_attempt")
-    client_secret = get_opaque_id(body, "client_secret")
-    send_attempt = get_int(body, "send_attempt")
-    country = get_str(body, "country", max_length=8)
-    phone_number = get_str(body, "phone_number", max_length=64)
-    next_link = get_str(body, "next_link", required=False)
-    brand = get_str(body, "brand", required=False, max_length=64)
-    assert country is not None and phone_number is not None
+    client_secret = require_opaque_id(body, "client_secret")
+    send_attempt = require_int(body, "send_attempt")
+    country = require_str(body, "country", max_length=8)
+    phone_number = require_str(body, "phone_number", max_length=64)
+    next_link = optional_str(body, "next_link")
+    brand = optional_str(body, "brand", max_length=64)
     sid, number = await ctx.sessions.request_msisdn_token(
         client_secret=client_secret,
         country=country,
@@ -92,10 +88,9 @@ async def submit_token_json(request: Request, ctx: AppContext, v2: bool) -> Resp
         await require_user(request, ctx)
     body = await read_body(request)
     require_fields(body, "sid", "client_secret", "token")
-    sid = get_opaque_id(body, "sid")
-    client_secret = get_opaque_id(body, "client_secret")
-    token = get_str(body, "token", max_length=255)
-    assert token is not None
+    sid = require_opaque_id(body, "sid")
+    client_secret = require_opaque_id(body, "client_secret")
+    token = require_str(body, "token", max_length=255)
     await ctx.sessions.submit_token(sid, client_secret, token, _medium(request), client_ip=client_ip(request))
     return JSONResponse({"success": True})
 
@@ -144,10 +139,9 @@ async def submit_token_page(request: Request, ctx: AppContext, v2: bool) -> Resp
 
     try:
         require_fields(params, "sid", "client_secret", "token")
-        sid = get_opaque_id(params, "sid")
-        client_secret = get_opaque_id(params, "client_secret")
-        token = get_str(params, "token", max_length=255)
-        assert token is not None
+        sid = require_opaque_id(params, "sid")
+        client_secret = require_opaque_id(params, "client_secret")
+        token = require_str(params, "token", max_length=255)
         session = await ctx.sessions.submit_token(
             sid, client_secret, token, _medium(request), client_ip=client_ip(request)
         )
@@ -163,10 +157,12 @@ async def submit_token_page(request: Request, ctx: AppContext, v2: bool) -> Resp
             stored = await ctx.sessions.get_session(sid_param)
             brand = stored.brand if stored else None
         messages = {
-            "M_NO_VALID_SESSION": "This validation link is not valid: no such session was found.",
-            "M_SESSION_EXPIRED": "This validation link has expired. Please ask for a new one from your Matrix client.",
-            "M_TOKEN_INCORRECT": "This validation link is not valid: the code is incorrect.",
-            "M_LIMIT_EXCEEDED": "Too many attempts to validate this address. Please try again later.",
+            ErrorCode.NO_VALID_SESSION: "This validation link is not valid: no such session was found.",
+            ErrorCode.SESSION_EXPIRED: (
+                "This validation link has expired. Please ask for a new one from your Matrix client."
+            ),
+            ErrorCode.TOKEN_INCORRECT: "This validation link is not valid: the code is incorrect.",
+            ErrorCode.LIMIT_EXCEEDED: "Too many attempts to validate this address. Please try again later.",
         }
         return page(messages.get(e.errcode, "This validation link is incomplete or malformed."), e.status)
     if brand is None:
