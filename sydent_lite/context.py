@@ -27,9 +27,9 @@ from sydent_lite.services.lookup_confirmers import (
     DatabaseConfirmer,
     MemoryConfirmer,
 )
-from sydent_lite.services.lookup_index import LookupIndex
 from sydent_lite.services.onbind import OnbindDelivery
 from sydent_lite.services.onbind_queue import OnbindQueue
+from sydent_lite.services.peppers import LookupPeppers, RotationSettings
 from sydent_lite.services.ratelimit import RateLimiter
 from sydent_lite.services.sessions import SessionService
 from sydent_lite.services.terms import Terms, TermsService
@@ -46,6 +46,7 @@ from sydent_lite.storage.database import (
 )
 from sydent_lite.storage.invites import InviteStore
 from sydent_lite.storage.people import PeopleStore
+from sydent_lite.storage.peppers import PepperStore
 from sydent_lite.storage.serving_lock import ServingLock, take_serving_lock
 from sydent_lite.storage.sessions import SessionStore
 from sydent_lite.storage.state import ServerStateStore
@@ -68,12 +69,13 @@ class AppContext:
     onbind: OnbindDelivery
     onbind_queue: OnbindQueue
     rate_limiter: RateLimiter
-    lookup_index: LookupIndex
+    peppers: LookupPeppers
     access: HomeserverAllowList
     clock: Clock  # what every service above reads the time from
     serving_lock: ServingLock | None = None
 
     async def aclose(self) -> None:
+        await self.peppers.aclose()
         if self.serving_lock is not None:
             await self.serving_lock.release()
         await self.sessions.aclose()
@@ -111,17 +113,24 @@ async def build_context(config: Config, clock: Clock = SYSTEM_CLOCK) -> AppConte
     await analyze_if_never_analyzed(database)
     association_store = AssociationStore(database)
     account_store = AccountStore(database)
-    pepper = await load_pepper(ServerStateStore(database), association_store)
-    # After load_pepper: a recomputation of the hashes would otherwise be replayed from the log.
+    await load_pepper(ServerStateStore(database), association_store)
+
     # On PostgreSQL every mxid is held in memory too: the database is what all workers share,
     # and confirming a lookup's candidates there cost it more than the lookup cost a worker.
-    confirmer: CandidateConfirmer = (
-        MemoryConfirmer(association_store, pepper)
-        if database.dialect == "postgresql"
-        else DatabaseConfirmer(association_store)
+    def make_confirmer(pepper: str, slot: int) -> CandidateConfirmer:
+        if database.dialect == "postgresql":
+            return MemoryConfirmer(association_store, pepper, slot=slot)
+        return DatabaseConfirmer(association_store, slot)
+
+    peppers = LookupPeppers(
+        PepperStore(database),
+        association_store,
+        AssociationChangeStore(database),
+        make_confirmer,
+        rotation_settings(config),
+        clock,
     )
-    lookup_index = LookupIndex(AssociationChangeStore(database), association_store, confirmer, clock)
-    await lookup_index.load()
+    await peppers.start()
     federation = FederationClient(config.federation)
     email_sender = make_email_sender(config.email, config.email_from, config.effective_server_name)
     sms_provider = make_sms_provider(config.sms)
@@ -145,16 +154,25 @@ async def build_context(config: Config, clock: Clock = SYSTEM_CLOCK) -> AppConte
             config, SessionStore(database), templates, email_sender, sms_provider, rate_limiter, clock
         ),
         associations=AssociationService(
-            association_store, signer, pepper, lookup_index, onbind_queue, config.lookup.max_addresses, clock
+            association_store, signer, peppers, onbind_queue, config.lookup.max_addresses, clock
         ),
         invites=invites,
         onbind=onbind,
         onbind_queue=onbind_queue,
         rate_limiter=rate_limiter,
-        lookup_index=lookup_index,
+        peppers=peppers,
         access=access,
         serving_lock=serving_lock,
         clock=clock,
+    )
+
+
+def rotation_settings(config: Config) -> RotationSettings:
+    lookup = config.lookup
+    return RotationSettings(
+        rotation_seconds=lookup.pepper_rotation_seconds,
+        grace_seconds=lookup.previous_pepper_grace_seconds,
+        activation_delay_seconds=lookup.pepper_activation_delay_seconds,
     )
 
 
@@ -174,11 +192,22 @@ class OperatorContext:
         `serve` does): a bind queues the address's pending invites in its own transaction."""
         signer = load_signer(self.config)
         store = AssociationStore(self.database)
-        pepper = await load_pepper(ServerStateStore(self.database), store)
+        await load_pepper(ServerStateStore(self.database), store)
         onbind_queue = OnbindQueue(signer, self.config.invites, InviteStore(self.database))
-        # Never loaded: a bind looks nothing up.
-        index = LookupIndex(AssociationChangeStore(self.database), store, DatabaseConfirmer(store))
-        return AssociationService(store, signer, pepper, index, onbind_queue, self.config.lookup.max_addresses)
+        # The schedule only, no index: a bind looks nothing up, but hashes for every live pepper.
+        peppers = self.peppers()
+        await peppers.refresh_schedule()
+        return AssociationService(store, signer, peppers, onbind_queue, self.config.lookup.max_addresses)
+
+    def peppers(self) -> LookupPeppers:
+        store = AssociationStore(self.database)
+        return LookupPeppers(
+            PepperStore(self.database),
+            store,
+            AssociationChangeStore(self.database),
+            lambda _pepper, slot: DatabaseConfirmer(store, slot),
+            rotation_settings(self.config),
+        )
 
 
 @asynccontextmanager
