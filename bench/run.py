@@ -4,6 +4,8 @@
     python bench/run.py --postgres postgresql://postgres@127.0.0.1:5432/test
                                               # also PostgreSQL: 100,000 and 1,000,000, 1 and 2 workers
     python bench/run.py --baseline 367ad84    # also sydent_lite as of that commit, in the same rounds
+    python bench/run.py --rotation --postgres postgresql://postgres@127.0.0.1:5432/test --associations 1000000
+                                              # a lookup pepper rotation under load (bench/rotation.py)
 
 Both servers run on loopback with the same associations (Sydent's database is seeded through
 its own schema; sydent_lite imports that database with `sydent-lite import-sydent`), send mail
@@ -556,6 +558,72 @@ def create_pg_database(base_url: str, name: str) -> str:
     return base_url.rsplit("/", 1)[0] + "/" + name
 
 
+def rotation_main(args: argparse.Namespace) -> int:
+    import rotation
+
+    workdir: Path = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    key_file = workdir / "signing.key"
+    if not key_file.exists():
+        key_file.write_text(dataset.new_signing_key() + "\n")
+    sink = CountingSmtpSink(free_port())
+    sink.start()
+    n = args.associations
+    try:
+        # No Sydent here: the associations are written straight into sydent_lite's tables.
+        url = create_pg_database(args.postgres, f"bench_lite_rot_{n}")
+        where = workdir / f"lite-pg-rot-{n}"
+        where.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        config = lite_config(where, port, sink.port, url)
+        shutil.copy(key_file, where / "signing.key")
+        rotation.seed(url, n, key_file.read_text().strip(), where / "seeded", log)
+        token = subprocess.run(
+            [*sydent_lite_cmd(), "create-token", "--user-id", BENCH_USER, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        label = f"PostgreSQL {n:,}, {args.workers} workers"
+        log_path = where / "server.log"
+
+        def start() -> subprocess.Popen[bytes]:
+            cmd = [*sydent_lite_cmd(), "serve", "--config", str(config), "--workers", str(args.workers)]
+            with log_path.open("ab") as out:
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=where, start_new_session=True)
+            wait_until_serving(proc, port, log_path)
+            return proc
+
+        server = Server(label=label, start=start, stop=stop_process, port=port, token=token, on_postgres=True)
+        proc = server.start()
+        try:
+            log(f"rotation under load: {label}")
+            result = rotation.run_rotation(
+                base_url=server.base_url,
+                token=server.token,
+                server_pid=proc.pid,
+                config=config,
+                n=n,
+                connections=args.connections,
+                steady_seconds=args.rotation_steady_seconds,
+                after_seconds=10.0,
+                activate_in=args.rotation_activate_in,
+                cli=sydent_lite_cmd(),
+            )
+        finally:
+            server.stop(proc)
+    finally:
+        sink.stop()
+    lines = [f"Machine: {machine()}", "", *rotation.report_lines(result, args.workers)]
+    text = "\n".join(lines)
+    print("\n" + text)
+    output = args.output or workdir / "rotation.md"
+    output.write_text(text + "\n")
+    (workdir / "rotation.json").write_text(json.dumps(result, indent=1))
+    log(f"report written to {output}")
+    return 0 if not result["checked_wrong"] and not result["checked_errors"] and not result["wrk_errors"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--associations", type=int, default=100_000)
@@ -589,7 +657,18 @@ def main(argv: list[str] | None = None) -> int:
         help="also run sydent_lite as of this commit (exported from this repository), in the same rounds: "
         "a change's before and after in one run (repeatable)",
     )
+    p.add_argument(
+        "--rotation",
+        action="store_true",
+        help="only the rotation scenario (bench/rotation.py): needs --postgres; --associations, --workers",
+    )
+    p.add_argument("--rotation-steady-seconds", type=float, default=20.0)
+    p.add_argument("--rotation-activate-in", type=int, default=60, help="pepper rotate --activate-in")
     args = p.parse_args(argv)
+    if args.rotation:
+        if not args.postgres:
+            p.error("--rotation needs --postgres")
+        return rotation_main(args)
     names = [w for w in args.workloads.split(",") if w]
     unknown = set(names) - set(WORKLOADS)
     if unknown:

@@ -116,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--medium", choices=["email", "msisdn"], required=True)
     p.add_argument("--address", required=True)
     p.add_argument("--mxid", required=True)
+    pepper = sub.add_parser("pepper", help="the lookup pepper: rotate it now, or show the schedule")
+    pepper_sub = pepper.add_subparsers(dest="pepper_command", required=True)
+    p = with_config(pepper_sub.add_parser("rotate", help="prepare a new lookup pepper now and schedule it"))
+    p.add_argument(
+        "--activate-in",
+        type=int,
+        metavar="SECONDS",
+        help="seconds from prepared to current (default: lookup.pepper_activation_delay_seconds)",
+    )
+    with_config(pepper_sub.add_parser("show", help="the current, previous and next pepper's times (not the peppers)"))
     p = sub.add_parser(
         "import-sydent",
         help="move a Sydent server here: its settings (--sydent-config) and data (its SQLite database)",
@@ -175,6 +185,18 @@ def _cmd_admin(args: argparse.Namespace, config: Config) -> int:
                 )
             )
             return 0
+        if args.command == "pepper":
+            from sydent_lite.admin import peppers
+
+            if args.pepper_command == "show":
+                print("\n".join(asyncio.run(peppers.show(config))))
+                return 0
+            if args.activate_in is not None and args.activate_in < 0:
+                print("sydent-lite: --activate-in must not be negative", file=sys.stderr)
+                return 2
+            status, lines = asyncio.run(peppers.rotate(config, args.activate_in))
+            print("\n".join(lines), file=sys.stdout if status == 0 else sys.stderr)
+            return status
         if args.command == "import-sydent":
             return _cmd_import(args, config)
         # associations show|delete
@@ -287,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "create-token":
             return _cmd_create_token(config, args.user_id)
-        if args.command in ("keys", "associations", "bind", "import-sydent"):
+        if args.command in ("keys", "associations", "bind", "import-sydent", "pepper"):
             return _cmd_admin(args, config)
         if args.command == "serve":
             return _cmd_serve(config, args.workers)

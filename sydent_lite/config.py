@@ -418,6 +418,26 @@ class LookupConfig(_Section):
         int,
         _rule(lambda n: 1 <= n <= MAX_LOOKUP_ADDRESSES_LIMIT, f"must be between 1 and {MAX_LOOKUP_ADDRESSES_LIMIT:,}"),
     ] = 10_000
+    # Lookup pepper rotation (services.peppers). A new pepper every this many seconds (0: only
+    # by hand, `sydent-lite pepper rotate`); the default, a day, bounds what a leaked batch of
+    # hashes is good for to a day, at the cost of one rehash of every association a day.
+    pepper_rotation_seconds: Annotated[int, _rule(lambda n: n >= 0, "must not be negative")] = 86_400
+    # After a rotation, lookups made with the previous pepper are still answered for this long.
+    previous_pepper_grace_seconds: Annotated[int, _rule(lambda n: n >= 0, "must not be negative")] = 3_600
+    # A prepared pepper becomes current this long after its hashes are written: every worker
+    # loads it before then, each at a moment drawn in the first half (not all at once).
+    pepper_activation_delay_seconds: Annotated[int, _rule(lambda n: n >= 0, "must not be negative")] = 300
+
+    @model_validator(mode="after")
+    def _rotation_rules(self) -> Self:
+        window = self.previous_pepper_grace_seconds + self.pepper_activation_delay_seconds
+        if self.pepper_rotation_seconds and self.pepper_rotation_seconds <= window:
+            # At most two peppers are live at once: a rotation waits for the previous one to retire.
+            raise _NamesItsKeys(
+                "config key 'lookup.pepper_rotation_seconds' must be 0 or more than "
+                "'lookup.previous_pepper_grace_seconds' + 'lookup.pepper_activation_delay_seconds'"
+            )
+        return self
 
 
 class MetricsConfig(_Section):

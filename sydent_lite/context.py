@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from sydent_lite.clock import SYSTEM_CLOCK, Clock
 from sydent_lite.config import Config
 from sydent_lite.delivery.email import make_email_sender
 from sydent_lite.delivery.sms import make_sms_provider
@@ -26,9 +27,9 @@ from sydent_lite.services.lookup_confirmers import (
     DatabaseConfirmer,
     MemoryConfirmer,
 )
-from sydent_lite.services.lookup_index import LookupIndex
 from sydent_lite.services.onbind import OnbindDelivery
 from sydent_lite.services.onbind_queue import OnbindQueue
+from sydent_lite.services.peppers import LookupPeppers, RotationSettings
 from sydent_lite.services.ratelimit import RateLimiter
 from sydent_lite.services.sessions import SessionService
 from sydent_lite.services.terms import Terms, TermsService
@@ -45,6 +46,7 @@ from sydent_lite.storage.database import (
 )
 from sydent_lite.storage.invites import InviteStore
 from sydent_lite.storage.people import PeopleStore
+from sydent_lite.storage.peppers import PepperStore
 from sydent_lite.storage.serving_lock import ServingLock, take_serving_lock
 from sydent_lite.storage.sessions import SessionStore
 from sydent_lite.storage.state import ServerStateStore
@@ -67,11 +69,13 @@ class AppContext:
     onbind: OnbindDelivery
     onbind_queue: OnbindQueue
     rate_limiter: RateLimiter
-    lookup_index: LookupIndex
+    peppers: LookupPeppers
     access: HomeserverAllowList
+    clock: Clock  # what every service above reads the time from
     serving_lock: ServingLock | None = None
 
     async def aclose(self) -> None:
+        await self.peppers.aclose()
         if self.serving_lock is not None:
             await self.serving_lock.release()
         await self.sessions.aclose()
@@ -99,7 +103,8 @@ def load_static_parts(config: Config) -> tuple[ServerSigner, Terms, TemplateStor
     return signer, terms, templates
 
 
-async def build_context(config: Config) -> AppContext:
+async def build_context(config: Config, clock: Clock = SYSTEM_CLOCK) -> AppContext:
+    """Every service reads the time from `clock` (tests pass a fake one)."""
     signer, terms, templates = load_static_parts(config)
     database = open_database(config.database.url)
     await migrate(database)
@@ -108,25 +113,32 @@ async def build_context(config: Config) -> AppContext:
     await analyze_if_never_analyzed(database)
     association_store = AssociationStore(database)
     account_store = AccountStore(database)
-    pepper = await load_pepper(ServerStateStore(database), association_store)
-    # After load_pepper: a recomputation of the hashes would otherwise be replayed from the log.
+    await load_pepper(ServerStateStore(database), association_store)
+
     # On PostgreSQL every mxid is held in memory too: the database is what all workers share,
     # and confirming a lookup's candidates there cost it more than the lookup cost a worker.
-    confirmer: CandidateConfirmer = (
-        MemoryConfirmer(association_store, pepper)
-        if database.dialect == "postgresql"
-        else DatabaseConfirmer(association_store)
+    def make_confirmer(pepper: str, slot: int) -> CandidateConfirmer:
+        if database.dialect == "postgresql":
+            return MemoryConfirmer(association_store, pepper, slot=slot)
+        return DatabaseConfirmer(association_store, slot)
+
+    peppers = LookupPeppers(
+        PepperStore(database),
+        association_store,
+        AssociationChangeStore(database),
+        make_confirmer,
+        rotation_settings(config),
+        clock,
     )
-    lookup_index = LookupIndex(AssociationChangeStore(database), association_store, confirmer)
-    await lookup_index.load()
+    await peppers.start()
     federation = FederationClient(config.federation)
     email_sender = make_email_sender(config.email, config.email_from, config.effective_server_name)
     sms_provider = make_sms_provider(config.sms)
     invite_store = InviteStore(database)
-    invites = InviteService(config, invite_store, association_store, signer, templates, email_sender)
-    onbind = OnbindDelivery(config.invites, invite_store, federation, config.federation.timeout_seconds)
-    onbind_queue = OnbindQueue(signer, config.invites, invite_store, on_queued=onbind.notify)
-    rate_limiter = RateLimiter.from_config(config.rate_limits, database)
+    invites = InviteService(config, invite_store, association_store, signer, templates, email_sender, clock)
+    onbind = OnbindDelivery(config.invites, invite_store, federation, config.federation.timeout_seconds, clock)
+    onbind_queue = OnbindQueue(signer, config.invites, invite_store, on_queued=onbind.notify, clock=clock)
+    rate_limiter = RateLimiter.from_config(config.rate_limits, database, clock)
     access = HomeserverAllowList(config.access)
 
     return AppContext(
@@ -135,20 +147,32 @@ async def build_context(config: Config) -> AppContext:
         signer=signer,
         templates=templates,
         federation=federation,
-        server_keys=ServerKeyStore(federation),
-        accounts=AccountService(account_store, federation, rate_limiter, config.rate_limits, access),
+        server_keys=ServerKeyStore(federation, clock=clock.time_ms),
+        accounts=AccountService(account_store, federation, rate_limiter, config.rate_limits, access, clock),
         terms=TermsService(terms, account_store),
-        sessions=SessionService(config, SessionStore(database), templates, email_sender, sms_provider, rate_limiter),
+        sessions=SessionService(
+            config, SessionStore(database), templates, email_sender, sms_provider, rate_limiter, clock
+        ),
         associations=AssociationService(
-            association_store, signer, pepper, lookup_index, onbind_queue, config.lookup.max_addresses
+            association_store, signer, peppers, onbind_queue, config.lookup.max_addresses, clock
         ),
         invites=invites,
         onbind=onbind,
         onbind_queue=onbind_queue,
         rate_limiter=rate_limiter,
-        lookup_index=lookup_index,
+        peppers=peppers,
         access=access,
         serving_lock=serving_lock,
+        clock=clock,
+    )
+
+
+def rotation_settings(config: Config) -> RotationSettings:
+    lookup = config.lookup
+    return RotationSettings(
+        rotation_seconds=lookup.pepper_rotation_seconds,
+        grace_seconds=lookup.previous_pepper_grace_seconds,
+        activation_delay_seconds=lookup.pepper_activation_delay_seconds,
     )
 
 
@@ -168,11 +192,22 @@ class OperatorContext:
         `serve` does): a bind queues the address's pending invites in its own transaction."""
         signer = load_signer(self.config)
         store = AssociationStore(self.database)
-        pepper = await load_pepper(ServerStateStore(self.database), store)
+        await load_pepper(ServerStateStore(self.database), store)
         onbind_queue = OnbindQueue(signer, self.config.invites, InviteStore(self.database))
-        # Never loaded: a bind looks nothing up.
-        index = LookupIndex(AssociationChangeStore(self.database), store, DatabaseConfirmer(store))
-        return AssociationService(store, signer, pepper, index, onbind_queue, self.config.lookup.max_addresses)
+        # The schedule only, no index: a bind looks nothing up, but hashes for every live pepper.
+        peppers = self.peppers()
+        await peppers.refresh_schedule()
+        return AssociationService(store, signer, peppers, onbind_queue, self.config.lookup.max_addresses)
+
+    def peppers(self) -> LookupPeppers:
+        store = AssociationStore(self.database)
+        return LookupPeppers(
+            PepperStore(self.database),
+            store,
+            AssociationChangeStore(self.database),
+            lambda _pepper, slot: DatabaseConfirmer(store, slot),
+            rotation_settings(self.config),
+        )
 
 
 @asynccontextmanager

@@ -3,20 +3,24 @@
 Every API test runs once per database backend (`backend`: sqlite, postgres). One identity
 server per backend (`idserver`, with terms of service) is shared by the whole session; tests
 keep out of each other's way by using unique email addresses, client secrets and users.
-Tests that need a differently configured server use `make_server`.
+Tests that need a differently configured server use `make_server` (a subprocess) or, where no
+real process is needed, `make_inprocess_server` (the app in this process, on a fake clock that
+the test advances: support.inprocess).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 from support.db import DatabaseFactory, postgres_disabled
 from support.homeserver import HomeserverStandIn
+from support.inprocess import InProcessServer
 from support.server import DEFAULT_TERMS, IdentityApi, SydentServer, User, write_terms
 from support.smtp import SmtpSink
 
@@ -30,6 +34,20 @@ def _backend_params() -> list[Any]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "postgres: runs against PostgreSQL")
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_put_back() -> Iterator[None]:
+    """What a test does to the root logger (cli.main() run in this process installs our
+    handler on the stderr pytest captures, and closes after the test) ends with the test: under
+    xdist any module's tests can come next on the same worker."""
+    from sydent_lite.observability import logs
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logs._active_handler
+    yield
+    root.handlers[:], level, logs._active_handler = saved
+    root.setLevel(level)
 
 
 # --- shared infrastructure (session) ----------------------------------------------------------
@@ -64,7 +82,7 @@ def terms_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session", params=_backend_params())
 def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
+    return cast("str", request.param)
 
 
 @pytest.fixture(scope="session")
@@ -82,10 +100,18 @@ ServerFactory = Callable[..., SydentServer]
 
 
 def _new_server(
-    db_factory: DatabaseFactory, smtp_sink: SmtpSink, homeserver: HomeserverStandIn, workdir: Path, **kwargs: Any
+    db_factory: DatabaseFactory,
+    smtp_sink: SmtpSink,
+    homeserver: HomeserverStandIn,
+    workdir: Path,
+    server_class: type[SydentServer] = SydentServer,
+    migrated: bool = True,
+    **kwargs: Any,
 ) -> SydentServer:
-    db = db_factory.create()
-    return SydentServer(
+    # Migrated already (a copy of a template) unless `migrated=False`: the shared server, so
+    # that a server migrating an empty database at its start is still what every session runs.
+    db = db_factory.create(migrated=migrated)
+    return server_class(
         workdir,
         database_url=db.url,
         smtp_port=smtp_sink.port,
@@ -109,12 +135,39 @@ def idserver(
         smtp_sink,
         homeserver,
         tmp_path_factory.mktemp(f"idserver-{backend}"),
+        migrated=False,
         terms_path=terms_path,
         name=f"sydent_lite ({backend})",
     )
     server.start()
     yield server
     server.stop()
+
+
+def _server_factory(
+    server_class: type[SydentServer],
+    db_factory: DatabaseFactory,
+    smtp_sink: SmtpSink,
+    homeserver: HomeserverStandIn,
+    tmp_path: Path,
+    backend: str,
+    request: pytest.FixtureRequest,
+) -> Iterator[Callable[..., Any]]:
+    servers: list[SydentServer] = []
+    request.node.extra_sydent_servers = servers  # for the failure report
+
+    def make(start: bool = True, **kwargs: Any) -> SydentServer:
+        kwargs.setdefault("name", f"sydent_lite #{len(servers) + 1} ({backend})")
+        workdir = tmp_path / f"server{len(servers) + 1}"
+        server = _new_server(db_factory, smtp_sink, homeserver, workdir, server_class, **kwargs)
+        servers.append(server)
+        if start:
+            server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
 
 
 @pytest.fixture
@@ -131,20 +184,24 @@ def make_server(
     Keyword arguments go to `SydentServer` (terms_path, templates_dir, session_lifetime,
     extra_config, ...). The server is started unless `start=False`.
     """
-    servers: list[SydentServer] = []
-    request.node.extra_sydent_servers = servers  # for the failure report
+    yield from _server_factory(SydentServer, db_factory, smtp_sink, homeserver, tmp_path, backend, request)
 
-    def make(start: bool = True, **kwargs: Any) -> SydentServer:
-        kwargs.setdefault("name", f"sydent_lite #{len(servers) + 1} ({backend})")
-        server = _new_server(db_factory, smtp_sink, homeserver, tmp_path / f"server{len(servers) + 1}", **kwargs)
-        servers.append(server)
-        if start:
-            server.start()
-        return server
 
-    yield make
-    for server in servers:
-        server.stop()
+InProcessServerFactory = Callable[..., InProcessServer]
+
+
+@pytest.fixture
+def make_inprocess_server(
+    db_factory: DatabaseFactory,
+    smtp_sink: SmtpSink,
+    homeserver: HomeserverStandIn,
+    tmp_path: Path,
+    backend: str,
+    request: pytest.FixtureRequest,
+) -> Iterator[InProcessServerFactory]:
+    """As `make_server`, but the server runs in this process on a fake clock (`server.clock`,
+    or `clock=` a FakeClock to share one): for contracts that need no process of their own."""
+    yield from _server_factory(InProcessServer, db_factory, smtp_sink, homeserver, tmp_path, backend, request)
 
 
 # --- clients ------------------------------------------------------------------------------------

@@ -6,24 +6,19 @@ Contract: docs/api-behaviour.md, "Authentication (v2)"; spec v2_auth.yaml and v2
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
+from support.asserts import assert_error
 from support.homeserver import OPENID_USERINFO_PATH, HomeserverStandIn
-from support.server import DEFAULT_TERMS, V2, IdentityApi, expected_policies, new_secret, unique_email
+from support.inprocess import InProcessServer
+from support.server import DEFAULT_TERMS, V2, IdentityApi, SydentServer, expected_policies, new_secret, unique_email
 from support.smtp import free_port
 
 TOS = DEFAULT_TERMS["docs"]["terms_of_service"]["langs"]
 PRIVACY = DEFAULT_TERMS["docs"]["privacy_policy"]["langs"]
-
-
-def assert_error(resp: httpx.Response, status: int, errcode: str) -> dict[str, Any]:
-    assert resp.status_code == status, f"{resp.request.method} {resp.request.url}: {resp.status_code} {resp.text}"
-    assert resp.headers.get("content-type", "").startswith("application/json"), resp.headers
-    body = resp.json()
-    assert body.get("errcode") == errcode, body
-    return body
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -295,8 +290,10 @@ def test_acceptance_belongs_to_the_user(api: IdentityApi, client: httpx.Client) 
     assert_error(client.get(f"{V2}/account", headers=other.headers), 403, "M_TERMS_NOT_SIGNED")
 
 
-def test_server_without_terms(make_server, api_for) -> None:
-    server = make_server(terms_path=None)
+def test_server_without_terms(
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
+) -> None:
+    server = make_inprocess_server(terms_path=None)
     api = api_for(server)
     resp = api.client.get(f"{V2}/terms")
     assert resp.status_code == 200, resp.text

@@ -12,7 +12,9 @@ from pathlib import Path
 import yaml
 from support.db import allow_inserts, refuse_inserts, sql
 from support.homeserver import HomeserverStandIn
+from support.inprocess import InProcessServer
 from support.server import IdentityApi, SydentServer, unique_email
+from support.smtp import SmtpSink
 
 V1 = "/_matrix/identity/api/v1"
 
@@ -43,8 +45,8 @@ def test_generate_config_is_a_valid_config(tmp_path: Path) -> None:
     assert load_config(path).server_name == "id.test"
 
 
-def test_keys_show_and_generate(make_server) -> None:  # type: ignore[no-untyped-def]
-    server = make_server()
+def test_keys_show_and_generate(make_inprocess_server: Callable[..., InProcessServer]) -> None:
+    server = make_inprocess_server()
     with server.new_client() as client:
         public_key = client.get("/_matrix/identity/v2/pubkey/ed25519:0").json()["public_key"]
     shown = cli(server, "keys", "show")
@@ -54,10 +56,15 @@ def test_keys_show_and_generate(make_server) -> None:  # type: ignore[no-untyped
     assert cli(server, "keys", "show").stdout == shown.stdout  # untouched
 
 
-def test_delete_everything_about_a_person(make_server, api_for, homeserver, smtp) -> None:  # type: ignore[no-untyped-def]
+def test_delete_everything_about_a_person(
+    make_inprocess_server: Callable[..., InProcessServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    homeserver: HomeserverStandIn,
+    smtp: SmtpSink,
+) -> None:
     # Delivered invites are kept (not Sydent's default), so the person's stored invite is there
     # to be deleted whether or not the onbind callback has been delivered yet.
-    server = make_server(terms_path=None, extra_config={"invites": {"delete_tokens_on_bind": False}})
+    server = make_inprocess_server(terms_path=None, extra_config={"invites": {"delete_tokens_on_bind": False}})
     api: IdentityApi = api_for(server)
     user = api.register()
     first, second = unique_email("forgetme"), unique_email("forgetme2")
@@ -97,8 +104,10 @@ def test_delete_everything_about_a_person(make_server, api_for, homeserver, smtp
     assert assoc["mxid"] == user.user_id
 
 
-def test_delete_by_address_and_bind_by_hand(make_server, api_for) -> None:  # type: ignore[no-untyped-def]
-    server = make_server(terms_path=None)
+def test_delete_by_address_and_bind_by_hand(
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
+) -> None:
+    server = make_inprocess_server(terms_path=None)
     api: IdentityApi = api_for(server)
     address = unique_email("byhand")
     bound = cli(server, "bind", "--medium", "email", "--address", address.upper(), "--mxid", "@hand:hs.test")

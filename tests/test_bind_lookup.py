@@ -16,6 +16,8 @@ import httpx
 import pytest
 import signedjson.key
 import signedjson.sign
+from support.asserts import assert_error, assert_signed_association, public_key
+from support.homeserver import HomeserverStandIn
 from support.server import (
     V1,
     V2,
@@ -24,49 +26,10 @@ from support.server import (
     SydentServer,
     User,
     new_secret,
-    now_ms,
     sha256_address,
     unique_email,
 )
 from unpaddedbase64 import decode_base64, encode_base64
-
-ASSOCIATION_KEYS = {"address", "medium", "mxid", "not_before", "not_after", "ts", "signatures"}
-YEAR_MS = 365 * 24 * 3600 * 1000
-
-
-def assert_error(resp: httpx.Response, status: int, errcode: str) -> dict[str, Any]:
-    assert resp.status_code == status, f"{resp.request.method} {resp.request.url}: {resp.status_code} {resp.text}"
-    assert resp.headers.get("content-type", "").startswith("application/json"), resp.headers
-    body = resp.json()
-    assert body.get("errcode") == errcode, body
-    return body
-
-
-def public_key(client: httpx.Client) -> str:
-    resp = client.get(f"{V2}/pubkey/ed25519:0")
-    assert resp.status_code == 200, resp.text
-    key = resp.json()["public_key"]
-    assert isinstance(key, str)
-    return key
-
-
-def assert_signed_association(
-    assoc: dict[str, Any], server: SydentServer, client: httpx.Client, *, address: str, mxid: str
-) -> None:
-    assert set(assoc) == ASSOCIATION_KEYS, assoc
-    assert assoc["medium"] == "email"
-    assert assoc["address"] == address
-    assert assoc["mxid"] == mxid
-    ts = assoc["ts"]
-    assert isinstance(ts, int) and abs(ts - now_ms()) < 60_000, ts
-    assert assoc["not_before"] == ts
-    assert isinstance(assoc["not_after"], int)
-    assert 99 * YEAR_MS <= assoc["not_after"] - ts <= 101 * YEAR_MS, assoc
-    # Signed by us alone, with ed25519:0, under our server_name.
-    assert set(assoc["signatures"]) == {server.server_name}, assoc["signatures"]
-    assert set(assoc["signatures"][server.server_name]) == {"ed25519:0"}
-    verify_key = signedjson.key.decode_verify_key_bytes("ed25519:0", decode_base64(public_key(client)))
-    signedjson.sign.verify_signed_json(assoc, server.server_name, verify_key)  # raises if invalid
 
 
 def none_address(address: str, medium: str = "email") -> str:
@@ -184,7 +147,7 @@ def test_bind_needs_a_token_on_v2(api: IdentityApi, user: User) -> None:
     assert api.v1_lookup("email", session.email).json() == {}
 
 
-def test_bind_someone_elses_mxid_on_v2(api: IdentityApi, user: User, homeserver) -> None:
+def test_bind_someone_elses_mxid_on_v2(api: IdentityApi, user: User, homeserver: HomeserverStandIn) -> None:
     session = api.validated_email_session(unique_email("other"), user=user)
     for mxid in (homeserver.user_id("somebody_else"), "@" + user.localpart + ":evil.example.test"):
         assert_error(api.bind(session, mxid, user=user), 403, "M_UNAUTHORIZED")
@@ -498,7 +461,9 @@ def test_email_addresses_are_case_folded(api: IdentityApi, user: User) -> None:
 # --- persistence --------------------------------------------------------------------------------------------
 
 
-def test_restart_keeps_bindings_pepper_key_and_tokens(api: IdentityApi, idserver: SydentServer, homeserver) -> None:
+def test_restart_keeps_bindings_pepper_key_and_tokens(
+    api: IdentityApi, idserver: SydentServer, homeserver: HomeserverStandIn
+) -> None:
     user = api.register()
     email = unique_email("restart")
     _, assoc = api.bind_email(email, user)

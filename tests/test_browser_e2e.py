@@ -12,11 +12,17 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 from support.db import DatabaseFactory
+from support.homeserver import HomeserverStandIn
 from support.server import SydentServer, new_secret, unique_email
+
+if TYPE_CHECKING:
+    from selenium.webdriver.remote.webdriver import WebDriver
+from support.smtp import SmtpSink
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
@@ -25,7 +31,7 @@ V1 = "/_matrix/identity/api/v1"
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
+def browser() -> Iterator[WebDriver]:
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         message = "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
         if os.environ.get("CI"):
@@ -61,7 +67,9 @@ def browser() -> Iterator[object]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, smtp_sink, homeserver) -> Iterator[SydentServer]:  # type: ignore[no-untyped-def]
+def server(
+    tmp_path_factory: pytest.TempPathFactory, smtp_sink: SmtpSink, homeserver: HomeserverStandIn
+) -> Iterator[SydentServer]:
     # One backend is enough for what a browser sees.
     factory = DatabaseFactory("sqlite", tmp_path_factory.mktemp("browser-db"))
     srv = SydentServer(
@@ -143,7 +151,7 @@ def other_site() -> Iterator[str]:
     httpd.shutdown()
 
 
-def _mailed_link(server: SydentServer, smtp_sink, next_link: str | None = None) -> str:  # type: ignore[no-untyped-def]
+def _mailed_link(server: SydentServer, smtp_sink: SmtpSink, next_link: str | None = None) -> str:
     smtp_sink.accept()
     address = unique_email("browser")
     body = {"client_secret": new_secret(), "email": address, "send_attempt": 1}
@@ -154,12 +162,12 @@ def _mailed_link(server: SydentServer, smtp_sink, next_link: str | None = None) 
     return smtp_sink.wait_for(address).link
 
 
-def _shot(driver, name: str) -> None:  # type: ignore[no-untyped-def]
+def _shot(driver: WebDriver, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     assert driver.save_screenshot(str(ARTIFACTS / name))
 
 
-def test_clicking_the_mailed_link_shows_success(browser, server, smtp_sink) -> None:  # type: ignore[no-untyped-def]
+def test_clicking_the_mailed_link_shows_success(browser: WebDriver, server: SydentServer, smtp_sink: SmtpSink) -> None:
     from selenium.webdriver.common.by import By
 
     browser.get(_mailed_link(server, smtp_sink))
@@ -168,7 +176,7 @@ def test_clicking_the_mailed_link_shows_success(browser, server, smtp_sink) -> N
     _shot(browser, "validation-success.png")
 
 
-def test_next_link_is_followed(browser, server, smtp_sink, client_site: str) -> None:  # type: ignore[no-untyped-def]
+def test_next_link_is_followed(browser: WebDriver, server: SydentServer, smtp_sink: SmtpSink, client_site: str) -> None:
     from selenium.webdriver.common.by import By
 
     next_link = f"{client_site}/welcome?step=2"
@@ -181,8 +189,8 @@ def test_next_link_is_followed(browser, server, smtp_sink, client_site: str) -> 
     _shot(browser, "next-link.png")
 
 
-def test_a_hash_routed_app_reads_the_sid(  # type: ignore[no-untyped-def]
-    browser, server, smtp_sink, client_site: str
+def test_a_hash_routed_app_reads_the_sid(
+    browser: WebDriver, server: SydentServer, smtp_sink: SmtpSink, client_site: str
 ) -> None:
     from selenium.webdriver.common.by import By
 
@@ -196,7 +204,7 @@ def test_a_hash_routed_app_reads_the_sid(  # type: ignore[no-untyped-def]
     _shot(browser, "next-link-hash-route.png")
 
 
-def test_a_wrong_code_shows_a_clear_failure(browser, server, smtp_sink) -> None:  # type: ignore[no-untyped-def]
+def test_a_wrong_code_shows_a_clear_failure(browser: WebDriver, server: SydentServer, smtp_sink: SmtpSink) -> None:
     from selenium.webdriver.common.by import By
 
     link = _mailed_link(server, smtp_sink).replace("token=", "token=x", 1)
@@ -206,7 +214,7 @@ def test_a_wrong_code_shows_a_clear_failure(browser, server, smtp_sink) -> None:
     _shot(browser, "validation-failed.png")
 
 
-def test_pages_fit_a_phone_screen(browser, server, smtp_sink) -> None:  # type: ignore[no-untyped-def]
+def test_pages_fit_a_phone_screen(browser: WebDriver, server: SydentServer, smtp_sink: SmtpSink) -> None:
     browser.set_window_size(375, 812)
     try:
         for url, shot in (
@@ -223,7 +231,9 @@ def test_pages_fit_a_phone_screen(browser, server, smtp_sink) -> None:  # type: 
         browser.set_window_size(1024, 768)
 
 
-def test_our_pages_cannot_be_framed_by_another_site(browser, server, smtp_sink, other_site: str) -> None:  # type: ignore[no-untyped-def]
+def test_our_pages_cannot_be_framed_by_another_site(
+    browser: WebDriver, server: SydentServer, smtp_sink: SmtpSink, other_site: str
+) -> None:
     # Clickjacking: another site shows our page in a frame under its own. The browser must
     # refuse to render it there (Content-Security-Policy frame-ancestors, X-Frame-Options).
     from selenium.webdriver.common.by import By
@@ -241,7 +251,9 @@ def test_our_pages_cannot_be_framed_by_another_site(browser, server, smtp_sink, 
     _shot(browser, "framing-refused.png")
 
 
-def test_pages_keep_their_inline_styles_under_the_content_security_policy(browser, server, smtp_sink) -> None:  # type: ignore[no-untyped-def]
+def test_pages_keep_their_inline_styles_under_the_content_security_policy(
+    browser: WebDriver, server: SydentServer, smtp_sink: SmtpSink
+) -> None:
     for url in (server.base_url + "/", _mailed_link(server, smtp_sink)):
         browser.get(url)
         # The <main> card is styled by the page's inline <style>: not the browser's transparent.

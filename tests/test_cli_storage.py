@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import signedjson.key
 import signedjson.sign
-from support.db import run_sql_at
+from support.db import DatabaseFactory, run_sql_at
 
 from sydent_lite.config import config_from_dict
 from sydent_lite.services.hashing import (
@@ -29,7 +29,7 @@ from sydent_lite.storage.tables import associations
 
 
 @pytest.fixture
-def database_url(db_factory) -> str:  # type: ignore[no-untyped-def]
+def database_url(db_factory: DatabaseFactory) -> str:
     """A fresh database of the current backend (SQLite file or scratch PostgreSQL database)."""
     return db_factory.create().url
 
@@ -136,7 +136,8 @@ def test_pepper_is_kept_and_hashes_recomputed_when_it_changes(database_url: str)
                 await store.upsert(_association("email", a, pepper))
             # Rebinding replaces the row: still one association per 3PID.
             await store.upsert(_association("email", addresses[0], pepper, mxid="@b:hs.test"))
-            assert (await store.get("email", addresses[0])).mxid == "@b:hs.test"
+            rebound = await store.get("email", addresses[0])
+            assert rebound is not None and rebound.mxid == "@b:hs.test"
 
             await state.set(PEPPER_KEY, "a-new-pepper")
             assert await load_pepper(state, store) == "a-new-pepper"
@@ -319,7 +320,7 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
             from sydent_lite.services import lookup_index
 
             real_keys = lookup_index._keys
-            lookup_index._keys = lambda values: (1 for _ in values)  # type: ignore[assignment]
+            lookup_index._keys = lambda values: (1 for _ in values)
             try:
                 colliding = new_index(database, store)
                 await colliding.load()

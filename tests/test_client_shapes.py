@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
+from support.asserts import assert_error
 from support.homeserver import HomeserverStandIn
+from support.inprocess import InProcessServer
 from support.server import (
     V1,
     V2,
@@ -33,15 +35,6 @@ from support.smtp import ReceivedMail
 # The lookups' body cap with the default lookup.max_addresses (10,000): 64 KiB + 128 bytes an
 # address, as docs/api-behaviour.md states it.
 LOOKUP_BODY_CAP = 64 * 1024 + 10_000 * 128
-
-
-def assert_error(resp: httpx.Response, status: int, errcode: str) -> dict[str, Any]:
-    assert resp.status_code == status, f"{resp.request.method} {resp.request.url}: {resp.status_code} {resp.text[:300]}"
-    assert resp.headers.get("content-type", "").startswith("application/json"), resp.headers
-    body = resp.json()
-    assert body.get("errcode") == errcode, body
-    assert isinstance(body.get("error"), str), body
-    return body
 
 
 def post_without_content_type(
@@ -257,7 +250,10 @@ def book(n: int, tag: str) -> list[str]:
     return [f"firstname.lastname{i}.{tag}@example.test" for i in range(n)]
 
 
-def spread(filler: list[str], wanted: list[str]) -> list[str]:
+T = TypeVar("T")
+
+
+def spread(filler: list[T], wanted: list[T]) -> list[T]:
     """filler with the wanted ones at its start, middle and end."""
     out = list(filler)
     for position, item in zip((0, len(out) // 2, len(out)), wanted, strict=False):
@@ -304,7 +300,7 @@ def test_v1_bulk_lookup_of_10000_pairs(api: IdentityApi, bound: tuple[User, list
     user, emails = bound
     pairs = spread(
         [["email", a] for a in book(10_000 - len(emails), new_secret()[-8:])], [["email", e] for e in emails]
-    )  # type: ignore[list-item]
+    )
     assert len(pairs) == 10_000
     resp = post_json(api.client, f"{V1}/bulk_lookup", {"threepids": pairs})
     assert resp.status_code == 200, resp.text[:300]
@@ -363,9 +359,9 @@ def test_lookup_bodies_of_many_tiny_values_are_refused_before_parsing(
 
 
 def test_lookup_max_addresses_setting(
-    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi]
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
 ) -> None:
-    server = make_server(extra_config={"lookup": {"max_addresses": 100}})
+    server = make_inprocess_server(extra_config={"lookup": {"max_addresses": 100}})
     api = api_for(server)
     user = api.register()
     pepper = api.hash_details(user)["lookup_pepper"]

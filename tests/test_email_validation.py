@@ -11,11 +11,12 @@ import json
 import re
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
+from support.asserts import assert_error, assert_html
+from support.inprocess import InProcessServer
 from support.server import (
     EMAIL_FROM,
     V1,
@@ -34,22 +35,6 @@ from sydent_lite.http.routes.validation import next_link_with_sid
 SID_RE = re.compile(r"[0-9a-zA-Z]{24}")
 LINK_PATH = "/_matrix/identity/v2/validate/email/submitToken"
 FIXTURES = Path(__file__).parent / "fixtures" / "sydent-2.6.1"
-
-
-def assert_error(resp: httpx.Response, status: int, errcode: str) -> dict[str, Any]:
-    assert resp.status_code == status, f"{resp.request.method} {resp.request.url}: {resp.status_code} {resp.text}"
-    assert resp.headers.get("content-type", "").startswith("application/json"), resp.headers
-    body = resp.json()
-    assert body.get("errcode") == errcode, body
-    assert isinstance(body.get("error"), str), body
-    return body
-
-
-def assert_html(resp: httpx.Response, status: int) -> str:
-    assert resp.status_code == status, f"{resp.request.url}: {resp.status_code} {resp.text[:300]}"
-    assert resp.headers.get("content-type", "").startswith("text/html"), resp.headers
-    assert "location" not in resp.headers, resp.headers
-    return resp.text
 
 
 def link_for(server: SydentServer, session: EmailSession, **overrides: str) -> str:
@@ -311,8 +296,10 @@ def test_case_variants_are_one_session(api: IdentityApi) -> None:
     assert resend.rcpt_tos == [shouted] and resend.sid == first.sid
 
 
-def test_case_variants_share_the_per_address_limit(make_server, api_for) -> None:
-    server = make_server(
+def test_case_variants_share_the_per_address_limit(
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
+) -> None:
+    server = make_inprocess_server(
         terms_path=None,
         extra_config={
             "rate_limits": {
@@ -526,15 +513,18 @@ def test_get_validated_3pid_missing_params(api: IdentityApi) -> None:
 # --- expiry -------------------------------------------------------------------------------------------
 
 
-def test_sessions_expire(make_server, api_for) -> None:
-    server = make_server(session_lifetime=2, terms_path=None)
+def test_sessions_expire(
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
+) -> None:
+    server = make_inprocess_server(session_lifetime=3600, terms_path=None)
     api = api_for(server)
     pending = api.start_email_session(unique_email("expire-pending"), v1=True)
     validated = api.validated_email_session(unique_email("expire-validated"), v1=True)
+    server.clock.advance(3600)  # the last moment of their lifetime
     fresh_check = api.get_validated(validated, v1=True)
     assert fresh_check.status_code == 200, fresh_check.text
 
-    time.sleep(3.0)
+    server.clock.advance(1)
 
     assert_error(api.submit_token(pending, v1=True), 400, "M_SESSION_EXPIRED")
     assert_error(api.get_validated(validated, v1=True), 400, "M_SESSION_EXPIRED")
@@ -557,8 +547,10 @@ def test_sessions_expire(make_server, api_for) -> None:
 # sessions.max_token_attempts wrong tokens; the address's budget bounds guesses across sessions.
 
 
-def test_guessing_the_token_kills_the_session(make_server, api_for) -> None:
-    server = make_server(terms_path=None)
+def test_guessing_the_token_kills_the_session(
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
+) -> None:
+    server = make_inprocess_server(terms_path=None)
     api = api_for(server)
     mallory = api.register()
     victim = unique_email("victim")
@@ -587,8 +579,10 @@ def test_guessing_the_token_kills_the_session(make_server, api_for) -> None:
     assert_html(api.client.get(fresh.mail.link), 200)
 
 
-def test_email_budget_is_per_address_and_taken_before_comparing(make_server, api_for) -> None:
-    server = make_server(
+def test_email_budget_is_per_address_and_taken_before_comparing(
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
+) -> None:
+    server = make_inprocess_server(
         terms_path=None,
         extra_config={
             "rate_limits": {
@@ -684,8 +678,12 @@ def custom_templates(tmp_path: Path) -> Path:
     return root
 
 
-def test_brand_template_is_sent_byte_for_byte(make_server, api_for, custom_templates: Path) -> None:
-    server = make_server(templates_dir=custom_templates, terms_path=None)
+def test_brand_template_is_sent_byte_for_byte(
+    make_inprocess_server: Callable[..., InProcessServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    custom_templates: Path,
+) -> None:
+    server = make_inprocess_server(templates_dir=custom_templates, terms_path=None)
     api = api_for(server)
     email = unique_email("fixed")
     secret = new_secret()
@@ -714,8 +712,12 @@ def test_brand_template_is_sent_byte_for_byte(make_server, api_for, custom_templ
     assert api.get_validated(EmailSession(email, secret, sid, mail), v1=True).status_code == 200
 
 
-def test_unknown_brand_falls_back_to_default(make_server, api_for, custom_templates: Path) -> None:
-    server = make_server(templates_dir=custom_templates, terms_path=None)
+def test_unknown_brand_falls_back_to_default(
+    make_inprocess_server: Callable[..., InProcessServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    custom_templates: Path,
+) -> None:
+    server = make_inprocess_server(templates_dir=custom_templates, terms_path=None)
     api = api_for(server)
     for brand in (None, "no-such-brand", "", "..", "../templates", "default/../fixedbrand", "/etc"):
         email = unique_email("fallback")
@@ -730,8 +732,12 @@ def test_unknown_brand_falls_back_to_default(make_server, api_for, custom_templa
         assert "CUSTOM-DEFAULT-PAGE: " in page, f"brand {brand!r}: {page}"
 
 
-def test_brand_query_parameter_picks_the_page(make_server, api_for, custom_templates: Path) -> None:
-    server = make_server(templates_dir=custom_templates, terms_path=None)
+def test_brand_query_parameter_picks_the_page(
+    make_inprocess_server: Callable[..., InProcessServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    custom_templates: Path,
+) -> None:
+    server = make_inprocess_server(templates_dir=custom_templates, terms_path=None)
     api = api_for(server)
     # Requested with the default brand; the link opened with ?brand=fixedbrand shows that page,
     # for failures as for success.
@@ -747,9 +753,14 @@ def test_brand_query_parameter_picks_the_page(make_server, api_for, custom_templ
 
 
 @pytest.mark.parametrize("where", ["query", "body"])
-def test_brand_from_query_string_or_body(make_server, api_for, custom_templates: Path, where: str) -> None:
+def test_brand_from_query_string_or_body(
+    make_inprocess_server: Callable[..., InProcessServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    custom_templates: Path,
+    where: str,
+) -> None:
     # Sydent clients put `brand` in the query string; others in the JSON body. Either works.
-    server = make_server(templates_dir=custom_templates, terms_path=None)
+    server = make_inprocess_server(templates_dir=custom_templates, terms_path=None)
     api = api_for(server)
     email = unique_email("brand" + where)
     body = {"email": email, "client_secret": new_secret(), "send_attempt": 1}

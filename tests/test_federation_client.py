@@ -14,6 +14,7 @@ import ssl
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -272,18 +273,18 @@ def test_parse_server_name_invalid(name: str) -> None:
 
 
 class FakeDns:
-    def __init__(self, well_known: dict | None = None, srv: dict | None = None) -> None:
+    def __init__(self, well_known: dict[str, Any] | None = None, srv: dict[str, Any] | None = None) -> None:
         self.well_known = well_known or {}
         self.srv = srv or {}
         self.calls: list[str] = []
 
-    async def fetch_well_known(self, host: str) -> dict | None:
+    async def fetch_well_known(self, host: str) -> dict[str, Any] | None:
         self.calls.append(f"wk:{host}")
         return self.well_known.get(host)
 
     async def srv_lookup(self, qname: str) -> list[tuple[str, int]]:
         self.calls.append(f"srv:{qname}")
-        return self.srv.get(qname, [])
+        return cast("list[tuple[str, int]]", self.srv.get(qname, []))
 
     async def resolve(self, name: str) -> ResolvedServer:
         return await resolve_server_name(name, fetch_well_known=self.fetch_well_known, srv_lookup=self.srv_lookup)
@@ -376,7 +377,7 @@ async def test_resolve_fallback_8448() -> None:
 
 
 @pytest.mark.parametrize("body", [{"m.server": 42}, {"m.server": "bad name!"}, {"other": "x"}, {"m.server": ""}])
-async def test_resolve_invalid_well_known_skips_to_srv(body: dict) -> None:
+async def test_resolve_invalid_well_known_skips_to_srv(body: dict[str, Any]) -> None:
     dns = FakeDns(
         well_known={"example.org": body},
         srv={"_matrix-fed._tcp.example.org": [("fed.target", 443)]},
@@ -548,7 +549,7 @@ async def test_allowlist_exception(server: HttpsServer, ca_file: str) -> None:
 # FederationClient: TLS
 
 
-async def test_tls_verified_against_original_name(localhost_only: HttpsServer, ca_file: str):
+async def test_tls_verified_against_original_name(localhost_only: HttpsServer, ca_file: str) -> None:
     # Connect to 127.0.0.1 but verify the certificate (and send SNI) for "localhost".
     client = FederationClient(loopback_config(ca_file=ca_file), resolve_host=resolve_to_loopback)
     try:
@@ -600,7 +601,7 @@ async def fed(ca_file: str) -> AsyncIterator[FederationClient]:
 
 
 @pytest.mark.parametrize("path", ["/big", "/big-declared"])
-async def test_response_too_large(server: HttpsServer, fed: FederationClient, path: str):
+async def test_response_too_large(server: HttpsServer, fed: FederationClient, path: str) -> None:
     with pytest.raises(FederationError, match="too large"):
         await fed.request_json("GET", f"127.0.0.1:{server.port}", path)
 
@@ -627,8 +628,8 @@ async def test_unreachable(fed: FederationClient) -> None:
         await fed.request_json("GET", "127.0.0.1:1", "/json")
 
 
-async def test_well_known_delegation_end_to_end(server: HttpsServer, fed: FederationClient):
-    fed.WELL_KNOWN_PORT = server.port  # type: ignore[misc]
+async def test_well_known_delegation_end_to_end(server: HttpsServer, fed: FederationClient) -> None:
+    fed.WELL_KNOWN_PORT = server.port
     status, body = await fed.request_json("GET", "localhost", "/json")
     assert (status, body) == (200, {"ok": True})
     assert server.paths == ["/.well-known/matrix/server", "/json"]
@@ -684,7 +685,7 @@ async def test_openid_server_name_must_match_exactly(server: HttpsServer, fed: F
         await exchange_openid_token(fed, f"localhost:{server.port}", "good")
 
 
-async def test_openid_invalid_server_name(monkeypatch: pytest.MonkeyPatch, fed: FederationClient):
+async def test_openid_invalid_server_name(monkeypatch: pytest.MonkeyPatch, fed: FederationClient) -> None:
     forbid_network(monkeypatch)
     with pytest.raises(ValueError):
         await exchange_openid_token(fed, "not a server/", "tok")

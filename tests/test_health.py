@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 from support.db import DatabaseFactory
+from support.homeserver import HomeserverStandIn
 from support.server import SydentServer
+from support.smtp import SmtpSink
 
 
-def test_health_ok(client) -> None:  # type: ignore[no-untyped-def]
+def test_health_ok(client: httpx.Client) -> None:
     resp = client.get("/_sydent_lite/health")
     assert resp.status_code == 200 and resp.json() == {"status": "ok"}
 
 
-def test_health_reports_a_lost_database(tmp_path: Path, smtp_sink, homeserver) -> None:  # type: ignore[no-untyped-def]
+def test_health_reports_a_lost_database(tmp_path: Path, smtp_sink: SmtpSink, homeserver: HomeserverStandIn) -> None:
     # PostgreSQL, because a database can vanish under a running server there.
     factory = DatabaseFactory("postgres", tmp_path / "db")
     database = factory.create()

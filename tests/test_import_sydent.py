@@ -25,7 +25,9 @@ import signedjson.key
 import signedjson.sign
 import yaml
 from sqlalchemy import inspect, select, text
+from support.db import DatabaseFactory
 from support.server import DEFAULT_TERMS, SydentServer, sha256_address, write_terms
+from support.smtp import SmtpSink
 
 from sydent_lite.admin.sydent_import import (
     SigningKeyMismatch,
@@ -440,7 +442,7 @@ def verify(signed_json: str, server_name: str, key: Any) -> dict[str, Any]:
 # --- the tests ------------------------------------------------------------------------------------
 
 
-def test_import_then_serve(db_factory, smtp_sink, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_import_then_serve(db_factory: DatabaseFactory, smtp_sink: SmtpSink, tmp_path: Path) -> None:
     db = db_factory.create()
     # The server that will serve the imported data: its name is Sydent's server.name.
     server = SydentServer(
@@ -644,7 +646,7 @@ def test_import_then_serve(db_factory, smtp_sink, tmp_path: Path) -> None:  # ty
         server.stop()
 
 
-def test_a_different_key_of_ours_is_never_replaced(db_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_different_key_of_ours_is_never_replaced(db_factory: DatabaseFactory, tmp_path: Path) -> None:
     db = db_factory.create()
     sydent_key = signedjson.key.generate_signing_key("0")
     fx = build_sydent_db(tmp_path / "sydent.db", "id.test", sydent_key)
@@ -686,7 +688,7 @@ def test_a_different_key_of_ours_is_never_replaced(db_factory, tmp_path: Path) -
     assert dump(db.url) == before and ours_path.read_bytes() == ours_bytes
 
 
-def test_a_key_that_did_not_sign_sydents_associations_is_refused(db_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_key_that_did_not_sign_sydents_associations_is_refused(db_factory: DatabaseFactory, tmp_path: Path) -> None:
     db = db_factory.create()
     fx = build_sydent_db(tmp_path / "sydent.db", "id.test", signedjson.key.generate_signing_key("0"))
     ours_path = tmp_path / "signing.key"
@@ -696,7 +698,7 @@ def test_a_key_that_did_not_sign_sydents_associations_is_refused(db_factory, tmp
     assert not ours_path.exists()
 
 
-def test_without_sydents_key_ours_signs(db_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_without_sydents_key_ours_signs(db_factory: DatabaseFactory, tmp_path: Path) -> None:
     """--new-signing-key: a new key of ours and Sydent's own associations re-signed with it;
     the peer's keep the peer's signature. Via the command line."""
     db = db_factory.create()
@@ -747,7 +749,7 @@ def test_without_sydents_key_ours_signs(db_factory, tmp_path: Path) -> None:  # 
     assert dump(db.url) == before
 
 
-def test_not_a_sydent_database(db_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_not_a_sydent_database(db_factory: DatabaseFactory, tmp_path: Path) -> None:
     config = make_config(db_factory.create().url, "id.test", tmp_path / "signing.key")
     with pytest.raises(FileNotFoundError):
         run(import_sydent(config, tmp_path / "missing.db"))

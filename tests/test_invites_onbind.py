@@ -10,8 +10,8 @@ the invites of the bound address).
 from __future__ import annotations
 
 import asyncio
+import functools
 import html
-import itertools
 import json
 import re
 import shutil
@@ -20,15 +20,18 @@ import urllib.parse
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 import signedjson.key
 import signedjson.sign
 from signedjson.sign import SignatureVerifyException
+from support.asserts import assert_error, html_part, public_key, verify_key_from
+from support.clock import advance_until
 from support.db import allow_inserts, refuse_inserts, sql
 from support.homeserver import ONBIND_PATH, HomeserverStandIn, RecordedRequest
+from support.inprocess import InProcessServer
 from support.server import (
     REPO_ROOT,
     V1,
@@ -52,24 +55,6 @@ HOSTILE_SENDER = "<img onerror=x>Zoë🎉"
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-
-def assert_error(resp: httpx.Response, status: int, errcode: str) -> dict[str, Any]:
-    assert resp.status_code == status, f"{resp.request.method} {resp.request.url}: {resp.status_code} {resp.text}"
-    assert resp.headers.get("content-type", "").startswith("application/json"), resp.headers
-    body = resp.json()
-    assert body.get("errcode") == errcode, body
-    return body
-
-
-def public_key(client: httpx.Client) -> str:
-    resp = client.get(f"{V2}/pubkey/ed25519:0")
-    assert resp.status_code == 200, resp.text
-    return resp.json()["public_key"]
-
-
-def verify_key_from(public_key_b64: str) -> Any:
-    return signedjson.key.decode_verify_key_bytes("ed25519:0", decode_base64(public_key_b64))
 
 
 def random_public_key() -> str:
@@ -117,11 +102,11 @@ def store_invite(
     """store-invite, expecting success; returns the answer."""
     resp = post_store_invite(api, body, user=user, v1=v1, form=form)
     assert resp.status_code == 200, resp.text
-    return resp.json()
+    return cast("dict[str, Any]", resp.json())
 
 
 def ephemeral_key(answer: dict[str, Any]) -> str:
-    return answer["public_keys"][1]["public_key"]
+    return cast("str", answer["public_keys"][1]["public_key"])
 
 
 def assert_store_invite_answer(
@@ -154,12 +139,6 @@ def assert_store_invite_answer(
     for entry in keys:
         resp = client.get(entry["key_validity_url"], params={"public_key": entry["public_key"]})
         assert resp.status_code == 200 and resp.json() == {"valid": True}, (entry, resp.text)
-
-
-def html_part(mail: ReceivedMail) -> str:
-    part = mail.message.get_body(preferencelist=("html",))
-    assert part is not None, f"mail has no text/html part:\n{mail.raw.decode('utf-8', 'replace')}"
-    return part.get_content()
 
 
 def ephemeral_is_valid(client: httpx.Client, key: str, prefix: str = V2) -> bool:
@@ -432,11 +411,11 @@ def test_invite_mail_subjects(api: IdentityApi, user: User, homeserver: Homeserv
 
 
 def test_invite_subjects_from_config(
-    make_server: Callable[..., SydentServer],
+    make_inprocess_server: Callable[..., InProcessServer],
     api_for: Callable[[SydentServer], IdentityApi],
     homeserver: HomeserverStandIn,
 ) -> None:
-    server = make_server(
+    server = make_inprocess_server(
         extra_config={
             "email": {
                 "invite_subject": "Invitation from %(sender_display_name)s to %(room_name)s",
@@ -528,14 +507,16 @@ def assert_is_tester_answer(api: IdentityApi, answer: dict[str, Any], address: s
 
 
 def test_what_matrix_is_tester_sends(
-    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi], tmp_path: Path
+    make_inprocess_server: Callable[..., InProcessServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    tmp_path: Path,
 ) -> None:
     """Its store-invite tests, on a server of their own (the suite's fixed addresses): v1 as it
     sends them; v2 the same, with the sender being the token's user."""
     root = tmp_path / "templates"
     shutil.copytree(REPO_ROOT / "templates" / "default", root / "default")
     (root / "default" / "invite_template.eml.j2").write_text(FIELDS_PROBE_TEMPLATE, encoding="utf-8")
-    api = api_for(make_server(templates_dir=root, terms_path=None))
+    api = api_for(make_inprocess_server(templates_dir=root, terms_path=None))
 
     # test_store_invite (v1): the answer, and every field reaching the mail as sent.
     answer = store_invite(api, dict(IS_TESTER_INVITE), v1=True)
@@ -704,12 +685,12 @@ def check_sign_answer(
 
 
 def test_sign_ed25519(
-    make_server: Callable[..., SydentServer],
+    make_inprocess_server: Callable[..., InProcessServer],
     api_for: Callable[[SydentServer], IdentityApi],
     homeserver: HomeserverStandIn,
     probe_templates: Path,
 ) -> None:
-    server = make_server(templates_dir=probe_templates)
+    server = make_inprocess_server(templates_dir=probe_templates)
     api = api_for(server)
     our_key = public_key(api.client)
     address = unique_email("invsign")
@@ -871,11 +852,11 @@ def test_sign_ed25519_needs_the_invites_own_private_key(
 
 
 def test_the_database_holds_no_ephemeral_private_key(
-    make_server: Callable[..., SydentServer],
+    make_inprocess_server: Callable[..., InProcessServer],
     api_for: Callable[[SydentServer], IdentityApi],
     homeserver: HomeserverStandIn,
 ) -> None:
-    server = make_server()
+    server = make_inprocess_server()
     api = api_for(server)
     address = unique_email("invnokey")
     store_invite(api, invite_fields(homeserver, address), v1=True)
@@ -903,25 +884,29 @@ def test_the_database_holds_no_ephemeral_private_key(
 
 
 def test_invites_expire(
-    make_server: Callable[..., SydentServer],
+    make_inprocess_server: Callable[..., InProcessServer],
     api_for: Callable[[SydentServer], IdentityApi],
     homeserver: HomeserverStandIn,
 ) -> None:
-    server = make_server(extra_config={"invites": {"expiry_seconds": 2}})
+    server = make_inprocess_server(extra_config={"invites": {"expiry_seconds": 3600}})
     api = api_for(server)
     user = api.register()
     address = unique_email("invexpire")
     answer = store_invite(api, invite_fields(homeserver, address), user=user)
     url = sign_url(api.smtp.wait_for(address))  # the invite mail, out of the way of the validation mail
     key = ephemeral_key(answer)
+    server.clock.advance(3599)
     assert ephemeral_is_valid(api.client, key) is True
-    time.sleep(3.0)
+    server.clock.advance(2)
     assert ephemeral_is_valid(api.client, key) is False
     assert_error(element_join(api.client, url, user.user_id), 404, "M_UNRECOGNIZED")
-    # Expired but not yet cleaned up (that runs every few minutes): binding sends nothing.
+    # Expired but not yet cleaned up (that runs every few minutes): binding queues and sends nothing.
+    assert sql(server.database_url, "SELECT token FROM invites WHERE address = ?", address) != []
     since = time.time()
     api.bind_email(address, user)
-    assert_no_onbind(homeserver, user.user_id, since, wait=1.5)
+    queued = sql(server.database_url, "SELECT callback_id, delivered_ts FROM invites WHERE address = ?", address)
+    assert queued == [{"callback_id": None, "delivered_ts": None}]
+    assert_no_onbind(homeserver, user.user_id, since, wait=0.5)
 
 
 # --- the whole flow: invite, bind, onbind ----------------------------------------------------------------------
@@ -991,11 +976,15 @@ FAST_RETRY = {"invites": {"onbind_retry_initial_seconds": 0.5, "onbind_retry_max
 
 
 def test_onbind_is_retried_until_the_homeserver_accepts(
-    make_server: Callable[..., SydentServer],
+    make_inprocess_server: Callable[..., InProcessServer],
     api_for: Callable[[SydentServer], IdentityApi],
     homeserver: HomeserverStandIn,
 ) -> None:
-    server = make_server(extra_config=FAST_RETRY)
+    # In this process, on a fake clock: the backoff is seen in the server's own time.
+    server = make_inprocess_server(
+        extra_config={"invites": {"onbind_retry_initial_seconds": 5, "onbind_retry_max_seconds": 20}}
+    )
+    clock = server.clock
     api = api_for(server)
     our_key = public_key(api.client)
     inviter = api.register()
@@ -1005,22 +994,45 @@ def test_onbind_is_retried_until_the_homeserver_accepts(
     assert answer["token"] in api.smtp.wait_for(address).text  # the invite mail
     invitee = api.register()
     homeserver.fail_onbind(invitee.user_id, times=3, status=503)
+
+    def calls() -> list[RecordedRequest]:
+        return [c for c in homeserver.onbind_requests(invitee.user_id) if c.status is not None]
+
+    def callback() -> dict[str, Any]:
+        rows = sql(server.database_url, "SELECT attempts, next_attempt_ts FROM onbind_callbacks")
+        assert len(rows) == 1, rows
+        return rows[0]
+
+    def attempts_are(n: int) -> bool:
+        return bool(callback()["attempts"] == n)
+
+    def calls_exceed(n: int) -> bool:
+        return len(calls()) > n
+
     try:
         api.bind_email(address, invitee)
-        success = homeserver.wait_for_onbind(invitee.user_id, timeout=20.0)
-        calls = homeserver.onbind_requests(invitee.user_id)
-        assert [c.status for c in calls[:3]] == [503, 503, 503], [(c.status, c.time) for c in calls]
-        assert calls[3] is success
-        # Backoff, not a tight loop: attempts are spaced by about the configured delays.
-        gaps = [b.time - a.time for a, b in itertools.pairwise(calls[:4])]
-        assert all(g >= 0.3 for g in gaps), gaps
+        wait_until(lambda: len(calls()) == 1, what="the first onbind attempt")
+        # Backoff, not a tight loop: each failure puts the next attempt off by the configured
+        # delay, doubling up to the maximum, and nothing is sent before it is due.
+        for failures, delay_s in enumerate([5, 10, 20], start=1):
+            wait_until(functools.partial(attempts_are, failures), what=f"failure {failures} recorded")
+            due = callback()["next_attempt_ts"]
+            assert due - clock.time_ms() in range(delay_s * 1000 - 1000, delay_s * 1000 + 1), (due, clock.time_ms())
+            advance_until(clock, functools.partial(calls_exceed, failures), step=0.5, what=f"attempt {failures + 1}")
+            assert clock.time_ms() >= due, "sent before it was due"
+        success = homeserver.wait_for_onbind(invitee.user_id)
+        assert [c.status for c in calls()] == [503, 503, 503, 200]
+        assert calls()[3] is success
         # Every attempt carries the same invitation.
-        for call in calls[:4]:
+        for call in calls():
             assert_onbind_body(
                 call, server, our_key, address=address, mxid=invitee.user_id, invites={answer["token"]: fields}
             )
-        # Accepted: no further attempts (well past the maximum backoff).
-        time.sleep(3.0)
+        # Accepted: the callback is gone, and no further attempts well past the maximum backoff.
+        wait_until(lambda: sql(server.database_url, "SELECT id FROM onbind_callbacks") == [], what="callback done")
+        for _ in range(10):
+            clock.advance(10)
+            time.sleep(0.02)
         assert len(homeserver.onbind_requests(invitee.user_id)) == 4
     finally:
         homeserver.reset_onbind(invitee.user_id)
@@ -1076,7 +1088,7 @@ def test_onbind_survives_a_restart(
 
 
 def test_a_bind_whose_callback_cannot_be_queued_stores_nothing(
-    make_server: Callable[..., SydentServer],
+    make_inprocess_server: Callable[..., InProcessServer],
     api_for: Callable[[SydentServer], IdentityApi],
     homeserver: HomeserverStandIn,
 ) -> None:
@@ -1087,7 +1099,7 @@ def test_a_bind_whose_callback_cannot_be_queued_stores_nothing(
     for real (a trigger): the bind answers a Matrix error and leaves no association behind
     (before, the binding was stored, the invites never queued, and the answer was a 500 anyway).
     """
-    server = make_server()
+    server = make_inprocess_server()
     api = api_for(server)
     our_key = public_key(api.client)
     address = unique_email("atomic")

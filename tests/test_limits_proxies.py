@@ -20,13 +20,14 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 from starlette.requests import Request
 from support.db import DatabaseFactory, ScratchDatabase, _run, run_sql
 from support.homeserver import OPENID_USERINFO_PATH, HomeserverStandIn
+from support.inprocess import InProcessServer
 from support.server import V1, V2, IdentityApi, SydentServer, User, sha256_address, unique_email
 from support.smtp import SmtpSink
 
@@ -75,11 +76,11 @@ def redis_keys(url: str) -> list[str]:
 
         client = aioredis.Redis.from_url(url)
         try:
-            return [k.decode() for k in await client.keys("*")]
+            return [k.decode() if isinstance(k, bytes) else k for k in await client.keys("*")]
         finally:
             await client.aclose()
 
-    return _run(keys())
+    return cast("list[str]", _run(keys()))
 
 
 # --- two processes on one database ---------------------------------------------------------------
@@ -158,7 +159,7 @@ def request_token(server: SydentServer, email: str, headers: dict[str, str] | No
         )
 
 
-def test_limits_hold_across_processes_in_the_database(pair_factory, smtp: SmtpSink) -> None:  # type: ignore[no-untyped-def]
+def test_limits_hold_across_processes_in_the_database(pair_factory: Callable[..., Pair], smtp: SmtpSink) -> None:
     a, b, db = pair_factory(
         limits(
             lookup_per_token_burst=3,
@@ -183,7 +184,7 @@ def test_limits_hold_across_processes_in_the_database(pair_factory, smtp: SmtpSi
     assert not any("@" in k or "127.0.0.1" in k for k in keys), keys
 
 
-def test_limits_hold_across_processes_in_redis(pair_factory, smtp: SmtpSink) -> None:  # type: ignore[no-untyped-def]
+def test_limits_hold_across_processes_in_redis(pair_factory: Callable[..., Pair], smtp: SmtpSink) -> None:
     url = redis_url(11)
     a, b, db = pair_factory(
         limits(
@@ -224,8 +225,8 @@ def store_invite(
 
 
 def test_store_invite_limits_per_ip_and_per_address(
-    pair_factory, smtp: SmtpSink, homeserver: HomeserverStandIn
-) -> None:  # type: ignore[no-untyped-def]
+    pair_factory: Callable[..., Pair], smtp: SmtpSink, homeserver: HomeserverStandIn
+) -> None:
     a, b, _ = pair_factory(
         limits(
             store_invite_per_address_burst=2,
@@ -244,7 +245,9 @@ def test_store_invite_limits_per_ip_and_per_address(
     assert_limited(store_invite(b, homeserver, unique_email("fourth")))
 
 
-def test_lookup_limits_per_token(pair_factory, smtp: SmtpSink, homeserver: HomeserverStandIn) -> None:  # type: ignore[no-untyped-def]
+def test_lookup_limits_per_token(
+    pair_factory: Callable[..., Pair], smtp: SmtpSink, homeserver: HomeserverStandIn
+) -> None:
     a, b, _ = pair_factory(limits(lookup_per_token_burst=2, lookup_per_token_per_minute=1.0))
     api_a = IdentityApi(a, smtp, homeserver, a.new_client())
     api_b = IdentityApi(b, smtp, homeserver, b.new_client())
@@ -272,7 +275,7 @@ def test_lookup_limits_per_token(pair_factory, smtp: SmtpSink, homeserver: Homes
         api_b.client.close()
 
 
-def test_forwarded_for_only_from_trusted_proxies(pair_factory, smtp: SmtpSink) -> None:  # type: ignore[no-untyped-def]
+def test_forwarded_for_only_from_trusted_proxies(pair_factory: Callable[..., Pair], smtp: SmtpSink) -> None:
     # A trusts the proxy on 127.0.0.0/8 (where the test runs), B trusts only some other network.
     base = limits(lookup_per_token_burst=2, lookup_per_token_per_minute=1.0)
     a, b, _ = pair_factory(
@@ -348,7 +351,7 @@ async def _concurrent_checks(limiter: RateLimiter, key: str, n: int, burst: int,
             return None
         except MatrixError as e:
             assert e.status == 429 and e.errcode == "M_LIMIT_EXCEEDED"
-            return e.to_json()["retry_after_ms"]
+            return cast("int | None", e.to_json()["retry_after_ms"])
 
     return list(await asyncio.gather(*(one() for _ in range(n))))
 
@@ -525,10 +528,12 @@ def xff(value: str) -> dict[str, str]:
     return {"X-Forwarded-For": value}
 
 
-def test_ipv6_clients_are_limited_by_their_64(make_server, homeserver: HomeserverStandIn, smtp: SmtpSink) -> None:  # type: ignore[no-untyped-def]
+def test_ipv6_clients_are_limited_by_their_64(
+    make_inprocess_server: Callable[..., InProcessServer], homeserver: HomeserverStandIn, smtp: SmtpSink
+) -> None:
     # Every per-client-IP limit, burst 2. The clients are behind our proxy (the test runs on
     # 127.0.0.1), which names them in X-Forwarded-For as nginx would.
-    server = make_server(
+    server = make_inprocess_server(
         extra_config={
             **limits(
                 request_token_per_ip_burst=2,
@@ -593,8 +598,10 @@ def userinfo_calls(hs: HomeserverStandIn, tokens: set[str]) -> int:
     return sum(r.query_value("access_token") in tokens for r in hs.requests_to(OPENID_USERINFO_PATH, "GET"))
 
 
-def test_register_is_limited_per_client_before_any_outbound_request(make_server, homeserver: HomeserverStandIn) -> None:  # type: ignore[no-untyped-def]
-    server = make_server(extra_config=limits(register_per_ip_burst=3, register_per_ip_per_minute=1.0))
+def test_register_is_limited_per_client_before_any_outbound_request(
+    make_inprocess_server: Callable[..., InProcessServer], homeserver: HomeserverStandIn
+) -> None:
+    server = make_inprocess_server(extra_config=limits(register_per_ip_burst=3, register_per_ip_per_minute=1.0))
     answers, tokens = [], set()
     for _ in range(8):
         resp, token = register_at(server, homeserver)
@@ -607,8 +614,10 @@ def test_register_is_limited_per_client_before_any_outbound_request(make_server,
     assert userinfo_calls(homeserver, tokens) == 3
 
 
-def test_register_is_limited_per_homeserver_however_spelt(make_server, homeserver: HomeserverStandIn) -> None:  # type: ignore[no-untyped-def]
-    server = make_server(
+def test_register_is_limited_per_homeserver_however_spelt(
+    make_inprocess_server: Callable[..., InProcessServer], homeserver: HomeserverStandIn
+) -> None:
+    server = make_inprocess_server(
         extra_config={
             **limits(register_per_server_burst=3, register_per_server_per_minute=1.0),
             "listen": {"trusted_proxies": ["127.0.0.0/8"]},
@@ -635,8 +644,10 @@ def test_register_is_limited_per_homeserver_however_spelt(make_server, homeserve
 # --- lookups: per user, and per address ----------------------------------------------------------
 
 
-def test_lookup_limit_is_per_user_so_registering_again_is_no_new_budget(make_server, api_for) -> None:  # type: ignore[no-untyped-def]
-    server = make_server(extra_config=limits(lookup_per_token_burst=2, lookup_per_token_per_minute=1.0))
+def test_lookup_limit_is_per_user_so_registering_again_is_no_new_budget(
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
+) -> None:
+    server = make_inprocess_server(extra_config=limits(lookup_per_token_burst=2, lookup_per_token_per_minute=1.0))
     api = api_for(server)
     first = api.register()
     pepper = api.hash_details(first)["lookup_pepper"]
@@ -665,9 +676,9 @@ def assert_too_large(resp: httpx.Response) -> None:
     assert resp.json()["errcode"] == "M_TOO_LARGE", resp.text
 
 
-def test_v1_lookups_count_addresses_per_client(make_server) -> None:  # type: ignore[no-untyped-def]
+def test_v1_lookups_count_addresses_per_client(make_inprocess_server: Callable[..., InProcessServer]) -> None:
     # The per-request limit (100 in a burst) is nowhere near: the addresses are what count.
-    server = make_server(extra_config=small_address_budget())
+    server = make_inprocess_server(extra_config=small_address_budget())
     assert bulk_lookup(server, 600).status_code == 200
     assert_limited(bulk_lookup(server, 600))  # 400 left, and none of them taken
     assert bulk_lookup(server, 400).status_code == 200
@@ -676,8 +687,10 @@ def test_v1_lookups_count_addresses_per_client(make_server) -> None:  # type: ig
     assert_too_large(bulk_lookup(server, 1001))
 
 
-def test_v2_lookups_count_addresses_per_user(make_server, api_for) -> None:  # type: ignore[no-untyped-def]
-    server = make_server(extra_config=small_address_budget())
+def test_v2_lookups_count_addresses_per_user(
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
+) -> None:
+    server = make_inprocess_server(extra_config=small_address_budget())
     api = api_for(server)
     user = api.register()
     pepper = api.hash_details(user)["lookup_pepper"]
@@ -693,7 +706,7 @@ def test_v2_lookups_count_addresses_per_user(make_server, api_for) -> None:  # t
     assert_too_large(api.lookup(user, hashes(1001), pepper=pepper))
 
 
-def test_address_budget_holds_across_processes(pair_factory, smtp: SmtpSink) -> None:  # type: ignore[no-untyped-def]
+def test_address_budget_holds_across_processes(pair_factory: Callable[..., Pair], smtp: SmtpSink) -> None:
     a, b, _ = pair_factory(small_address_budget())
     assert bulk_lookup(a, 600).status_code == 200
     assert_limited(bulk_lookup(b, 600))

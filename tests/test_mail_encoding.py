@@ -17,6 +17,7 @@ import uuid
 from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
+from support.asserts import html_part
 from support.homeserver import HomeserverStandIn
 from support.server import V2, IdentityApi, User, new_secret
 from support.smtp import ReceivedMail
@@ -41,12 +42,6 @@ def long_address() -> str:
 def assert_lines_fit(mail: ReceivedMail) -> None:
     longest = max(len(line) for line in mail.raw.split(b"\r\n"))
     assert longest <= 998, f"a line of {longest} octets"
-
-
-def html_part(mail: ReceivedMail) -> str:
-    part = mail.message.get_body(preferencelist=("html",))
-    assert part is not None
-    return part.get_content()
 
 
 def test_encoded_word_in_a_display_name_is_shown_as_typed(

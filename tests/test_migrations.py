@@ -17,7 +17,9 @@ from typing import Any
 import signedjson.key
 import signedjson.sign
 from sqlalchemy import inspect, text
+from support.db import DatabaseFactory
 from support.server import V1, SydentServer
+from support.smtp import SmtpSink
 from unpaddedbase64 import encode_base64
 
 from sydent_lite.storage.database import Database, _alembic_config, migrate, open_database
@@ -114,9 +116,7 @@ async def _upgraded(url: str) -> tuple[set[str], set[str], list[dict[str, Any]]]
         await database.dispose()
 
 
-def test_0006_and_0007_keep_what_was_pending(  # type: ignore[no-untyped-def]
-    db_factory, smtp_sink, tmp_path: Path
-) -> None:
+def test_0006_and_0007_keep_what_was_pending(db_factory: DatabaseFactory, smtp_sink: SmtpSink, tmp_path: Path) -> None:
     db = db_factory.create()
     # Invites of that time kept standard base64 keys; one with "+" or "/" shows it still signs
     # now that new keys are URL-safe. (Each try has them with odds of about 3 in 4.)
@@ -177,7 +177,7 @@ async def _down_and_up(url: str) -> list[tuple[set[str], set[str]]]:
     return seen
 
 
-def test_0006_and_0007_downgrade(db_factory) -> None:  # type: ignore[no-untyped-def]
+def test_0006_and_0007_downgrade(db_factory: DatabaseFactory) -> None:
     down, up = run(_down_and_up(db_factory.create().url))
     assert "token" in down[0] and not {"token_hash", "failed_attempts"} & down[0]
     assert "ephemeral_private_key" in down[1]

@@ -22,13 +22,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
-import signedjson.key
-import signedjson.sign
+from support.asserts import assert_error, assert_html, assert_signed_association
 from support.homeserver import HomeserverStandIn
+from support.inprocess import InProcessServer
 from support.server import (
     V1,
     V2,
@@ -41,11 +41,8 @@ from support.server import (
     unique_email,
 )
 from support.smtp import SmtpSink, free_port
-from unpaddedbase64 import decode_base64
 
 SID_RE = re.compile(r"[0-9a-zA-Z]{24}")
-YEAR_MS = 365 * 24 * 3600 * 1000
-ASSOCIATION_KEYS = {"address", "medium", "mxid", "not_before", "not_after", "ts", "signatures"}
 
 # The shared SMS server's senders: alphanumeric for +44, a long number for everyone else.
 ORIGINATORS = {"44": "alpha:Matrix", "default": "long:+15555550100"}
@@ -54,23 +51,6 @@ LONG_DEFAULT = {"type": "long", "text": "+15555550100"}
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def assert_error(resp: httpx.Response, status: int, errcode: str | tuple[str, ...]) -> dict[str, Any]:
-    assert resp.status_code == status, f"{resp.request.method} {resp.request.url}: {resp.status_code} {resp.text}"
-    assert resp.headers.get("content-type", "").startswith("application/json"), resp.headers
-    body = resp.json()
-    allowed = (errcode,) if isinstance(errcode, str) else errcode
-    assert body.get("errcode") in allowed, body
-    assert isinstance(body.get("error"), str), body
-    return body
-
-
-def assert_html(resp: httpx.Response, status: int) -> str:
-    assert resp.status_code == status, f"{resp.request.url}: {resp.status_code} {resp.text[:300]}"
-    assert resp.headers.get("content-type", "").startswith("text/html"), resp.headers
-    assert "location" not in resp.headers, resp.headers
-    return resp.text
 
 
 def random_gb() -> tuple[str, str]:
@@ -97,11 +77,11 @@ class Sms:
 
     @property
     def to(self) -> str:
-        return self.raw["to"]
+        return cast("str", self.raw["to"])
 
     @property
     def text(self) -> str:
-        return self.raw["text"]
+        return cast("str", self.raw["text"])
 
     @property
     def originator(self) -> Any:
@@ -111,7 +91,7 @@ class Sms:
     def code(self) -> str:
         runs = re.findall(r"\d+", self.text)
         assert len(runs) == 1, f"expected exactly one run of digits (the code) in {self.text!r}"
-        return runs[0]
+        return cast("str", runs[0])
 
 
 class SmsOutbox:
@@ -366,7 +346,7 @@ class Phone:
         assert resp.status_code == 200, resp.text
         mappings = resp.json()["mappings"]
         assert set(mappings) <= {h}, mappings
-        return mappings.get(h)
+        return cast("str | None", mappings.get(h))
 
 
 def sms_server_config(outbox: Path, **sms: Any) -> dict[str, Any]:
@@ -416,7 +396,9 @@ def phone_user(phone: Phone) -> User:
 
 
 @pytest.fixture
-def make_phone(make_server: Any, smtp_sink: SmtpSink, homeserver: HomeserverStandIn, tmp_path: Path) -> Iterator[Any]:
+def make_phone(
+    make_inprocess_server: Any, smtp_sink: SmtpSink, homeserver: HomeserverStandIn, tmp_path: Path
+) -> Iterator[Any]:
     """`make_phone(sms={...}, **server_kwargs)`: a dedicated server (file provider into a fresh
     outbox unless `sms` says otherwise, no terms) and a Phone for it."""
     clients: list[httpx.Client] = []
@@ -434,7 +416,7 @@ def make_phone(make_server: Any, smtp_sink: SmtpSink, homeserver: HomeserverStan
             outbox = SmsOutbox(folder)
         config = {**(extra_config or {}), "sms": sms}
         kwargs.setdefault("terms_path", None)
-        server = make_server(extra_config=config, **kwargs)
+        server = make_inprocess_server(extra_config=config, **kwargs)
         c = server.new_client()
         clients.append(c)
         return Phone(IdentityApi(server, smtp_sink, homeserver, c), outbox)
@@ -912,11 +894,12 @@ def test_get_submit_token(phone: Phone, prefix: str) -> None:
 
 
 def test_sessions_expire(make_phone: Any) -> None:
-    p = make_phone(session_lifetime=2)
+    p = make_phone(session_lifetime=3600)
     national, msisdn = random_gb()
     pending = p.start("GB", national, msisdn, v1=True)
     validated = p.validated("GB", national, msisdn, v1=True)
-    time.sleep(3.0)
+    assert isinstance(p.server, InProcessServer)
+    p.server.clock.advance(3601)
     assert_error(p.submit(pending, v1=True), 400, "M_SESSION_EXPIRED")
     assert_error(p.get_validated(validated, v1=True), 400, "M_SESSION_EXPIRED")
     assert_error(p.bind(validated, "@late:example.test", v1=True), 400, "M_SESSION_EXPIRED")
@@ -926,23 +909,6 @@ def test_sessions_expire(make_phone: Any) -> None:
 # --- bind and lookups -----------------------------------------------------------------------------
 
 
-def assert_signed_msisdn_association(
-    assoc: dict[str, Any], server: SydentServer, client: httpx.Client, *, msisdn: str, mxid: str
-) -> None:
-    assert set(assoc) == ASSOCIATION_KEYS, assoc
-    assert assoc["medium"] == "msisdn"
-    assert assoc["address"] == msisdn
-    assert assoc["mxid"] == mxid
-    ts = assoc["ts"]
-    assert isinstance(ts, int) and abs(ts - now_ms()) < 60_000, ts
-    assert assoc["not_before"] == ts
-    assert 99 * YEAR_MS <= assoc["not_after"] - ts <= 101 * YEAR_MS, assoc
-    assert set(assoc["signatures"]) == {server.server_name}, assoc["signatures"]
-    key = client.get(f"{V2}/pubkey/ed25519:0").json()["public_key"]
-    verify_key = signedjson.key.decode_verify_key_bytes("ed25519:0", decode_base64(key))
-    signedjson.sign.verify_signed_json(assoc, server.server_name, verify_key)
-
-
 def test_full_flow_bind_and_lookup(phone: Phone, phone_user: User) -> None:
     national, msisdn = random_gb()
     session = phone.validated("GB", national, msisdn, user=phone_user)
@@ -950,7 +916,9 @@ def test_full_flow_bind_and_lookup(phone: Phone, phone_user: User) -> None:
     resp = phone.bind(session, phone_user.user_id, user=phone_user)
     assert resp.status_code == 200, resp.text
     assoc = resp.json()
-    assert_signed_msisdn_association(assoc, phone.server, phone.client, msisdn=msisdn, mxid=phone_user.user_id)
+    assert_signed_association(
+        assoc, phone.server, phone.client, address=msisdn, mxid=phone_user.user_id, medium="msisdn"
+    )
 
     pepper = phone.api.hash_details(phone_user)["lookup_pepper"]
     bound = sha256_address(msisdn, "msisdn", pepper)
@@ -996,17 +964,18 @@ def test_unbind_with_session(phone: Phone, phone_user: User) -> None:
     national, msisdn = random_gb()
     session = phone.validated("GB", national, msisdn, user=phone_user)
     assert phone.bind(session, phone_user.user_id, user=phone_user).status_code == 200
+    threepid = {"medium": "msisdn", "address": "+" + msisdn}
     body = {
         "sid": session.sid,
         "client_secret": session.client_secret,
         "mxid": phone_user.user_id,
-        "threepid": {"medium": "msisdn", "address": "+" + msisdn},
+        "threepid": threepid,
     }
     # The session is for exactly this threepid: another spelling of the address is not it.
     assert_error(phone.client.post(f"{V2}/3pid/unbind", json=body), 403, "M_FORBIDDEN")
     assert phone.lookup_sha256(phone_user, msisdn) == phone_user.user_id
 
-    body["threepid"]["address"] = msisdn
+    threepid["address"] = msisdn
     resp = phone.client.post(f"{V2}/3pid/unbind", json=body)
     assert resp.status_code == 200 and resp.json() == {}, resp.text
     assert phone.lookup_sha256(phone_user, msisdn) is None
@@ -1088,7 +1057,9 @@ def failed_attempts(server: SydentServer, sid: str) -> int:
         database = open_database(server.database_url)
         try:
             async with database.connect() as conn:
-                return (await conn.execute(select(vs.c.failed_attempts).where(vs.c.sid == sid))).scalar_one()
+                return cast(
+                    "int", (await conn.execute(select(vs.c.failed_attempts).where(vs.c.sid == sid))).scalar_one()
+                )
         finally:
             await database.dispose()
 
@@ -1180,7 +1151,7 @@ def test_concurrent_guesses_never_exceed_the_limit(make_phone: Any) -> None:
             body = {"sid": session.sid, "client_secret": session.client_secret, "token": code}
             resp = c.post(f"{V1}/validate/msisdn/submitToken", json=body)
             assert resp.status_code == 400, resp.text
-            return resp.json()["errcode"]
+            return cast("str", resp.json()["errcode"])
 
     from collections import Counter
     from concurrent.futures import ThreadPoolExecutor

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from sydent_lite.services import mxid_table
 from sydent_lite.services.hashing import lookup_hash
 from sydent_lite.services.mxid_table import MxidTable
@@ -44,7 +46,7 @@ def test_only_the_exact_string_matches() -> None:
     assert table.get_many([bound, *near]) == {bound: "@alice:hs.test"}
 
 
-def test_grows_and_keeps_every_entry_reachable(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_grows_and_keeps_every_entry_reachable(monkeypatch: pytest.MonkeyPatch) -> None:
     # A tiny table, so that it resizes many times and runs of occupied slots wrap around.
     monkeypatch.setattr(mxid_table, "MIN_SLOTS", 8)
     table = MxidTable()

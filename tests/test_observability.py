@@ -78,7 +78,9 @@ def wired(module: str, name: str) -> bool:
 # --- end to end: metrics ------------------------------------------------------------------------
 
 
-def test_metrics_listener_counts_requests_by_route_and_status(make_server, api_for) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_listener_counts_requests_by_route_and_status(
+    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi]
+) -> None:
     metrics_port = free_port()
     server = make_server(
         extra_config={"metrics": {"enabled": True, "host": "127.0.0.1", "port": metrics_port, "path": "/metrics"}}
@@ -146,7 +148,7 @@ def test_metrics_listener_counts_requests_by_route_and_status(make_server, api_f
     assert api.client.get("/metrics").status_code == 404
 
 
-def test_metrics_listener_stops_with_the_server(make_server) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_listener_stops_with_the_server(make_server: Callable[..., SydentServer]) -> None:
     metrics_port = free_port()
     server = make_server(extra_config={"metrics": {"enabled": True, "host": "127.0.0.1", "port": metrics_port}})
     path = server.config()["metrics"].get("path") or "/metrics"
@@ -174,8 +176,11 @@ def test_health_answers_with_a_request_id(client: httpx.Client) -> None:
 def test_request_id_is_echoed_when_plain_and_replaced_otherwise(client: httpx.Client) -> None:
     resp = client.get("/_matrix/identity/versions", headers={"X-Request-Id": "lb-Req-42"})
     assert resp.headers["x-request-id"] == "lb-Req-42"
-    for bad in ("x" * 65, "has space", "semi;colon", "ünï".encode(), "a_b", ""):
-        resp = client.get("/_matrix/identity/versions", headers={"X-Request-Id": bad})
+    bad_ids: list[str | bytes] = ["x" * 65, "has space", "semi;colon", "ünï".encode(), "a_b", ""]
+    for bad in bad_ids:
+        resp = client.get(
+            "/_matrix/identity/versions", headers=[(b"X-Request-Id", bad if isinstance(bad, bytes) else bad.encode())]
+        )
         assert HEX16.fullmatch(resp.headers["x-request-id"]), bad
     # Fresh ids differ; errors and CORS pre-flights get one too.
     a = client.get("/_matrix/identity/versions").headers["x-request-id"]
@@ -235,7 +240,7 @@ def test_logs_carry_the_request_id_and_no_secrets(api: IdentityApi, idserver: Sy
 
 
 @pytest.fixture
-def log_capture() -> tuple[logging.Logger, io.StringIO]:
+def log_capture() -> Iterator[tuple[logging.Logger, io.StringIO]]:
     stream = io.StringIO()
     handler = logs.make_handler("text", stream)
     logger = logging.getLogger("test_observability.capture")
@@ -246,7 +251,7 @@ def log_capture() -> tuple[logging.Logger, io.StringIO]:
     logger.handlers[:] = []
 
 
-def test_redaction_masks_obvious_secrets_at_info_and_above(log_capture) -> None:  # type: ignore[no-untyped-def]
+def test_redaction_masks_obvious_secrets_at_info_and_above(log_capture: tuple[logging.Logger, io.StringIO]) -> None:
     logger, stream = log_capture
     logger.info("GET /x?access_token=AT123&client_secret=CS456&sid=abc&token=TK789&sig=SG000")
     logger.warning("body %s", {"client_secret": "CS-json", "token": "TK-json", "code": 424242, "sid": "S1"})
@@ -278,7 +283,7 @@ def test_redaction_masks_obvious_secrets_at_info_and_above(log_capture) -> None:
     assert "ValueError" in out  # the traceback is still there, redacted
 
 
-def test_redaction_leaves_debug_alone_and_other_text_intact(log_capture) -> None:  # type: ignore[no-untyped-def]
+def test_redaction_leaves_debug_alone_and_other_text_intact(log_capture: tuple[logging.Logger, io.StringIO]) -> None:
     logger, stream = log_capture
     logger.debug("debug keeps token=DBG-TOKEN")
     logger.info("bound @alice:example.org to a 3pid; errcode=M_UNKNOWN; room !abc:example.org; 100% done")
@@ -288,7 +293,7 @@ def test_redaction_leaves_debug_alone_and_other_text_intact(log_capture) -> None
     assert logs.redact(logs.redact("x alice@example.org")) == "x a...@example.org"
 
 
-def test_request_id_in_every_record(log_capture) -> None:  # type: ignore[no-untyped-def]
+def test_request_id_in_every_record(log_capture: tuple[logging.Logger, io.StringIO]) -> None:
     logger, stream = log_capture
     logger.info("outside")
     token = logs.REQUEST_ID.set("0123456789abcdef")
@@ -411,6 +416,7 @@ def _setup_logging_alone(level: str, fmt: str, stream: io.StringIO) -> logs.LogH
     """setup_logging(), and no other handler on the root (pytest adds its own during a test)."""
     handler = logs.setup_logging(level, fmt, stream)
     logging.getLogger().handlers[:] = [handler]
+    assert isinstance(handler, logs.LogHandler)
     return handler
 
 

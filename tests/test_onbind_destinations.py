@@ -19,8 +19,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support.clock import advance_until
 from support.db import sql
 from support.homeserver import ONBIND_PATH, HomeserverStandIn, TarpitHomeserver
+from support.inprocess import InProcessServer
 from support.server import EmailSession, IdentityApi, SydentServer, User, now_ms, unique_email, wait_until
 from test_invites_onbind import invite_fields, store_invite
 
@@ -99,44 +101,55 @@ def test_a_tarpit_does_not_delay_another_homeservers_invites(
 
 
 def test_a_failing_destination_backs_off_before_any_of_its_callbacks_is_tried_again(
-    make_server: Callable[..., SydentServer],
+    make_inprocess_server: Callable[..., InProcessServer],
     homeserver: HomeserverStandIn,
     tmp_path: Path,
 ) -> None:
+    # In this process, on a fake clock: the backoff (a minute) passes in the server's time.
     failing = HomeserverStandIn(tmp_path / "failing", ca=homeserver.ca).start()
     try:
         failing.set_handler("POST", ONBIND_PATH, lambda r: (503, {"errcode": "M_UNKNOWN", "error": "down"}))
-        server = make_server(
+        server = make_inprocess_server(
             extra_config={
                 "invites": {
-                    "onbind_retry_initial_seconds": 1,
-                    "onbind_retry_max_seconds": 2,
+                    "onbind_retry_initial_seconds": 60,
+                    "onbind_retry_max_seconds": 120,
                     "onbind_max_in_flight_per_destination": PER_DESTINATION,
                 }
             }
         )
+        clock = server.clock
         server.stop()
         queue_callbacks_to(server, failing.server_name, 8)
         server.start()
-        wait_until(
-            lambda: len(failing.requests_to(ONBIND_PATH)) >= PER_DESTINATION + 1,
-            what="the first attempts after the destination's backoff",
-        )
-        calls = sorted(failing.requests_to(ONBIND_PATH), key=lambda r: r.time)
-        # The first two (the cap) failed; the next callback, never tried before, still waited the
-        # destination's backoff (1 s) instead of going out with them.
-        first_burst_end = calls[PER_DESTINATION - 1].time
-        assert calls[PER_DESTINATION].time - first_burst_end >= 0.8, [round(c.time - calls[0].time, 2) for c in calls]
+
+        def attempted() -> int:
+            return len([r for r in failing.requests_to(ONBIND_PATH) if r.status is not None])
+
+        def failures_recorded() -> bool:
+            rows = sql(server.database_url, "SELECT count(*) AS n FROM onbind_callbacks WHERE attempts > 0")
+            return bool(rows[0]["n"] == PER_DESTINATION)
+
+        wait_until(failures_recorded, what="the first attempts (the cap) failed")
+        assert attempted() == PER_DESTINATION
+        failed_at = clock.time_ms()
+        # The next callback, never tried before, still waits the destination's backoff instead of
+        # going out with them.
+        advance_until(clock, lambda: attempted() > PER_DESTINATION, step=5.0, what="the attempts after the backoff")
+        assert clock.time_ms() - failed_at >= 60_000, (clock.time_ms() - failed_at, attempted())
 
         # The homeserver recovers: a success resets the backoff, and every callback goes out once.
         failing.set_handler("POST", ONBIND_PATH, None)
-        wait_until(
+        advance_until(
+            clock,
             lambda: sql(server.database_url, "SELECT count(*) AS n FROM onbind_callbacks")[0]["n"] == 0,
+            step=10.0,
             timeout=30,
             what="every callback delivered",
         )
         delivered = [r.json["mxid"] for r in failing.requests_to(ONBIND_PATH) if r.status == 200]
         assert sorted(delivered) == sorted(f"@victim{i}:{failing.server_name}" for i in range(8))
+        server.stop()  # first: its keep-alive connections would hold the stand-in's shutdown up (10 s)
     finally:
         failing.stop()
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import email
 import email.policy
+from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
 
 import httpx
 import pytest
-from support.server import DEFAULT_TERMS, V1, V2, new_secret, unique_email, write_terms
+from support.inprocess import InProcessServer
+from support.server import DEFAULT_TERMS, V1, V2, IdentityApi, SydentServer, new_secret, unique_email, write_terms
 
 from sydent_lite.resources import templates_dir
 from sydent_lite.templating import EMAIL_TEMPLATE, INVITE_TEMPLATE, PAGE_TEMPLATE, TemplateStore
@@ -44,7 +46,7 @@ def assert_safe_html(html: str) -> None:
     assert not any(k.startswith("on") for _, attrs in found for k in attrs), "an event handler got through"
 
 
-def test_landing_page(idserver, client) -> None:  # type: ignore[no-untyped-def]
+def test_landing_page(idserver: SydentServer, client: httpx.Client) -> None:
     resp = client.get("/")
     assert resp.status_code == 200
     assert resp.headers["content-type"].startswith("text/html")
@@ -60,7 +62,7 @@ def test_landing_page(idserver, client) -> None:  # type: ignore[no-untyped-def]
     assert_safe_html(page)
 
 
-def test_landing_page_escapes_terms(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_landing_page_escapes_terms(make_inprocess_server: Callable[..., InProcessServer], tmp_path: Path) -> None:
     terms = {
         "master_version": "1",
         "docs": {
@@ -70,7 +72,7 @@ def test_landing_page_escapes_terms(make_server, tmp_path: Path) -> None:  # typ
             }
         },
     }
-    server = make_server(terms_path=write_terms(tmp_path / "terms.yaml", terms))
+    server = make_inprocess_server(terms_path=write_terms(tmp_path / "terms.yaml", terms))
     with server.new_client() as client:
         page = client.get("/").text
     assert_safe_html(page)
@@ -103,7 +105,7 @@ def _render(store: TemplateStore, name: str, brand: str) -> email.message.EmailM
     )
     for line in raw.split(b"\r\n"):
         assert len(line) <= 998, "SMTP refuses lines over 998 octets"
-    return email.message_from_bytes(raw, policy=email.policy.default)  # type: ignore[return-value]
+    return email.message_from_bytes(raw, policy=email.policy.default)
 
 
 @pytest.mark.parametrize("brand", BRANDS)
@@ -156,12 +158,12 @@ def assert_page_headers(resp: httpx.Response) -> None:
     assert resp.headers.get("x-content-type-options") == "nosniff"
 
 
-def test_landing_page_headers(client) -> None:  # type: ignore[no-untyped-def]
+def test_landing_page_headers(client: httpx.Client) -> None:
     assert_page_headers(client.get("/"))
 
 
 @pytest.mark.parametrize("api_path", [V1, V2])
-def test_validation_pages_headers(api, api_path: str) -> None:  # type: ignore[no-untyped-def]
+def test_validation_pages_headers(api: IdentityApi, api_path: str) -> None:
     # The page behind the mailed link (its URL holds the token): success, and each failure.
     session = api.start_email_session(unique_email("page"), client_secret=new_secret(), v1=True)
     params = {"sid": session.sid, "client_secret": session.client_secret, "token": session.token}
@@ -176,7 +178,7 @@ def test_validation_pages_headers(api, api_path: str) -> None:  # type: ignore[n
     assert_page_headers(ok)
 
 
-def test_next_link_redirect_sends_no_referrer(api) -> None:  # type: ignore[no-untyped-def]
+def test_next_link_redirect_sends_no_referrer(api: IdentityApi) -> None:
     session = api.start_email_session(
         unique_email("page"), client_secret=new_secret(), v1=True, next_link="https://app.example.test/welcome"
     )

@@ -29,8 +29,17 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from support.smtp import free_port
 
-from sydent_lite.config import ConfigError, OpenMarketConfig, SmsConfig, TwilioConfig, WebhookConfig, config_from_dict
+from sydent_lite.config import (
+    ConfigError,
+    OpenMarketConfig,
+    SmsConfig,
+    SmsProviderName,
+    TwilioConfig,
+    WebhookConfig,
+    config_from_dict,
+)
 from sydent_lite.delivery.sms import (
     FileSmsProvider,
     OpenMarketSmsProvider,
@@ -173,17 +182,13 @@ def standin(standin_server: ProviderStandIn) -> Iterator[ProviderStandIn]:
 @pytest.fixture
 def closed_port() -> int:
     """A local port nothing listens on (bound, then released)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    return free_port()
 
 
 # --- configs and helpers ------------------------------------------------------------------------
 
 
-def sms_config(provider: str, base_url: str, timeout: float = 5.0, **kwargs: Any) -> SmsConfig:
+def sms_config(provider: SmsProviderName, base_url: str, timeout: float = 5.0, **kwargs: Any) -> SmsConfig:
     return SmsConfig(
         provider=provider,
         timeout_seconds=timeout,
@@ -250,10 +255,10 @@ def test_parse_originator_refuses_malformed(spec: str) -> None:
 
 
 def test_originator_per_country_then_default_then_none() -> None:
-    both = SmsConfig(originators={"44": "alpha:MatrixUK", "default": "short:12345"})
+    both = SmsConfig.model_validate({"originators": {"44": "alpha:MatrixUK", "default": "short:12345"}})
     assert originator_for(both, 44) == Originator("alpha", "MatrixUK")
     assert originator_for(both, 1) == Originator("short", "12345")
-    only_country = SmsConfig(originators={"44": "long:+447700900000"})
+    only_country = SmsConfig.model_validate({"originators": {"44": "long:+447700900000"}})
     assert originator_for(only_country, 44) == Originator("long", "+447700900000")
     assert originator_for(only_country, 33) is None
     assert originator_for(SmsConfig(), 44) is None
@@ -341,7 +346,7 @@ async def test_twilio_error_names_twilios_code_but_not_its_message(standin: Prov
     ],
 )
 async def test_openmarket_sends_sydents_request(
-    standin: ProviderStandIn, caplog: pytest.LogCaptureFixture, calling_code: int, expected_source: dict
+    standin: ProviderStandIn, caplog: pytest.LogCaptureFixture, calling_code: int, expected_source: dict[str, Any]
 ) -> None:
     caplog.set_level(logging.DEBUG)
     standin.answer = Answer(202, "", headers={"X-Request-Id": "om-req-42", "ttl": "259200"})
@@ -454,7 +459,7 @@ async def test_webhook_body_is_json_whatever_the_headers_say(standin: ProviderSt
 @pytest.mark.parametrize("provider_name", HTTP_PROVIDERS)
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 429, 500, 502, 503])
 async def test_error_status_is_a_safe_send_error(
-    standin: ProviderStandIn, caplog: pytest.LogCaptureFixture, provider_name: str, status: int
+    standin: ProviderStandIn, caplog: pytest.LogCaptureFixture, provider_name: SmsProviderName, status: int
 ) -> None:
     caplog.set_level(logging.DEBUG)
     # The provider echoes everything back, as some do: none of it may reach the message.
@@ -471,7 +476,7 @@ async def test_error_status_is_a_safe_send_error(
 
 
 @pytest.mark.parametrize("provider_name", HTTP_PROVIDERS)
-async def test_redirect_is_not_followed(standin: ProviderStandIn, provider_name: str) -> None:
+async def test_redirect_is_not_followed(standin: ProviderStandIn, provider_name: SmsProviderName) -> None:
     standin.answer = Answer(307, "", headers={"Location": f"{standin.base_url}/elsewhere"})
     message = await send_failing(make_sms_provider(sms_config(provider_name, standin.base_url)))
     assert "307" in message
@@ -480,7 +485,9 @@ async def test_redirect_is_not_followed(standin: ProviderStandIn, provider_name:
 
 
 @pytest.mark.parametrize("provider_name", HTTP_PROVIDERS)
-async def test_connection_refused(closed_port: int, caplog: pytest.LogCaptureFixture, provider_name: str) -> None:
+async def test_connection_refused(
+    closed_port: int, caplog: pytest.LogCaptureFixture, provider_name: SmsProviderName
+) -> None:
     caplog.set_level(logging.DEBUG)
     message = await send_failing(make_sms_provider(sms_config(provider_name, f"http://127.0.0.1:{closed_port}")))
     assert provider_name in message
@@ -489,7 +496,9 @@ async def test_connection_refused(closed_port: int, caplog: pytest.LogCaptureFix
 
 
 @pytest.mark.parametrize("provider_name", HTTP_PROVIDERS)
-async def test_timeout(standin: ProviderStandIn, caplog: pytest.LogCaptureFixture, provider_name: str) -> None:
+async def test_timeout(
+    standin: ProviderStandIn, caplog: pytest.LogCaptureFixture, provider_name: SmsProviderName
+) -> None:
     caplog.set_level(logging.DEBUG)
     standin.answer = Answer(200, {}, delay=5.0)
     started = time.monotonic()
@@ -502,7 +511,7 @@ async def test_timeout(standin: ProviderStandIn, caplog: pytest.LogCaptureFixtur
 
 @pytest.mark.parametrize("provider_name", HTTP_PROVIDERS)
 async def test_proxy_environment_is_ignored(
-    standin: ProviderStandIn, closed_port: int, monkeypatch: pytest.MonkeyPatch, provider_name: str
+    standin: ProviderStandIn, closed_port: int, monkeypatch: pytest.MonkeyPatch, provider_name: SmsProviderName
 ) -> None:
     for var in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.setenv(var, f"http://127.0.0.1:{closed_port}")
@@ -562,7 +571,7 @@ async def test_file_provider_unwritable_outbox(tmp_path: Path) -> None:
         ("webhook", WebhookSmsProvider),
     ],
 )
-async def test_make_sms_provider_picks_the_class(provider_name: str, cls: type, tmp_path: Path) -> None:
+async def test_make_sms_provider_picks_the_class(provider_name: SmsProviderName, cls: type, tmp_path: Path) -> None:
     config = sms_config(provider_name, "https://sms.example.invalid", outbox=str(tmp_path / "outbox"))
     provider = make_sms_provider(config)
     assert type(provider) is cls

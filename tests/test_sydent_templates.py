@@ -28,11 +28,12 @@ import shutil
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 from support.homeserver import HomeserverStandIn
+from support.inprocess import InProcessServer
 from support.server import V1, V2, IdentityApi, ServerStartError, SydentServer, User, new_secret, unique_email
 from support.smtp import ReceivedMail
 
@@ -64,7 +65,7 @@ def fixture_mails(kind: str, instance: str | None = None) -> list[dict[str, Any]
 
 
 def sydent_mail(entry: dict[str, Any]) -> bytes:
-    return (FIXTURES / entry["file"]).read_bytes()
+    return cast("bytes", (FIXTURES / entry["file"]).read_bytes())
 
 
 def normalise(raw: bytes, *, token: str | None = None, homeserver: str | None = None) -> str:
@@ -102,12 +103,12 @@ def assert_same_mail(ours: str, sydents: str, what: str) -> None:
 
 
 def sydent_brand_server(
-    make_server: Callable[..., SydentServer], templates: Path = STOCK, **config: Any
+    make_inprocess_server: Callable[..., InProcessServer], templates: Path = STOCK, **config: Any
 ) -> SydentServer:
     extra = json.loads(json.dumps(SYDENT_CONF))
     for section, values in config.items():
         extra.setdefault(section, {}).update(values)
-    return make_server(templates_dir=templates, terms_path=None, extra_config=extra)
+    return make_inprocess_server(templates_dir=templates, terms_path=None, extra_config=extra)
 
 
 def legacy_folder(tmp_path: Path) -> Path:
@@ -176,11 +177,11 @@ def check_validation(api: IdentityApi, entry: dict[str, Any], user: User) -> Rec
 
 
 def test_invite_mails_are_sydents(
-    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi]
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
 ) -> None:
     """Mails 09-14: rooms and spaces, both stock brands (11 asks for matrix-org), Sydent's cuts of
     long names, an invite's own web client, no optional fields, v1 and v2 (verified sender)."""
-    api = api_for(sydent_brand_server(make_server))
+    api = api_for(sydent_brand_server(make_inprocess_server))
     alice = api.register("alice")
     entries = fixture_mails("invite")
     assert [e["file"][6:8] for e in entries] == ["09", "10", "11", "12", "13", "14"]
@@ -189,11 +190,11 @@ def test_invite_mails_are_sydents(
 
 
 def test_validation_mails_are_sydents(
-    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi]
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
 ) -> None:
     """Mails 01-07 and 15 (v2), both stock brands (02 asks for matrix-org). Mail 08 is Sydent
     mailing again for a repeated send_attempt, which the spec forbids: we send nothing."""
-    api = api_for(sydent_brand_server(make_server))
+    api = api_for(sydent_brand_server(make_inprocess_server))
     alice = api.register("alice")
     entries = [e for e in fixture_mails("validation") if not e["file"].startswith("mails/08-")]
     assert len(entries) == 8
@@ -202,9 +203,9 @@ def test_validation_mails_are_sydents(
 
 
 def test_the_response_page_is_sydents(
-    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi]
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
 ) -> None:
-    api = api_for(sydent_brand_server(make_server))
+    api = api_for(sydent_brand_server(make_inprocess_server))
     address = unique_email("page")
     session = api.start_email_session(address, v1=True)
     for brand in ("vector-im", "matrix-org"):
@@ -221,11 +222,13 @@ def test_the_response_page_is_sydents(
 
 
 def test_a_legacy_only_brand_renders_as_sydent_did(
-    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi], tmp_path: Path
+    make_inprocess_server: Callable[..., InProcessServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    tmp_path: Path,
 ) -> None:
     """Fixture mails 16 and 17 came from a Sydent whose only brand folder held the legacy
     `*.eml` templates: we render the same, never the packaged default in their place."""
-    server = sydent_brand_server(make_server, legacy_folder(tmp_path), email={"default_brand": "matrix-org"})
+    server = sydent_brand_server(make_inprocess_server, legacy_folder(tmp_path), email={"default_brand": "matrix-org"})
     api = api_for(server)
     user = api.register("alice")
     (validation,) = fixture_mails("validation", "legacy-eml")
@@ -242,12 +245,16 @@ def test_a_legacy_only_brand_renders_as_sydent_did(
 
 
 def test_a_legacy_template_takes_no_escaped_value_from_the_request(
-    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi], tmp_path: Path
+    make_inprocess_server: Callable[..., InProcessServer],
+    api_for: Callable[[SydentServer], IdentityApi],
+    tmp_path: Path,
 ) -> None:
     """Sydent's legacy invite template prints `sender_display_name_forhtml` into its HTML part;
     Sydent lets a request field of that name replace the escaped value (markup in a mail from
     us). Here the request's field is dropped and the escaped display name is shown."""
-    api = api_for(sydent_brand_server(make_server, legacy_folder(tmp_path), email={"default_brand": "matrix-org"}))
+    api = api_for(
+        sydent_brand_server(make_inprocess_server, legacy_folder(tmp_path), email={"default_brand": "matrix-org"})
+    )
     address = unique_email("forhtml")
     resp = api.client.post(
         f"{V1}/store-invite",
@@ -324,11 +331,11 @@ def test_v2_refuses_to_invite_in_someone_elses_name(
 
 
 def test_v1_names_no_verified_sender(
-    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi]
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
 ) -> None:
     """Sydent's templates show `bracketed_verified_sender` as the verified sender: on v1 it is
     empty, even when the request sends one of its own."""
-    api = api_for(sydent_brand_server(make_server))
+    api = api_for(sydent_brand_server(make_inprocess_server))
     address = unique_email("v1sender")
     body = {
         "medium": "email",
@@ -389,9 +396,9 @@ def test_a_web_client_location_that_is_no_http_base_url_is_ignored(api: Identity
 
 
 def test_web_client_locations_can_be_limited(
-    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi]
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
 ) -> None:
-    server = make_server(
+    server = make_inprocess_server(
         terms_path=None,
         extra_config={
             "email": {
@@ -447,10 +454,10 @@ def test_display_name_is_masked_as_sydent(api: IdentityApi, user: User) -> None:
 
 
 def test_display_name_lengths_are_settable(
-    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi]
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
 ) -> None:
     api = api_for(
-        make_server(
+        make_inprocess_server(
             terms_path=None,
             extra_config={"invites": {"display_name_reveal_local_part": 1, "display_name_reveal_domain": 0}},
         )
@@ -468,11 +475,11 @@ def test_display_name_lengths_are_settable(
 
 
 def test_link_values_are_url_quoted(
-    make_server: Callable[..., SydentServer], api_for: Callable[[SydentServer], IdentityApi]
+    make_inprocess_server: Callable[..., InProcessServer], api_for: Callable[[SydentServer], IdentityApi]
 ) -> None:
     """Any room ID as sent (matrix-is-tester's `$aroom:fake.test`, or one with `&` and `#`) stays
     one query value in the join link of Sydent's template."""
-    api = api_for(sydent_brand_server(make_server))
+    api = api_for(sydent_brand_server(make_inprocess_server))
     address = unique_email("roomid")
     room_id = "$a&room=#x:fake.test"
     resp = api.client.post(

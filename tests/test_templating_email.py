@@ -10,11 +10,11 @@ import socket
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from pydantic import ValidationError
 
 from sydent_lite.config import ConfigError, EmailConfig, SmtpConfig, config_from_dict
@@ -49,7 +49,7 @@ def render(store: TemplateStore, brand: str | None = None, **overrides: Any) -> 
 
 
 def parse(raw: bytes) -> EmailMessage:
-    return email.message_from_bytes(raw, policy=email.policy.default)  # type: ignore[return-value]
+    return email.message_from_bytes(raw, policy=email.policy.default)
 
 
 def parts(msg: EmailMessage) -> tuple[str, str]:
@@ -279,7 +279,7 @@ def test_bad_template_folders_fail_at_start_up(tmp_path: Path) -> None:
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return cast("int", s.getsockname()[1])
 
 
 class Recorder:
@@ -288,24 +288,29 @@ class Recorder:
         self.received: list[tuple[str, list[str], bytes]] = []
         self.mail_options: list[str] = []
 
-    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
         if self.refuse_at == "MAIL":
             return "550 5.7.1 sender refused"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
 
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
         if self.refuse_at == "RCPT":
             return f"550 5.1.1 <{address}> unknown"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(self, server, session, envelope):
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.refuse_at == "DATA":
             return "550 5.7.1 content refused"
         content = envelope.original_content if envelope.original_content is not None else envelope.content
-        self.received.append((envelope.mail_from, list(envelope.rcpt_tos), bytes(content)))
+        assert envelope.mail_from is not None and isinstance(content, bytes)
+        self.received.append((envelope.mail_from, list(envelope.rcpt_tos), content))
         self.mail_options = list(envelope.mail_options)
         return "250 Message accepted"
 

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import trustme
-from support.server import new_secret, unique_email
+from support.inprocess import InProcessServer
+from support.server import SydentServer, new_secret, unique_email
+from support.smtp import SmtpSink
 
 V2 = "/_matrix/identity/v2"
 V1 = "/_matrix/identity/api/v1"
 
 
-def test_serves_https_when_given_a_certificate(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_serves_https_when_given_a_certificate(make_server: Callable[..., SydentServer], tmp_path: Path) -> None:
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "id.test")
     cert_path, key_path, ca_path = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
@@ -38,8 +41,10 @@ def test_serves_https_when_given_a_certificate(make_server, tmp_path: Path) -> N
         pass
 
 
-def test_request_token_is_rate_limited_per_address(make_server, smtp) -> None:  # type: ignore[no-untyped-def]
-    server = make_server(
+def test_request_token_is_rate_limited_per_address(
+    make_inprocess_server: Callable[..., InProcessServer], smtp: SmtpSink
+) -> None:
+    server = make_inprocess_server(
         extra_config={
             "rate_limits": {
                 "enabled": True,
@@ -67,8 +72,10 @@ def test_request_token_is_rate_limited_per_address(make_server, smtp) -> None:  
             assert client.post(f"{V1}/validate/email/requestToken", json=first).json() == {"sid": sid}
 
 
-def test_request_token_is_rate_limited_per_client_ip(make_server, smtp) -> None:  # type: ignore[no-untyped-def]
-    server = make_server(
+def test_request_token_is_rate_limited_per_client_ip(
+    make_inprocess_server: Callable[..., InProcessServer], smtp: SmtpSink
+) -> None:
+    server = make_inprocess_server(
         extra_config={
             "rate_limits": {"enabled": True, "request_token_per_ip_burst": 3, "request_token_per_ip_per_minute": 1.0}
         }
@@ -84,21 +91,25 @@ def test_request_token_is_rate_limited_per_client_ip(make_server, smtp) -> None:
     assert codes == [200, 200, 200, 429, 429]
 
 
-def _request_token(client, ip_header: str | None = None):  # type: ignore[no-untyped-def]
+def _request_token(client: httpx.Client, ip_header: str | None = None):  # type: ignore[no-untyped-def]
     headers = {"X-Forwarded-For": ip_header} if ip_header else {}
     body = {"client_secret": new_secret(), "email": unique_email("xff"), "send_attempt": 1}
     return client.post(f"{V1}/validate/email/requestToken", json=body, headers=headers).status_code
 
 
-def test_x_forwarded_for_only_from_trusted_proxies(make_server, smtp) -> None:  # type: ignore[no-untyped-def]
+def test_x_forwarded_for_only_from_trusted_proxies(
+    make_inprocess_server: Callable[..., InProcessServer], smtp: SmtpSink
+) -> None:
     limits = {"enabled": True, "request_token_per_ip_burst": 2, "request_token_per_ip_per_minute": 1.0}
     # Not trusted: the header is ignored, so every request counts against 127.0.0.1.
-    untrusted = make_server(extra_config={"rate_limits": limits})
+    untrusted = make_inprocess_server(extra_config={"rate_limits": limits})
     with untrusted.new_client() as client:
         codes = [_request_token(client, f"198.51.100.{i}") for i in range(3)]
     assert codes == [200, 200, 429]
     # Trusted (the test talks from 127.0.0.1): each forwarded client has its own budget ...
-    trusted = make_server(extra_config={"rate_limits": limits, "listen": {"trusted_proxies": ["127.0.0.0/8"]}})
+    trusted = make_inprocess_server(
+        extra_config={"rate_limits": limits, "listen": {"trusted_proxies": ["127.0.0.0/8"]}}
+    )
     with trusted.new_client() as client:
         assert [_request_token(client, f"198.51.100.{i}") for i in range(3)] == [200, 200, 200]
         # ... and the right-most untrusted hop is the client, whatever the client claimed before it.
@@ -107,8 +118,8 @@ def test_x_forwarded_for_only_from_trusted_proxies(make_server, smtp) -> None:  
         assert _request_token(client, "not-an-ip") == 200  # malformed: the peer's own budget
 
 
-def test_store_invite_and_lookup_limits(make_server, smtp) -> None:  # type: ignore[no-untyped-def]
-    server = make_server(
+def test_store_invite_and_lookup_limits(make_inprocess_server: Callable[..., InProcessServer], smtp: SmtpSink) -> None:
+    server = make_inprocess_server(
         terms_path=None,
         extra_config={
             "rate_limits": {

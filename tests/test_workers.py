@@ -15,26 +15,28 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 import signedjson.key
 import signedjson.sign
+from support.clock import FakeClock, advance_until
 from support.db import DatabaseFactory, ScratchDatabase, run_sql
 from support.homeserver import HomeserverStandIn
+from support.inprocess import InProcessServer
 from support.server import (
     V2,
     IdentityApi,
     SydentServer,
     User,
-    now_ms,
     unique_email,
     wait_until,
 )
@@ -60,9 +62,16 @@ class Cluster:
     """Two servers (A, B) on one database, one signing key, one server name."""
 
     def __init__(
-        self, db: ScratchDatabase, a: SydentServer, b: SydentServer, smtp: SmtpSink, hs: HomeserverStandIn
+        self,
+        db: ScratchDatabase,
+        a: SydentServer,
+        b: SydentServer,
+        smtp: SmtpSink,
+        hs: HomeserverStandIn,
+        clock: FakeClock | None = None,
     ) -> None:
         self.db = db
+        self.clock = clock  # the one both run on, when they run in this process
         self.a = a
         self.b = b
         self.servers = [a, b]
@@ -97,21 +106,27 @@ def cluster_factory(
     clusters: list[Cluster] = []
     request.node.extra_sydent_servers = []  # shown when a test fails
 
-    def make(extra_config: dict[str, Any] | None = None) -> Cluster:
+    def make(extra_config: dict[str, Any] | None = None, in_process: bool = False) -> Cluster:
+        """`in_process`: both servers in this process, on one FakeClock (each with its own app,
+        connections and delivery loop: what workers share is the database)."""
         n = len(clusters) + 1
+        clock = FakeClock() if in_process else None
         db = pg.create()
         key_path = tmp_path / f"cluster{n}" / "signing.key"
         key_path.parent.mkdir(parents=True, exist_ok=True)
         load_or_create_signing_key(str(key_path))  # one key for both, as the deployment guide says
         servers: list[SydentServer] = []
         for label in ("A", "B"):
-            server = SydentServer(
-                tmp_path / f"cluster{n}" / label,
-                database_url=db.url,
-                smtp_port=smtp_sink.port,
-                ca_file=homeserver.ca_path,
-                extra_config=extra_config,
-                name=f"sydent_lite {label} (cluster {n})",
+            options: dict[str, Any] = {
+                "database_url": db.url,
+                "smtp_port": smtp_sink.port,
+                "ca_file": homeserver.ca_path,
+                "extra_config": extra_config,
+                "name": f"sydent_lite {label} (cluster {n})",
+            }
+            workdir = tmp_path / f"cluster{n}" / label
+            server = (
+                InProcessServer(workdir, clock=clock, **options) if in_process else SydentServer(workdir, **options)
             )
             servers.append(server)
         shared = {"server_name": servers[0].server_name, "signing_key_path": str(key_path)}
@@ -119,7 +134,7 @@ def cluster_factory(
             server.extra_config = {**server.extra_config, **shared}
         request.node.extra_sydent_servers.extend(servers)
         start_all(servers)
-        cluster = Cluster(db, servers[0], servers[1], smtp_sink, homeserver)
+        cluster = Cluster(db, servers[0], servers[1], smtp_sink, homeserver, clock)
         clusters.append(cluster)
         return cluster
 
@@ -151,13 +166,13 @@ def store_invite(api: IdentityApi, user: User, address: str) -> dict[str, Any]:
     resp = api.client.post(f"{V2}/store-invite", json=invite_body(api.hs, address, user.user_id), headers=user.headers)
     assert resp.status_code == 200, resp.text
     api.smtp.wait_for(address)  # the invitation mail
-    return resp.json()
+    return cast("dict[str, Any]", resp.json())
 
 
 # --- state shared through the database -------------------------------------------------------------
 
 
-def test_session_started_on_one_process_is_finished_on_the_other(cluster_factory) -> None:  # type: ignore[no-untyped-def]
+def test_session_started_on_one_process_is_finished_on_the_other(cluster_factory: Callable[..., Cluster]) -> None:
     c = cluster_factory()
     user = c.api_a.register()  # registered on A: the token works on B
     assert c.api_b.hash_details(user) == c.api_a.hash_details(user)  # one pepper
@@ -196,7 +211,9 @@ def test_session_started_on_one_process_is_finished_on_the_other(cluster_factory
     assert c.api_a.lookup_email(user, email) is None
 
 
-def test_concurrent_binds_of_one_address_leave_one_association(cluster_factory, homeserver: HomeserverStandIn) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_binds_of_one_address_leave_one_association(
+    cluster_factory: Callable[..., Cluster], homeserver: HomeserverStandIn
+) -> None:
     c = cluster_factory()
     email = unique_email("contested")
     # A pending invitation: whichever bind comes first queues its onbind, the others find it taken.
@@ -272,7 +289,9 @@ async def test_concurrent_migrations_take_turns(pg: DatabaseFactory) -> None:
 # --- background work: onbind callbacks --------------------------------------------------------------
 
 
-def test_each_onbind_callback_is_delivered_once(cluster_factory, homeserver: HomeserverStandIn) -> None:  # type: ignore[no-untyped-def]
+def test_each_onbind_callback_is_delivered_once(
+    cluster_factory: Callable[..., Cluster], homeserver: HomeserverStandIn
+) -> None:
     c = cluster_factory(FAST_RETRY)
     inviter = c.api_a.register()
     invitees = []
@@ -302,14 +321,25 @@ def test_each_onbind_callback_is_delivered_once(cluster_factory, homeserver: Hom
             homeserver.reset_onbind(user.user_id)
 
 
-def test_a_dead_workers_claim_is_taken_over(cluster_factory, homeserver: HomeserverStandIn) -> None:  # type: ignore[no-untyped-def]
-    # Retries far apart: only the lapsed claim can bring the callback back within the test.
-    c = cluster_factory({"invites": {"onbind_retry_initial_seconds": 600, "onbind_retry_max_seconds": 600}})
+def test_a_dead_workers_claim_is_taken_over(
+    cluster_factory: Callable[..., Cluster], homeserver: HomeserverStandIn
+) -> None:
+    # Retries far apart: only the lapsed claim can bring the callback back. In this process, on
+    # one fake clock: the lease and the servers' idle polls (30 s) pass in their time, not ours.
+    c = cluster_factory(
+        {"invites": {"onbind_retry_initial_seconds": 3600, "onbind_retry_max_seconds": 3600}}, in_process=True
+    )
+    clock = c.clock
+    assert clock is not None
     inviter = c.api_a.register()
     address = unique_email("orphan")
     token = store_invite(c.api_a, inviter, address)["token"]
     invitee = c.api_b.register()
     homeserver.set_onbind_status(invitee.user_id, 503)
+
+    def statuses() -> list[int | None]:
+        return [r.status for r in homeserver.onbind_requests(invitee.user_id)]
+
     try:
         c.api_b.bind_email(address, invitee)
         homeserver.wait_for_onbind(invitee.user_id, successful=False)
@@ -318,17 +348,22 @@ def test_a_dead_workers_claim_is_taken_over(cluster_factory, homeserver: Homeser
             what="first attempt recorded",
         )
         homeserver.set_onbind_status(invitee.user_id, None)
-        # As if a worker had claimed the callback (due now) and died: the lease runs 3 s more.
-        lease_until = now_ms() + 3000
-        run_sql(c.db, "UPDATE onbind_callbacks SET next_attempt_ts = $1, claimed_until = $2", now_ms(), lease_until)
-        time.sleep(1.5)
-        assert [r.status for r in homeserver.onbind_requests(invitee.user_id)] == [503], "a live claim was ignored"
-        success = homeserver.wait_for_onbind(invitee.user_id, timeout=45.0)
-        assert success.time * 1000 >= lease_until - 100  # not before the lease lapsed
+        # As if a worker had claimed the callback (due now) and died: its lease runs 5 minutes more.
+        now = clock.time_ms()
+        lease_until = now + 300_000
+        run_sql(c.db, "UPDATE onbind_callbacks SET next_attempt_ts = $1, claimed_until = $2", now, lease_until)
+        # Both servers look at the queue several times meanwhile (every 30 s): a live claim is left alone.
+        advance_until(clock, lambda: len(statuses()) > 1 or clock.time_ms() >= lease_until - 10_000, step=5.0)
+        assert statuses() == [503], "a live claim was ignored"
+        advance_until(clock, lambda: 200 in statuses(), step=5.0, what="the lapsed claim taken over")
+        assert clock.time_ms() >= lease_until, "taken before the lease lapsed"
+        success = homeserver.wait_for_onbind(invitee.user_id)
         assert [inv["token"] for inv in success.json["invites"]] == [token]
-        time.sleep(2.0)
-        assert [r.status for r in homeserver.onbind_requests(invitee.user_id)] == [503, 200]
-        assert run_sql(c.db, "SELECT count(*) AS n FROM onbind_callbacks")[0]["n"] == 0
+        wait_until(lambda: run_sql(c.db, "SELECT count(*) AS n FROM onbind_callbacks")[0]["n"] == 0, what="done")
+        for _ in range(10):  # well past any retry or poll: delivered once
+            clock.advance(60)
+            time.sleep(0.02)
+        assert statuses() == [503, 200]
     finally:
         homeserver.reset_onbind(invitee.user_id)
 
@@ -457,9 +492,11 @@ def test_serve_with_two_workers(
         server.stop()
     # SIGTERM to the parent stops the workers too.
     for kid in kids:
-        wait_until(
-            lambda k=kid: not Path(f"/proc/{k}").exists() or _is_zombie(k), timeout=15, what=f"worker {kid} gone"
-        )
+        wait_until(functools.partial(_gone, kid), timeout=15, what=f"worker {kid} gone")
+
+
+def _gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists() or _is_zombie(pid)
 
 
 def _is_zombie(pid: int) -> bool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -15,7 +14,9 @@ from typing import Any
 import pytest
 import signedjson.key
 import signedjson.sign
+from signedjson.types import SigningKey
 from support.homeserver import KEY_SERVER_PATH, HomeserverStandIn
+from support.smtp import free_port
 from unpaddedbase64 import encode_base64
 
 from sydent_lite.config import FederationConfig
@@ -100,7 +101,7 @@ def key_fetches(hs: HomeserverStandIn) -> int:
 
 def key_response(
     server_name: str,
-    signers: list[tuple[str, signedjson.key.SigningKey]],
+    signers: list[tuple[str, SigningKey]],
     *,
     verify_keys: dict[str, Any] | None = None,
     old_verify_keys: dict[str, Any] | None = None,
@@ -120,12 +121,12 @@ def key_response(
     return body
 
 
-def verify_entry(key: signedjson.key.SigningKey) -> dict[str, str]:
+def verify_entry(key: SigningKey) -> dict[str, str]:
     return {"key": encode_base64(key.verify_key.encode())}
 
 
 def sign_request(
-    signing_key: signedjson.key.SigningKey,
+    signing_key: SigningKey,
     origin: str,
     *,
     method: str = "POST",
@@ -159,12 +160,6 @@ async def verify(keys: ServerKeyStore, authorization: str | None, **kwargs: Any)
     args: dict[str, Any] = {"method": "POST", "uri": UNBIND_URI, "content": UNBIND_BODY, "our_server_name": OUR_NAME}
     args.update(kwargs)
     return await verify_request(keys, authorization=authorization, **args)
-
-
-def closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- header parsing -----------------------------------------------------------------------------
@@ -385,7 +380,7 @@ async def test_non_ed25519_key_id(hs: HomeserverStandIn, keys: ServerKeyStore) -
 
 async def test_unreachable_origin(fed: FederationClient, clock: FakeClock) -> None:
     keys = ServerKeyStore(fed, clock=clock)
-    origin = f"127.0.0.1:{closed_port()}"
+    origin = f"127.0.0.1:{free_port()}"
     header = sign_request(signedjson.key.generate_signing_key("k"), origin, content=UNBIND_BODY)
     with pytest.raises(XMatrixError, match="Could not fetch"):
         await verify(keys, header)
@@ -640,11 +635,11 @@ class ScriptedClient:
     """Answers key requests for any server name with a fresh, correctly signed response."""
 
     def __init__(self) -> None:
-        self.signing_keys: dict[str, signedjson.key.SigningKey] = {}
+        self.signing_keys: dict[str, SigningKey] = {}
         self.fetches: list[str] = []
         self.gate: asyncio.Event | None = None
 
-    def key_for(self, server_name: str) -> signedjson.key.SigningKey:
+    def key_for(self, server_name: str) -> SigningKey:
         return self.signing_keys.setdefault(server_name, signedjson.key.generate_signing_key("k1"))
 
     async def request_json(self, method: str, server_name: str, path: str, **_kw: Any) -> tuple[int, object]:

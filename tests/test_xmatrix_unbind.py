@@ -16,18 +16,12 @@ import httpx
 import pytest
 import signedjson.key
 import signedjson.sign
+from support.asserts import assert_error
 from support.homeserver import KEY_SERVER_PATH, OPENID_USERINFO_PATH, HomeserverStandIn, RecordedRequest
+from support.inprocess import InProcessServer
 from support.server import V1, V2, IdentityApi, SydentServer, User, unique_email
 
 OTHER_SERVER = "other.example.test:8448"
-
-
-def assert_error(resp: httpx.Response, status: int, errcode: str) -> dict[str, Any]:
-    assert resp.status_code == status, f"{resp.request.method} {resp.request.url}: {resp.status_code} {resp.text}"
-    assert resp.headers.get("content-type", "").startswith("application/json"), resp.headers
-    body = resp.json()
-    assert body.get("errcode") == errcode, body
-    return body
 
 
 def unbind_body(mxid: str, address: str) -> dict[str, Any]:
@@ -224,11 +218,11 @@ def _key_requests(hs: HomeserverStandIn, since: float) -> list[RecordedRequest]:
 
 
 def test_expired_homeserver_key_is_refused(
-    make_server: Callable[..., SydentServer],
+    make_inprocess_server: Callable[..., InProcessServer],
     api_for: Callable[[SydentServer], IdentityApi],
     homeserver: HomeserverStandIn,
 ) -> None:
-    server = make_server()  # a fresh server: nothing cached about the stand-in's keys
+    server = make_inprocess_server()  # a fresh server: nothing cached about the stand-in's keys
     api = api_for(server)
     user = api.register()
     address = unique_email("xexpired")
@@ -259,12 +253,12 @@ def test_expired_homeserver_key_is_refused(
 
 
 def test_blocked_homeserver_address(
-    make_server: Callable[..., SydentServer],
+    make_inprocess_server: Callable[..., InProcessServer],
     api_for: Callable[[SydentServer], IdentityApi],
     homeserver: HomeserverStandIn,
 ) -> None:
     # 127.0.0.1 is not allowed any more: the stand-in may not be contacted.
-    server = make_server(extra_config={"federation": {"ip_allowlist": []}})
+    server = make_inprocess_server(extra_config={"federation": {"ip_allowlist": []}})
     api = api_for(server)
     since = time.time()
 

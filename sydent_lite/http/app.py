@@ -262,7 +262,7 @@ async def _periodic_cleanup(ctx: AppContext) -> None:
             removed = await ctx.sessions.delete_expired()
             if removed:
                 logger.info("removed %d expired validation sessions", removed)
-            pruned = await ctx.lookup_index.prune()
+            pruned = await ctx.peppers.prune()
             if pruned:
                 logger.debug("pruned %d association change-log rows", pruned)
             invites, callbacks = await ctx.invites.expire()
@@ -335,7 +335,7 @@ def create_app(config: Config, context_factory: Callable[[Config], object] = bui
         tasks = [
             asyncio.create_task(_periodic_cleanup(ctx)),
             asyncio.create_task(_deliver_onbind(ctx)),
-            asyncio.create_task(ctx.lookup_index.run()),
+            asyncio.create_task(ctx.peppers.run()),
         ]
         try:
             yield

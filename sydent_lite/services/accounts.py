@@ -5,12 +5,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 
+from sydent_lite.clock import SYSTEM_CLOCK, Clock
 from sydent_lite.config import RateLimitConfig
 from sydent_lite.errors import ErrorCode, MatrixError, invalid_param, unauthorized
 from sydent_lite.federation.client import FederationClient
 from sydent_lite.federation.openid import OpenIdError, exchange_openid_token
 from sydent_lite.federation.resolver import parse_server_name
-from sydent_lite.secrets_util import hash_secret, now_ms, random_string
+from sydent_lite.secrets_util import hash_secret, random_string
 from sydent_lite.services.access import HomeserverAllowList
 from sydent_lite.services.ratelimit import RateLimiter, client_subject
 from sydent_lite.storage.accounts import AccountStore
@@ -40,9 +41,11 @@ class AccountService:
         rate_limiter: RateLimiter | None = None,
         limits: RateLimitConfig | None = None,
         allow_list: HomeserverAllowList | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._allow_list = allow_list
         self._store = store
+        self._clock = clock
         self._federation = federation
         self._limiter = rate_limiter if rate_limiter is not None else RateLimiter(False)
         self._limits = limits if limits is not None else RateLimitConfig()
@@ -72,7 +75,7 @@ class AccountService:
         if self._allow_list is not None:
             self._allow_list.check_user(user_id)  # the OpenID `sub`'s server, whatever was asked
         token = random_string(TOKEN_LENGTH)
-        await self._store.add_token(hash_secret(token), user_id, now_ms())
+        await self._store.add_token(hash_secret(token), user_id, self._clock.time_ms())
         logger.info("registered an identity-server token for a user of %s", matrix_server_name)
         return token
 

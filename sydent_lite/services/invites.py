@@ -11,11 +11,12 @@ import signedjson.key
 import signedjson.sign
 from unpaddedbase64 import encode_base64
 
+from sydent_lite.clock import SYSTEM_CLOCK, Clock
 from sydent_lite.config import Config, ConfigError
 from sydent_lite.delivery.email import EmailSender, EmailSendError
 from sydent_lite.errors import ErrorCode, MatrixError, invalid_param
 from sydent_lite.observability import metrics
-from sydent_lite.secrets_util import now_ms, random_string, secrets_equal
+from sydent_lite.secrets_util import random_string, secrets_equal
 from sydent_lite.signing import ServerSigner
 from sydent_lite.storage.associations import AssociationStore
 from sydent_lite.storage.invites import InviteStore, StoredInvite
@@ -151,6 +152,7 @@ class InviteService:
         signer: ServerSigner,
         templates: TemplateStore,
         email: EmailSender,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._config = config
         self._store = store
@@ -158,6 +160,7 @@ class InviteService:
         self._signer = signer
         self._templates = templates
         self._email = email
+        self._clock = clock
         invites = config.invites
         self._blocked_servers = frozenset(server.lower() for server in invites.blocked_homeservers)
         self._blocked_rooms = frozenset(invites.blocked_room_ids)
@@ -221,7 +224,7 @@ class InviteService:
                 room_id=fields["room_id"],
                 sender=fields["sender"],
                 ephemeral_public_key=ephemeral_public,
-                created_ts=now_ms(),
+                created_ts=self._clock.time_ms(),
             )
         )
         base = self._config.base_url
@@ -347,13 +350,13 @@ class InviteService:
         metrics.EMAILS_SENT.labels(kind="invite").inc()
 
     async def ephemeral_key_is_valid(self, public_key: str) -> bool:
-        return await self._store.ephemeral_key_exists(public_key, now_ms() - self._expiry_ms)
+        return await self._store.ephemeral_key_exists(public_key, self._clock.time_ms() - self._expiry_ms)
 
     async def sign_ed25519(self, mxid: str, token: str, private_key: str) -> dict[str, Any]:
         """Sign {mxid, sender, token} with the invitation's ephemeral key, which the caller must
         hold: the token alone is public (it is the state key of the room's invite event)."""
         invite = await self._store.get(token)
-        if invite is None or invite.created_ts < now_ms() - self._expiry_ms:
+        if invite is None or invite.created_ts < self._clock.time_ms() - self._expiry_ms:
             raise MatrixError(404, ErrorCode.UNRECOGNIZED, "Didn't recognise token")
         try:
             key = signedjson.key.decode_signing_key_base64("ed25519", "0", private_key)
@@ -370,4 +373,4 @@ class InviteService:
         )
 
     async def expire(self) -> tuple[int, int]:
-        return await self._store.delete_older_than(now_ms() - self._expiry_ms)
+        return await self._store.delete_older_than(self._clock.time_ms() - self._expiry_ms)

@@ -14,6 +14,9 @@ here. Which confirmer a server uses is chosen once, at start (context.py):
 
 Besides the two confirmations, a confirmer says how the index loads (what it scans of the
 table, feeding itself on the way) and takes the log's changes as the index applies them.
+
+Each confirmer reads one hash slot of the table (storage.peppers: one per live pepper); during
+a rotation a process holds one index, and so one confirmer, per live pepper.
 """
 
 from __future__ import annotations
@@ -36,7 +39,18 @@ class FilterKeys(NamedTuple):
     threepids: Iterable[tuple[str, str]]  # (medium, address)
 
 
+def row_hash(row: IndexRow, slot: int) -> str:
+    """The row's lookup hash in hash slot `slot`."""
+    return (row.lookup_hash if slot == 0 else row.lookup_hash_b) or ""
+
+
+def change_hash(change: Change, slot: int) -> str:
+    return change.lookup_hash if slot == 0 else change.lookup_hash_b
+
+
 class CandidateConfirmer(ABC):
+    slot: int = 0
+
     @abstractmethod
     async def confirm_hashes(self, hashes: Sequence[str]) -> dict[str, str]:
         """lookup hash -> mxid for the bound ones among `hashes`."""
@@ -64,11 +78,12 @@ class CandidateConfirmer(ABC):
 class DatabaseConfirmer(CandidateConfirmer):
     """Candidates confirmed by an indexed read of the database; nothing held."""
 
-    def __init__(self, associations: AssociationStore) -> None:
+    def __init__(self, associations: AssociationStore, slot: int = 0) -> None:
         self._associations = associations
+        self.slot = slot
 
     async def confirm_hashes(self, hashes: Sequence[str]) -> dict[str, str]:
-        return await self._associations.mxids_by_hash(hashes)
+        return await self._associations.mxids_by_hash(hashes, self.slot)
 
     async def confirm_addresses(self, medium: str, addresses: Sequence[str]) -> dict[str, str]:
         return await self._associations.mxids_by_address(medium, addresses)
@@ -79,7 +94,7 @@ class DatabaseConfirmer(CandidateConfirmer):
     async def load(self) -> AsyncIterator[FilterKeys]:
         # Two scans of indexes that cover the columns: the table's rows (each with its signed
         # association) are not read.
-        async for hashes in self._associations.all_hashes():
+        async for hashes in self._associations.all_hashes(slot=self.slot):
             yield FilterKeys(hashes, ())
         async for threepids in self._associations.all_threepids():
             yield FilterKeys((), threepids)
@@ -91,10 +106,13 @@ class DatabaseConfirmer(CandidateConfirmer):
 class MemoryConfirmer(CandidateConfirmer):
     """Candidates confirmed in an exact in-memory table of every lookup hash and its mxid."""
 
-    def __init__(self, associations: AssociationStore, pepper: str, table: MxidTable | None = None) -> None:
-        """`pepper`: the one every stored lookup hash is computed with (services.hashing)."""
+    def __init__(
+        self, associations: AssociationStore, pepper: str, table: MxidTable | None = None, slot: int = 0
+    ) -> None:
+        """`pepper`: the one every lookup hash of slot `slot` is computed with (services.peppers)."""
         self._associations = associations
         self._pepper = pepper
+        self.slot = slot
         self._table = table if table is not None else MxidTable()
 
     async def confirm_hashes(self, hashes: Sequence[str]) -> dict[str, str]:
@@ -105,22 +123,24 @@ class MemoryConfirmer(CandidateConfirmer):
         return {by_hash[h]: mxid for h, mxid in self._table.get_many(by_hash).items()}
 
     def empty(self) -> MemoryConfirmer:
-        return MemoryConfirmer(self._associations, self._pepper)
+        return MemoryConfirmer(self._associations, self._pepper, slot=self.slot)
 
     async def load(self) -> AsyncIterator[FilterKeys]:
         # One pass over the whole rows: PostgreSQL reads them from the table anyway (its
         # index-only scans need a vacuumed table).
         self._table = table = MxidTable(await self._associations.count())
         async for batch in self._associations.all_index_columns():
-            deque(map(table.set, batch.lookup_hashes, batch.mxids, batch.ids), maxlen=0)
-            yield FilterKeys(batch.lookup_hashes, zip(batch.media, batch.addresses, strict=True))
+            hashes = batch.lookup_hashes if self.slot == 0 else [h or "" for h in batch.lookup_hashes_b]
+            deque(map(table.set, hashes, batch.mxids, batch.ids), maxlen=0)
+            yield FilterKeys(hashes, zip(batch.media, batch.addresses, strict=True))
 
     def apply(self, changes: Sequence[Change], current: Sequence[IndexRow]) -> None:
         # A removal drops its hash (if it is still that association's); an addition sets the
         # row's hash and mxid as they are now (any later change of that row follows in the log).
         now = {row.id: row for row in current}
+        slot = self.slot
         for change in changes:
             if not change.present:
-                self._table.discard(change.lookup_hash, change.association_id)
+                self._table.discard(change_hash(change, slot), change.association_id)
             elif (row := now.get(change.association_id)) is not None:
-                self._table.set(row.lookup_hash, row.mxid, row.id)
+                self._table.set(row_hash(row, slot), row.mxid, row.id)

@@ -42,8 +42,8 @@ from collections.abc import Collection, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import compress, islice, repeat
 
-from sydent_lite.secrets_util import now_ms
-from sydent_lite.services.lookup_confirmers import CandidateConfirmer
+from sydent_lite.clock import SYSTEM_CLOCK, Clock
+from sydent_lite.services.lookup_confirmers import CandidateConfirmer, row_hash
 from sydent_lite.storage.association_changes import CHANGES_PER_READ, AssociationChangeStore, Change
 from sydent_lite.storage.associations import AssociationStore
 
@@ -118,10 +118,15 @@ class _Held:
 
 class LookupIndex:
     def __init__(
-        self, changes: AssociationChangeStore, associations: AssociationStore, confirmer: CandidateConfirmer
+        self,
+        changes: AssociationChangeStore,
+        associations: AssociationStore,
+        confirmer: CandidateConfirmer,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         """`confirmer`: where candidates are confirmed (services.lookup_confirmers)."""
         self._store = changes
+        self._clock = clock
         self._associations = associations
         self._held = _Held(SlotFilter((), 0), SlotFilter((), 0), confirmer.empty())
         self._lock = asyncio.Lock()
@@ -191,7 +196,8 @@ class LookupIndex:
         present_ids = [c.association_id for c in changes if c.present]
         # The rows as they are now (the log holds only the lookup hash and the row id).
         current = await self._associations.index_rows_by_id(present_ids) if present_ids else []
-        held.hashes.add(_keys([row.lookup_hash for row in current]))
+        slot = held.confirmer.slot
+        held.hashes.add(_keys([row_hash(row, slot) for row in current]))
         held.threepids.add(_keys([(row.medium, row.address) for row in current]))
         held.stale += len(changes) - len(present_ids)
         held.confirmer.apply(changes, current)
@@ -231,19 +237,23 @@ class LookupIndex:
     async def run(self) -> None:
         """Background: keep up with other processes' binds, reload after falling behind pruning."""
         while True:
-            await asyncio.sleep(BACKGROUND_REFRESH_SECONDS)
+            await self._clock.sleep(BACKGROUND_REFRESH_SECONDS)
             try:
-                held = self._held
-                if await self._store.pruned_through() > held.last_id:
-                    logger.warning("lookup index fell behind the change log; reloading")
-                    await self.load()
-                elif held.stale > max(MAX_STALE, len(self) // 4) or held.hashes.crowded or held.threepids.crowded:
-                    logger.info("lookup index: rebuilding (%d associations, %d removed)", len(self), held.stale)
-                    await self.load(block_lookups=False)
-                else:
-                    await self.catch_up()
+                await self.maintain()
             except Exception:
                 logger.exception("lookup index refresh failed; will retry")
 
+    async def maintain(self) -> None:
+        """One step of the background work: catch up, rebuild, or reload after falling behind."""
+        held = self._held
+        if await self._store.pruned_through() > held.last_id:
+            logger.warning("lookup index fell behind the change log; reloading")
+            await self.load()
+        elif held.stale > max(MAX_STALE, len(self) // 4) or held.hashes.crowded or held.threepids.crowded:
+            logger.info("lookup index: rebuilding (%d associations, %d removed)", len(self), held.stale)
+            await self.load(block_lookups=False)
+        else:
+            await self.catch_up()
+
     async def prune(self) -> int:
-        return await self._store.prune(now_ms() - KEEP_CHANGES_MS)
+        return await self._store.prune(self._clock.time_ms() - KEEP_CHANGES_MS)

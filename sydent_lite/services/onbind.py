@@ -25,18 +25,17 @@ The backoff of a destination is this worker's own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
 
+from sydent_lite.clock import SYSTEM_CLOCK, Clock
 from sydent_lite.config import InviteConfig
 from sydent_lite.federation.client import (
     FederationClient,
     FederationError,
     OutboundPolicyError,
 )
-from sydent_lite.secrets_util import now_ms
 from sydent_lite.storage.invites import InviteStore, PendingCallback
 
 logger = logging.getLogger(__name__)
@@ -68,9 +67,15 @@ class _Destination:
 
 class OnbindDelivery:
     def __init__(
-        self, config: InviteConfig, store: InviteStore, federation: FederationClient, request_timeout: float
+        self,
+        config: InviteConfig,
+        store: InviteStore,
+        federation: FederationClient,
+        request_timeout: float,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._config = config
+        self._clock = clock
         self._store = store
         self._federation = federation
         # A claim outlives any one delivery attempt; a crashed worker's claims lapse after it.
@@ -100,8 +105,7 @@ class OnbindDelivery:
                 except Exception:
                     logger.exception("onbind delivery pass failed; will retry")
                     timeout = IDLE_POLL_SECONDS
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                await self._clock.wait_for(self._wake, timeout)
         finally:
             tasks = [d.task for d in self._destinations.values() if d.task is not None]
             for task in tasks:
@@ -112,7 +116,7 @@ class OnbindDelivery:
 
     async def _dispatch(self) -> None:
         """Start a task for each destination with callbacks due, neither served nor backing off."""
-        now = now_ms()
+        now = self._clock.time_ms()
         self._forget_settled(now)
         served = sum(1 for d in self._destinations.values() if d.task is not None)
         backing_off = sum(1 for d in self._destinations.values() if d.task is None and d.backing_off(now))
@@ -131,7 +135,7 @@ class OnbindDelivery:
                 free -= 1
 
     async def _time_to_next_pass(self) -> float:
-        now = now_ms()
+        now = self._clock.time_ms()
         wake_at = [d.retry_at for d in self._destinations.values() if d.task is None and d.backing_off(now)]
         next_due = await self._store.next_due_ts(now)
         if next_due is not None:
@@ -156,10 +160,10 @@ class OnbindDelivery:
             while True:
                 state.wake.clear()
                 room = self._per_destination - len(in_flight)
-                if room > 0 and not state.backing_off(now_ms()):
-                    for callback in await self._store.due_callbacks_to(destination, now_ms(), room):
+                if room > 0 and not state.backing_off(self._clock.time_ms()):
+                    for callback in await self._store.due_callbacks_to(destination, self._clock.time_ms(), room):
                         # Claimed right before it is sent: another worker may have taken it.
-                        now = now_ms()
+                        now = self._clock.time_ms()
                         if await self._store.claim(callback.id, now, now + self._lease_ms):
                             in_flight.add(asyncio.create_task(self._deliver(callback, state)))
                 if not in_flight:
@@ -172,7 +176,7 @@ class OnbindDelivery:
                 in_flight = {t for t in in_flight if not t.done()}
         except Exception:
             logger.exception("onbind delivery to %s failed; will retry", destination)
-            state.retry_at = max(state.retry_at, now_ms() + int(ERROR_PAUSE_SECONDS * 1000))
+            state.retry_at = max(state.retry_at, self._clock.time_ms() + int(ERROR_PAUSE_SECONDS * 1000))
         finally:
             for task in in_flight:
                 task.cancel()
@@ -181,7 +185,7 @@ class OnbindDelivery:
             self.notify()  # its slot is free
 
     async def _deliver(self, callback: PendingCallback, state: _Destination) -> None:
-        started = now_ms()
+        started = self._clock.time_ms()
         try:
             async with asyncio.timeout(self._attempt_timeout):
                 status, _ = await self._federation.request_json(
@@ -196,11 +200,11 @@ class OnbindDelivery:
             if problem is None:
                 state.failures, state.retry_at = 0, 0
                 await self._store.mark_delivered(
-                    callback.id, now_ms(), delete_invites=self._config.delete_tokens_on_bind
+                    callback.id, self._clock.time_ms(), delete_invites=self._config.delete_tokens_on_bind
                 )
                 logger.info("onbind callback %d delivered to %s", callback.id, callback.destination)
                 return
-            now = now_ms()
+            now = self._clock.time_ms()
             # Attempts begun before the last failure counted belong to the same outage.
             if started >= state.failed_at:
                 state.failures += 1

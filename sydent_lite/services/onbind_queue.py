@@ -15,8 +15,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from sydent_lite.clock import SYSTEM_CLOCK, Clock
 from sydent_lite.config import InviteConfig
-from sydent_lite.secrets_util import now_ms
 from sydent_lite.signing import ServerSigner
 from sydent_lite.storage.invites import BoundAddress, CallbackRequest, InviteStore, StoredInvite
 from sydent_lite.threepids import user_id_server
@@ -34,10 +34,12 @@ class OnbindQueue:
         config: InviteConfig,
         store: InviteStore,
         on_queued: Callable[[], None] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._signer = signer
         self._expiry_ms = config.expiry_seconds * 1000
         self._store = store
+        self._clock = clock
         # Told when a callback was queued (the delivery loop, to send it now).
         self._on_queued = on_queued
 
@@ -61,7 +63,7 @@ class OnbindQueue:
             ]
             return json.dumps(self._signer.sign(body))
 
-        now = now_ms()
+        now = self._clock.time_ms()
         return CallbackRequest(
             medium=medium,
             address=address,
@@ -80,7 +82,7 @@ class OnbindQueue:
         are missing; returns how many. Idempotent; safe in several workers at once."""
         queued = 0
         while True:
-            batch = await self._store.bound_without_callback(now_ms() - self._expiry_ms, REPAIR_BATCH)
+            batch = await self._store.bound_without_callback(self._clock.time_ms() - self._expiry_ms, REPAIR_BATCH)
             queued_now = 0
             for bound in batch:
                 request = self._request_for_stored(bound)

@@ -33,12 +33,12 @@ import ipaddress
 import logging
 import math
 import re
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Protocol
 
+from sydent_lite.clock import SYSTEM_CLOCK, Clock
 from sydent_lite.errors import ErrorCode, MatrixError
 from sydent_lite.observability import metrics
 from sydent_lite.token_bucket import refill, take_amount
@@ -150,13 +150,14 @@ def horizon_ms(limits: Iterable[tuple[float, int]]) -> int:
 class MemoryRateLimitStore:
     """This process's memory only: right for a single process, wrong for several."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill, ms)
 
     async def take(
         self, key: str, rate_per_second: float, burst: int, want: int = 1, need: int = 1
     ) -> tuple[int, float]:
-        now = time.monotonic() * 1000
+        now = self._clock.monotonic() * 1000
         tokens, last = self._buckets.get(key, (float(burst), now))
         tokens = refill(tokens, now - last, rate_per_second, burst)
         taken = take_amount(tokens, want, need)
@@ -251,17 +252,20 @@ _MAX_LEASES = 10_000
 
 
 class RateLimiter:
-    def __init__(self, enabled: bool, store: RateLimitStore | None = None) -> None:
+    def __init__(self, enabled: bool, store: RateLimitStore | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
         self.enabled = enabled
-        self.store: RateLimitStore = store if store is not None else MemoryRateLimitStore()
+        self._clock = clock
+        self.store: RateLimitStore = store if store is not None else MemoryRateLimitStore(clock)
         self._leases: dict[str, tuple[int, float]] = {}  # key -> (tokens in hand, expiry)
         self._taking: dict[str, asyncio.Future[None]] = {}  # key -> the store take under way
 
     @classmethod
-    def from_config(cls, config: RateLimitConfig, database: Database | None = None) -> RateLimiter:
+    def from_config(
+        cls, config: RateLimitConfig, database: Database | None = None, clock: Clock = SYSTEM_CLOCK
+    ) -> RateLimiter:
         """Redis when `redis_url` is set, else the database (else, with neither, this process)."""
         if not config.enabled:
-            return cls(False)
+            return cls(False, clock=clock)
         horizon = horizon_ms(
             [
                 (config.request_token_per_ip_per_minute / 60, config.request_token_per_ip_burst),
@@ -277,12 +281,12 @@ class RateLimiter:
             ]
         )
         if config.redis_url:
-            return cls(True, RedisRateLimitStore(config.redis_url, horizon))
+            return cls(True, RedisRateLimitStore(config.redis_url, horizon), clock)
         if database is not None:
             from sydent_lite.storage.ratelimits import DatabaseRateLimitStore
 
-            return cls(True, DatabaseRateLimitStore(database, horizon))
-        return cls(True)
+            return cls(True, DatabaseRateLimitStore(database, horizon, clock), clock)
+        return cls(True, clock=clock)
 
     async def check(self, key: str, rate_per_second: float, burst: int, cost: int = 1) -> None:
         """Take `cost` tokens for `key` (all or none) or raise 429 M_LIMIT_EXCEEDED with
@@ -308,7 +312,7 @@ class RateLimiter:
         try:
             # What the lease still holds counts towards the cost; the store gives the rest.
             in_hand, expires = self._leases.pop(key, (0, 0.0))
-            if time.monotonic() >= expires:
+            if self._clock.monotonic() >= expires:
                 in_hand = 0
             need = cost - in_hand
             want = max(need, min(MAX_LEASE * cost, burst // LEASE_DIVISOR))
@@ -317,7 +321,7 @@ class RateLimiter:
             if left > 0:
                 if len(self._leases) >= _MAX_LEASES:
                     self._leases.clear()  # bounded; dropping leases only makes the limit stricter
-                self._leases[key] = (left, time.monotonic() + LEASE_SECONDS if taken else expires)
+                self._leases[key] = (left, self._clock.monotonic() + LEASE_SECONDS if taken else expires)
         finally:
             del self._taking[key]
             done.set_result(None)
@@ -331,7 +335,7 @@ class RateLimiter:
 
     def _spend_lease(self, key: str, cost: int) -> bool:
         in_hand, expires = self._leases.get(key, (0, 0.0))
-        if in_hand >= cost and time.monotonic() < expires:
+        if in_hand >= cost and self._clock.monotonic() < expires:
             self._leases[key] = (in_hand - cost, expires)
             return True
         return False

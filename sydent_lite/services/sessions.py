@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlencode
 
+from sydent_lite.clock import SYSTEM_CLOCK, Clock
 from sydent_lite.config import Config
 from sydent_lite.delivery.email import EmailSender, EmailSendError
 from sydent_lite.delivery.sms import SmsProvider, SmsSendError, originator_for
@@ -18,7 +19,7 @@ from sydent_lite.errors import (
     session_not_validated,
 )
 from sydent_lite.observability import metrics
-from sydent_lite.secrets_util import hash_secret, now_ms, random_string, secrets_equal
+from sydent_lite.secrets_util import hash_secret, random_string, secrets_equal
 from sydent_lite.services.ratelimit import RateLimiter, client_subject
 from sydent_lite.storage.sessions import SessionStore, ValidationSession
 from sydent_lite.templating import TemplateStore
@@ -56,6 +57,7 @@ class SessionService:
         email_sender: EmailSender,
         sms_provider: SmsProvider,
         rate_limiter: RateLimiter,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._config = config
         self._store = store
@@ -63,6 +65,7 @@ class SessionService:
         self._email = email_sender
         self._sms = sms_provider
         self._limits = rate_limiter
+        self._clock = clock
         self._lifetime_ms = config.sessions.lifetime_seconds * 1000
 
     def _expired(self, session: ValidationSession, now: int) -> bool:
@@ -149,7 +152,7 @@ class SessionService:
         send: Callable[[str, str], Awaitable[None]],
     ) -> str:
         secret_hash = hash_secret(client_secret)
-        now = now_ms()
+        now = self._clock.time_ms()
         existing = await self._store.find(medium, address, secret_hash)
         # An expired or dead session is never handed back: the same key starts a new one.
         if existing is not None and not self._expired(existing, now) and not self._dead(existing):
@@ -263,7 +266,7 @@ class SessionService:
         # session's holder can use up (and so kill) the session.
         if not secrets_equal(session.client_secret_hash, hash_secret(client_secret)):
             raise TokenIncorrect()
-        now = now_ms()
+        now = self._clock.time_ms()
         if self._expired(session, now):
             raise session_expired()
         token_hash = hash_secret(token)
@@ -295,7 +298,7 @@ class SessionService:
     async def delete_expired(self) -> int:
         """Forget sessions expired for a whole further lifetime (until then they still answer
         M_SESSION_EXPIRED rather than M_NO_VALID_SESSION)."""
-        return await self._store.delete_expired(now_ms() - 2 * self._lifetime_ms)
+        return await self._store.delete_expired(self._clock.time_ms() - 2 * self._lifetime_ms)
 
     async def get_session(self, sid: str) -> ValidationSession | None:
         return await self._store.get(sid)
@@ -305,7 +308,7 @@ class SessionService:
         session = await self._session_with_secret(sid, client_secret)
         if session is None:
             raise no_valid_session()
-        if self._expired(session, now_ms()):
+        if self._expired(session, self._clock.time_ms()):
             raise session_expired()
         if not session.validated:
             raise session_not_validated()

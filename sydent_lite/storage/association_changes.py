@@ -19,12 +19,13 @@ CHANGES_PER_READ = 10_000
 
 class Change(NamedTuple):
     """One row of the log: association `association_id` now has (`present`) or no longer has
-    `lookup_hash`."""
+    `lookup_hash` (hash slot 0) and `lookup_hash_b` (slot 1; "" for none)."""
 
     id: int
     lookup_hash: str
     association_id: int
     present: bool
+    lookup_hash_b: str = ""
 
 
 class AssociationChangeStore:
@@ -33,7 +34,7 @@ class AssociationChangeStore:
         self._reader = reader = database.reader
         # Before every lookup: the hot reader.
         self._since_sql = (
-            "SELECT id, lookup_hash, association_id, present FROM association_changes"
+            "SELECT id, lookup_hash, association_id, present, lookup_hash_b FROM association_changes"
             f" WHERE id > {reader.param(1)} ORDER BY id LIMIT {reader.param(2)}"
         )
 
@@ -45,7 +46,7 @@ class AssociationChangeStore:
         """The changes after last_id, oldest first."""
         rows = await self._reader.all(self._since_sql, (last_id, limit))
         # SQLite stores `present` as 0 or 1.
-        return [Change(change_id, h, association_id, bool(present)) for change_id, h, association_id, present in rows]
+        return [Change(i, h, association_id, bool(present), hb) for i, h, association_id, present, hb in rows]
 
     async def pruned_through(self) -> int:
         query = select(server_state.c.value).where(server_state.c.name == PRUNED_THROUGH)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sydent_lite.storage.database import Database
 from sydent_lite.storage.dialect import insert_for
 from sydent_lite.storage.invites import CallbackRequest, queue_callback_on
+from sydent_lite.storage.peppers import SLOT_COLUMNS, live_peppers_on
 from sydent_lite.storage.tables import associations as assoc
 
 
@@ -19,12 +20,17 @@ from sydent_lite.storage.tables import associations as assoc
 class StoredAssociation:
     medium: str
     address: str
-    lookup_hash: str
+    lookup_hash: str  # slot 0's hash (storage.peppers); "" if no live pepper owns the slot
     mxid: str
     ts: int
     not_before: int
     not_after: int
     signed_json: str
+    lookup_hash_b: str | None = None  # slot 1's
+
+
+# The live pepper of each hash slot, as a bind saw it (None: no live pepper there).
+LivePeppers = tuple[str | None, str | None]
 
 
 class IndexRow(NamedTuple):
@@ -35,6 +41,7 @@ class IndexRow(NamedTuple):
     address: str
     lookup_hash: str
     mxid: str
+    lookup_hash_b: str | None
 
 
 class IndexColumns(NamedTuple):
@@ -46,6 +53,7 @@ class IndexColumns(NamedTuple):
     addresses: Sequence[str]
     lookup_hashes: Sequence[str]
     mxids: Sequence[str]
+    lookup_hashes_b: Sequence[str | None]
 
 
 _INDEX_COLUMNS = ", ".join(IndexRow._fields)
@@ -66,6 +74,7 @@ async def _upsert_on(conn: AsyncConnection, a: StoredAssociation) -> None:
 class AssociationStore:
     def __init__(self, database: Database) -> None:
         self._db = database
+        self.database = database
         self._reader = reader = database.reader
         # v1 lookup's hot path.
         where = f"medium = {reader.param(1)} AND address = {reader.param(2)}"
@@ -76,7 +85,14 @@ class AssociationStore:
         async with self._db.begin() as conn:
             await _upsert_on(conn, a)
 
-    async def bind(self, a: StoredAssociation, callback: CallbackRequest | None) -> int | None:
+    async def bind(
+        self,
+        a: StoredAssociation,
+        callback: CallbackRequest | None,
+        peppers: LivePeppers | None = None,
+        rehash: Callable[[LivePeppers], StoredAssociation] | None = None,
+        now: int = 0,
+    ) -> int | None:
         """Store the association and queue the onbind callback of the 3PID's pending invites,
         in one transaction: both are stored or neither is (a crash in between cannot leave a
         bound address whose invites are never sent). Returns the callback id, if one was queued.
@@ -84,9 +100,18 @@ class AssociationStore:
         The upsert comes first: it takes the 3PID's row lock (PostgreSQL) or the write lock
         (SQLite), so concurrent binds of one address take turns, and the later ones find the
         invites already claimed.
+
+        `peppers`: the live peppers `a` was hashed for. Read again after the upsert, under the
+        lock that a rotation's start takes too (storage.peppers): if a rotation started
+        meanwhile, the row is written again with `rehash(peppers as they are)`, so that no
+        bind is left without the new pepper's hash.
         """
         async with self._db.begin() as conn:
             await _upsert_on(conn, a)
+            if peppers is not None and rehash is not None:
+                live = await live_peppers_on(conn, now)
+                if live != peppers:
+                    await _upsert_on(conn, rehash(live))
             return await queue_callback_on(conn, callback) if callback is not None else None
 
     async def delete(self, medium: str, address: str, mxid: str) -> bool:
@@ -100,11 +125,13 @@ class AssociationStore:
         found = await self._reader.first(self._get_sql, (medium, address))
         return StoredAssociation(*found) if found else None
 
-    async def mxids_by_hash(self, hashes: Sequence[str]) -> dict[str, str]:
-        """lookup_hash -> mxid for the bound ones among `hashes` (the lookup index's candidates)."""
+    async def mxids_by_hash(self, hashes: Sequence[str], slot: int = 0) -> dict[str, str]:
+        """lookup hash (of hash slot `slot`) -> mxid for the bound ones among `hashes` (the lookup
+        index's candidates)."""
+        column = SLOT_COLUMNS[slot]
         found: dict[str, str] = {}
-        for among, args in self._reader.in_list("lookup_hash", list(set(hashes)), 1):
-            found.update(await self._reader.all(f"SELECT lookup_hash, mxid FROM {assoc.name} WHERE {among}", args))
+        for among, args in self._reader.in_list(column, list(set(hashes)), 1):
+            found.update(await self._reader.all(f"SELECT {column}, mxid FROM {assoc.name} WHERE {among}", args))
         return found
 
     async def mxids_by_address(self, medium: str, addresses: Sequence[str]) -> dict[str, str]:
@@ -124,10 +151,10 @@ class AssociationStore:
             rows += map(IndexRow._make, found)
         return rows
 
-    async def all_hashes(self, batch: int = 2_000) -> AsyncIterator[list[str]]:
-        """Every lookup_hash, in batches, in the order of the lookup_hash index."""
+    async def all_hashes(self, batch: int = 2_000, slot: int = 0) -> AsyncIterator[list[str]]:
+        """Every lookup hash of slot `slot`, in batches, in the order of its index."""
         # With the id: the keyset pagination needs a unique key (rows may share a hash).
-        async for rows in self._scan_in_key_order((assoc.c.lookup_hash, assoc.c.id), batch):
+        async for rows in self._scan_in_key_order((assoc.c[SLOT_COLUMNS[slot]], assoc.c.id), batch):
             yield [lookup_hash for lookup_hash, _id in rows]
 
     def all_threepids(self, batch: int = 2_000) -> AsyncIterator[list[tuple[str, str]]]:
@@ -143,7 +170,7 @@ class AssociationStore:
         """
         after: tuple[Any, ...] | None = None
         while True:
-            query = select(*key).order_by(*key).limit(batch)
+            query = select(*key).where(key[0].is_not(None)).order_by(*key).limit(batch)
             if after is not None:
                 query = query.where(tuple_(*key) > tuple_(*map(literal, after)))
             async with self._db.connect() as conn:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-import time
 
 from sqlalchemy import delete, select, update
 
+from sydent_lite.clock import SYSTEM_CLOCK, Clock
 from sydent_lite.storage.database import Database
 from sydent_lite.storage.dialect import insert_for
 from sydent_lite.storage.tables import rate_limit_buckets as buckets
@@ -28,8 +28,9 @@ class DatabaseRateLimitStore:
     cannot interleave with another writer's.
     """
 
-    def __init__(self, database: Database, horizon_ms: int) -> None:
+    def __init__(self, database: Database, horizon_ms: int, clock: Clock = SYSTEM_CLOCK) -> None:
         self._db = database
+        self._clock = clock
         # Buckets untouched for this long have refilled completely: deleting them changes nothing.
         self._horizon_ms = horizon_ms
         self._last_prune_ms = 0
@@ -37,7 +38,7 @@ class DatabaseRateLimitStore:
     async def take(
         self, key: str, rate_per_second: float, burst: int, want: int = 1, need: int = 1
     ) -> tuple[int, float]:
-        now = int(time.time() * 1000)
+        now = self._clock.time_ms()
         async with self._db.begin() as conn:
             await conn.execute(
                 insert_for(conn, buckets).values(key=key, tokens=float(burst), updated_ms=now).on_conflict_do_nothing()

@@ -64,7 +64,10 @@ associations = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("medium", String(16), nullable=False),
     Column("address", String(512), nullable=False),
+    # The hashes under the two live peppers (lookup_peppers.slot 0 and 1, migration 0009);
+    # "" (or NULL, in rows older than 0009) in a slot no live pepper owns.
     Column("lookup_hash", String(64), nullable=False),
+    Column("lookup_hash_b", String(64), nullable=True),
     Column("mxid", String(255), nullable=False),
     Column("ts", BigInteger, nullable=False),
     Column("not_before", BigInteger, nullable=False),
@@ -72,6 +75,7 @@ associations = Table(
     Column("signed_json", Text, nullable=False),
     UniqueConstraint("medium", "address", name="uq_associations_threepid"),
     Index("ix_associations_lookup_hash", "lookup_hash"),
+    Index("ix_associations_lookup_hash_b", "lookup_hash_b"),
     Index("ix_associations_mxid", "mxid"),
 )
 
@@ -83,10 +87,28 @@ association_changes = Table(
     metadata,
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
     Column("lookup_hash", String(64), nullable=False),
+    Column("lookup_hash_b", String(64), nullable=False, server_default=""),
     Column("association_id", BigInteger, nullable=False),
     Column("present", Boolean, nullable=False),
     Column("created_ms", BigInteger, nullable=False),
     sqlite_autoincrement=True,
+)
+
+# Every lookup pepper there has been (migration 0009): which hash slot of `associations` it
+# owns, when it became (or becomes) current, when its grace window ends, and the rehash that
+# prepares it (progress and claim).
+lookup_peppers = Table(
+    "lookup_peppers",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("pepper", String(255), nullable=False),
+    Column("slot", Integer, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("activates_ms", BigInteger, nullable=True),
+    Column("retires_ms", BigInteger, nullable=True),
+    Column("rehashed_through", Integer, nullable=False, server_default="0"),
+    Column("claimed_by", String(64), nullable=False, server_default=""),
+    Column("claimed_until_ms", BigInteger, nullable=False, server_default="0"),
 )
 
 # Small named values shared by every worker (the lookup pepper, ...).

@@ -8,5 +8,8 @@ server sees it:
   keys), with its own CA that the identity server is configured to trust;
 - `db` creates a fresh SQLite or PostgreSQL database per server;
 - `server.SydentServer` runs `python -m sydent_lite serve` as a subprocess, and
-  `server.IdentityApi` wraps the usual client flows (register, accept terms, validate, bind).
+  `server.IdentityApi` wraps the usual client flows (register, accept terms, validate, bind);
+- `inprocess.InProcessServer` is the same server run in the test process, on a
+  `clock.FakeClock` the test advances (no subprocess start-up, no real waiting);
+- `asserts` holds the checks several modules share (Matrix errors, pages, signed associations).
 """

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import yaml
@@ -307,11 +307,10 @@ class EmailSession:
     email: str  # as given to requestToken
     client_secret: str
     sid: str
-    mail: ReceivedMail | None
+    mail: ReceivedMail
 
     @property
     def token(self) -> str:
-        assert self.mail is not None
         return self.mail.token
 
 
@@ -342,7 +341,7 @@ class IdentityApi:
     def terms(self) -> dict[str, Any]:
         resp = self.client.get(f"{V2}/terms")
         assert resp.status_code == 200, resp.text
-        return resp.json()
+        return cast("dict[str, Any]", resp.json())
 
     def accept_terms(self, user: User, urls: list[str]) -> httpx.Response:
         return self.client.post(f"{V2}/terms", json={"user_accepts": urls}, headers=user.headers)
@@ -459,7 +458,7 @@ class IdentityApi:
     def hash_details(self, user: User) -> dict[str, Any]:
         resp = self.client.get(f"{V2}/hash_details", headers=user.headers)
         assert resp.status_code == 200, resp.text
-        return resp.json()
+        return cast("dict[str, Any]", resp.json())
 
     def lookup(
         self, user: User, addresses: list[str], algorithm: str = "sha256", pepper: str | None = None
@@ -477,7 +476,7 @@ class IdentityApi:
         assert resp.status_code == 200, resp.text
         mappings = resp.json()["mappings"]
         assert set(mappings) <= {h}, mappings
-        return mappings.get(h)
+        return cast("str | None", mappings.get(h))
 
     def v1_lookup(self, medium: str, address: str) -> httpx.Response:
         return self.client.get(f"{V1}/lookup", params={"medium": medium, "address": address})

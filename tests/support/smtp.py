@@ -15,17 +15,22 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from typing import cast
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
 # The validation link the identity server mails (v2 path, see the contract in docs/).
 LINK_RE = re.compile(r"https?://[^\s<>\"'()]+/_matrix/identity/v2/validate/email/submitToken\?[^\s<>\"'()]+")
 
 
 def free_port() -> int:
+    """A local port nothing listens on now (bound, then released): for a server to listen on,
+    or for a client to find closed."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 @dataclass
@@ -40,7 +45,7 @@ class ReceivedMail:
 
     @property
     def message(self) -> EmailMessage:
-        return email.message_from_bytes(self.raw, policy=email.policy.default)  # type: ignore[return-value]
+        return email.message_from_bytes(self.raw, policy=email.policy.default)
 
     @property
     def text(self) -> str:
@@ -49,7 +54,7 @@ class ReceivedMail:
         part = msg.get_body(preferencelist=("plain",))
         if part is None:
             raise AssertionError(f"mail has no text/plain part:\n{self.raw.decode('utf-8', 'replace')}")
-        return part.get_content()
+        return cast("str", part.get_content())
 
     @property
     def link(self) -> str:
@@ -88,26 +93,31 @@ class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
 
-    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
         if self.sink.mode == "refuse":
             return "550 5.7.1 Refused by the test sink"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
 
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
         if self.sink.mode == "refuse":
             return "550 5.1.1 Refused by the test sink"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 OK"
 
-    async def handle_DATA(self, server, session, envelope):
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.sink.mode == "refuse":
             return "550 5.7.1 Refused by the test sink"
         content = envelope.original_content if envelope.original_content is not None else envelope.content
         if isinstance(content, str):  # only with decode_data=True, which we do not use
             content = content.encode("utf-8")
+        assert envelope.mail_from is not None and content is not None
         mail = ReceivedMail(
             envelope.mail_from, list(envelope.rcpt_tos), bytes(content), ehlo_name=session.host_name or ""
         )

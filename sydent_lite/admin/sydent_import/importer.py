@@ -27,7 +27,7 @@ from sydent_lite.admin.sydent_import.write import write_associations, write_othe
 from sydent_lite.config import Config
 from sydent_lite.context import operator_context
 from sydent_lite.secrets_util import now_ms
-from sydent_lite.services.hashing import HASHED_WITH_KEY, PEPPER_KEY, load_pepper, lookup_hash
+from sydent_lite.services.hashing import HASHED_WITH_KEY, PEPPER_KEY, hash_for_live_peppers, load_pepper, lookup_hash
 from sydent_lite.signing import ServerSigner
 from sydent_lite.storage.associations import AssociationStore
 from sydent_lite.storage.batching import chunks
@@ -95,6 +95,9 @@ async def import_sydent(
                 # A no-op (every hash is under the pepper we serve); it also holds for a database
                 # an older version left half-hashed.
                 await load_pepper(state, AssociationStore(ctx.database))
+                # The rows went into `lookup_hash` under the current pepper: after a rotation that
+                # is not (or not the only) hash slot lookups read (services.peppers).
+                await hash_for_live_peppers(AssociationStore(ctx.database))
                 # Fresh statistics for the planner: a big import changes the tables' shape at once,
                 # and autovacuum (if it runs at all) gets to it later.
                 async with ctx.database.begin() as conn:
