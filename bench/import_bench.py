@@ -94,6 +94,22 @@ def run_import(source: Path, config: Path, db: Path, key: Path, profile: Path | 
     return elapsed, max(peak_kib, before), out.stdout
 
 
+def report(args: argparse.Namespace, which: str, run: tuple[float, int, str]) -> None:
+    elapsed, peak_kib, stdout = run
+    imported = next((int(line.split(":")[1]) for line in stdout.splitlines() if "associations_imported" in line), 0)
+    line = {
+        "source": str(args.source),
+        "target": args.target,
+        "assocs": args.assocs,
+        "run": which,
+        "seconds": round(elapsed, 1),
+        "assocs_per_s": round(args.assocs / elapsed),
+        "peak_rss_mib": round(peak_kib / 1024),
+        "associations_imported": imported,
+    }
+    print(json.dumps(line), flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--assocs", type=int, required=True)
@@ -125,29 +141,12 @@ def main() -> int:
         )
     )
     try:
-        runs = [run_import(args.source, config, db, key, args.profile)]
+        report(args, "first", run_import(args.source, config, db, key, args.profile))
         if args.rerun:
-            runs.append(run_import(args.source, config, db, key, None))
+            report(args, "rerun", run_import(args.source, config, db, key, None))
     finally:
         if args.target == "postgres":
             asyncio.run(_pg(args.pg, f'DROP DATABASE IF EXISTS "{pg_name}"'))
-    for i, (elapsed, peak_kib, stdout) in enumerate(runs):
-        imported = next((int(line.split(":")[1]) for line in stdout.splitlines() if "associations_imported" in line), 0)
-        print(
-            json.dumps(
-                {
-                    "source": str(args.source),
-                    "target": args.target,
-                    "assocs": args.assocs,
-                    "run": "rerun" if i else "first",
-                    "seconds": round(elapsed, 1),
-                    "assocs_per_s": round(args.assocs / elapsed),
-                    "peak_rss_mib": round(peak_kib / 1024),
-                    "associations_imported": imported,
-                }
-            ),
-            flush=True,
-        )
     return 0
 
 
