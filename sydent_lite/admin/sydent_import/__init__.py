@@ -24,21 +24,23 @@ nothing. The Sydent database is opened read-only.
 
 One module per step: `read` (Sydent's schema), `keys` (Sydent's key file, the key we serve),
 `plan` (the association of each 3PID and its signature), `write` (into our tables), run in
-that order by `importer.import_sydent`; `counts` is what the command prints.
+that order by `importer.import_sydent`; `counts` is what the command prints. The associations
+stream through read -> plan -> write in batches of whole 3PIDs (about 10,000 rows), inside the
+one transaction: memory holds a batch, not Sydent's table.
 """
 
 from sydent_lite.admin.sydent_import.counts import ImportCounts
 from sydent_lite.admin.sydent_import.errors import SigningKeyMismatch, SydentImportError
 from sydent_lite.admin.sydent_import.importer import import_sydent
 from sydent_lite.admin.sydent_import.keys import read_signing_key_file
-from sydent_lite.admin.sydent_import.read import SydentData, read_sydent_database
+from sydent_lite.admin.sydent_import.read import SydentData, SydentSource
 
 __all__ = [
     "ImportCounts",
     "SigningKeyMismatch",
     "SydentData",
     "SydentImportError",
+    "SydentSource",
     "import_sydent",
     "read_signing_key_file",
-    "read_sydent_database",
 ]

@@ -8,21 +8,22 @@ before it, so a failure leaves the database as it was and a rerun finds the key 
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import os
 from pathlib import Path
 
 from signedjson.types import SigningKey
 from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from sydent_lite.admin.sydent_import import read
 from sydent_lite.admin.sydent_import.counts import ImportCounts
-from sydent_lite.admin.sydent_import.erased import drop_erased
+from sydent_lite.admin.sydent_import.erased import drop_erased, drop_erased_associations
 from sydent_lite.admin.sydent_import.errors import SydentImportError
-from sydent_lite.admin.sydent_import.keys import choose_serving_key, install, read_signing_key_file
-from sydent_lite.admin.sydent_import.plan import plan_associations
-from sydent_lite.admin.sydent_import.read import read_sydent_database
-from sydent_lite.admin.sydent_import.write import write_import
+from sydent_lite.admin.sydent_import.keys import ServingKey, choose_serving_key, install, read_signing_key_file
+from sydent_lite.admin.sydent_import.plan import AssociationPlanner, check_sydent_signed, own_names
+from sydent_lite.admin.sydent_import.read import SydentSource
+from sydent_lite.admin.sydent_import.write import write_associations, write_other_tables
 from sydent_lite.config import Config
 from sydent_lite.context import operator_context
 from sydent_lite.secrets_util import now_ms
@@ -36,6 +37,9 @@ from sydent_lite.storage.state import ServerStateStore
 from sydent_lite.storage.tables import associations, server_state
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_ROWS = 10_000
+BATCH_ROWS_ENV = "SYDENT_LITE_IMPORT_BATCH_ROWS"
 
 
 async def import_sydent(
@@ -59,69 +63,57 @@ async def import_sydent(
     running) and SigningKeyMismatch (our key file holds another key) before writing anything.
     """
     counts = ImportCounts()
-    data = await asyncio.to_thread(read_sydent_database, Path(sydent_db))
-    counts.sydent_rows_unreadable_skipped = data.skipped_rows
-    given_as = "the key in sydent.conf"
-    if signing_key is None and signing_key_file is not None:
-        signing_key, given_as = read_signing_key_file(Path(signing_key_file)), str(signing_key_file)
-
-    async with operator_context(config) as ctx:
-        try:
-            lock = await take_serving_lock(ctx.database, config.database.url, exclusive=True)
-        except ServingLockBusy as e:
-            raise SydentImportError(f"refusing to import: {e} (import before the first start)") from None
-        try:
-            # The key we serve from now on: Sydent's (installed if we have none), or ours.
-            our_key_path = Path(config.signing_key_path)
-            serving = choose_serving_key(our_key_path, signing_key, given_as, new_signing_key)
-            counts.signing_key_already_present = int(serving.already_present)
-            signer = ServerSigner(config.effective_server_name, serving.key)
-            # Without Sydent's key, the one we have must be it (a rerun), unless a new key was asked for.
-            checked_key = serving.sydents if serving.sydents is not None else None
-            if checked_key is None and serving.install_at is None and not new_signing_key:
-                checked_key = serving.key
+    with SydentSource(Path(sydent_db)) as source:
+        data = source.other_tables()
+        given_as = "the key in sydent.conf"
+        if signing_key is None and signing_key_file is not None:
+            signing_key, given_as = read_signing_key_file(Path(signing_key_file)), str(signing_key_file)
+        async with operator_context(config) as ctx:
             try:
-                plan = plan_associations(data, signer, checked_key)
-            except SydentImportError:
-                if serving.sydents is not None:
-                    raise
-                raise SydentImportError(
-                    f"{our_key_path} (signing_key_path) holds a key ({signer.key_id}) that did not sign Sydent's "
-                    "associations, and no Sydent key was given: give --signing-key (Sydent's sydent.conf), or "
-                    "--new-signing-key to re-sign them with this key (signatures clients kept stop verifying)"
-                ) from None
-            counts.signing_key_imported = int(install(serving))
+                lock = await take_serving_lock(ctx.database, config.database.url, exclusive=True)
+            except ServingLockBusy as e:
+                raise SydentImportError(f"refusing to import: {e} (import before the first start)") from None
+            try:
+                planner, serving = _planner(config, source, signing_key, given_as, new_signing_key)
+                counts.signing_key_already_present = int(serving.already_present)
+                counts.signing_key_imported = int(install(serving))
+                state = ServerStateStore(ctx.database)
+                pepper = data.pepper if data.pepper is not None and not new_pepper else None
+                if pepper is None:
+                    pepper = await load_pepper(state, AssociationStore(ctx.database))
+                async with ctx.database.begin() as conn:  # all or nothing
+                    if data.pepper is not None and pepper == data.pepper:
+                        await _adopt_pepper(conn, pepper)
+                        counts.lookup_pepper_from_sydent = 1
+                    # One batch of 3PIDs at a time: the import holds a batch, never the table.
+                    for batch in read.association_batches(source.association_groups(), _batch_rows()):
+                        chosen, erased = await drop_erased_associations(conn, planner.plan(batch))
+                        counts.erased_associations_skipped += erased
+                        await write_associations(conn, chosen, pepper, counts)
+                    data, erased_rest = await drop_erased(conn, data)
+                    await write_other_tables(conn, data, now_ms(), counts)
+                # A no-op (every hash is under the pepper we serve); it also holds for a database
+                # an older version left half-hashed.
+                await load_pepper(state, AssociationStore(ctx.database))
+                # The rows went into `lookup_hash` under the current pepper: after a rotation that
+                # is not (or not the only) hash slot lookups read (services.peppers).
+                await hash_for_live_peppers(AssociationStore(ctx.database))
+                # Fresh statistics for the planner: a big import changes the tables' shape at once,
+                # and autovacuum (if it runs at all) gets to it later.
+                async with ctx.database.begin() as conn:
+                    await conn.execute(text("ANALYZE"))
+            finally:
+                await lock.release()
+        counts.sydent_rows_unreadable_skipped = data.skipped_rows + source.skipped_association_rows
 
-            state = ServerStateStore(ctx.database)
-            pepper = data.pepper if data.pepper is not None and not new_pepper else None
-            if pepper is None:
-                pepper = await load_pepper(state, AssociationStore(ctx.database))
-            async with ctx.database.begin() as conn:  # all or nothing
-                plan, data, erased = await drop_erased(conn, plan, data)
-                if data.pepper is not None and pepper == data.pepper:
-                    await _adopt_pepper(conn, pepper)
-                    counts.lookup_pepper_from_sydent = 1
-                await write_import(conn, plan, data, pepper, now_ms(), counts)
-            # A no-op (every hash is under the pepper we serve); it also holds for a database
-            # an older version left half-hashed.
-            await load_pepper(state, AssociationStore(ctx.database))
-            # The rows went into `lookup_hash` under the current pepper: after a rotation that
-            # is not (or not the only) hash slot lookups read (services.peppers).
-            await hash_for_live_peppers(AssociationStore(ctx.database))
-            # Fresh statistics for the planner: a big import changes the tables' shape at once,
-            # and autovacuum (if it runs at all) gets to it later.
-            async with ctx.database.begin() as conn:
-                await conn.execute(text("ANALYZE"))
-        finally:
-            await lock.release()
-
-    counts.associations_unbound_in_sydent = plan.unbound
-    counts.associations_unusable_skipped = plan.unusable
-    counts.erased_associations_skipped = erased.associations
-    counts.erased_sessions_skipped = erased.sessions
-    counts.erased_invites_skipped = erased.invites
-    counts.erased_account_tokens_skipped = erased.account_tokens
-    counts.erased_terms_acceptances_skipped = erased.terms_acceptances
+    planner.warn_of_names()
+    signer = planner.signer
+    counts.associations_unbound_in_sydent = planner.unbound
+    counts.associations_unusable_skipped = planner.unusable
+    counts.erased_sessions_skipped = erased_rest.sessions
+    counts.erased_invites_skipped = erased_rest.invites
+    counts.erased_account_tokens_skipped = erased_rest.account_tokens
+    counts.erased_terms_acceptances_skipped = erased_rest.terms_acceptances
     if serving.sydents is None and counts.associations_resigned:
         logger.warning(
             "--new-signing-key: %d association(s) Sydent signed were re-signed with our key %s; "
@@ -133,6 +125,39 @@ async def import_sydent(
     return counts
 
 
+def _planner(
+    config: Config, source: SydentSource, signing_key: SigningKey | None, given_as: str, new_signing_key: bool
+) -> tuple[AssociationPlanner, ServingKey]:
+    """The key we serve from now on (Sydent's, installed if we have none, or ours) and the
+    planner that signs with it; SydentImportError if the key did not sign Sydent's associations."""
+    our_key_path = Path(config.signing_key_path)
+    serving = choose_serving_key(our_key_path, signing_key, given_as, new_signing_key)
+    signer = ServerSigner(config.effective_server_name, serving.key)
+    # Without Sydent's key, the one we have must be it (a rerun), unless a new key was asked for.
+    checked_key = serving.sydents
+    if checked_key is None and serving.install_at is None and not new_signing_key:
+        checked_key = serving.key
+    own = own_names(source, signer)
+    try:
+        if checked_key is not None:
+            check_sydent_signed(source, own, checked_key)
+    except SydentImportError:
+        if serving.sydents is not None:
+            raise
+        raise SydentImportError(
+            f"{our_key_path} (signing_key_path) holds a key ({signer.key_id}) that did not sign Sydent's "
+            "associations, and no Sydent key was given: give --signing-key (Sydent's sydent.conf), or "
+            "--new-signing-key to re-sign them with this key (signatures clients kept stop verifying)"
+        ) from None
+    return AssociationPlanner(signer, own), serving
+
+
+def _batch_rows() -> int:
+    """Sydent rows per batch; the environment variable is for tests (batches smaller than a fixture)."""
+    value = os.environ.get(BATCH_ROWS_ENV, "")
+    return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_BATCH_ROWS
+
+
 async def _adopt_pepper(conn: AsyncConnection, pepper: str) -> None:
     """Sydent's pepper becomes ours, in the import's transaction: the hashes of associations we
     had (none, when importing before the first start) are recomputed under it first."""
@@ -140,13 +165,21 @@ async def _adopt_pepper(conn: AsyncConnection, pepper: str) -> None:
         await conn.execute(select(server_state.c.value).where(server_state.c.name == HASHED_WITH_KEY))
     ).scalar_one_or_none()
     if hashed_with != pepper:
-        ours = (await conn.execute(select(associations.c.id, associations.c.medium, associations.c.address))).all()
         rehash = update(associations).where(associations.c.id == bindparam("row_id"))
-        for chunk in chunks(ours, 1000):
-            await conn.execute(
-                rehash.values(lookup_hash=bindparam("new_hash")),
-                [{"row_id": i, "new_hash": lookup_hash(a, m, pepper)} for i, m, a in chunk],
-            )
+        last_id = None
+        while True:  # by id, a page at a time: ours may be big too
+            page = select(associations.c.id, associations.c.medium, associations.c.address).order_by(associations.c.id)
+            if last_id is not None:
+                page = page.where(associations.c.id > last_id)
+            ours = (await conn.execute(page.limit(DEFAULT_BATCH_ROWS))).all()
+            if not ours:
+                break
+            last_id = ours[-1].id
+            for chunk in chunks(ours, 1000):
+                await conn.execute(
+                    rehash.values(lookup_hash=bindparam("new_hash")),
+                    [{"row_id": i, "new_hash": lookup_hash(a, m, pepper)} for i, m, a in chunk],
+                )
         await _set_state(conn, HASHED_WITH_KEY, pepper)
     await _set_state(conn, PEPPER_KEY, pepper)
 

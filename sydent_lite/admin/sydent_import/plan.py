@@ -10,17 +10,20 @@ unbinding newer than every binding imports nothing.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import signedjson.key
 import signedjson.sign
+from canonicaljson import encode_canonical_json
 from signedjson.types import SigningKey
 
 from sydent_lite.admin.sydent_import.errors import SydentImportError
-from sydent_lite.admin.sydent_import.read import SydentAssociation, SydentData
+from sydent_lite.admin.sydent_import.read import SydentAssociation, SydentSource
 from sydent_lite.signing import ServerSigner
 from sydent_lite.threepids import stored_address
 
@@ -39,64 +42,77 @@ class ChosenAssociation:
     resigned: bool
 
 
-@dataclass
-class AssociationPlan:
-    chosen: list[ChosenAssociation] = field(default_factory=list)
-    unbound: int = 0  # 3PIDs whose newest row is an unbinding
-    unusable: int = 0  # a peer's association without a signature we could keep
+class AssociationPlanner:
+    """Chooses the association of each 3PID, one batch of 3PIDs at a time, and counts what it
+    leaves out. `own_names`: the names Sydent's own associations were pushed under (`own_names`)."""
+
+    def __init__(self, signer: ServerSigner, own_names: set[str]) -> None:
+        self.signer = signer
+        self.own_names = own_names
+        self.unbound = 0  # 3PIDs whose newest row is an unbinding
+        self.unusable = 0  # a peer's association without a signature we could keep
+        self._signed_as: dict[str, None] = {}  # the names Sydent's own signatures were made under
+
+    def plan(self, groups: Iterable[list[SydentAssociation]]) -> list[ChosenAssociation]:
+        """The association to import of each 3PID (a group: all its rows), signed."""
+        chosen_all = []
+        for rows in groups:
+            newest = max(rows, key=_rank)
+            if newest.mxid is None:
+                self.unbound += 1
+                continue
+            chosen = _signed(newest, rows, self.signer, self.own_names, self._signed_as)
+            if chosen is None:
+                self.unusable += 1
+            else:
+                chosen_all.append(chosen)
+        return chosen_all
+
+    def warn_of_names(self) -> None:
+        for name in self._signed_as:
+            if name != self.signer.server_name:
+                logger.warning(
+                    "Sydent signed associations as %r but server_name is %r: clients check the signature "
+                    "against the server they asked; set server_name to Sydent's server.name",
+                    name,
+                    self.signer.server_name,
+                )
 
 
-def plan_associations(data: SydentData, signer: ServerSigner, sydent_key: SigningKey | None) -> AssociationPlan:
-    """The association of each 3PID, signed. SydentImportError if `sydent_key` (given with
-    --signing-key) signed none of the associations Sydent signed: it is not Sydent's key."""
-    by_threepid: dict[tuple[str, str], list[SydentAssociation]] = {}
-    for a in [*data.local, *data.global_]:
-        by_threepid.setdefault(a.key, []).append(a)
-    own_names = _own_names(data, by_threepid, signer)
-    if sydent_key is not None:
-        _check_sydent_signed(data, own_names, sydent_key)
-
-    plan = AssociationPlan()
-    signed_as: dict[str, None] = {}  # the names Sydent's own signatures were made under
-    for rows in by_threepid.values():
-        newest = max(rows, key=_rank)
-        if newest.mxid is None:
-            plan.unbound += 1
-            continue
-        chosen = _signed(newest, rows, signer, own_names, signed_as)
-        if chosen is None:
-            plan.unusable += 1
-        else:
-            plan.chosen.append(chosen)
-    for name in signed_as:
-        if name != signer.server_name:
-            logger.warning(
-                "Sydent signed associations as %r but server_name is %r: clients check the signature "
-                "against the server they asked; set server_name to Sydent's server.name",
-                name,
-                signer.server_name,
-            )
-    return plan
-
-
-def _own_names(
-    data: SydentData, by_threepid: dict[tuple[str, str], list[SydentAssociation]], signer: ServerSigner
-) -> set[str]:
-    """The names Sydent pushed its own associations under (its server_name), and ours."""
+def own_names(source: SydentSource, signer: ServerSigner) -> set[str]:
+    """The names Sydent pushed its own associations under (its server_name), and ours: the
+    origins of global rows that copy a local binding. Only the origins that are not ours
+    already need a pass over the associations, which stops once each is known to be own."""
     names = {signer.server_name}
-    for local in data.local:
-        if local.mxid is not None:
-            names.update(g.origin for g in by_threepid[local.key] if g.origin is not None and _same_binding(g, local))
+    open_origins = source.origins() - names
+    if not open_origins:
+        return names
+    for rows in source.association_groups(signatures=False):
+        for local in rows:
+            if local.origin is not None or local.mxid is None:
+                continue
+            for g in rows:
+                if g.origin in open_origins and _same_binding(g, local):
+                    names.add(g.origin)
+                    open_origins.discard(g.origin)
+        if not open_origins:
+            break
     return names
 
 
-def _check_sydent_signed(data: SydentData, own_names: set[str], sydent_key: SigningKey) -> None:
-    # With Sydent's key, its signatures must verify: a wrong --signing-key stops here.
-    own_signed = [sg for g in data.global_ if g.origin in own_names and (sg := _parse_sg(g)) is not None]
-    if own_signed and not any(_signed_by(sg, sydent_key) for sg in own_signed):
+def check_sydent_signed(source: SydentSource, own: set[str], sydent_key: SigningKey) -> None:
+    """SydentImportError if `sydent_key` (given with --signing-key) signed none of the
+    associations Sydent signed: it is not Sydent's key. Stops at the first it signed."""
+    own_signed = 0
+    for g in source.global_associations():
+        if g.origin in own and (sg := _parse_sg(g)) is not None:
+            if _signed_by(sg, sydent_key):
+                return
+            own_signed += 1
+    if own_signed:
         raise SydentImportError(
             f"the signing key given ({sydent_key.alg}:{sydent_key.version}) did not sign any of the "
-            f"{len(own_signed)} associations Sydent signed: is it Sydent's key?"
+            f"{own_signed} associations Sydent signed: is it Sydent's key?"
         )
 
 
@@ -178,14 +194,31 @@ def _parse_sg(a: SydentAssociation) -> dict[str, Any] | None:
 def _signed_by(sg: dict[str, Any], key: SigningKey) -> str | None:
     """The server name under which `key` signed `sg`, or None."""
     key_id = f"{key.alg}:{key.version}"
-    verify_key = signedjson.key.get_verify_key(key)
-    for name, sigs in (sg.get("signatures") or {}).items():
-        if isinstance(sigs, dict) and key_id in sigs:
-            try:
-                signedjson.sign.verify_signed_json(sg, name, verify_key)
-            except (signedjson.sign.SignatureVerifyException, ValueError):
-                continue
+    named = [
+        (name, sigs[key_id])
+        for name, sigs in (sg.get("signatures") or {}).items()
+        if isinstance(sigs, dict) and key_id in sigs
+    ]
+    if not named:
+        return None
+    # ed25519 is deterministic: signing the JSON again makes the signature the key made, and
+    # signing costs a third of verifying (the import's largest cost). One that differs may
+    # still verify (another signer's nonce, another base64 form): it is verified as before.
+    try:
+        message = encode_canonical_json({k: v for k, v in sg.items() if k not in ("signatures", "unsigned")})
+    except (TypeError, ValueError):
+        return None  # not JSON that a signature could have been made over
+    ours = base64.b64encode(key.sign(message).signature).rstrip(b"=").decode()  # unpadded, as signedjson
+    verify_key = None
+    for name, signature in named:
+        if signature == ours:
             return str(name)
+        verify_key = verify_key or signedjson.key.get_verify_key(key)
+        try:
+            signedjson.sign.verify_signed_json(sg, name, verify_key)
+        except (signedjson.sign.SignatureVerifyException, ValueError):
+            continue
+        return str(name)
     return None
 
 

@@ -1,7 +1,9 @@
 """Reading Sydent's SQLite database (Sydent 2.x schema: `sydent/db/*.sql` and `sqlitedb.py`).
 
 The database is opened read-only. Each table has its own reader, which keeps what we can
-store and counts the rest as unreadable (`SydentData.skipped_rows`). Addresses come out in
+store and counts the rest as unreadable (`SydentData.skipped_rows`,
+`SydentSource.skipped_association_rows`). The associations, the bulk of a big server, are
+never held at once: `association_groups` streams them one 3PID at a time. Addresses come out in
 our stored form (email case-folded). A table Sydent's older versions lack is read as empty,
 except the two association tables, which make it a Sydent database.
 """
@@ -9,7 +11,8 @@ except the two association tables, which make it a Sydent database.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,8 +81,9 @@ class SydentToken:
 
 @dataclass
 class SydentData:
-    local: list[SydentAssociation] = field(default_factory=list)
-    global_: list[SydentAssociation] = field(default_factory=list)
+    """Every table but the associations, which are streamed (`SydentSource.association_groups`):
+    a Sydent server holds millions of those and few of these."""
+
     invites: list[SydentInvite] = field(default_factory=list)
     ephemeral_keys: list[SydentEphemeralKey] = field(default_factory=list)
     sessions: list[SydentSession] = field(default_factory=list)
@@ -89,29 +93,138 @@ class SydentData:
     skipped_rows: int = 0
 
 
-def read_sydent_database(path: Path) -> SydentData:
-    """Everything we import from a Sydent SQLite database (opened read-only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no Sydent database at {path}")
-    try:
-        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
-    except sqlite3.Error as e:
-        raise SydentImportError(f"cannot open the Sydent database {path}: {e}") from None
-    db.row_factory = sqlite3.Row
-    try:
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        missing = [t for t in _REQUIRED_TABLES if t not in tables]
+# Every association row, local then global, in the order of its 3PID's stored form: the rows
+# of one 3PID come together. Within a 3PID, local first, then by id (the order the planner
+# breaks ties in). SQLite sorts on disk past its cache, so memory stays flat in the table size.
+_ASSOCIATIONS_BY_THREEPID = (
+    "SELECT * FROM ("
+    " SELECT 0 AS src, id, medium, address, mxid, ts, notBefore, notAfter, NULL AS originServer,"
+    " NULL AS sgAssoc, sort_text(medium) AS k_medium, sort_address(medium, address) AS k_address"
+    " FROM local_threepid_associations"
+    " UNION ALL"
+    " SELECT 1 AS src, id, medium, address, mxid, ts, notBefore, notAfter, originServer, {sg} AS sgAssoc,"
+    " sort_text(medium) AS k_medium, sort_address(medium, address) AS k_address"
+    " FROM global_threepid_associations"
+    ") ORDER BY k_medium, k_address, src, id"
+)
+
+
+class SydentSource:
+    """A Sydent SQLite database, opened read-only; the associations read one 3PID at a time."""
+
+    def __init__(self, path: Path) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no Sydent database at {path}")
+        self.path = path
+        try:
+            self._db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+        except sqlite3.Error as e:
+            raise SydentImportError(f"cannot open the Sydent database {path}: {e}") from None
+        self._db.row_factory = sqlite3.Row
+        self._db.create_function("sort_text", 1, _sort_text, deterministic=True)
+        self._db.create_function("sort_address", 2, _sort_address, deterministic=True)
+        self.skipped_association_rows = 0
+        with self._reading():
+            # The sort's runs go to temporary files past this much memory (KiB).
+            self._db.execute("PRAGMA cache_size = -65536")
+            self.tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        missing = [t for t in _REQUIRED_TABLES if t not in self.tables]
         if missing:
+            self.close()
             raise SydentImportError(f"{path} is not a Sydent database (no table {', '.join(missing)})")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> SydentSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            raise SydentImportError(f"cannot read the Sydent database {self.path}: {e}") from None
+
+    def other_tables(self) -> SydentData:
+        """Everything but the associations."""
         data = SydentData()
-        for reader in _READERS:
-            reader(db, tables, data)
+        with self._reading():
+            for reader in _READERS:
+                reader(self._db, self.tables, data)
         return data
-    except sqlite3.DatabaseError as e:
-        raise SydentImportError(f"cannot read the Sydent database {path}: {e}") from None
-    finally:
-        db.close()
+
+    def origins(self) -> set[str]:
+        """The originServer of every association in Sydent's global table."""
+        with self._reading():
+            return {
+                _text(r[0]) or ""
+                for r in self._db.execute("SELECT DISTINCT originServer FROM global_threepid_associations")
+            }
+
+    def association_groups(self, *, signatures: bool = True) -> Iterator[list[SydentAssociation]]:
+        """The readable rows of each 3PID, local first, one list per 3PID. Unreadable rows are
+        counted in `skipped_association_rows` (when `signatures`: the pass that imports)."""
+        group: list[SydentAssociation] = []
+        query = _ASSOCIATIONS_BY_THREEPID.format(sg="sgAssoc" if signatures else "NULL")
+        with self._reading():
+            for row in self._db.execute(query):
+                a = _local_association(row) if row["src"] == 0 else _global_association(row)
+                if a is None:
+                    self.skipped_association_rows += int(signatures)
+                    continue
+                if group and group[0].key != a.key:
+                    yield group
+                    group = []
+                group.append(a)
+        if group:
+            yield group
+
+    def global_associations(self) -> Iterator[SydentAssociation]:
+        """The readable rows of Sydent's global table, in the order Sydent wrote them."""
+        with self._reading():
+            for row in self._db.execute(
+                "SELECT medium, address, mxid, ts, notBefore, notAfter, originServer, sgAssoc"
+                " FROM global_threepid_associations ORDER BY id"
+            ):
+                a = _global_association(row)
+                if a is not None:
+                    yield a
+
+
+def association_batches(
+    groups: Iterator[list[SydentAssociation]], rows: int
+) -> Iterator[list[list[SydentAssociation]]]:
+    """Whole 3PIDs' groups, about `rows` rows at a time (a 3PID is never split)."""
+    batch: list[list[SydentAssociation]] = []
+    held = 0
+    for group in groups:
+        batch.append(group)
+        held += len(group)
+        if held >= rows:
+            yield batch
+            batch, held = [], 0
+    if batch:
+        yield batch
+
+
+_SqliteValue = str | bytes | int | float | None
+
+
+def _sort_text(value: _SqliteValue) -> _SqliteValue:
+    # As `_text` reads it, without failing inside SQLite: text and blob of the same value sort together.
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _sort_address(medium: _SqliteValue, address: _SqliteValue) -> _SqliteValue:
+    medium, address = _sort_text(medium), _sort_text(address)
+    if isinstance(medium, str) and isinstance(address, str):
+        return stored_address(medium, address)
+    return address
 
 
 # --- values as Sydent's SQLite (dynamically typed) holds them ---------------------------------------
@@ -126,9 +239,11 @@ def _text(value: object) -> str | None:
 
 
 def _int(value: object) -> int | None:
+    if type(value) is int:  # nearly every value: the checks below cost a third of reading a row
+        return value
     if value is None or value == "":
         return None
-    if not isinstance(value, int | float | str | bytes):  # all a SQLite value can be
+    if not isinstance(value, (int, float, str, bytes)):  # all a SQLite value can be
         raise ValueError(f"not a number: {value!r}")
     return int(value)
 
@@ -148,43 +263,31 @@ def _storable(*values: str) -> bool:
 # --- one reader per table --------------------------------------------------------------------------
 
 
-def _read_local_associations(db: sqlite3.Connection, tables: set[str], data: SydentData) -> None:
-    for row in db.execute(
-        "SELECT medium, address, mxid, ts, notBefore, notAfter FROM local_threepid_associations ORDER BY id"
-    ):
-        medium, address, mxid = _text(row["medium"]), _text(row["address"]), _text(row["mxid"])
-        ts, not_before, not_after = _int(row["ts"]), _int(row["notBefore"]), _int(row["notAfter"])
-        if not medium or not address or not _storable(medium, address) or ts is None:
-            data.skipped_rows += 1
-            continue
-        if mxid is not None and (not_before is None or not_after is None or not _storable(mxid)):
-            data.skipped_rows += 1
-            continue
-        data.local.append(SydentAssociation(medium, stored_address(medium, address), mxid, ts, not_before, not_after))
+def _local_association(row: sqlite3.Row) -> SydentAssociation | None:
+    medium, address, mxid = _text(row["medium"]), _text(row["address"]), _text(row["mxid"])
+    ts, not_before, not_after = _int(row["ts"]), _int(row["notBefore"]), _int(row["notAfter"])
+    if not medium or not address or not _storable(medium, address) or ts is None:
+        return None
+    if mxid is not None and (not_before is None or not_after is None or not _storable(mxid)):
+        return None
+    return SydentAssociation(medium, stored_address(medium, address), mxid, ts, not_before, not_after)
 
 
-def _read_global_associations(db: sqlite3.Connection, tables: set[str], data: SydentData) -> None:
-    for row in db.execute(
-        "SELECT medium, address, mxid, ts, notBefore, notAfter, originServer, sgAssoc"
-        " FROM global_threepid_associations ORDER BY id"
+def _global_association(row: sqlite3.Row) -> SydentAssociation | None:
+    medium, address, mxid = _text(row["medium"]), _text(row["address"]), _text(row["mxid"])
+    ts, not_before, not_after = _int(row["ts"]), _int(row["notBefore"]), _int(row["notAfter"])
+    if (
+        not (medium and address and mxid)
+        or ts is None
+        or not_before is None
+        or not_after is None
+        or not _storable(medium, address, mxid)
     ):
-        medium, address, mxid = _text(row["medium"]), _text(row["address"]), _text(row["mxid"])
-        ts, not_before, not_after = _int(row["ts"]), _int(row["notBefore"]), _int(row["notAfter"])
-        if (
-            not (medium and address and mxid)
-            or ts is None
-            or not_before is None
-            or not_after is None
-            or not _storable(medium, address, mxid)
-        ):
-            data.skipped_rows += 1
-            continue
-        origin = _text(row["originServer"]) or ""
-        data.global_.append(
-            SydentAssociation(
-                medium, stored_address(medium, address), mxid, ts, not_before, not_after, origin, _text(row["sgAssoc"])
-            )
-        )
+        return None
+    origin = _text(row["originServer"]) or ""
+    return SydentAssociation(
+        medium, stored_address(medium, address), mxid, ts, not_before, not_after, origin, _text(row["sgAssoc"])
+    )
 
 
 def _read_invites(db: sqlite3.Connection, tables: set[str], data: SydentData) -> None:
@@ -308,8 +411,6 @@ def _read_pepper(db: sqlite3.Connection, tables: set[str], data: SydentData) -> 
 
 
 _READERS: tuple[Callable[[sqlite3.Connection, set[str], SydentData], None], ...] = (
-    _read_local_associations,
-    _read_global_associations,
     _read_invites,
     _read_ephemeral_keys,
     _read_sessions,

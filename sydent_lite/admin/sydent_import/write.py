@@ -21,11 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, Table, select, tuple_, update
+from sqlalchemy import Row, Table, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sydent_lite.admin.sydent_import.counts import CopiedKind, ImportCounts
-from sydent_lite.admin.sydent_import.plan import AssociationPlan, ChosenAssociation
+from sydent_lite.admin.sydent_import.plan import ChosenAssociation
 from sydent_lite.admin.sydent_import.read import (
     SydentData,
     SydentEphemeralKey,
@@ -50,11 +50,8 @@ _CHUNK = 500
 _MAX_EPHEMERAL_KEY = 64  # ephemeral_public_keys.public_key: longer ones were never ours to check
 
 
-async def write_import(
-    conn: AsyncConnection, plan: AssociationPlan, data: SydentData, pepper: str, now: int, counts: ImportCounts
-) -> None:
-    """The planned associations, then every other table (`now`: for rows Sydent kept no time of)."""
-    await _write_associations(conn, plan.chosen, pepper, counts)
+async def write_other_tables(conn: AsyncConnection, data: SydentData, now: int, counts: ImportCounts) -> None:
+    """Every table but the associations (`now`: for rows Sydent kept no time of)."""
     counts.sessions_without_token_skipped += sum(1 for s in data.sessions if s.token is None)
     for copy in _copies(data, now):
         imported, present = await _insert_new_rows(conn, copy)
@@ -64,15 +61,17 @@ async def write_import(
 # --- associations ---------------------------------------------------------------------------------
 
 
-async def _write_associations(
+async def write_associations(
     conn: AsyncConnection, chosen: list[ChosenAssociation], pepper: str, counts: ImportCounts
 ) -> None:
-    key = ("medium", "address")
-    compared = ("mxid", "ts", "not_before", "not_after", "signed_json")
-    ours = await _rows_by_key(conn, associations, key, [(c.medium, c.address) for c in chosen], compared)
-    new_rows = []
-    for c in chosen:
-        values = {
+    """One batch of planned associations (each 3PID once in a batch, and in one batch only).
+
+    New 3PIDs go in first (ON CONFLICT DO NOTHING RETURNING says which did); only the others
+    are read back to compare. Reading every key first would ask PostgreSQL about a table this
+    transaction keeps growing, whose statistics still say it is empty: a sequential scan per
+    batch, quadratic in the import."""
+    rows = {
+        (c.medium, c.address): {
             "medium": c.medium,
             "address": c.address,
             "lookup_hash": lookup_hash(c.address, c.medium, pepper),
@@ -82,43 +81,70 @@ async def _write_associations(
             "not_after": c.not_after,
             "signed_json": c.signed_json,
         }
+        for c in chosen
+    }
+    inserted: set[tuple[str, str]] = set()
+    for chunk in chunks(list(rows.values()), _CHUNK):
+        stmt = insert_for(conn, associations).on_conflict_do_nothing()
+        result = await conn.execute(stmt.returning(associations.c.medium, associations.c.address), list(chunk))
+        inserted.update((m, a) for m, a in result.all())
+    existing = [c for c in chosen if (c.medium, c.address) not in inserted]
+    for c in chosen:
+        if (c.medium, c.address) in inserted:
+            counts.associations_imported += 1
+            counts.associations_resigned += int(c.resigned)
+    if existing:
+        await _merge_existing(conn, existing, rows, counts)
+
+
+async def _merge_existing(
+    conn: AsyncConnection,
+    chosen: list[ChosenAssociation],
+    rows: dict[tuple[str, str], dict[str, Any]],
+    counts: ImportCounts,
+) -> None:
+    """The planned associations whose 3PID we have: ours is kept unless it is older (or the
+    same binding under another key's signature)."""
+    key = ("medium", "address")
+    compared = ("mxid", "ts", "not_before", "not_after", "signed_json")
+    ours = await _rows_by_key(conn, associations, key, [(c.medium, c.address) for c in chosen], compared)
+    for c in chosen:
+        values = rows[(c.medium, c.address)]
         existing = ours.get((c.medium, c.address))
-        if existing is not None:
-            if tuple(existing)[len(key) :] == (c.mxid, c.ts, c.not_before, c.not_after, c.signed_json):
-                counts.associations_already_present += 1
-                continue
-            if tuple(existing)[len(key) : len(key) + 4] == (c.mxid, c.ts, c.not_before, c.not_after):
-                # The same binding signed with another key (an earlier import without Sydent's
-                # key): the signature we serve now (Sydent's, or made with the key we serve) goes in.
-                result = await conn.execute(
-                    update(associations)
-                    .where(
-                        associations.c.medium == c.medium,
-                        associations.c.address == c.address,
-                        associations.c.ts == c.ts,
-                        associations.c.signed_json == existing.signed_json,
-                    )
-                    .values(signed_json=c.signed_json)
-                )
-                counts.associations_signature_repaired += result.rowcount
-                continue
-            if existing.ts >= c.ts:
-                counts.associations_newer_here_kept += 1
-                continue
-            # Ours is older: replace it, unless it changed meanwhile (never overwrite newer).
+        if existing is None:  # gone since the insert said it was there: nothing else writes meanwhile
+            raise RuntimeError(f"association of a {c.medium} vanished during the import")
+        if tuple(existing)[len(key) :] == (c.mxid, c.ts, c.not_before, c.not_after, c.signed_json):
+            counts.associations_already_present += 1
+            continue
+        if tuple(existing)[len(key) : len(key) + 4] == (c.mxid, c.ts, c.not_before, c.not_after):
+            # The same binding signed with another key (an earlier import without Sydent's
+            # key): the signature we serve now (Sydent's, or made with the key we serve) goes in.
             result = await conn.execute(
                 update(associations)
-                .where(associations.c.medium == c.medium, associations.c.address == c.address, associations.c.ts < c.ts)
-                .values(**values)
+                .where(
+                    associations.c.medium == c.medium,
+                    associations.c.address == c.address,
+                    associations.c.ts == c.ts,
+                    associations.c.signed_json == existing.signed_json,
+                )
+                .values(signed_json=c.signed_json)
             )
-            if result.rowcount == 0:
-                counts.associations_newer_here_kept += 1
-                continue
-        else:
-            new_rows.append(values)
+            counts.associations_signature_repaired += result.rowcount
+            continue
+        if existing.ts >= c.ts:
+            counts.associations_newer_here_kept += 1
+            continue
+        # Ours is older: replace it, unless it changed meanwhile (never overwrite newer).
+        result = await conn.execute(
+            update(associations)
+            .where(associations.c.medium == c.medium, associations.c.address == c.address, associations.c.ts < c.ts)
+            .values(**values)
+        )
+        if result.rowcount == 0:
+            counts.associations_newer_here_kept += 1
+            continue
         counts.associations_imported += 1
         counts.associations_resigned += int(c.resigned)
-    await _insert(conn, associations, new_rows)
 
 
 # --- every other table: rows copied when their key is new ----------------------------------------
@@ -213,14 +239,27 @@ def _key_of(row: dict[str, Any], key: tuple[str, ...]) -> Any:
 async def _rows_by_key(
     conn: AsyncConnection, table: Table, key: tuple[str, ...], keys: Sequence[Any], extra: Sequence[str] = ()
 ) -> dict[Any, Row[Any]]:
-    """{key: row (the key columns, then `extra`)} for the keys already in the table."""
+    """{key: row (the key columns, then `extra`)} for the keys already in the table.
+
+    A two-column key is asked as `first = x AND second IN (...)`: PostgreSQL plans a list of
+    row values `(a, b) IN ((..), ..)` as a sequential scan on a big table (a rerun of a
+    1,000,000-row import spent minutes there), but the equality and IN use the index."""
     columns = [table.c[name] for name in key]
-    match = columns[0] if len(columns) == 1 else tuple_(*columns)
+    selected = select(*columns, *(table.c[name] for name in extra))
     out: dict[Any, Row[Any]] = {}
-    for chunk in chunks(list(dict.fromkeys(keys)), _CHUNK):
-        rows = await conn.execute(select(*columns, *(table.c[name] for name in extra)).where(match.in_(chunk)))
-        for row in rows:
-            out[row[0] if len(columns) == 1 else tuple(row[: len(columns)])] = row
+    if len(columns) == 1:
+        for chunk in chunks(list(dict.fromkeys(keys)), _CHUNK):
+            out.update((row[0], row) for row in await conn.execute(selected.where(columns[0].in_(chunk))))
+        return out
+    first, second = columns
+    by_first: dict[Any, list[Any]] = {}
+    for a, b in dict.fromkeys(keys):
+        by_first.setdefault(a, []).append(b)
+    for a, seconds in by_first.items():
+        for chunk in chunks(seconds, _CHUNK):
+            out.update(
+                ((row[0], row[1]), row) for row in await conn.execute(selected.where(first == a, second.in_(chunk)))
+            )
     return out
 
 

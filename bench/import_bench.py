@@ -1,0 +1,154 @@
+"""`import-sydent` alone, timed: a Sydent database of N associations into SQLite or PostgreSQL.
+
+    python bench/import_bench.py --assocs 100000 --target postgres [--source DIR] [--rerun]
+
+The Sydent database is made once per N (Sydent 2.6.1's own schema, bench/sydent_ref.py; the
+data of bench/dataset.py) and kept under --work. The import runs as the command an operator
+runs (`python -m sydent_lite import-sydent`), in a child process: its wall time and peak RSS
+(getrusage of the child) are printed as one JSON line. A PostgreSQL target is a fresh
+database, dropped afterwards. `--source DIR` runs another checkout's sydent_lite (before/after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import dataset
+import sydent_ref
+
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432"
+SYDENT_VENV = Path(os.environ.get("SYDENT_VENV", Path(__file__).resolve().parent / ".venvs" / "sydent"))
+
+
+def sydent_db(work: Path, n: int) -> tuple[Path, Path]:
+    """(Sydent's database, its key file) with n associations, made once."""
+    d = work / f"sydent-{n}"
+    db, key = d / "sydent.db", d / "signing.key"
+    if (d / "seeded").exists():
+        return db, key
+    d.mkdir(parents=True, exist_ok=True)
+    db.unlink(missing_ok=True)
+    python = sydent_ref.ensure_venv(SYDENT_VENV)
+    key_line = dataset.new_signing_key()
+    key.write_text(key_line + "\n")
+    config = sydent_ref.write_config(
+        d,
+        port=1,
+        smtp_port=1,
+        server_name=dataset.SERVER_NAME,
+        signing_key=key_line,
+        templates_dir=sydent_ref.templates_dir_for(SYDENT_VENV),
+    )
+    sydent_ref.init_db(python, config, d)
+    t0 = time.monotonic()
+    sydent_ref.seed(db, dataset.rows(n, key_line), "benchpepper0123456789", server_name=dataset.SERVER_NAME)
+    print(f"seeded {n} in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    (d / "seeded").write_text("ok")
+    return db, key
+
+
+async def _pg(admin_url: str, sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_url + "/postgres")
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def run_import(source: Path, config: Path, db: Path, key: Path, profile: Path | None) -> tuple[float, int, str]:
+    env = dict(os.environ, PYTHONPATH=str(source))
+    cmd = [sys.executable, "-m", "sydent_lite", "import-sydent", str(db), "--signing-key", str(key)]
+    if profile is not None:  # py-spy's collapsed stacks (its own overhead is in the time then)
+        cmd = [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "-r",
+            "50",
+            "-f",
+            "raw",
+            "-o",
+            str(profile),
+            "--",
+            *cmd,
+        ]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.monotonic()
+    out = subprocess.run([*cmd, "--config", str(config)], capture_output=True, text=True, env=env, cwd=source)
+    elapsed = time.monotonic() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"import-sydent failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # ru_maxrss of children is the largest child so far: the imports run biggest last, or one per process.
+    return elapsed, max(peak_kib, before), out.stdout
+
+
+def report(args: argparse.Namespace, which: str, run: tuple[float, int, str]) -> None:
+    elapsed, peak_kib, stdout = run
+    imported = next((int(line.split(":")[1]) for line in stdout.splitlines() if "associations_imported" in line), 0)
+    line = {
+        "source": str(args.source),
+        "target": args.target,
+        "assocs": args.assocs,
+        "run": which,
+        "seconds": round(elapsed, 1),
+        "assocs_per_s": round(args.assocs / elapsed),
+        "peak_rss_mib": round(peak_kib / 1024),
+        "associations_imported": imported,
+    }
+    print(json.dumps(line), flush=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--assocs", type=int, required=True)
+    p.add_argument("--target", choices=["sqlite", "postgres"], required=True)
+    p.add_argument("--source", type=Path, default=Path(__file__).resolve().parent.parent)
+    p.add_argument("--work", type=Path, default=Path("/tmp/import-bench"))
+    p.add_argument("--pg", default=DEFAULT_PG)
+    p.add_argument("--rerun", action="store_true", help="import a second time (nothing changes)")
+    p.add_argument("--profile", type=Path, help="run the first import under py-spy, stacks to this file")
+    args = p.parse_args()
+    db, key = sydent_db(args.work, args.assocs)
+    run_dir = args.work / f"run-{args.target}-{args.assocs}-{os.getpid()}"
+    run_dir.mkdir(parents=True)
+    pg_name = f"import_bench_{os.getpid()}"
+    if args.target == "postgres":
+        url = f"{args.pg.replace('postgresql://', 'postgresql://')}/{pg_name}"
+        asyncio.run(_pg(args.pg, f'CREATE DATABASE "{pg_name}"'))
+    else:
+        url = f"sqlite:///{run_dir / 'lite.db'}"
+    config = run_dir / "config.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "server_name": dataset.SERVER_NAME,
+                "public_baseurl": "http://127.0.0.1:1",
+                "database": {"url": url},
+                "signing_key_path": str(run_dir / "signing.key"),
+            }
+        )
+    )
+    try:
+        report(args, "first", run_import(args.source, config, db, key, args.profile))
+        if args.rerun:
+            report(args, "rerun", run_import(args.source, config, db, key, None))
+    finally:
+        if args.target == "postgres":
+            asyncio.run(_pg(args.pg, f'DROP DATABASE IF EXISTS "{pg_name}"'))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
