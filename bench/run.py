@@ -198,8 +198,10 @@ def fit_config_to_build(config: Path, build: Build) -> None:
             capture_output=True,
             text=True,
             env=build.env(),
+            cwd=config.parent,  # not this checkout: `-c` puts the working directory first on sys.path
         )
-        found = re.search(r"unknown config key '([^']+)'", probe.stderr)
+        # The exception's own line, not the traceback's copy of the source line that raised it.
+        found = re.search(r"ConfigError: unknown config key '([^']+)'", probe.stderr)
         if probe.returncode == 0 or found is None:
             return
         *parents, leaf = found.group(1).split(".")
@@ -243,6 +245,7 @@ def prepare_lite(
             text=True,
             check=False,
             env=env,
+            cwd=workdir,  # as the probe: the build under test, not this checkout's package
         )
         if out.returncode != 0:
             raise RuntimeError(f"import-sydent failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
@@ -254,6 +257,7 @@ def prepare_lite(
         text=True,
         check=True,
         env=env,
+        cwd=workdir,
     ).stdout.strip()
     log_path = workdir / f"server-{workers}w.log"
 
