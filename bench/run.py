@@ -135,6 +135,8 @@ def lite_config(workdir: Path, port: int, smtp_port: int, database_url: str) -> 
             "request_token_per_ip_burst": huge,
             "store_invite_per_ip_per_minute": huge,
             "store_invite_per_ip_burst": huge,
+            "store_invite_per_sender_per_hour": huge,  # every bench invite has one sender
+            "store_invite_per_sender_burst": huge,
             "lookup_per_token_per_minute": huge,
             "lookup_per_token_burst": huge,
             "lookup_addresses_per_minute": huge,
