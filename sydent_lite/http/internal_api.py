@@ -48,7 +48,7 @@ async def bind(request: Request) -> Response:
     medium, address, mxid = await _threepid_and_mxid(request)
     # Checked and in its stored form (400 for an address that is none); Sydent binds anything.
     signed = await ctx.associations.bind(medium, normalise_address(medium, address), mxid)
-    logger.info("bound a %s address through the internal API", medium)
+    logger.info("bound an %s address through the internal API", medium)
     return JSONResponse(signed)
 
 

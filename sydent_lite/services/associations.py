@@ -77,7 +77,7 @@ class AssociationService:
         live = self._peppers.live_peppers()
         callback = self._onbind.request_for(signed) if self._onbind is not None else None
         queued = await self._store.bind(hashed_for(live), callback, live, hashed_for, ts)
-        logger.info("bound a %s address to a user of %s", medium, mxid.split(":", 1)[-1])
+        logger.info("bound an %s address to a user of %s", medium, mxid.split(":", 1)[-1])
         if queued is not None and self._onbind is not None:
             self._onbind.queued()
         return signed
@@ -85,7 +85,7 @@ class AssociationService:
     async def unbind(self, medium: str, address: str, mxid: str) -> bool:
         removed = await self._store.delete(medium, address, mxid)
         if removed:
-            logger.info("unbound a %s address", medium)
+            logger.info("unbound an %s address", medium)
         return removed
 
     @property
