@@ -14,15 +14,17 @@ from typing import Any
 
 import pytest
 import signedjson.key
-from sqlalchemy import select
+from sqlalchemy import func, select, text
 from test_import_sydent import SydentBuilder, dump, make_config, run, select_all
 
 from sydent_lite.admin import operator
-from sydent_lite.admin.sydent_import import import_sydent, read
+from sydent_lite.admin.sydent_import import bulk_pg, import_sydent, read
 from sydent_lite.admin.sydent_import.importer import BATCH_ROWS_ENV
 from sydent_lite.admin.sydent_import.read import SydentAssociation
+from sydent_lite.storage.associations import AssociationStore, StoredAssociation
+from sydent_lite.storage.database import migrate_database, open_database
 from sydent_lite.storage.people import MatrixUser, ThreePid
-from sydent_lite.storage.tables import associations
+from sydent_lite.storage.tables import association_changes, associations
 
 SERVER_NAME = "id.batches.test"
 BATCH = 7  # rows; the fixture has ~130 association rows
@@ -140,3 +142,89 @@ def test_erasures_hold_in_every_batch(db_factory: Any, batches: list[int], tmp_p
     assert counts.erased_associations_skipped == 6 and counts.associations_imported == 0
     assert counts.associations_already_present == len(left)
     assert imported(db.url) == left and dump(db.url) == before
+
+
+async def _schema(url: str) -> list[tuple[Any, ...]]:
+    """The indexes, constraints and triggers of `associations`, with whether each trigger is on."""
+    engine = open_database(url)
+    try:
+        async with engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                queries = [
+                    "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'associations'",
+                    "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint"
+                    " WHERE conrelid = 'associations'::regclass",
+                    "SELECT tgname, tgenabled FROM pg_trigger WHERE tgrelid = 'associations'::regclass"
+                    " AND NOT tgisinternal",
+                ]
+            else:
+                queries = ["SELECT type, name, sql FROM sqlite_master WHERE tbl_name = 'associations'"]
+            found = []
+            for q in queries:
+                found += [tuple(r) for r in (await conn.execute(text(q))).all()]
+            return sorted(found)
+    finally:
+        await engine.dispose()
+
+
+async def _bind_and_count_changes(url: str) -> tuple[int, int]:
+    """(change-log rows before, after) a bind made as a server makes it."""
+    engine = open_database(url)
+    try:
+        count = select(func.count()).select_from(association_changes)
+        async with engine.connect() as conn:
+            before = (await conn.execute(count)).scalar_one()
+        await AssociationStore(engine).upsert(
+            StoredAssociation("email", "after@import.test", "h" * 43, "@after:hs.test", T0, T0, T0 + 1, "{}")
+        )
+        async with engine.connect() as conn:
+            return before, (await conn.execute(count)).scalar_one()
+    finally:
+        await engine.dispose()
+
+
+def test_the_import_leaves_the_tables_indexes_and_change_log_as_a_migration_made_them(
+    db_factory: Any, batches: list[int], tmp_path: Path
+) -> None:
+    """On PostgreSQL the import drops the indexes and disables the change-log trigger for its
+    transaction: both are back afterwards, into an empty table and into one that has rows."""
+    key = signedjson.key.generate_signing_key("0")
+    sydent_db = tmp_path / "sydent.db"
+    expected = build(sydent_db, key)
+    key_file = tmp_path / "sydent.key"
+    key_file.write_text(f"ed25519 0 {signedjson.key.encode_signing_key_base64(key)}\n")
+    db = db_factory.create()
+    run(migrate_database(db.url))
+    migrated = run(_schema(db.url))
+    config = make_config(db.url, SERVER_NAME, tmp_path / "ours.key")
+
+    run(import_sydent(config, sydent_db, key_file))  # into the empty table
+    assert imported(db.url) == expected and run(_schema(db.url)) == migrated
+    run(import_sydent(config, sydent_db, key_file))  # into one that has rows
+    assert run(_schema(db.url)) == migrated
+    before, after = run(_bind_and_count_changes(db.url))
+    assert after == before + 1  # the next bind is logged for the servers' lookup index
+
+
+def test_without_the_tables_owner_the_import_writes_the_same(
+    db_factory: Any, batches: list[int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: when the trigger cannot be disabled (not the table's owner: here, a query
+    that fails in its place), the rows go in with the trigger and indexes as they are."""
+    if db_factory.backend != "postgres":
+        pytest.skip("PostgreSQL only")
+    key = signedjson.key.generate_signing_key("0")
+    sydent_db = tmp_path / "sydent.db"
+    expected = build(sydent_db, key)
+    key_file = tmp_path / "sydent.key"
+    key_file.write_text(f"ed25519 0 {signedjson.key.encode_signing_key_base64(key)}\n")
+    monkeypatch.setattr(bulk_pg, "_TRIGGERS", "SELECT 1 / 0")
+    db = db_factory.create()
+    config = make_config(db.url, SERVER_NAME, tmp_path / "ours.key")
+    counts = run(import_sydent(config, sydent_db, key_file))
+    assert imported(db.url) == expected and counts.associations_imported == len(expected)
+    # Every imported row was logged by the trigger, which stayed on.
+    logged = select_all(db.url, select(association_changes.c.lookup_hash))
+    assert len(logged) >= len(expected)
+    counts = run(import_sydent(config, sydent_db, key_file))
+    assert counts.associations_already_present == len(expected) and imported(db.url) == expected

@@ -17,6 +17,7 @@ from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sydent_lite.admin.sydent_import import read
+from sydent_lite.admin.sydent_import.bulk_pg import PgAssociationWriter
 from sydent_lite.admin.sydent_import.counts import ImportCounts
 from sydent_lite.admin.sydent_import.erased import drop_erased, drop_erased_associations
 from sydent_lite.admin.sydent_import.errors import SydentImportError
@@ -85,11 +86,14 @@ async def import_sydent(
                     if data.pepper is not None and pepper == data.pepper:
                         await _adopt_pepper(conn, pepper)
                         counts.lookup_pepper_from_sydent = 1
+                    bulk = await PgAssociationWriter.open(conn) if conn.dialect.name == "postgresql" else None
                     # One batch of 3PIDs at a time: the import holds a batch, never the table.
                     for batch in read.association_batches(source.association_groups(), _batch_rows()):
                         chosen, erased = await drop_erased_associations(conn, planner.plan(batch))
                         counts.erased_associations_skipped += erased
-                        await write_associations(conn, chosen, pepper, counts)
+                        await write_associations(conn, chosen, pepper, counts, bulk)
+                    if bulk is not None:
+                        await bulk.finish()
                     data, erased_rest = await drop_erased(conn, data)
                     await write_other_tables(conn, data, now_ms(), counts)
                 # A no-op (every hash is under the pepper we serve); it also holds for a database

@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import Row, Table, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from sydent_lite.admin.sydent_import.bulk_pg import COLUMNS, PgAssociationWriter
 from sydent_lite.admin.sydent_import.counts import CopiedKind, ImportCounts
 from sydent_lite.admin.sydent_import.plan import ChosenAssociation
 from sydent_lite.admin.sydent_import.read import (
@@ -62,39 +63,53 @@ async def write_other_tables(conn: AsyncConnection, data: SydentData, now: int, 
 
 
 async def write_associations(
-    conn: AsyncConnection, chosen: list[ChosenAssociation], pepper: str, counts: ImportCounts
+    conn: AsyncConnection,
+    chosen: list[ChosenAssociation],
+    pepper: str,
+    counts: ImportCounts,
+    bulk: PgAssociationWriter | None = None,
 ) -> None:
     """One batch of planned associations (each 3PID once in a batch, and in one batch only).
 
     New 3PIDs go in first (ON CONFLICT DO NOTHING RETURNING says which did); only the others
     are read back to compare. Reading every key first would ask PostgreSQL about a table this
     transaction keeps growing, whose statistics still say it is empty: a sequential scan per
-    batch, quadratic in the import."""
-    rows = {
-        (c.medium, c.address): {
-            "medium": c.medium,
-            "address": c.address,
-            "lookup_hash": lookup_hash(c.address, c.medium, pepper),
-            "mxid": c.mxid,
-            "ts": c.ts,
-            "not_before": c.not_before,
-            "not_after": c.not_after,
-            "signed_json": c.signed_json,
-        }
-        for c in chosen
-    }
-    inserted: set[tuple[str, str]] = set()
-    for chunk in chunks(list(rows.values()), _CHUNK):
-        stmt = insert_for(conn, associations).on_conflict_do_nothing()
-        result = await conn.execute(stmt.returning(associations.c.medium, associations.c.address), list(chunk))
-        inserted.update((m, a) for m, a in result.all())
-    existing = [c for c in chosen if (c.medium, c.address) not in inserted]
+    batch, quadratic in the import. On PostgreSQL the rows go in by COPY (`bulk`)."""
+    if bulk is not None:
+        inserted = await bulk.insert_new([_record(c, pepper) for c in chosen])
+    else:
+        inserted = set()
+        for chunk in chunks([_values(c, pepper) for c in chosen], _CHUNK):
+            stmt = insert_for(conn, associations).on_conflict_do_nothing()
+            result = await conn.execute(stmt.returning(associations.c.medium, associations.c.address), list(chunk))
+            inserted.update((m, a) for m, a in result.all())
+    existing = []
     for c in chosen:
         if (c.medium, c.address) in inserted:
             counts.associations_imported += 1
             counts.associations_resigned += int(c.resigned)
+        else:
+            existing.append(c)
     if existing:
-        await _merge_existing(conn, existing, rows, counts)
+        await _merge_existing(conn, existing, {(c.medium, c.address): _values(c, pepper) for c in existing}, counts)
+
+
+def _record(c: ChosenAssociation, pepper: str) -> tuple[Any, ...]:
+    # In bulk_pg.COLUMNS order.
+    return (
+        c.medium,
+        c.address,
+        lookup_hash(c.address, c.medium, pepper),
+        c.mxid,
+        c.ts,
+        c.not_before,
+        c.not_after,
+        c.signed_json,
+    )
+
+
+def _values(c: ChosenAssociation, pepper: str) -> dict[str, Any]:
+    return dict(zip(COLUMNS, _record(c, pepper), strict=True))
 
 
 async def _merge_existing(
