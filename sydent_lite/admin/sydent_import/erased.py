@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from sqlalchemy import exists, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sydent_lite.admin.sydent_import.plan import ChosenAssociation
 from sydent_lite.admin.sydent_import.read import SydentData
 from sydent_lite.storage.erasures import MXID, erased_at, subject_hash
+from sydent_lite.storage.tables import erasures
 
 
 @dataclass
@@ -34,6 +36,15 @@ class ErasedSkipped:
 
 def _gone(erased_ts: int | None, row_ts: int | None) -> bool:
     return erased_ts is not None and (row_ts is None or row_ts <= erased_ts)
+
+
+async def any_erased(conn: AsyncConnection) -> bool:
+    """Whether anyone was erased here; if not, the associations need no check (2 SHA-256 and a
+    query per association). On PostgreSQL no erasure commits until the import has (SQLite has
+    one writer at a time): one made meanwhile then deletes what the import wrote."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text("LOCK TABLE erasures IN SHARE MODE"))
+    return bool((await conn.execute(select(exists().select_from(erasures)))).scalar())
 
 
 async def drop_erased_associations(

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sydent_lite.admin.sydent_import import read
 from sydent_lite.admin.sydent_import.bulk_pg import PgAssociationWriter
 from sydent_lite.admin.sydent_import.counts import ImportCounts
-from sydent_lite.admin.sydent_import.erased import drop_erased, drop_erased_associations
+from sydent_lite.admin.sydent_import.erased import any_erased, drop_erased, drop_erased_associations
 from sydent_lite.admin.sydent_import.errors import SydentImportError
 from sydent_lite.admin.sydent_import.keys import ServingKey, choose_serving_key, install, read_signing_key_file
 from sydent_lite.admin.sydent_import.plan import AssociationPlanner, check_sydent_signed, own_names
@@ -87,10 +87,13 @@ async def import_sydent(
                         await _adopt_pepper(conn, pepper)
                         counts.lookup_pepper_from_sydent = 1
                     bulk = await PgAssociationWriter.open(conn) if conn.dialect.name == "postgresql" else None
+                    check_erased = await any_erased(conn)
                     # One batch of 3PIDs at a time: the import holds a batch, never the table.
                     for batch in read.association_batches(source.association_groups(), _batch_rows()):
-                        chosen, erased = await drop_erased_associations(conn, planner.plan(batch))
-                        counts.erased_associations_skipped += erased
+                        chosen = planner.plan(batch)
+                        if check_erased:
+                            chosen, erased = await drop_erased_associations(conn, chosen)
+                            counts.erased_associations_skipped += erased
                         await write_associations(conn, chosen, pepper, counts, bulk)
                     if bulk is not None:
                         await bulk.finish()
