@@ -8,10 +8,17 @@ before it, so a failure leaves the database as it was and a rerun finds the key 
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
+import multiprocessing
 import os
+from collections.abc import AsyncGenerator, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import aclosing
 from pathlib import Path
 
+import signedjson.key
 from signedjson.types import SigningKey
 from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -22,8 +29,15 @@ from sydent_lite.admin.sydent_import.counts import ImportCounts
 from sydent_lite.admin.sydent_import.erased import any_erased, drop_erased, drop_erased_associations
 from sydent_lite.admin.sydent_import.errors import SydentImportError
 from sydent_lite.admin.sydent_import.keys import ServingKey, choose_serving_key, install, read_signing_key_file
-from sydent_lite.admin.sydent_import.plan import AssociationPlanner, check_sydent_signed, own_names
-from sydent_lite.admin.sydent_import.read import SydentSource
+from sydent_lite.admin.sydent_import.plan import (
+    AssociationPlanner,
+    ChosenAssociation,
+    check_sydent_signed,
+    own_names,
+    plan_in_worker,
+    start_worker,
+)
+from sydent_lite.admin.sydent_import.read import SydentAssociation, SydentSource
 from sydent_lite.admin.sydent_import.write import write_associations, write_other_tables
 from sydent_lite.config import Config
 from sydent_lite.context import operator_context
@@ -89,12 +103,13 @@ async def import_sydent(
                     bulk = await PgAssociationWriter.open(conn) if conn.dialect.name == "postgresql" else None
                     check_erased = await any_erased(conn)
                     # One batch of 3PIDs at a time: the import holds a batch, never the table.
-                    for batch in read.association_batches(source.association_groups(), _batch_rows()):
-                        chosen = planner.plan(batch)
-                        if check_erased:
-                            chosen, erased = await drop_erased_associations(conn, chosen)
-                            counts.erased_associations_skipped += erased
-                        await write_associations(conn, chosen, pepper, counts, bulk)
+                    batches = read.association_batches(source.association_groups(), _batch_rows())
+                    async with aclosing(_planned(planner, batches)) as planned:  # the worker ends with it
+                        async for chosen in planned:
+                            if check_erased:
+                                chosen, erased = await drop_erased_associations(conn, chosen)
+                                counts.erased_associations_skipped += erased
+                            await write_associations(conn, chosen, pepper, counts, bulk)
                     if bulk is not None:
                         await bulk.finish()
                     data, erased_rest = await drop_erased(conn, data)
@@ -157,6 +172,40 @@ def _planner(
             "--new-signing-key to re-sign them with this key (signatures clients kept stop verifying)"
         ) from None
     return AssociationPlanner(signer, own), serving
+
+
+async def _planned(
+    planner: AssociationPlanner, batches: Iterator[list[list[SydentAssociation]]]
+) -> AsyncGenerator[list[ChosenAssociation]]:
+    """Each batch planned (signed: the largest cost), in order. With more than one batch, a
+    worker process plans one while this one reads the next and the caller writes the last;
+    two batches at most are in flight, so memory stays bounded."""
+    head = list(itertools.islice(batches, 2))
+    if len(head) < 2 or (os.cpu_count() or 1) < 2:
+        for batch in itertools.chain(head, batches):
+            yield planner.plan(batch)
+        return
+    signer = planner.signer
+    # spawn, not fork: this process has threads (aiosqlite's) and open connections.
+    with ProcessPoolExecutor(
+        max_workers=1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=start_worker,
+        initargs=(
+            signer.server_name,
+            signer.key.alg,
+            signer.key.version,
+            signedjson.key.encode_signing_key_base64(signer.key),
+            planner.own_names,
+        ),
+    ) as pool:
+        loop = asyncio.get_running_loop()
+        pending = loop.run_in_executor(pool, plan_in_worker, head[0])
+        for batch in itertools.chain(head[1:], batches):
+            following = loop.run_in_executor(pool, plan_in_worker, batch)
+            yield planner.absorb(await pending)
+            pending = following
+        yield planner.absorb(await pending)
 
 
 def _batch_rows() -> int:

@@ -42,6 +42,14 @@ class ChosenAssociation:
     resigned: bool
 
 
+@dataclass
+class PlannedBatch:
+    chosen: list[ChosenAssociation]
+    unbound: int
+    unusable: int
+    signed_as: list[str]  # names first seen signed in this batch
+
+
 class AssociationPlanner:
     """Chooses the association of each 3PID, one batch of 3PIDs at a time, and counts what it
     leaves out. `own_names`: the names Sydent's own associations were pushed under (`own_names`)."""
@@ -67,6 +75,19 @@ class AssociationPlanner:
             else:
                 chosen_all.append(chosen)
         return chosen_all
+
+    def plan_counted(self, groups: Iterable[list[SydentAssociation]]) -> PlannedBatch:
+        """`plan`, with what it counted for this batch (for a planner in another process)."""
+        unbound, unusable, names = self.unbound, self.unusable, len(self._signed_as)
+        chosen = self.plan(groups)
+        return PlannedBatch(chosen, self.unbound - unbound, self.unusable - unusable, list(self._signed_as)[names:])
+
+    def absorb(self, planned: PlannedBatch) -> list[ChosenAssociation]:
+        """Count what another process's planner counted; returns its associations."""
+        self.unbound += planned.unbound
+        self.unusable += planned.unusable
+        self._signed_as.update(dict.fromkeys(planned.signed_as))
+        return planned.chosen
 
     def warn_of_names(self) -> None:
         for name in self._signed_as:
@@ -230,3 +251,20 @@ def _rank(a: SydentAssociation) -> tuple[int, int]:
     # Newest first; at equal ts an unbinding beats a binding, and Sydent's signed copy
     # (global) beats the unsigned local row of the same binding.
     return (a.ts, 3 if a.mxid is None else (2 if a.origin is not None else 1))
+
+
+# --- planning in a worker process ------------------------------------------------------------------
+
+_worker: AssociationPlanner | None = None
+
+
+def start_worker(server_name: str, alg: str, version: str, seed_base64: str, own: set[str]) -> None:
+    """ProcessPoolExecutor initializer: the planner of this (worker) process."""
+    global _worker
+    key = signedjson.key.decode_signing_key_base64(alg, version, seed_base64)
+    _worker = AssociationPlanner(ServerSigner(server_name, key), own)
+
+
+def plan_in_worker(groups: list[list[SydentAssociation]]) -> PlannedBatch:
+    assert _worker is not None, "start_worker first"
+    return _worker.plan_counted(groups)
