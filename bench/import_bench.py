@@ -18,12 +18,14 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dataset
+import procstat
 import sydent_ref
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432"
@@ -67,7 +69,7 @@ async def _pg(admin_url: str, sql: str) -> None:
         await conn.close()
 
 
-def run_import(source: Path, config: Path, db: Path, key: Path, profile: Path | None) -> tuple[float, int, str]:
+def run_import(source: Path, config: Path, db: Path, key: Path, profile: Path | None) -> tuple[float, int, int, str]:
     env = dict(os.environ, PYTHONPATH=str(source))
     cmd = [sys.executable, "-m", "sydent_lite", "import-sydent", str(db), "--signing-key", str(key)]
     if profile is not None:  # py-spy's collapsed stacks (its own overhead is in the time then)
@@ -85,17 +87,27 @@ def run_import(source: Path, config: Path, db: Path, key: Path, profile: Path | 
         ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.monotonic()
-    out = subprocess.run([*cmd, "--config", str(config)], capture_output=True, text=True, env=env, cwd=source)
-    elapsed = time.monotonic() - t0
-    if out.returncode != 0:
-        raise RuntimeError(f"import-sydent failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
+    tree_peak = 0.0
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        child = subprocess.Popen([*cmd, "--config", str(config)], stdout=stdout, stderr=stderr, env=env, cwd=source)
+        # The import may start a worker process: the sum over the tree, sampled (VmHWM of each
+        # living process), is what the machine must hold; getrusage gives the largest process.
+        while child.poll() is None:
+            tree_peak = max(tree_peak, procstat.peak_rss_mib(child.pid))
+            time.sleep(0.5)
+        elapsed = time.monotonic() - t0
+        stdout.seek(0)
+        stderr.seek(0)
+        out_text, err_text = stdout.read(), stderr.read()
+    if child.returncode != 0:
+        raise RuntimeError(f"import-sydent failed: {out_text[-2000:]} {err_text[-2000:]}")
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     # ru_maxrss of children is the largest child so far: the imports run biggest last, or one per process.
-    return elapsed, max(peak_kib, before), out.stdout
+    return elapsed, max(peak_kib, before), round(tree_peak), out_text
 
 
-def report(args: argparse.Namespace, which: str, run: tuple[float, int, str]) -> None:
-    elapsed, peak_kib, stdout = run
+def report(args: argparse.Namespace, which: str, run: tuple[float, int, int, str]) -> None:
+    elapsed, peak_kib, tree_peak_mib, stdout = run
     imported = next((int(line.split(":")[1]) for line in stdout.splitlines() if "associations_imported" in line), 0)
     line = {
         "source": str(args.source),
@@ -105,6 +117,7 @@ def report(args: argparse.Namespace, which: str, run: tuple[float, int, str]) ->
         "seconds": round(elapsed, 1),
         "assocs_per_s": round(args.assocs / elapsed),
         "peak_rss_mib": round(peak_kib / 1024),
+        "peak_rss_tree_mib": tree_peak_mib,
         "associations_imported": imported,
     }
     print(json.dumps(line), flush=True)
