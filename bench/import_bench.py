@@ -76,6 +76,7 @@ def run_import(source: Path, config: Path, db: Path, key: Path, profile: Path | 
         cmd = [
             str(Path(sys.executable).parent / "py-spy"),
             "record",
+            "--subprocesses",  # the import's worker too
             "-r",
             "50",
             "-f",
