@@ -15,7 +15,7 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import signedjson.key
 import signedjson.sign
@@ -30,8 +30,7 @@ from sydent_lite.threepids import stored_address
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class ChosenAssociation:
+class ChosenAssociation(NamedTuple):  # a tuple: cheap to make and to pickle back from the worker
     medium: str
     address: str
     mxid: str
