@@ -69,7 +69,9 @@ async def _pg(admin_url: str, sql: str) -> None:
         await conn.close()
 
 
-def run_import(source: Path, config: Path, db: Path, key: Path, profile: Path | None) -> tuple[float, int, int, str]:
+def run_import(
+    source: Path, config: Path, db: Path, key: Path, profile: Path | None
+) -> tuple[float, int, int, float, str]:
     env = dict(os.environ, PYTHONPATH=str(source))
     cmd = [sys.executable, "-m", "sydent_lite", "import-sydent", str(db), "--signing-key", str(key)]
     if profile is not None:  # py-spy's collapsed stacks (its own overhead is in the time then)
@@ -86,7 +88,8 @@ def run_import(source: Path, config: Path, db: Path, key: Path, profile: Path | 
             "--",
             *cmd,
         ]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before, cpu_before = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
     t0 = time.monotonic()
     tree_peak = 0.0
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
@@ -102,13 +105,15 @@ def run_import(source: Path, config: Path, db: Path, key: Path, profile: Path | 
         out_text, err_text = stdout.read(), stderr.read()
     if child.returncode != 0:
         raise RuntimeError(f"import-sydent failed: {out_text[-2000:]} {err_text[-2000:]}")
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU of the import and its worker (waited for by it): less sensitive to a shared machine than wall time.
+    cpu = usage.ru_utime + usage.ru_stime - cpu_before
     # ru_maxrss of children is the largest child so far: the imports run biggest last, or one per process.
-    return elapsed, max(peak_kib, before), round(tree_peak), out_text
+    return elapsed, max(usage.ru_maxrss, before), round(tree_peak), cpu, out_text
 
 
-def report(args: argparse.Namespace, which: str, run: tuple[float, int, int, str]) -> None:
-    elapsed, peak_kib, tree_peak_mib, stdout = run
+def report(args: argparse.Namespace, which: str, run: tuple[float, int, int, float, str]) -> None:
+    elapsed, peak_kib, tree_peak_mib, cpu, stdout = run
     imported = next((int(line.split(":")[1]) for line in stdout.splitlines() if "associations_imported" in line), 0)
     line = {
         "source": str(args.source),
@@ -119,6 +124,7 @@ def report(args: argparse.Namespace, which: str, run: tuple[float, int, int, str
         "assocs_per_s": round(args.assocs / elapsed),
         "peak_rss_mib": round(peak_kib / 1024),
         "peak_rss_tree_mib": tree_peak_mib,
+        "cpu_s": round(cpu, 1),
         "associations_imported": imported,
     }
     print(json.dumps(line), flush=True)
