@@ -166,7 +166,8 @@ def serve(config: Config, workers: int = 1) -> int:
         configure(limits)
         uv_config = uvicorn.Config(create_app(config), **_uvicorn_options(config, file_limit))
         server = _Server(uv_config, _announcement(config))
-        asyncio.run(server.serve())
+        # uvicorn's run, not asyncio.run: it picks uvloop (loop="auto"), as the workers do.
+        server.run()
         return 0 if server.started else 1
     return _serve_workers(config, workers, file_limit)
 
