@@ -32,6 +32,20 @@ def _backend_params() -> list[Any]:
     return [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=pg_marks)]
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """`-n auto` (pyproject's addopts): two workers a core. A test mostly waits (a server
+    starting, a client waiting on one), so one worker a core left the cores idle about half
+    the time. PYTEST_XDIST_AUTO_NUM_WORKERS still overrides it (xdist's own hook)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return 2 * cores
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "postgres: runs against PostgreSQL")
 
