@@ -160,6 +160,7 @@ class LookupIndex:
         `pace`: how a load that lookups are not waiting for shares the event loop with them
         (services.pacing; None: flat out, as at start, when there is nothing to serve yet).
         """
+        started = self._clock.monotonic()
         if block_lookups:
             async with self._lock:
                 held = await self._build(None)
@@ -171,10 +172,9 @@ class LookupIndex:
             async with self._lock:
                 await self._apply_changes(held)
                 self._held = held
-        if pace is not None and pace.slept:
-            logger.info("lookup index loaded: %d associations (paced: %.1f s of pauses)", len(self), pace.slept)
-        else:
-            logger.info("lookup index loaded: %d associations", len(self))
+        took = self._clock.monotonic() - started
+        slept = pace.slept if pace is not None else 0.0
+        logger.info("lookup index loaded: %d associations in %.1f s (%.1f s of it paused)", len(self), took, slept)
 
     async def _build(self, pace: Pace | None) -> _Held:
         # The log position first: changes made during the scan are applied again afterwards,
