@@ -42,12 +42,13 @@ class Pace:
 
     async def step(self, done: float = 0.0) -> None:
         """Called after each step of the work; `done`: the share of the whole done so far (0
-        to 1; 0 if unknown, when a deadline cannot be kept either). Always yields to the loop."""
+        if unknown, when a deadline cannot be kept either; 1: all done, no pause). Always
+        yields to the event loop."""
         now = self._clock.monotonic()
         took = max(0.0, now - self._resumed)
         self._busy += took
         self._steps += 1
-        pause = took * (1 - self.share) / self.share if self.share < 1 else 0.0
+        pause = took * (1 - self.share) / self.share if self.share < 1 and done < 1 else 0.0
         if pause > 0 and self.deadline is not None:
             if 0 < done < 1:
                 rest = self._busy * (1 - done) / done
