@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sydent_lite.clock import SYSTEM_CLOCK, Clock
 from sydent_lite.config import Config
-from sydent_lite.delivery.email import make_email_sender
+from sydent_lite.delivery.email import EmailSender, make_email_sender
 from sydent_lite.delivery.sms import make_sms_provider
 from sydent_lite.federation.client import FederationClient
 from sydent_lite.federation.xmatrix import ServerKeyStore
@@ -60,6 +60,7 @@ class AppContext:
     signer: ServerSigner
     templates: TemplateStore
     federation: FederationClient
+    email: EmailSender  # shared by sessions and invites; holds open SMTP connections
     server_keys: ServerKeyStore
     accounts: AccountService
     terms: TermsService
@@ -80,6 +81,7 @@ class AppContext:
             await self.serving_lock.release()
         await self.sessions.aclose()
         await self.federation.aclose()
+        await self.email.aclose()
         await self.rate_limiter.aclose()
         await self.database.dispose()
 
@@ -132,7 +134,7 @@ async def build_context(config: Config, clock: Clock = SYSTEM_CLOCK) -> AppConte
     )
     await peppers.start()
     federation = FederationClient(config.federation)
-    email_sender = make_email_sender(config.email, config.email_from, config.effective_server_name)
+    email_sender = make_email_sender(config.email, config.email_from, config.effective_server_name, clock)
     sms_provider = make_sms_provider(config.sms)
     invite_store = InviteStore(database)
     invites = InviteService(config, invite_store, association_store, signer, templates, email_sender, clock)
@@ -147,6 +149,7 @@ async def build_context(config: Config, clock: Clock = SYSTEM_CLOCK) -> AppConte
         signer=signer,
         templates=templates,
         federation=federation,
+        email=email_sender,
         server_keys=ServerKeyStore(federation, clock=clock.time_ms),
         accounts=AccountService(account_store, federation, rate_limiter, config.rate_limits, access, clock),
         terms=TermsService(terms, account_store),

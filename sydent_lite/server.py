@@ -113,6 +113,13 @@ def _uvicorn_options(config: Config, file_limit: int) -> dict[str, Any]:
         # caps; it also does TLS itself (listen.tls_*), so uvicorn gets no certificate.
         "http": PROTOCOL,
         "lifespan": "on",
+        # uvloop where it is safe (faster: `GET /v2` +15 %, v1 lookup +30 % in bench/run.py), but
+        # asyncio's loop under our own TLS: uvloop starts reading a new connection right after
+        # connection_made whatever the protocol asked (pause_reading is ignored there), so the
+        # ClientHello could reach the HTTP protocol before start_tls took over: a third of the
+        # handshakes on one process, one in fifteen on workers, hung until the deadline
+        # (measured; tests/test_tls_and_limits.py).
+        "loop": "asyncio" if listen.tls_certificate else "auto",
         "ws": "none",  # nothing here speaks websockets; "auto" imports an implementation (~10 MiB)
         "log_config": None,  # our logging setup, not uvicorn's
         "access_log": False,  # access lines would carry ?access_token= query strings
@@ -166,7 +173,8 @@ def serve(config: Config, workers: int = 1) -> int:
         configure(limits)
         uv_config = uvicorn.Config(create_app(config), **_uvicorn_options(config, file_limit))
         server = _Server(uv_config, _announcement(config))
-        asyncio.run(server.serve())
+        # uvicorn's run, not asyncio.run: it picks uvloop (loop="auto"), as the workers do.
+        server.run()
         return 0 if server.started else 1
     return _serve_workers(config, workers, file_limit)
 

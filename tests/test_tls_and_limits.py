@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 import trustme
+from support.db import DatabaseFactory
+from support.homeserver import HomeserverStandIn
 from support.inprocess import InProcessServer
 from support.server import SydentServer, new_secret, unique_email
 from support.smtp import SmtpSink
@@ -16,7 +20,8 @@ V2 = "/_matrix/identity/v2"
 V1 = "/_matrix/identity/api/v1"
 
 
-def test_serves_https_when_given_a_certificate(make_server: Callable[..., SydentServer], tmp_path: Path) -> None:
+def certificate(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A certificate for 127.0.0.1 from a new CA: (chain, private key, CA certificate) files."""
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "id.test")
     cert_path, key_path, ca_path = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
@@ -25,7 +30,11 @@ def test_serves_https_when_given_a_certificate(make_server: Callable[..., Sydent
         blob.write_to_path(str(cert_path), append=True)
     cert.private_key_pem.write_to_path(str(key_path))
     ca.cert_pem.write_to_path(str(ca_path))
+    return cert_path, key_path, ca_path
 
+
+def test_serves_https_when_given_a_certificate(make_server: Callable[..., SydentServer], tmp_path: Path) -> None:
+    cert_path, key_path, ca_path = certificate(tmp_path)
     server = make_server(extra_config={"listen": {"tls_certificate": str(cert_path), "tls_private_key": str(key_path)}})
     assert f"listening on https://127.0.0.1:{server.port}" in server.output()
     context = ssl.create_default_context(cafile=str(ca_path))
@@ -39,6 +48,53 @@ def test_serves_https_when_given_a_certificate(make_server: Callable[..., Sydent
         assert plain.status_code >= 400
     except httpx.HTTPError:
         pass
+
+
+class WorkersServer(SydentServer):
+    workers = 1
+
+    def serve_args(self) -> list[str]:
+        return ["--workers", str(self.workers)] if self.workers > 1 else []
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_tls_handshake_completes(
+    workers: int,
+    db_factory: DatabaseFactory,
+    smtp_sink: SmtpSink,
+    homeserver: HomeserverStandIn,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Clients send their ClientHello at once; each handshake must complete, on one process and
+    on workers. (On uvloop a third of them hung until the deadline: the hello reached the HTTP
+    protocol before start_tls took over.)"""
+    cert_path, key_path, ca_path = certificate(tmp_path)
+    server = WorkersServer(
+        tmp_path / "server",
+        database_url=db_factory.create().url,
+        smtp_port=smtp_sink.port,
+        ca_file=homeserver.ca_path,
+        name=f"sydent_lite TLS, {workers} worker(s)",
+        extra_config={"listen": {"tls_certificate": str(cert_path), "tls_private_key": str(key_path)}},
+    )
+    server.workers = workers
+    request.node.extra_sydent_servers = [server]
+    server.start(timeout=60.0)
+    try:
+        context = ssl.create_default_context(cafile=str(ca_path))
+        failures = []
+        for attempt in range(40):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+                try:
+                    with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                        tls.sendall(f"GET {V2} HTTP/1.1\r\nHost: id.test\r\nConnection: close\r\n\r\n".encode())
+                        assert tls.recv(64).startswith(b"HTTP/1.1 200"), attempt
+                except (TimeoutError, ssl.SSLError) as e:
+                    failures.append((attempt, repr(e)))
+        assert failures == [], failures
+    finally:
+        server.stop()
 
 
 def test_request_token_is_rate_limited_per_address(

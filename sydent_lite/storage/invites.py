@@ -12,6 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sydent_lite.storage.database import Database
 from sydent_lite.storage.tables import associations, ephemeral_public_keys, invites, onbind_callbacks
 
+_ADD = invites.insert()
+
 
 @dataclass
 class StoredInvite:
@@ -131,7 +133,7 @@ class InviteStore:
 
     async def add(self, invite: StoredInvite) -> None:
         async with self._db.begin() as conn:
-            await conn.execute(invites.insert().values(**invite.__dict__))
+            await conn.execute(_ADD, invite.__dict__)  # built once: store-invite is a hot path
 
     async def get(self, token: str) -> StoredInvite | None:
         async with self._db.connect() as conn:

@@ -6,6 +6,7 @@ It can also misbehave on purpose: `refuse()` answers 550 to everything (MAIL, RC
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import re
@@ -42,6 +43,7 @@ class ReceivedMail:
     raw: bytes
     received_at: float = field(default_factory=time.time)
     ehlo_name: str = ""  # the name the client gave in EHLO/HELO
+    connection: int = 0  # which SMTP connection brought it (numbered from 1 per sink)
 
     @property
     def message(self) -> EmailMessage:
@@ -98,6 +100,12 @@ class _Handler:
     ) -> str:
         if self.sink.mode == "refuse":
             return "550 5.7.1 Refused by the test sink"
+        reused = self.sink._delivered.get(self.sink._connection_of(session), 0) > 0
+        if self.sink.mode == "one_per_connection" and reused:
+            return "421 4.7.0 One message per connection, come back"
+        if self.sink.mode == "hang_up_on_reuse" and reused and server.transport is not None:
+            server.transport.close()  # without a word: the client finds out at this MAIL
+            return "421 4.7.0 (never seen: the connection is closed)"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -119,9 +127,17 @@ class _Handler:
             content = content.encode("utf-8")
         assert envelope.mail_from is not None and content is not None
         mail = ReceivedMail(
-            envelope.mail_from, list(envelope.rcpt_tos), bytes(content), ehlo_name=session.host_name or ""
+            envelope.mail_from,
+            list(envelope.rcpt_tos),
+            bytes(content),
+            ehlo_name=session.host_name or "",
+            connection=self.sink._connection_of(session),
         )
         self.sink._record(mail)
+        self.sink._delivered[mail.connection] = self.sink._delivered.get(mail.connection, 0) + 1
+        if self.sink.mode == "close_after_message" and server.transport is not None:
+            # After the reply has gone out (it is written once this returns).
+            asyncio.get_running_loop().call_later(0.05, server.transport.close)
         return "250 Message accepted for delivery"
 
 
@@ -136,6 +152,15 @@ class SmtpSink:
         self._taken: set[int] = set()
         self._cond = threading.Condition()
         self._controller: Controller | None = None
+        self._connections = 0
+        self._delivered: dict[int, int] = {}  # connection number -> messages it brought
+
+    def _connection_of(self, session: Session) -> int:
+        number: int | None = getattr(session, "sink_connection", None)
+        if number is None:
+            self._connections += 1
+            number = session.sink_connection = self._connections  # type: ignore[attr-defined]  # ours, on its session
+        return number
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -168,6 +193,23 @@ class SmtpSink:
         """Listening, but answering 550 to MAIL, RCPT and DATA."""
         self.start()
         self.mode = "refuse"
+
+    def one_per_connection(self) -> None:
+        """Like a relay that limits messages per connection: a second MAIL on a connection gets
+        421 (and the client is to go away)."""
+        self.start()
+        self.mode = "one_per_connection"
+
+    def close_after_message(self) -> None:
+        """Like a relay that hangs up after each message, without a word."""
+        self.start()
+        self.mode = "close_after_message"
+
+    def hang_up_on_reuse(self) -> None:
+        """Like a relay whose idle timeout struck just as the client reused the connection: the
+        connection closes at a second MAIL, unanswered."""
+        self.start()
+        self.mode = "hang_up_on_reuse"
 
     def down(self) -> None:
         """Not listening at all: connections are refused."""
