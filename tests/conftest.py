@@ -36,14 +36,15 @@ def _backend_params() -> list[Any]:
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     """`-n auto` (pyproject's addopts): two workers a core. A test mostly waits (a server
     starting, a client waiting on one), so one worker a core left the cores idle about half
-    the time. PYTEST_XDIST_AUTO_NUM_WORKERS still overrides it (xdist's own hook)."""
+    the time. At most 8: each worker's servers hold PostgreSQL connections (the server's
+    default max_connections is 100). PYTEST_XDIST_AUTO_NUM_WORKERS still overrides it."""
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return 2 * cores
+    return min(2 * cores, 8)
 
 
 def pytest_configure(config: pytest.Config) -> None:
