@@ -32,8 +32,35 @@ def _backend_params() -> list[Any]:
     return [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=pg_marks)]
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """`-n auto` (pyproject's addopts): two workers a core. A test mostly waits (a server
+    starting, a client waiting on one), so one worker a core left the cores idle about half
+    the time. At most 8: each worker's servers hold PostgreSQL connections (the server's
+    default max_connections is 100). PYTEST_XDIST_AUTO_NUM_WORKERS still overrides it."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return min(2 * cores, 8)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "postgres: runs against PostgreSQL")
+    if not hasattr(config, "workerinput"):  # once, in the controller, before any worker starts
+        _compile_the_package()
+
+
+def _compile_the_package() -> None:
+    """Byte-compile sydent_lite once: the tests start a few hundred server and CLI processes,
+    and under PYTHONDONTWRITEBYTECODE (or in a fresh clone) each compiled every module from
+    source again, a sixth of its start-up CPU. Only missing or stale files are written
+    (__pycache__ is ignored by git)."""
+    import compileall
+
+    compileall.compile_dir(Path(__file__).resolve().parents[1] / "sydent_lite", quiet=2)
 
 
 @pytest.fixture(autouse=True)

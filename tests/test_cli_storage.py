@@ -346,6 +346,116 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("hold_mxids", [False, True], ids=["confirm-in-database", "mxids-in-memory"])
+def test_a_background_load_pauses_between_its_steps_and_lookups_are_answered_meanwhile(
+    database_url: str, hold_mxids: bool
+) -> None:
+    """A load beside the answering index (a rebuild; an upcoming pepper's) is paced: after each
+    batch it sleeps on the clock three times as long as the batch took (share 0.25), and in
+    those pauses lookups are answered, binds included. Flat out at start, once its deadline
+    has come, or when hurried (lookups wait for it)."""
+    import dataclasses
+    from collections.abc import AsyncIterator
+
+    from support.clock import FakeClock
+
+    from sydent_lite.services.lookup_confirmers import (
+        CandidateConfirmer,
+        DatabaseConfirmer,
+        FilterKeys,
+        MemoryConfirmer,
+    )
+    from sydent_lite.services.lookup_index import LookupIndex
+    from sydent_lite.services.pacing import Pace
+    from sydent_lite.storage.association_changes import AssociationChangeStore
+
+    clock = FakeClock()
+
+    class SlowConfirmer(CandidateConfirmer):
+        """Each batch of the table takes a second (of the fake clock)."""
+
+        def __init__(self, inner: CandidateConfirmer) -> None:
+            self.inner, self.slot = inner, inner.slot
+
+        async def confirm_hashes(self, hashes: Any) -> dict[str, str]:
+            return await self.inner.confirm_hashes(hashes)
+
+        async def confirm_addresses(self, medium: str, addresses: Any) -> dict[str, str]:
+            return await self.inner.confirm_addresses(medium, addresses)
+
+        def empty(self) -> CandidateConfirmer:
+            return SlowConfirmer(self.inner.empty())
+
+        async def load(self) -> AsyncIterator[FilterKeys]:
+            async for batch in self.inner.load():
+                clock.advance(1.0)
+                yield batch
+
+        def apply(self, changes: Any, current: Any) -> None:
+            self.inner.apply(changes, current)
+
+    def stored(address: str, mxid: str) -> StoredAssociation:
+        h = lookup_hash(address, "email", "p")
+        return StoredAssociation("email", address, h, mxid, 1, 1, 2, "{}")
+
+    async def wait_for_pause(load: asyncio.Task[None]) -> None:
+        for _ in range(1000):
+            if clock.sleepers or load.done():
+                break
+            await asyncio.sleep(0.005)
+        assert clock.sleepers == 1 and not load.done()
+
+    async def run() -> None:
+        database = open_database(database_url)
+        try:
+            await migrate(database)
+            store = AssociationStore(database)
+            async with database.begin() as conn:  # several batches of the load (2,000 rows each)
+                rows = [stored(f"fill{i}@example.test", "@fill:hs.test") for i in range(4_500)]
+                await conn.execute(associations.insert(), [dataclasses.asdict(r) for r in rows])
+            confirmer = SlowConfirmer(MemoryConfirmer(store, "p") if hold_mxids else DatabaseConfirmer(store))
+            index = LookupIndex(AssociationChangeStore(database), store, confirmer, clock)
+            await asyncio.wait_for(index.load(), 60)  # at start: no pause (nothing advances the clock)
+            assert clock.sleepers == 0
+            fill = lookup_hash("fill7@example.test", "email", "p")
+            assert await index.mxids([fill]) == {fill: "@fill:hs.test"}
+
+            pace = Pace(clock, 0.25)
+            rebuild = asyncio.create_task(index.load(block_lookups=False, pace=pace))
+            await wait_for_pause(rebuild)
+            # Paused after a batch that took 1 s: for 3 s.
+            clock.advance(2.9)
+            assert clock.sleepers == 1
+            # Meanwhile a bind, and lookups by hash and by address: answered.
+            await store.upsert(stored("during@example.test", "@during:hs.test"))
+            await index.catch_up()
+            during = lookup_hash("during@example.test", "email", "p")
+            assert await index.mxids([fill, during]) == {fill: "@fill:hs.test", during: "@during:hs.test"}
+            assert await index.mxids_by_address("email", ["during@example.test"]) == {
+                "during@example.test": "@during:hs.test"
+            }
+            assert not rebuild.done()
+            clock.advance(0.1)
+            assert clock.sleepers == 0
+            await wait_for_pause(rebuild)  # the next batch, and its pause
+            pace.hurry()  # someone waits for it: no more pauses
+            clock.advance(3.0)
+            await asyncio.wait_for(rebuild, 60)
+            assert clock.sleepers == 0 and pace.slept == 6.0
+            await index.catch_up()
+            assert await index.mxids([fill, during]) == {fill: "@fill:hs.test", during: "@during:hs.test"}
+
+            # With its deadline come, a paced load does not pause either.
+            late = Pace(clock, 0.25, deadline=clock.monotonic())
+            await asyncio.wait_for(index.load(block_lookups=False, pace=late), 60)
+            assert late.slept == 0.0 and clock.sleepers == 0
+            assert await index.mxids([during]) == {during: "@during:hs.test"}
+        finally:
+            await database.dispose()
+
+    asyncio.run(run())
+
+
 def test_a_failed_change_poll_does_not_count_for_the_lookups_waiting_on_it() -> None:
     """Lookups waiting for a poll that failed poll again themselves (and fail too, if the
     database is still away) rather than answer from an index that may be half updated."""

@@ -165,6 +165,20 @@ def open_half_requests(port: int, count: int, sources: list[str]) -> list[socket
         return [sock for sock in pool.map(open_one, range(count)) if sock is not None]
 
 
+def open_connections(port: int, count: int) -> list[socket.socket]:
+    """`count` connections that send nothing, opened 32 at a time as in `open_half_requests`
+    (one after another, each beyond the full backlog waited a second for its SYN retry)."""
+
+    def open_one(_: int) -> socket.socket | None:
+        try:
+            return connect(port, timeout=5)
+        except OSError:
+            return None
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        return [sock for sock in pool.map(open_one, range(count)) if sock is not None]
+
+
 def close_all(socks: list[socket.socket]) -> None:
     for sock in socks:
         sock.close()
@@ -462,9 +476,7 @@ def test_tls_many_unfinished_connections_leave_others_served(
     server = start_server(tls_listen(tls_files, max_connections_per_ip=40, header_timeout_seconds=60), file_limit=256)
     attack = []
     try:
-        for _ in range(400):
-            with contextlib.suppress(OSError):
-                attack.append(connect(server.port, timeout=5))
+        attack = open_connections(server.port, 400)
         with tls_client(server, tls_files) as client:
             for _ in range(3):
                 assert client.get(V2).status_code == 200

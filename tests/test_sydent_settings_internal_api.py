@@ -8,12 +8,14 @@ import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 import signedjson.key
 import signedjson.sign
+from support.db import DatabaseFactory
 from support.homeserver import HomeserverStandIn
 from support.server import REPO_ROOT, V1, V2, IdentityApi, SydentServer, unique_email
 from support.smtp import SmtpSink, free_port
@@ -24,9 +26,34 @@ from sydent_lite.config import ConfigError, config_from_dict
 INTERNAL = "/_matrix/identity/internal"
 
 
-def internal_server(make_server: Any, **extra: Any) -> tuple[SydentServer, httpx.Client]:
+@pytest.fixture(scope="module")
+def internal_api_server(
+    db_factory: DatabaseFactory,
+    smtp_sink: SmtpSink,
+    homeserver: HomeserverStandIn,
+    tmp_path_factory: pytest.TempPathFactory,
+    backend: str,
+) -> Iterator[tuple[SydentServer, int]]:
+    """One server with the internal API on, for this module's tests of it (each binds its own
+    addresses; a bad request stores nothing): a server a test was a start-up each."""
     port = free_port()
-    server: SydentServer = make_server(extra_config={"internal_api": {"enabled": True, "port": port, **extra}})
+    server = SydentServer(
+        tmp_path_factory.mktemp(f"internal-api-{backend}"),
+        database_url=db_factory.create(migrated=True).url,
+        smtp_port=smtp_sink.port,
+        ca_file=homeserver.ca_path,
+        extra_config={"internal_api": {"enabled": True, "port": port}},
+        name=f"sydent_lite internal api ({backend})",
+    )
+    server.start()
+    yield server, port
+    server.stop()
+
+
+@pytest.fixture
+def internal_server(internal_api_server: tuple[SydentServer, int]) -> tuple[SydentServer, httpx.Client]:
+    """The module's server and a fresh client of its internal listener."""
+    server, port = internal_api_server
     return server, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
 
 
@@ -36,8 +63,8 @@ def verify(server: SydentServer, client: httpx.Client, signed: dict[str, Any]) -
     signedjson.sign.verify_signed_json(signed, server.server_name, verify_key)  # raises if invalid
 
 
-def test_bind_and_unbind(make_server: Any, api_for: Any) -> None:
-    server, internal = internal_server(make_server)
+def test_bind_and_unbind(internal_server: tuple[SydentServer, httpx.Client], api_for: Any) -> None:
+    server, internal = internal_server
     api: IdentityApi = api_for(server)
     user = api.register()
     address = unique_email()
@@ -62,9 +89,9 @@ def test_bind_and_unbind(make_server: Any, api_for: Any) -> None:
 
 
 def test_a_bind_delivers_the_addresses_invites(
-    make_server: Any, api_for: Any, smtp: SmtpSink, homeserver: HomeserverStandIn
+    internal_server: tuple[SydentServer, httpx.Client], api_for: Any, smtp: SmtpSink, homeserver: HomeserverStandIn
 ) -> None:
-    server, internal = internal_server(make_server)
+    server, internal = internal_server
     api: IdentityApi = api_for(server)
     address = unique_email("invitee")
     invite = {"medium": "email", "address": address, "room_id": "!r:hs.example", "sender": "@a:hs.example"}
@@ -90,15 +117,17 @@ def test_a_bind_delivers_the_addresses_invites(
         ({"medium": "carrier-pigeon", "address": "a@b.example", "mxid": "@a:b.example"}, 400, "M_UNRECOGNIZED"),
     ],
 )
-def test_bad_requests(make_server: Any, body: dict[str, str], status: int, errcode: str) -> None:
-    _, internal = internal_server(make_server)
+def test_bad_requests(
+    internal_server: tuple[SydentServer, httpx.Client], body: dict[str, str], status: int, errcode: str
+) -> None:
+    _, internal = internal_server
     with internal:
         resp = internal.post(f"{INTERNAL}/bind", json=body)
     assert resp.status_code == status and resp.json()["errcode"] == errcode, resp.text
 
 
-def test_not_on_the_public_port(make_server: Any, api_for: Any) -> None:
-    server, internal = internal_server(make_server)
+def test_not_on_the_public_port(internal_server: tuple[SydentServer, httpx.Client], api_for: Any) -> None:
+    server, internal = internal_server
     api: IdentityApi = api_for(server)
     resp = api.client.post(f"{INTERNAL}/bind", json={"medium": "email", "address": "a@b.example", "mxid": "@a:b.c"})
     assert resp.status_code == 404 and resp.json()["errcode"] == "M_UNRECOGNIZED", resp.text

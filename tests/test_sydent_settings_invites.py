@@ -7,11 +7,12 @@ performed and shown refused: no mail sent, nothing stored.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from support.db import sql
+from support.db import DatabaseFactory, sql
 from support.homeserver import HomeserverStandIn
 from support.server import V1, V2, IdentityApi, SydentServer, unique_email, wait_until
 from support.smtp import SmtpSink
@@ -45,18 +46,38 @@ def assert_accepted(api: IdentityApi, smtp: SmtpSink, body: dict[str, str]) -> N
     assert len(stored_invites(api.server, body["address"])) == 1
 
 
-@pytest.fixture
-def blocking(make_server: Any, api_for: Any) -> IdentityApi:
-    server = make_server(
+@pytest.fixture(scope="module")
+def blocking_server(
+    db_factory: DatabaseFactory,
+    smtp_sink: SmtpSink,
+    homeserver: HomeserverStandIn,
+    tmp_path_factory: pytest.TempPathFactory,
+    backend: str,
+) -> Iterator[SydentServer]:
+    """One server with the block lists for this module's tests of them (each its own addresses):
+    the lists are only read, so a server a test would have been one more start-up each."""
+    server = SydentServer(
+        tmp_path_factory.mktemp(f"blocking-{backend}"),
+        database_url=db_factory.create(migrated=True).url,
+        smtp_port=smtp_sink.port,
+        ca_file=homeserver.ca_path,
         extra_config={
             "invites": {
                 "blocked_homeservers": ["Spam.Example"],
                 "blocked_room_ids": ["!spamroom:fine.example"],
                 "blocked_keywords": ["Crypto Giveaway", "http", "t.me/"],
             }
-        }
+        },
+        name=f"sydent_lite blocking ({backend})",
     )
-    api: IdentityApi = api_for(server)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def blocking(blocking_server: SydentServer, api_for: Any) -> IdentityApi:
+    api: IdentityApi = api_for(blocking_server)
     return api
 
 

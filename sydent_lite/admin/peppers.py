@@ -6,11 +6,13 @@ import sys
 import time
 from dataclasses import replace
 
+from sydent_lite.clock import SYSTEM_CLOCK
 from sydent_lite.config import Config
 from sydent_lite.context import operator_context, rotation_settings
 from sydent_lite.secrets_util import now_ms, random_string
 from sydent_lite.services.hashing import load_pepper
-from sydent_lite.services.peppers import prepare_pepper, start_or_resume, view_of
+from sydent_lite.services.pacing import Pace
+from sydent_lite.services.peppers import REHASH_SHARE, prepare_pepper, start_or_resume, view_of
 from sydent_lite.storage.associations import AssociationStore
 from sydent_lite.storage.peppers import PepperRow, PepperStore
 from sydent_lite.storage.state import ServerStateStore
@@ -63,7 +65,9 @@ async def rotate(config: Config, activate_in: int | None) -> tuple[int, list[str
             if sys.stderr.isatty():
                 print(f"\rrehashed {done} associations (ids up to {total})", end="", file=sys.stderr)
 
-        scheduled = await prepare_pepper(store, row, claimer, settings, progress=progress)
+        # Paced like the server's own rotation: the servers' lookups share the database.
+        pause = Pace(SYSTEM_CLOCK, REHASH_SHARE).step
+        scheduled = await prepare_pepper(store, row, claimer, settings, progress=progress, pause=pause)
         if sys.stderr.isatty():
             print(file=sys.stderr)
         if scheduled is None:

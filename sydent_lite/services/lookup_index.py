@@ -44,6 +44,7 @@ from itertools import compress, islice, repeat
 
 from sydent_lite.clock import SYSTEM_CLOCK, Clock
 from sydent_lite.services.lookup_confirmers import CandidateConfirmer, row_hash
+from sydent_lite.services.pacing import Pace
 from sydent_lite.storage.association_changes import CHANGES_PER_READ, AssociationChangeStore, Change
 from sydent_lite.storage.associations import AssociationStore
 
@@ -59,6 +60,12 @@ SLOTS_PER_KEY = 32
 MIN_SLOTS = 1 << 16
 # The association id of the log's marker row for a TRUNCATE (migration 0005): no row has it.
 TRUNCATED = 0
+# A load beside the one answering (a rebuild; an upcoming pepper's) is at work at most this
+# share of the time (services.pacing): the rest of its worker's event loop is the lookups'.
+BACKGROUND_LOAD_SHARE = 0.25
+# Keys set in a slot filter per step of a paced load: a million at once held the event loop
+# for ~0.3 s (random writes all over tens of MiB), ~5-10 ms per step this way.
+FILTER_STEP = 16_384
 
 
 def _keys(values: Iterable[Hashable]) -> Iterator[int]:
@@ -141,29 +148,35 @@ class LookupIndex:
     def _stale(self) -> int:
         return self._held.stale
 
-    async def load(self, *, block_lookups: bool = True) -> None:
+    async def load(self, *, block_lookups: bool = True, pace: Pace | None = None) -> None:
         """(Re)build the index from the associations table, then apply what changed meanwhile.
 
         `block_lookups=False`: lookups go on with the current index while the new one is
         built and brought up to date beside it (a rebuild to drop stale entries: the current
         one answers correctly); only the last few changes and the swap happen under the
         lock. A process that fell behind the log must not answer from what it holds: it
-        blocks lookups throughout.
+        blocks lookups throughout, flat out.
+
+        `pace`: how a load that lookups are not waiting for shares the event loop with them
+        (services.pacing; None: flat out, as at start, when there is nothing to serve yet).
         """
+        started = self._clock.monotonic()
         if block_lookups:
             async with self._lock:
-                held = await self._build()
+                held = await self._build(None)
                 await self._apply_changes(held)
                 self._held = held
         else:
-            held = await self._build()
+            held = await self._build(pace)
             await self._apply_changes(held)
             async with self._lock:
                 await self._apply_changes(held)
                 self._held = held
-        logger.info("lookup index loaded: %d associations", len(self))
+        took = self._clock.monotonic() - started
+        slept = pace.slept if pace is not None else 0.0
+        logger.info("lookup index loaded: %d associations in %.1f s (%.1f s of it paused)", len(self), took, slept)
 
-    async def _build(self) -> _Held:
+    async def _build(self, pace: Pace | None) -> _Held:
         # The log position first: changes made during the scan are applied again afterwards,
         # which is harmless (setting a slot twice changes nothing; the mxid table replays
         # each changed row's history in order, ending where the row is now).
@@ -172,10 +185,24 @@ class LookupIndex:
         # Keys are collected in flat arrays (8 bytes each, no objects) to size the filters.
         hash_keys, threepid_keys = array("q"), array("q")
         confirmer = self._held.confirmer.empty()
+        # Paced: the share done is counted in keys, two an association (both confirmers
+        # yield every row's lookup hash and its (medium, address), in one pass or two).
+        expected = 2 * await self._associations.count() if pace is not None and pace.deadline is not None else 0
+        if pace is not None:
+            pace.begin()
         async for batch in confirmer.load():
             hash_keys.extend(_keys(batch.lookup_hashes))
             threepid_keys.extend(_keys(batch.threepids))
-        hashes, threepids = SlotFilter(hash_keys, len(hash_keys)), SlotFilter(threepid_keys, len(threepid_keys))
+            if pace is not None:
+                await pace.step(min(0.99, (len(hash_keys) + len(threepid_keys)) / expected) if expected else 0.0)
+        if pace is None:
+            hashes, threepids = SlotFilter(hash_keys, len(hash_keys)), SlotFilter(threepid_keys, len(threepid_keys))
+        else:
+            hashes, threepids = SlotFilter((), len(hash_keys)), SlotFilter((), len(threepid_keys))
+            for target, keys in ((hashes, hash_keys), (threepids, threepid_keys)):
+                for start in range(0, len(keys), FILTER_STEP):
+                    target.add(keys[start : start + FILTER_STEP])
+                    await pace.step(0.99)
         return _Held(hashes, threepids, confirmer, last_id)
 
     async def _apply_changes(self, held: _Held) -> None:
@@ -251,7 +278,7 @@ class LookupIndex:
             await self.load()
         elif held.stale > max(MAX_STALE, len(self) // 4) or held.hashes.crowded or held.threepids.crowded:
             logger.info("lookup index: rebuilding (%d associations, %d removed)", len(self), held.stale)
-            await self.load(block_lookups=False)
+            await self.load(block_lookups=False, pace=Pace(self._clock, BACKGROUND_LOAD_SHARE))
         else:
             await self.catch_up()
 

@@ -47,7 +47,8 @@ from sydent_lite.clock import SYSTEM_CLOCK, Clock
 from sydent_lite.secrets_util import now_ms, random_string
 from sydent_lite.services.hashing import lookup_hash
 from sydent_lite.services.lookup_confirmers import CandidateConfirmer
-from sydent_lite.services.lookup_index import LookupIndex
+from sydent_lite.services.lookup_index import BACKGROUND_LOAD_SHARE, LookupIndex
+from sydent_lite.services.pacing import Pace
 from sydent_lite.storage.association_changes import AssociationChangeStore
 from sydent_lite.storage.associations import AssociationStore, LivePeppers
 from sydent_lite.storage.peppers import PepperRow, PepperStore, latest_per_slot
@@ -60,6 +61,9 @@ REHASH_BATCH = 5000
 # A rehash claim lasts this long unless renewed (every batch): a process that died mid-way is
 # taken over after it.
 CLAIM_MS = 60_000
+# The rehash is at work at most this share of the time (services.pacing): its updates are
+# PostgreSQL's work, and PostgreSQL serves every worker's lookups too.
+REHASH_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,7 @@ class LookupPeppers:
         self._rows: list[PepperRow] = []
         self._indexes: dict[int, LookupIndex] = {}
         self._loading: dict[int, asyncio.Task[LookupIndex]] = {}
+        self._paces: dict[int, Pace] = {}  # of the loads in the background
         self._rehash: asyncio.Task[PepperRow | None] | None = None
         self._claimer = random_string(16)
         # When this process loads each upcoming pepper's index (see step).
@@ -213,17 +218,22 @@ class LookupPeppers:
         task = self._loading.get(row.id)
         if task is None:
             task = self._loading[row.id] = asyncio.create_task(self._load(row))
+        elif (pace := self._paces.get(row.id)) is not None:
+            pace.hurry()  # a paced load in the background, and now lookups wait for it
         return asyncio.shield(task)
 
-    async def _load(self, row: PepperRow) -> LookupIndex:
+    async def _load(self, row: PepperRow, pace: Pace | None = None) -> LookupIndex:
+        """`pace`: in the background, beside the indexes answering (None: flat out)."""
         index = LookupIndex(self._changes, self._associations, self._make_confirmer(row.pepper, row.slot), self._time)
         try:
-            await index.load()
+            # Not blocking lookups: the new index answers nothing until it is in _indexes.
+            await index.load(block_lookups=pace is None, pace=pace)
         except BaseException:
             logger.warning("loading the lookup index of pepper %d failed; will retry", row.id, exc_info=True)
             raise
         finally:
             self._loading.pop(row.id, None)
+            self._paces.pop(row.id, None)
         self._indexes[row.id] = index
         return index
 
@@ -268,14 +278,18 @@ class LookupPeppers:
         for row in wanted.values():
             if row.id in self._indexes or row.id in self._loading:
                 continue
-            # An upcoming pepper's index is loaded at a moment drawn in the first half of the
-            # time left before it is current: the processes do not all load at once (a load
-            # is a scan of the table and a core for a while: ~0.7 s of CPU per 100,000).
+            # An upcoming pepper's index is loaded at a moment drawn in the first quarter of
+            # the time left before it is current, so that the processes do not all start at
+            # once (a load is a scan of the table and ~0.35 s of CPU per 100,000), and paced
+            # (services.pacing) to finish before the pepper is current, using at most
+            # BACKGROUND_LOAD_SHARE of the event loop if that leaves time enough.
             left = (row.activates_ms or now) - now
-            load_at = self._load_at.setdefault(row.id, now + int(random.uniform(0, max(0, left) / 2)))
+            load_at = self._load_at.setdefault(row.id, now + int(random.uniform(0, max(0, left) / 4)))
             if now >= load_at:
                 # In the background: lookups go on meanwhile (a failure is logged, retried next time).
-                self._loading[row.id] = asyncio.create_task(self._load(row))
+                deadline = self._time.monotonic() + max(0, left) / 1000
+                pace = self._paces[row.id] = Pace(self._time, BACKGROUND_LOAD_SHARE, deadline)
+                self._loading[row.id] = asyncio.create_task(self._load(row, pace))
         for row_id in [i for i in self._load_at if i not in wanted]:
             del self._load_at[row_id]
         for row_id in [i for i in self._indexes if i not in wanted]:
@@ -301,7 +315,10 @@ class LookupPeppers:
         if row is None:
             return
         logger.info("lookup pepper rotation: preparing pepper %d", row.id)
-        self._rehash = asyncio.create_task(prepare_pepper(self._store, row, self._claimer, self.settings, self._clock))
+        pause = Pace(self._time, REHASH_SHARE).step
+        self._rehash = asyncio.create_task(
+            prepare_pepper(self._store, row, self._claimer, self.settings, self._clock, pause=pause)
+        )
 
     async def aclose(self) -> None:
         tasks = [t for t in (self._rehash, *self._loading.values()) if t is not None]
