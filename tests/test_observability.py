@@ -216,12 +216,22 @@ def test_logs_carry_the_request_id_and_no_secrets(api: IdentityApi, idserver: Sy
         rf"\S+ \S+ INFO sydent_lite\.access \[{re.escape(request_id)}\] "
         r"127\.0\.0\.1 GET /_matrix/identity/versions 200 [\d.]+ms"
     )
-    out = wait_for_output(idserver, lambda o: bool(line_re.search(o)) and REQUEST_TOKEN_ROUTE in o)
-    assert line_re.search(out), out[-3000:]
     # Every request of the flow has an access line with some request id, by route template.
-    for route in (REQUEST_TOKEN_ROUTE, SUBMIT_TOKEN_ROUTE, BIND_ROUTE, f"{V2}/lookup"):
-        line = rf"INFO sydent_lite\.access \[[0-9A-Za-z-]+\] 127\.0\.0\.1 POST {re.escape(route)} \d{{3}} "
-        assert re.search(line, out), route
+    # (A line is written after its response has gone: wait for the last request's too.)
+    lines = [
+        rf"INFO sydent_lite\.access \[[0-9A-Za-z-]+\] 127\.0\.0\.1 {method} {re.escape(route)} \d{{3}} "
+        for method, route in (
+            ("POST", REQUEST_TOKEN_ROUTE),
+            ("POST", SUBMIT_TOKEN_ROUTE),
+            ("POST", BIND_ROUTE),
+            ("POST", f"{V2}/lookup"),
+            ("GET", f"{V2}/3pid/getValidated3pid"),
+        )
+    ]
+    out = wait_for_output(idserver, lambda o: bool(line_re.search(o)) and all(re.search(x, o) for x in lines))
+    assert line_re.search(out), out[-3000:]
+    for line in lines:
+        assert re.search(line, out), line
     # Log lines from inside a request carry its id (the mail sender's INFO line, here).
     assert re.search(r"INFO sydent_lite\.delivery\.email \[[0-9a-f]{16}\] ", out), out[-3000:]
 
