@@ -202,12 +202,18 @@ def seed(url: str, n: int, key_line: str, marker: Path, log: Any) -> None:
         database = open_database(url)
         try:
             await migrate(database)
+            # A database an earlier run rotated: its schedule may have the current pepper in
+            # slot b, which the COPY below does not fill. Start the schedule afresh (slot a).
+            conn = await asyncpg.connect(url)
+            try:
+                await conn.execute("TRUNCATE associations, lookup_peppers")
+            finally:
+                await conn.close()
             pepper = await load_pepper(ServerStateStore(database), AssociationStore(database))
         finally:
             await database.dispose()
         conn = await asyncpg.connect(url)
         try:
-            await conn.execute("TRUNCATE associations")
             t0 = time.monotonic()
             batch: list[tuple[Any, ...]] = []
             columns = ["medium", "address", "lookup_hash", "mxid", "ts", "not_before", "not_after", "signed_json"]
