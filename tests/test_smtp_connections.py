@@ -37,17 +37,23 @@ async def send_all(s: SmtpEmailSender, numbers: range) -> None:
         await s.send(f"user{n}@example.org", message(n))
 
 
+def send_in_turn(sink: SmtpSink, numbers: range) -> None:
+    """Messages `numbers`, one after another, through one sender."""
+
+    async def run() -> None:
+        s = sender(sink)
+        await send_all(s, numbers)
+        await s.aclose()
+
+    asyncio.run(run())
+
+
 def connections(sink: SmtpSink, numbers: range) -> list[int]:
     return [sink.wait_for(f"user{n}@example.org").connection for n in numbers]
 
 
 def test_messages_one_after_another_share_one_connection(sink: SmtpSink) -> None:
-    async def run() -> None:
-        s = sender(sink)
-        await send_all(s, range(5))
-        await s.aclose()
-
-    asyncio.run(run())
+    send_in_turn(sink, range(5))
     assert connections(sink, range(5)) == [1] * 5
 
 
@@ -94,26 +100,14 @@ def test_a_connection_the_relay_closed_while_idle_is_not_used(sink: SmtpSink) ->
 
 def test_a_relay_that_hangs_up_as_the_connection_is_reused_loses_nothing(sink: SmtpSink) -> None:
     sink.hang_up_on_reuse()
-
-    async def run() -> None:
-        s = sender(sink)
-        await send_all(s, range(3))
-        await s.aclose()
-
-    asyncio.run(run())
+    send_in_turn(sink, range(3))
     assert connections(sink, range(3)) == [1, 2, 3]
     assert len(sink.messages) == 3  # each once
 
 
 def test_a_relay_that_takes_one_message_per_connection_loses_none(sink: SmtpSink) -> None:
     sink.one_per_connection()
-
-    async def run() -> None:
-        s = sender(sink)
-        await send_all(s, range(3))
-        await s.aclose()
-
-    asyncio.run(run())
+    send_in_turn(sink, range(3))
     assert connections(sink, range(3)) == [1, 2, 3]
 
 
