@@ -427,6 +427,11 @@ class LookupConfig(_Section):
     # A prepared pepper becomes current this long after its hashes are written: every worker
     # loads it before then, each at a moment drawn in the first half (not all at once).
     pepper_activation_delay_seconds: Annotated[int, _rule(lambda n: n >= 0, "must not be negative")] = 300
+    # On PostgreSQL: where the lookup index's snapshot files live (services.index_snapshot): one
+    # process writes each, every worker maps it, a restarted worker starts from it. null: a
+    # folder of the temporary directory (sydent-lite-<uid>/lookup-index); "": no snapshots
+    # (each process builds and holds its own index, as on SQLite).
+    index_snapshot_dir: str | None = None
 
     @model_validator(mode="after")
     def _rotation_rules(self) -> Self:

@@ -17,6 +17,8 @@ from sydent_lite.services.access import HomeserverAllowList
 from sydent_lite.services.accounts import AccountService
 from sydent_lite.services.associations import AssociationService
 from sydent_lite.services.hashing import load_pepper
+from sydent_lite.services.index_snapshot import IndexSnapshots
+from sydent_lite.services.index_snapshot import default_directory as default_snapshot_directory
 from sydent_lite.services.invites import (
     InviteService,
     check_subject_format,
@@ -121,7 +123,7 @@ async def build_context(config: Config, clock: Clock = SYSTEM_CLOCK) -> AppConte
     # and confirming a lookup's candidates there cost it more than the lookup cost a worker.
     def make_confirmer(pepper: str, slot: int) -> CandidateConfirmer:
         if database.dialect == "postgresql":
-            return MemoryConfirmer(association_store, pepper, slot=slot)
+            return MemoryConfirmer(association_store, pepper, slot=slot, snapshots=snapshots_for(config, pepper, slot))
         return DatabaseConfirmer(association_store, slot)
 
     peppers = LookupPeppers(
@@ -168,6 +170,14 @@ async def build_context(config: Config, clock: Clock = SYSTEM_CLOCK) -> AppConte
         serving_lock=serving_lock,
         clock=clock,
     )
+
+
+def snapshots_for(config: Config, pepper: str, slot: int) -> IndexSnapshots | None:
+    """Where the index of `pepper` is shared between processes (lookup.index_snapshot_dir)."""
+    where = config.lookup.index_snapshot_dir
+    if where == "":
+        return None
+    return IndexSnapshots(Path(where) if where is not None else default_snapshot_directory(), pepper, slot)
 
 
 def rotation_settings(config: Config) -> RotationSettings:

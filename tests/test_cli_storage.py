@@ -212,11 +212,14 @@ def test_head_revision_is_alembics_head() -> None:
     assert head_revision() == ScriptDirectory.from_config(cfg).get_current_head()
 
 
-@pytest.mark.parametrize("hold_mxids", [False, True], ids=["confirm-in-database", "mxids-in-memory"])
-def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids: bool) -> None:
+@pytest.mark.parametrize(
+    "hold_mxids", [False, True, "mapped"], ids=["confirm-in-database", "mxids-in-memory", "mapped-from-snapshots"]
+)
+def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids: bool | str, tmp_path: Path) -> None:
     """Binds through the store, hand-written SQL updates and deletes: the index sees them all,
     whether it confirms candidates in the database (SQLite's way) or in its own table of
-    mxids (PostgreSQL's)."""
+    mxids (PostgreSQL's), or in one mapped from a snapshot file that the first index wrote and
+    each later one maps, with the changes since held beside it (PostgreSQL with snapshots)."""
     from sqlalchemy import delete, text
 
     from sydent_lite.services.lookup_confirmers import DatabaseConfirmer, MemoryConfirmer
@@ -235,8 +238,11 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
             signed_json="{}",
         )
 
-    def new_index(database: Any, store: AssociationStore) -> LookupIndex:
-        confirmer = MemoryConfirmer(store, "p") if hold_mxids else DatabaseConfirmer(store)
+    from sydent_lite.services.index_snapshot import IndexSnapshots
+
+    def new_index(database: Any, store: AssociationStore, snapshot_dir: Path = tmp_path / "snapshots") -> LookupIndex:
+        snapshots = IndexSnapshots(snapshot_dir, "p", 0) if hold_mxids == "mapped" else None
+        confirmer = MemoryConfirmer(store, "p", snapshots=snapshots) if hold_mxids else DatabaseConfirmer(store)
         return LookupIndex(AssociationChangeStore(database), store, confirmer)
 
     async def run() -> None:
@@ -247,6 +253,8 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
             await store.upsert(stored("before@example.test", "@a:hs.test"))
             index = new_index(database, store)
             await index.load()
+            # Mapped from the snapshot it wrote (the other modes hold their own).
+            assert (index._held.snapshot is not None) == (hold_mxids == "mapped")
             h_before, h_after = (
                 lookup_hash("before@example.test", "email", "p"),
                 lookup_hash("after@example.test", "email", "p"),
@@ -277,7 +285,8 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
                 await conn.execute(text("UPDATE association_changes SET created_ms = 0"))
             assert await index.prune() > 0
             fresh = new_index(database, store)
-            await fresh.load()
+            await fresh.load()  # the first snapshot is older than the log: a new one is written
+            assert (fresh._held.snapshot is not None) == (hold_mxids == "mapped")
             assert await fresh.mxids([h_before]) == {h_before: "@d:hs.test"}
             await store.upsert(stored("after@example.test", "@e:hs.test"))
             await fresh.catch_up()
@@ -322,7 +331,7 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
             real_keys = lookup_index._keys
             lookup_index._keys = lambda values: (1 for _ in values)
             try:
-                colliding = new_index(database, store)
+                colliding = new_index(database, store, tmp_path / "colliding")  # not the others' snapshots
                 await colliding.load()
                 unknown = lookup_hash("nobody@example.test", "email", "p")
                 assert await colliding.mxids([h_before, h_after, unknown]) == {

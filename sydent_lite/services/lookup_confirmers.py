@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import NamedTuple
 
 from sydent_lite.services.hashing import lookup_hash
+from sydent_lite.services.index_snapshot import IndexSnapshots
 from sydent_lite.services.mxid_table import MxidTable
 from sydent_lite.storage.association_changes import Change
 from sydent_lite.storage.associations import AssociationStore, IndexRow
@@ -50,6 +51,19 @@ def change_hash(change: Change, slot: int) -> str:
 
 class CandidateConfirmer(ABC):
     slot: int = 0
+    # Where snapshots of the index are shared between processes (None: each holds its own).
+    snapshots: IndexSnapshots | None = None
+    # The mxid table, if it holds one (what a snapshot writes).
+    table: MxidTable | None = None
+
+    @property
+    def changed(self) -> int:
+        """Changes held beside a mapped table."""
+        return self.table.changed if self.table is not None else 0
+
+    def holding(self, table: MxidTable) -> CandidateConfirmer:
+        """One of this kind answering from `table` (mapped from a snapshot)."""
+        raise NotImplementedError(f"{type(self).__name__} holds no table")
 
     @abstractmethod
     async def confirm_hashes(self, hashes: Sequence[str]) -> dict[str, str]:
@@ -107,13 +121,27 @@ class MemoryConfirmer(CandidateConfirmer):
     """Candidates confirmed in an exact in-memory table of every lookup hash and its mxid."""
 
     def __init__(
-        self, associations: AssociationStore, pepper: str, table: MxidTable | None = None, slot: int = 0
+        self,
+        associations: AssociationStore,
+        pepper: str,
+        table: MxidTable | None = None,
+        slot: int = 0,
+        snapshots: IndexSnapshots | None = None,
     ) -> None:
-        """`pepper`: the one every lookup hash of slot `slot` is computed with (services.peppers)."""
+        """`pepper`: the one every lookup hash of slot `slot` is computed with (services.peppers).
+        `snapshots`: where the index is shared with the other processes (services.index_snapshot)."""
         self._associations = associations
         self._pepper = pepper
         self.slot = slot
+        self.snapshots = snapshots
         self._table = table if table is not None else MxidTable()
+
+    @property
+    def table(self) -> MxidTable:  # type: ignore[override]
+        return self._table
+
+    def holding(self, table: MxidTable) -> MemoryConfirmer:
+        return MemoryConfirmer(self._associations, self._pepper, table, self.slot, self.snapshots)
 
     async def confirm_hashes(self, hashes: Sequence[str]) -> dict[str, str]:
         return self._table.get_many(hashes)
@@ -123,7 +151,7 @@ class MemoryConfirmer(CandidateConfirmer):
         return {by_hash[h]: mxid for h, mxid in self._table.get_many(by_hash).items()}
 
     def empty(self) -> MemoryConfirmer:
-        return MemoryConfirmer(self._associations, self._pepper, slot=self.slot)
+        return MemoryConfirmer(self._associations, self._pepper, slot=self.slot, snapshots=self.snapshots)
 
     async def load(self) -> AsyncIterator[FilterKeys]:
         # One pass over the whole rows: PostgreSQL reads them from the table anyway (its

@@ -26,24 +26,45 @@ an indexed read of the in-process database; on PostgreSQL, by an exact in-memory
 every lookup hash and its mxid, so that a lookup costs the shared database nothing but its
 token check and the change poll.
 
+Shared between workers (PostgreSQL, where the index holds every mxid): the index a process
+answers from is mapped from a snapshot file (services.index_snapshot) that one process wrote
+and every worker maps read-only (one copy in the page cache for all), plus what changed since
+the snapshot's change-log id, held by each process itself: the filters' slots set since (a
+set of slot numbers) and the mxid table's changes (services.mxid_table's overlay). A process
+that starts maps the newest usable snapshot and replays the log from its id; if there is none,
+one process builds the index from the table and writes it while the others wait for its lock,
+then map it. A new snapshot is written (by whichever process takes the lock; paced, in the
+background) when the changes held beside one grow large or it gets old enough for the log's
+pruning to approach it; every process switches to the newest as it appears, as a rebuild
+swaps in today. If the directory is not usable, each process holds its own index as before.
+On SQLite (the candidates are confirmed by the database, nothing else is held: 64 bytes an
+association) a process always holds its own.
+
+The slots are chosen by the CRC-32 of the value's bytes (in C, no Python code per value): the
+same in every process, which Python's str hash is not.
+
 Changes that fire no row trigger: a TRUNCATE on PostgreSQL is logged as one marker row
 (migration 0005), on which everything held is dropped. Changes made with triggers switched
 off (`session_replication_role = replica`, some restore tools) are not seen at all: restart
-the servers after such a change.
+the servers after such a change, deleting the snapshot directory first (docs/deployment.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import operator
+import zlib
 from array import array
 from collections import deque
-from collections.abc import Collection, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import compress, islice, repeat
 
 from sydent_lite.clock import SYSTEM_CLOCK, Clock
+from sydent_lite.services.index_snapshot import IndexSnapshots, Snapshot, SnapshotContents, odd_section, read_odd
 from sydent_lite.services.lookup_confirmers import CandidateConfirmer, row_hash
+from sydent_lite.services.mxid_table import MxidTable, TableBuffers
 from sydent_lite.services.pacing import Pace
 from sydent_lite.storage.association_changes import CHANGES_PER_READ, AssociationChangeStore, Change
 from sydent_lite.storage.associations import AssociationStore
@@ -66,12 +87,24 @@ BACKGROUND_LOAD_SHARE = 0.25
 # Keys set in a slot filter per step of a paced load: a million at once held the event loop
 # for ~0.3 s (random writes all over tens of MiB), ~5-10 ms per step this way.
 FILTER_STEP = 16_384
+# A new snapshot is written once the changes held beside the mapped one pass this many (or a
+# fiftieth of the index; each costs its process ~200 bytes), or once it is this old (and
+# something changed since): well before the log's pruning (KEEP_CHANGES_MS) passes its id, so
+# that a process starting then can still replay the log from it.
+MAX_CHANGED = 20_000
+SNAPSHOT_MAX_AGE_MS = KEEP_CHANGES_MS // 3
 
 
-def _keys(values: Iterable[Hashable]) -> Iterator[int]:
-    """The index key of each value: its own hash (cached by CPython for strings, stable within
-    the process). In C: no Python code runs per value."""
-    return map(hash, values)
+def _keys(values: Iterable[str]) -> Iterator[int]:
+    """The index key of each lookup hash: the CRC-32 of its bytes (the same in every process,
+    for the shared snapshots). In C: no Python code runs per value. surrogatepass: a lookup may
+    carry any JSON string, lone surrogates too; they must not raise here."""
+    return map(zlib.crc32, map(str.encode, values, repeat("utf-8"), repeat("surrogatepass")))
+
+
+def _threepid_keys(pairs: Iterable[tuple[str, str]]) -> Iterator[int]:
+    """The index key of each (medium, address): the CRC-32 of "medium\0address"."""
+    return _keys(map("\0".join, pairs))
 
 
 class SlotFilter:
@@ -84,21 +117,35 @@ class SlotFilter:
         size = MIN_SLOTS
         while size < expected * SLOTS_PER_KEY:
             size *= 2
-        self.slots = bytearray(size)
+        self.slots: bytearray | memoryview = bytearray(size)
         self._mask = size - 1
         self.count = 0
+        self.added: set[int] | None = None  # a mapped filter's slots set since (see mapped)
         self.add(keys)
+
+    @classmethod
+    def mapped(cls, slots: memoryview, count: int) -> SlotFilter:
+        """A filter over the read-only slots of a snapshot: slots set later go to `added`."""
+        mapped = cls((), 0)
+        mapped.slots, mapped._mask, mapped.count, mapped.added = slots, len(slots) - 1, count, set()
+        return mapped
 
     def add(self, keys: Iterable[int]) -> None:
         # In chunks: a list of a million slot numbers was ~40 MiB at the peak of a load.
         keys = iter(keys)
         while slots := list(map(self._mask.__and__, islice(keys, 65_536))):
-            deque(map(self.slots.__setitem__, slots, repeat(1)), maxlen=0)
+            if self.added is not None:
+                self.added.update(slots)
+            else:
+                deque(map(self.slots.__setitem__, slots, repeat(1)), maxlen=0)
             self.count += len(slots)
 
     def maybe(self, keys: Iterable[int]) -> Iterator[int]:
         """For each key, nonzero if it may be held, 0 if it certainly is not."""
-        return map(self.slots.__getitem__, map(self._mask.__and__, keys))
+        if not self.added:
+            return map(self.slots.__getitem__, map(self._mask.__and__, keys))
+        slots = list(map(self._mask.__and__, keys))
+        return map(operator.or_, map(self.slots.__getitem__, slots), map(self.added.__contains__, slots))
 
     @property
     def crowded(self) -> bool:
@@ -115,12 +162,20 @@ class _Held:
     confirmer: CandidateConfirmer
     last_id: int = 0
     stale: int = 0  # associations removed since the filters were built (their slots stay set)
+    snapshot: Snapshot | None = None  # what it is mapped from (None: its own memory)
+    base_id: int = 0  # the log id its filters and table were built or mapped at
 
     def clear(self) -> None:
         """Everything went (a TRUNCATE)."""
         self.hashes, self.threepids = SlotFilter((), 0), SlotFilter((), 0)
         self.confirmer = self.confirmer.empty()
         self.stale = 0
+        self.snapshot = None
+
+    @property
+    def changed(self) -> int:
+        """Changes held beside a mapped snapshot."""
+        return len(self.hashes.added or ()) + len(self.threepids.added or ()) + self.confirmer.changed
 
 
 class LookupIndex:
@@ -136,6 +191,9 @@ class LookupIndex:
         self._clock = clock
         self._associations = associations
         self._held = _Held(SlotFilter((), 0), SlotFilter((), 0), confirmer.empty())
+        self._snapshots = confirmer.snapshots
+        if self._snapshots is not None and not self._snapshots.prepare_directory():
+            self._snapshots = None
         self._lock = asyncio.Lock()
         # Polls started so far: a lookup needs one that started after it arrived.
         self._polls_started = 0
@@ -163,18 +221,83 @@ class LookupIndex:
         started = self._clock.monotonic()
         if block_lookups:
             async with self._lock:
-                held = await self._build(None)
+                held = await self._fresh(None)
                 await self._apply_changes(held)
                 self._held = held
         else:
-            held = await self._build(pace)
+            held = await self._fresh(pace)
             await self._apply_changes(held)
             async with self._lock:
                 await self._apply_changes(held)
                 self._held = held
         took = self._clock.monotonic() - started
         slept = pace.slept if pace is not None else 0.0
-        logger.info("lookup index loaded: %d associations in %.1f s (%.1f s of it paused)", len(self), took, slept)
+        how = f"mapped from {held.snapshot.path.name}" if held.snapshot is not None else "loaded"
+        logger.info("lookup index %s: %d associations in %.1f s (%.1f s of it paused)", how, len(self), took, slept)
+
+    async def _fresh(self, pace: Pace | None) -> _Held:
+        """An index as of some log id: mapped from the newest usable snapshot, else built from
+        the table and written as one (by one process: the others wait for it, then map it)."""
+        snapshots = self._snapshots
+        if snapshots is None:
+            return await self._build(pace)
+        if (held := await self._mapped(snapshots)) is not None:
+            return held
+        async with snapshots.lock(wait=True):
+            if (held := await self._mapped(snapshots)) is not None:
+                return held  # written by the process we waited for
+            built = await self._build(pace)
+            await self._apply_changes(built)
+            if not await self._write(snapshots, built):
+                return built
+        return await self._mapped(snapshots) or built
+
+    async def _mapped(self, snapshots: IndexSnapshots) -> _Held | None:
+        # The log must reach back to the snapshot's id (pruning), and a snapshot ahead of the log
+        # is of some other history (a database restored, recreated): never used.
+        oldest = await self._store.pruned_through()
+        newest = max(await self._store.latest_id(), oldest)
+        snapshot = await snapshots.newest(oldest, newest)
+        if snapshot is None:
+            return None
+        sec = snapshot.sections
+        table = MxidTable.mapped(
+            TableBuffers(
+                sec["keys"], sec["mxids"], sec["ends"], sec["ids"], sec["slots"], read_odd(sec["odd"]), snapshot.live
+            )
+        )
+        return _Held(
+            SlotFilter.mapped(sec["hash_filter"], snapshot.hash_count),
+            SlotFilter.mapped(sec["threepid_filter"], snapshot.threepid_count),
+            self._held.confirmer.holding(table),
+            snapshot.last_id,
+            snapshot=snapshot,
+            base_id=snapshot.last_id,
+        )
+
+    async def _write(self, snapshots: IndexSnapshots, held: _Held) -> bool:
+        """Write `held` (built here, answering nothing yet) as a snapshot; False if it could not
+        be (logged; this process goes on with its own index, without snapshots)."""
+        table = held.confirmer.table
+        if table is None or held.hashes.added is not None:
+            return False
+        t = table.buffers()
+        contents = SnapshotContents(
+            held.last_id,
+            self._clock.time_ms(),
+            t.live,
+            held.hashes.count,
+            held.threepids.count,
+            [held.hashes.slots, held.threepids.slots, t.keys, t.mxids, t.ends, t.ids, t.slots, odd_section(t.odd)],
+        )
+        try:
+            path = await asyncio.to_thread(snapshots.write, contents)
+        except OSError as e:
+            logger.warning("lookup index snapshots off: writing one in %s failed (%s)", snapshots.directory, e)
+            self._snapshots = None
+            return False
+        logger.info("lookup index snapshot written: %s (%d associations)", path.name, t.live)
+        return True
 
     async def _build(self, pace: Pace | None) -> _Held:
         # The log position first: changes made during the scan are applied again afterwards,
@@ -183,7 +306,7 @@ class LookupIndex:
         # Everything up to the pruning point is in the table too (the log may be empty).
         last_id = max(await self._store.latest_id(), await self._store.pruned_through())
         # Keys are collected in flat arrays (8 bytes each, no objects) to size the filters.
-        hash_keys, threepid_keys = array("q"), array("q")
+        hash_keys, threepid_keys = array("Q"), array("Q")
         confirmer = self._held.confirmer.empty()
         # Paced: the share done is counted in keys, two an association (both confirmers
         # yield every row's lookup hash and its (medium, address), in one pass or two).
@@ -192,7 +315,7 @@ class LookupIndex:
             pace.begin()
         async for batch in confirmer.load():
             hash_keys.extend(_keys(batch.lookup_hashes))
-            threepid_keys.extend(_keys(batch.threepids))
+            threepid_keys.extend(_threepid_keys(batch.threepids))
             if pace is not None:
                 await pace.step(min(0.99, (len(hash_keys) + len(threepid_keys)) / expected) if expected else 0.0)
         if pace is None:
@@ -203,7 +326,7 @@ class LookupIndex:
                 for start in range(0, len(keys), FILTER_STEP):
                     target.add(keys[start : start + FILTER_STEP])
                     await pace.step(0.99)
-        return _Held(hashes, threepids, confirmer, last_id)
+        return _Held(hashes, threepids, confirmer, last_id, base_id=last_id)
 
     async def _apply_changes(self, held: _Held) -> None:
         while True:
@@ -214,6 +337,7 @@ class LookupIndex:
             marker = max((i for i, c in enumerate(changes) if c.association_id == TRUNCATED), default=-1)
             if marker >= 0:
                 held.clear()
+                held.base_id = changes[marker].id
             await self._apply(held, changes[marker + 1 :])
             held.last_id = changes[-1].id
             if len(changes) < CHANGES_PER_READ:  # else there may be more
@@ -225,7 +349,7 @@ class LookupIndex:
         current = await self._associations.index_rows_by_id(present_ids) if present_ids else []
         slot = held.confirmer.slot
         held.hashes.add(_keys([row_hash(row, slot) for row in current]))
-        held.threepids.add(_keys([(row.medium, row.address) for row in current]))
+        held.threepids.add(_threepid_keys([(row.medium, row.address) for row in current]))
         held.stale += len(changes) - len(present_ids)
         held.confirmer.apply(changes, current)
 
@@ -256,7 +380,7 @@ class LookupIndex:
         """address -> mxid for the bound ones among `addresses` of `medium`, in their stored
         form (call catch_up first)."""
         held = self._held
-        candidates = list(compress(addresses, held.threepids.maybe(_keys(zip(repeat(medium), addresses)))))
+        candidates = list(compress(addresses, held.threepids.maybe(_threepid_keys(zip(repeat(medium), addresses)))))
         if not candidates:
             return {}
         return await held.confirmer.confirm_addresses(medium, candidates)
@@ -276,11 +400,42 @@ class LookupIndex:
         if await self._store.pruned_through() > held.last_id:
             logger.warning("lookup index fell behind the change log; reloading")
             await self.load()
+        elif self._snapshots is not None:
+            await self._maintain_shared(held, self._snapshots)
         elif held.stale > max(MAX_STALE, len(self) // 4) or held.hashes.crowded or held.threepids.crowded:
             logger.info("lookup index: rebuilding (%d associations, %d removed)", len(self), held.stale)
             await self.load(block_lookups=False, pace=Pace(self._clock, BACKGROUND_LOAD_SHARE))
         else:
             await self.catch_up()
+
+    async def _maintain_shared(self, held: _Held, snapshots: IndexSnapshots) -> None:
+        if snapshots.newest_id() > held.base_id:
+            # Another process wrote a newer snapshot: switch to it (one copy for all).
+            await self.load(block_lookups=False)
+            return
+        too_many = held.changed > max(MAX_CHANGED, len(self) // 50)
+        too_old = held.snapshot is not None and (
+            self._clock.time_ms() - held.snapshot.written_ms > SNAPSHOT_MAX_AGE_MS and held.last_id > held.base_id
+        )
+        if not (too_many or too_old or held.snapshot is None):
+            await self.catch_up()
+            return
+        async with snapshots.lock(wait=False) as ours:
+            if not ours or snapshots.newest_id() > held.base_id:
+                await self.catch_up()  # another process is writing one, or has: switched next time
+                return
+            logger.info(
+                "lookup index: writing a new snapshot (%d associations, %d changes since)", len(self), held.changed
+            )
+            built = await self._build(Pace(self._clock, BACKGROUND_LOAD_SHARE))
+            await self._apply_changes(built)
+            written = await self._write(snapshots, built)
+        if written:
+            await self.load(block_lookups=False)  # maps it
+        else:
+            async with self._lock:
+                await self._apply_changes(built)
+                self._held = built
 
     async def prune(self) -> int:
         return await self._store.prune(self._clock.time_ms() - KEEP_CHANGES_MS)

@@ -175,6 +175,8 @@ class SydentServer:
                 "ip_allowlist": ["127.0.0.0/8", "::1/128"],
             },
             "rate_limits": {"enabled": False},
+            # The lookup index's snapshots (PostgreSQL) beside this server's other files.
+            "lookup": {"index_snapshot_dir": str(self.signing_key_path.parent / "lookup-index")},
         }
         if self.session_lifetime is not None:
             cfg["sessions"] = {"lifetime_seconds": self.session_lifetime}

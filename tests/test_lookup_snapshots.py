@@ -1,0 +1,275 @@
+"""Lookup index snapshots (services.index_snapshot): one process writes, every worker maps.
+
+In process, on both databases (the mxid table the snapshots hold is PostgreSQL's confirmer,
+but it works on either): a damaged, truncated, foreign or out-of-history file is never used,
+and the index is rebuilt from the table and answers exactly; a second index maps the first
+one's snapshot and follows changes on top of it; a new snapshot written when the changes pile
+up is taken up by the other index. Over real sockets, on PostgreSQL: `serve --workers 2` with
+clients binding, unbinding and looking up, each answer checked, while a new snapshot is
+written and a killed worker restarts from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.db import DatabaseFactory
+from support.homeserver import HomeserverStandIn
+from support.server import IdentityApi, wait_until
+from support.smtp import SmtpSink
+from test_pepper_rotation import Client, insert_filler, run_clients
+from test_workers import WorkersServer, child_pids
+
+from sydent_lite.services import lookup_index
+from sydent_lite.services.hashing import lookup_hash
+from sydent_lite.services.index_snapshot import IndexSnapshots
+from sydent_lite.services.lookup_confirmers import MemoryConfirmer
+from sydent_lite.services.lookup_index import LookupIndex
+from sydent_lite.storage.association_changes import AssociationChangeStore
+from sydent_lite.storage.associations import AssociationStore, StoredAssociation
+from sydent_lite.storage.database import Database, migrate, open_database
+
+PEPPER = "p"
+
+
+@pytest.fixture
+def database_url(db_factory: DatabaseFactory) -> str:
+    return db_factory.create().url
+
+
+def stored(address: str, mxid: str) -> StoredAssociation:
+    return StoredAssociation("email", address, lookup_hash(address, "email", PEPPER), mxid, 1, 1, 2, "{}")
+
+
+def new_index(database: Database, store: AssociationStore, directory: Path, pepper: str = PEPPER) -> LookupIndex:
+    confirmer = MemoryConfirmer(store, pepper, snapshots=IndexSnapshots(directory, pepper, 0))
+    return LookupIndex(AssociationChangeStore(database), store, confirmer)
+
+
+def snapshot_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("index-*.snap"))
+
+
+async def assert_exact(index: LookupIndex, bound: dict[str, str], unbound: list[str]) -> None:
+    hashes = {lookup_hash(a, "email", PEPPER): a for a in [*bound, *unbound]}
+    want = {h: bound[a] for h, a in hashes.items() if a in bound}
+    assert await index.mxids(list(hashes)) == want
+    assert await index.mxids_by_address("email", [*bound, *unbound]) == bound
+
+
+def test_a_damaged_or_foreign_snapshot_is_never_used_and_is_rebuilt(
+    database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "snapshots"
+
+    async def run() -> None:
+        database = open_database(database_url)
+        try:
+            await migrate(database)
+            store = AssociationStore(database)
+            bound = {f"u{i}@example.test": f"@u{i}:hs.test" for i in range(50)}
+            for address, mxid in bound.items():
+                await store.upsert(stored(address, mxid))
+            unbound = [f"nobody{i}@example.test" for i in range(50)]
+            first = new_index(database, store, directory)
+            await first.load()
+            [good] = snapshot_files(directory)
+            original = good.read_bytes()
+
+            async def reloaded(why: str) -> LookupIndex:
+                caplog.clear()
+                index = new_index(database, store, directory)
+                await index.load()
+                assert f"rejected ({why}" in caplog.text
+                assert index._held.snapshot is not None  # rebuilt, written again, mapped
+                assert snapshot_files(directory)[0].read_bytes() != b""
+                await assert_exact(index, bound, unbound)
+                return index
+
+            # One byte of the body flipped (a mxid's: the lookups would answer it).
+            damaged = bytearray(original)
+            damaged[-200] ^= 0x01
+            good.write_bytes(bytes(damaged))
+            await reloaded("checksum mismatch")
+
+            # Cut short (a disk that filled up; a copy interrupted).
+            [good] = snapshot_files(directory)
+            good.write_bytes(original[: len(original) // 2])
+            await reloaded("truncated")
+
+            # Another pepper's snapshot under this one's name (another database's, say).
+            other = tmp_path / "other"
+            foreign = new_index(database, store, other, pepper="another pepper")
+            await foreign.load()
+            [theirs] = snapshot_files(other)
+            [good] = snapshot_files(directory)
+            good.write_bytes(theirs.read_bytes())
+            await reloaded("of another pepper")
+
+            # Not a snapshot at all.
+            [good] = snapshot_files(directory)
+            good.write_bytes(b"\0" * 4096)
+            await reloaded("not a snapshot of this format")
+
+            # A snapshot from a future this database never had (restored from a backup):
+            # its change-log id is ahead of the log's.
+            [good] = snapshot_files(directory)
+            ahead = re.sub(r"-(\d{20})\.snap$", f"-{10**12:020d}.snap", good.name)
+            good.rename(directory / ahead)
+            caplog.clear()
+            index = new_index(database, store, directory)
+            await index.load()
+            assert "ahead of the change log" in caplog.text
+            await assert_exact(index, bound, unbound)
+            assert oct(directory.stat().st_mode & 0o777) == "0o700"
+            assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in snapshot_files(directory))
+        finally:
+            await database.dispose()
+
+    asyncio.run(run())
+
+
+def test_a_new_snapshot_is_written_when_changes_pile_up_and_every_index_switches_to_it(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "snapshots"
+    monkeypatch.setattr(lookup_index, "MAX_CHANGED", 5)
+
+    async def run() -> None:
+        database = open_database(database_url)
+        try:
+            await migrate(database)
+            store = AssociationStore(database)
+            bound = {f"u{i}@example.test": f"@u{i}:hs.test" for i in range(20)}
+            for address, mxid in bound.items():
+                await store.upsert(stored(address, mxid))
+            a, b = new_index(database, store, directory), new_index(database, store, directory)
+            await a.load()
+            await b.load()
+            first_id = b._held.base_id
+            assert b._held.snapshot is not None and b._held.snapshot.path == a._held.snapshot.path  # type: ignore[union-attr]
+
+            # Changes on top of the mapped snapshot: new binds, a rebind, a removal.
+            for i in range(20, 30):
+                bound[f"u{i}@example.test"] = f"@u{i}:hs.test"
+                await store.upsert(stored(f"u{i}@example.test", f"@u{i}:hs.test"))
+            bound["u0@example.test"] = "@someone-else:hs.test"
+            await store.upsert(stored("u0@example.test", "@someone-else:hs.test"))
+            await store.delete("email", "u1@example.test", "@u1:hs.test")
+            del bound["u1@example.test"]
+            unbound = ["u1@example.test", "nobody@example.test"]
+            for index in (a, b):
+                await index.catch_up()
+                await assert_exact(index, bound, unbound)
+
+            await a.maintain()  # more than MAX_CHANGED held beside the snapshot: a new one
+            assert a._held.base_id > first_id and a._held.changed == 0
+            [newest] = snapshot_files(directory)  # the older one is gone
+            assert a._held.snapshot is not None and a._held.snapshot.path == newest
+            await b.maintain()  # sees it, switches
+            assert b._held.base_id == a._held.base_id and b._held.snapshot is not None
+            assert b._held.snapshot.path == newest
+            for index in (a, b):
+                await assert_exact(index, bound, unbound)
+            # Still following the log after the switch.
+            await store.delete("email", "u2@example.test", "@u2:hs.test")
+            del bound["u2@example.test"]
+            for index in (a, b):
+                await index.catch_up()
+                await assert_exact(index, bound, [*unbound, "u2@example.test"])
+        finally:
+            await database.dispose()
+
+    asyncio.run(run())
+
+
+# --- over real sockets: serve --workers 2 on PostgreSQL ---------------------------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc to find the worker processes")
+def test_workers_answer_exactly_while_a_snapshot_is_rewritten_and_a_worker_restarts(
+    tmp_path: Path, smtp_sink: SmtpSink, homeserver: HomeserverStandIn, request: pytest.FixtureRequest
+) -> None:
+    factory = DatabaseFactory("postgres", tmp_path / "pg")
+    db = factory.create()
+    server = WorkersServer(
+        tmp_path / "workers",
+        database_url=db.url,
+        smtp_port=smtp_sink.port,
+        ca_file=homeserver.ca_path,
+        name="sydent_lite --workers 2",
+    )
+    request.node.extra_sydent_servers = [server]
+    clients_http: list[Any] = []
+    try:
+        server.start()
+        assert server.proc is not None
+
+        def count(text: str) -> int:
+            return server.output().count(text)
+
+        # Every worker started from the one snapshot the first of them wrote.
+        wait_until(lambda: count("lookup index mapped from") >= 2, 60, "both workers mapping the snapshot")
+        assert count("lookup index snapshot written") == 1, server.output()
+
+        def api() -> IdentityApi:  # a connection of its own: the clients' requests spread over the workers
+            clients_http.append(server.new_client())
+            return IdentityApi(server, smtp_sink, homeserver, clients_http[-1])
+
+        admin = api().register()
+        pepper = api().hash_details(admin)["lookup_pepper"]
+        fillers = insert_filler(db.url, pepper, 300)
+        clients = [Client([api(), api()], fillers, seed) for seed in range(4)]
+
+        def start_clients() -> tuple[threading.Event, threading.Thread]:
+            stop = threading.Event()
+            runner = threading.Thread(target=run_clients, args=(clients, stop, 600, 180.0))
+            runner.start()
+            return stop, runner
+
+        stop, runner = start_clients()
+        try:
+            wait_until(lambda: all(sum(c.tally.lookups.values()) >= 3 for c in clients), 60, "lookups")
+            # Enough changes beside the snapshot (lookup_index.MAX_CHANGED) that a worker writes
+            # a new one, and both switch to it, while the clients go on.
+            insert_filler(db.url, pepper, 8_000)
+            wait_until(lambda: count("lookup index snapshot written") >= 2, 90, "a new snapshot written")
+            wait_until(lambda: count("lookup index mapped from") >= 4, 60, "both workers switching to it")
+        finally:
+            stop.set()
+            runner.join()
+        # A worker dies; the supervisor starts another, which maps the newest snapshot and
+        # replays the log while the clients bind and unbind again. (They pause for the kill
+        # itself: a bind cut off mid-way leaves the client not knowing whether it was made.)
+        workers = [p for p in child_pids(server.proc.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(workers) == 2, server.output()
+        mapped = count("lookup index mapped from")
+        os.kill(workers[0], signal.SIGKILL)
+        before = {id(c): sum(c.tally.lookups.values()) for c in clients}
+        stop, runner = start_clients()
+        try:
+            wait_until(lambda: count("lookup index mapped from") > mapped, 60, "the new worker mapping the snapshot")
+            wait_until(
+                lambda: all(sum(c.tally.lookups.values()) >= before[id(c)] + 5 for c in clients),
+                90,
+                "lookups after the restart",
+            )
+        finally:
+            stop.set()
+            runner.join()
+        errors = [e for c in clients for e in c.tally.errors]
+        assert not errors, errors[:10]
+        assert sum(c.tally.binds for c in clients) > 0 and sum(c.tally.unbinds for c in clients) > 0
+    finally:
+        for c in clients_http:
+            c.close()
+        server.stop()
+        factory.cleanup()
