@@ -13,6 +13,7 @@ from sydent_lite.delivery.email import EmailSender, make_email_sender
 from sydent_lite.delivery.sms import make_sms_provider
 from sydent_lite.federation.client import FederationClient
 from sydent_lite.federation.xmatrix import ServerKeyStore
+from sydent_lite.secrets_util import random_string
 from sydent_lite.services.access import HomeserverAllowList
 from sydent_lite.services.accounts import AccountService
 from sydent_lite.services.associations import AssociationService
@@ -119,11 +120,17 @@ async def build_context(config: Config, clock: Clock = SYSTEM_CLOCK) -> AppConte
     account_store = AccountStore(database)
     await load_pepper(ServerStateStore(database), association_store)
 
+    # Which database the lookup index's snapshot files are of (services.index_snapshot).
+    snapshot_database_id = ""
+    if database.dialect == "postgresql":
+        snapshot_database_id = await ServerStateStore(database).get_or_create(SNAPSHOT_DATABASE_ID, random_string(16))
+
     # On PostgreSQL every mxid is held in memory too: the database is what all workers share,
     # and confirming a lookup's candidates there cost it more than the lookup cost a worker.
     def make_confirmer(pepper: str, slot: int) -> CandidateConfirmer:
         if database.dialect == "postgresql":
-            return MemoryConfirmer(association_store, pepper, slot=slot, snapshots=snapshots_for(config, pepper, slot))
+            snapshots = snapshots_for(config, pepper, slot, snapshot_database_id)
+            return MemoryConfirmer(association_store, pepper, slot=slot, snapshots=snapshots)
         return DatabaseConfirmer(association_store, slot)
 
     peppers = LookupPeppers(
@@ -172,12 +179,16 @@ async def build_context(config: Config, clock: Clock = SYSTEM_CLOCK) -> AppConte
     )
 
 
-def snapshots_for(config: Config, pepper: str, slot: int) -> IndexSnapshots | None:
+SNAPSHOT_DATABASE_ID = "lookup_index_snapshot_database_id"  # server_state
+
+
+def snapshots_for(config: Config, pepper: str, slot: int, database_id: str) -> IndexSnapshots | None:
     """Where the index of `pepper` is shared between processes (lookup.index_snapshot_dir)."""
     where = config.lookup.index_snapshot_dir
     if where == "":
         return None
-    return IndexSnapshots(Path(where) if where is not None else default_snapshot_directory(), pepper, slot)
+    directory = Path(where) if where is not None else default_snapshot_directory()
+    return IndexSnapshots(directory, pepper, slot, database_id)
 
 
 def rotation_settings(config: Config) -> RotationSettings:

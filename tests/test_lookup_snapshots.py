@@ -253,6 +253,11 @@ def test_workers_answer_exactly_while_a_snapshot_is_rewritten_and_a_worker_resta
         assert len(workers) == 2, server.output()
         mapped = count("lookup index mapped from")
         os.kill(workers[0], signal.SIGKILL)
+        for client in clients:  # their kept-alive connections to the dead worker are gone with it
+            for each in client.apis:
+                each.client.close()
+                each.client = server.new_client()
+                clients_http.append(each.client)
         before = {id(c): sum(c.tally.lookups.values()) for c in clients}
         stop, runner = start_clients()
         try:

@@ -54,10 +54,11 @@ _CHUNK = 4 << 20
 FOREIGN_KEEP_SECONDS = 2 * 86_400
 
 
-def fingerprint(pepper: str, slot: int) -> bytes:
-    return hashlib.sha256(
-        b"sydent-lite lookup index snapshot\0" + pepper.encode() + b"\0" + str(slot).encode()
-    ).digest()
+def fingerprint(pepper: str, slot: int, database_id: str) -> bytes:
+    """What a snapshot is of: a pepper's hashes (slot `slot`) in one database (`database_id`: a
+    random value the database keeps; two databases imported from one Sydent share a pepper)."""
+    parts = [b"sydent-lite lookup index snapshot", pepper.encode(), str(slot).encode(), database_id.encode()]
+    return hashlib.sha256(b"\0".join(parts)).digest()
 
 
 def _pad(n: int) -> int:
@@ -98,10 +99,10 @@ def default_directory() -> Path:
 class IndexSnapshots:
     """The snapshot files of one pepper's index in one directory."""
 
-    def __init__(self, directory: Path, pepper: str, slot: int) -> None:
+    def __init__(self, directory: Path, pepper: str, slot: int, database_id: str = "") -> None:
         self.directory = directory
         self.slot = slot
-        self._fingerprint = fingerprint(pepper, slot)
+        self._fingerprint = fingerprint(pepper, slot, database_id)
         self._prefix = self._fingerprint[:8].hex()
 
     # --- reading --------------------------------------------------------------------------------

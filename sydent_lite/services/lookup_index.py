@@ -409,7 +409,7 @@ class LookupIndex:
             await self.catch_up()
 
     async def _maintain_shared(self, held: _Held, snapshots: IndexSnapshots) -> None:
-        if snapshots.newest_id() > held.base_id:
+        if self._newer_snapshot(held, snapshots):
             # Another process wrote a newer snapshot: switch to it (one copy for all).
             await self.load(block_lookups=False)
             return
@@ -421,7 +421,7 @@ class LookupIndex:
             await self.catch_up()
             return
         async with snapshots.lock(wait=False) as ours:
-            if not ours or snapshots.newest_id() > held.base_id:
+            if not ours or self._newer_snapshot(held, snapshots):
                 await self.catch_up()  # another process is writing one, or has: switched next time
                 return
             logger.info(
@@ -436,6 +436,14 @@ class LookupIndex:
             async with self._lock:
                 await self._apply_changes(built)
                 self._held = built
+
+    @staticmethod
+    def _newer_snapshot(held: _Held, snapshots: IndexSnapshots) -> bool:
+        """A snapshot file newer than what `held` stands on (one listing; checked on mapping).
+        One at the same log id counts for an index of its own (after a TRUNCATE, every process
+        would otherwise write the same one in turn)."""
+        newest = snapshots.newest_id()
+        return newest > held.base_id or (held.snapshot is None and newest == held.base_id)
 
     async def prune(self) -> int:
         return await self._store.prune(self._clock.time_ms() - KEEP_CHANGES_MS)
