@@ -37,8 +37,8 @@ then map it. A new snapshot is written (by whichever process takes the lock; pac
 background) when the changes held beside one grow large or it gets old enough for the log's
 pruning to approach it; every process switches to the newest as it appears, as a rebuild
 swaps in today. If the directory is not usable, each process holds its own index as before.
-On SQLite (the candidates are confirmed by the database, nothing else is held: 64 bytes an
-association) a process always holds its own.
+On SQLite (one process; its index builds in about a second at the sizes SQLite is for) a
+process always holds its own.
 
 The slots are chosen by the CRC-32 of the value's bytes (in C, no Python code per value): the
 same in every process, which Python's str hash is not.
