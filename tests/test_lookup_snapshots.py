@@ -190,6 +190,32 @@ def test_a_new_snapshot_is_written_when_changes_pile_up_and_every_index_switches
     asyncio.run(run())
 
 
+def test_a_directory_open_to_others_is_not_used(
+    database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The files hold every lookup hash with its Matrix ID: never in a folder others can read
+    (or plant files in). The index is then the process's own, and answers all the same."""
+    directory = tmp_path / "shared"
+    directory.mkdir(mode=0o755)
+    directory.chmod(0o755)
+
+    async def run() -> None:
+        database = open_database(database_url)
+        try:
+            await migrate(database)
+            store = AssociationStore(database)
+            await store.upsert(stored("a@example.test", "@a:hs.test"))
+            index = new_index(database, store, directory)
+            await index.load()
+            assert "snapshots off" in caplog.text and "closed to others" in caplog.text
+            assert index._held.snapshot is None and snapshot_files(directory) == []
+            await assert_exact(index, {"a@example.test": "@a:hs.test"}, ["b@example.test"])
+        finally:
+            await database.dispose()
+
+    asyncio.run(run())
+
+
 # --- over real sockets: serve --workers 2 on PostgreSQL ---------------------------------------------
 
 

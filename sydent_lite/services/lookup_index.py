@@ -88,7 +88,7 @@ BACKGROUND_LOAD_SHARE = 0.25
 # for ~0.3 s (random writes all over tens of MiB), ~5-10 ms per step this way.
 FILTER_STEP = 16_384
 # A new snapshot is written once the changes held beside the mapped one pass this many (or a
-# fiftieth of the index; each costs its process ~200 bytes), or once it is this old (and
+# fiftieth of the index; each costs its process ~300 bytes), or once it is this old (and
 # something changed since): well before the log's pruning (KEEP_CHANGES_MS) passes its id, so
 # that a process starting then can still replay the log from it.
 MAX_CHANGED = 20_000
