@@ -217,8 +217,14 @@ class IndexSnapshots:
     @contextlib.asynccontextmanager
     async def lock(self, *, wait: bool) -> AsyncIterator[bool]:
         """The writer's lock for this pepper (an fcntl lock: released if the process dies).
-        Yields whether it is held (`wait=False`: False at once if another process has it)."""
-        fd = os.open(self.directory / f"{self._prefix}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        Yields whether it is held (`wait=False`: False at once if another process has it;
+        False too if the lock file cannot be made)."""
+        try:
+            fd = os.open(self.directory / f"{self._prefix}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            logger.warning("lookup index snapshots: cannot open the lock in %s (%s)", self.directory, e)
+            yield False
+            return
         try:
             if wait:
                 await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)

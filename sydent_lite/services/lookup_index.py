@@ -243,7 +243,9 @@ class LookupIndex:
             return await self._build(pace)
         if (held := await self._mapped(snapshots)) is not None:
             return held
-        async with snapshots.lock(wait=True):
+        async with snapshots.lock(wait=True) as ours:
+            if not ours:  # the lock file cannot be made (logged): an index of our own
+                return await self._build(pace)
             if (held := await self._mapped(snapshots)) is not None:
                 return held  # written by the process we waited for
             built = await self._build(pace)
@@ -292,7 +294,7 @@ class LookupIndex:
         )
         try:
             path = await asyncio.to_thread(snapshots.write, contents)
-        except OSError as e:
+        except Exception as e:  # a full disk, a directory gone: never a rebuild every 2 s
             logger.warning("lookup index snapshots off: writing one in %s failed (%s)", snapshots.directory, e)
             self._snapshots = None
             return False
@@ -411,7 +413,7 @@ class LookupIndex:
     async def _maintain_shared(self, held: _Held, snapshots: IndexSnapshots) -> None:
         if self._newer_snapshot(held, snapshots):
             # Another process wrote a newer snapshot: switch to it (one copy for all).
-            await self.load(block_lookups=False)
+            await self.load(block_lookups=False, pace=Pace(self._clock, BACKGROUND_LOAD_SHARE))
             return
         too_many = held.changed > max(MAX_CHANGED, len(self) // 50)
         too_old = held.snapshot is not None and (
@@ -431,7 +433,7 @@ class LookupIndex:
             await self._apply_changes(built)
             written = await self._write(snapshots, built)
         if written:
-            await self.load(block_lookups=False)  # maps it
+            await self.load(block_lookups=False, pace=Pace(self._clock, BACKGROUND_LOAD_SHARE))  # maps it
         else:
             async with self._lock:
                 await self._apply_changes(built)
