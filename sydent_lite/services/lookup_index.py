@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from itertools import compress, islice, repeat
 
 from sydent_lite.clock import SYSTEM_CLOCK, Clock
+from sydent_lite.memory import release_free_memory
 from sydent_lite.services.index_snapshot import IndexSnapshots, Snapshot, SnapshotContents, odd_section, read_odd
 from sydent_lite.services.lookup_confirmers import CandidateConfirmer, row_hash
 from sydent_lite.services.mxid_table import MxidTable, TableBuffers
@@ -434,6 +435,8 @@ class LookupIndex:
             written = await self._write(snapshots, built)
         if written:
             await self.load(block_lookups=False, pace=Pace(self._clock, BACKGROUND_LOAD_SHARE))  # maps it
+            del built
+            release_free_memory()  # the build's memory, back to the system: the mapping has it all
         else:
             async with self._lock:
                 await self._apply_changes(built)
