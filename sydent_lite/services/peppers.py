@@ -73,9 +73,9 @@ REHASH_SHARE = 0.2
 # rebuild's BACKGROUND_LOAD_SHARE: every worker loads it within the same few minutes.
 UPCOMING_LOAD_WINDOW = 0.1
 UPCOMING_LOAD_SHARE = 0.15
-# The VACUUM after a rehash (PostgreSQL): autovacuum's default pace, a cost limit of 200 per
-# 2 ms of sleep (vacuum_cost_delay; a manual VACUUM runs flat out by default).
-VACUUM_COST_DELAY_MS = 2.0
+# The VACUUM after a rehash (PostgreSQL): half autovacuum's default pace, a cost limit of 200
+# per 4 ms of sleep (vacuum_cost_delay; a manual VACUUM runs flat out by default).
+VACUUM_COST_DELAY_MS = 4.0
 VACUUM_COST_LIMIT = 200
 
 
