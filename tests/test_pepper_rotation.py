@@ -261,8 +261,11 @@ def rotate_under_load(apis: list[IdentityApi], server: SydentServer, url: str) -
     check_every_hash(url, peppers_in_db(url)[-1])
 
 
-def test_rotation_under_concurrent_lookups_binds_and_unbinds(make_server, api_for) -> None:  # type: ignore[no-untyped-def]
-    server = make_server(extra_config={"lookup": ROTATION})
+# Both places a lookup's candidates are confirmed (lookup.mxids_in_memory): memory, the
+# default, and the database.
+@pytest.mark.parametrize("in_memory", [True, False], ids=["mxids-in-memory", "mxids-in-database"])
+def test_rotation_under_concurrent_lookups_binds_and_unbinds(make_server, api_for, in_memory: bool) -> None:  # type: ignore[no-untyped-def]
+    server = make_server(extra_config={"lookup": {**ROTATION, "mxids_in_memory": in_memory}})
     rotate_under_load([api_for(server)], server, server.database_url)
 
 
