@@ -57,15 +57,16 @@ logger = logging.getLogger(__name__)
 
 SCHEDULE_POLL_SECONDS = 2.0
 PEPPER_LENGTH = 32
-# Small batches: each is a burst of PostgreSQL work (~40 ms at 2,000 rows here), and the lookups
-# beside it see the bursts, not the average.
+# Small batches: each is a burst of PostgreSQL work (0.1-0.2 s at 2,000 rows on a busy 2-core
+# host), and the lookups beside it see the bursts, not only the average.
 REHASH_BATCH = 2000
 # A rehash claim lasts this long unless renewed (every batch): a process that died mid-way is
 # taken over after it.
 CLAIM_MS = 60_000
 # The rehash is at work at most this share of the time (services.pacing): its updates are
 # PostgreSQL's work, and PostgreSQL serves every worker's lookups too. At half, the lookup
-# bench's 2 s slices fell to 0.45 of steady (bench/RESULTS.md); nothing waits for a rehash.
+# bench's quiet 2 s slices fell to 0.59 of steady, at a fifth to 0.78 (bench/RESULTS.md);
+# nothing waits for a rehash.
 REHASH_SHARE = 0.2
 # An upcoming pepper's index is loaded at a moment drawn in this first share of the time left
 # before it is current, and paced to use at most UPCOMING_LOAD_SHARE of its worker's event
