@@ -612,7 +612,7 @@ def rotation_main(args: argparse.Namespace) -> int:
                 n=n,
                 connections=args.connections,
                 steady_seconds=args.rotation_steady_seconds,
-                after_seconds=10.0,
+                after_seconds=args.rotation_after_seconds,
                 activate_in=args.rotation_activate_in,
                 cli=sydent_lite_cmd(),
             )
@@ -670,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--rotation-steady-seconds", type=float, default=20.0)
     p.add_argument("--rotation-activate-in", type=int, default=60, help="pepper rotate --activate-in")
+    p.add_argument("--rotation-after-seconds", type=float, default=10.0, help="load kept on after the switch")
     args = p.parse_args(argv)
     if args.rotation:
         if not args.postgres:

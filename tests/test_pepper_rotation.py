@@ -560,3 +560,108 @@ def test_rows_imported_after_a_rotation_get_every_live_peppers_hash(database_url
         "lookup_hash": lookup_hash_of("imported@people.test", first),  # the previous one, in its grace window
         "lookup_hash_b": lookup_hash_of("imported@people.test", current),
     }
+
+
+def test_the_rehash_vacuums_the_table_before_scheduling_on_postgresql(database_url: str) -> None:
+    """Each rehashed row leaves a dead version behind (PostgreSQL): the rotation vacuums the
+    table itself before the pepper is scheduled (where autovacuum is off nothing else would)."""
+    from sydent_lite.services.hashing import load_pepper, lookup_hash
+    from sydent_lite.services.peppers import RotationSettings, prepare_pepper, start_or_resume
+    from sydent_lite.storage.associations import AssociationStore, StoredAssociation
+    from sydent_lite.storage.database import migrate, open_database
+    from sydent_lite.storage.peppers import PepperStore
+    from sydent_lite.storage.state import ServerStateStore
+
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite updates rows in place")
+
+    def vacuums() -> int:
+        (row,) = sql(database_url, "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'associations'")
+        return int(row["vacuum_count"])
+
+    async def go() -> None:
+        database = open_database(database_url)
+        try:
+            await migrate(database)
+            state, store, peppers = ServerStateStore(database), AssociationStore(database), PepperStore(database)
+            pepper = await load_pepper(state, store)
+            a = "v@people.test"
+            await store.upsert(
+                StoredAssociation("email", a, lookup_hash(a, "email", pepper), "@v:hs.test", 1, 1, 2, "{}")
+            )
+            before = vacuums()
+            row = await start_or_resume(peppers, "t")
+            assert row is not None
+            assert await prepare_pepper(peppers, row, "t", RotationSettings(activation_delay_seconds=0)) is not None
+            assert vacuums() == before + 1
+        finally:
+            await database.dispose()
+
+    asyncio.run(go())
+
+
+class _SlowVacuumStore:
+    """The part of PepperStore a rehash uses, with no rows to rehash and a VACUUM that takes
+    as long as the test says: what the rehash does with its claim meanwhile."""
+
+    def __init__(self, renewals_granted: int, vacuum_fails: bool = False) -> None:
+        self.renewals_granted = renewals_granted
+        self.vacuum_fails = vacuum_fails
+        self.renewals = 0
+        self.scheduled = False
+        self.vacuum_cancelled = False
+        self.vacuum_may_end = asyncio.Event()
+
+    async def threepids_after(self, after_id: int, batch: int) -> list[tuple[int, str, str]]:
+        return []
+
+    async def vacuum_associations(self, cost_delay_ms: float, cost_limit: int) -> None:
+        if self.vacuum_fails:
+            raise RuntimeError("VACUUM failed")
+        try:
+            await self.vacuum_may_end.wait()
+        except asyncio.CancelledError:
+            self.vacuum_cancelled = True
+            raise
+
+    async def claim(self, row_id: int, claimer: str, now: int, lease_ms: int) -> object | None:
+        self.renewals += 1
+        if self.renewals > self.renewals_granted:
+            return None
+        if self.renewals == self.renewals_granted:
+            self.vacuum_may_end.set()
+        return object()
+
+    async def schedule(self, row_id: int, claimer: str, activates_ms: int, grace_ms: int) -> bool:
+        self.scheduled = True
+        return True
+
+    async def rows(self) -> list[Any]:
+        return []
+
+
+@pytest.mark.parametrize(("granted", "fails"), [(2, False), (0, False), (0, True)])
+def test_the_rehash_keeps_its_claim_through_the_vacuum(
+    monkeypatch: pytest.MonkeyPatch, granted: int, fails: bool
+) -> None:
+    """A VACUUM of a big table outlasts the claim's lease: the claim is renewed meanwhile; if
+    a renewal fails (another process took over), the VACUUM is cancelled and nothing is
+    scheduled; a VACUUM that fails does not stop the rotation."""
+    from sydent_lite.services import peppers as service
+    from sydent_lite.storage.peppers import PepperRow
+
+    monkeypatch.setattr(service, "CLAIM_MS", 40)  # renewals every 10 ms
+    store = _SlowVacuumStore(granted, vacuum_fails=fails)
+    row = PepperRow(1, "p", 1, 0, None, None, 0, "t", 0)
+
+    async def go() -> None:
+        settings = service.RotationSettings(activation_delay_seconds=0)
+        await asyncio.wait_for(service.prepare_pepper(store, row, "t", settings), 10)  # type: ignore[arg-type]
+
+    asyncio.run(go())
+    if fails:
+        assert store.scheduled and store.renewals == 0
+    elif granted:
+        assert store.scheduled and store.renewals == granted and not store.vacuum_cancelled
+    else:
+        assert not store.scheduled and store.renewals == 1 and store.vacuum_cancelled

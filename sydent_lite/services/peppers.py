@@ -47,7 +47,7 @@ from sydent_lite.clock import SYSTEM_CLOCK, Clock
 from sydent_lite.secrets_util import now_ms, random_string
 from sydent_lite.services.hashing import lookup_hash
 from sydent_lite.services.lookup_confirmers import CandidateConfirmer
-from sydent_lite.services.lookup_index import BACKGROUND_LOAD_SHARE, LookupIndex
+from sydent_lite.services.lookup_index import LookupIndex
 from sydent_lite.services.pacing import Pace
 from sydent_lite.storage.association_changes import AssociationChangeStore
 from sydent_lite.storage.associations import AssociationStore, LivePeppers
@@ -57,13 +57,27 @@ logger = logging.getLogger(__name__)
 
 SCHEDULE_POLL_SECONDS = 2.0
 PEPPER_LENGTH = 32
-REHASH_BATCH = 5000
+# Small batches: each is a burst of PostgreSQL work (0.1-0.2 s at 2,000 rows on a busy 2-core
+# host), and the lookups beside it see the bursts, not only the average.
+REHASH_BATCH = 2000
 # A rehash claim lasts this long unless renewed (every batch): a process that died mid-way is
 # taken over after it.
 CLAIM_MS = 60_000
 # The rehash is at work at most this share of the time (services.pacing): its updates are
-# PostgreSQL's work, and PostgreSQL serves every worker's lookups too.
-REHASH_SHARE = 0.5
+# PostgreSQL's work, and PostgreSQL serves every worker's lookups too. At half, the lookup
+# bench's quiet 2 s slices fell to 0.59 of steady, at a fifth to 0.78 (bench/RESULTS.md);
+# nothing waits for a rehash.
+REHASH_SHARE = 0.2
+# An upcoming pepper's index is loaded at a moment drawn in this first share of the time left
+# before it is current, and paced to use at most UPCOMING_LOAD_SHARE of its worker's event
+# loop (services.pacing; the deadline makes it use more if that would not fit). Lower than a
+# rebuild's BACKGROUND_LOAD_SHARE: every worker loads it within the same few minutes.
+UPCOMING_LOAD_WINDOW = 0.1
+UPCOMING_LOAD_SHARE = 0.15
+# The VACUUM after a rehash (PostgreSQL): half autovacuum's default pace, a cost limit of 200
+# per 4 ms of sleep (vacuum_cost_delay; a manual VACUUM runs flat out by default).
+VACUUM_COST_DELAY_MS = 4.0
+VACUUM_COST_LIMIT = 200
 
 
 @dataclass(frozen=True)
@@ -127,16 +141,44 @@ async def prepare_pepper(
         if progress is not None:
             progress(done)
         await (pause() if pause is not None else asyncio.sleep(0))
+    vacuum_started = clock()
+    if not await _vacuum_holding_claim(store, row, claimer, clock):
+        logger.warning("lookup pepper rehash: the claim was lost while vacuuming; another process continues it")
+        return None
+    vacuum_seconds = (clock() - vacuum_started) / 1000
     activates = clock() + settings.activation_delay_seconds * 1000
     if not await store.schedule(row.id, claimer, activates, settings.grace_seconds * 1000):
         return None
     logger.info(
-        "lookup pepper %d prepared (%d hashes written); current in %d s",
+        "lookup pepper %d prepared (%d hashes written, then %.1f s of VACUUM); current in %d s",
         row.id,
         done,
+        vacuum_seconds,
         settings.activation_delay_seconds,
     )
     return next((r for r in await store.rows() if r.id == row.id), None)
+
+
+async def _vacuum_holding_claim(store: PepperStore, row: PepperRow, claimer: str, clock: Callable[[], int]) -> bool:
+    """Vacuum the table after the rehash (storage.peppers; PostgreSQL), before the pepper is
+    scheduled, so that the processes' loads of its index read a clean table, renewing the
+    claim meanwhile (a paced VACUUM of a million rows takes minutes). False if the claim was
+    lost. A failed VACUUM is only logged: it cleans up, nothing depends on it."""
+    vacuum = asyncio.ensure_future(store.vacuum_associations(VACUUM_COST_DELAY_MS, VACUUM_COST_LIMIT))
+    try:
+        while True:
+            done, _ = await asyncio.wait({vacuum}, timeout=CLAIM_MS / 1000 / 4)
+            if done:
+                if (error := vacuum.exception()) is not None:
+                    logger.warning("lookup pepper rehash: VACUUM of the associations failed", exc_info=error)
+                return True
+            if await store.claim(row.id, claimer, clock(), CLAIM_MS) is None:
+                return False
+    finally:
+        if not vacuum.done():
+            vacuum.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await vacuum
 
 
 async def start_or_resume(store: PepperStore, claimer: str, clock: Callable[[], int] = now_ms) -> PepperRow | None:
@@ -278,17 +320,18 @@ class LookupPeppers:
         for row in wanted.values():
             if row.id in self._indexes or row.id in self._loading:
                 continue
-            # An upcoming pepper's index is loaded at a moment drawn in the first quarter of
-            # the time left before it is current, so that the processes do not all start at
-            # once (a load is a scan of the table and ~0.35 s of CPU per 100,000), and paced
-            # (services.pacing) to finish before the pepper is current, using at most
-            # BACKGROUND_LOAD_SHARE of the event loop if that leaves time enough.
+            # An upcoming pepper's index is loaded at a moment drawn early in the time left
+            # before it is current, so that the processes do not all start at once (a load is
+            # a scan of the table and ~0.35 s of CPU per 100,000), and paced (services.pacing)
+            # to finish before the pepper is current, using at most UPCOMING_LOAD_SHARE of the
+            # event loop if that leaves time enough.
             left = (row.activates_ms or now) - now
-            load_at = self._load_at.setdefault(row.id, now + int(random.uniform(0, max(0, left) / 4)))
+            window = max(0, left) * UPCOMING_LOAD_WINDOW
+            load_at = self._load_at.setdefault(row.id, now + int(random.uniform(0, window)))
             if now >= load_at:
                 # In the background: lookups go on meanwhile (a failure is logged, retried next time).
                 deadline = self._time.monotonic() + max(0, left) / 1000
-                pace = self._paces[row.id] = Pace(self._time, BACKGROUND_LOAD_SHARE, deadline)
+                pace = self._paces[row.id] = Pace(self._time, UPCOMING_LOAD_SHARE, deadline)
                 self._loading[row.id] = asyncio.create_task(self._load(row, pace))
         for row_id in [i for i in self._load_at if i not in wanted]:
             del self._load_at[row_id]

@@ -225,6 +225,26 @@ class PepperStore:
             await _write_hashes_on(conn, slot, id_to_hash)
         return True
 
+    async def vacuum_associations(self, cost_delay_ms: float, cost_limit: int) -> None:
+        """PostgreSQL: VACUUM `associations`, paced by its cost-based delay (nothing on SQLite,
+        which updates rows in place). A rehash leaves a dead version of every row (each is a
+        non-HOT update: the hash columns are indexed); the next scans (every process's load
+        of the new pepper's index) would read through them and set their hint bits, and
+        where autovacuum is off nothing else removes them."""
+        if self.dialect != "postgresql":
+            return
+        async with self._db.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            try:
+                await conn.execute(text(f"SET vacuum_cost_delay = {float(cost_delay_ms)}"))
+                await conn.execute(text(f"SET vacuum_cost_limit = {int(cost_limit)}"))
+                # PARALLEL 0: one process (by default VACUUM may start a worker per index,
+                # flat out, on the cores the lookups use).
+                await conn.execute(text("VACUUM (PARALLEL 0) associations"))
+            finally:
+                await conn.execute(text("RESET vacuum_cost_delay"))
+                await conn.execute(text("RESET vacuum_cost_limit"))
+
     async def max_association_id(self) -> int:
         async with self._db.connect() as conn:
             return (await conn.execute(select(func.max(assoc.c.id)))).scalar() or 0
