@@ -208,6 +208,13 @@ class Client:
             self.tally.errors.append(f"bulk_lookup: {bulk.status_code} {bulk.text}")
 
 
+def assert_every_answer_right(clients: list[Client]) -> None:
+    """Every answer the clients got matched the model, and they did bind and unbind."""
+    errors = [e for c in clients for e in c.tally.errors]
+    assert not errors, errors[:10]
+    assert sum(c.tally.binds for c in clients) > 0 and sum(c.tally.unbinds for c in clients) > 0
+
+
 def run_clients(clients: list[Client], stop: threading.Event, max_steps: int, max_seconds: float) -> None:
     deadline = time.monotonic() + max_seconds
 
@@ -255,9 +262,7 @@ def rotate_under_load(apis: list[IdentityApi], server: SydentServer, url: str) -
     finally:
         stop.set()
         runner.join()
-    errors = [e for c in clients for e in c.tally.errors]
-    assert not errors, errors[:10]
-    assert sum(c.tally.binds for c in clients) > 0 and sum(c.tally.unbinds for c in clients) > 0
+    assert_every_answer_right(clients)
     check_every_hash(url, peppers_in_db(url)[-1])
 
 
