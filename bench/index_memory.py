@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dataset
 import procstat
 from loadgen import Workload, run_wrk
-from run import BENCH_USER, free_port, lite_config, wait_until_serving
+from run import create_token, free_port, lite_config, sydent_lite_cmd, wait_until_serving
 
 
 def memory_of(pid: int) -> dict[str, float]:
@@ -80,15 +80,8 @@ def main() -> int:
     config.write_text(json.dumps(data))
     if not (workdir / "signing.key").exists():
         (workdir / "signing.key").write_text(dataset.new_signing_key() + "\n")
-    cmd = [sys.executable, "-m", "sydent_lite"]
-    token = subprocess.run(
-        [*cmd, "create-token", "--user-id", BENCH_USER, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-        cwd=workdir,
-    ).stdout.strip()
+    cmd = sydent_lite_cmd()
+    token = create_token(config, env, workdir)
     results = []
     for n_workers in [int(x) for x in args.workers.split(",")]:
         shutil.rmtree(snapshots, ignore_errors=True)

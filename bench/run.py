@@ -152,6 +152,18 @@ def sydent_lite_cmd() -> list[str]:
     return [sys.executable, "-m", "sydent_lite"]
 
 
+def create_token(config: Path, env: dict[str, str], cwd: Path) -> str:
+    """An access token for BENCH_USER, made by the build under test (`env`, run in `cwd`)."""
+    return subprocess.run(
+        [*sydent_lite_cmd(), "create-token", "--user-id", BENCH_USER, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        cwd=cwd,
+    ).stdout.strip()
+
+
 @dataclass(frozen=True)
 class Build:
     """Which sydent_lite runs: this checkout (source None), or an exported older commit."""
@@ -253,14 +265,7 @@ def prepare_lite(
             raise RuntimeError(f"import-sydent failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
         log(f"{label}: imported in {time.monotonic() - t0:.1f}s")
         marker.write_text(f"{sydent_db}|{database_url}")
-    token = subprocess.run(
-        [*sydent_lite_cmd(), "create-token", "--user-id", BENCH_USER, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-        cwd=workdir,
-    ).stdout.strip()
+    token = create_token(config, env, workdir)
     log_path = workdir / f"server-{workers}w.log"
 
     def start() -> subprocess.Popen[bytes]:
