@@ -18,6 +18,7 @@ from sydent_lite.services.access import HomeserverAllowList
 from sydent_lite.services.accounts import AccountService
 from sydent_lite.services.associations import AssociationService
 from sydent_lite.services.hashing import load_pepper
+from sydent_lite.services.index_builder import ProcessBuilder
 from sydent_lite.services.index_snapshot import IndexSnapshots
 from sydent_lite.services.index_snapshot import default_directory as default_snapshot_directory
 from sydent_lite.services.invites import (
@@ -191,7 +192,9 @@ def snapshots_for(config: Config, pepper: str, slot: int, database_id: str) -> I
     if where == "":
         return None
     directory = Path(where) if where is not None else default_snapshot_directory()
-    return IndexSnapshots(directory, pepper, slot, database_id)
+    # Written by a child process (services.index_builder): the build's memory is never a worker's.
+    builder = ProcessBuilder(config.model_dump_json(by_alias=True), pepper, slot, str(directory), database_id)
+    return IndexSnapshots(directory, pepper, slot, database_id, builder)
 
 
 def rotation_settings(config: Config) -> RotationSettings:

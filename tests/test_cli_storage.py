@@ -395,8 +395,8 @@ def test_a_background_load_pauses_between_its_steps_and_lookups_are_answered_mea
         def empty(self) -> CandidateConfirmer:
             return SlowConfirmer(self.inner.empty())
 
-        async def load(self) -> AsyncIterator[FilterKeys]:
-            async for batch in self.inner.load():
+        async def load(self, expected: int) -> AsyncIterator[FilterKeys]:
+            async for batch in self.inner.load(expected):
                 clock.advance(1.0)
                 yield batch
 
@@ -494,22 +494,38 @@ def test_a_failed_change_poll_does_not_count_for_the_lookups_waiting_on_it() -> 
     asyncio.run(run())
 
 
-def test_slot_filter_never_says_no_to_a_key_it_holds() -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["byte-slots", "bit-slots"])
+def test_slot_filter_never_says_no_to_a_key_it_holds(packed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     import random
 
+    from sydent_lite.services import lookup_index
     from sydent_lite.services.lookup_index import SLOTS_PER_KEY, SlotFilter
 
+    if packed:
+        monkeypatch.setattr(lookup_index, "MAX_BYTE_SLOTS", 1)
     rng = random.Random(3)
-    keys = [rng.getrandbits(64) - 2**63 for _ in range(6000)]
+    keys = [rng.getrandbits(32) for _ in range(6000)]
     slot_filter = SlotFilter(keys[:3000], 3000)
+    assert slot_filter.packed is packed
+    assert len(slot_filter.slots) == slot_filter.size // (8 if packed else 1)
     slot_filter.add(keys[3000:])
     assert all(slot_filter.maybe(keys))
-    others = [rng.getrandbits(64) for _ in range(20000)]
-    false_share = sum(1 for m in slot_filter.maybe(others) if m) / len(others)
-    assert false_share < 2 * 6000 / len(slot_filter.slots) + 0.01, false_share  # misses mostly say no
-    assert len(slot_filter.slots) >= 3000 * SLOTS_PER_KEY
+    others = [rng.getrandbits(32) for _ in range(20000)]
+
+    def false_share(f: SlotFilter) -> float:
+        return sum(1 for m in f.maybe(others) if m) / len(others)
+
+    assert false_share(slot_filter) < 2 * 6000 / slot_filter.size + 0.01  # misses mostly say no
+    assert slot_filter.size >= 3000 * SLOTS_PER_KEY
+    # Mapped read-only (a snapshot's section), with keys added beside it: the same answers.
+    mapped = SlotFilter.mapped(memoryview(bytes(slot_filter.slots)), slot_filter.count, packed)
+    later = [rng.getrandbits(32) for _ in range(500)]
+    mapped.add(later)
+    slot_filter.add(later)
+    assert all(mapped.maybe(keys + later))
+    assert list(map(bool, mapped.maybe(others))) == list(map(bool, slot_filter.maybe(others)))
     assert not slot_filter.crowded
-    slot_filter.add(rng.getrandbits(64) for _ in range(3000))
+    slot_filter.add(rng.getrandbits(32) for _ in range(3000))
     assert slot_filter.crowded  # three times what it was sized for: rebuild
 
 

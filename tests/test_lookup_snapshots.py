@@ -12,6 +12,7 @@ written and a killed worker restarts from it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import signal
@@ -27,14 +28,19 @@ from support.smtp import SmtpSink
 from test_pepper_rotation import Client, assert_every_answer_right, insert_filler, run_clients
 from test_workers import WorkersServer, child_pids
 
+from sydent_lite.clock import SYSTEM_CLOCK
+from sydent_lite.config import config_from_dict
 from sydent_lite.services import lookup_index
 from sydent_lite.services.hashing import lookup_hash
+from sydent_lite.services.index_builder import ProcessBuilder
 from sydent_lite.services.index_snapshot import IndexSnapshots
 from sydent_lite.services.lookup_confirmers import MemoryConfirmer
 from sydent_lite.services.lookup_index import LookupIndex
+from sydent_lite.services.pacing import Pace
 from sydent_lite.storage.association_changes import AssociationChangeStore
 from sydent_lite.storage.associations import AssociationStore, StoredAssociation
 from sydent_lite.storage.database import Database, migrate, open_database
+from sydent_lite.storage.tables import associations
 
 PEPPER = "p"
 
@@ -136,11 +142,15 @@ def test_a_damaged_or_foreign_snapshot_is_never_used_and_is_rebuilt(
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["byte-slots", "bit-slots"])
 def test_a_new_snapshot_is_written_when_changes_pile_up_and_every_index_switches_to_it(
-    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, packed: bool
 ) -> None:
+    """bit-slots: the filters of a large index (a bit a slot), written, mapped and followed."""
     directory = tmp_path / "snapshots"
     monkeypatch.setattr(lookup_index, "MAX_CHANGED", 5)
+    if packed:
+        monkeypatch.setattr(lookup_index, "MAX_BYTE_SLOTS", 1)
 
     async def run() -> None:
         database = open_database(database_url)
@@ -154,6 +164,7 @@ def test_a_new_snapshot_is_written_when_changes_pile_up_and_every_index_switches
             await a.load()
             await b.load()
             first_id = b._held.base_id
+            assert a._held.hashes.packed is b._held.hashes.packed is b._held.threepids.packed is packed
             assert b._held.snapshot is not None and b._held.snapshot.path == a._held.snapshot.path  # type: ignore[union-attr]
 
             # Changes on top of the mapped snapshot: new binds, a rebind, a removal.
@@ -302,3 +313,99 @@ def test_workers_answer_exactly_while_a_snapshot_is_rewritten_and_a_worker_resta
             c.close()
         server.stop()
         factory.cleanup()
+
+
+def builder_for(database_url: str, directory: Path, pepper: str = PEPPER, database_id: str = "") -> ProcessBuilder:
+    config = config_from_dict({"database": {"url": database_url}})
+    return ProcessBuilder(config.model_dump_json(by_alias=True), pepper, 0, str(directory), database_id)
+
+
+def test_a_builder_process_writes_the_snapshot_and_the_index_maps_it(
+    database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The snapshot is built and written by a child process (services.index_builder), not by
+    the process that answers: it maps the file and answers exactly, and so do later changes.
+    A child that fails (here: a database it cannot open) leaves the build to the process."""
+    directory = tmp_path / "snapshots"
+    monkeypatch.setattr(lookup_index, "MAX_CHANGED", 5)
+    caplog.set_level("INFO")
+
+    async def run() -> None:
+        database = open_database(database_url)
+        try:
+            await migrate(database)
+            store = AssociationStore(database)
+            bound = {f"u{i}@example.test": f"@u{i}:hs.test" for i in range(30)}
+            for address, mxid in bound.items():
+                await store.upsert(stored(address, mxid))
+            builds: list[int] = []
+
+            def build_here(held: Any) -> Any:
+                builds.append(1)
+                return real_build(held)
+
+            confirmer = MemoryConfirmer(
+                store, PEPPER, snapshots=IndexSnapshots(directory, PEPPER, 0, "", builder_for(database_url, directory))
+            )
+            index = LookupIndex(AssociationChangeStore(database), store, confirmer)
+            real_build = index._build
+            monkeypatch.setattr(index, "_build", build_here)
+            await index.load()
+            assert not builds  # nothing built here
+            assert "the builder process" in caplog.text and "wrote the snapshot" in caplog.text
+            assert index._held.snapshot is not None and snapshot_files(directory) == [index._held.snapshot.path]
+            await assert_exact(index, bound, ["nobody@example.test"])
+
+            # Changes pile up beside it: the next snapshot comes from a builder process too.
+            for i in range(30, 40):
+                bound[f"u{i}@example.test"] = f"@u{i}:hs.test"
+                await store.upsert(stored(f"u{i}@example.test", f"@u{i}:hs.test"))
+            await store.delete("email", "u1@example.test", "@u1:hs.test")
+            del bound["u1@example.test"]
+            first = index._held.base_id
+            await index.catch_up()
+            await index.maintain()
+            assert not builds and index._held.base_id > first and index._held.changed == 0
+            await assert_exact(index, bound, ["u1@example.test"])
+
+            # A builder that fails: the process builds and writes the snapshot itself.
+            broken = IndexSnapshots(
+                tmp_path / "other", PEPPER, 0, "", builder_for("postgresql://nobody@127.0.0.1:1/none", tmp_path)
+            )
+            confirmer = MemoryConfirmer(store, PEPPER, snapshots=broken)
+            fallback = LookupIndex(AssociationChangeStore(database), store, confirmer)
+            await fallback.load()
+            assert "the snapshot builder" in caplog.text and "failed" in caplog.text
+            assert fallback._held.snapshot is not None
+            await assert_exact(fallback, bound, ["u1@example.test"])
+        finally:
+            await database.dispose()
+
+    asyncio.run(run())
+
+
+def test_a_paced_builder_process_goes_flat_out_once_hurried(database_url: str, tmp_path: Path) -> None:
+    """A child paced so slowly that it would never finish (a millionth of the time at work)
+    finishes once the worker's pace is hurried (lookups now wait for the index): told on its
+    stdin, at once, even before it has started listening."""
+    directory = tmp_path / "snapshots"
+
+    async def run() -> None:
+        database = open_database(database_url)
+        try:
+            await migrate(database)
+            async with database.begin() as conn:  # several batches of the build (2,000 rows each)
+                rows = [stored(f"fill{i}@example.test", "@fill:hs.test") for i in range(4_500)]
+                await conn.execute(associations.insert(), [dataclasses.asdict(r) for r in rows])
+            IndexSnapshots(directory, PEPPER, 0).prepare_directory()
+            pace = Pace(SYSTEM_CLOCK, 1e-6)
+            job = asyncio.create_task(builder_for(database_url, directory).run(pace))
+            await asyncio.sleep(0.2)  # started, perhaps not yet reading its stdin
+            assert not job.done() and not snapshot_files(directory)
+            pace.hurry()
+            assert await asyncio.wait_for(job, 120)
+            assert len(snapshot_files(directory)) == 1
+        finally:
+            await database.dispose()
+
+    asyncio.run(run())

@@ -37,21 +37,30 @@ import zlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from sydent_lite.services.pacing import Pace
 
 logger = logging.getLogger(__name__)
 
 MAGIC = b"SLLIDX\0\0"
-VERSION = 1
+# 2: the flags word (which filters pack a bit a slot; services.lookup_index.SlotFilter).
+VERSION = 2
 SECTIONS = ("hash_filter", "threepid_filter", "keys", "mxids", "ends", "ids", "slots", "odd")
 # magic, version, slot, fingerprint, last_id, written_ms, live, hash_count, threepid_count,
-# the sections' lengths, the body's CRC-32.
-_HEADER = struct.Struct("<8sII32sQQQQQ" + "Q" * len(SECTIONS) + "I4x")
+# the sections' lengths, the body's CRC-32, flags.
+_HEADER = struct.Struct("<8sII32sQQQQQ" + "Q" * len(SECTIONS) + "II")
+_HASH_FILTER_PACKED, _THREEPID_FILTER_PACKED = 1, 2
 _NAME = re.compile(r"^index-([0-9a-f]{16})-([0-9]{20})\.snap$")
 _CHUNK = 4 << 20
 # Files of another fingerprint (a retired pepper; another database) are deleted by a writer
 # once they are this old: nobody maps those.
 FOREIGN_KEEP_SECONDS = 2 * 86_400
+
+
+class SnapshotBuilder(Protocol):
+    async def run(self, pace: Pace | None) -> bool:
+        """Write a new snapshot (the caller holds the lock); True once one is written."""
 
 
 def fingerprint(pepper: str, slot: int, database_id: str) -> bytes:
@@ -75,6 +84,8 @@ class Snapshot:
     live: int
     hash_count: int
     threepid_count: int
+    hash_filter_packed: bool
+    threepid_filter_packed: bool
     sections: dict[str, memoryview]
 
 
@@ -87,6 +98,8 @@ class SnapshotContents:
     live: int
     hash_count: int
     threepid_count: int
+    hash_filter_packed: bool
+    threepid_filter_packed: bool
     sections: Sequence[Any]  # bytes-likes, in SECTIONS order
 
 
@@ -99,9 +112,14 @@ def default_directory() -> Path:
 class IndexSnapshots:
     """The snapshot files of one pepper's index in one directory."""
 
-    def __init__(self, directory: Path, pepper: str, slot: int, database_id: str = "") -> None:
+    def __init__(
+        self, directory: Path, pepper: str, slot: int, database_id: str = "", builder: SnapshotBuilder | None = None
+    ) -> None:
+        """`builder`: writes a snapshot in another process (services.index_builder; None: the
+        process that holds the lock builds and writes it itself)."""
         self.directory = directory
         self.slot = slot
+        self.builder = builder
         self._fingerprint = fingerprint(pepper, slot, database_id)
         self._prefix = self._fingerprint[:8].hex()
 
@@ -155,7 +173,7 @@ class IndexSnapshots:
             magic, version, slot, fp, last_id, written_ms, live, hash_count, threepid_count, *rest = _HEADER.unpack(
                 head
             )
-            lengths, crc = rest[: len(SECTIONS)], rest[len(SECTIONS)]
+            lengths, (crc, flags) = rest[: len(SECTIONS)], rest[len(SECTIONS) :]
             if magic != MAGIC or version != VERSION:
                 return _rejected(path, "not a snapshot of this format")
             if fp != self._fingerprint or slot != self.slot:
@@ -187,7 +205,17 @@ class IndexSnapshots:
                 offset += n + _pad(n)
         except TypeError:  # an array's length not a multiple of 4
             return _rejected(path, "sections of impossible sizes")
-        snapshot = Snapshot(path, last_id, written_ms, live, hash_count, threepid_count, sections)
+        snapshot = Snapshot(
+            path,
+            last_id,
+            written_ms,
+            live,
+            hash_count,
+            threepid_count,
+            bool(flags & _HASH_FILTER_PACKED),
+            bool(flags & _THREEPID_FILTER_PACKED),
+            sections,
+        )
         if not _shaped_right(snapshot):
             return _rejected(path, "sections of impossible sizes")
         return snapshot
@@ -271,6 +299,8 @@ class IndexSnapshots:
                         contents.threepid_count,
                         *lengths,
                         crc,
+                        _HASH_FILTER_PACKED * contents.hash_filter_packed
+                        | _THREEPID_FILTER_PACKED * contents.threepid_filter_packed,
                     )
                 )
             os.replace(tmp, final)

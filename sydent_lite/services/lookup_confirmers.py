@@ -80,8 +80,9 @@ class CandidateConfirmer(ABC):
         """One of this kind that holds nothing: for a (re)load, or after a TRUNCATE."""
 
     @abstractmethod
-    def load(self) -> AsyncIterator[FilterKeys]:
-        """Read the whole table (taking what this confirmer holds), yielding the filters' keys."""
+    def load(self, expected: int) -> AsyncIterator[FilterKeys]:
+        """Read the whole table (taking what this confirmer holds), yielding the filters' keys;
+        `expected`: how many rows it has (counted just before)."""
 
     @abstractmethod
     def apply(self, changes: Sequence[Change], current: Sequence[IndexRow]) -> None:
@@ -105,7 +106,7 @@ class DatabaseConfirmer(CandidateConfirmer):
     def empty(self) -> DatabaseConfirmer:
         return self
 
-    async def load(self) -> AsyncIterator[FilterKeys]:
+    async def load(self, expected: int) -> AsyncIterator[FilterKeys]:
         # Two scans of indexes that cover the columns: the table's rows (each with its signed
         # association) are not read.
         async for hashes in self._associations.all_hashes(slot=self.slot):
@@ -153,10 +154,10 @@ class MemoryConfirmer(CandidateConfirmer):
     def empty(self) -> MemoryConfirmer:
         return MemoryConfirmer(self._associations, self._pepper, slot=self.slot, snapshots=self.snapshots)
 
-    async def load(self) -> AsyncIterator[FilterKeys]:
+    async def load(self, expected: int) -> AsyncIterator[FilterKeys]:
         # One pass over the whole rows: PostgreSQL reads them from the table anyway (its
         # index-only scans need a vacuumed table).
-        self._table = table = MxidTable(await self._associations.count())
+        self._table = table = MxidTable(expected)
         async for batch in self._associations.all_index_columns():
             hashes = batch.lookup_hashes if self.slot == 0 else [h or "" for h in batch.lookup_hashes_b]
             deque(map(table.set, hashes, batch.mxids, batch.ids), maxlen=0)

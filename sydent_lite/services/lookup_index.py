@@ -12,14 +12,15 @@ small query, shared by the lookups that arrive while it runs), so a bind committ
 process is seen by every lookup that starts after it. Old log rows are pruned after an hour;
 a process that fell behind the pruning point (stopped for that long) reloads the whole index.
 
-What is held: two slot filters (one-hash Bloom filters), one of lookup hashes (v2 lookups)
-and one of (medium, address) pairs (v1 bulk_lookup, which would otherwise SHA-256 every pair
-it is asked about), 32 slots of one byte per association each, rounded up to a power of two
-(100,000: 8 MiB for both). A slot only says "maybe": the candidates (the hits, plus ~3% of
-the misses) are confirmed by their full lookup hash or address, so neither a shared nor a
-stale slot can ever answer wrongly. Slots are not cleared when an association goes (another
-may share the slot); removals are counted and the filters rebuilt when they pile up or the
-filters get crowded.
+What is held: two slot filters (one-hash Bloom filters), one of lookup hashes (v2 lookups) and
+one of (medium, address) pairs (v1 bulk_lookup, which would otherwise SHA-256 every pair it is
+asked about), 32 slots per association each, rounded up to a power of two: a byte a slot up to
+64 Mi slots (100,000: 8 MiB for both), a bit a slot above (10,000,000: 128 MiB for both, not 1
+GiB; the probe costs ~2x as much, which at that size the memory is worth). A slot only says
+"maybe": the candidates (the hits, plus ~3% of the misses) are confirmed by their full lookup
+hash or address, so neither a shared nor a stale slot can ever answer wrongly. Slots are not
+cleared when an association goes (another may share the slot); removals are counted and the
+filters rebuilt when they pile up or the filters get crowded.
 
 Where candidates are confirmed (services.lookup_confirmers, chosen at start): on SQLite, by
 an indexed read of the in-process database; on PostgreSQL, by an exact in-memory table of
@@ -32,7 +33,8 @@ and every worker maps read-only (one copy in the page cache for all), plus what 
 the snapshot's change-log id, held by each process itself: the filters' slots set since (a
 set of slot numbers) and the mxid table's changes (services.mxid_table's overlay). A process
 that starts maps the newest usable snapshot and replays the log from its id; if there is none,
-one process builds the index from the table and writes it while the others wait for its lock,
+one process builds the index from the table and writes it (in a child process of its own,
+services.index_builder, where the server configured one) while the others wait for its lock,
 then map it. A new snapshot is written (by whichever process takes the lock; paced, in the
 background) when the changes held beside one grow large or it gets old enough for the log's
 pruning to approach it; every process switches to the newest as it appears, as a rebuild
@@ -55,7 +57,6 @@ import asyncio
 import logging
 import operator
 import zlib
-from array import array
 from collections import deque
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -80,14 +81,15 @@ MAX_STALE = 10_000
 # at most 1/SLOTS_PER_KEY (~3%), each costing one more candidate to confirm.
 SLOTS_PER_KEY = 32
 MIN_SLOTS = 1 << 16
+# Above this many slots a filter packs eight to a byte (services.lookup_index's docstring).
+MAX_BYTE_SLOTS = 1 << 26
+_BIT = bytes(1 << i for i in range(8))
+_SEVEN = 7
 # The association id of the log's marker row for a TRUNCATE (migration 0005): no row has it.
 TRUNCATED = 0
 # A load beside the one answering (a rebuild; an upcoming pepper's) is at work at most this
 # share of the time (services.pacing): the rest of its worker's event loop is the lookups'.
 BACKGROUND_LOAD_SHARE = 0.25
-# Keys set in a slot filter per step of a paced load: a million at once held the event loop
-# for ~0.3 s (random writes all over tens of MiB), ~5-10 ms per step this way.
-FILTER_STEP = 16_384
 # A new snapshot is written once the changes held beside the mapped one pass this many (or a
 # fiftieth of the index; each costs its process ~300 bytes), or once it is this old (and
 # something changed since): well before the log's pruning (KEEP_CHANGES_MS) passes its id, so
@@ -110,7 +112,8 @@ def _threepid_keys(pairs: Iterable[tuple[str, str]]) -> Iterator[int]:
 
 class SlotFilter:
     """A one-hash Bloom filter: a set of keys that may say "maybe" wrongly but never "no"
-    wrongly, one byte per slot, the slot being the key's low bits. 100,000 keys take 4 MiB
+    wrongly, the slot being the key's low bits. Small ones hold a byte a slot (one C-level
+    index per probe); large ones (`packed`) a bit a slot, 8x smaller. 100,000 keys take 4 MiB
     here; a Python set of them took 7 MiB (an int object and a 16-byte entry each, in a table
     kept 40% empty)."""
 
@@ -118,18 +121,25 @@ class SlotFilter:
         size = MIN_SLOTS
         while size < expected * SLOTS_PER_KEY:
             size *= 2
-        self.slots: bytearray | memoryview = bytearray(size)
+        self.packed = size > MAX_BYTE_SLOTS
+        self.slots: bytearray | memoryview = bytearray(size // 8 if self.packed else size)
         self._mask = size - 1
         self.count = 0
         self.added: set[int] | None = None  # a mapped filter's slots set since (see mapped)
         self.add(keys)
 
     @classmethod
-    def mapped(cls, slots: memoryview, count: int) -> SlotFilter:
+    def mapped(cls, slots: memoryview, count: int, packed: bool) -> SlotFilter:
         """A filter over the read-only slots of a snapshot: slots set later go to `added`."""
         mapped = cls((), 0)
-        mapped.slots, mapped._mask, mapped.count, mapped.added = slots, len(slots) - 1, count, set()
+        mapped.slots, mapped.count, mapped.added, mapped.packed = slots, count, set(), packed
+        mapped._mask = len(slots) * (8 if packed else 1) - 1
         return mapped
+
+    @property
+    def size(self) -> int:
+        """Its number of slots."""
+        return self._mask + 1
 
     def add(self, keys: Iterable[int]) -> None:
         # In chunks: a list of a million slot numbers was ~40 MiB at the peak of a load.
@@ -137,21 +147,32 @@ class SlotFilter:
         while slots := list(map(self._mask.__and__, islice(keys, 65_536))):
             if self.added is not None:
                 self.added.update(slots)
+            elif self.packed:
+                held = self.slots
+                for slot in slots:
+                    held[slot >> 3] |= _BIT[slot & 7]
             else:
                 deque(map(self.slots.__setitem__, slots, repeat(1)), maxlen=0)
             self.count += len(slots)
 
     def maybe(self, keys: Iterable[int]) -> Iterator[int]:
         """For each key, nonzero if it may be held, 0 if it certainly is not."""
-        if not self.added:
+        if not self.added and not self.packed:
             return map(self.slots.__getitem__, map(self._mask.__and__, keys))
         slots = list(map(self._mask.__and__, keys))
-        return map(operator.or_, map(self.slots.__getitem__, slots), map(self.added.__contains__, slots))
+        if self.packed:
+            held = map(self.slots.__getitem__, map(operator.rshift, slots, repeat(3)))
+            found: Iterator[int] = map(operator.and_, held, map(_BIT.__getitem__, map(_SEVEN.__and__, slots)))
+        else:
+            found = map(self.slots.__getitem__, slots)
+        if not self.added:
+            return found
+        return map(operator.or_, found, map(self.added.__contains__, slots))
 
     @property
     def crowded(self) -> bool:
         """Twice the keys it was sized for: time to rebuild it bigger."""
-        return self.count * SLOTS_PER_KEY > 2 * len(self.slots)
+        return self.count * SLOTS_PER_KEY > 2 * self.size
 
 
 @dataclass
@@ -249,11 +270,23 @@ class LookupIndex:
                 return await self._build(pace)
             if (held := await self._mapped(snapshots)) is not None:
                 return held  # written by the process we waited for
+            wrote = snapshots.builder is not None and await snapshots.builder.run(pace)
+            if wrote and (held := await self._mapped(snapshots)) is not None:
+                return held
             built = await self._build(pace)
             await self._apply_changes(built)
             if not await self._write(snapshots, built):
                 return built
         return await self._mapped(snapshots) or built
+
+    async def write_snapshot(self, pace: Pace | None) -> bool:
+        """Build the index from the table and write it as a snapshot, holding nothing after
+        (services.index_builder's child process; the caller holds the writer's lock)."""
+        if self._snapshots is None:
+            return False
+        built = await self._build(pace)
+        await self._apply_changes(built)
+        return await self._write(self._snapshots, built)
 
     async def _mapped(self, snapshots: IndexSnapshots) -> _Held | None:
         # The log must reach back to the snapshot's id (pruning), and a snapshot ahead of the log
@@ -270,8 +303,8 @@ class LookupIndex:
             )
         )
         return _Held(
-            SlotFilter.mapped(sec["hash_filter"], snapshot.hash_count),
-            SlotFilter.mapped(sec["threepid_filter"], snapshot.threepid_count),
+            SlotFilter.mapped(sec["hash_filter"], snapshot.hash_count, snapshot.hash_filter_packed),
+            SlotFilter.mapped(sec["threepid_filter"], snapshot.threepid_count, snapshot.threepid_filter_packed),
             self._held.confirmer.holding(table),
             snapshot.last_id,
             snapshot=snapshot,
@@ -291,6 +324,8 @@ class LookupIndex:
             t.live,
             held.hashes.count,
             held.threepids.count,
+            held.hashes.packed,
+            held.threepids.packed,
             [held.hashes.slots, held.threepids.slots, t.keys, t.mxids, t.ends, t.ids, t.slots, odd_section(t.odd)],
         )
         try:
@@ -308,27 +343,21 @@ class LookupIndex:
         # each changed row's history in order, ending where the row is now).
         # Everything up to the pruning point is in the table too (the log may be empty).
         last_id = max(await self._store.latest_id(), await self._store.pruned_through())
-        # Keys are collected in flat arrays (8 bytes each, no objects) to size the filters.
-        hash_keys, threepid_keys = array("Q"), array("Q")
+        # The filters are sized by the count (rows added during the scan only crowd them a
+        # little; a crowded filter is rebuilt): collecting the keys first to size them exactly
+        # held 16 bytes an association more at the build's peak (160 MB at 10,000,000).
+        expected = await self._associations.count()
+        hashes, threepids = SlotFilter((), expected), SlotFilter((), expected)
         confirmer = self._held.confirmer.empty()
         # Paced: the share done is counted in keys, two an association (both confirmers
         # yield every row's lookup hash and its (medium, address), in one pass or two).
-        expected = 2 * await self._associations.count() if pace is not None and pace.deadline is not None else 0
         if pace is not None:
             pace.begin()
-        async for batch in confirmer.load():
-            hash_keys.extend(_keys(batch.lookup_hashes))
-            threepid_keys.extend(_threepid_keys(batch.threepids))
+        async for batch in confirmer.load(expected):
+            hashes.add(_keys(batch.lookup_hashes))
+            threepids.add(_threepid_keys(batch.threepids))
             if pace is not None:
-                await pace.step(min(0.99, (len(hash_keys) + len(threepid_keys)) / expected) if expected else 0.0)
-        if pace is None:
-            hashes, threepids = SlotFilter(hash_keys, len(hash_keys)), SlotFilter(threepid_keys, len(threepid_keys))
-        else:
-            hashes, threepids = SlotFilter((), len(hash_keys)), SlotFilter((), len(threepid_keys))
-            for target, keys in ((hashes, hash_keys), (threepids, threepid_keys)):
-                for start in range(0, len(keys), FILTER_STEP):
-                    target.add(keys[start : start + FILTER_STEP])
-                    await pace.step(0.99)
+                await pace.step(min(0.99, (hashes.count + threepids.count) / (2 * expected)) if expected else 0.0)
         return _Held(hashes, threepids, confirmer, last_id, base_id=last_id)
 
     async def _apply_changes(self, held: _Held) -> None:
@@ -430,14 +459,21 @@ class LookupIndex:
             logger.info(
                 "lookup index: writing a new snapshot (%d associations, %d changes since)", len(self), held.changed
             )
-            built = await self._build(Pace(self._clock, BACKGROUND_LOAD_SHARE))
-            await self._apply_changes(built)
-            written = await self._write(snapshots, built)
+            built: _Held | None = None
+            written = snapshots.builder is not None and await snapshots.builder.run(
+                Pace(self._clock, BACKGROUND_LOAD_SHARE)
+            )
+            if not written:
+                built = await self._build(Pace(self._clock, BACKGROUND_LOAD_SHARE))
+                await self._apply_changes(built)
+                written = await self._write(snapshots, built)
         if written:
             await self.load(block_lookups=False, pace=Pace(self._clock, BACKGROUND_LOAD_SHARE))  # maps it
-            del built
-            release_free_memory()  # the build's memory, back to the system: the mapping has it all
+            if built is not None:
+                del built
+                release_free_memory()  # the build's memory, back to the system: the mapping has it all
         else:
+            assert built is not None
             async with self._lock:
                 await self._apply_changes(built)
                 self._held = built

@@ -17,6 +17,8 @@ ends the pacing (someone is waiting for the result).
 
 from __future__ import annotations
 
+import asyncio
+
 from sydent_lite.clock import Clock
 
 
@@ -31,14 +33,21 @@ class Pace:
         self._busy = 0.0
         self._steps = 0
         self.slept = 0.0  # seconds, in all (for the logs)
+        self._wake: asyncio.Event | None = None  # set by hurry: ends the pause under way
 
     def begin(self) -> None:
         """The work starts now (it was set up earlier)."""
         self._resumed = self._clock.monotonic()
 
+    def seconds_to_deadline(self) -> float | None:
+        """How long until the deadline (None: there is none); for a pace taken on elsewhere."""
+        return None if self.deadline is None else self.deadline - self._clock.monotonic()
+
     def hurry(self) -> None:
-        """From now on flat out."""
+        """From now on flat out (a pause under way ends now)."""
         self.share = 1.0
+        if self._wake is not None:
+            self._wake.set()
 
     async def step(self, done: float = 0.0) -> None:
         """Called after each step of the work; `done`: the share of the whole done so far (0
@@ -57,5 +66,15 @@ class Pace:
             elif now >= self.deadline:
                 pause = 0.0
         self.slept += pause
-        await self._clock.sleep(pause)  # 0: one pass of the event loop
+        if pause <= 0:
+            await self._clock.sleep(0)  # one pass of the event loop
+        else:  # a pause that `hurry` ends early
+            self._wake = asyncio.Event()
+            sleeping, woken = asyncio.ensure_future(self._clock.sleep(pause)), asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait((sleeping, woken), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                sleeping.cancel()
+                woken.cancel()
+                self._wake = None
         self._resumed = self._clock.monotonic()
