@@ -523,7 +523,12 @@ def test_slot_filter_never_says_no_to_a_key_it_holds(packed: bool, monkeypatch: 
     mapped.add(later)
     slot_filter.add(later)
     assert all(mapped.maybe(keys + later))
-    assert list(map(bool, mapped.maybe(others))) == list(map(bool, slot_filter.maybe(others)))
+    # It says "maybe" wherever the filter itself does (a packed one's additions are held by
+    # byte, so their bytes' other slots say "maybe" too), and still mostly "no".
+    assert all(m or not o for m, o in zip(mapped.maybe(others), slot_filter.maybe(others), strict=True))
+    assert false_share(mapped) < 2 * 6500 / slot_filter.size + 0.01
+    if not packed:
+        assert list(map(bool, mapped.maybe(others))) == list(map(bool, slot_filter.maybe(others)))
     assert not slot_filter.crowded
     slot_filter.add(rng.getrandbits(32) for _ in range(3000))
     assert slot_filter.crowded  # three times what it was sized for: rebuild

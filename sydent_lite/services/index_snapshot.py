@@ -44,8 +44,9 @@ from sydent_lite.services.pacing import Pace
 logger = logging.getLogger(__name__)
 
 MAGIC = b"SLLIDX\0\0"
-# 2: the flags word (which filters pack a bit a slot; services.lookup_index.SlotFilter).
-VERSION = 2
+# 2: the flags word (which filters pack a bit a slot; services.lookup_index.SlotFilter); 3: a
+# packed filter's bit is the key's top three bits (2 never left a development branch).
+VERSION = 3
 SECTIONS = ("hash_filter", "threepid_filter", "keys", "mxids", "ends", "ids", "slots", "odd")
 # magic, version, slot, fingerprint, last_id, written_ms, live, hash_count, threepid_count,
 # the sections' lengths, the body's CRC-32, flags.

@@ -83,8 +83,9 @@ SLOTS_PER_KEY = 32
 MIN_SLOTS = 1 << 16
 # Above this many slots a filter packs eight to a byte (services.lookup_index's docstring).
 MAX_BYTE_SLOTS = 1 << 26
+# A packed filter's bit is the key's top three bits: its bytes are at most 2**29.
+MAX_SLOTS = 1 << 32
 _BIT = bytes(1 << i for i in range(8))
-_SEVEN = 7
 # The association id of the log's marker row for a TRUNCATE (migration 0005): no row has it.
 TRUNCATED = 0
 # A load beside the one answering (a rebuild; an upcoming pepper's) is at work at most this
@@ -111,63 +112,67 @@ def _threepid_keys(pairs: Iterable[tuple[str, str]]) -> Iterator[int]:
 
 
 class SlotFilter:
-    """A one-hash Bloom filter: a set of keys that may say "maybe" wrongly but never "no"
-    wrongly, the slot being the key's low bits. Small ones hold a byte a slot (one C-level
-    index per probe); large ones (`packed`) a bit a slot, 8x smaller. 100,000 keys take 4 MiB
-    here; a Python set of them took 7 MiB (an int object and a 16-byte entry each, in a table
-    kept 40% empty)."""
+    """A one-hash Bloom filter: a set of keys (CRC-32s: 32-bit) that may say "maybe" wrongly
+    but never "no" wrongly. Small ones hold a byte a slot, the slot being the key's low bits
+    (one C-level index per probe). Large ones (`packed`) hold a bit a slot, 8x smaller: the
+    byte is the key's low bits, the bit in it the key's top three (so the probe needs no
+    shift of the index, and no second list: ~120 us less per 1,000 keys than byte, bit =
+    slot >> 3, slot & 7). 100,000 keys take 4 MiB here; a Python set of them took 7 MiB (an
+    int object and a 16-byte entry each, in a table kept 40% empty)."""
 
     def __init__(self, keys: Iterable[int], expected: int) -> None:
         size = MIN_SLOTS
-        while size < expected * SLOTS_PER_KEY:
+        while size < expected * SLOTS_PER_KEY and size < MAX_SLOTS:
             size *= 2
         self.packed = size > MAX_BYTE_SLOTS
+        self.size = size
         self.slots: bytearray | memoryview = bytearray(size // 8 if self.packed else size)
-        self._mask = size - 1
+        self._mask = len(self.slots) - 1
         self.count = 0
-        self.added: set[int] | None = None  # a mapped filter's slots set since (see mapped)
+        # A mapped filter's keys added since (see mapped): their slots, or for a packed one
+        # their bytes (a byte's other bits then say "maybe" too: never a wrong "no").
+        self.added: set[int] | None = None
         self.add(keys)
 
     @classmethod
     def mapped(cls, slots: memoryview, count: int, packed: bool) -> SlotFilter:
-        """A filter over the read-only slots of a snapshot: slots set later go to `added`."""
+        """A filter over the read-only slots of a snapshot: keys added later go to `added`."""
         mapped = cls((), 0)
         mapped.slots, mapped.count, mapped.added, mapped.packed = slots, count, set(), packed
-        mapped._mask = len(slots) * (8 if packed else 1) - 1
+        mapped._mask = len(slots) - 1
+        mapped.size = len(slots) * (8 if packed else 1)
         return mapped
-
-    @property
-    def size(self) -> int:
-        """Its number of slots."""
-        return self._mask + 1
 
     def add(self, keys: Iterable[int]) -> None:
         # In chunks: a list of a million slot numbers was ~40 MiB at the peak of a load.
         keys = iter(keys)
-        while slots := list(map(self._mask.__and__, islice(keys, 65_536))):
+        while chunk := list(islice(keys, 65_536)):
+            where = list(map(self._mask.__and__, chunk))
             if self.added is not None:
-                self.added.update(slots)
+                self.added.update(where)
             elif self.packed:
                 held = self.slots
-                for slot in slots:
-                    held[slot >> 3] |= _BIT[slot & 7]
+                for byte, key in zip(where, chunk, strict=True):
+                    held[byte] |= _BIT[key >> 29]
             else:
-                deque(map(self.slots.__setitem__, slots, repeat(1)), maxlen=0)
-            self.count += len(slots)
+                deque(map(self.slots.__setitem__, where, repeat(1)), maxlen=0)
+            self.count += len(where)
 
     def maybe(self, keys: Iterable[int]) -> Iterator[int]:
         """For each key, nonzero if it may be held, 0 if it certainly is not."""
         if not self.added and not self.packed:
             return map(self.slots.__getitem__, map(self._mask.__and__, keys))
-        slots = list(map(self._mask.__and__, keys))
         if self.packed:
-            held = map(self.slots.__getitem__, map(operator.rshift, slots, repeat(3)))
-            found: Iterator[int] = map(operator.and_, held, map(_BIT.__getitem__, map(_SEVEN.__and__, slots)))
+            keys = list(keys)
+            where = list(map(self._mask.__and__, keys))
+            bits = map(_BIT.__getitem__, map(operator.rshift, keys, repeat(29)))
+            found: Iterator[int] = map(operator.and_, map(self.slots.__getitem__, where), bits)
         else:
-            found = map(self.slots.__getitem__, slots)
+            where = list(map(self._mask.__and__, keys))
+            found = map(self.slots.__getitem__, where)
         if not self.added:
             return found
-        return map(operator.or_, found, map(self.added.__contains__, slots))
+        return map(operator.or_, found, map(self.added.__contains__, where))
 
     @property
     def crowded(self) -> bool:
