@@ -328,8 +328,8 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
             # Every hash and address under one key: the full hashes and addresses still decide.
             from sydent_lite.services import lookup_index
 
-            real_keys = lookup_index._keys
-            lookup_index._keys = lambda values: (1 for _ in values)
+            real_keys, real_local = lookup_index._keys, lookup_index._local_keys
+            lookup_index._keys = lookup_index._local_keys = lambda values: (1 for _ in values)  # type: ignore[assignment]
             try:
                 colliding = new_index(database, store, tmp_path / "colliding")  # not the others' snapshots
                 await colliding.load()
@@ -348,7 +348,7 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
                 assert await colliding.mxids([h_before, h_after, unknown]) == {h_before: "@d:hs.test"}
                 assert await colliding.mxids_by_address("email", both) == {both[0]: "@d:hs.test"}
             finally:
-                lookup_index._keys = real_keys
+                lookup_index._keys, lookup_index._local_keys = real_keys, real_local
         finally:
             await database.dispose()
 
