@@ -9,7 +9,9 @@ the time to "listening"; hashed lookups of 1,000 by wrk (32 connections); then e
 PSS and USS (/proc/PID/smaps_rollup: a page mapped by several processes counts in each one's
 RSS, a share of it in PSS, and only in USS if it is the process's own) and peak RSS (VmHWM);
 then one worker is killed (SIGKILL) and the time until the supervisor's new worker has
-started its application is taken from the log (uvicorn's "Application startup complete").
+started its application is taken from the log (uvicorn's "Application startup complete");
+lookups again; then binds committed through the project's store, each looked up at once on
+new connections (every worker): how long until all answer it, and how many did not.
 `--source`: another checkout's sydent_lite (before/after).
 """
 
@@ -23,8 +25,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -51,9 +55,91 @@ def memory_of(pid: int) -> dict[str, float]:
     }
 
 
+class BuilderPeak:
+    """The highest peak RSS (VmHWM) of any snapshot builder process (services.index_builder, a
+    worker's child while it writes a snapshot), sampled every 0.2 s in a thread."""
+
+    def __init__(self, root: int) -> None:
+        self.root, self.mib, self.seen = root, 0.0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        pids: set[int] = set()
+        while not self._stop.wait(0.2):
+            for pid in procstat.tree(self.root):
+                try:
+                    if b"index_builder" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        continue
+                    self.mib = max(self.mib, memory_of(pid)["peak_rss"])
+                    pids.add(pid)
+                except (OSError, StopIteration, KeyError):
+                    pass  # gone meanwhile
+            self.seen = len(pids)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def workers_of(root: int) -> list[int]:
     """The supervisor's worker processes (not multiprocessing's resource tracker)."""
     return [p for p in procstat.tree(root) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def bind_visibility(
+    database_url: str, base: str, token: str, pepper: str, binds: int = 20, probes: int = 8
+) -> dict[str, Any]:
+    """Binds committed through the project's store (as any worker's bind is: the change log's
+    triggers), each followed at once by `probes` lookups of its hash, each on a new connection
+    (spread over the workers by the kernel's accept). Every lookup that starts after the commit
+    must find it. Times are from the commit to each answer (the clients are made beforehand:
+    an httpx client's TLS context alone takes tens of ms of this process's CPU)."""
+    import asyncio
+    import statistics
+
+    from sydent_lite.services.hashing import lookup_hash
+    from sydent_lite.storage.associations import AssociationStore, StoredAssociation
+    from sydent_lite.storage.database import open_database
+
+    headers = {"Authorization": f"Bearer {token}"}
+
+    async def probe(client: httpx.AsyncClient, body: dict[str, Any], h: str, mxid: str, committed: float) -> float:
+        r = await client.post(f"{base}/_matrix/identity/v2/lookup", json=body, headers=headers)
+        return time.monotonic() - committed if r.json().get("mappings", {}).get(h) == mxid else -1.0
+
+    async def go() -> dict[str, Any]:
+        database = open_database(database_url)
+        store = AssociationStore(database)
+        times: list[float] = []
+        try:
+            for i in range(binds):
+                address = f"visibility-{os.getpid()}-{time.time_ns()}-{i}@bench.example"
+                h = lookup_hash(address, "email", pepper)
+                mxid = f"@visible{i}:hs.bench.example"
+                body = {"algorithm": "sha256", "pepper": pepper, "addresses": [h]}
+                clients = [httpx.AsyncClient(timeout=30) for _ in range(probes)]  # a connection each
+                try:
+                    await store.upsert(StoredAssociation("email", address, h, mxid, 1, 1, 2**62, "{}"))
+                    committed = time.monotonic()
+                    times += await asyncio.gather(*(probe(c, body, h, mxid, committed) for c in clients))
+                finally:
+                    for c in clients:
+                        await c.aclose()
+                await store.delete("email", address, mxid)
+        finally:
+            await database.dispose()
+        seen = [t for t in times if t >= 0]
+        return {
+            "binds": binds,
+            "lookups": len(times),
+            "not_seen": len(times) - len(seen),
+            "commit_to_answer_median_s": round(statistics.median(seen), 3) if seen else None,
+            "commit_to_answer_max_s": round(max(seen), 3) if seen else None,
+        }
+
+    return asyncio.run(go())
 
 
 def main() -> int:
@@ -97,6 +183,7 @@ def main() -> int:
                 start_new_session=True,
                 env=env,
             )
+        builders = BuilderPeak(proc.pid)
         try:
             wait_until_serving(proc, port, log_path, timeout=900)
             while "listening on" not in log_path.read_text():
@@ -127,8 +214,10 @@ def main() -> int:
             restart_s = time.monotonic() - t1
             after = run_wrk(base, load, seconds=args.seconds, connections=32)
             mem_after = {pid: memory_of(pid) for pid in workers_of(proc.pid)}
+            visibility = bind_visibility(args.database_url, base, token, pepper)
             loads = re.findall(r"lookup index (?:loaded|mapped)[^\n]*", log_path.read_text())
         finally:
+            builders.stop()
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
         r = {
@@ -142,6 +231,9 @@ def main() -> int:
             "total_rss_mib": round(sum(m["rss"] for m in mem.values())),
             "total_pss_mib": round(sum(m["pss"] for m in mem.values())),
             "after_restart_mib": {str(k): {f: round(v) for f, v in m.items()} for k, m in mem_after.items()},
+            "bind_visibility": visibility,
+            "builder_processes": builders.seen,
+            "builder_peak_rss_mib": round(builders.mib),
             "index_log": loads[-2 * n_workers :],
         }
         print(json.dumps(r, indent=1), flush=True)
