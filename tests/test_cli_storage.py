@@ -329,7 +329,7 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
             from sydent_lite.services import lookup_index
 
             real_keys, real_local = lookup_index._keys, lookup_index._local_keys
-            lookup_index._keys = lookup_index._local_keys = lambda values: (1 for _ in values)  # type: ignore[assignment]
+            lookup_index._keys = lookup_index._local_keys = lambda values: (1 for _ in values)
             try:
                 colliding = new_index(database, store, tmp_path / "colliding")  # not the others' snapshots
                 await colliding.load()
