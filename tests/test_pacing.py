@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from support.clock import FakeClock
 
@@ -48,3 +49,32 @@ def test_a_deadline_shortens_the_pauses_to_what_fits() -> None:
     hurried = Pace(clock, 0.25)
     hurried.hurry()
     assert run_steps(hurried, clock, 3, 1.0) == [0.0, 0.0, 0.0]
+
+
+def test_hurry_ends_the_pause_under_way_and_a_cancel_still_cancels() -> None:
+    clock = FakeClock()
+
+    async def run() -> None:
+        pace = Pace(clock, 0.25)
+        clock.advance(1.0)
+        step = asyncio.create_task(pace.step(0.5))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert pace.slept == 3.0 and not step.done()  # paused for 3 s of the fake clock
+        pace.hurry()
+        await asyncio.wait_for(step, 10)  # ended without the clock moving on
+        assert not step.cancelled()
+        clock.advance(1.0)  # flat out from now on
+        await asyncio.wait_for(pace.step(0.6), 10)
+        assert pace.slept == 3.0
+
+        slow = Pace(clock, 0.25)
+        clock.advance(1.0)
+        paused = asyncio.create_task(slow.step(0.5))
+        await asyncio.sleep(0)
+        paused.cancel()  # the job itself cancelled mid-pause: cancelled, not swallowed
+        with contextlib.suppress(asyncio.CancelledError):
+            await paused
+        assert paused.cancelled()
+
+    asyncio.run(run())

@@ -33,7 +33,8 @@ class Pace:
         self._busy = 0.0
         self._steps = 0
         self.slept = 0.0  # seconds, in all (for the logs)
-        self._wake: asyncio.Event | None = None  # set by hurry: ends the pause under way
+        self._sleeper: asyncio.Task[object] | None = None  # the task in a pause, if one is
+        self._woken = False
 
     def begin(self) -> None:
         """The work starts now (it was set up earlier)."""
@@ -46,8 +47,9 @@ class Pace:
     def hurry(self) -> None:
         """From now on flat out (a pause under way ends now)."""
         self.share = 1.0
-        if self._wake is not None:
-            self._wake.set()
+        if self._sleeper is not None and not self._woken:
+            self._woken = True
+            self._sleeper.cancel()
 
     async def step(self, done: float = 0.0) -> None:
         """Called after each step of the work; `done`: the share of the whole done so far (0
@@ -68,13 +70,13 @@ class Pace:
         self.slept += pause
         if pause <= 0:
             await self._clock.sleep(0)  # one pass of the event loop
-        else:  # a pause that `hurry` ends early
-            self._wake = asyncio.Event()
-            sleeping, woken = asyncio.ensure_future(self._clock.sleep(pause)), asyncio.ensure_future(self._wake.wait())
+        else:  # a pause that `hurry` ends early (by cancelling this sleep, and only it)
+            self._sleeper = asyncio.current_task()
             try:
-                await asyncio.wait((sleeping, woken), return_when=asyncio.FIRST_COMPLETED)
+                await self._clock.sleep(pause)
+            except asyncio.CancelledError:
+                if not self._woken or self._sleeper is None or self._sleeper.uncancel() > 0:
+                    raise  # a cancellation of the job itself
             finally:
-                sleeping.cancel()
-                woken.cancel()
-                self._wake = None
+                self._sleeper, self._woken = None, False
         self._resumed = self._clock.monotonic()
