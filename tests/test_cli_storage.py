@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import signedjson.key
 import signedjson.sign
@@ -326,10 +327,12 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
                 assert await fresh.mxids([h_before, h_after]) == {h_before: "@d:hs.test", h_after: "@e:hs.test"}
 
             # Every hash and address under one key: the full hashes and addresses still decide.
-            from sydent_lite.services import lookup_index
+            from sydent_lite.services import filter_keys, lookup_index
 
-            real_keys, real_local = lookup_index._keys, lookup_index._local_keys
-            lookup_index._keys = lookup_index._local_keys = lambda values: (1 for _ in values)
+            monkeypatch = pytest.MonkeyPatch()
+            monkeypatch.setattr(filter_keys.HashKeys, "__call__", lambda self, values: np.ones(len(values), np.uint32))
+            for name in ("_threepid_keys", "_local_keys"):
+                monkeypatch.setattr(lookup_index, name, lambda values: (1 for _ in values))
             try:
                 colliding = new_index(database, store, tmp_path / "colliding")  # not the others' snapshots
                 await colliding.load()
@@ -348,7 +351,7 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
                 assert await colliding.mxids([h_before, h_after, unknown]) == {h_before: "@d:hs.test"}
                 assert await colliding.mxids_by_address("email", both) == {both[0]: "@d:hs.test"}
             finally:
-                lookup_index._keys, lookup_index._local_keys = real_keys, real_local
+                monkeypatch.undo()
         finally:
             await database.dispose()
 

@@ -14,9 +14,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import random
 import re
 import signal
 import threading
+import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from test_workers import WorkersServer, child_pids
 from sydent_lite.clock import SYSTEM_CLOCK
 from sydent_lite.config import config_from_dict
 from sydent_lite.services import lookup_index
+from sydent_lite.services.filter_keys import HashKeys
 from sydent_lite.services.hashing import lookup_hash
 from sydent_lite.services.index_builder import ProcessBuilder
 from sydent_lite.services.index_snapshot import IndexSnapshots
@@ -59,6 +63,16 @@ def new_index(database: Database, store: AssociationStore, directory: Path, pepp
     return LookupIndex(AssociationChangeStore(database), store, confirmer)
 
 
+async def migrated_with_bindings(database: Database, count: int) -> tuple[AssociationStore, dict[str, str]]:
+    """The schema, and `count` addresses bound (address -> mxid), through the project's store."""
+    await migrate(database)
+    store = AssociationStore(database)
+    bound = {f"u{i}@example.test": f"@u{i}:hs.test" for i in range(count)}
+    for address, mxid in bound.items():
+        await store.upsert(stored(address, mxid))
+    return store, bound
+
+
 def snapshot_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("index-*.snap"))
 
@@ -78,11 +92,7 @@ def test_a_damaged_or_foreign_snapshot_is_never_used_and_is_rebuilt(
     async def run() -> None:
         database = open_database(database_url)
         try:
-            await migrate(database)
-            store = AssociationStore(database)
-            bound = {f"u{i}@example.test": f"@u{i}:hs.test" for i in range(50)}
-            for address, mxid in bound.items():
-                await store.upsert(stored(address, mxid))
+            store, bound = await migrated_with_bindings(database, 50)
             unbound = [f"nobody{i}@example.test" for i in range(50)]
             first = new_index(database, store, directory)
             await first.load()
@@ -155,11 +165,7 @@ def test_a_new_snapshot_is_written_when_changes_pile_up_and_every_index_switches
     async def run() -> None:
         database = open_database(database_url)
         try:
-            await migrate(database)
-            store = AssociationStore(database)
-            bound = {f"u{i}@example.test": f"@u{i}:hs.test" for i in range(20)}
-            for address, mxid in bound.items():
-                await store.upsert(stored(address, mxid))
+            store, bound = await migrated_with_bindings(database, 20)
             a, b = new_index(database, store, directory), new_index(database, store, directory)
             await a.load()
             await b.load()
@@ -333,11 +339,7 @@ def test_a_builder_process_writes_the_snapshot_and_the_index_maps_it(
     async def run() -> None:
         database = open_database(database_url)
         try:
-            await migrate(database)
-            store = AssociationStore(database)
-            bound = {f"u{i}@example.test": f"@u{i}:hs.test" for i in range(30)}
-            for address, mxid in bound.items():
-                await store.upsert(stored(address, mxid))
+            store, bound = await migrated_with_bindings(database, 30)
             builds: list[int] = []
 
             def build_here(held: Any) -> Any:
@@ -409,3 +411,91 @@ def test_a_paced_builder_process_goes_flat_out_once_hurried(database_url: str, t
             await database.dispose()
 
     asyncio.run(run())
+
+
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def forge_crc32(target: str, rng: random.Random) -> str:
+    """Another 43-character ASCII string with `target`'s CRC-32, as anyone can make one (CRC-32
+    is affine over GF(2)): 33 characters at random, then the low four bits of ten '@'s set to
+    solve the 32 linear equations."""
+    free = [(33 + i, bit) for i in range(10) for bit in range(4)]
+    base = bytearray("".join(rng.choice(_B64) for _ in range(33)).encode() + b"@" * 10)
+    c0 = zlib.crc32(bytes(43))
+    basis: dict[int, tuple[int, int]] = {}  # leading bit -> (vector, which free bits make it)
+    for j, (pos, bit) in enumerate(free):
+        unit = bytearray(43)
+        unit[pos] = 1 << bit
+        vector, made_of = zlib.crc32(unit) ^ c0, 1 << j
+        while vector:
+            top = vector.bit_length() - 1
+            if top not in basis:
+                basis[top] = (vector, made_of)
+                break
+            vector, made_of = vector ^ basis[top][0], made_of ^ basis[top][1]
+    want, made_of = zlib.crc32(target.encode()) ^ zlib.crc32(bytes(base)), 0
+    while want:
+        vector, bits = basis[want.bit_length() - 1]
+        want, made_of = want ^ vector, made_of ^ bits
+    for j, (pos, bit) in enumerate(free):
+        if made_of >> j & 1:
+            base[pos] ^= 1 << bit
+    return base.decode("ascii")
+
+
+def test_made_up_hashes_do_not_all_pass_a_shared_filter(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attack: hashes made to share a bound hash's CRC-32 (the pepper is public, so anyone
+    knows a bound person's hash). Under CRC-32 keys, which a shared index's hash filter had,
+    every one of them passed and cost a confirmation. Keyed (services.filter_keys), as many
+    pass as of any other misses: a few."""
+    rng = random.Random(18)
+
+    async def run() -> None:
+        database = open_database(database_url)
+        try:
+            store, bound = await migrated_with_bindings(database, 50)
+            index = new_index(database, store, tmp_path / "snapshots")
+            await index.load()
+            assert index._held.snapshot is not None  # the shared kind: mapped from a snapshot
+            targets = [lookup_hash(a, "email", PEPPER) for a in bound]
+            made_up = [forge_crc32(targets[i % len(targets)], rng) for i in range(1000)]
+            assert all(
+                zlib.crc32(m.encode()) == zlib.crc32(t.encode()) for m, t in zip(made_up, targets * 20, strict=True)
+            )
+            assert not set(made_up) & set(targets)
+            # Against a filter keyed by CRC-32 the attack works: every one says "maybe".
+            crc_filter = lookup_index.SlotFilter(lookup_index._crc_keys(targets), len(targets))
+            assert all(crc_filter.maybe(lookup_index._crc_keys(made_up)))
+            confirmed: list[str] = []
+            confirm = index._held.confirmer.confirm_hashes
+
+            async def counting(candidates: Sequence[str]) -> dict[str, str]:
+                confirmed.extend(candidates)
+                return await confirm(candidates)
+
+            monkeypatch.setattr(index._held.confirmer, "confirm_hashes", counting)
+            assert await index.mxids(made_up) == {}
+            assert len(confirmed) < 50, len(confirmed)
+            assert await index.mxids(targets[:5]) == {t: bound[a] for t, a in zip(targets[:5], bound, strict=False)}
+        finally:
+            await database.dispose()
+
+    asyncio.run(run())
+
+
+def test_hash_keys_are_the_same_however_a_hash_arrives() -> None:
+    """One secret, one key per string: in a list of regular hashes, beside odd strings (keyed
+    one by one), in a snapshot's process or another; another secret keys differently."""
+    keys = HashKeys.random()
+    regular = [lookup_hash(f"u{i}@example.test", "email", PEPPER) for i in range(100)]
+    odd = ["short", "x" * 44, "é" * 43, "\ud800" * 43, ""]
+    alone = keys(regular).tolist()
+    mixed = keys([*odd[:2], *regular[:50], *odd[2:], *regular[50:]]).tolist()
+    assert mixed[2:52] + mixed[55:] == alone
+    assert mixed[:2] + mixed[52:55] == [keys([o]).tolist()[0] for o in odd]
+    assert HashKeys(keys.secret)(regular).tolist() == alone
+    assert sum(a == b for a, b in zip(HashKeys.random()(regular).tolist(), alone, strict=True)) < 3
+    assert keys([]).tolist() == []

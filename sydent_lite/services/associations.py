@@ -147,5 +147,5 @@ class AssociationService:
             address, sep, medium = query.rpartition(" ")
             if sep and address:
                 by_hash[lookup_hash(address, medium, pepper)] = query
-        found = await index.mxids(by_hash)
+        found = await index.mxids(list(by_hash))
         return {by_hash[h]: mxid for h, mxid in found.items()}

@@ -17,7 +17,9 @@ lookup hash with its Matrix ID.
 
 Layout (little-endian): the header (`_HEADER`), then the sections in `SECTIONS` order, each
 padded to 8 bytes: the two slot filters, then the mxid table's keys, mxids, ends, ids, slots
-(services.mxid_table) and its few odd entries as JSON.
+(services.mxid_table) and its few odd entries as JSON, then the secret the hash filter is
+keyed with (services.filter_keys: every process probing the filter keys as its writer did;
+the file is private anyway).
 """
 
 from __future__ import annotations
@@ -39,15 +41,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from sydent_lite.services.filter_keys import SECRET_SIZE
 from sydent_lite.services.pacing import Pace
 
 logger = logging.getLogger(__name__)
 
 MAGIC = b"SLLIDX\0\0"
 # 2: the flags word (which filters pack a bit a slot; services.lookup_index.SlotFilter); 3: a
-# packed filter's bit is the key's top three bits (2 never left a development branch).
-VERSION = 3
-SECTIONS = ("hash_filter", "threepid_filter", "keys", "mxids", "ends", "ids", "slots", "odd")
+# packed filter's bit is the key's top three bits (2 never left a development branch); 4: the
+# hash filter's key secret (services.filter_keys), slots in keys' top bits, bits in their low.
+VERSION = 4
+SECTIONS = ("hash_filter", "threepid_filter", "keys", "mxids", "ends", "ids", "slots", "odd", "hash_key")
 # magic, version, slot, fingerprint, last_id, written_ms, live, hash_count, threepid_count,
 # the sections' lengths, the body's CRC-32, flags.
 _HEADER = struct.Struct("<8sII32sQQQQQ" + "Q" * len(SECTIONS) + "II")
@@ -350,6 +354,7 @@ def _shaped_right(s: Snapshot) -> bool:
         and len(sec["ids"]) == rows
         and len(sec["keys"]) == 43 * rows
         and (rows == 0 or sec["ends"][rows - 1] == len(sec["mxids"]))
+        and len(sec["hash_key"]) == SECRET_SIZE
     )
 
 

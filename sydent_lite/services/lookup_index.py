@@ -16,11 +16,12 @@ What is held: two slot filters (one-hash Bloom filters), one of lookup hashes (v
 one of (medium, address) pairs (v1 bulk_lookup, which would otherwise SHA-256 every pair it is
 asked about), 32 slots per association each, rounded up to a power of two: a byte a slot up to
 64 Mi slots (100,000: 8 MiB for both), a bit a slot above (10,000,000: 128 MiB for both, not 1
-GiB; the probe costs ~2x as much, which at that size the memory is worth). A slot only says
-"maybe": the candidates (the hits, plus ~3% of the misses) are confirmed by their full lookup
-hash or address, so neither a shared nor a stale slot can ever answer wrongly. Slots are not
-cleared when an association goes (another may share the slot); removals are counted and the
-filters rebuilt when they pile up or the filters get crowded.
+GiB; at 10,000,000 on PostgreSQL a lookup with bit slots answered ~12% fewer a second than with
+bytes, which at that size the memory is worth). A slot only says "maybe": the candidates (the
+hits, plus ~3% of the misses) are confirmed by their full lookup hash or address, so neither a
+shared nor a stale slot can ever answer wrongly. Slots are not cleared when an association goes
+(another may share the slot); removals are counted and the filters rebuilt when they pile up or
+the filters get crowded.
 
 Where candidates are confirmed (services.lookup_confirmers, chosen at start): on SQLite, by
 an indexed read of the in-process database; on PostgreSQL, by an exact in-memory table of
@@ -56,15 +57,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import operator
 import zlib
-from collections import deque
-from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import compress, islice, repeat
 
+import numpy as np
+
 from sydent_lite.clock import SYSTEM_CLOCK, Clock
 from sydent_lite.memory import release_free_memory
+from sydent_lite.services.filter_keys import FilterKeyArray, HashKeys
 from sydent_lite.services.index_snapshot import IndexSnapshots, Snapshot, SnapshotContents, odd_section, read_odd
 from sydent_lite.services.lookup_confirmers import CandidateConfirmer, row_hash
 from sydent_lite.services.mxid_table import MxidTable, TableBuffers
@@ -84,9 +86,9 @@ SLOTS_PER_KEY = 32
 MIN_SLOTS = 1 << 16
 # Above this many slots a filter packs eight to a byte (services.lookup_index's docstring).
 MAX_BYTE_SLOTS = 1 << 26
-# A packed filter's bit is the key's top three bits: its bytes are at most 2**29.
+# A packed filter's bit is the key's low three bits, its byte the other 29: at most 2**29 bytes.
 MAX_SLOTS = 1 << 32
-_BIT = bytes(1 << i for i in range(8))
+_BIT = np.array([1 << i for i in range(8)], dtype=np.uint8)
 # The association id of the log's marker row for a TRUNCATE (migration 0005): no row has it.
 TRUNCATED = 0
 # A load beside the one answering (a rebuild; an upcoming pepper's) is at work at most this
@@ -100,109 +102,121 @@ MAX_CHANGED = 20_000
 SNAPSHOT_MAX_AGE_MS = KEEP_CHANGES_MS // 3
 
 
-def _keys(values: Iterable[str]) -> Iterator[int]:
-    """The index key of each lookup hash: the CRC-32 of its bytes (the same in every process,
-    for the shared snapshots). In C: no Python code runs per value. surrogatepass: a lookup may
-    carry any JSON string, lone surrogates too; they must not raise here."""
+def _crc_keys(values: Iterable[str]) -> Iterator[int]:
+    """CRC-32 of each value's bytes (the same in every process, for the shared snapshots). In
+    C: no Python code runs per value. surrogatepass: a lookup may carry any JSON string, lone
+    surrogates too; they must not raise here."""
     return map(zlib.crc32, map(str.encode, values, repeat("utf-8"), repeat("surrogatepass")))
 
 
 def _threepid_keys(pairs: Iterable[tuple[str, str]]) -> Iterator[int]:
-    """The index key of each (medium, address): the CRC-32 of "medium\0address"."""
-    return _keys(map("\0".join, pairs))
+    """The index key of each (medium, address) in a shared index: the CRC-32 of
+    "medium\0address"."""
+    return _crc_keys(map("\0".join, pairs))
 
 
 _LOW32 = 0xFFFFFFFF
 
 
-def _local_keys(values: Iterable[Hashable]) -> Iterator[int]:
-    """The index key of each value (a lookup hash, or a (medium, address) pair) in an index no
-    other process reads (SQLite's; snapshots off): Python's hash, cut to 32 bits as CRC-32's.
-    ~4x cheaper than the CRC-32 of the encoded value (a string from JSON is hashed once, in C),
-    and keyed (SipHash, a random key per process): nobody can make up values that all pass
-    the filter, as CRC-32's linearity lets anyone do."""
-    return map(_LOW32.__and__, map(hash, values))
+def _local_keys(pairs: Iterable[tuple[str, str]]) -> Iterator[int]:
+    """The index key of each (medium, address) in an index no other process reads (SQLite's;
+    snapshots off): Python's hash, cut to 32 bits as CRC-32's. ~4x cheaper than the CRC-32 of
+    the encoded pair, and keyed (SipHash, a random key per process): nobody can make up pairs
+    that all pass the filter, as CRC-32's linearity lets anyone do."""
+    return map(_LOW32.__and__, map(hash, pairs))
 
 
 @dataclass(frozen=True)
 class _Keys:
     """How an index keys its filters: fixed for its life (a filter probed by another key
-    function would say "no" wrongly)."""
+    function would say "no" wrongly). Lookup hashes: keyed with the index's own secret
+    (services.filter_keys; a snapshot carries it). (medium, address) pairs: by `_local_keys`,
+    or, in a shared index, `_threepid_keys` (unkeyed: left so, see docs/design.md)."""
 
-    hashes: Callable[[Iterable[str]], Iterator[int]]
+    hashes: HashKeys
     threepids: Callable[[Iterable[tuple[str, str]]], Iterator[int]]
 
 
-def _shared_keys() -> _Keys:
-    return _Keys(_keys, _threepid_keys)
+def _shared_keys(secret: bytes | None = None) -> _Keys:
+    return _Keys(HashKeys(secret) if secret is not None else HashKeys.random(), _threepid_keys)
 
 
 def _own_keys() -> _Keys:
-    return _Keys(_local_keys, _local_keys)
+    return _Keys(HashKeys.random(), _local_keys)
 
 
 class SlotFilter:
-    """A one-hash Bloom filter: a set of keys (32-bit) that may say "maybe" wrongly
-    but never "no" wrongly. Small ones hold a byte a slot, the slot being the key's low bits
-    (one C-level index per probe). Large ones (`packed`) hold a bit a slot, 8x smaller: the
-    byte is the key's low bits, the bit in it the key's top three (so the probe needs no
-    shift of the index, and no second list: ~120 us less per 1,000 keys than byte, bit =
-    slot >> 3, slot & 7). 100,000 keys take 4 MiB here; a Python set of them took 7 MiB (an
-    int object and a 16-byte entry each, in a table kept 40% empty)."""
+    """A one-hash Bloom filter: a set of 32-bit keys that may say "maybe" wrongly but never
+    "no" wrongly. Small ones hold a byte a slot, the slot being the key's top bits. Large ones
+    (`packed`) hold a bit a slot, 8x smaller: the byte is the key's top bits, the bit in it
+    the key's low three. Probed and filled a whole batch of keys at a time, with numpy: one
+    gather for 1,000 keys, not a Python call each. 100,000 keys take 4 MiB here; a Python
+    set of them took 7 MiB (an int object and a 16-byte entry each, in a table kept 40% empty)."""
 
-    def __init__(self, keys: Iterable[int], expected: int) -> None:
+    def __init__(self, keys: Iterable[int] | FilterKeyArray, expected: int) -> None:
         size = MIN_SLOTS
         while size < expected * SLOTS_PER_KEY and size < MAX_SLOTS:
             size *= 2
         self.packed = size > MAX_BYTE_SLOTS
         self.size = size
         self.slots: bytearray | memoryview = bytearray(size // 8 if self.packed else size)
-        self._mask = len(self.slots) - 1
+        self._set_view()
         self.count = 0
         # A mapped filter's keys added since (see mapped): their slots, or for a packed one
         # their bytes (a byte's other bits then say "maybe" too: never a wrong "no").
         self.added: set[int] | None = None
+        self._added_sorted: FilterKeyArray | None = None  # `added` as an array, for the probe
         self.add(keys)
+
+    def _set_view(self) -> None:
+        self._view = np.frombuffer(self.slots, dtype=np.uint8)
+        # Top bits of a 32-bit key: as many as index a byte.
+        self._shift = 32 - (len(self.slots).bit_length() - 1)
 
     @classmethod
     def mapped(cls, slots: memoryview, count: int, packed: bool) -> SlotFilter:
         """A filter over the read-only slots of a snapshot: keys added later go to `added`."""
         mapped = cls((), 0)
         mapped.slots, mapped.count, mapped.added, mapped.packed = slots, count, set(), packed
-        mapped._mask = len(slots) - 1
+        mapped._set_view()
         mapped.size = len(slots) * (8 if packed else 1)
         return mapped
 
-    def add(self, keys: Iterable[int]) -> None:
+    def add(self, keys: Iterable[int] | FilterKeyArray) -> None:
+        if isinstance(keys, np.ndarray):
+            self._add(keys)
+            return
         # In chunks: a list of a million slot numbers was ~40 MiB at the peak of a load.
         keys = iter(keys)
         while chunk := list(islice(keys, 65_536)):
-            where = list(map(self._mask.__and__, chunk))
-            if self.added is not None:
-                self.added.update(where)
-            elif self.packed:
-                held = self.slots
-                for byte, key in zip(where, chunk, strict=True):
-                    held[byte] |= _BIT[key >> 29]
-            else:
-                deque(map(self.slots.__setitem__, where, repeat(1)), maxlen=0)
-            self.count += len(where)
+            self._add(np.array(chunk, dtype=np.uint32))
 
-    def maybe(self, keys: Iterable[int]) -> Iterator[int]:
-        """For each key, nonzero if it may be held, 0 if it certainly is not."""
-        if not self.added and not self.packed:
-            return map(self.slots.__getitem__, map(self._mask.__and__, keys))
-        if self.packed:
-            keys = list(keys)
-            where = list(map(self._mask.__and__, keys))
-            bits = map(_BIT.__getitem__, map(operator.rshift, keys, repeat(29)))
-            found: Iterator[int] = map(operator.and_, map(self.slots.__getitem__, where), bits)
+    def _add(self, keys: FilterKeyArray) -> None:
+        where = keys >> self._shift
+        if self.added is not None:
+            self.added.update(where.tolist())
+            self._added_sorted = None
+        elif self.packed:
+            np.bitwise_or.at(self._view, where, _BIT[keys & 7])  # .at: repeated bytes get every bit
         else:
-            where = list(map(self._mask.__and__, keys))
-            found = map(self.slots.__getitem__, where)
-        if not self.added:
-            return found
-        return map(operator.or_, found, map(self.added.__contains__, where))
+            self._view[where] = 1
+        self.count += len(keys)
+
+    def maybe(self, keys: Iterable[int] | FilterKeyArray) -> list[bool]:
+        """For each key, True if it may be held, False if it certainly is not."""
+        if not isinstance(keys, np.ndarray):
+            keys = np.fromiter(keys, dtype=np.uint32)
+        where = keys >> self._shift
+        held = self._view[where]
+        if self.packed:
+            held &= _BIT[keys & 7]
+        found = held.astype(bool)
+        if self.added:
+            if self._added_sorted is None:
+                self._added_sorted = np.array(sorted(self.added), dtype=np.uint32)
+            found |= np.isin(where, self._added_sorted)
+        result: list[bool] = found.tolist()
+        return result
 
     @property
     def crowded(self) -> bool:
@@ -342,7 +356,7 @@ class LookupIndex:
             SlotFilter.mapped(sec["hash_filter"], snapshot.hash_count, snapshot.hash_filter_packed),
             SlotFilter.mapped(sec["threepid_filter"], snapshot.threepid_count, snapshot.threepid_filter_packed),
             self._held.confirmer.holding(table),
-            _shared_keys(),
+            _shared_keys(bytes(sec["hash_key"])),
             snapshot.last_id,
             snapshot=snapshot,
             base_id=snapshot.last_id,
@@ -363,7 +377,17 @@ class LookupIndex:
             held.threepids.count,
             held.hashes.packed,
             held.threepids.packed,
-            [held.hashes.slots, held.threepids.slots, t.keys, t.mxids, t.ends, t.ids, t.slots, odd_section(t.odd)],
+            [
+                held.hashes.slots,
+                held.threepids.slots,
+                t.keys,
+                t.mxids,
+                t.ends,
+                t.ids,
+                t.slots,
+                odd_section(t.odd),
+                held.keys.hashes.secret,
+            ],
         )
         try:
             path = await asyncio.to_thread(snapshots.write, contents)
@@ -438,7 +462,7 @@ class LookupIndex:
             await self._apply_changes(self._held)
             self._polls_done = self._polls_started
 
-    async def mxids(self, hashes: Collection[str]) -> dict[str, str]:
+    async def mxids(self, hashes: Sequence[str]) -> dict[str, str]:
         """lookup hash -> mxid for the bound ones among `hashes` (call catch_up first)."""
         held = self._held
         # Most hashes are of people who are not bound: sort them out without a Python loop.
