@@ -11,12 +11,15 @@ pepper, a key file the service user cannot read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -84,6 +87,13 @@ def sydent_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "sydent"
     shutil.copytree(FIXTURES, folder)
     return folder
+
+
+def fixture_age_seconds(folder: Path) -> int:
+    """How long ago the real Sydent wrote the fixture's newest validation session."""
+    with contextlib.closing(sqlite3.connect(folder / "sydent.db")) as conn:
+        (newest_ms,) = conn.execute("SELECT MAX(mtime) FROM threepid_validation_sessions").fetchone()
+    return max(0, int(time.time() - newest_ms / 1000))
 
 
 def cli(*args: str, cwd: Path | None = None, user: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -191,6 +201,8 @@ def test_one_command_then_serve_as_sydent(db_factory, smtp_sink, homeserver, tmp
         "listen": {"trusted_proxies": []},
         "metrics": {"enabled": False},
         "rate_limits": {"enabled": False},
+        # The fixture's sessions are as old as the fixture: a lifetime that still covers them.
+        "sessions": {"lifetime_seconds": fixture_age_seconds(folder) + 86_400},
         "email": {"smtp": {"host": "127.0.0.1", "port": smtp_sink.port}},
         "federation": {"ip_blocklist": written["federation"]["ip_blocklist"], "ip_allowlist": ["127.0.0.0/8"]},
         "sms": {"provider": "file", "outbox": str(tmp_path / "sms")},
