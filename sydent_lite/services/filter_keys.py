@@ -60,10 +60,12 @@ class HashKeys:
             return self._of_joined(joined.encode("ascii"), n)
         # Some of another shape: the rest keyed together all the same, those one by one.
         keys = np.empty(n, dtype=np.uint32)
-        regular = [i for i, h in enumerate(hashes) if len(h) == HASH_SIZE and h.isascii()]
+        regular: list[int] = []
+        odd: list[int] = []
+        for i, h in enumerate(hashes):
+            (regular if len(h) == HASH_SIZE and h.isascii() else odd).append(i)
         if regular:
             keys[regular] = self._of_joined("".join(hashes[i] for i in regular).encode("ascii"), len(regular))
-        odd = sorted(set(range(n)).difference(regular))
         keys[odd] = [self._odd(hashes[i]) for i in odd]
         return keys
 
