@@ -504,3 +504,25 @@ def test_the_limits_hold_in_worker_processes(start_server: ServerFactory) -> Non
         expect_refusal(sock, 431)
     with normal_client(server) as client:
         assert client.get(V2).status_code == 200
+
+
+def test_pipelined_requests_are_answered_whole_and_in_order(start_server: ServerFactory) -> None:
+    # Three requests in one send, the last asking to close: each answer whole, in order (the
+    # transport holds a turn's writes and sends them together: http.coalescing), and the
+    # closing answer is sent before the close, not dropped with it.
+    server = start_server()
+    with connect(server.port) as sock:
+        sock.sendall(
+            b"GET /_matrix/identity/v2 HTTP/1.1\r\nHost: id.test\r\n\r\n"
+            b"GET /_matrix/identity/v2/nothing-here HTTP/1.1\r\nHost: id.test\r\n\r\n"
+            b"GET /_matrix/identity/api/v1/pubkey/ed25519:0 HTTP/1.1\r\nHost: id.test\r\nConnection: close\r\n\r\n"
+        )
+        raw = read_until_closed(sock)
+    answers = [b"HTTP/1.1 " + part for part in raw.split(b"HTTP/1.1 ")[1:]]
+    assert len(answers) == 3, raw
+    parsed = [parse_response(a) for a in answers]
+    assert [status for status, _, _ in parsed] == [200, 404, 200]
+    assert parsed[0][2] == {}
+    assert parsed[1][2] is not None and parsed[1][2]["errcode"] == "M_UNRECOGNIZED"
+    assert parsed[2][2] is not None and parsed[2][2]["public_key"]
+    assert b"connection: close" in parsed[2][1].lower()

@@ -53,6 +53,7 @@ from uvicorn.server import ServerState
 
 from sydent_lite.config import ConfigError, ListenConfig
 from sydent_lite.errors import ErrorCode
+from sydent_lite.http.coalescing import CoalescingTransport
 from sydent_lite.http.file_limit import connections_that_fit, raise_file_limit
 
 logger = logging.getLogger(__name__)
@@ -361,7 +362,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._special = 0
         # Waiting for the first request, since the accept (the TLS handshake counts in it).
         self._seen_phase, self._seen_of = _IDLE, None
-        HttpToolsProtocol.connection_made(self, transport)
+        # A response's head and body in one send (http.coalescing).
+        HttpToolsProtocol.connection_made(self, CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._closed:
