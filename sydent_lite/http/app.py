@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 
 from starlette.datastructures import State
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from sydent_lite.config import Config
 from sydent_lite.context import AppContext, build_context
 from sydent_lite.errors import ErrorCode, MatrixError
 from sydent_lite.http.client_ip import scope_client_ip
+from sydent_lite.http.json_codec import JSONResponse
 from sydent_lite.http.routes import Endpoint, Route, all_routes
 from sydent_lite.memory import release_free_memory
 from sydent_lite.observability import metrics

@@ -17,11 +17,12 @@ import socket
 
 import uvicorn
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from sydent_lite.config import InternalApiConfig
 from sydent_lite.context import AppContext
 from sydent_lite.errors import invalid_param
+from sydent_lite.http.json_codec import JSONResponse
 from sydent_lite.http.request import read_body, require_fields, require_str
 from sydent_lite.http.routes import Route
 from sydent_lite.observability import multiprocess_dir

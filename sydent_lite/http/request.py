@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 from urllib.parse import parse_qsl
@@ -10,6 +9,7 @@ from urllib.parse import parse_qsl
 from starlette.requests import ClientDisconnect, Request
 
 from sydent_lite.errors import ErrorCode, MatrixError, invalid_param, missing_params
+from sydent_lite.http import json_codec
 from sydent_lite.secrets_util import OPAQUE_ID_RE
 
 # Every endpoint's body cap but the lookups' (sized from lookup.max_addresses: routes/lookup.py).
@@ -77,7 +77,7 @@ async def read_body(
             return {}
         raise MatrixError(400, ErrorCode.NOT_JSON, "Request body must be a JSON object")
     try:
-        body = json.loads(raw)
+        body = json_codec.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise MatrixError(400, ErrorCode.NOT_JSON, "Request body is not valid JSON") from None
     except RecursionError:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from sydent_lite.context import AppContext
 from sydent_lite.errors import unauthorized
 from sydent_lite.http.auth import access_token, require_user
 from sydent_lite.http.client_ip import client_ip
+from sydent_lite.http.json_codec import JSONResponse
 from sydent_lite.http.request import read_body, require_fields, require_str
 from sydent_lite.http.routes import Route, versioned
 

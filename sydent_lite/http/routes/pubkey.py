@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from sydent_lite.context import AppContext
 from sydent_lite.errors import ErrorCode, MatrixError
+from sydent_lite.http.json_codec import JSONResponse
 from sydent_lite.http.request import query_params, require_str
 from sydent_lite.http.routes import Route, versioned
 from sydent_lite.secrets_util import secrets_equal

@@ -7,10 +7,11 @@ import logging
 
 from sqlalchemy import text
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from sydent_lite.context import AppContext
 from sydent_lite.errors import ErrorCode
+from sydent_lite.http.json_codec import JSONResponse
 from sydent_lite.http.pages import html_page
 from sydent_lite.http.routes import Route, versioned
 from sydent_lite.templating import LANDING_TEMPLATE

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from sydent_lite.context import AppContext
 from sydent_lite.errors import invalid_param, missing_params
 from sydent_lite.http.auth import require_user
+from sydent_lite.http.json_codec import JSONResponse
 from sydent_lite.http.request import read_body
 from sydent_lite.http.routes import Route, versioned
 

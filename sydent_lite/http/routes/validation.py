@@ -6,12 +6,13 @@ from __future__ import annotations
 from urllib.parse import quote, unquote_plus, urlsplit
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from sydent_lite.context import AppContext
 from sydent_lite.errors import ErrorCode, MatrixError
 from sydent_lite.http.auth import require_user
 from sydent_lite.http.client_ip import client_ip as forwarded_client_ip
+from sydent_lite.http.json_codec import JSONResponse
 from sydent_lite.http.pages import html_page, redirect_from_page
 from sydent_lite.http.request import (
     optional_str,
