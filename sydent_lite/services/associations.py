@@ -95,8 +95,7 @@ class AssociationService:
 
     async def signed_association_json(self, medium: str, address: str) -> str | None:
         """The signed association exactly as stored (JSON text: v1 lookup sends it as is)."""
-        stored = await self._store.get(medium, address)
-        return stored.signed_json if stored else None
+        return await self._store.signed_json(medium, address)
 
     async def bulk_lookup(self, threepids: Sequence[Sequence[str]]) -> list[list[str]]:
         """[medium, address as given] pairs -> [medium, address as given, mxid] of the bound ones.

@@ -79,6 +79,7 @@ class AssociationStore:
         # v1 lookup's hot path.
         where = f"medium = {reader.param(1)} AND address = {reader.param(2)}"
         self._get_sql = f"SELECT {_STORED_COLUMNS} FROM {assoc.name} WHERE {where}"
+        self._signed_json_sql = f"SELECT signed_json FROM {assoc.name} WHERE {where}"
 
     async def upsert(self, a: StoredAssociation) -> None:
         """Insert, or replace the association of that 3PID in one statement (no lost race)."""
@@ -124,6 +125,11 @@ class AssociationStore:
     async def get(self, medium: str, address: str) -> StoredAssociation | None:
         found = await self._reader.first(self._get_sql, (medium, address))
         return StoredAssociation(*found) if found else None
+
+    async def signed_json(self, medium: str, address: str) -> str | None:
+        """The 3PID's signed association as stored (v1 lookup's hot path: one column, no row object)."""
+        found = await self._reader.first(self._signed_json_sql, (medium, address))
+        return found[0] if found else None
 
     async def mxids_by_hash(self, hashes: Sequence[str], slot: int = 0) -> dict[str, str]:
         """lookup hash (of hash slot `slot`) -> mxid for the bound ones among `hashes` (the lookup
