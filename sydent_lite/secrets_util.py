@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -16,7 +17,26 @@ OPAQUE_ID_RE = re.compile(r"^[0-9a-zA-Z.=_-]{1,255}$")
 
 
 def random_string(length: int, alphabet: str = _ALPHANUMERIC) -> str:
-    return "".join(secrets.choice(alphabet) for _ in range(length))
+    """`length` characters of `alphabet` (ASCII), each uniform and independent, from the OS's
+    CSPRNG: random bytes mapped onto the alphabet by one `translate` (in C), the bytes at or
+    above the largest multiple of its size dropped so that no character is likelier than
+    another. (secrets.choice per character cost ~1 us each: 7% of a requestToken.)"""
+    table, dropped = _byte_map(alphabet)
+    drawn = b""
+    while len(drawn) < length:
+        drawn += secrets.token_bytes(length + 16).translate(table, dropped)
+    return drawn[:length].decode("ascii")
+
+
+@functools.lru_cache(maxsize=16)
+def _byte_map(alphabet: str) -> tuple[bytes, bytes]:
+    """(byte -> character table, the bytes to drop) for `alphabet`."""
+    size = len(alphabet)
+    if not (alphabet.isascii() and 0 < size <= 256 and len(set(alphabet)) == size):
+        raise ValueError("random_string needs up to 256 distinct ASCII characters")
+    keep = 256 - 256 % size
+    table = bytes(ord(alphabet[b % size]) for b in range(256))
+    return table, bytes(range(keep, 256))
 
 
 def hash_secret(value: str) -> str:
