@@ -332,7 +332,7 @@ def test_lookup_index_follows_every_kind_of_write(database_url: str, hold_mxids:
             monkeypatch = pytest.MonkeyPatch()
             monkeypatch.setattr(filter_keys.HashKeys, "__call__", lambda self, values: np.ones(len(values), np.uint32))
             for name in ("_threepid_keys", "_local_keys"):
-                monkeypatch.setattr(lookup_index, name, lambda values: (1 for _ in values))
+                monkeypatch.setattr(lookup_index, name, lambda medium, values: np.ones(len(values), np.uint32))
             try:
                 colliding = new_index(database, store, tmp_path / "colliding")  # not the others' snapshots
                 await colliding.load()

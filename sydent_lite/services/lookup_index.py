@@ -60,7 +60,8 @@ import logging
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import compress, islice, repeat
+from itertools import compress, groupby, islice, repeat
+from operator import itemgetter
 
 import numpy as np
 
@@ -109,21 +110,23 @@ def _crc_keys(values: Iterable[str]) -> Iterator[int]:
     return map(zlib.crc32, map(str.encode, values, repeat("utf-8"), repeat("surrogatepass")))
 
 
-def _threepid_keys(pairs: Iterable[tuple[str, str]]) -> Iterator[int]:
+def _threepid_keys(medium: str, addresses: Sequence[str]) -> FilterKeyArray:
     """The index key of each (medium, address) in a shared index: the CRC-32 of
     "medium\0address"."""
-    return _crc_keys(map("\0".join, pairs))
+    return np.fromiter(_crc_keys(map(f"{medium}\0".__add__, addresses)), np.uint32, len(addresses))
 
 
-_LOW32 = 0xFFFFFFFF
-
-
-def _local_keys(pairs: Iterable[tuple[str, str]]) -> Iterator[int]:
+def _local_keys(medium: str, addresses: Sequence[str]) -> FilterKeyArray:
     """The index key of each (medium, address) in an index no other process reads (SQLite's;
-    snapshots off): Python's hash, cut to 32 bits as CRC-32's. ~4x cheaper than the CRC-32 of
-    the encoded pair, and keyed (SipHash, a random key per process): nobody can make up pairs
-    that all pass the filter, as CRC-32's linearity lets anyone do."""
-    return map(_LOW32.__and__, map(hash, pairs))
+    snapshots off): Python's hash of the address, xor the medium's, cut to 32 bits. Keyed
+    (SipHash, a random key per process): nobody can make up pairs that all pass the filter, as
+    CRC-32's linearity lets anyone do. The address's hash alone, not a (medium, address)
+    tuple's: no tuple made and hashed per address (~0.1 of ~0.22 us an address, a tenth of
+    a bulk_lookup's CPU)."""
+    return (np.fromiter(map(hash, addresses), np.int64, len(addresses)) ^ hash(medium)).astype(np.uint32)
+
+
+ThreepidKeys = Callable[[str, Sequence[str]], FilterKeyArray]
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,13 @@ class _Keys:
     or, in a shared index, `_threepid_keys` (unkeyed: left so, see docs/design.md)."""
 
     hashes: HashKeys
-    threepids: Callable[[Iterable[tuple[str, str]]], Iterator[int]]
+    addresses: ThreepidKeys  # (medium, its addresses) -> their keys
+
+    def pairs(self, pairs: Iterable[tuple[str, str]]) -> FilterKeyArray:
+        """The keys of (medium, address) pairs of any media (a scan of the table: long runs of
+        one medium)."""
+        parts = [self.addresses(medium, [a for _, a in run]) for medium, run in groupby(pairs, itemgetter(0))]
+        return np.concatenate(parts) if parts else np.empty(0, np.uint32)
 
 
 def _shared_keys(secret: bytes | None = None) -> _Keys:
@@ -418,7 +427,7 @@ class LookupIndex:
             pace.begin()
         async for batch in confirmer.load(expected):
             hashes.add(keys.hashes(batch.lookup_hashes))
-            threepids.add(keys.threepids(batch.threepids))
+            threepids.add(keys.pairs(batch.threepids))
             if pace is not None:
                 await pace.step(min(0.99, (hashes.count + threepids.count) / (2 * expected)) if expected else 0.0)
         return _Held(hashes, threepids, confirmer, keys, last_id, base_id=last_id)
@@ -444,7 +453,7 @@ class LookupIndex:
         current = await self._associations.index_rows_by_id(present_ids) if present_ids else []
         slot = held.confirmer.slot
         held.hashes.add(held.keys.hashes([row_hash(row, slot) for row in current]))
-        held.threepids.add(held.keys.threepids([(row.medium, row.address) for row in current]))
+        held.threepids.add(held.keys.pairs([(row.medium, row.address) for row in current]))
         held.stale += len(changes) - len(present_ids)
         held.confirmer.apply(changes, current)
 
@@ -475,8 +484,7 @@ class LookupIndex:
         """address -> mxid for the bound ones among `addresses` of `medium`, in their stored
         form (call catch_up first)."""
         held = self._held
-        keys = held.keys.threepids(zip(repeat(medium), addresses))
-        candidates = list(compress(addresses, held.threepids.maybe(keys)))
+        candidates = list(compress(addresses, held.threepids.maybe(held.keys.addresses(medium, addresses))))
         if not candidates:
             return {}
         return await held.confirmer.confirm_addresses(medium, candidates)
