@@ -315,6 +315,12 @@ def test_missing_params_on_authenticated_endpoints(client: httpx.Client, user: U
         (f"{V1}/3pid/bind", {"sid": "abc", "client_secret": "abc", "mxid": 7}),
         (f"{V1}/bulk_lookup", {"threepids": "email a@example.test"}),
         (f"{V1}/bulk_lookup", {"threepids": [["email"]]}),
+        # Pairs whose parts are not both strings, and things of length 2 that are not pairs.
+        (f"{V1}/bulk_lookup", {"threepids": [["email", "a@example.test"], ["email", 5]]}),
+        (f"{V1}/bulk_lookup", {"threepids": [["email", ["a@example.test"]]]}),
+        (f"{V1}/bulk_lookup", {"threepids": [[None, "a@example.test"]]}),
+        (f"{V1}/bulk_lookup", {"threepids": ["ab"]}),
+        (f"{V1}/bulk_lookup", {"threepids": [{"email": 1, "a": 2}]}),
         (
             f"{V2}/account/register",
             {"access_token": "x", "token_type": "Bearer", "matrix_server_name": "not a server!"},

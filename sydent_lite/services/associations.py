@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from itertools import compress
 from operator import itemgetter
 from typing import Any
 
@@ -117,6 +118,11 @@ class AssociationService:
                 found[medium] = await index.mxids_by_address(medium, addresses)
         if not any(found.values()):
             return []
+        if len(found) == 1:
+            # Python code only for the bound ones (~1 in 10): the rest are sorted out in C.
+            ((medium, bound),) = found.items()
+            hits = compress(zip(threepids, stored, strict=True), map(bound.__contains__, stored))
+            return [[medium, a, bound[s]] for (_, a), s in hits]
         return [[m, a, found[m][s]] for (m, a), s in zip(threepids, stored, strict=True) if s in found[m]]
 
     async def hashed_lookup(self, algorithm: str, pepper: str, addresses: list[str]) -> dict[str, str]:

@@ -124,12 +124,13 @@ def _threepid_pairs(value: object, max_addresses: int) -> list[list[str]]:
     """
     if not isinstance(value, list) or not set(map(type, value)) <= {list} or not set(map(len, value)) <= {2}:
         raise invalid_param("'threepids' must be a list of [medium, address] pairs")
-    strings = list(chain.from_iterable(value))
-    if not set(map(type, strings)) <= {str}:
-        raise invalid_param("'threepids' must be a list of [medium, address] pairs")
+    try:
+        joined = "".join(chain.from_iterable(value))  # a TypeError if any is not a string
+    except TypeError:
+        raise invalid_param("'threepids' must be a list of [medium, address] pairs") from None
     if len(value) > max_addresses:
         raise MatrixError(400, ErrorCode.TOO_LARGE, f"At most {max_addresses} threepids per lookup")
-    if is_storable("".join(strings)):
+    if is_storable(joined):
         return value
     # A string no database can hold cannot match a stored one either.
     return [pair for pair in value if is_storable(pair[0]) and is_storable(pair[1])]
