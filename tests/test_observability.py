@@ -467,6 +467,43 @@ def test_access_lines_keep_their_place_among_other_records(installed_logging: No
     assert messages == ["first", "second", "third", "fourth"], stream.getvalue()
 
 
+def test_info_records_join_the_batch_and_a_warning_is_written_at_once(installed_logging: None) -> None:
+    # In a request, INFO lines (access or not) are one write per loop turn; a WARNING writes
+    # what is pending and itself at once (what explains a crash is on disk before it), and
+    # every line keeps its place.
+    stream = io.StringIO()
+    handler = _setup_logging_alone("INFO", "text", stream)
+    writes: list[str] = []
+    write = stream.write
+
+    def recording_write(text: str) -> int:
+        writes.append(text)
+        return write(text)
+
+    stream.write = recording_write  # type: ignore[method-assign]
+    other = logging.getLogger("sydent_lite.other")
+
+    async def in_a_request() -> tuple[str, str]:
+        handler.access("sydent_lite.access", "rid-1", "first")
+        other.info("second")
+        other.info("third %s", "3")
+        batched = stream.getvalue()
+        await asyncio.sleep(0)
+        after_a_turn = stream.getvalue()
+        other.info("fourth")
+        other.warning("fifth")
+        return batched, after_a_turn
+
+    batched, after_a_turn = asyncio.run(in_a_request())
+    assert batched == ""
+    assert [line.rsplit(" ", 1)[-1] for line in after_a_turn.splitlines()] == ["first", "second", "3"]
+    assert writes[0] == after_a_turn  # the three lines in one write
+    messages = [line.rsplit(" ", 1)[-1] for line in stream.getvalue().splitlines()]
+    assert messages == ["first", "second", "3", "fourth", "fifth"], stream.getvalue()
+    other.info("outside a loop")  # no loop to wait for: written at once
+    assert stream.getvalue().endswith("outside a loop\n")
+
+
 def test_no_fast_lane_when_logging_is_set_up_otherwise(installed_logging: None) -> None:
     access = logging.getLogger("sydent_lite.access")
     handler = _setup_logging_alone("INFO", "text", io.StringIO())

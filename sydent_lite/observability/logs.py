@@ -191,8 +191,10 @@ class LogHandler(logging.StreamHandler[TextIO]):
     small request (a LogRecord, two filters, the formatter, a write and a flush each). Access
     lines are made of a route template, a method and a status: nothing to redact. `access()`
     formats them directly and writes them in batches, once per turn of the event loop (or
-    at once, outside one). Any other record first flushes the pending access lines, so lines
-    keep their order.
+    at once, outside one). Other records below WARNING are formatted at once and join the same
+    batch (a requestToken's or store-invite's "sent mail" line was a write and a flush of its
+    own); a WARNING or worse is written at once, after what is pending, so that what explains a
+    crash is on disk before it. Lines keep their order.
     """
 
     terminator = "\n"
@@ -206,7 +208,9 @@ class LogHandler(logging.StreamHandler[TextIO]):
         self._flush_scheduled = False
 
     def access(self, name: str, request_id: str, message: str) -> None:
-        line = self.line_formatter.format_line(time.time(), "INFO", name, request_id, message)
+        self._batch(self.line_formatter.format_line(time.time(), "INFO", name, request_id, message))
+
+    def _batch(self, line: str) -> None:
         with self.lock:  # type: ignore[union-attr]  # never None: Handler.__init__ made it
             self._pending.append(line)
             if self._flush_scheduled:
@@ -237,6 +241,14 @@ class LogHandler(logging.StreamHandler[TextIO]):
             pass
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.WARNING:
+            try:
+                line = self.format(record)
+            except Exception:  # as StreamHandler.emit
+                self.handleError(record)
+                return
+            self._batch(line)
+            return
         if self._pending:
             self.flush_pending()
         super().emit(record)
