@@ -132,7 +132,7 @@ def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-def _serve(cert: trustme.LeafCert) -> Iterator[HttpsServer]:
+def _serve(cert: trustme.LeafCert, handle: Any = None) -> Iterator[HttpsServer]:
     srv = HttpsServer()
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(ctx)
@@ -144,7 +144,8 @@ def _serve(cert: trustme.LeafCert) -> Iterator[HttpsServer]:
         srv.loop = loop
 
         async def start() -> None:
-            srv.server = await asyncio.start_server(lambda r, w: _handle(srv, r, w), "127.0.0.1", 0, ssl=ctx)
+            serve = handle or _handle
+            srv.server = await asyncio.start_server(lambda r, w: serve(srv, r, w), "127.0.0.1", 0, ssl=ctx)
             srv.port = srv.server.sockets[0].getsockname()[1]
             ready.set()
 
@@ -696,3 +697,60 @@ async def test_openid_unreachable_and_refused(fed: FederationClient) -> None:
         await exchange_openid_token(fed, "127.0.0.1:1", "tok")
     with pytest.raises(OpenIdError, match="not allowed"):
         await exchange_openid_token(fed, "10.0.0.1:8448", "tok")
+
+
+# --- a kept connection the server drops -------------------------------------------------------
+
+
+async def _keep_then_drop(srv: HttpsServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers a connection's first request and keeps the connection; drops the second one
+    unanswered, as a server does whose idle timeout ends just as the request arrives."""
+    srv.connections += 1
+    try:
+        for n in (1, 2):
+            head = await reader.readuntil(b"\r\n\r\n")
+            method, target, _ = head.decode("latin-1").split(" ", 2)
+            length = next(
+                (
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                0,
+            )
+            if length:
+                await reader.readexactly(length)
+            srv.requests.append(Seen(method, urlsplit(target).path, {}, {}))
+            if n == 2:
+                return  # closed without an answer
+            body = b'{"ok": true}'
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            await writer.drain()
+    except Exception:
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+def dropping(ca: trustme.CA) -> Iterator[HttpsServer]:
+    yield from _serve(ca.issue_cert("127.0.0.1"), _keep_then_drop)
+
+
+async def test_a_get_the_server_drops_on_a_kept_connection_is_sent_again(dropping: HttpsServer, ca_file: str) -> None:
+    client = FederationClient(loopback_config(ca_file=ca_file))
+    try:
+        for _ in range(3):
+            assert await client.request_json("GET", f"127.0.0.1:{dropping.port}", "/json") == (200, {"ok": True})
+        # Each GET after the first went out on the kept connection, was dropped there, and was
+        # sent again on a new one: five requests, three connections.
+        assert [r.method for r in dropping.requests] == ["GET"] * 5
+        assert dropping.connections == 3
+        # Not a POST: the server may have acted on it before the connection dropped.
+        with pytest.raises(FederationError):
+            await client.request_json("POST", f"127.0.0.1:{dropping.port}", "/json", json_body={})
+        assert [r.method for r in dropping.requests][5:] == ["POST"] and dropping.connections == 3
+    finally:
+        await client.aclose()

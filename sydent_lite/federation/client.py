@@ -40,6 +40,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Upper bound on idle per-destination pools kept around; destinations are user-controlled.
 _MAX_POOLS = 100
+# Sent once more when a kept connection drops them unanswered.
+_IDEMPOTENT = frozenset({"GET", "HEAD"})
 
 
 class OutboundPolicyError(Exception):
@@ -244,16 +246,27 @@ class FederationClient:
         try:
             # httpx timeouts are per read; the outer bound stops a server that drips bytes.
             async with asyncio.timeout(self._config.timeout_seconds):
-                async with pool.client.stream(
-                    method,
-                    url,
-                    params=params,
-                    json=json_body,
-                    headers=request_headers,
-                    extensions={"sni_hostname": target.tls_server_name},
-                ) as response:
-                    status = response.status_code
-                    body = await self._read_capped(response)
+                for attempt in (1, 2):
+                    try:
+                        async with pool.client.stream(
+                            method,
+                            url,
+                            params=params,
+                            json=json_body,
+                            headers=request_headers,
+                            extensions={"sni_hostname": target.tls_server_name},
+                        ) as response:
+                            status = response.status_code
+                            body = await self._read_capped(response)
+                        break
+                    except httpx.RemoteProtocolError:
+                        # A kept connection that the server closed as we sent on it (its idle
+                        # timeout, 5 s on uvicorn and Apache, below our pool's 30 s) drops the
+                        # request unanswered: an idempotent one goes once more, on a new
+                        # connection (an OpenID check failing so was a user's failed sign-up).
+                        if attempt == 2 or method not in _IDEMPOTENT:
+                            raise
+                        logger.debug("federation request %s: connection dropped, sending again", log_target)
         except TimeoutError:
             raise FederationError(f"{log_target}: timed out") from None
         except (httpx.HTTPError, ssl.SSLError, OSError) as exc:
