@@ -303,6 +303,54 @@ def test_redaction_leaves_debug_alone_and_other_text_intact(log_capture: tuple[l
     assert logs.redact(logs.redact("x alice@example.org")) == "x a...@example.org"
 
 
+def test_redaction_skips_only_patterns_that_cannot_match() -> None:
+    # redact() runs a pattern only when its needed substring is present: the result must be
+    # what running every pattern gives, for every kind of line (case, quotes, '=', '@', URLs).
+    def every_pattern(text: str) -> str:
+        for _needs, pattern, replacement in logs._PATTERNS:
+            text = pattern.sub(replacement, text)
+        return text
+
+    import random
+
+    pieces = [
+        "BEARER ",
+        "Bearer ",
+        "bEaReR\t",
+        "syt_abc.def=",
+        "token",
+        "Access_Token",
+        "=",
+        "==x",
+        "&",
+        '"',
+        "'",
+        ":",
+        " : ",
+        "client_secret",
+        "SIG",
+        "code",
+        "42",
+        "@",
+        "x@y.example",
+        "ALICE@MAIL.EXAMPLE.ORG",
+        "://",
+        "postgresql://u:p@h/d",
+        "https://h/p?",
+        "\u212a",
+        "\u017f",
+        "\u0130",
+        "é",
+        " ",
+        "\\",
+    ]
+    rnd = random.Random(18)
+    lines = ["".join(rnd.choice(pieces) for _ in range(rnd.randrange(1, 14))) for _ in range(20_000)]
+    lines += ["Authorization: BEARER TOK", '{"TOKEN": "x"}', "{'Client_Secret': 'y'}", 'x "code": 7']
+    for line in lines:
+        assert logs.redact(line) == every_pattern(line), line
+
+
 def test_request_id_in_every_record(log_capture: tuple[logging.Logger, io.StringIO]) -> None:
     logger, stream = log_capture
     logger.info("outside")

@@ -58,19 +58,27 @@ class RequestIdFilter(logging.Filter):
 REDACTED = "<redacted>"
 # Names whose values are secret: *token, *secret, *password, sig, signature, code (exact word).
 _SECRET_KEY = r"(?:[A-Za-z0-9_-]*(?:token|secret|password|passwd|signature)|sig|code)"
-_PATTERNS: list[tuple[re.Pattern[str], str]] = [
+# Each pattern with the substrings one of which it cannot match without (`needs`, looked for in
+# the text lowered): most lines hold none of them, and a substring test is far cheaper than a
+# pattern's scan (the six scans were 16 us a line, half of what an INFO record cost).
+_PATTERNS: list[tuple[tuple[str, ...], re.Pattern[str], str]] = [
     # scheme://user:password@host
-    (re.compile(r"(://[^/\s:@]+):[^/\s@]+@"), rf"\1:{REDACTED}@"),
+    (("://",), re.compile(r"(://[^/\s:@]+):[^/\s@]+@"), rf"\1:{REDACTED}@"),
     # Authorization: Bearer <token>
-    (re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+"), rf"\1 {REDACTED}"),
+    (("bearer",), re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+"), rf"\1 {REDACTED}"),
     # "client_secret": "..."  /  'token': '...'  (JSON, Python reprs)
-    (re.compile(rf"(?i)([\"'])({_SECRET_KEY})\1(\s*:\s*)([\"'])(?:\\.|(?!\4).)*\4"), rf"\1\2\1\3\4{REDACTED}\4"),
+    (
+        ('"', "'"),
+        re.compile(rf"(?i)([\"'])({_SECRET_KEY})\1(\s*:\s*)([\"'])(?:\\.|(?!\4).)*\4"),
+        rf"\1\2\1\3\4{REDACTED}\4",
+    ),
     # "token": 123456  (a numeric code in JSON)
-    (re.compile(rf"(?i)([\"'])({_SECRET_KEY})\1(\s*:\s*)\d+"), rf"\1\2\1\3{REDACTED}"),
+    (('"', "'"), re.compile(rf"(?i)([\"'])({_SECRET_KEY})\1(\s*:\s*)\d+"), rf"\1\2\1\3{REDACTED}"),
     # access_token=..., client_secret=..., token=..., sig=... (query strings, key=value text)
-    (re.compile(rf"(?i)\b({_SECRET_KEY})=[^&\s\"'<>;,)\]]+"), rf"\1={REDACTED}"),
+    (("=",), re.compile(rf"(?i)\b({_SECRET_KEY})=[^&\s\"'<>;,)\]]+"), rf"\1={REDACTED}"),
     # email addresses: first character and the domain only
     (
+        ("@",),
         re.compile(r"([^\s@<>()\[\]\"',;:=&/?])[^\s@<>()\[\]\"',;:=&/?]*@((?:[\w-]+\.)+[\w-]{2,})"),
         r"\1...@\2",
     ),
@@ -78,8 +86,11 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
 
 
 def redact(text: str) -> str:
-    for pattern, replacement in _PATTERNS:
-        text = pattern.sub(replacement, text)
+    lowered = text.lower()  # no other character matches b, e, a or r case-insensitively
+    for needs, pattern, replacement in _PATTERNS:
+        if any(n in lowered for n in needs):
+            text = pattern.sub(replacement, text)
+            lowered = text.lower()
     return text
 
 
