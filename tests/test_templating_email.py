@@ -23,6 +23,7 @@ from sydent_lite.delivery.email import (
     MaildirEmailSender,
     SmtpEmailSender,
     make_email_sender,
+    wire_size,
 )
 from sydent_lite.resources import migrations_dir, templates_dir
 from sydent_lite.services.invites import redact_address, web_client_base
@@ -381,6 +382,35 @@ async def test_longest_real_values_stay_within_the_line_limit(
     assert max(len(line) for line in raw.split(b"\r\n")) <= 998
     await SmtpEmailSender(smtp_config(port), FROM).send("alice@example.test", raw)
     assert link in parts(parse(handler.received[0][2]))[0]
+
+
+WIRE_CASES = [
+    b"Subject: a\r\n\r\nbody\r\n",
+    b"Subject: a\r\n\r\nno final line ending",
+    b"Subject: a\n\nlone LFs\nonly\n",
+    b"Subject: a\r\n\r\nlone CR\rin a line\r",
+    b"Subject: a\r\n\r\n.a dot\r\n..two\r\n.\r\nmixed\n\r\r\n\n\r",
+    b"",
+]
+
+
+@pytest.mark.parametrize("message", WIRE_CASES)
+def test_wire_size_is_what_data_sends(message: bytes) -> None:
+    from aiosmtplib.protocol import normalize_message_line_endings
+
+    assert wire_size(message) == len(normalize_message_line_endings(message))
+
+
+async def test_smtp_declares_the_size_the_server_receives(smtp_server: tuple[Recorder, int]) -> None:
+    # RFC 1870: MAIL FROM's SIZE is the message as DATA carries it (a server may refuse a
+    # message whose declared size it does not match, or one it wrongly thinks too big).
+    handler, port = smtp_server
+    sender = SmtpEmailSender(smtp_config(port), FROM)
+    for message in WIRE_CASES[:5]:
+        await sender.send("alice@example.test", message)
+        assert handler.mail_options == [f"SIZE={len(handler.received[-1][2])}"], message
+    await sender.aclose()
+    assert len(handler.received) == 5
 
 
 @pytest.mark.parametrize("stage", ["MAIL", "RCPT", "DATA"])

@@ -125,14 +125,32 @@ class SmtpEmailSender(EmailSender):
         return _PooledConnection(client)
 
     async def _transaction(self, conn: _PooledConnection, to_addr: str, message: bytes) -> None:
+        # MAIL, RCPT and DATA as aiosmtplib's sendmail() sends them, minus what it repeats for
+        # one known recipient: it parses both addresses twice and rewrites the message's line
+        # endings twice (profiled: ~6% of a requestToken's CPU).
         client = conn.client
         options: list[str] = []
+        encoding = "ascii"
         # Declare what the message needs so a strict server neither refuses nor mangles it.
         if not (to_addr.isascii() and self._envelope_from.isascii()):
+            if not client.supports_extension("smtputf8"):
+                raise aiosmtplib.SMTPNotSupported("SMTPUTF8 is not supported by this server")
             options.append("SMTPUTF8")
+            encoding = "utf-8"
         if not message.isascii() and client.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
-        await client.sendmail(self._envelope_from, [to_addr], message, mail_options=options)
+        if client.supports_extension("size"):
+            options.insert(0, f"SIZE={wire_size(message)}")
+        try:
+            await client.mail(self._envelope_from, options=options, encoding=encoding)
+            await client.rcpt(to_addr, encoding=encoding)
+            await client.data(message)
+        except aiosmtplib.SMTPResponseException:
+            # Leave the session clean for its next use, as sendmail() does (a refused
+            # connection is closed by send() anyway: a relay that refused may be in any state).
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await client.rset()
+            raise
         conn.sent += 1
 
     def _release(self, conn: _PooledConnection) -> None:
@@ -165,9 +183,8 @@ class SmtpEmailSender(EmailSender):
             sent = True
         except aiosmtplib.SMTPAuthenticationError as e:
             raise EmailSendError(f"SMTP server {where} refused the login ({e.code})") from None
-        except aiosmtplib.SMTPRecipientsRefused as e:
-            codes = ", ".join(str(r.code) for r in e.recipients)
-            raise EmailSendError(f"SMTP server {where} refused the recipient ({codes})") from None
+        except aiosmtplib.SMTPRecipientRefused as e:
+            raise EmailSendError(f"SMTP server {where} refused the recipient ({e.code})") from None
         except aiosmtplib.SMTPResponseException as e:
             # Server texts can echo addresses; the code and the stage are enough to act on.
             raise EmailSendError(f"SMTP server {where} refused the message ({e.code}, {type(e).__name__})") from None
@@ -176,8 +193,8 @@ class SmtpEmailSender(EmailSender):
             # STARTTLS or SMTPUTF8 not offered, an address aiosmtplib cannot send.
             raise EmailSendError(f"cannot send mail through {where}: {type(e).__name__}: {e}") from None
         finally:
-            # A connection that failed is not reused (sendmail has reset a refused envelope,
-            # but a relay that refused once may be in any state); one that worked is kept.
+            # A connection that failed is not reused (a refused envelope has been reset, but
+            # a relay that refused once may be in any state); one that worked is kept.
             if conn is not None:
                 if sent:
                     self._release(conn)
@@ -197,9 +214,15 @@ def _closing(e: aiosmtplib.SMTPException) -> bool:
     """Whether `e` says the connection went or is going away (not that the message was refused)."""
     if isinstance(e, aiosmtplib.SMTPServerDisconnected):
         return True
-    if isinstance(e, aiosmtplib.SMTPRecipientsRefused):
-        return all(r.code == aiosmtplib.SMTPStatus.domain_unavailable for r in e.recipients)
     return isinstance(e, aiosmtplib.SMTPResponseException) and e.code == aiosmtplib.SMTPStatus.domain_unavailable
+
+
+def wire_size(message: bytes) -> int:
+    """The message's size as DATA sends it (RFC 1870: octets, CRLF pairs included, before
+    dot-stuffing): a lone LF or CR is sent as CRLF, and a last line gets its CRLF."""
+    pairs = message.count(b"\r\n")
+    size = len(message) + (message.count(b"\n") - pairs) + (message.count(b"\r") - pairs)
+    return size if message.endswith((b"\n", b"\r")) else size + 2
 
 
 @dataclass
