@@ -20,6 +20,7 @@ import re
 import secrets
 import urllib.parse
 from dataclasses import dataclass, field
+from functools import lru_cache
 from email.generator import BytesGenerator
 from email.header import Header
 from email.utils import formataddr, formatdate, make_msgid, parseaddr
@@ -113,6 +114,8 @@ def fit_line_limit(message: bytes) -> bytes:
     return out.getvalue()
 
 
+# Both are of the configured From (a brand's or the server's): parsed once, not per message.
+@lru_cache(maxsize=64)
 def _from_header(from_: str) -> str:
     # A non-ASCII display name must be RFC 2047-encoded; an ASCII From is used as configured.
     if from_.isascii():
@@ -121,6 +124,7 @@ def _from_header(from_: str) -> str:
     return formataddr((name, addr), charset="utf-8") if addr else from_
 
 
+@lru_cache(maxsize=64)
 def _msgid_domain(from_: str) -> str:
     domain = parseaddr(from_)[1].rpartition("@")[2].strip("<>")
     try:
