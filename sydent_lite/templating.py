@@ -20,10 +20,10 @@ import re
 import secrets
 import urllib.parse
 from dataclasses import dataclass, field
-from functools import lru_cache
 from email.generator import BytesGenerator
 from email.header import Header
 from email.utils import formataddr, formatdate, make_msgid, parseaddr
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
