@@ -78,3 +78,43 @@ def test_bad_bodies_raise_the_stdlibs_errors(raw: bytes) -> None:
 )
 def test_answers_are_starlettes_bytes(content: Any) -> None:
     assert json_codec.JSONResponse(content).body == StarletteJSONResponse(content).body
+
+
+# bulk_lookup's fast path: a body it reads must give exactly the pairs the general path gives;
+# every other body (wrong shapes, unstorable strings, what msgspec refuses) goes to the general
+# path, whose checks give the errors.
+BULK_BODIES = [
+    b'{"threepids": [["email", "a@example.test"], ["msisdn", "447700900001"]]}',
+    b'{"threepids": []}',
+    b'{"extra": {"x": [1]}, "threepids": [["email", "b\\u00e9@example.test"]]}',
+    b'{"threepids": [["email", "x"]], "threepids": [["email", "last@example.test"]]}',  # the last wins
+    b'{"threepids": [["email", "nul\\u0000@example.test"]]}',  # unstorable: the general path drops it
+    b'{"threepids": [["email", "\\ud800@example.test"]]}',
+    b'{"threepids": [["email", "a"], ["email"]]}',
+    b'{"threepids": [["email", "a", "b"]]}',
+    b'{"threepids": [["email", 5]]}',
+    b'{"threepids": null}',
+    b'{"threepids": "email a"}',
+    b'{"threepids": [{"email": "a", "x": "y"}]}',
+    b'{"threepids": [["email", "a"]]} trailing',
+    b"[]",
+    '{"threepids": [["email", "utf16@example.test"]]}'.encode("utf-16"),
+]
+
+
+@pytest.mark.parametrize("raw", BULK_BODIES)
+def test_bulk_lookup_fast_path_reads_only_what_the_general_path_reads_alike(raw: bytes) -> None:
+    from sydent_lite.http.routes.lookup import _threepid_pairs, _well_formed_pairs
+
+    fast = _well_formed_pairs(raw)
+    if fast is None:
+        return  # the general path reads it: tests/test_versions_cors_errors.py, test_bind_lookup.py
+    general = _threepid_pairs(json.loads(raw)["threepids"], 10_000)
+    assert [list(p) for p in fast] == general
+
+
+def test_bulk_lookup_fast_path_leaves_unstorable_and_malformed_bodies_alone() -> None:
+    from sydent_lite.http.routes.lookup import _well_formed_pairs
+
+    taken = [raw for raw in BULK_BODIES if _well_formed_pairs(raw) is not None]
+    assert taken == BULK_BODIES[:4]

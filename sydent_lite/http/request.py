@@ -56,6 +56,15 @@ async def read_body(
 
     allow_empty: no body at all, or the JSON `null`, reads as {} (for endpoints whose clients
     may send every parameter in the query string instead).
+    max_bytes, max_items: as read_raw_body's.
+    """
+    raw = await read_raw_body(request, max_bytes=max_bytes, max_items=max_items)
+    return parse_body(request, raw, allow_form=allow_form, allow_empty=allow_empty)
+
+
+async def read_raw_body(request: Request, *, max_bytes: int = MAX_BODY_BYTES, max_items: int | None = None) -> bytes:
+    """The request's body, unparsed (for an endpoint that parses its own shape first).
+
     max_bytes: the body cap (413 M_TOO_LARGE over it). max_items: with a cap above
     MAX_BODY_BYTES, at most this many array elements and object members in a body larger than
     MAX_BODY_BYTES (400 M_TOO_LARGE, before parsing).
@@ -63,6 +72,11 @@ async def read_body(
     raw = await _read_limited(request, max_bytes)
     if max_items is not None and len(raw) > MAX_BODY_BYTES and _item_bytes(raw) > max_items:
         raise MatrixError(400, ErrorCode.TOO_LARGE, "Request body holds more entries than this endpoint takes")
+    return raw
+
+
+def parse_body(request: Request, raw: bytes, *, allow_form: bool = True, allow_empty: bool = False) -> dict[str, Any]:
+    """`raw` (the request's body) as read_body reads it."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     # As Sydent: a body that looks like JSON is JSON whatever its Content-Type says (curl -d
     # labels everything as a form); only other bodies are read as form fields.

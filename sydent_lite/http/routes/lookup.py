@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import chain
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -11,12 +13,14 @@ from sydent_lite.context import AppContext
 from sydent_lite.errors import ErrorCode, MatrixError, invalid_param
 from sydent_lite.http.auth import require_user
 from sydent_lite.http.client_ip import client_ip
-from sydent_lite.http.json_codec import JSONResponse
+from sydent_lite.http.json_codec import JSONResponse, shape_reader
 from sydent_lite.http.request import (
     MAX_BODY_BYTES,
     is_storable,
+    parse_body,
     query_params,
     read_body,
+    read_raw_body,
     require_fields,
     require_str,
 )
@@ -129,23 +133,50 @@ def _threepid_pairs(value: object, max_addresses: int) -> list[list[str]]:
     except TypeError:
         raise invalid_param("'threepids' must be a list of [medium, address] pairs") from None
     if len(value) > max_addresses:
-        raise MatrixError(400, ErrorCode.TOO_LARGE, f"At most {max_addresses} threepids per lookup")
+        raise _too_many(max_addresses)
     if is_storable(joined):
         return value
     # A string no database can hold cannot match a stored one either.
     return [pair for pair in value if is_storable(pair[0]) and is_storable(pair[1])]
 
 
+class _BulkBody(msgspec.Struct):
+    threepids: list[tuple[str, str]]
+
+
+_read_bulk_body = shape_reader(_BulkBody)
+
+
+def _well_formed_pairs(raw: bytes) -> list[tuple[str, str]] | None:
+    """A bulk_lookup body's pairs when it is exactly a list of [medium, address] string pairs
+    (types and lengths checked as it is parsed), else None: read it the general way. NUL is the
+    one unstorable character msgspec reads (it refuses lone surrogates), always as an escape."""
+    if b"\\u0000" in raw:
+        return None
+    body = _read_bulk_body(raw)
+    return None if body is None else body.threepids
+
+
+def _too_many(max_addresses: int) -> MatrixError:
+    return MatrixError(400, ErrorCode.TOO_LARGE, f"At most {max_addresses} threepids per lookup")
+
+
 async def bulk_lookup(request: Request, ctx: AppContext, v2: bool) -> Response:
     who = _ip(request, ctx)
     await _limit_lookups(ctx, who)
     max_addresses = ctx.config.lookup.max_addresses
-    body = await read_body(
-        request, allow_form=False, max_bytes=lookup_body_limit(max_addresses), max_items=_bulk_items(max_addresses)
-    )
-    require_fields(body, "threepids")
-    pairs = _threepid_pairs(body["threepids"], max_addresses)
-    await _limit_addresses(ctx, who, len(body["threepids"]))  # as asked, before unstorable ones are dropped
+    raw = await read_raw_body(request, max_bytes=lookup_body_limit(max_addresses), max_items=_bulk_items(max_addresses))
+    pairs: Sequence[Sequence[str]] | None = _well_formed_pairs(raw)
+    if pairs is not None:
+        if len(pairs) > max_addresses:
+            raise _too_many(max_addresses)
+        asked = len(pairs)
+    else:
+        body = parse_body(request, raw, allow_form=False)
+        require_fields(body, "threepids")
+        pairs = _threepid_pairs(body["threepids"], max_addresses)
+        asked = len(body["threepids"])
+    await _limit_addresses(ctx, who, asked)  # as asked, before unstorable ones are dropped
     found = await ctx.associations.bulk_lookup(pairs)
     _LOOKUPS_V1_BULK.inc(len(pairs))
     return JSONResponse({"threepids": found})
