@@ -85,9 +85,17 @@ def stored_addresses(medium: str, addresses: Sequence[str]) -> list[str]:
 def casefold_all(addresses: Sequence[str]) -> list[str]:
     """[a.casefold() for a in addresses], in one call: case folding is per character."""
     joined = "\n".join(addresses)
+    if joined.isascii():
+        # ASCII folds as lower() does, which has a fast path casefold() lacks (~6 us against
+        # ~25 for a 1,000-address batch); a batch already folded keeps its own strings.
+        folded = joined.lower()
+        if folded == joined:
+            return list(addresses)
+    else:
+        folded = joined.casefold()
     if joined.count("\n") != len(addresses) - 1:
         return [a.casefold() for a in addresses]
-    return joined.casefold().split("\n") if addresses else []
+    return folded.split("\n") if addresses else []
 
 
 @dataclass(frozen=True)

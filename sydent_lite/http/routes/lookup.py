@@ -151,7 +151,8 @@ def _well_formed_pairs(raw: bytes) -> list[tuple[str, str]] | None:
     """A bulk_lookup body's pairs when it is exactly a list of [medium, address] string pairs
     (types and lengths checked as it is parsed), else None: read it the general way. NUL is the
     one unstorable character msgspec reads (it refuses lone surrogates), always as an escape."""
-    if b"\\u0000" in raw:
+    # The backslash alone first: memchr, where the whole escape's search took ~22 us of a body.
+    if b"\\" in raw and b"\\u0000" in raw:
         return None
     body = _read_bulk_body(raw)
     return None if body is None else body.threepids
