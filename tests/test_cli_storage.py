@@ -497,6 +497,17 @@ def test_a_failed_change_poll_does_not_count_for_the_lookups_waiting_on_it() -> 
     asyncio.run(run())
 
 
+@pytest.mark.parametrize(
+    ("expected", "size"),
+    [(0, 1 << 16), (100_000, 1 << 22), (1_000_000, 1 << 25), (3_000_000, 1 << 27), (10_000_000, 1 << 28)],
+)
+def test_slot_filter_size_is_the_power_of_two_nearest_32_slots_a_key(expected: int, size: int) -> None:
+    # 10,000,000 keys: 2**28 slots (26.8 a key, 32 MiB packed), not 2**29 (64 MiB).
+    from sydent_lite.services.lookup_index import SlotFilter
+
+    assert SlotFilter((), expected).size == size
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["byte-slots", "bit-slots"])
 def test_slot_filter_never_says_no_to_a_key_it_holds(packed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     import random
@@ -519,7 +530,7 @@ def test_slot_filter_never_says_no_to_a_key_it_holds(packed: bool, monkeypatch: 
         return sum(1 for m in f.maybe(others) if m) / len(others)
 
     assert false_share(slot_filter) < 2 * 6000 / slot_filter.size + 0.01  # misses mostly say no
-    assert slot_filter.size >= 3000 * SLOTS_PER_KEY
+    assert slot_filter.size * 2**0.5 >= 3000 * SLOTS_PER_KEY
     # Mapped read-only (a snapshot's section), with keys added beside it: the same answers.
     mapped = SlotFilter.mapped(memoryview(bytes(slot_filter.slots)), slot_filter.count, packed)
     later = [rng.getrandbits(32) for _ in range(500)]
