@@ -6,19 +6,19 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event, exc, text
+from sqlalchemy import Table, event, exc, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from sydent_lite.resources import migrations_dir
 from sydent_lite.storage.inline_sqlite import check_aiosqlite_internals, inline_creator
-from sydent_lite.storage.readers import HotReader, PgReader, SqliteReader
+from sydent_lite.storage.readers import HotReader, PgReader, Row, SqliteReader, sqlite_pragmas
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -72,13 +72,30 @@ class Database:
         """A transaction, committed when the block ends (rolled back if it raises)."""
         return self._begin()
 
-    @asynccontextmanager
-    async def _begin_in_turn(self) -> AsyncIterator[AsyncConnection]:
+    async def write(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        """One statement, committed on its own, below SQLAlchemy (storage.readers: `write`); the
+        rows it returns. `sql` is in the reader's dialect (reader.param, insert_sql)."""
+        if self.dialect != "sqlite":
+            return await self.reader.write(sql, args)
+        async with self._write_lock():
+            return await self.reader.write(sql, args)
+
+    def insert_sql(self, table: Table, columns: Sequence[str], suffix: str = "") -> str:
+        """INSERT INTO table (columns) VALUES (a parameter each), then `suffix`, for `write`."""
+        names = ", ".join(f'"{c}"' for c in columns)
+        marks = ", ".join(self.reader.param(n) for n in range(1, len(columns) + 1))
+        return f"INSERT INTO {table.name} ({names}) VALUES ({marks}){suffix}"
+
+    def _write_lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
         lock = self._write_locks.get(loop)
         if lock is None:
             lock = self._write_locks[loop] = asyncio.Lock()
-        async with lock, self._engine.begin() as conn:
+        return lock
+
+    @asynccontextmanager
+    async def _begin_in_turn(self) -> AsyncIterator[AsyncConnection]:
+        async with self._write_lock(), self._engine.begin() as conn:
             yield conn
 
     async def dispose(self) -> None:
@@ -115,9 +132,8 @@ def open_database(url: str) -> Database:
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             # WAL lets readers go on while a writer commits; foreign keys are off by default.
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            for pragma in sqlite_pragmas(SQLITE_BUSY_TIMEOUT_MS):
+                cur.execute(pragma)
             cur.close()
 
         return Database(engine, SqliteReader(path, SQLITE_BUSY_TIMEOUT_MS))

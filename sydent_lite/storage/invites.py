@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from sqlalchemy import ColumnElement, case, delete, exists, func, select, update
@@ -11,8 +11,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sydent_lite.storage.database import Database
 from sydent_lite.storage.tables import associations, ephemeral_public_keys, invites, onbind_callbacks
-
-_ADD = invites.insert()
 
 
 @dataclass
@@ -130,10 +128,11 @@ async def _claim_into(conn: AsyncConnection, callback_id: int, request: Callback
 class InviteStore:
     def __init__(self, database: Database) -> None:
         self._db = database
+        # One statement that commits on its own: below SQLAlchemy (storage.readers: `write`).
+        self._insert = database.insert_sql(invites, [f.name for f in fields(StoredInvite)])
 
     async def add(self, invite: StoredInvite) -> None:
-        async with self._db.begin() as conn:
-            await conn.execute(_ADD, invite.__dict__)  # built once: store-invite is a hot path
+        await self._db.write(self._insert, list(invite.__dict__.values()))
 
     async def get(self, token: str) -> StoredInvite | None:
         async with self._db.connect() as conn:

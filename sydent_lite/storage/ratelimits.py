@@ -15,14 +15,10 @@ from sydent_lite.token_bucket import refill, take_amount
 logger = logging.getLogger(__name__)
 
 # Built once (building each per call was a tenth of a requestToken's CPU, profiled).
-# A bucket that does not exist yet is created already taken from, in one statement: most
-# per-address keys (requestToken, store-invite) are new each time, and the read and update of
-# an existing bucket were two thirds of a check's cost. RETURNING says whether it was created.
-_CREATE = {
+_ENSURE = {
     name: insert(buckets)
-    .values(key=bindparam("bucket"), tokens=bindparam("left"), updated_ms=bindparam("now"))
+    .values(key=bindparam("bucket"), tokens=bindparam("full"), updated_ms=bindparam("now"))
     .on_conflict_do_nothing()
-    .returning(buckets.c.key)
     for name, insert in INSERT_FOR_DIALECT.items()
 }
 _READ = select(buckets.c.tokens, buckets.c.updated_ms).where(buckets.c.key == bindparam("bucket"))
@@ -38,15 +34,18 @@ PRUNE_INTERVAL_MS = 10 * 60 * 1000
 
 
 class DatabaseRateLimitStore:
-    """Each check is one short transaction on the bucket's row.
+    """Each check is one statement, or one short transaction on the bucket's row.
 
-    INSERT ... ON CONFLICT DO NOTHING creates a new bucket with the take already made (a full
-    bucket, refilled by nothing); when the row exists, PostgreSQL's SELECT ... FOR UPDATE
-    holds it while the new level is written, so concurrent checks from any number of processes
-    queue on the row and none is lost (a concurrent creator's INSERT waits on the key's index
-    entry until the first commits, then finds the row). SQLite: the INSERT opens the write
-    transaction straight away (one writer at a time), so the read and the update that follow
-    cannot interleave with another writer's.
+    A bucket that does not exist yet is created already taken from (a full bucket, refilled by
+    nothing), by one INSERT ... ON CONFLICT DO NOTHING RETURNING that commits on its own
+    (Database.write): most per-address keys (requestToken, store-invite) are new each time,
+    and the transaction that reads and writes an existing bucket cost three times as much.
+    An existing bucket: PostgreSQL's SELECT ... FOR UPDATE holds the row while the new level
+    is written, so concurrent checks from any number of processes queue on the row and none
+    is lost (a concurrent creator's INSERT waits on the key's index entry until the first
+    commits, then finds the row). SQLite: the INSERT (making sure the row is still there: it
+    may have been pruned meanwhile) opens the write transaction straight away (one writer at
+    a time), so the read and the update that follow cannot interleave with another writer's.
     """
 
     def __init__(self, database: Database, horizon_ms: int, clock: Clock = SYSTEM_CLOCK) -> None:
@@ -55,6 +54,9 @@ class DatabaseRateLimitStore:
         # Buckets untouched for this long have refilled completely: deleting them changes nothing.
         self._horizon_ms = horizon_ms
         self._last_prune_ms = 0
+        self._create = database.insert_sql(
+            buckets, ["key", "tokens", "updated_ms"], ' ON CONFLICT ("key") DO NOTHING RETURNING "key"'
+        )
 
     async def take(
         self, key: str, rate_per_second: float, burst: int, want: int = 1, need: int = 1
@@ -62,10 +64,10 @@ class DatabaseRateLimitStore:
         now = self._clock.time_ms()
         taken = take_amount(float(burst), want, need)  # from a bucket that is new: full
         tokens = float(burst - taken)
-        async with self._db.begin() as conn:
-            dialect = conn.dialect.name
-            created = await conn.execute(_CREATE[dialect], {"bucket": key, "left": tokens, "now": now})
-            if created.first() is None:  # it exists: refill it, then take
+        if not await self._db.write(self._create, [key, tokens, now]):  # it exists: refill, then take
+            async with self._db.begin() as conn:
+                dialect = conn.dialect.name
+                await conn.execute(_ENSURE[dialect], {"bucket": key, "full": float(burst), "now": now})
                 read = _READ_FOR_UPDATE if dialect == "postgresql" else _READ
                 tokens, updated_ms = (await conn.execute(read, {"bucket": key})).one()
                 tokens = refill(tokens, now - updated_ms, rate_per_second, burst)

@@ -17,6 +17,13 @@ Synapse's `make_in_list_sql_clause` does: `column IN (?, ?, ...)` in chunks unde
 parameter limit (run one statement per pair), `column = ANY($n)` with one array parameter on
 PostgreSQL (one pair: one prepared statement for any length). A query is written once, with
 its parameters numbered in the order they appear; SQLite ignores the numbers.
+
+`write` runs one statement that commits on its own (an INSERT of a new session, invitation
+or rate-limit bucket): through SQLAlchemy such a write was a transaction of its own around
+it (a pool checkout, BEGIN, the statement, COMMIT, a task for the close), about as much CPU
+as SQLite took to run it. On SQLite it goes through a second connection of this reader's
+(the first is read-only), in the process's turn for writes (storage.database); on PostgreSQL
+through the same pool, autocommit. A write is never retried: it may have been applied.
 """
 
 from __future__ import annotations
@@ -61,14 +68,28 @@ class HotReader(ABC):
         return rows[0] if rows else None
 
     @abstractmethod
+    async def write(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        """Run one statement that commits on its own; the rows it returns (RETURNING). Call
+        through Database.write, which takes the process's turn for writes on SQLite."""
+
+    @abstractmethod
     async def aclose(self) -> None: ...
+
+
+def sqlite_pragmas(busy_timeout_ms: int) -> list[str]:
+    """What every connection that writes to the database sets (SQLAlchemy's and the writer):
+    WAL lets readers go on while a writer commits; NORMAL syncs at checkpoints, not commits."""
+    return ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", f"PRAGMA busy_timeout={busy_timeout_ms}"]
 
 
 class SqliteReader(HotReader):
     def __init__(self, path: str, busy_timeout_ms: int) -> None:
+        self._path = path
+        self._busy_timeout_ms = busy_timeout_ms
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._conn.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         self._conn.execute("PRAGMA query_only=1")
+        self._writer: sqlite3.Connection | None = None  # opened by the first write
 
     def param(self, n: int) -> str:
         return "?"
@@ -87,8 +108,19 @@ class SqliteReader(HotReader):
         row: Row | None = self._conn.execute(sql, args).fetchone()
         return row
 
+    async def write(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        if self._writer is None:
+            writer = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            for pragma in sqlite_pragmas(self._busy_timeout_ms):
+                writer.execute(pragma)
+            self._writer = writer
+        return self._writer.execute(sql, args).fetchall()
+
     async def aclose(self) -> None:
         self._conn.close()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 class PgReader(HotReader):
@@ -149,6 +181,9 @@ class PgReader(HotReader):
             # pool noticed: that connection went; a read is safe to repeat on another.
             logger.info("database connection lost during a read (%s); retrying once", type(e).__name__)
             return await self._fetch_once(pool, sql, args)
+
+    async def write(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        return await self._fetch_once(await self._get_pool(), sql, args)  # autocommit: one statement
 
     @staticmethod
     async def _fetch_once(pool: Any, sql: str, args: Sequence[Any]) -> list[Row]:

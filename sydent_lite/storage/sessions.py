@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from sqlalchemy import bindparam, case, delete, select, update
 
@@ -40,12 +40,13 @@ _NEWEST = (
     .limit(1)
 )
 _BY_SID = select(vs).where(vs.c.sid == bindparam("sid"))
-_CREATE = vs.insert()
 
 
 class SessionStore:
     def __init__(self, database: Database) -> None:
         self._db = database
+        # One statement that commits on its own: below SQLAlchemy (storage.readers: `write`).
+        self._insert = database.insert_sql(vs, [f.name for f in fields(ValidationSession)])
 
     async def get(self, sid: str) -> ValidationSession | None:
         async with self._db.connect() as conn:
@@ -60,8 +61,7 @@ class SessionStore:
         return ValidationSession(**row) if row else None
 
     async def create(self, session: ValidationSession) -> None:
-        async with self._db.begin() as conn:
-            await conn.execute(_CREATE, session.__dict__)
+        await self._db.write(self._insert, list(session.__dict__.values()))
 
     async def set_send_attempt(
         self, sid: str, send_attempt: int, mtime: int, next_link: str | None, brand: str | None, token_hash: str
