@@ -36,7 +36,9 @@ async def test_a_write_waits_for_a_transaction_of_this_process_and_is_committed_
                 assert not write.done()  # waiting for its turn, the event loop free
         await asyncio.wait_for(write, 10)
         # Committed on its own: a connection of another process sees it straight away.
-        assert (await SessionStore(other_process).get("s1")) == session("s1")
+        seen = await SessionStore(other_process).get("s1")
+        assert seen == session("s1") and seen.validated is False  # a bool, not SQLite's 0
+        assert await SessionStore(other_process).find("email", "s1@example.test", "c" * 64) == seen
     finally:
         await database.dispose()
         await other_process.dispose()

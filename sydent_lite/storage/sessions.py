@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
-from sqlalchemy import bindparam, case, delete, select, update
+from sqlalchemy import case, delete, update
 
 from sydent_lite.storage.database import Database
 from sydent_lite.storage.tables import validation_sessions as vs
@@ -27,38 +28,38 @@ class ValidationSession:
     failed_attempts: int = 0
 
 
-# requestToken's statements, built once (building them per call cost more CPU than running
-# them on SQLite, profiled).
-_NEWEST = (
-    select(vs)
-    .where(
-        vs.c.medium == bindparam("medium"),
-        vs.c.address == bindparam("address"),
-        vs.c.client_secret_hash == bindparam("secret"),
-    )
-    .order_by(vs.c.created_ts.desc())
-    .limit(1)
-)
-_BY_SID = select(vs).where(vs.c.sid == bindparam("sid"))
+_COLUMNS = [f.name for f in fields(ValidationSession)]
+_VALIDATED = _COLUMNS.index("validated")
+
+
+def _session(row: tuple[Any, ...] | None) -> ValidationSession | None:
+    if row is None:
+        return None
+    values = list(row)
+    values[_VALIDATED] = bool(values[_VALIDATED])  # SQLite stores a boolean as 0 or 1
+    return ValidationSession(*values)
 
 
 class SessionStore:
     def __init__(self, database: Database) -> None:
         self._db = database
         # One statement that commits on its own: below SQLAlchemy (storage.readers: `write`).
-        self._insert = database.insert_sql(vs, [f.name for f in fields(ValidationSession)])
+        self._insert = database.insert_sql(vs, _COLUMNS)
+        # Reads of one row, on the hot reader (every requestToken and submitToken makes one).
+        p = database.reader.param
+        select_sql = f"SELECT {', '.join(_COLUMNS)} FROM {vs.name} WHERE "
+        self._by_sid = select_sql + f"sid = {p(1)}"
+        self._newest = (
+            select_sql
+            + f"medium = {p(1)} AND address = {p(2)} AND client_secret_hash = {p(3)} ORDER BY created_ts DESC LIMIT 1"
+        )
 
     async def get(self, sid: str) -> ValidationSession | None:
-        async with self._db.connect() as conn:
-            row = (await conn.execute(_BY_SID, {"sid": sid})).mappings().first()
-        return ValidationSession(**row) if row else None
+        return _session(await self._db.reader.first(self._by_sid, [sid]))
 
     async def find(self, medium: str, address: str, client_secret_hash: str) -> ValidationSession | None:
         """The newest session for this (medium, address, client_secret)."""
-        params = {"medium": medium, "address": address, "secret": client_secret_hash}
-        async with self._db.connect() as conn:
-            row = (await conn.execute(_NEWEST, params)).mappings().first()
-        return ValidationSession(**row) if row else None
+        return _session(await self._db.reader.first(self._newest, [medium, address, client_secret_hash]))
 
     async def create(self, session: ValidationSession) -> None:
         await self._db.write(self._insert, list(session.__dict__.values()))
