@@ -118,3 +118,21 @@ def test_bulk_lookup_fast_path_leaves_unstorable_and_malformed_bodies_alone() ->
 
     taken = [raw for raw in BULK_BODIES if _well_formed_pairs(raw) is not None]
     assert taken == BULK_BODIES[:4]
+
+
+@pytest.mark.parametrize("status", [200, 201, 400, 404, 429, 500, 204, 304, 101])
+@pytest.mark.parametrize("headers", [None, {"Allow": "GET"}, {"Content-Type": "text/plain"}])
+def test_answers_carry_starlettes_headers(status: int, headers: dict[str, str] | None) -> None:
+    content = {"errcode": "M_UNKNOWN", "error": "é"}
+    ours = json_codec.JSONResponse(content, status_code=status, headers=headers)
+    theirs = StarletteJSONResponse(content, status_code=status, headers=headers)
+    assert ours.raw_headers == theirs.raw_headers
+
+
+def test_stored_json_text_is_sent_as_it_is_with_starlettes_headers() -> None:
+    from starlette.responses import Response
+
+    text = '{"mxid": "@é:example.org",  "ts": 1}'  # not re-encoded: spacing kept
+    ours = json_codec.JSONText(text)
+    theirs = Response(text, media_type="application/json")
+    assert (ours.body, ours.raw_headers) == (theirs.body, theirs.raw_headers)

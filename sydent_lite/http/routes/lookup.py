@@ -13,7 +13,7 @@ from sydent_lite.context import AppContext
 from sydent_lite.errors import ErrorCode, MatrixError, invalid_param
 from sydent_lite.http.auth import require_user
 from sydent_lite.http.client_ip import client_ip
-from sydent_lite.http.json_codec import JSONResponse, shape_reader
+from sydent_lite.http.json_codec import JSONResponse, JSONText, shape_reader
 from sydent_lite.http.request import (
     MAX_BODY_BYTES,
     is_storable,
@@ -117,7 +117,7 @@ async def lookup_v1(request: Request, ctx: AppContext, v2: bool) -> Response:
     signed = await ctx.associations.signed_association_json(medium, stored_address(medium, address))
     _LOOKUPS_V1.inc()
     # The stored text as is: no parse and re-encode of a document we wrote ourselves.
-    return Response(signed or "{}", media_type="application/json")
+    return JSONText(signed or "{}")
 
 
 def _threepid_pairs(value: object, max_addresses: int) -> list[list[str]]:
